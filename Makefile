@@ -1,0 +1,61 @@
+# Customer Strategy Lab. `make` alone lists the targets.
+# Set-up is two commands: `make report` and `make test`; both create the environment.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/demo.yaml
+DEMO_CUSTOMERS ?= 20000
+DEMO_SEED ?= 42
+DEMO := data/raw/demo/transactions.parquet
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: help env report data test lab gpu browser clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+$(VENV)/.synced: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $@
+
+env: $(VENV)/.synced ## create or update the environment in .venv/ from uv.lock
+
+$(DEMO): | $(VENV)/.synced
+	$(PY) -m analysis demo-data --customers $(DEMO_CUSTOMERS) --seed $(DEMO_SEED) --out data/raw/demo
+
+data: $(DEMO) ## generate the demo data in data/raw/demo/ (if missing)
+
+report: env $(DEMO) ## run the whole pipeline on CONFIG (default: the demo) and print the report path
+	$(PY) -m analysis run --config $(CONFIG)
+
+test: env ## run the test suite (what CI runs)
+	$(PY) -m pytest
+
+browser: ## install headless Chromium (Debian) for the browser tests, if missing
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+lab: | $(UV) ## JupyterLab on notebooks/ with a kernel for the project's environment
+	$(UV) sync --frozen --python $(PYTHON) --group lab
+	$(PY) -m ipykernel install --sys-prefix --name customer-strategy-lab \
+		--display-name "Customer Strategy Lab"
+	$(VENV)/bin/jupyter lab notebooks/
+
+gpu: env ## swap XGBoost's CPU build for the CUDA build of the same version (needs an NVIDIA GPU)
+	v=$$($(PY) -c "import importlib.metadata as m; print(m.version('xgboost-cpu'))") && \
+	$(UV) pip uninstall --python $(PY) xgboost-cpu && \
+	$(UV) pip install --python $(PY) "xgboost==$$v"
+	@echo "GPU build installed; set 'device: cuda' in your config. 'rm $(VENV)/.synced && make env' returns to the locked CPU build."
+
+clean: ## remove the environment and generated outputs (raw data is kept)
+	rm -rf $(VENV) $(TOOLS) data/processed/* reports/*

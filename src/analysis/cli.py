@@ -1,0 +1,170 @@
+"""Command line: a thin layer over the package's functions.
+
+Expected failures (:class:`analysis.errors.AnalysisError`) print one readable message
+and exit with the error's code; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from analysis.errors import AnalysisError
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m analysis``; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except AnalysisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Customer Strategy Lab: profile customers, model churn and value, "
+                    "decide actions, render reports.")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("demo-data", help="generate the demo CRM world (with ground truth)",
+                       description="Generate a synthetic CRM world, deterministic for a "
+                                   "seed: transactions, customers, interactions, a past "
+                                   "retention campaign, and the ground truth in "
+                                   "OUT/ground_truth/.")
+    p.add_argument("--customers", type=int, default=20_000, help="number of customers")
+    p.add_argument("--seed", type=int, default=42, help="random seed")
+    p.add_argument("--out", type=Path, default=Path("data/raw/demo"), help="output folder")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet",
+                   help="file format of the input tables")
+    p.set_defaults(func=_demo_data)
+
+    p = sub.add_parser("validate", help="load, validate and clean the inputs; print a summary",
+                       description="Run load + validate + clean for a config, write the "
+                                   "processed tables and quarantine files, print the "
+                                   "data-quality summary.")
+    p.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for processed tables and quarantine files (default: "
+                        "<processed_dir>/validate-<timestamp>)")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("features", help="write point-in-time features and labels at a cutoff",
+                       description="Features of every customer with a purchase before "
+                                   "CUTOFF, and labels over [CUTOFF, CUTOFF + H days).")
+    p.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    p.add_argument("--cutoff", required=True, type=_date, help="cutoff date YYYY-MM-DD")
+    p.add_argument("--horizon-days", type=int, default=None,
+                   help="label horizon in days (default: the config's)")
+    p.add_argument("--out", required=True, type=Path, help="output Parquet file")
+    p.set_defaults(func=_features)
+
+    p = sub.add_parser("run", help="run the whole pipeline and publish the report",
+                       description="Execute the notebooks with papermill, render HTML with "
+                                   "nbconvert, and publish data/processed/<run_id>/ and "
+                                   "reports/<run_id>/; reports/latest moves only after a "
+                                   "successful run. Exit codes: 0 ok, 2 config, 3 data, "
+                                   "4 too little data, 5 notebook failed.")
+    p.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    p.add_argument("--run-id", default=None, help="run folder name (default: UTC timestamp)")
+    p.add_argument("--as-of", type=_date, default=None,
+                   help="scoring date YYYY-MM-DD (default: config, else after last order)")
+    p.add_argument("--notebooks", type=Path, default=None, help="notebooks folder")
+    p.set_defaults(func=_run)
+    return parser
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from exc
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from analysis.demo import write_demo
+
+    if args.customers < 1:
+        raise AnalysisError("--customers must be at least 1")
+    written = write_demo(args.out, n_customers=args.customers, seed=args.seed, fmt=args.format)
+    for name, path in written.items():
+        print(f"{name:>20}: {path}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from analysis.config import load_config
+    from analysis.data import load_dataset, quality_summary, write_processed
+    from analysis.report import default_run_id
+
+    config = load_config(args.config)
+    dataset = load_dataset(config)
+    out = args.out or config.output.processed_dir / f"validate-{default_run_id()}"
+    written = write_processed(dataset, out)
+    summary = quality_summary(dataset)
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.max_colwidth", 80):
+        for row in summary["tables"].itertuples():
+            print(f"{row.table}: {row.rows_read:,} rows read, {row.rows_processed:,} "
+                  f"processed, {row.rows_quarantined:,} quarantined; {row.customers:,} "
+                  f"customers; {row.date_min} to {row.date_max}")
+        if len(summary["quarantine"]):
+            print("\nquarantined rows by rule:")
+            print(summary["quarantine"].to_string(index=False))
+        if len(summary["notes"]):
+            print("\nnotes:")
+            print(summary["notes"].to_string(index=False))
+    print(f"\nprocessed tables and quarantine files: {out}")
+    for name, path in written.items():
+        if name.startswith("quarantine_"):
+            print(f"  {name}: {path}")
+    return 0
+
+
+def _features(args: argparse.Namespace) -> int:
+    from analysis.config import load_config
+    from analysis.data import load_dataset
+    from analysis.features import build_features, connect, resolve_horizon_days
+
+    config = load_config(args.config)
+    dataset = load_dataset(config)
+    con = connect({name: dataset.get(name) for name in dataset.tables})
+    horizon = args.horizon_days or resolve_horizon_days(
+        con, horizon_days=config.analysis.horizon_days, cutoff=args.cutoff)
+    frame = build_features(con, cutoff=args.cutoff, horizon_days=horizon,
+                           exclude_attributes=config.protected + config.pii)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(args.out, index=False)
+    print(f"{len(frame):,} customers x {frame.shape[1]} columns at cutoff {args.cutoff}, "
+          f"horizon {horizon} days: {args.out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from analysis.report import run_pipeline
+
+    result = run_pipeline(args.config, run_id=args.run_id, as_of=args.as_of,
+                          notebooks_dir=args.notebooks,
+                          log=lambda line: print(line, flush=True))
+    print(result.index_html)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

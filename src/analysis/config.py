@@ -1,0 +1,331 @@
+"""The one typed run configuration, loaded from YAML at the edge (CLI or notebook).
+
+A config maps a dataset onto the input contract (file, format, column names, date
+format, separators) and holds every analysis parameter, with documented defaults.
+Paths in a config are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from analysis.errors import ConfigError
+
+__all__ = [
+    "TABLE_CONTRACTS",
+    "AnalysisParams",
+    "CleaningParams",
+    "Config",
+    "OutputParams",
+    "TableSpec",
+    "load_config",
+]
+
+Mode = Literal["transactions", "snapshot"]
+FileFormat = Literal["auto", "csv", "parquet", "excel"]
+Dedupe = Literal["auto", "always", "never"]
+
+#: Contract of each table: (required columns, optional columns).
+TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "transactions": (
+        ("customer_id", "order_date", "amount"),
+        ("order_id", "quantity", "category", "channel", "status", "margin", "cost"),
+    ),
+    "customers": (("customer_id",), ("signup_date",)),
+    "interactions": (("customer_id", "date", "type"), ("score", "resolved")),
+}
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Where one input table lives and how its columns map onto the contract.
+
+    ``columns`` maps contract names to the file's column names; contract columns
+    not listed are looked up under their own name. ``attributes`` (customers table)
+    lists extra descriptive columns to keep; by default every unmapped column is kept.
+    """
+
+    path: Path
+    format: FileFormat = "auto"
+    sep: str = ","
+    header: bool = True
+    names: tuple[str, ...] | None = None
+    encoding: str = "utf-8"
+    date_format: str | None = None
+    decimal: str = "."
+    thousands: str | None = None
+    sheet: str | int | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format != "auto":
+            return self.format
+        suffix = self.path.suffix.lower()
+        if suffix in {".parquet", ".pq"}:
+            return "parquet"
+        if suffix in {".xlsx", ".xlsm", ".xls"}:
+            return "excel"
+        return "csv"
+
+
+@dataclass(frozen=True)
+class CleaningParams:
+    """Cleaning rules.
+
+    dedupe : ``auto`` removes exact duplicate lines only when the table has an
+        ``order_id`` (without one, two identical lines can be two real purchases,
+        as in CDNOW); ``always`` / ``never`` force it.
+    max_abs_amount : amounts beyond this absolute value are quarantined.
+    min_date : records dated before this are quarantined.
+    """
+
+    dedupe: Dedupe = "auto"
+    max_abs_amount: float = 1e9
+    min_date: dt.date = dt.date(1990, 1, 1)
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    """Analysis parameters.
+
+    as_of : the scoring date; history is every record strictly before it. Default:
+        the day after the last record.
+    horizon_days : churn/value horizon in days, or ``"auto"`` for a horizon suggested
+        from the data's inter-purchase times.
+    n_cutoffs, cutoff_step_days : rolling-origin training snapshots.
+    tier_shares : value tiers by cumulative share of value (high, mid; low is the rest).
+    """
+
+    as_of: dt.date | None = None
+    horizon_days: int | Literal["auto"] = 90
+    n_cutoffs: int = 4
+    cutoff_step_days: int = 90
+    tier_shares: tuple[float, float] = (0.5, 0.3)
+    lifecycle_at_risk_gap_multiple: float = 1.5
+    lifecycle_lapsed_gap_multiple: float = 3.0
+    lifecycle_new_days: int = 90
+    max_clusters: int = 8
+
+
+@dataclass(frozen=True)
+class OutputParams:
+    processed_dir: Path
+    reports_dir: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete run configuration."""
+
+    name: str
+    mode: Mode
+    tables: dict[str, TableSpec]
+    output: OutputParams
+    source: Path | None = None
+    seed: int = 42
+    protected: tuple[str, ...] = ()
+    pii: tuple[str, ...] = ()
+    cleaning: CleaningParams = CleaningParams()
+    analysis: AnalysisParams = AnalysisParams()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view, for metrics files and reports."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a YAML run configuration.
+
+    Relative paths inside it are taken relative to the config file.
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not YAML, or holds an unknown key or a bad value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file not found", path=path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", path=path) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping at the top level", path=path)
+    return parse_config(raw, base_dir=path.resolve().parent, source=path)
+
+
+def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
+    """Build a :class:`Config` from an already-parsed mapping."""
+    ctx = _Ctx(source)
+    ctx.known(raw, "", {"name", "mode", "seed", "tables", "protected", "pii", "cleaning",
+                        "analysis", "output"})
+    mode = ctx.choice(raw.get("mode", "transactions"), Mode, "mode")
+    tables_raw = raw.get("tables")
+    if not isinstance(tables_raw, dict) or not tables_raw:
+        raise ConfigError("needs a 'tables' mapping with at least one table", path=source,
+                          key="tables")
+    tables = {}
+    for table_name, spec in tables_raw.items():
+        if table_name not in TABLE_CONTRACTS:
+            raise ConfigError(f"unknown table '{table_name}'; valid: "
+                              f"{', '.join(TABLE_CONTRACTS)}", path=source, key="tables")
+        tables[table_name] = _parse_table(spec, base_dir, ctx, f"tables.{table_name}")
+    required_table = "transactions" if mode == "transactions" else "customers"
+    if required_table not in tables:
+        raise ConfigError(f"mode '{mode}' needs a '{required_table}' table", path=source,
+                          key="tables")
+
+    cleaning = _parse_dataclass(CleaningParams, raw.get("cleaning") or {}, ctx, "cleaning")
+    analysis = _parse_dataclass(AnalysisParams, raw.get("analysis") or {}, ctx, "analysis")
+    if analysis.horizon_days != "auto" and int(analysis.horizon_days) < 1:
+        raise ConfigError("must be a positive number of days or 'auto'", path=source,
+                          key="analysis.horizon_days")
+    high, mid = analysis.tier_shares
+    if not (0 < high < 1 and 0 <= mid < 1 and high + mid < 1):
+        raise ConfigError("needs two shares (high, mid) in (0, 1) that sum below 1",
+                          path=source, key="analysis.tier_shares")
+
+    out_raw = raw.get("output") or {}
+    ctx.known(out_raw, "output", {"processed_dir", "reports_dir"})
+    project_root = _project_root(base_dir)
+    output = OutputParams(
+        processed_dir=_resolve(out_raw.get("processed_dir"), base_dir,
+                               project_root / "data" / "processed"),
+        reports_dir=_resolve(out_raw.get("reports_dir"), base_dir, project_root / "reports"),
+    )
+    return Config(
+        name=str(raw.get("name") or (source.stem if source else "run")),
+        mode=mode,
+        tables=tables,
+        output=output,
+        source=None if source is None else Path(source).resolve(),
+        seed=int(raw.get("seed", 42)),
+        protected=tuple(str(c) for c in raw.get("protected") or ()),
+        pii=tuple(str(c) for c in raw.get("pii") or ()),
+        cleaning=cleaning,
+        analysis=analysis,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Ctx:
+    def __init__(self, source: Path | None):
+        self.source = source
+
+    def known(self, mapping: Any, where: str, valid: set[str]) -> None:
+        if not isinstance(mapping, dict):
+            raise ConfigError("expected a mapping", path=self.source, key=where or None)
+        unknown = sorted(set(mapping) - valid)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(map(str, unknown))}; valid: "
+                              f"{', '.join(sorted(valid))}", path=self.source,
+                              key=where or None)
+
+    def choice(self, value: Any, literal: Any, key: str) -> Any:
+        valid = get_args(literal)
+        if value not in valid:
+            raise ConfigError(f"{value!r} is not one of: {', '.join(map(str, valid))}",
+                              path=self.source, key=key)
+        return value
+
+
+def _parse_table(spec: Any, base_dir: Path, ctx: _Ctx, key: str) -> TableSpec:
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    valid = {f.name for f in dataclasses.fields(TableSpec)}
+    ctx.known(spec, key, valid)
+    if "path" not in spec:
+        raise ConfigError("needs a 'path'", path=ctx.source, key=key)
+    fmt = ctx.choice(spec.get("format", "auto"), FileFormat, f"{key}.format")
+    columns = spec.get("columns") or {}
+    ctx.known(columns, f"{key}.columns", set(sum(TABLE_CONTRACTS[key.split(".")[1]], ())))
+    names = spec.get("names")
+    return TableSpec(
+        path=_resolve(spec["path"], base_dir, None),
+        format=fmt,
+        sep=str(spec.get("sep", ",")),
+        header=bool(spec.get("header", True)),
+        names=None if names is None else tuple(str(n) for n in names),
+        encoding=str(spec.get("encoding", "utf-8")),
+        date_format=spec.get("date_format"),
+        decimal=str(spec.get("decimal", ".")),
+        thousands=spec.get("thousands"),
+        sheet=spec.get("sheet"),
+        columns={str(k): str(v) for k, v in columns.items()},
+    )
+
+
+def _parse_dataclass(cls: type, raw: Any, ctx: _Ctx, key: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    ctx.known(raw, key, set(fields))
+    defaults = cls()
+    values = {}
+    for name, value in raw.items():
+        default = getattr(defaults, name)
+        try:
+            values[name] = _coerce_like(value, default, name)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad value {value!r}: {exc}", path=ctx.source,
+                              key=f"{key}.{name}") from exc
+        if name in {"dedupe"}:
+            ctx.choice(value, Dedupe, f"{key}.{name}")
+    return cls(**values)
+
+
+def _coerce_like(value: Any, default: Any, name: str) -> Any:
+    if value is None:
+        return None
+    if name == "horizon_days":
+        return "auto" if value == "auto" else int(value)
+    if isinstance(default, dt.date) or name == "as_of":
+        if isinstance(value, dt.date):
+            return value
+        return dt.date.fromisoformat(str(value))
+    if isinstance(default, bool):
+        return bool(value)
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(float(v) for v in value)
+    return value
+
+
+def _resolve(value: Any, base_dir: Path, default: Path | None) -> Path:
+    if value is None:
+        if default is None:
+            raise ValueError("path required")
+        return default
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def _project_root(base_dir: Path) -> Path:
+    """The folder holding pyproject.toml above the config, else the config's folder."""
+    for candidate in (base_dir, *base_dir.parents):
+        if (candidate / "pyproject.toml").is_file():
+            return candidate
+    return base_dir
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return value

@@ -1,0 +1,687 @@
+"""Load the input tables, map them onto the contract, validate, clean and quarantine.
+
+Flow per table: read the file as the config says (values kept as text where the format
+allows, so nothing is lost to a guess) → map the user's columns onto the contract's names
+→ parse (ids, dates, amounts, statuses) → validate row rules with a pandera schema →
+clean (duplicates) → split into processed rows and quarantined rows, each quarantined
+row with the rule it broke. Every row read ends up in exactly one of the two.
+
+A problem that makes a whole file unusable (missing file, empty file, missing required
+column, a column that cannot be parsed at all) raises :class:`DataContractError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+from pandera.errors import SchemaErrors
+
+from analysis.config import TABLE_CONTRACTS, Config, TableSpec
+from analysis.errors import DataContractError
+
+__all__ = [
+    "STATUS_SYNONYMS",
+    "CleanTable",
+    "Dataset",
+    "load_dataset",
+    "load_table",
+    "quality_summary",
+    "read_processed",
+    "write_processed",
+]
+
+#: Accepted spellings of an order status, mapped onto the contract's three values.
+STATUS_SYNONYMS: dict[str, str] = {
+    **dict.fromkeys(["completed", "complete", "paid", "ok", "delivered", "shipped",
+                     "closed", "done", "success", "fulfilled"], "completed"),
+    **dict.fromkeys(["cancelled", "canceled", "cancel", "void", "voided"], "cancelled"),
+    **dict.fromkeys(["returned", "return", "refunded", "refund"], "returned"),
+}
+
+#: Interaction types understood by the features; other values are kept as given.
+INTERACTION_TYPES = {"complaint": "complaint", "complaints": "complaint",
+                     "ticket": "ticket", "support": "ticket", "survey": "survey",
+                     "nps": "survey", "csat": "survey"}
+
+# A column whose values fail to parse for more than this share is a mapping problem
+# (wrong date format, wrong decimal separator), not a few bad rows: the run stops.
+_MAX_UNPARSEABLE_SHARE = 0.5
+_TRUE = {"true", "yes", "y", "1", "t", "resolved", "closed"}
+_FALSE = {"false", "no", "n", "0", "f", "open", "unresolved", "pending"}
+
+
+@dataclass(frozen=True)
+class CleanTable:
+    """One input table after cleaning.
+
+    Attributes
+    ----------
+    name : contract table name (``transactions``, ``customers``, ``interactions``).
+    file : the source file.
+    data : processed rows, contract column names, typed.
+    quarantine : set-aside rows: ``source_row`` (1-based data row in the file),
+        ``rule``, ``detail`` and the row's original values.
+    n_read : rows read from the file.
+    notes : remarks for the data-quality report (e.g. columns matched ignoring case).
+    """
+
+    name: str
+    file: Path
+    data: pd.DataFrame
+    quarantine: pd.DataFrame
+    n_read: int
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n_processed(self) -> int:
+        return len(self.data)
+
+    @property
+    def n_quarantined(self) -> int:
+        return len(self.quarantine)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """All input tables of a run, cleaned."""
+
+    tables: dict[str, CleanTable] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        return self.tables[name].data
+
+    def get(self, name: str) -> pd.DataFrame | None:
+        table = self.tables.get(name)
+        return None if table is None else table.data
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_dataset(config: Config, *, today: dt.date | None = None) -> Dataset:
+    """Load, validate and clean every table named in the config.
+
+    Parameters
+    ----------
+    config : the run configuration.
+    today : the date after which records count as "in the future" (default: today).
+
+    Returns
+    -------
+    Dataset
+        One :class:`CleanTable` per configured table.
+    """
+    today = today or dt.date.today()
+    tables = {}
+    for name, spec in config.tables.items():
+        tables[name] = load_table(spec, table=name, config=config, today=today)
+    return Dataset(tables)
+
+
+def load_table(spec: TableSpec, *, table: str, config: Config,
+               today: dt.date | None = None) -> CleanTable:
+    """Read one table, map it onto the contract, validate and clean it.
+
+    Returns
+    -------
+    CleanTable
+        ``data`` has the contract's columns for that table (optional ones when present)
+        plus, for ``customers``, the descriptive attributes; PII columns are dropped.
+    """
+    today = today or dt.date.today()
+    raw = _read_file(spec)
+    n_read = len(raw)
+    if n_read == 0:
+        raise DataContractError(file=spec.path, rule="no_rows",
+                                message="the file has a header but no data rows",
+                                examples=list(raw.columns))
+    mapped, notes = _map_columns(raw, spec, table=table, pii=config.pii)
+    parsed, rules = _parse(mapped, spec, table=table)
+    rules = rules.combine_first(_validate(parsed, table=table, config=config, today=today))
+    rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config))
+    bad = rules.notna()
+    quarantine = _quarantine_frame(raw, mapped, rules, bad)
+    data = parsed.loc[~bad.to_numpy()].reset_index(drop=True)
+    return CleanTable(name=table, file=spec.path, data=data, quarantine=quarantine,
+                      n_read=n_read, notes=tuple(notes))
+
+
+def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
+    """The data-quality summary of a loaded dataset, as frames.
+
+    Returns
+    -------
+    dict of DataFrame
+        ``tables``: table, file, rows_read, rows_processed, rows_quarantined,
+        customers, date_min, date_max.
+        ``quarantine``: table, rule, rows, examples (a few source rows).
+        ``missing``: table, column, n_missing, share_missing (processed rows).
+        ``transactions``: measure, value — statuses, refunds, zero amounts, outliers.
+        ``notes``: table, note.
+        ``monthly``: month, orders, customers, revenue (completed lines).
+    """
+    rows, quarantine, missing, notes = [], [], [], []
+    for name, table in dataset.tables.items():
+        data = table.data
+        date_col = {"transactions": "order_date", "customers": "signup_date",
+                    "interactions": "date"}[name]
+        dates = data[date_col] if date_col in data else pd.Series(dtype="datetime64[ns]")
+        rows.append({
+            "table": name, "file": str(table.file), "rows_read": table.n_read,
+            "rows_processed": table.n_processed, "rows_quarantined": table.n_quarantined,
+            "customers": int(data["customer_id"].nunique()),
+            "date_min": None if dates.isna().all() else dates.min().date().isoformat(),
+            "date_max": None if dates.isna().all() else dates.max().date().isoformat(),
+        })
+        if table.n_quarantined:
+            for rule, group in table.quarantine.groupby("rule", sort=True):
+                quarantine.append({"table": name, "rule": rule, "rows": len(group),
+                                   "examples": ", ".join(
+                                       f"row {r}: {d}" for r, d in
+                                       zip(group["source_row"].head(3),
+                                           group["detail"].head(3), strict=True))})
+        for col in data.columns:
+            n_missing = int(data[col].isna().sum())
+            missing.append({"table": name, "column": col, "n_missing": n_missing,
+                            "share_missing": n_missing / max(len(data), 1)})
+        notes.extend({"table": name, "note": n} for n in table.notes)
+    return {
+        "tables": pd.DataFrame(rows),
+        "quarantine": pd.DataFrame(quarantine, columns=["table", "rule", "rows", "examples"]),
+        "missing": pd.DataFrame(missing),
+        "transactions": _transaction_measures(dataset.get("transactions")),
+        "notes": pd.DataFrame(notes, columns=["table", "note"]),
+        "monthly": _monthly(dataset.get("transactions")),
+    }
+
+
+def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
+    """Write processed tables (Parquet), quarantine files (CSV) and the quality summary.
+
+    Every file is written to a temporary name and moved into place, so a reader never
+    sees a half-written file.
+
+    Returns
+    -------
+    dict of Path
+        Paths written, by name (``transactions``, ``quarantine_transactions``, ...,
+        ``data_quality``).
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, table in dataset.tables.items():
+        path = out_dir / f"{name}.parquet"
+        _atomic_write(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
+        written[name] = path
+        qpath = out_dir / "quarantine" / f"{name}.csv"
+        _atomic_write(qpath, lambda tmp, q=table.quarantine: q.to_csv(tmp, index=False))
+        written[f"quarantine_{name}"] = qpath
+    summary = quality_summary(dataset)
+    qpath = out_dir / "data_quality.json"
+    payload = {k: json.loads(v.to_json(orient="records")) for k, v in summary.items()}
+    _atomic_write(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+    written["data_quality"] = qpath
+    return written
+
+
+def read_processed(processed_dir: str | Path) -> Dataset:
+    """Read back the processed tables written by :func:`write_processed`.
+
+    Quarantine and read counts come back from the files written next to them.
+    """
+    processed_dir = Path(processed_dir)
+    summary_path = processed_dir / "data_quality.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{summary_path} not found: run the data step first")
+    summary = json.loads(summary_path.read_text())
+    tables = {}
+    for row in summary["tables"]:
+        name = row["table"]
+        data = pd.read_parquet(processed_dir / f"{name}.parquet")
+        quarantine = pd.read_csv(processed_dir / "quarantine" / f"{name}.csv", dtype=str,
+                                 keep_default_na=False)
+        notes = tuple(n["note"] for n in summary["notes"] if n["table"] == name)
+        tables[name] = CleanTable(name=name, file=Path(row["file"]), data=data,
+                                  quarantine=quarantine, n_read=int(row["rows_read"]),
+                                  notes=notes)
+    return Dataset(tables)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_file(spec: TableSpec) -> pd.DataFrame:
+    path = spec.path
+    if not path.is_file():
+        raise DataContractError(file=path, rule="file_exists",
+                                message="input file not found (paths in a config are "
+                                        "relative to the config file)")
+    if path.stat().st_size == 0:
+        raise DataContractError(file=path, rule="empty_file", message="the file is empty")
+    fmt = spec.resolved_format
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        if fmt == "excel":
+            return pd.read_excel(path, sheet_name=spec.sheet or 0, dtype=str,
+                                 header=0 if spec.header else None,
+                                 names=list(spec.names) if spec.names else None)
+        return _read_csv(spec)
+    except DataContractError:
+        raise
+    except UnicodeDecodeError as exc:
+        raise DataContractError(
+            file=path, rule="encoding",
+            message=f"cannot be decoded as {spec.encoding} ({exc.reason} at byte "
+                    f"{exc.start}); set 'encoding' in the config (e.g. latin-1, utf-16)",
+        ) from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataContractError(file=path, rule="empty_file",
+                                message="the file holds no columns") from exc
+    except (pd.errors.ParserError, ValueError, OSError) as exc:
+        raise DataContractError(file=path, rule="parse_file",
+                                message=f"cannot be read as {fmt}: {exc}") from exc
+
+
+def _read_csv(spec: TableSpec) -> pd.DataFrame:
+    whitespace = spec.sep.lower() in {"whitespace", r"\s+", " "}
+    encoding = "utf-8-sig" if spec.encoding.lower().replace("_", "-") in {"utf-8", "utf8"} \
+        else spec.encoding
+    kwargs = dict(
+        dtype=str, keep_default_na=False, na_values=[""], encoding=encoding,
+        header=0 if spec.header else None,
+        names=list(spec.names) if spec.names else None,
+        skipinitialspace=True,
+    )
+    if whitespace:
+        df = pd.read_csv(spec.path, sep=r"\s+", engine="c", **kwargs)
+    else:
+        df = pd.read_csv(spec.path, sep=spec.sep, engine="c",
+                         quoting=csv.QUOTE_MINIMAL, **kwargs)
+    if spec.names and spec.header:
+        # a header line exists but the config names the columns: drop the header names
+        pass
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _normalise_name(name: str) -> str:
+    return re.sub(r"[\s_\-]+", "_", str(name).strip().casefold())
+
+
+def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
+                 pii: Iterable[str]) -> tuple[pd.DataFrame, list[str]]:
+    required, optional = TABLE_CONTRACTS[table]
+    notes: list[str] = []
+    by_norm: dict[str, list[str]] = {}
+    for col in raw.columns:
+        by_norm.setdefault(_normalise_name(col), []).append(col)
+    rename: dict[str, str] = {}
+    for contract_col in (*required, *optional):
+        source = spec.columns.get(contract_col, contract_col)
+        if source in raw.columns:
+            rename[source] = contract_col
+            continue
+        candidates = by_norm.get(_normalise_name(source), [])
+        if len(candidates) == 1:
+            rename[candidates[0]] = contract_col
+            notes.append(f"column {candidates[0]!r} used as {contract_col!r} "
+                         f"(matched {source!r} ignoring case and spaces)")
+            continue
+        if contract_col in required:
+            hint = ""
+            if len(raw.columns) == 1 and re.search(r"[;,\t|]", raw.columns[0]):
+                sep = re.search(r"[;,\t|]", raw.columns[0]).group(0)
+                hint = (f"; the file seems to use {sep!r} as separator but the config "
+                        f"says {spec.sep!r}")
+            raise DataContractError(
+                file=spec.path, rule="required_column", column=source,
+                message=f"required column {source!r} (contract: {contract_col}) is "
+                        f"missing{hint}; columns found are listed as examples",
+                examples=list(raw.columns)[:5],
+            )
+    pii_norm = {_normalise_name(p) for p in pii}
+    dropped = [c for c in raw.columns if c not in rename and _normalise_name(c) in pii_norm]
+    if dropped:
+        notes.append(f"PII column(s) dropped at load: {', '.join(dropped)}")
+    keep = [c for c in raw.columns if c in rename or
+            (table == "customers" and c not in dropped)]
+    mapped = raw[keep].rename(columns=rename)
+    return mapped, notes
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str) -> tuple[pd.DataFrame, pd.Series]:
+    """Turn text columns into typed ones; return the typed frame and per-row rule hits."""
+    rules = pd.Series(pd.NA, index=df.index, dtype="object")
+    out = {}
+    ids = _as_text(df["customer_id"]).str.strip()
+    rules = _flag(rules, ids.isna() | (ids == ""), "missing_customer_id",
+                  "customer_id is empty")
+    out["customer_id"] = ids
+    date_cols = {"transactions": ["order_date"], "customers": ["signup_date"],
+                 "interactions": ["date"]}[table]
+    for col in date_cols:
+        if col not in df:
+            continue
+        parsed, unparseable, missing = _parse_dates(df[col], spec.date_format)
+        _stop_if_mostly_bad(unparseable, df[col], spec, col, "date_format",
+                            f"dates do not match the date format "
+                            f"{spec.date_format or 'ISO 8601 (YYYY-MM-DD)'}; set "
+                            f"'date_format' in the config")
+        required = col in TABLE_CONTRACTS[table][0]
+        rules = _flag(rules, unparseable, "unparseable_date",
+                      _describe(df[col], col + "={v!r} is not a date"))
+        if required:
+            rules = _flag(rules, missing, "missing_date", f"{col} is empty")
+        out[col] = parsed
+    for col in ("amount", "quantity", "margin", "cost", "score"):
+        if col not in df:
+            continue
+        values, unparseable = _parse_numbers(df[col], decimal=spec.decimal,
+                                             thousands=spec.thousands)
+        _stop_if_mostly_bad(unparseable, df[col], spec, col, "number_format",
+                            "values are not numbers; check 'decimal' and 'thousands' "
+                            "in the config")
+        rules = _flag(rules, unparseable, f"unparseable_{col}",
+                      _describe(df[col], col + "={v!r} is not a number"))
+        if col == "amount":
+            rules = _flag(rules, values.isna() & ~unparseable, "missing_amount",
+                          "amount is empty")
+        out[col] = values
+    if table == "transactions":
+        if "order_id" in df:
+            out["order_id"] = _as_text(df["order_id"]).str.strip()
+        if "status" in df:
+            raw_status = _as_text(df["status"]).str.strip().str.casefold()
+            status = raw_status.map(STATUS_SYNONYMS)
+            status = status.where(raw_status.notna() & (raw_status != ""), "completed")
+            unknown = status.isna()
+            rules = _flag(rules, unknown, "unknown_status",
+                          _describe(df["status"], "status={v!r} is not one of "
+                                                  "completed/cancelled/returned"))
+            out["status"] = status.fillna("unknown").astype("str")
+        else:
+            out["status"] = pd.Series("completed", index=df.index, dtype="str")
+        for col in ("category", "channel"):
+            if col in df:
+                text = _as_text(df[col]).str.strip()
+                out[col] = text.where(text.notna() & (text != ""), "unknown")
+        if "margin" not in out and "cost" in out and "amount" in out:
+            out["margin"] = out["amount"] - out["cost"]
+        out.pop("cost", None)
+    elif table == "interactions":
+        kind = _as_text(df["type"]).str.strip().str.casefold()
+        out["type"] = kind.replace(INTERACTION_TYPES)
+        rules = _flag(rules, kind.isna() | (kind == ""), "missing_type", "type is empty")
+        if "resolved" in df:
+            text = _as_text(df["resolved"]).str.strip().str.casefold()
+            resolved = pd.Series(pd.NA, index=df.index, dtype="boolean")
+            resolved[text.isin(_TRUE)] = True
+            resolved[text.isin(_FALSE)] = False
+            out["resolved"] = resolved
+    elif table == "customers":
+        for col in df.columns:
+            if col not in out:
+                text = _as_text(df[col]).str.strip()
+                out[col] = text.where(text != "", pd.NA)
+    typed = pd.DataFrame(out, index=df.index)
+    return typed, rules
+
+
+def _as_text(s: pd.Series) -> pd.Series:
+    if pd.api.types.is_string_dtype(s) and not pd.api.types.is_object_dtype(s):
+        return s
+    if pd.api.types.is_float_dtype(s):
+        # ids stored as floats in Parquet/Excel: 17.0 -> "17"
+        whole = s.dropna()
+        if len(whole) and (whole == np.floor(whole)).all():
+            return s.astype("Int64").astype("str").where(s.notna(), pd.NA).astype("str")
+    return s.astype("str").where(s.notna(), pd.NA)
+
+
+def _parse_dates(s: pd.Series, fmt: str | None) -> tuple[pd.Series, pd.Series, pd.Series]:
+    if pd.api.types.is_datetime64_any_dtype(s):
+        parsed = s.dt.tz_localize(None) if getattr(s.dt, "tz", None) else s
+        parsed = parsed.astype("datetime64[ns]").dt.normalize()
+        missing = parsed.isna()
+        return parsed, pd.Series(False, index=s.index), missing
+    text = _as_text(s).str.strip()
+    missing = text.isna() | (text == "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        parsed = pd.to_datetime(text.where(~missing), format=fmt or "ISO8601",
+                                errors="coerce")
+    parsed = parsed.astype("datetime64[ns]").dt.normalize()
+    unparseable = parsed.isna() & ~missing
+    return parsed, unparseable, missing
+
+
+_CURRENCY = re.compile(r"[\s$€£¥₹]|(?i:usd|eur|gbp|chf)")
+
+
+def _parse_numbers(s: pd.Series, *, decimal: str, thousands: str | None) -> tuple[pd.Series, pd.Series]:
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        return s.astype("float64"), pd.Series(False, index=s.index)
+    text = _as_text(s).str.strip()
+    missing = text.isna() | (text == "")
+    cleaned = text.str.replace(_CURRENCY, "", regex=True)
+    if thousands:
+        cleaned = cleaned.str.replace(thousands, "", regex=False)
+    if decimal != ".":
+        cleaned = cleaned.str.replace(decimal, ".", regex=False)
+    values = pd.to_numeric(cleaned.where(~missing), errors="coerce").astype("float64")
+    unparseable = values.isna() & ~missing
+    return values, unparseable
+
+
+def _stop_if_mostly_bad(bad: pd.Series, raw: pd.Series, spec: TableSpec, column: str,
+                        rule: str, message: str) -> None:
+    n_bad = int(bad.sum())
+    if n_bad and n_bad > _MAX_UNPARSEABLE_SHARE * len(bad):
+        raise DataContractError(file=spec.path, rule=rule, column=column, n_rows=n_bad,
+                                message=f"{n_bad:,} of {len(bad):,} {message}",
+                                examples=raw[bad].astype("object").head(5).tolist())
+
+
+def _flag(rules: pd.Series, mask: pd.Series, rule: str, detail: object) -> pd.Series:
+    """Record ``rule`` for rows in ``mask`` that have no earlier rule.
+
+    ``detail`` is a text, a series aligned with ``rules``, or a function of the raw
+    values of the flagged rows (called only for them) returning their texts.
+    """
+    mask = mask.fillna(False).astype(bool) & rules.isna()
+    if not mask.any():
+        return rules
+    if callable(detail):
+        text = pd.Series(list(detail(mask)), index=rules.index[mask.to_numpy()], dtype="object")
+    elif isinstance(detail, pd.Series):
+        text = detail[mask].astype(str)
+    else:
+        text = pd.Series(str(detail), index=rules.index[mask.to_numpy()], dtype="object")
+    rules = rules.copy()
+    rules[mask] = (rule + "\t" + text.astype(str)).to_numpy()
+    return rules
+
+
+def _describe(values: pd.Series, template: str):
+    """A lazy detail: ``template`` formatted with each flagged raw value."""
+    return lambda mask: [template.format(v=v) for v in values[mask].astype("object")]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _schema(table: str, config: Config, today: dt.date) -> pa.DataFrameSchema:
+    """The contract's row rules for one table, as a pandera schema.
+
+    Each check's name is the quarantine rule it stands for.
+    """
+    c = config.cleaning
+    min_date = pd.Timestamp(c.min_date)
+    max_date = pd.Timestamp(today)
+
+    def date_checks() -> list[pa.Check]:
+        return [
+            pa.Check(lambda s: s <= max_date, name="date_in_future"),
+            pa.Check(lambda s: s >= min_date, name="date_too_old"),
+        ]
+
+    text = pa.Column("str", pa.Check(lambda s: s.str.len() > 0, name="missing_customer_id"),
+                     nullable=False)
+    if table == "transactions":
+        columns = {
+            "customer_id": text,
+            "order_date": pa.Column("datetime64[ns]", date_checks(), nullable=False),
+            "amount": pa.Column("float64", [
+                pa.Check(lambda s: np.isfinite(s), name="non_finite_amount"),
+                pa.Check(lambda s: s.abs() <= c.max_abs_amount, name="amount_out_of_range"),
+            ], nullable=False),
+            "quantity": pa.Column("float64", pa.Check(lambda s: s >= 0, name="negative_quantity"),
+                                  nullable=True, required=False),
+            "margin": pa.Column("float64", pa.Check(lambda s: np.isfinite(s),
+                                                    name="non_finite_margin"),
+                                nullable=True, required=False),
+            "status": pa.Column("str", pa.Check.isin(["completed", "cancelled", "returned"],
+                                                      name="unknown_status"),
+                                required=False),
+        }
+    elif table == "customers":
+        columns = {
+            "customer_id": text,
+            "signup_date": pa.Column("datetime64[ns]", date_checks(),
+                                     nullable=True, required=False),
+        }
+    else:
+        columns = {
+            "customer_id": text,
+            "date": pa.Column("datetime64[ns]", date_checks(), nullable=False),
+            "score": pa.Column("float64", pa.Check(lambda s: np.isfinite(s),
+                                                   name="non_finite_score"),
+                               nullable=True, required=False),
+        }
+    return pa.DataFrameSchema(columns, strict=False, coerce=False)
+
+
+def _validate(df: pd.DataFrame, *, table: str, config: Config, today: dt.date) -> pd.Series:
+    """Row rules from the pandera schema, as a per-row 'rule<TAB>detail' series."""
+    rules = pd.Series(pd.NA, index=df.index, dtype="object")
+    try:
+        _schema(table, config, today).validate(df, lazy=True)
+    except SchemaErrors as err:
+        cases = err.failure_cases
+        row_cases = cases[cases["index"].notna()]
+        schema_level = cases[cases["index"].isna() & (cases["check"] != "not_nullable")]
+        if len(schema_level):
+            first = schema_level.iloc[0]
+            raise DataContractError(file=config.tables[table].path, rule=str(first["check"]),
+                                    column=str(first["column"]),
+                                    message=f"column {first['column']!r} does not meet the "
+                                            f"contract: {first['check']}",
+                                    examples=schema_level["failure_case"].tolist()) from err
+        for check, group in row_cases.groupby("check", sort=False):
+            rule = "missing_value" if check == "not_nullable" else str(check).split(":")[0]
+            idx = group["index"].astype(df.index.dtype).to_numpy()
+            mask = pd.Series(False, index=df.index)
+            mask.loc[idx] = True
+            detail = group.assign(d=lambda g: g["column"].astype(str) + "="
+                                  + g["failure_case"].astype(str)).set_index("index")["d"]
+            detail = detail[~detail.index.duplicated()]
+            full = pd.Series("", index=df.index, dtype="object")
+            full.loc[detail.index.astype(df.index.dtype)] = detail.to_numpy()
+            rules = _flag(rules, mask, rule, full)
+    return rules
+
+
+def _duplicates(df: pd.DataFrame, rules: pd.Series, *, table: str, config: Config) -> pd.Series:
+    out = pd.Series(pd.NA, index=df.index, dtype="object")
+    ok = rules.isna()
+    if table == "customers":
+        dup = df["customer_id"].duplicated(keep="first") & ok
+        return _flag(out, dup, "duplicate_customer",
+                     _describe(df["customer_id"], "customer_id={v!r} seen before"))
+    policy = config.cleaning.dedupe
+    if policy == "never" or (policy == "auto" and "order_id" not in df):
+        return out
+    dup = df[ok.to_numpy()].duplicated(keep="first").reindex(df.index, fill_value=False)
+    return _flag(out, dup, "duplicate_row", "exact copy of an earlier row")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _quarantine_frame(raw: pd.DataFrame, mapped: pd.DataFrame, rules: pd.Series,
+                      bad: pd.Series) -> pd.DataFrame:
+    hits = rules[bad].astype(str).tolist()
+    parts = [h.split("\t", 1) + [""] for h in hits]
+    q = pd.DataFrame({
+        "source_row": (np.flatnonzero(bad.to_numpy()) + 1).astype("int64"),
+        "rule": pd.Series([p[0] for p in parts], dtype="object"),
+        "detail": pd.Series([p[1] for p in parts], dtype="object"),
+    })
+    original = raw.loc[bad.to_numpy()].reset_index(drop=True).astype("object")
+    original.columns = [f"raw:{c}" for c in original.columns]
+    return pd.concat([q, original], axis=1)
+
+
+def _transaction_measures(tx: pd.DataFrame | None) -> pd.DataFrame:
+    if tx is None or tx.empty:
+        return pd.DataFrame(columns=["measure", "value"])
+    amount = tx["amount"]
+    q1, q3 = np.nanpercentile(amount, [25, 75])
+    upper = q3 + 3 * (q3 - q1)
+    rows = [
+        ("order lines", len(tx)),
+        ("revenue (completed)", float(amount[tx["status"] == "completed"].sum())),
+        ("refund lines (negative amount)", int((amount < 0).sum())),
+        ("zero-amount lines", int((amount == 0).sum())),
+        (f"outlier lines (amount above {upper:,.2f} = Q3 + 3 IQR)", int((amount > upper).sum())),
+        ("largest amount", float(amount.max())),
+    ]
+    for status, n in tx["status"].value_counts().sort_index().items():
+        rows.append((f"status {status}", int(n)))
+    return pd.DataFrame(rows, columns=["measure", "value"]).astype({"value": "object"})
+
+
+def _monthly(tx: pd.DataFrame | None) -> pd.DataFrame:
+    if tx is None or tx.empty:
+        return pd.DataFrame(columns=["month", "orders", "customers", "revenue"])
+    done = tx[tx["status"] == "completed"]
+    month = done["order_date"].dt.to_period("M").dt.start_time
+    key = done["order_id"] if "order_id" in done else (
+        done["customer_id"] + "|" + done["order_date"].dt.strftime("%Y-%m-%d"))
+    out = (done.assign(month=month, key=key).groupby("month")
+           .agg(orders=("key", "nunique"), customers=("customer_id", "nunique"),
+                revenue=("amount", "sum")).reset_index())
+    out["month"] = out["month"].dt.strftime("%Y-%m-%d")
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,324 @@
+"""A synthetic but realistic CRM world, deterministic for a seed, with its ground truth.
+
+The process (all times in days, vectorised over customers):
+
+- **Acquisition** — signups spread over four years with growth and a year-end peak;
+  the first order is placed on the signup day.
+- **Purchasing** — each customer orders as a Poisson process with their own rate
+  ``lambda ~ Gamma`` (heterogeneous), modulated by seasonality (peak in December).
+- **Dropout** — each customer is alive for an exponential lifetime with their own hazard
+  ``mu ~ Gamma`` scaled by latent satisfaction (Pareto/NBD-like, close to BG/NBD). A
+  complaint multiplies the hazard (more if left unresolved); low satisfaction raises it.
+- **Spend** — order values follow the Gamma-Gamma model: each customer has a mean order
+  value drawn from a Gamma; order lines split the order across categories the customer
+  likes, with category margins, a per-customer return propensity and cancellations.
+- **Channels** — each order goes through a channel (the customer's preferred one most of
+  the time); cost to serve differs by channel (``world.json``).
+- **Protected attributes** — gender and age band are drawn independently of everything.
+- **Retention campaign** — 270 days before the end of the data, half of the customers
+  who signed up before it are contacted at random; the contact saves a customer who
+  would have dropped within the year with a heterogeneous probability (higher for store
+  and phone customers and for unhappy ones).
+
+The ground truth (true rates, dropout dates, treatment effects, and every order in the
+365 days after the data ends) goes to ``ground_truth/``, which the pipeline never reads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["DemoWorld", "generate_demo", "write_demo"]
+
+CATEGORIES = ("electronics", "home", "fashion", "beauty", "grocery", "sports", "toys", "books")
+CATEGORY_MARGIN = (0.12, 0.30, 0.45, 0.50, 0.18, 0.35, 0.40, 0.25)
+CHANNELS = ("online", "store", "phone", "marketplace")
+CHANNEL_SHARE = (0.55, 0.25, 0.08, 0.12)
+CHANNEL_COST_PER_ORDER = {"online": 1.5, "store": 6.0, "phone": 9.0, "marketplace": 3.0}
+REGIONS = ("North", "South", "East", "West", "Central")
+GENDERS = ("female", "male", "undisclosed")
+AGE_BANDS = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+
+
+@dataclass(frozen=True)
+class DemoWorld:
+    """Parameters of the generated world (written to ``ground_truth/world.json``)."""
+
+    n_customers: int = 20_000
+    seed: int = 42
+    start: dt.date = dt.date(2022, 1, 1)
+    end: dt.date = dt.date(2025, 12, 31)          # last day of data
+    future_days: int = 365                          # simulated after the end, ground truth only
+    rate_shape: float = 0.9                         # lambda ~ Gamma(shape, mean 1/mean_gap_days)
+    mean_gap_days: float = 40.0
+    hazard_shape: float = 1.5                       # mu ~ Gamma(shape, mean 1/mean_lifetime_days)
+    mean_lifetime_days: float = 640.0
+    satisfaction_hazard: float = 0.45               # hazard x exp(-0.45 * satisfaction z-score)
+    complaint_every_days: float = 1100.0            # mean time to a complaint (average customer)
+    complaint_hazard_resolved: float = 1.8
+    complaint_hazard_unresolved: float = 4.0
+    gg_p: float = 6.0                               # order value ~ Gamma(p, rate nu)
+    gg_q: float = 4.0                               # nu ~ Gamma(q, rate gamma)
+    gg_gamma: float = 30.0
+    seasonality: float = 0.35
+    cancel_share: float = 0.03
+    campaign_days_before_end: int = 270
+    campaign_treated_share: float = 0.5
+
+    @property
+    def as_of(self) -> dt.date:
+        return self.end + dt.timedelta(days=1)
+
+    @property
+    def campaign_date(self) -> dt.date:
+        return self.end - dt.timedelta(days=self.campaign_days_before_end)
+
+
+def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
+    """Simulate the world.
+
+    Returns
+    -------
+    dict of DataFrame
+        ``transactions`` (order_id, customer_id, order_date, category, channel, status,
+        quantity, amount, margin), ``customers`` (customer_id, signup_date, region,
+        gender, age_band), ``interactions`` (customer_id, date, type, score, resolved),
+        ``campaign`` (customer_id, campaign_date, treated), and the ground truth:
+        ``truth_customers`` (one row per customer) and ``truth_future_orders``.
+    """
+    rng = np.random.default_rng(np.random.PCG64(world.seed))
+    n = world.n_customers
+    t_end = float((world.as_of - world.start).days)            # data is t < t_end
+    t_stop = t_end + world.future_days                          # simulate to here
+
+    # --- customers: acquisition with growth and a year-end peak
+    signup = _seasonal_times(rng, n, 0.0, t_end - 30.0, world, growth=0.6)
+    satisfaction = rng.standard_normal(n)
+    lam = rng.gamma(world.rate_shape, 1.0 / (world.mean_gap_days * world.rate_shape), n)
+    mu = rng.gamma(world.hazard_shape, 1.0 / (world.mean_lifetime_days * world.hazard_shape), n)
+    mu = mu * np.exp(-world.satisfaction_hazard * satisfaction)
+    nu = rng.gamma(world.gg_q, 1.0 / world.gg_gamma, n)         # rate of order value
+    cat_pref = rng.dirichlet(np.full(len(CATEGORIES), 0.6), n)
+    pref_channel = rng.choice(len(CHANNELS), n, p=CHANNEL_SHARE)
+    return_prop = rng.beta(1.0, 19.0, n)
+
+    # --- dropout, raised by a first complaint (memoryless, so exact)
+    kappa = np.exp(-0.5 * satisfaction) / world.complaint_every_days
+    first_complaint = signup + rng.exponential(1.0 / kappa)
+    resolved_first = rng.random(n) < 0.7
+    base_life = rng.exponential(1.0 / mu)
+    multiplier = np.where(resolved_first, world.complaint_hazard_resolved,
+                          world.complaint_hazard_unresolved)
+    after = rng.exponential(1.0 / (mu * multiplier))
+    complained = first_complaint < signup + base_life
+    death = np.where(complained, first_complaint + after, signup + base_life)
+
+    # --- randomized retention campaign with a heterogeneous effect
+    t_campaign = float((world.campaign_date - world.start).days)
+    eligible = signup < t_campaign - 30
+    treated = eligible & (rng.random(n) < world.campaign_treated_share)
+    effect = np.clip(0.10 + 0.22 * np.isin(pref_channel, [1, 2]) + 0.12 * (satisfaction < 0)
+                     + rng.normal(0, 0.04, n), 0.0, 0.6)
+    would_drop = (death >= t_campaign) & (death < t_campaign + 365)
+    saved = treated & would_drop & (rng.random(n) < effect)
+    death = np.where(saved, death + rng.exponential(1.0 / mu), death)
+
+    # --- orders: first on signup day, then a seasonal Poisson process until dropout
+    life_end = np.minimum(death, t_stop)
+    cust, t = _poisson_events(rng, signup, life_end, lam, world)
+    cust = np.concatenate([np.arange(n), cust])
+    t = np.concatenate([signup, t])
+    order = np.lexsort((t, cust))
+    cust, t = cust[order], t[order]
+    day = np.floor(t).astype(np.int64)
+    n_orders = len(cust)
+    order_value = rng.gamma(world.gg_p, 1.0 / nu[cust])
+    channel = np.where(rng.random(n_orders) < 0.75, pref_channel[cust],
+                       rng.choice(len(CHANNELS), n_orders, p=CHANNEL_SHARE))
+    cancelled = rng.random(n_orders) < world.cancel_share
+
+    # --- order lines: 1-4 per order, categories from the customer's preferences
+    n_lines = np.minimum(1 + rng.poisson(0.6, n_orders), 4)
+    line_order = np.repeat(np.arange(n_orders), n_lines)
+    line_cust = cust[line_order]
+    category = _draw_categories(rng, cat_pref, line_cust)
+    weight = rng.exponential(1.0, len(line_order))
+    weight = weight / np.bincount(line_order, weight)[line_order]
+    amount = np.maximum(np.round(order_value[line_order] * weight, 2), 0.99)
+    margin_rate = np.asarray(CATEGORY_MARGIN)[category] + rng.normal(0, 0.04, len(amount))
+    margin = np.round(amount * margin_rate, 2)
+    quantity = 1 + rng.poisson(0.4, len(amount))
+    returned = rng.random(len(amount)) < return_prop[line_cust]
+    status = np.where(cancelled[line_order], 1, np.where(returned, 2, 0))
+
+    ids = np.array([f"C{i:07d}" for i in range(1, n + 1)], dtype=object)
+    dates = _to_dates(world.start, day[line_order])
+    lines = pd.DataFrame({
+        "order_id": pd.Series([f"O{i:09d}" for i in range(1, n_orders + 1)],
+                              dtype=object).to_numpy()[line_order],
+        "customer_id": ids[line_cust],
+        "order_date": dates,
+        "category": np.asarray(CATEGORIES, dtype=object)[category],
+        "channel": np.asarray(CHANNELS, dtype=object)[channel[line_order]],
+        "status": np.asarray(["completed", "cancelled", "returned"], dtype=object)[status],
+        "quantity": quantity,
+        "amount": amount,
+        "margin": margin,
+    })
+    in_data = day[line_order] < t_end
+    transactions = lines[in_data].reset_index(drop=True)
+    future = lines[~in_data].reset_index(drop=True)
+
+    # --- interactions: complaints (first + later ones) and satisfaction surveys
+    seen_end = np.minimum(death, t_end)
+    c_mask = complained & (first_complaint < t_end)
+    more_c, more_t = _poisson_events(rng, np.where(c_mask, first_complaint, seen_end),
+                                     seen_end, np.where(c_mask, kappa, 0.0), world,
+                                     seasonal=False)
+    s_cust, s_t = _poisson_events(rng, signup, seen_end, np.full(n, 1 / 300), world,
+                                  seasonal=False)
+    score = np.clip(np.round(3.6 + 0.9 * satisfaction[s_cust] + rng.normal(0, 0.7, len(s_t))),
+                    1, 5)
+    c_cust = np.concatenate([np.flatnonzero(c_mask), more_c])
+    c_t = np.concatenate([first_complaint[c_mask], more_t])
+    c_resolved = np.concatenate([resolved_first[c_mask], rng.random(len(more_c)) < 0.7])
+    interactions = pd.DataFrame({
+        "customer_id": np.concatenate([ids[c_cust], ids[s_cust]]),
+        "date": _to_dates(world.start, np.floor(np.concatenate([c_t, s_t])).astype(np.int64)),
+        "type": np.concatenate([np.full(len(c_cust), "complaint", dtype=object),
+                                np.full(len(s_cust), "survey", dtype=object)]),
+        "score": np.concatenate([np.full(len(c_cust), np.nan), score]),
+        "resolved": pd.array(np.concatenate([c_resolved, np.zeros(len(s_cust), bool)]),
+                             dtype="boolean"),
+    })
+    interactions.loc[interactions["type"] == "survey", "resolved"] = pd.NA
+    interactions = interactions.sort_values(["date", "customer_id"], kind="stable")
+    interactions = interactions.reset_index(drop=True)
+
+    customers = pd.DataFrame({
+        "customer_id": ids,
+        "signup_date": _to_dates(world.start, np.floor(signup).astype(np.int64)),
+        "region": np.asarray(REGIONS, dtype=object)[rng.choice(len(REGIONS), n,
+                                                               p=(.22, .2, .2, .2, .18))],
+        "gender": np.asarray(GENDERS, dtype=object)[rng.choice(3, n, p=(.49, .47, .04))],
+        "age_band": np.asarray(AGE_BANDS, dtype=object)[rng.choice(6, n, p=(.1, .22, .22, .19,
+                                                                           .15, .12))],
+    })
+    campaign = pd.DataFrame({
+        "customer_id": ids[eligible],
+        "campaign_date": pd.Timestamp(world.campaign_date),
+        "treated": treated[eligible],
+    })
+    as_of = float((world.as_of - world.start).days)
+    truth = pd.DataFrame({
+        "customer_id": ids,
+        "purchase_rate_per_day": lam,
+        "dropout_hazard_per_day": mu,
+        "mean_order_value": world.gg_p / nu,
+        "satisfaction_z": satisfaction,
+        "dropout_date": _to_dates(world.start, np.floor(np.minimum(death, 1e6)).astype(np.int64)),
+        "alive_at_as_of": death >= as_of,
+        "treated": treated,
+        "treatment_effect": effect,
+        "saved_by_campaign": saved,
+        "preferred_channel": np.asarray(CHANNELS, dtype=object)[pref_channel],
+    })
+    return {"transactions": transactions, "customers": customers,
+            "interactions": interactions, "campaign": campaign,
+            "truth_customers": truth, "truth_future_orders": future}
+
+
+def write_demo(out_dir: str | Path, *, n_customers: int = 20_000, seed: int = 42,
+               fmt: Literal["parquet", "csv"] = "parquet") -> dict[str, Path]:
+    """Generate the demo world and write it under ``out_dir``.
+
+    Inputs go to ``out_dir/<table>.<fmt>``; the ground truth to ``out_dir/ground_truth/``
+    (always Parquet, plus ``world.json``).
+
+    Returns
+    -------
+    dict of Path
+        Paths written, by table name.
+    """
+    world = DemoWorld(n_customers=n_customers, seed=seed)
+    frames = generate_demo(world)
+    out_dir = Path(out_dir)
+    (out_dir / "ground_truth").mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, frame in frames.items():
+        if name.startswith("truth_"):
+            path = out_dir / "ground_truth" / f"{name.removeprefix('truth_')}.parquet"
+            frame.to_parquet(path, index=False)
+        elif fmt == "csv":
+            path = out_dir / f"{name}.csv"
+            frame.to_csv(path, index=False, date_format="%Y-%m-%d")
+        else:
+            path = out_dir / f"{name}.parquet"
+            frame.to_parquet(path, index=False)
+        written[name] = path
+    meta = {k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in asdict(world).items()}
+    meta.update(as_of=world.as_of.isoformat(), campaign_date=world.campaign_date.isoformat(),
+                categories=dict(zip(CATEGORIES, CATEGORY_MARGIN, strict=True)),
+                channel_cost_per_order=CHANNEL_COST_PER_ORDER,
+                rows={k: len(v) for k, v in frames.items()})
+    (out_dir / "ground_truth" / "world.json").write_text(json.dumps(meta, indent=2))
+    written["world"] = out_dir / "ground_truth" / "world.json"
+    return written
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _season(t: np.ndarray, world: DemoWorld) -> np.ndarray:
+    """Relative purchase intensity on day t (1 on average, peak mid-December)."""
+    doy = (np.asarray(t) + world.start.timetuple().tm_yday - 1) % 365.25
+    return 1.0 + world.seasonality * np.cos(2 * np.pi * (doy - 350) / 365.25)
+
+
+def _poisson_events(rng: np.random.Generator, start: np.ndarray, stop: np.ndarray,
+                    rate: np.ndarray, world: DemoWorld, *, seasonal: bool = True):
+    """Event times of independent Poisson processes on [start_i, stop_i), by thinning."""
+    span = np.maximum(stop - start, 0.0)
+    peak = 1.0 + world.seasonality if seasonal else 1.0
+    counts = rng.poisson(rate * peak * span)
+    cust = np.repeat(np.arange(len(start)), counts)
+    t = start[cust] + rng.random(len(cust)) * span[cust]
+    if seasonal:
+        keep = rng.random(len(t)) * peak < _season(t, world)
+        cust, t = cust[keep], t[keep]
+    return cust, t
+
+
+def _seasonal_times(rng: np.random.Generator, n: int, t0: float, t1: float,
+                    world: DemoWorld, *, growth: float) -> np.ndarray:
+    """n signup times on [t0, t1) with linear growth and seasonality (rejection sampling)."""
+    out = np.empty(0)
+    peak = (1 + growth) * (1 + world.seasonality)
+    while len(out) < n:
+        t = t0 + rng.random(2 * n) * (t1 - t0)
+        density = (1 + growth * (t - t0) / (t1 - t0)) * _season(t, world)
+        out = np.concatenate([out, t[rng.random(2 * n) * peak < density]])
+    return out[:n]
+
+
+def _draw_categories(rng: np.random.Generator, pref: np.ndarray, cust: np.ndarray) -> np.ndarray:
+    """One category per line from each line's customer's preference vector."""
+    k = pref.shape[1]
+    cum = np.cumsum(pref, axis=1)
+    cum[:, -1] = 1.0
+    flat = (cum + np.arange(len(pref))[:, None]).ravel()
+    u = rng.random(len(cust))
+    pos = np.searchsorted(flat, cust + u, side="right")
+    return np.minimum(pos - cust * k, k - 1)
+
+
+def _to_dates(start: dt.date, days: np.ndarray) -> pd.Series:
+    base = np.datetime64(start, "D")
+    return pd.Series((base + days.astype("timedelta64[D]")).astype("datetime64[ns]"))

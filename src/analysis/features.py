@@ -1,0 +1,496 @@
+"""Point-in-time customer features and labels, set-based SQL run by DuckDB.
+
+Definitions (``c`` is the cutoff, ``H`` the horizon in days):
+
+- *History* is every record dated strictly before ``c``; *the horizon* is
+  ``[c, c + H)``.
+- A *completed* line has status ``completed``; a *purchase* line is a completed line
+  with ``amount >= 0`` (refunds are negative completed lines: they reduce spend, they are
+  not purchases). Cancelled and returned lines count only in ``cancel_rate`` and
+  ``return_rate``.
+- Money: ``monetary_total``, ``margin_total``, the window spends and ``future_spend`` are
+  net sums over completed lines (refunds included); per-order mean and maximum are over
+  purchase orders.
+- An *order* is an ``order_id``; without order ids, the lines of one customer on one day
+  (the literature's "same-day purchases merged into one transaction").
+
+Core columns, one row per customer with a purchase before ``c``:
+
+=================  ===========================================================
+customer_id        the customer
+recency_days       ``c`` minus the last purchase date, in days
+frequency          distinct purchase days before ``c``
+monetary_total     sum of ``amount`` over completed lines before ``c``
+tenure_days        ``c`` minus the first purchase date, in days
+churned            1 when there is no purchase in ``[c, c + H)``, else 0
+future_spend       sum of ``amount`` over completed lines in ``[c, c + H)``
+=================  ===========================================================
+
+Each query below is one concern, grouped by ``customer_id`` and named after what it
+computes; :func:`build_features` joins them in one DuckDB statement.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "CORE_COLUMNS",
+    "LABEL_COLUMNS",
+    "build_features",
+    "build_snapshots",
+    "connect",
+    "data_end",
+    "resolve_as_of",
+    "resolve_horizon_days",
+    "suggest_horizon_days",
+    "training_cutoffs",
+]
+
+CORE_COLUMNS = ("customer_id", "recency_days", "frequency", "monetary_total", "tenure_days",
+                "churned", "future_spend")
+LABEL_COLUMNS = ("churned", "future_spend", "future_margin", "future_orders", "declined")
+WINDOWS_DAYS = (30, 90, 180, 365)
+
+# --------------------------------------------------------------------------- the queries
+
+# Lines as the queries see them: the contract's columns plus an order key.
+_LINES = """
+SELECT customer_id,
+       CAST(order_date AS DATE) AS order_date,
+       amount,
+       {status} AS status,
+       {order_key} AS order_key,
+       {category} AS category,
+       {channel} AS channel,
+       {margin} AS margin
+FROM tx_raw
+"""
+
+HISTORY = "SELECT * FROM lines WHERE order_date < DATE '{cutoff}'"
+
+RFM = """
+SELECT customer_id,
+       DATE_DIFF('day', MAX(order_date), DATE '{cutoff}')   AS recency_days,
+       COUNT(DISTINCT order_date)                            AS frequency,
+       COUNT(DISTINCT order_key)                             AS n_orders,
+       DATE_DIFF('day', MIN(order_date), DATE '{cutoff}')   AS tenure_days
+FROM history
+WHERE status = 'completed' AND amount >= 0
+GROUP BY customer_id
+"""
+
+MONETARY = """
+WITH orders AS (
+    SELECT customer_id, order_key, SUM(amount) AS order_value
+    FROM history WHERE status = 'completed' AND amount >= 0
+    GROUP BY customer_id, order_key
+), net AS (
+    SELECT customer_id, SUM(amount) AS monetary_total, SUM(margin) AS margin_total
+    FROM history WHERE status = 'completed'
+    GROUP BY customer_id
+)
+SELECT o.customer_id,
+       n.monetary_total,
+       AVG(o.order_value)                                  AS monetary_mean_order,
+       MAX(o.order_value)                                  AS monetary_max_order,
+       n.margin_total,
+       n.margin_total / NULLIF(n.monetary_total, 0)        AS margin_rate
+FROM orders o JOIN net n USING (customer_id)
+GROUP BY o.customer_id, n.monetary_total, n.margin_total
+"""
+
+GAPS = """
+WITH days AS (
+    SELECT DISTINCT customer_id, order_date
+    FROM history WHERE status = 'completed' AND amount >= 0
+), gaps AS (
+    SELECT customer_id,
+           DATE_DIFF('day', LAG(order_date) OVER (PARTITION BY customer_id ORDER BY order_date),
+                     order_date) AS gap_days
+    FROM days
+)
+SELECT customer_id,
+       AVG(gap_days)          AS gap_mean_days,
+       MEDIAN(gap_days)       AS gap_median_days,
+       STDDEV_SAMP(gap_days)  AS gap_std_days
+FROM gaps
+GROUP BY customer_id
+"""
+
+WINDOW = """
+SELECT customer_id,
+       COUNT(DISTINCT order_key) FILTER (WHERE order_date >= DATE '{cutoff}' - {w}
+                                         AND amount >= 0)            AS orders_{w}d,
+       COALESCE(SUM(amount) FILTER (WHERE order_date >= DATE '{cutoff}' - {w}), 0)
+                                                                     AS spend_{w}d,
+       COALESCE(SUM(amount) FILTER (WHERE order_date <  DATE '{cutoff}' - {w}
+                                      AND order_date >= DATE '{cutoff}' - {w2}), 0)
+                                                                     AS spend_prev_{w}d
+FROM history
+WHERE status = 'completed' AND order_date >= DATE '{cutoff}' - {w2}
+GROUP BY customer_id
+"""
+
+RATES = """
+SELECT customer_id,
+       AVG(CASE WHEN status = 'cancelled' THEN 1.0 ELSE 0.0 END)                   AS cancel_rate,
+       AVG(CASE WHEN status = 'returned' OR amount < 0 THEN 1.0 ELSE 0.0 END)     AS return_rate
+FROM history
+GROUP BY customer_id
+"""
+
+CATEGORIES = """
+WITH by_cat AS (
+    SELECT customer_id, category, SUM(amount) AS spend
+    FROM history WHERE status = 'completed' AND amount >= 0
+    GROUP BY customer_id, category
+), ranked AS (
+    SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY spend DESC, category) AS rk,
+           COUNT(*) OVER (PARTITION BY customer_id) AS n_categories
+    FROM by_cat
+)
+SELECT customer_id, n_categories, category AS top_category
+FROM ranked WHERE rk = 1
+"""
+
+CHANNELS = """
+WITH by_channel AS (
+    SELECT customer_id, channel, COUNT(DISTINCT order_key) AS n
+    FROM history WHERE status = 'completed' AND amount >= 0
+    GROUP BY customer_id, channel
+), ranked AS (
+    SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY n DESC, channel) AS rk,
+           COUNT(*) OVER (PARTITION BY customer_id) AS n_channels,
+           SUM(n) OVER (PARTITION BY customer_id) AS total
+    FROM by_channel
+)
+SELECT customer_id, n_channels, channel AS top_channel, n / total AS top_channel_share
+FROM ranked WHERE rk = 1
+"""
+
+INTERACTIONS = """
+SELECT customer_id,
+       COUNT(*) FILTER (WHERE type = 'complaint')                        AS n_complaints,
+       COUNT(*) FILTER (WHERE type = 'complaint'
+                        AND date >= DATE '{cutoff}' - 90)               AS complaints_90d,
+       DATE_DIFF('day', MAX(date) FILTER (WHERE type = 'complaint'), DATE '{cutoff}')
+                                                                         AS days_since_complaint,
+       COUNT(*) FILTER (WHERE type = 'complaint' AND {unresolved})      AS n_unresolved_complaints,
+       COUNT(*) FILTER (WHERE type = 'ticket')                           AS n_tickets,
+       ARG_MAX(score, date) FILTER (WHERE type = 'survey' AND score IS NOT NULL)
+                                                                         AS satisfaction_last,
+       AVG(score) FILTER (WHERE type = 'survey')                         AS satisfaction_mean
+FROM interactions_raw
+WHERE CAST(date AS DATE) < DATE '{cutoff}'
+GROUP BY customer_id
+"""
+
+ATTRIBUTES = """
+SELECT customer_id,
+       DATE_DIFF('day', CAST(signup_date AS DATE), DATE '{cutoff}') AS days_since_signup
+       {attribute_columns}
+FROM customers_raw
+"""
+
+LABELS = """
+WITH horizon AS (
+    SELECT * FROM lines
+    WHERE order_date >= DATE '{cutoff}' AND order_date < DATE '{cutoff}' + {horizon}
+      AND status = 'completed'
+), before AS (
+    SELECT customer_id, SUM(amount) AS spend_before
+    FROM lines
+    WHERE order_date >= DATE '{cutoff}' - {horizon} AND order_date < DATE '{cutoff}'
+      AND status = 'completed'
+    GROUP BY customer_id
+), ahead AS (
+    SELECT customer_id,
+           COUNT(*) FILTER (WHERE amount >= 0)                     AS n_purchase_lines,
+           COUNT(DISTINCT order_key) FILTER (WHERE amount >= 0)    AS future_orders,
+           SUM(amount)                                             AS future_spend,
+           SUM(margin)                                             AS future_margin
+    FROM horizon GROUP BY customer_id
+)
+SELECT b.customer_id,
+       CASE WHEN COALESCE(a.n_purchase_lines, 0) = 0 THEN 1 ELSE 0 END AS churned,
+       COALESCE(a.future_spend, 0)   AS future_spend,
+       COALESCE(a.future_margin, 0)  AS future_margin,
+       COALESCE(a.future_orders, 0)  AS future_orders,
+       CASE WHEN COALESCE(p.spend_before, 0) > 0
+                 AND COALESCE(a.future_spend, 0) < 0.5 * p.spend_before THEN 1 ELSE 0 END
+                                     AS declined
+FROM rfm b
+LEFT JOIN ahead a USING (customer_id)
+LEFT JOIN before p USING (customer_id)
+"""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
+            memory_limit: str | None = None, threads: int | None = None
+            ) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the processed tables as views.
+
+    Parameters
+    ----------
+    source : a processed-data folder (``transactions.parquet`` and optionally
+        ``customers.parquet``, ``interactions.parquet``), or a mapping of table name to
+        frame (``transactions`` required).
+    memory_limit : DuckDB memory limit such as ``"2GB"`` (spills to disk beyond it).
+    threads : DuckDB worker threads (default: all cores).
+
+    Returns
+    -------
+    duckdb.DuckDBPyConnection
+        With views ``tx_raw``, ``lines`` and, where present, ``customers_raw`` and
+        ``interactions_raw``.
+    """
+    con = duckdb.connect()
+    if memory_limit:
+        con.execute(f"SET memory_limit = '{_sql_text(memory_limit)}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    if isinstance(source, Mapping):
+        for name, frame in source.items():
+            if frame is not None:
+                con.register(f"{name}_df", frame)
+                con.execute(f"CREATE VIEW {_RAW[name]} AS SELECT * FROM {name}_df")
+    else:
+        folder = Path(source)
+        for name, view in _RAW.items():
+            path = folder / f"{name}.parquet"
+            if path.is_file():
+                con.execute(f"CREATE VIEW {view} AS SELECT * FROM "
+                            f"read_parquet('{_sql_text(str(path))}')")
+    tables = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    if "tx_raw" not in tables:
+        raise ValueError("no transactions table to build features from")
+    columns = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
+    order_key = ("order_id" if "order_id" in columns
+                 else "customer_id || '|' || CAST(CAST(order_date AS DATE) AS VARCHAR)")
+    con.execute("CREATE VIEW lines AS " + _LINES.format(
+        order_key=order_key,
+        status="status" if "status" in columns else "'completed'",
+        category="category" if "category" in columns else "'unknown'",
+        channel="channel" if "channel" in columns else "'unknown'",
+        margin="margin" if "margin" in columns else "CAST(NULL AS DOUBLE)",
+    ))
+    return con
+
+
+def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
+                   horizon_days: int | None = None,
+                   exclude_attributes: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Features of every customer with a purchase before ``cutoff`` (and labels).
+
+    Parameters
+    ----------
+    con : a connection from :func:`connect`.
+    cutoff : history is every record dated strictly before this day.
+    horizon_days : when given, add the labels for ``[cutoff, cutoff + horizon_days)``.
+    exclude_attributes : customer attributes never to return (protected, PII).
+
+    Returns
+    -------
+    DataFrame
+        One row per customer, sorted by ``customer_id``: the core columns (see the module
+        docstring), ``n_orders``, monetary mean/max per order, margin, gap statistics,
+        ``recency_vs_gap`` (recency over the customer's own median gap), per window of
+        30/90/180/365 days ``orders_Nd``, ``spend_Nd`` and ``trend_Nd`` (spend in the window
+        against the window before, in [-1, 1]), ``cancel_rate``, ``return_rate``,
+        ``n_categories``, ``top_category``, ``n_channels``, ``top_channel``,
+        ``top_channel_share``, interaction features when there is an interactions table,
+        ``days_since_signup`` and descriptive attributes when there is a customers table;
+        with a horizon, ``churned``, ``future_spend``, ``future_margin``,
+        ``future_orders``, ``declined``.
+    """
+    cutoff = _as_date(cutoff)
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    fmt = {"cutoff": cutoff.isoformat()}
+    ctes = [("history", HISTORY.format(**fmt)), ("rfm", RFM.format(**fmt)),
+            ("monetary", MONETARY.format(**fmt)), ("gaps", GAPS.format(**fmt)),
+            ("rates", RATES.format(**fmt)), ("categories", CATEGORIES.format(**fmt)),
+            ("channels", CHANNELS.format(**fmt))]
+    for w in WINDOWS_DAYS:
+        ctes.append((f"window_{w}", WINDOW.format(w=w, w2=2 * w, **fmt)))
+    select = ["rfm.customer_id", "rfm.recency_days", "rfm.frequency", "rfm.n_orders",
+              "monetary.monetary_total", "rfm.tenure_days", "monetary.monetary_mean_order",
+              "monetary.monetary_max_order", "monetary.margin_total", "monetary.margin_rate",
+              "gaps.gap_mean_days", "gaps.gap_median_days", "gaps.gap_std_days",
+              "rfm.recency_days / NULLIF(gaps.gap_median_days, 0) AS recency_vs_gap"]
+    joins = ["LEFT JOIN monetary USING (customer_id)", "LEFT JOIN gaps USING (customer_id)"]
+    for w in WINDOWS_DAYS:
+        select += [f"COALESCE(window_{w}.orders_{w}d, 0) AS orders_{w}d",
+                   f"COALESCE(window_{w}.spend_{w}d, 0) AS spend_{w}d",
+                   f"COALESCE((GREATEST(window_{w}.spend_{w}d, 0) - "
+                   f"GREATEST(window_{w}.spend_prev_{w}d, 0)) / NULLIF(GREATEST(window_{w}."
+                   f"spend_{w}d, 0) + GREATEST(window_{w}.spend_prev_{w}d, 0), 0), 0) "
+                   f"AS trend_{w}d"]
+        joins.append(f"LEFT JOIN window_{w} USING (customer_id)")
+    select += ["rates.cancel_rate", "rates.return_rate", "categories.n_categories",
+               "categories.top_category", "channels.n_channels", "channels.top_channel",
+               "channels.top_channel_share"]
+    joins += ["LEFT JOIN rates USING (customer_id)", "LEFT JOIN categories USING (customer_id)",
+              "LEFT JOIN channels USING (customer_id)"]
+    if "interactions_raw" in views:
+        cols = {r[0] for r in con.execute("DESCRIBE interactions_raw").fetchall()}
+        unresolved = "resolved = FALSE" if "resolved" in cols else "FALSE"
+        if "score" not in cols:
+            raise ValueError("interactions need a 'score' column (may be empty)")
+        ctes.append(("inter", INTERACTIONS.format(unresolved=unresolved, **fmt)))
+        select += ["COALESCE(inter.n_complaints, 0) AS n_complaints",
+                   "COALESCE(inter.complaints_90d, 0) AS complaints_90d",
+                   "inter.days_since_complaint",
+                   "COALESCE(inter.n_unresolved_complaints, 0) AS n_unresolved_complaints",
+                   "COALESCE(inter.n_tickets, 0) AS n_tickets",
+                   "inter.satisfaction_last", "inter.satisfaction_mean"]
+        joins.append("LEFT JOIN inter USING (customer_id)")
+    if "customers_raw" in views:
+        cols = [r[0] for r in con.execute("DESCRIBE customers_raw").fetchall()]
+        excluded = {c.casefold() for c in exclude_attributes}
+        attrs = [c for c in cols if c not in {"customer_id", "signup_date"}
+                 and c.casefold() not in excluded]
+        attr_sql = "".join(f", {_ident(c)}" for c in attrs)
+        signup = "signup_date" in cols
+        sql = ATTRIBUTES if signup else ATTRIBUTES.replace(
+            "DATE_DIFF('day', CAST(signup_date AS DATE), DATE '{cutoff}')", "NULL")
+        ctes.append(("attrs", sql.format(attribute_columns=attr_sql, **fmt)))
+        select.append("attrs.days_since_signup")
+        select += [f"attrs.{_ident(c)}" for c in attrs]
+        joins.append("LEFT JOIN attrs USING (customer_id)")
+    if horizon_days is not None:
+        ctes.append(("labels", LABELS.format(horizon=int(horizon_days), **fmt)))
+        select += ["labels.churned", "labels.future_spend", "labels.future_margin",
+                   "labels.future_orders", "labels.declined"]
+        joins.append("LEFT JOIN labels USING (customer_id)")
+    sql = ("WITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes)
+           + "\nSELECT " + ",\n       ".join(select) + "\nFROM rfm\n" + "\n".join(joins)
+           + "\nORDER BY rfm.customer_id")
+    frame = con.execute(sql).df()
+    tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
+    absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
+              "category": ["n_categories", "top_category"],
+              "channel": ["n_channels", "top_channel", "top_channel_share"]}
+    drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
+    return _tidy(frame.drop(columns=[c for c in drop if c in frame]))
+
+
+def build_snapshots(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
+                    horizon_days: int, exclude_attributes: tuple[str, ...] = ()
+                    ) -> pd.DataFrame:
+    """Features and labels at several cutoffs, stacked (rolling origin).
+
+    Returns
+    -------
+    DataFrame
+        The columns of :func:`build_features` with labels, plus ``cutoff``.
+    """
+    frames = [build_features(con, cutoff=c, horizon_days=horizon_days,
+                             exclude_attributes=exclude_attributes).assign(cutoff=pd.Timestamp(c))
+              for c in sorted(cutoffs)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def data_end(con: duckdb.DuckDBPyConnection) -> dt.date:
+    """The day after the last transaction: the natural scoring date."""
+    last = con.execute("SELECT MAX(order_date) FROM lines").fetchone()[0]
+    return last + dt.timedelta(days=1)
+
+
+def resolve_as_of(con: duckdb.DuckDBPyConnection, *, as_of: dt.date | str | None = None
+                  ) -> dt.date:
+    """The scoring date: ``as_of`` when given, else the day after the last transaction."""
+    return data_end(con) if as_of in (None, "") else _as_date(as_of)
+
+
+def resolve_horizon_days(con: duckdb.DuckDBPyConnection, *, horizon_days: int | str,
+                         cutoff: dt.date | None = None) -> int:
+    """The configured horizon, or the suggested one when the config says ``auto``."""
+    if horizon_days == "auto":
+        return suggest_horizon_days(con, cutoff=cutoff)
+    return int(horizon_days)
+
+
+def training_cutoffs(*, as_of: dt.date, horizon_days: int, n_cutoffs: int,
+                     step_days: int, first_date: dt.date | None = None,
+                     min_history_days: int = 90) -> list[dt.date]:
+    """Cutoffs whose whole horizon lies before ``as_of``, latest first.
+
+    The latest, ``as_of - horizon_days``, is the natural out-of-time evaluation cutoff;
+    the others are ``step_days`` apart before it. Cutoffs with less than
+    ``min_history_days`` of history after ``first_date`` are dropped.
+    """
+    latest = as_of - dt.timedelta(days=horizon_days)
+    cutoffs = [latest - dt.timedelta(days=k * step_days) for k in range(n_cutoffs)]
+    if first_date is not None:
+        cutoffs = [c for c in cutoffs if (c - first_date).days >= min_history_days]
+    return cutoffs
+
+
+def suggest_horizon_days(con: duckdb.DuckDBPyConnection, *, quantile: float = 0.8,
+                         cutoff: dt.date | None = None) -> int:
+    """A churn horizon from the data's rhythm: the ``quantile`` of inter-purchase gaps.
+
+    Gaps between distinct purchase days of repeat customers (before ``cutoff`` if
+    given), rounded up to a multiple of 30 days and clipped to [30, 365].
+    """
+    where = "" if cutoff is None else f"AND order_date < DATE '{_as_date(cutoff).isoformat()}'"
+    sql = f"""
+    WITH days AS (SELECT DISTINCT customer_id, order_date FROM lines
+                  WHERE status = 'completed' AND amount >= 0 {where}),
+         gaps AS (SELECT DATE_DIFF('day', LAG(order_date) OVER (PARTITION BY customer_id
+                  ORDER BY order_date), order_date) AS g FROM days)
+    SELECT QUANTILE_CONT(g, {float(quantile)}) FROM gaps WHERE g IS NOT NULL
+    """
+    q = con.execute(sql).fetchone()[0]
+    if q is None or not np.isfinite(q):
+        return 90
+    return int(min(max(30 * math.ceil(q / 30), 30), 365))
+
+
+# --------------------------------------------------------------------------- helpers
+
+_RAW = {"transactions": "tx_raw", "customers": "customers_raw",
+        "interactions": "interactions_raw"}
+
+
+def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    ints = ["recency_days", "frequency", "n_orders", "tenure_days", "churned", "declined",
+            "future_orders", "n_categories", "n_channels", "n_complaints", "complaints_90d",
+            "n_unresolved_complaints", "n_tickets"] + [f"orders_{w}d" for w in WINDOWS_DAYS]
+    out = frame.copy()
+    for col in ints:
+        if col in out:
+            out[col] = out[col].astype("int64")
+    for col in out.columns:
+        if col not in ints and pd.api.types.is_numeric_dtype(out[col]):
+            out[col] = out[col].astype("float64")
+    return out
+
+
+def _as_date(value: dt.date | str | pd.Timestamp) -> dt.date:
+    if isinstance(value, pd.Timestamp):
+        return value.date()
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(str(value))
+
+
+def _sql_text(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

@@ -1,0 +1,355 @@
+"""Run the notebooks with papermill, render them with nbconvert, publish atomically.
+
+A run builds everything in temporary folders next to its destinations and moves them
+into place only when every notebook succeeded; ``reports/latest`` is switched last. A
+failed run keeps its notebooks (and their HTML, showing the error) under
+``reports/failed/<run_id>/`` and leaves the last good report untouched.
+
+The module also holds the small helpers the notebooks use to write sentences whose
+numbers and names come from the data, HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import html
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from analysis.config import Config, load_config
+from analysis.errors import PipelineError
+
+__all__ = [
+    "NOTEBOOKS",
+    "RunResult",
+    "heading",
+    "html_table",
+    "kpi_cards",
+    "library_versions",
+    "link_list",
+    "paragraph",
+    "render_notebook",
+    "run_pipeline",
+]
+
+#: Notebooks in run order; the executive report is rendered without code.
+NOTEBOOKS = ("01_data_quality.ipynb", "02_customer_profile.ipynb", "00_executive_report.ipynb")
+EXECUTIVE = "00_executive_report.ipynb"
+_TEMPLATES = Path(__file__).parent / "templates"
+_LIBRARIES = ("analysis", "customer-strategy-lab", "pandas", "numpy", "duckdb", "pyarrow",
+              "pandera", "scikit-learn", "xgboost-cpu", "xgboost", "matplotlib", "seaborn",
+              "papermill", "nbconvert")
+
+
+@dataclass
+class RunResult:
+    """What a successful run produced."""
+
+    run_id: str
+    processed_dir: Path
+    report_dir: Path
+    index_html: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def default_run_id(now: dt.datetime | None = None) -> str:
+    """A sortable run id from the current UTC time, e.g. ``20261123-044512``."""
+    now = now or dt.datetime.now(dt.UTC)
+    return now.strftime("%Y%m%d-%H%M%S")
+
+
+def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
+                 as_of: dt.date | None = None, notebooks_dir: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> RunResult:
+    """Execute the notebooks in order for one run and publish the result.
+
+    Parameters
+    ----------
+    config_path : the run configuration (YAML).
+    run_id : folder name of the run (default: UTC timestamp). Re-using an id replaces
+        that run atomically.
+    as_of : scoring date (default: the config's, else the day after the last order).
+    notebooks_dir : where the notebooks are (default: the project's ``notebooks/``).
+    log : where progress lines go.
+
+    Returns
+    -------
+    RunResult
+
+    Raises
+    ------
+    PipelineError
+        Naming the notebook and cell that failed; the failed notebook and its HTML are
+        kept under ``reports/failed/<run_id>/``.
+    """
+    run_id = run_id or default_run_id()
+    _check_run_id(run_id)
+    config = load_config(config_path)
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
+    processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
+    token = f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
+    tmp_processed, tmp_report = processed_root / token, reports_root / token
+    tmp_processed.mkdir(parents=True)
+    (tmp_report / "notebooks").mkdir(parents=True)
+    params = {
+        "config_path": str(Path(config_path).resolve()),
+        "run_id": run_id,
+        "as_of": None if as_of is None else as_of.isoformat(),
+        "processed_dir": str(tmp_processed),
+        "report_dir": str(tmp_report),
+        # link from the published report folder to the published processed folder
+        "processed_href": os.path.relpath(processed_root / run_id, reports_root / run_id),
+    }
+    stage_seconds: dict[str, float] = {}
+    log(f"run {run_id}: config {config_path}, {len(NOTEBOOKS)} notebooks")
+    try:
+        for i, name in enumerate(NOTEBOOKS, start=1):
+            log(f"run {run_id}: stage {i}/{len(NOTEBOOKS)} {name} ...")
+            start = time.perf_counter()
+            _execute(notebooks_dir / name, tmp_report / "notebooks" / name, params, run_id,
+                     tmp_report, processed_root, reports_root)
+            stage_seconds[name] = round(time.perf_counter() - start, 2)
+            log(f"run {run_id}: stage {i}/{len(NOTEBOOKS)} {name} done in "
+                f"{stage_seconds[name]:.1f} s")
+        start = time.perf_counter()
+        for name in NOTEBOOKS:
+            executed = tmp_report / "notebooks" / name
+            if name == EXECUTIVE:
+                render_notebook(executed, tmp_report / "index.html", executive=True)
+            else:
+                render_notebook(executed, executed.with_suffix(".html"), executive=False)
+        stage_seconds["render"] = round(time.perf_counter() - start, 2)
+        _write_metrics(tmp_processed, config, run_id=run_id, params=params,
+                       stage_seconds=stage_seconds)
+    except PipelineError:
+        raise
+    except BaseException:
+        _keep_failed(tmp_report, tmp_processed, reports_root, processed_root, run_id)
+        raise
+    with _lock(reports_root):
+        processed_dir = _swap_into_place(tmp_processed, processed_root / run_id)
+        report_dir = _swap_into_place(tmp_report, reports_root / run_id)
+        _point_latest(reports_root, run_id)
+    log(f"run {run_id}: done in {sum(stage_seconds.values()):.1f} s; report "
+        f"{report_dir / 'index.html'}")
+    return RunResult(run_id=run_id, processed_dir=processed_dir, report_dir=report_dir,
+                     index_html=report_dir / "index.html", stage_seconds=stage_seconds)
+
+
+def render_notebook(notebook: str | Path, out_html: str | Path, *, executive: bool) -> Path:
+    """Render an executed notebook to one self-contained HTML file.
+
+    ``executive=True`` uses the project's template: no code, no prompts, no stderr, no
+    scripts or external resources; images are embedded as data URIs either way.
+    """
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    if executive:
+        exporter = HTMLExporter(template_name="executive",
+                                extra_template_basedirs=[str(_TEMPLATES)],
+                                exclude_input=True, exclude_input_prompt=True,
+                                exclude_output_prompt=True, embed_images=True)
+    else:
+        exporter = HTMLExporter(template_name="lab", embed_images=True)
+    body, _ = exporter.from_notebook_node(nb)
+    out_html = Path(out_html)
+    out_html.write_text(body, encoding="utf-8")
+    return out_html
+
+
+def paragraph(template: str, /, **values: object) -> str:
+    """An HTML paragraph with every value HTML-escaped.
+
+    ``template`` is the project's own text with ``str.format`` fields; values (names of
+    segments, categories, numbers) are formatted, then escaped.
+    """
+    safe = {}
+    for key, value in values.items():
+        safe[key] = _Escaped(value)
+    return "<p>" + template.format(**safe) + "</p>"
+
+
+def html_table(frame, *, formats: dict[str, str] | None = None,
+               labels: dict[str, str] | None = None, index: bool = False) -> str:
+    """A frame as an HTML table with every cell and header escaped, numbers formatted.
+
+    ``formats`` maps columns to format specs (``".1%"``, ``",.0f"``); ``labels`` renames
+    columns for readers. (pandas' own ``to_html(escape=True)`` leaves headers raw.)
+    """
+    formats = formats or {}
+    shown = frame.reset_index() if index else frame.copy()
+
+    def cell(value: object, spec: str | None) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return ""
+        if spec:
+            return html.escape(format(value, spec))
+        if isinstance(value, float):
+            return html.escape(f"{value:,.2f}")
+        return html.escape(str(value))
+
+    for col in shown.columns:
+        shown[col] = [cell(v, formats.get(col)) for v in shown[col].tolist()]
+    names = {c: html.escape(str((labels or {}).get(c, c))) for c in shown.columns}
+    shown = shown.rename(columns=names)
+    return shown.to_html(index=False, escape=False, border=0, classes="table")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a run depends on."""
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Escaped:
+    """Formats a value as the wrapped value would, then HTML-escapes the text."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def __format__(self, spec: str) -> str:
+        return html.escape(format(self.value, spec))
+
+
+def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: Path,
+             processed_root: Path, reports_root: Path) -> None:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(str(source), str(output), parameters=params,
+                                   kernel_name="python3", progress_bar=False,
+                                   log_output=False, cwd=str(source.parent))
+    except PapermillExecutionError as exc:
+        with contextlib.suppress(Exception):
+            render_notebook(output, output.with_suffix(".html"), executive=False)
+        kept = _keep_failed(tmp_report, Path(params["processed_dir"]), reports_root,
+                            processed_root, run_id)
+        cell = exc.cell_index
+        raise PipelineError(
+            f"notebook {source.name} failed in cell {cell} (execution count "
+            f"{exc.exec_count}): {exc.ename}: {exc.evalue}\n"
+            f"  the failed notebook and its HTML are kept in {kept}\n"
+            f"  the last good report was left untouched",
+            notebook=source.name, cell=cell, kept=kept) from None
+
+
+def _keep_failed(tmp_report: Path, tmp_processed: Path, reports_root: Path,
+                 processed_root: Path, run_id: str) -> Path:
+    failed = reports_root / "failed" / run_id
+    failed.parent.mkdir(parents=True, exist_ok=True)
+    if failed.exists():
+        shutil.rmtree(failed)
+    if tmp_report.exists():
+        tmp_report.rename(failed)
+    if tmp_processed.exists():
+        shutil.rmtree(tmp_processed, ignore_errors=True)
+    return failed
+
+
+def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict,
+                   stage_seconds: dict[str, float]) -> None:
+    metrics: dict = {"run_id": run_id, "mode": config.mode, "config": config.to_dict(),
+                     "parameters": {k: v for k, v in params.items()
+                                    if k not in {"processed_dir", "report_dir",
+                                                 "processed_href"}},
+                     "stage_seconds": stage_seconds, "versions": library_versions()}
+    for name in ("data_quality", "profile"):
+        path = processed / f"{name}.json"
+        if path.is_file():
+            metrics[name] = json.loads(path.read_text())
+    path = processed / "metrics.json"
+    path.write_text(json.dumps(metrics, indent=2, default=str))
+
+
+def _swap_into_place(tmp: Path, final: Path) -> Path:
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _point_latest(reports_root: Path, run_id: str) -> None:
+    latest = reports_root / "latest"
+    tmp = reports_root / f".latest-{uuid.uuid4().hex[:8]}"
+    os.symlink(run_id, tmp)
+    if latest.exists() and not latest.is_symlink():
+        shutil.rmtree(latest)
+    os.replace(tmp, latest)
+
+
+@contextlib.contextmanager
+def _lock(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".publish.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_run_id(run_id: str) -> None:
+    if not run_id or not all(c.isalnum() or c in "-_." for c in run_id) or run_id.startswith(
+            ".") or run_id in {"latest", "failed"}:
+        raise PipelineError(f"run id {run_id!r} must be letters, digits, '-', '_' or '.', "
+                            f"not start with '.', and not be 'latest' or 'failed'")
+
+
+def _project_notebooks() -> Path:
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "notebooks" / EXECUTIVE).is_file():
+            return parent / "notebooks"
+    cwd = Path.cwd() / "notebooks"
+    if (cwd / EXECUTIVE).is_file():
+        return cwd
+    raise PipelineError("cannot find the notebooks folder; pass --notebooks DIR")
+
+
+if sys.platform == "win32":  # pragma: no cover
+    raise ImportError("the pipeline runner needs a POSIX system (fcntl, symlinks)")
+
+
+def kpi_cards(items: list[tuple[str, str]]) -> str:
+    """Key numbers as HTML cards; ``items`` are (formatted value, label), both escaped."""
+    cards = "".join(f'<div class="kpi"><div class="value">{html.escape(v)}</div>'
+                    f'<div class="label">{html.escape(label)}</div></div>'
+                    for v, label in items)
+    return f'<div class="kpis">{cards}</div>'
+
+
+def heading(text: str, level: int = 2) -> str:
+    """An HTML heading with the text escaped."""
+    return f"<h{level}>{html.escape(text)}</h{level}>"
+
+
+def link_list(links: list[tuple[str, str]]) -> str:
+    """An HTML list of (label, relative href) links, both escaped."""
+    items = "".join(f'<li><a href="{html.escape(href, quote=True)}">{html.escape(label)}</a></li>'
+                    for label, href in links)
+    return f"<ul>{items}</ul>"

@@ -1,0 +1,489 @@
+"""Segments the business acts on: RFM, value tiers, behavioural clusters, lifecycle, cohorts.
+
+Every function takes the per-customer feature frame of :mod:`analysis.features` (or the
+DuckDB connection, for cohorts) and returns frames; plots live in :mod:`analysis.plots`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+from sklearn.preprocessing import StandardScaler
+
+from analysis.config import AnalysisParams
+from analysis.errors import InsufficientDataError
+from analysis.features import build_features
+
+__all__ = [
+    "CLUSTER_FEATURES",
+    "CustomerProfile",
+    "LIFECYCLE_STAGES",
+    "RFM_SEGMENTS",
+    "assign_lifecycle",
+    "cluster_customers",
+    "cohort_matrix",
+    "pareto_curve",
+    "profile_customers",
+    "read_profile",
+    "rfm_scores",
+    "segment_profile",
+    "value_tiers",
+    "write_profile",
+]
+
+#: Score-to-name map of RFM segments over the recency score R and the mean of the
+#: frequency and monetary scores FM (both 1-5, 5 best). Rows are tried in order; the
+#: first whose ranges hold names the segment. Every (R, FM) pair is covered.
+RFM_SEGMENTS = pd.DataFrame(
+    [
+        ("Champions", 4, 5, 4, 5, "bought recently, buy often and spend the most"),
+        ("Loyal", 3, 5, 3, 5, "buy regularly and spend well"),
+        ("Potential loyalist", 4, 5, 2, 2, "recent customers with average frequency"),
+        ("New", 5, 5, 1, 1, "bought very recently, for the first time or nearly"),
+        ("Promising", 4, 4, 1, 1, "recent shoppers who have not spent much yet"),
+        ("Need attention", 3, 3, 2, 2, "average recency, frequency and spend"),
+        ("About to sleep", 3, 3, 1, 1, "below-average recency and frequency"),
+        ("Can't lose them", 1, 2, 5, 5, "used to buy often and spend most; long gone"),
+        ("At risk", 1, 2, 3, 4, "spent well and often, but long ago"),
+        ("Hibernating", 2, 2, 1, 2, "last bought long ago, few orders, low spend"),
+        ("Lost", 1, 1, 1, 2, "lowest recency, frequency and spend"),
+    ],
+    columns=["segment", "r_min", "r_max", "fm_min", "fm_max", "meaning"],
+)
+
+LIFECYCLE_STAGES = ("new", "active", "at risk", "lapsed", "lost")
+
+#: Features the behavioural clusters are built on (log1p-transformed, standardised).
+CLUSTER_FEATURES = ("recency_days", "frequency", "monetary_mean_order", "tenure_days",
+                    "trend_180d")
+
+
+def rfm_scores(features: pd.DataFrame) -> pd.DataFrame:
+    """RFM quintile scores and named segments.
+
+    Scores are quintiles of the percentile rank; tied customers share the score of the
+    lowest rank among them (all one-time buyers get F = 1). ``r_score`` is 5
+    for the most recent fifth, ``f_score`` and ``m_score`` 5 for the most frequent and
+    highest-spending fifth.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``r_score``, ``f_score``, ``m_score``, ``fm_score`` (rounded
+        mean of F and M), ``rfm_score`` (e.g. "545"), ``rfm_segment``.
+    """
+    r = _quintile(-features["recency_days"])
+    f = _quintile(features["frequency"])
+    m = _quintile(features["monetary_total"])
+    fm = np.floor((f + m) / 2 + 0.5).astype(int)
+    segment = pd.Series(pd.NA, index=features.index, dtype="object")
+    for row in RFM_SEGMENTS.itertuples():
+        hit = segment.isna() & r.between(row.r_min, row.r_max) & fm.between(row.fm_min,
+                                                                             row.fm_max)
+        segment[hit] = row.segment
+    return pd.DataFrame({
+        "customer_id": features["customer_id"].to_numpy(),
+        "r_score": r.to_numpy(), "f_score": f.to_numpy(), "m_score": m.to_numpy(),
+        "fm_score": fm.to_numpy(),
+        "rfm_score": (r.astype(str) + f.astype(str) + m.astype(str)).to_numpy(),
+        "rfm_segment": segment.astype("str").to_numpy(),
+    })
+
+
+def value_tiers(features: pd.DataFrame, *, value_col: str = "monetary_total",
+                shares: tuple[float, float] = (0.5, 0.3)) -> pd.DataFrame:
+    """High / mid / low value tiers by cumulative share of value (Pareto-style).
+
+    Customers are sorted by value, highest first; ``high`` are those whose preceding
+    cumulative share is below ``shares[0]`` (they make the first 50 % of value by
+    default), ``mid`` the next ``shares[1]``, ``low`` the rest. Negative values count
+    as zero.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``value``, ``value_rank`` (1 = highest), ``value_share_before``
+        (cumulative share of value of the customers ranked above), ``value_tier``.
+    """
+    high, mid = shares
+    value = features[value_col].clip(lower=0).fillna(0.0)
+    order = np.lexsort((features["customer_id"].to_numpy(), -value.to_numpy()))
+    sorted_value = value.to_numpy()[order]
+    total = sorted_value.sum()
+    before = (np.cumsum(sorted_value) - sorted_value) / total if total > 0 else \
+        np.zeros(len(order))
+    tier = np.where(before < high, "high", np.where(before < high + mid, "mid", "low"))
+    out = pd.DataFrame({
+        "customer_id": features["customer_id"].to_numpy()[order],
+        "value": sorted_value,
+        "value_rank": np.arange(1, len(order) + 1),
+        "value_share_before": before,
+        "value_tier": tier,
+    })
+    return out.set_index(np.asarray(features.index)[order]).loc[features.index].reset_index(
+        drop=True)
+
+
+def pareto_curve(values: pd.Series, *, n_points: int = 201) -> pd.DataFrame:
+    """Share of customers (highest value first) against the share of value they make.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_share``, ``value_share`` (both 0..1, ``n_points`` rows).
+    """
+    v = np.sort(values.clip(lower=0).fillna(0.0).to_numpy())[::-1]
+    total = v.sum()
+    cum = np.concatenate([[0.0], np.cumsum(v) / total if total > 0 else np.zeros(len(v))])
+    x = np.linspace(0, 1, n_points)
+    idx = np.round(x * len(v)).astype(int)
+    return pd.DataFrame({"customer_share": x, "value_share": cum[idx]})
+
+
+def assign_lifecycle(features: pd.DataFrame, *, new_days: int = 90,
+                     at_risk_multiple: float = 1.5, lapsed_multiple: float = 3.0,
+                     lost_multiple: float = 6.0, lost_days: int = 365) -> pd.DataFrame:
+    """Lifecycle stage from recency against the customer's own purchase rhythm.
+
+    The rhythm is the customer's median gap between purchase days; for one-time buyers
+    the median over all repeat customers. Stages, first match wins:
+
+    - ``new``: first purchase less than ``new_days`` ago;
+    - ``active``: recency up to ``at_risk_multiple`` x rhythm;
+    - ``at risk``: up to ``lapsed_multiple`` x rhythm;
+    - ``lapsed``: up to ``lost_multiple`` x rhythm and at most ``lost_days``;
+    - ``lost``: beyond that.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``rhythm_days``, ``recency_vs_rhythm``, ``lifecycle_stage``.
+    """
+    own = features["gap_median_days"]
+    population = own.median() if own.notna().any() else 90.0
+    rhythm = own.fillna(population).clip(lower=1.0)
+    ratio = features["recency_days"] / rhythm
+    conditions = [
+        features["tenure_days"] < new_days,
+        ratio <= at_risk_multiple,
+        ratio <= lapsed_multiple,
+        (ratio <= lost_multiple) & (features["recency_days"] <= lost_days),
+    ]
+    stage = np.select(conditions, LIFECYCLE_STAGES[:4], default="lost")
+    return pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
+                         "rhythm_days": rhythm.to_numpy(),
+                         "recency_vs_rhythm": ratio.to_numpy(),
+                         "lifecycle_stage": stage})
+
+
+def cluster_customers(features: pd.DataFrame, *, k: int | None = None, max_k: int = 8,
+                      seed: int = 42, sample_size: int = 20_000
+                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Behavioural clusters: K-means on log-transformed, standardised features.
+
+    ``k`` is chosen automatically (when not given) as the number of clusters from 2 to
+    ``max_k`` with the highest silhouette score on a sample. Each cluster gets a
+    generated description comparing its medians with the population's.
+
+    Returns
+    -------
+    labels : DataFrame
+        ``customer_id``, ``cluster`` (int), ``cluster_name``.
+    summary : DataFrame
+        One row per cluster: ``cluster``, ``cluster_name``, ``description``,
+        ``n_customers``, ``share``, the median of each clustering feature, and
+        ``silhouette`` (of the chosen k, same on every row) and ``k_scores`` (silhouette
+        per k tried, as text).
+    """
+    cols = [c for c in CLUSTER_FEATURES if c in features]
+    x = features[cols].astype(float).fillna(0.0)
+    x = np.sign(x) * np.log1p(np.abs(x))
+    scaled = StandardScaler().fit_transform(x)
+    rng = np.random.default_rng(seed)
+    n = len(scaled)
+    sample = rng.choice(n, min(n, sample_size), replace=False) if n > sample_size else \
+        np.arange(n)
+    scores: dict[int, float] = {}
+    if k is None:
+        for kk in range(2, max(2, min(max_k, n - 1)) + 1):
+            km = KMeans(kk, n_init=4, random_state=seed).fit(scaled[sample])
+            sil_sample = sample[: min(len(sample), 5_000)]
+            scores[kk] = float(silhouette_score(scaled[sil_sample],
+                                                km.predict(scaled[sil_sample])))
+        k = max(scores, key=lambda kk: (round(scores[kk], 3), -kk))
+    km = KMeans(k, n_init=8, random_state=seed).fit(scaled[sample])
+    raw = km.predict(scaled)
+    # number clusters by size, largest first, so labels are stable and readable
+    sizes = np.bincount(raw, minlength=k)
+    relabel = np.empty(k, dtype=int)
+    relabel[np.argsort(-sizes, kind="stable")] = np.arange(k)
+    cluster = relabel[raw]
+    medians = features[cols].assign(cluster=cluster).groupby("cluster").median()
+    overall = features[cols].median()
+    names = {c: _describe_cluster(medians.loc[c], overall) for c in medians.index}
+    short = {c: f"{c + 1}. {names[c][0]}" for c in names}
+    labels = pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
+                           "cluster": cluster,
+                           "cluster_name": pd.Series(cluster).map(short).to_numpy()})
+    summary = medians.add_prefix("median_").reset_index()
+    summary.insert(1, "cluster_name", summary["cluster"].map(short))
+    summary.insert(2, "description", summary["cluster"].map(lambda c: names[c][1]))
+    counts = pd.Series(cluster).value_counts()
+    summary.insert(3, "n_customers", summary["cluster"].map(counts).astype(int))
+    summary.insert(4, "share", summary["n_customers"] / n)
+    summary["silhouette"] = scores.get(k, np.nan)
+    summary["k_scores"] = ", ".join(f"k={kk}: {s:.3f}" for kk, s in scores.items())
+    return labels, summary
+
+
+def cohort_matrix(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
+                  max_months: int = 24) -> pd.DataFrame:
+    """Monthly acquisition cohorts: retention and revenue by months since first purchase.
+
+    A customer's cohort is the month of their first purchase; they are *retained* in a
+    month when they purchase in it. Only history before ``cutoff``.
+
+    Returns
+    -------
+    DataFrame
+        ``cohort`` (month start), ``months_since`` (0 = first month), ``cohort_size``,
+        ``n_active``, ``retention`` (n_active / cohort_size), ``revenue``,
+        ``revenue_per_customer``.
+    """
+    sql = f"""
+    WITH p AS (
+        SELECT customer_id, order_date, amount FROM lines
+        WHERE status = 'completed' AND order_date < DATE '{cutoff.isoformat()}'
+    ), first AS (
+        SELECT customer_id, DATE_TRUNC('month', MIN(order_date)) AS cohort
+        FROM p WHERE amount >= 0 GROUP BY customer_id
+    ), sizes AS (SELECT cohort, COUNT(*) AS cohort_size FROM first GROUP BY cohort),
+    activity AS (
+        SELECT f.cohort,
+               DATE_DIFF('month', f.cohort, DATE_TRUNC('month', p.order_date)) AS months_since,
+               COUNT(DISTINCT p.customer_id) FILTER (WHERE p.amount >= 0) AS n_active,
+               SUM(p.amount) AS revenue
+        FROM p JOIN first f USING (customer_id)
+        GROUP BY 1, 2
+    )
+    SELECT a.cohort, a.months_since, s.cohort_size, a.n_active,
+           a.n_active / s.cohort_size AS retention, a.revenue,
+           a.revenue / s.cohort_size AS revenue_per_customer
+    FROM activity a JOIN sizes s USING (cohort)
+    WHERE a.months_since <= {int(max_months)}
+    ORDER BY a.cohort, a.months_since
+    """
+    out = con.execute(sql).df()
+    out["months_since"] = out["months_since"].astype("int64")
+    out["cohort"] = pd.to_datetime(out["cohort"])
+    return out
+
+
+def segment_profile(customers: pd.DataFrame, *, by: str,
+                    value_col: str = "monetary_total") -> pd.DataFrame:
+    """What a marketing team needs to act on each segment.
+
+    Parameters
+    ----------
+    customers : one row per customer with ``by``, ``value_col`` and, when present,
+        ``margin_total``, ``churned`` / ``churn_probability``, ``top_category``,
+        ``top_channel``, ``recency_days``, ``frequency``.
+    by : the segment column.
+
+    Returns
+    -------
+    DataFrame
+        One row per segment, largest value share first: ``segment``, ``n_customers``,
+        ``customer_share``, ``value_share``, ``margin_share`` (if margin known),
+        ``mean_value``, ``median_recency_days``, ``median_frequency``, ``churn_rate``
+        (observed, when labels are present) or ``mean_churn_probability``,
+        ``top_categories`` and ``top_channels`` (the three most common, with shares).
+    """
+    df = customers
+    total_value = df[value_col].clip(lower=0).sum()
+    agg = df.groupby(by, observed=True).agg(
+        n_customers=("customer_id", "size"),
+        value=(value_col, lambda s: s.clip(lower=0).sum()),
+        mean_value=(value_col, "mean"),
+        median_recency_days=("recency_days", "median"),
+        median_frequency=("frequency", "median"),
+    )
+    agg["customer_share"] = agg["n_customers"] / len(df)
+    agg["value_share"] = agg["value"] / total_value if total_value > 0 else 0.0
+    if "margin_total" in df:
+        total_margin = df["margin_total"].clip(lower=0).sum()
+        agg["margin_share"] = (df.groupby(by, observed=True)["margin_total"]
+                               .apply(lambda s: s.clip(lower=0).sum()) / total_margin
+                               if total_margin > 0 else 0.0)
+    if "churned" in df:
+        agg["churn_rate"] = df.groupby(by, observed=True)["churned"].mean()
+    if "churn_probability" in df:
+        agg["mean_churn_probability"] = df.groupby(by, observed=True)["churn_probability"].mean()
+    for col, name in (("top_category", "top_categories"), ("top_channel", "top_channels")):
+        if col in df:
+            agg[name] = df.groupby(by, observed=True)[col].apply(_top_shares)
+    out = agg.drop(columns="value").sort_values("value_share", ascending=False)
+    out.index.name = "segment"
+    first = ["n_customers", "customer_share", "value_share"]
+    return out[first + [c for c in out.columns if c not in first]].reset_index()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _quintile(values: pd.Series) -> pd.Series:
+    pct = values.rank(method="min") / len(values)
+    return np.ceil(pct * 5).clip(1, 5).astype(int)
+
+
+def _top_shares(s: pd.Series, n: int = 3) -> str:
+    shares = s.value_counts(normalize=True).head(n)
+    return ", ".join(f"{k} ({v:.0%})" for k, v in shares.items())
+
+
+def _describe_cluster(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
+    """A short name and a sentence for one cluster from its medians."""
+
+    def rel(col: str) -> float:
+        o = overall.get(col, np.nan)
+        return float(med[col] / o) if col in med and o and np.isfinite(o) and o != 0 else 1.0
+
+    freq = "Frequent" if rel("frequency") >= 1.5 else ("Occasional" if rel("frequency") >= 0.75
+                                                       else "Infrequent")
+    basket = ("high-basket" if rel("monetary_mean_order") >= 1.3 else
+              "low-basket" if rel("monetary_mean_order") <= 0.75 else "mid-basket")
+    recency = ("recent" if rel("recency_days") <= 0.6 else
+               "lapsing" if rel("recency_days") >= 1.6 else "steady")
+    tenure = "long-standing" if rel("tenure_days") >= 1.3 else (
+        "newer" if rel("tenure_days") <= 0.7 else "established")
+    name = f"{freq}, {basket}, {recency}"
+    sentence = (f"{tenure} customers with a median of {med.get('frequency', np.nan):.0f} "
+                f"purchase days, {med.get('monetary_mean_order', np.nan):,.0f} per order, "
+                f"last purchase {med.get('recency_days', np.nan):.0f} days ago")
+    return name, sentence
+
+
+# --------------------------------------------------------------------------- the profile step
+
+
+@dataclass(frozen=True)
+class CustomerProfile:
+    """Everything the profile step computes for one scoring date.
+
+    Attributes
+    ----------
+    as_of : the scoring date (history is every record before it).
+    customers : one row per customer: the features of :func:`analysis.features.
+        build_features` plus ``segment`` (RFM), ``rfm_score``, ``value_tier``,
+        ``lifecycle_stage``, ``rhythm_days``, ``cluster``, ``cluster_name``.
+    segments, tiers, lifecycle, clusters, cohorts, pareto : summary frames.
+    """
+
+    as_of: dt.date
+    customers: pd.DataFrame
+    segments: pd.DataFrame
+    tiers: pd.DataFrame
+    lifecycle: pd.DataFrame
+    clusters: pd.DataFrame
+    cohorts: pd.DataFrame
+    pareto: pd.DataFrame
+
+    def summary(self) -> dict:
+        """Headline counts, JSON-friendly."""
+        c = self.customers
+        return {
+            "as_of": self.as_of.isoformat(),
+            "customers": int(len(c)),
+            "segments": int(c["segment"].nunique()),
+            "clusters": int(c["cluster"].nunique()),
+            "silhouette": float(self.clusters["silhouette"].iloc[0]),
+            "tiers": {r.value_tier: int(r.n_customers) for r in self.tiers.itertuples()},
+            "lifecycle": {r.lifecycle_stage: int(r.n_customers)
+                          for r in self.lifecycle.itertuples()},
+        }
+
+
+def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
+                      params: AnalysisParams, seed: int = 42,
+                      exclude_attributes: tuple[str, ...] = ()) -> CustomerProfile:
+    """Features at ``as_of`` and every segmentation of them.
+
+    Value tiers are by ``monetary_total`` (history before ``as_of``) and the shares in
+    ``params.tier_shares``; lifecycle thresholds come from ``params``.
+    """
+    feats = build_features(con, cutoff=as_of, exclude_attributes=exclude_attributes)
+    if feats.empty:
+        raise InsufficientDataError(f"no customer has a purchase before {as_of}: "
+                                    f"nothing to profile")
+    rfm = rfm_scores(feats)
+    tiers = value_tiers(feats, shares=params.tier_shares)
+    life = assign_lifecycle(feats, new_days=params.lifecycle_new_days,
+                            at_risk_multiple=params.lifecycle_at_risk_gap_multiple,
+                            lapsed_multiple=params.lifecycle_lapsed_gap_multiple)
+    labels, clusters = cluster_customers(feats, max_k=params.max_clusters, seed=seed)
+    customers = (feats
+                 .merge(rfm.rename(columns={"rfm_segment": "segment"}), on="customer_id")
+                 .merge(tiers[["customer_id", "value_rank", "value_tier"]], on="customer_id")
+                 .merge(life, on="customer_id")
+                 .merge(labels, on="customer_id"))
+    first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name"]
+    customers = customers[first + [c for c in customers.columns if c not in first]]
+    tier_summary = (customers.groupby("value_tier")
+                    .agg(n_customers=("customer_id", "size"),
+                         value=("monetary_total", lambda s: s.clip(lower=0).sum()),
+                         min_value=("monetary_total", "min"))
+                    .reindex(["high", "mid", "low"]).dropna(how="all").reset_index())
+    tier_summary["customer_share"] = tier_summary["n_customers"] / len(customers)
+    tier_summary["value_share"] = tier_summary["value"] / tier_summary["value"].sum()
+    lifecycle = (customers["lifecycle_stage"].value_counts()
+                 .reindex(list(LIFECYCLE_STAGES), fill_value=0)
+                 .rename_axis("lifecycle_stage").reset_index(name="n_customers"))
+    lifecycle["share"] = lifecycle["n_customers"] / len(customers)
+    return CustomerProfile(
+        as_of=as_of, customers=customers,
+        segments=segment_profile(customers, by="segment"),
+        tiers=tier_summary, lifecycle=lifecycle, clusters=clusters,
+        cohorts=cohort_matrix(con, cutoff=as_of),
+        pareto=pareto_curve(customers["monetary_total"]),
+    )
+
+
+def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``customers.parquet`` / ``.csv``, the summary frames and ``profile.json``.
+
+    Returns
+    -------
+    dict of Path
+        Paths written, by name.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "segments").mkdir(parents=True, exist_ok=True)
+    written = {"customers": out_dir / "customers.parquet",
+               "customers_csv": out_dir / "customers.csv"}
+    profile.customers.to_parquet(written["customers"], index=False)
+    profile.customers.to_csv(written["customers_csv"], index=False)
+    for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto"):
+        path = out_dir / "segments" / f"{name}.parquet"
+        getattr(profile, name).to_parquet(path, index=False)
+        written[name] = path
+    written["profile"] = out_dir / "profile.json"
+    written["profile"].write_text(json.dumps(profile.summary(), indent=2))
+    return written
+
+
+def read_profile(out_dir: str | Path) -> CustomerProfile:
+    """Read back what :func:`write_profile` wrote."""
+    out_dir = Path(out_dir)
+    summary = json.loads((out_dir / "profile.json").read_text())
+    frames = {name: pd.read_parquet(out_dir / "segments" / f"{name}.parquet")
+              for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto")}
+    return CustomerProfile(as_of=dt.date.fromisoformat(summary["as_of"]),
+                           customers=pd.read_parquet(out_dir / "customers.parquet"), **frames)

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from analysis.config import load_config
+from analysis.errors import ConfigError
+
+from .conftest import ROOT, write_config
+
+
+def test_shipped_configs_load_with_paths_relative_to_the_config():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert demo.tables["transactions"].path == ROOT / "data" / "raw" / "demo" / "transactions.parquet"
+    assert demo.output.processed_dir == ROOT / "data" / "processed"
+    assert demo.protected == ("gender", "age_band")
+    cdnow = load_config(ROOT / "configs" / "cdnow.yaml")
+    spec = cdnow.tables["transactions"]
+    assert spec.resolved_format == "csv" and spec.sep == "whitespace"
+    assert spec.columns == {"customer_id": "customer_id", "order_date": "date",
+                            "amount": "dollar_value", "quantity": "number_of_cds"}
+    assert cdnow.analysis.horizon_days == 273
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path):
+    path = write_config(tmp_path, {"transactions": "tx.csv"}, analysis={"horizon": 90})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "horizon" in str(err.value) and "horizon_days" in str(err.value)
+    assert "analysis" in str(err.value)
+
+
+def test_bad_choice_lists_valid_values(tmp_path):
+    path = write_config(tmp_path, {"transactions": "tx.csv"}, mode="retail")
+    with pytest.raises(ConfigError, match="transactions, snapshot"):
+        load_config(path)
+
+
+def test_missing_required_table_for_mode(tmp_path):
+    path = write_config(tmp_path, {"customers": "c.csv"})
+    with pytest.raises(ConfigError, match="needs a 'transactions' table"):
+        load_config(path)
+
+
+def test_unknown_contract_column_in_mapping(tmp_path):
+    path = write_config(tmp_path, {"transactions": {"path": "tx.csv",
+                                                    "columns": {"revenue": "x"}}})
+    with pytest.raises(ConfigError, match="revenue"):
+        load_config(path)
+
+
+def test_tier_shares_must_leave_room_for_low(tmp_path):
+    path = write_config(tmp_path, {"transactions": "tx.csv"},
+                        analysis={"tier_shares": [0.7, 0.4]})
+    with pytest.raises(ConfigError, match="tier_shares"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tables: [unclosed")
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(bad)
+
+
+def test_relative_table_path_and_horizon_auto(tmp_path):
+    path = write_config(tmp_path, {"transactions": "sub/tx.csv"},
+                        analysis={"horizon_days": "auto", "as_of": "2024-01-31"})
+    cfg = load_config(path)
+    assert cfg.tables["transactions"].path == (tmp_path / "sub" / "tx.csv").resolve()
+    assert cfg.analysis.horizon_days == "auto"
+    assert str(cfg.analysis.as_of) == "2024-01-31"
+    assert Path(cfg.to_dict()["tables"]["transactions"]["path"]).name == "tx.csv"

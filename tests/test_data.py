@@ -1,0 +1,256 @@
+import datetime as dt
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.config import load_config
+from analysis.data import load_dataset, quality_summary, read_processed, write_processed
+from analysis.errors import DataContractError
+
+from .conftest import write_config
+
+TODAY = dt.date(2026, 1, 15)
+HEADER = "order_id,customer_id,order_date,amount,status\n"
+
+
+def load_csv(tmp_path, text, *, table_options=None, extra=None, name="tx.csv",
+             encoding="utf-8"):
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    spec = {"path": name, **(table_options or {})}
+    cfg = load_config(write_config(tmp_path, {"transactions": spec}, **(extra or {})))
+    return load_dataset(cfg, today=TODAY).tables["transactions"]
+
+
+def rules_of(table):
+    return dict(zip(table.quarantine["source_row"], table.quarantine["rule"], strict=True))
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_csv_with_semicolon_decimal_comma_and_thousands(tmp_path):
+    table = load_csv(tmp_path, "customer_id;order_date;amount\n007;2024-01-02;1.234,50\n"
+                               "008;2024-01-03;€ 12,00\n",
+                     table_options={"sep": ";", "decimal": ",", "thousands": "."})
+    assert table.data["amount"].tolist() == [1234.5, 12.0]
+    assert table.data["customer_id"].tolist() == ["007", "008"]  # leading zeros kept
+
+
+def test_whitespace_separated_without_header(tmp_path):
+    table = load_csv(tmp_path, " 00001 19970101  1   11.77\n 00002 19970112  5   77.00\n",
+                     table_options={"sep": "whitespace", "header": False,
+                                    "names": ["cid", "d", "n", "v"], "date_format": "%Y%m%d",
+                                    "columns": {"customer_id": "cid", "order_date": "d",
+                                                "amount": "v", "quantity": "n"}})
+    assert table.data["customer_id"].tolist() == ["00001", "00002"]
+    assert table.data["order_date"].tolist() == [pd.Timestamp("1997-01-01"),
+                                                 pd.Timestamp("1997-01-12")]
+    assert table.data["quantity"].tolist() == [1.0, 5.0]
+
+
+def test_parquet_and_excel_load_the_same_rows(tmp_path):
+    frame = pd.DataFrame({"customer_id": ["a", "b"], "order_date": ["2024-01-01", "2024-02-01"],
+                          "amount": [10.0, 20.5]})
+    frame.to_excel(tmp_path / "tx.xlsx", index=False)
+    typed = frame.assign(order_date=pd.to_datetime(frame["order_date"]))
+    typed.to_parquet(tmp_path / "tx.parquet", index=False)
+    out = []
+    for name in ("tx.xlsx", "tx.parquet"):
+        cfg = load_config(write_config(tmp_path, {"transactions": name}))
+        out.append(load_dataset(cfg, today=TODAY)["transactions"])
+    for data in out:
+        assert data["customer_id"].tolist() == ["a", "b"]
+        assert data["amount"].tolist() == [10.0, 20.5]
+        assert data["order_date"].dt.strftime("%Y-%m-%d").tolist() == ["2024-01-01", "2024-02-01"]
+
+
+def test_utf8_bom_is_read_transparently(tmp_path):
+    table = load_csv(tmp_path, "\ufeffcustomer_id,order_date,amount\nx,2024-01-01,5\n")
+    assert table.data["customer_id"].tolist() == ["x"]
+
+
+def test_wrong_encoding_stops_with_advice(tmp_path):
+    path = tmp_path / "tx.csv"
+    path.write_bytes("customer_id,order_date,amount\nJosé,2024-01-01,5\n".encode("utf-16"))
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    with pytest.raises(DataContractError) as err:
+        load_dataset(cfg, today=TODAY)
+    assert err.value.rule == "encoding" and "encoding" in str(err.value)
+
+
+def test_latin1_file_loads_when_configured(tmp_path):
+    table = load_csv(tmp_path, "customer_id,order_date,amount,category\nx,2024-01-01,5,Café\n",
+                     encoding="latin-1", table_options={"encoding": "latin-1"})
+    assert table.data["category"].tolist() == ["Café"]
+
+
+# --------------------------------------------------------------------------- stops
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("", "empty_file"),
+    ("customer_id,order_date,amount\n", "no_rows"),
+])
+def test_empty_and_header_only_files_stop(tmp_path, text, rule):
+    with pytest.raises(DataContractError) as err:
+        load_csv(tmp_path, text)
+    assert err.value.rule == rule
+    assert str(tmp_path / "tx.csv") in str(err.value)
+
+
+def test_missing_file_stops(tmp_path):
+    cfg = load_config(write_config(tmp_path, {"transactions": "absent.csv"}))
+    with pytest.raises(DataContractError, match="not found") as err:
+        load_dataset(cfg)
+    assert err.value.rule == "file_exists"
+
+
+def test_missing_required_column_names_it_and_the_columns_found(tmp_path):
+    with pytest.raises(DataContractError) as err:
+        load_csv(tmp_path, "customer_id,order_date\nx,2024-01-01\n")
+    assert err.value.rule == "required_column" and err.value.column == "amount"
+    assert err.value.examples == ["customer_id", "order_date"]
+
+
+def test_wrong_separator_is_diagnosed(tmp_path):
+    with pytest.raises(DataContractError, match="seems to use ';'"):
+        load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")
+
+
+def test_mostly_unparseable_dates_stop_with_examples(tmp_path):
+    rows = "".join(f"c{i},{i % 28 + 1:02d}/01/2024,5\n" for i in range(10))
+    with pytest.raises(DataContractError) as err:
+        load_csv(tmp_path, "customer_id,order_date,amount\n" + rows)
+    assert err.value.rule == "date_format" and err.value.column == "order_date"
+    assert err.value.n_rows == 10 and err.value.examples[0] == "01/01/2024"
+
+
+def test_column_renamed_by_case_and_spaces_is_matched_and_noted(tmp_path):
+    table = load_csv(tmp_path, "Customer ID, Order_Date ,AMOUNT\nx,2024-01-01,5\n",
+                     table_options={"columns": {"customer_id": "customer id",
+                                                "order_date": "order_date"}})
+    assert table.data["amount"].tolist() == [5.0]
+    assert any("AMOUNT" in note for note in table.notes)
+
+
+# --------------------------------------------------------------------------- row rules
+
+
+def test_each_row_rule_quarantines_with_its_reason(tmp_path):
+    rows = [
+        "1,a,2024-01-01,10,completed",     # 1 ok
+        "2, a ,2024-01-02,11,Completed",   # 2 ok: id whitespace, status case
+        "3,,2024-01-03,12,completed",      # 3 missing customer id
+        "4,b,2024-13-01,13,completed",     # 4 unparseable date
+        "5,b,,14,completed",               # 5 missing date
+        "6,b,2024-01-05,abc,completed",    # 6 unparseable amount
+        "7,b,2024-01-06,inf,completed",    # 7 non-finite amount
+        "8,b,2030-01-01,15,completed",     # 8 date in the future
+        "9,b,1970-01-01,16,completed",     # 9 date too old
+        "10,b,2024-01-07,5e12,completed",  # 10 amount out of range
+        "11,b,2024-01-08,17,lost",         # 11 unknown status
+        "1,a,2024-01-01,10,completed",     # 12 duplicate of row 1
+        "12,c,2024-01-09,-5,refunded",     # 13 ok: a refund
+        "13,c,2024-01-10,0,canceled",      # 14 ok: cancelled, zero amount
+        "14,c,2024-01-11,,completed",      # 15 missing amount
+    ]
+    table = load_csv(tmp_path, HEADER + "\n".join(rows) + "\n")
+    assert rules_of(table) == {3: "missing_customer_id", 4: "unparseable_date",
+                               5: "missing_date", 6: "unparseable_amount",
+                               7: "non_finite_amount", 8: "date_in_future",
+                               9: "date_too_old", 10: "amount_out_of_range",
+                               11: "unknown_status", 12: "duplicate_row",
+                               15: "missing_amount"}
+    assert table.n_read == 15 and table.n_processed + table.n_quarantined == table.n_read
+    data = table.data
+    assert data["customer_id"].tolist() == ["a", "a", "c", "c"]
+    assert data["status"].tolist() == ["completed", "completed", "returned", "cancelled"]
+    q = table.quarantine.set_index("source_row")
+    assert q.loc[4, "detail"] == "order_date='2024-13-01' is not a date"
+    assert q.loc[4, "raw:order_date"] == "2024-13-01"  # the original value is kept
+
+
+def test_negative_quantity_is_quarantined(tmp_path):
+    table = load_csv(tmp_path, "customer_id,order_date,amount,quantity\n"
+                               "a,2024-01-01,5,-1\na,2024-01-02,5,2\n")
+    assert rules_of(table) == {1: "negative_quantity"}
+
+
+def test_duplicates_without_order_ids_are_kept_by_default(tmp_path):
+    text = "customer_id,order_date,amount\na,2024-01-01,5\na,2024-01-01,5\n"
+    assert load_csv(tmp_path, text).n_processed == 2
+    forced = load_csv(tmp_path, text, extra={"cleaning": {"dedupe": "always"}})
+    assert rules_of(forced) == {2: "duplicate_row"}
+
+
+def test_cost_becomes_margin(tmp_path):
+    table = load_csv(tmp_path, "customer_id,order_date,amount,cost\na,2024-01-01,10,6.5\n")
+    assert table.data["margin"].tolist() == [3.5]
+
+
+def test_customers_table_duplicates_and_pii(tmp_path):
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\na,2024-01-01,5\n")
+    (tmp_path / "c.csv").write_text("customer_id,signup_date,region,email\n"
+                                    "a,2023-05-01,North,a@x.org\na,2023-06-01,South,b@x.org\n")
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv", "customers": "c.csv"},
+                                   pii=["email"]))
+    table = load_dataset(cfg, today=TODAY).tables["customers"]
+    assert "email" not in table.data.columns
+    assert table.data["region"].tolist() == ["North"]
+    assert rules_of(table) == {2: "duplicate_customer"}
+
+
+def test_interactions_types_and_resolved_flags(tmp_path):
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\na,2024-01-01,5\n")
+    (tmp_path / "i.csv").write_text("customer_id,date,type,score,resolved\n"
+                                    "a,2024-01-02,Complaint,,no\na,2024-01-03,NPS,4,\n"
+                                    "a,2024-01-04,,3,\n")
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv",
+                                              "interactions": "i.csv"}))
+    table = load_dataset(cfg, today=TODAY).tables["interactions"]
+    assert table.data["type"].tolist() == ["complaint", "survey"]
+    assert table.data["resolved"].tolist()[0] is False or table.data["resolved"].iloc[0] == False  # noqa: E712
+    assert rules_of(table) == {3: "missing_type"}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_write_and_read_processed_round_trip(tmp_path):
+    table_text = HEADER + "1,a,2024-01-01,10,completed\n2,b,notadate,5,completed\n"
+    (tmp_path / "tx.csv").write_text(table_text)
+    raw_digest = hashlib.sha256((tmp_path / "tx.csv").read_bytes()).hexdigest()
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    dataset = load_dataset(cfg, today=TODAY)
+    written = write_processed(dataset, tmp_path / "out")
+    quarantine = pd.read_csv(written["quarantine_transactions"], dtype=str)
+    assert quarantine[["source_row", "rule"]].values.tolist() == [["2", "unparseable_date"]]
+    summary = json.loads(written["data_quality"].read_text())
+    assert summary["tables"][0]["rows_read"] == 2
+    assert summary["quarantine"][0]["rule"] == "unparseable_date"
+    back = read_processed(tmp_path / "out")
+    pd.testing.assert_frame_equal(back["transactions"], dataset["transactions"],
+                                  check_dtype=False)
+    assert back.tables["transactions"].n_quarantined == 1
+    # the raw file is never modified
+    assert hashlib.sha256((tmp_path / "tx.csv").read_bytes()).hexdigest() == raw_digest
+
+
+def test_quality_summary_counts_statuses_refunds_and_missing(tmp_path):
+    table_text = HEADER + ("1,a,2024-01-01,10,completed\n2,a,2024-01-02,-4,returned\n"
+                           "3,b,2024-02-01,0,cancelled\n")
+    (tmp_path / "tx.csv").write_text(table_text)
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    summary = quality_summary(load_dataset(cfg, today=TODAY))
+    measures = dict(zip(summary["transactions"]["measure"], summary["transactions"]["value"],
+                        strict=True))
+    assert measures["refund lines (negative amount)"] == 1
+    assert measures["zero-amount lines"] == 1
+    assert measures["status cancelled"] == 1 and measures["revenue (completed)"] == 10.0
+    assert summary["tables"].loc[0, "customers"] == 2
+    assert summary["monthly"]["revenue"].tolist() == [10.0]  # only completed lines
+    assert np.all(summary["missing"]["n_missing"] == 0)

@@ -1,0 +1,207 @@
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analysis import features as F
+from analysis.config import load_config
+from analysis.data import load_dataset
+
+from .conftest import ROOT, require_cdnow
+
+CUTOFF = dt.date(2024, 3, 1)
+
+
+def tx(rows):
+    return pd.DataFrame(rows, columns=["order_id", "customer_id", "order_date", "amount",
+                                       "status", "category", "channel", "margin"]).assign(
+        order_date=lambda d: pd.to_datetime(d["order_date"]))
+
+
+HAND = tx([
+    ("O1", "A", "2024-01-01", 10.0, "completed", "x", "online", 3.0),
+    ("O1", "A", "2024-01-01", 5.0, "completed", "y", "online", 1.0),
+    ("O2", "A", "2024-01-11", 20.0, "completed", "y", "store", 4.0),
+    ("O3", "A", "2024-02-10", 8.0, "returned", "x", "online", 2.0),
+    ("O4", "A", "2024-02-20", -5.0, "completed", "x", "online", -1.0),
+    ("O5", "A", "2024-03-05", 30.0, "completed", "x", "online", 9.0),
+    ("O6", "B", "2023-12-01", 50.0, "completed", "z", "phone", 10.0),
+    ("O7", "B", "2024-02-29", 7.0, "cancelled", "z", "phone", 1.0),
+    ("O8", "B", "2024-04-15", 9.0, "completed", "z", "phone", 2.0),
+    ("O9", "C", "2024-03-10", 12.0, "completed", "z", "online", 2.0),
+    ("O10", "D", "2024-02-01", 12.0, "cancelled", "z", "online", 2.0),
+])
+
+
+def test_hand_computed_features_and_labels():
+    got = F.build_features(F.connect({"transactions": HAND}), cutoff=CUTOFF, horizon_days=30)
+    expected = pd.DataFrame({
+        "customer_id": ["A", "B"],
+        "recency_days": [50, 91], "frequency": [2, 1], "n_orders": [2, 1],
+        "monetary_total": [30.0, 50.0], "tenure_days": [60, 91],
+        "monetary_mean_order": [17.5, 50.0], "monetary_max_order": [20.0, 50.0],
+        "margin_total": [7.0, 10.0], "margin_rate": [7 / 30, 0.2],
+        "gap_mean_days": [10.0, np.nan], "gap_median_days": [10.0, np.nan],
+        "gap_std_days": [np.nan, np.nan], "recency_vs_gap": [5.0, np.nan],
+        "orders_30d": [0, 0], "spend_30d": [-5.0, 0.0], "trend_30d": [-1.0, 0.0],
+        "orders_90d": [2, 0], "spend_90d": [30.0, 0.0], "trend_90d": [1.0, -1.0],
+        "orders_180d": [2, 1], "spend_180d": [30.0, 50.0], "trend_180d": [1.0, 1.0],
+        "orders_365d": [2, 1], "spend_365d": [30.0, 50.0], "trend_365d": [1.0, 1.0],
+        "cancel_rate": [0.0, 0.5], "return_rate": [0.4, 0.0],
+        "n_categories": [2, 1], "top_category": ["y", "z"],
+        "n_channels": [2, 1], "top_channel": ["online", "phone"],
+        "top_channel_share": [0.5, 1.0],
+        "churned": [0, 1], "future_spend": [30.0, 0.0], "future_margin": [9.0, 0.0],
+        "future_orders": [1, 0], "declined": [0, 0],
+    })
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_exact=False,
+                                  atol=1e-9)
+
+
+def test_interaction_and_attribute_features_exclude_protected():
+    inter = pd.DataFrame({
+        "customer_id": ["A", "A", "A", "B", "A"],
+        "date": pd.to_datetime(["2023-06-01", "2024-02-15", "2024-01-01", "2024-02-01",
+                                "2024-03-02"]),
+        "type": ["complaint", "complaint", "survey", "survey", "complaint"],
+        "score": [np.nan, np.nan, 2.0, 5.0, np.nan],
+        "resolved": pd.array([True, False, pd.NA, pd.NA, False], dtype="boolean"),
+    })
+    customers = pd.DataFrame({"customer_id": ["A", "B"], "signup_date":
+                              pd.to_datetime(["2023-12-31", "2023-11-01"]),
+                              "region": ["N", "S"], "gender": ["f", "m"]})
+    con = F.connect({"transactions": HAND, "interactions": inter, "customers": customers})
+    got = F.build_features(con, cutoff=CUTOFF, exclude_attributes=("gender",)).set_index(
+        "customer_id")
+    assert got.loc["A", "n_complaints"] == 2          # the one after the cutoff is unseen
+    assert got.loc["A", "complaints_90d"] == 1
+    assert got.loc["A", "days_since_complaint"] == 15
+    assert got.loc["A", "n_unresolved_complaints"] == 1
+    assert got.loc["A", "satisfaction_last"] == 2.0 and got.loc["B", "satisfaction_mean"] == 5.0
+    assert got.loc["B", "n_complaints"] == 0 and np.isnan(got.loc["B", "days_since_complaint"])
+    assert got.loc["A", "days_since_signup"] == 61 and got.loc["A", "region"] == "N"
+    assert "gender" not in got.columns
+    assert "churned" not in got.columns  # no horizon, no labels
+
+
+def test_minimal_contract_has_no_invented_columns():
+    minimal = HAND[["customer_id", "order_date", "amount"]]
+    got = F.build_features(F.connect({"transactions": minimal}), cutoff=CUTOFF,
+                           horizon_days=30)
+    for col in ("margin_total", "future_margin", "top_category", "top_channel"):
+        assert col not in got.columns
+    # without order ids, an order is a customer-day; all lines count as completed
+    a = got.set_index("customer_id").loc["A"]
+    assert a["n_orders"] == a["frequency"] == 3  # 01-01, 01-11, 02-10 (the return's line)
+
+
+# --------------------------------------------------------------------------- leakage
+
+line = st.tuples(
+    st.sampled_from(["A", "B", "C", "E"]),
+    st.integers(min_value=0, max_value=200),          # days after the cutoff
+    st.floats(min_value=-50, max_value=500, allow_nan=False),
+    st.sampled_from(["completed", "cancelled", "returned"]),
+    st.sampled_from(["x", "y", "w"]),
+    st.sampled_from(["online", "store"]),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(line, max_size=12), st.integers(min_value=1, max_value=120))
+def test_rows_after_the_cutoff_never_change_features(extra, horizon):
+    base = F.build_features(F.connect({"transactions": HAND}), cutoff=CUTOFF,
+                            horizon_days=horizon)
+    rows = [(f"N{i}", c, pd.Timestamp(CUTOFF) + pd.Timedelta(days=d), a, s, cat, ch, a / 3)
+            for i, (c, d, a, s, cat, ch) in enumerate(extra)]
+    # also change every existing post-cutoff row
+    changed = HAND.copy()
+    after = changed["order_date"] >= pd.Timestamp(CUTOFF)
+    changed.loc[after, "amount"] = changed.loc[after, "amount"] * 3 + 1
+    more = pd.concat([changed, tx(rows)], ignore_index=True)
+    got = F.build_features(F.connect({"transactions": more}), cutoff=CUTOFF,
+                           horizon_days=horizon)
+    labels = list(F.LABEL_COLUMNS)
+    pd.testing.assert_frame_equal(got.drop(columns=labels), base.drop(columns=labels))
+
+
+# --------------------------------------------------------------------------- cutoffs
+
+
+def test_training_cutoffs_have_observed_horizons():
+    cutoffs = F.training_cutoffs(as_of=dt.date(2024, 12, 31), horizon_days=90, n_cutoffs=4,
+                                 step_days=30, first_date=dt.date(2024, 1, 1))
+    assert cutoffs[0] == dt.date(2024, 10, 2)
+    assert all(c + dt.timedelta(days=90) <= dt.date(2024, 12, 31) for c in cutoffs)
+    assert all((a - b).days == 30 for a, b in zip(cutoffs, cutoffs[1:], strict=False))
+    short = F.training_cutoffs(as_of=dt.date(2024, 6, 1), horizon_days=90, n_cutoffs=4,
+                               step_days=30, first_date=dt.date(2024, 1, 1),
+                               min_history_days=30)
+    assert short == [dt.date(2024, 3, 3), dt.date(2024, 2, 2)]  # 62 and 32 days of history
+
+
+def test_snapshots_stack_cutoffs_and_suggested_horizon():
+    con = F.connect({"transactions": HAND})
+    snap = F.build_snapshots(con, cutoffs=[dt.date(2024, 2, 1), CUTOFF], horizon_days=30)
+    assert snap.groupby("cutoff").size().to_dict() == {pd.Timestamp("2024-02-01"): 2,
+                                                       pd.Timestamp("2024-03-01"): 2}
+    assert F.data_end(con) == dt.date(2024, 4, 16)
+    # purchase gaps 10, 54 and 136 days: 80th percentile 103.2 -> next multiple of 30
+    assert F.suggest_horizon_days(con) == 120
+    assert F.resolve_horizon_days(con, horizon_days=45) == 45
+
+
+# --------------------------------------------------------------------------- real data
+
+
+def independent_core(lines: pd.DataFrame, cutoff: dt.date, horizon: int) -> pd.DataFrame:
+    """The seven named columns, computed the plain pandas way from their definitions."""
+    c = pd.Timestamp(cutoff)
+    hist = lines[lines["order_date"] < c]
+    purchases = hist[hist["amount"] >= 0]
+    g = purchases.groupby("customer_id")["order_date"]
+    out = pd.DataFrame({
+        "recency_days": (c - g.max()).dt.days,
+        "frequency": g.nunique(),
+        "tenure_days": (c - g.min()).dt.days,
+    })
+    out["monetary_total"] = hist.groupby("customer_id")["amount"].sum()
+    window = lines[(lines["order_date"] >= c) & (lines["order_date"] < c + pd.Timedelta(days=horizon))]
+    bought = window[window["amount"] >= 0].groupby("customer_id").size()
+    out["churned"] = (~out.index.isin(bought.index)).astype(int)
+    out["future_spend"] = window.groupby("customer_id")["amount"].sum().reindex(out.index,
+                                                                                 fill_value=0.0)
+    return out.reset_index()[list(F.CORE_COLUMNS)]
+
+
+def test_cdnow_core_columns_match_an_independent_computation():
+    require_cdnow()
+    config = load_config(ROOT / "configs" / "cdnow.yaml")
+    lines = load_dataset(config)["transactions"]
+    got = F.build_features(F.connect({"transactions": lines}), cutoff=dt.date(1997, 10, 1),
+                           horizon_days=273)
+    expected = independent_core(lines, dt.date(1997, 10, 1), 273)
+    assert len(got) == 23_570
+    pd.testing.assert_frame_equal(got[list(F.CORE_COLUMNS)], expected, check_dtype=False,
+                                  check_exact=False, rtol=1e-9)
+    assert got["churned"].mean() == pytest.approx(0.701, abs=0.001)  # README: 70.1 %
+    assert got["future_spend"].sum() == pytest.approx(776_961, abs=1)
+
+
+def test_demo_churn_label_agrees_with_ground_truth_dropout(small_demo):
+    lines = pd.read_parquet(small_demo / "transactions.parquet")
+    truth = pd.read_parquet(small_demo / "ground_truth" / "customers.parquet")
+    cutoff = dt.date(2025, 6, 1)
+    got = F.build_features(F.connect({"transactions": lines}), cutoff=cutoff, horizon_days=120)
+    merged = got.merge(truth, on="customer_id")
+    gone = merged["dropout_date"] < pd.Timestamp(cutoff)
+    assert gone.sum() > 100
+    assert (merged.loc[gone, "churned"] == 1).all()      # dropped out: cannot buy again
+    alive = merged["dropout_date"] >= pd.Timestamp(cutoff) + pd.Timedelta(days=120)
+    rate = merged["purchase_rate_per_day"]
+    expected_buy = 1 - np.exp(-rate * 120)                # P(at least one order) if alive
+    observed = 1 - merged.loc[alive, "churned"].mean()
+    assert observed == pytest.approx(expected_buy[alive].mean(), abs=0.06)

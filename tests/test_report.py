@@ -1,0 +1,104 @@
+import json
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import cli
+from analysis.errors import PipelineError
+from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
+
+EVIL = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+
+
+def test_paragraph_escapes_values_but_keeps_formatting():
+    out = paragraph("Segment {name} has {n:,} customers ({share:.0%}).", name=EVIL,
+                    n=12345, share=0.256)
+    assert "<script>" not in out and "<img" not in out
+    assert "&lt;script&gt;" in out and "12,345 customers (26%)" in out
+
+
+def test_html_table_escapes_cells_and_labels():
+    frame = pd.DataFrame({"segment": [EVIL], "share": [0.5]})
+    out = html_table(frame, formats={"share": ".0%"}, labels={"segment": EVIL})
+    assert "<script>" not in out and "onerror=\"" not in out
+    assert "50%" in out
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, small_demo):
+    folder = tmp_path_factory.mktemp("run")
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "e2e", "tables": {
+            "transactions": {"path": str(small_demo / "transactions.parquet")},
+            "customers": {"path": str(small_demo / "customers.parquet")},
+            "interactions": {"path": str(small_demo / "interactions.parquet")}},
+        "protected": ["gender", "age_band"],
+        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    lines = []
+    result = run_pipeline(config, run_id="first", log=lines.append)
+    return folder, config, result, lines
+
+
+@pytest.mark.e2e
+def test_run_publishes_a_self_contained_report(good_run):
+    folder, _, result, lines = good_run
+    latest = folder / "reports" / "latest"
+    assert latest.is_symlink() and latest.resolve() == result.report_dir.resolve()
+    page = (latest / "index.html").read_text()
+    assert "<script" not in page.lower()                     # no code runs in the report
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from outside
+    assert page.count('src="data:image/png;base64') >= 5      # charts embedded
+    assert "Traceback" not in page and "In&nbsp;[" not in page
+    assert 'class="jp-InputArea' not in page and 'class="jp-InputPrompt' not in page
+    assert "Customer strategy report: e2e" in page
+    for name in NOTEBOOKS[:-1]:
+        assert (result.report_dir / "notebooks" / name.replace(".ipynb", ".html")).is_file()
+    assert any("stage 2/3 02_customer_profile.ipynb" in line for line in lines)
+
+
+@pytest.mark.e2e
+def test_run_writes_customers_and_metrics(good_run):
+    _, _, result, _ = good_run
+    customers = pd.read_csv(result.processed_dir / "customers.csv", dtype={"customer_id": str})
+    for col in ("customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name"):
+        assert customers[col].notna().all(), col
+    assert customers["customer_id"].is_unique
+    metrics = json.loads((result.processed_dir / "metrics.json").read_text())
+    assert set(metrics["stage_seconds"]) >= set(NOTEBOOKS)
+    assert "pandas" in metrics["versions"] and metrics["run_id"] == "first"
+    for table in metrics["data_quality"]["tables"]:
+        assert table["rows_processed"] + table["rows_quarantined"] == table["rows_read"]
+    assert metrics["profile"]["customers"] == len(customers)
+    # the customer link of the report resolves to the published CSV
+    page = (result.report_dir / "index.html").read_text()
+    href = re.search(r'href="([^"]*customers\.csv)"', page).group(1)
+    assert (result.report_dir / href).resolve() == (result.processed_dir / "customers.csv").resolve()
+
+
+@pytest.mark.e2e
+def test_failed_run_keeps_the_last_good_report(good_run, capsys):
+    folder, config, result, _ = good_run
+    broken = folder / "broken.csv"
+    broken.write_text("customer_id,order_date\nx,2024-01-01\n")
+    raw = yaml.safe_load(config.read_text())
+    raw["tables"] = {"transactions": {"path": "broken.csv"}}
+    bad_config = folder / "bad.yaml"
+    bad_config.write_text(yaml.safe_dump(raw))
+    code = cli.main(["run", "--config", str(bad_config), "--run-id", "second"])
+    err = capsys.readouterr().err
+    assert code == PipelineError.exit_code
+    assert "01_data_quality.ipynb" in err and "required column 'amount'" in err
+    assert (folder / "reports" / "latest").resolve() == result.report_dir.resolve()
+    assert (folder / "reports" / "latest" / "index.html").is_file()
+    failed = folder / "reports" / "failed" / "second" / "notebooks"
+    assert "DataContractError" in (failed / "01_data_quality.html").read_text()
+    assert not (folder / "reports" / "second").exists()
+    assert not list((folder / "processed").glob(".tmp-*"))
+
+
+def test_bad_run_id_is_refused(tmp_path):
+    with pytest.raises(PipelineError, match="run id"):
+        run_pipeline(tmp_path / "x.yaml", run_id="../escape")
