@@ -34,7 +34,7 @@ def test_validate_cdnow_reports_the_published_counts(tmp_path, capsys):
     assert code == 0
     assert "69,659 rows read, 69,659 processed, 0 quarantined; 23,570 customers; " \
            "1997-01-01 to 1998-06-30" in out
-    assert (tmp_path / "transactions.parquet").is_file()
+    assert (tmp_path / "clean" / "transactions.parquet").is_file()
 
 
 def cdnow_copy(tmp_path, transform):

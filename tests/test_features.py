@@ -50,10 +50,12 @@ def test_hand_computed_features_and_labels():
         "orders_90d": [2, 0], "spend_90d": [30.0, 0.0], "trend_90d": [1.0, -1.0],
         "orders_180d": [2, 1], "spend_180d": [30.0, 50.0], "trend_180d": [1.0, 1.0],
         "orders_365d": [2, 1], "spend_365d": [30.0, 50.0], "trend_365d": [1.0, 1.0],
-        "cancel_rate": [0.0, 0.5], "return_rate": [0.4, 0.0],
+        "cancel_rate": [0.0, 0.5], "return_rate": [0.4, 0.0], "cutoff_month": [3, 3],
         "n_categories": [2, 1], "top_category": ["y", "z"],
         "n_channels": [2, 1], "top_channel": ["online", "phone"],
         "top_channel_share": [0.5, 1.0],
+        "season_index": [np.nan, np.nan],   # less than a year of history: unknown
+        "spend_last_horizon": [-5.0, 0.0],
         "churned": [0, 1], "future_spend": [30.0, 0.0], "future_margin": [9.0, 0.0],
         "future_orders": [1, 0], "declined": [0, 0],
     })
@@ -205,3 +207,16 @@ def test_demo_churn_label_agrees_with_ground_truth_dropout(small_demo):
     expected_buy = 1 - np.exp(-rate * 120)                # P(at least one order) if alive
     observed = 1 - merged.loc[alive, "churned"].mean()
     assert observed == pytest.approx(expected_buy[alive].mean(), abs=0.06)
+
+
+def test_pandas_reference_implementation_agrees_on_the_demo_world(small_demo):
+    from analysis.bench import _same_features, pandas_features
+
+    lines = pd.read_parquet(small_demo / "transactions.parquet")
+    cutoff = dt.date(2025, 7, 1)
+    ours = F.build_features(F.connect({"transactions": lines}), cutoff=cutoff)
+    theirs = pandas_features(lines, cutoff=cutoff)
+    assert list(theirs.columns) == list(ours.columns)
+    assert _same_features(ours, theirs)
+    # and it would notice a difference
+    assert not _same_features(ours, theirs.assign(gap_std_days=theirs["gap_std_days"] * 1.01))

@@ -85,6 +85,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="scoring date YYYY-MM-DD (default: config, else after last order)")
     p.add_argument("--notebooks", type=Path, default=None, help="notebooks folder")
     p.set_defaults(func=_run)
+
+    bench = sub.add_parser("bench", help="benchmarks (speed, memory, accuracy)",
+                           description="Benchmarks; each writes OUT/<name>.json.")
+    bench_sub = bench.add_subparsers(title="benchmarks", metavar="BENCHMARK")
+    p = bench_sub.add_parser("features", help="feature build: DuckDB vs pandas vs scan floor",
+                             description="Generate (or reuse) demo data of about LINES order "
+                                         "lines, build the features at one cutoff with the "
+                                         "project (DuckDB), with pandas and with a scan "
+                                         "floor; medians of REPEATS runs to OUT/features.json.")
+    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--repeats", type=int, default=3, help="runs per method (median)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder with (or for) the demo data; default OUT/data-LINES")
+    p.set_defaults(func=_bench_features)
+    p = bench_sub.add_parser("results", help="render bench/RESULTS.md from bench/results/*.json",
+                             description="Render the results table from the JSON files.")
+    p.add_argument("--results", type=Path, default=Path("bench/results"))
+    p.add_argument("--out", type=Path, default=Path("bench/RESULTS.md"))
+    p.set_defaults(func=_bench_results)
+    bench.set_defaults(func=lambda args: bench.print_help())
     return parser
 
 
@@ -153,6 +174,25 @@ def _features(args: argparse.Namespace) -> int:
     frame.to_parquet(args.out, index=False)
     print(f"{len(frame):,} customers x {frame.shape[1]} columns at cutoff {args.cutoff}, "
           f"horizon {horizon} days: {args.out}")
+    return 0
+
+
+def _bench_features(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.bench import bench_features
+
+    report = bench_features(lines=args.lines, out=args.out, repeats=args.repeats,
+                            data_dir=args.data)
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
+    return 0 if report["identical"] else 1
+
+
+def _bench_results(args: argparse.Namespace) -> int:
+    from analysis.bench import render_results
+
+    args.out.write_text(render_results(args.results))
+    print(args.out)
     return 0
 
 

@@ -208,7 +208,8 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
 
 
 def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
-    """Write processed tables (Parquet), quarantine files (CSV) and the quality summary.
+    """Write cleaned tables (``clean/<table>.parquet``), quarantine files
+    (``quarantine/<table>.csv``) and the quality summary (``data_quality.json``).
 
     Every file is written to a temporary name and moved into place, so a reader never
     sees a half-written file.
@@ -221,9 +222,10 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
     """
     out_dir = Path(out_dir)
     (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
+    (out_dir / "clean").mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name, table in dataset.tables.items():
-        path = out_dir / f"{name}.parquet"
+        path = out_dir / "clean" / f"{name}.parquet"
         _atomic_write(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
         written[name] = path
         qpath = out_dir / "quarantine" / f"{name}.csv"
@@ -250,7 +252,7 @@ def read_processed(processed_dir: str | Path) -> Dataset:
     tables = {}
     for row in summary["tables"]:
         name = row["table"]
-        data = pd.read_parquet(processed_dir / f"{name}.parquet")
+        data = pd.read_parquet(processed_dir / "clean" / f"{name}.parquet")
         quarantine = pd.read_csv(processed_dir / "quarantine" / f"{name}.csv", dtype=str,
                                  keep_default_na=False)
         notes = tuple(n["note"] for n in summary["notes"] if n["table"] == name)

@@ -26,8 +26,9 @@ churned            1 when there is no purchase in ``[c, c + H)``, else 0
 future_spend       sum of ``amount`` over completed lines in ``[c, c + H)``
 =================  ===========================================================
 
-Each query below is one concern, grouped by ``customer_id`` and named after what it
-computes; :func:`build_features` joins them in one DuckDB statement.
+Each query below is one concern, named after what it computes; :func:`build_features`
+joins them in one DuckDB statement. Lines are rolled up to orders once (``ORDERS``) and
+most per-customer measures come from one pass over the orders (``ACTIVITY``).
 """
 
 from __future__ import annotations
@@ -76,41 +77,58 @@ FROM tx_raw
 
 HISTORY = "SELECT * FROM lines WHERE order_date < DATE '{cutoff}'"
 
-RFM = """
-SELECT customer_id,
-       DATE_DIFF('day', MAX(order_date), DATE '{cutoff}')   AS recency_days,
-       COUNT(DISTINCT order_date)                            AS frequency,
-       COUNT(DISTINCT order_key)                             AS n_orders,
-       DATE_DIFF('day', MIN(order_date), DATE '{cutoff}')   AS tenure_days
+# One row per order (customer, order key) before the cutoff: the roll-up every other
+# concern starts from, so that the lines are grouped once.
+ORDERS = """
+SELECT customer_id, order_key,
+       MIN(order_date)                                                     AS order_date,
+       COUNT(*) FILTER (WHERE status = 'completed' AND amount >= 0) > 0    AS is_purchase,
+       SUM(amount) FILTER (WHERE status = 'completed' AND amount >= 0)     AS purchase_value,
+       COALESCE(SUM(amount) FILTER (WHERE status = 'completed'), 0)        AS net_amount,
+       SUM(margin) FILTER (WHERE status = 'completed')                     AS net_margin,
+       MIN(channel) FILTER (WHERE status = 'completed' AND amount >= 0)    AS channel,
+       COUNT(*)                                                            AS n_lines,
+       COUNT(*) FILTER (WHERE status = 'cancelled')                        AS n_cancelled,
+       COUNT(*) FILTER (WHERE status = 'returned' OR amount < 0)           AS n_returned
 FROM history
-WHERE status = 'completed' AND amount >= 0
-GROUP BY customer_id
+GROUP BY customer_id, order_key
 """
 
-MONETARY = """
-WITH orders AS (
-    SELECT customer_id, order_key, SUM(amount) AS order_value
-    FROM history WHERE status = 'completed' AND amount >= 0
-    GROUP BY customer_id, order_key
-), net AS (
-    SELECT customer_id, SUM(amount) AS monetary_total, SUM(margin) AS margin_total
-    FROM history WHERE status = 'completed'
-    GROUP BY customer_id
-)
-SELECT o.customer_id,
-       n.monetary_total,
-       AVG(o.order_value)                                  AS monetary_mean_order,
-       MAX(o.order_value)                                  AS monetary_max_order,
-       n.margin_total,
-       n.margin_total / NULLIF(n.monetary_total, 0)        AS margin_rate
-FROM orders o JOIN net n USING (customer_id)
-GROUP BY o.customer_id, n.monetary_total, n.margin_total
+# Recency, frequency, monetary, tenure, activity windows and rates, in one pass.
+ACTIVITY = """
+SELECT customer_id,
+       DATE_DIFF('day', MAX(order_date) FILTER (WHERE is_purchase), DATE '{cutoff}')
+                                                                  AS recency_days,
+       COUNT(DISTINCT order_date) FILTER (WHERE is_purchase)     AS frequency,
+       COUNT(*) FILTER (WHERE is_purchase)                       AS n_orders,
+       SUM(net_amount)                                           AS monetary_total,
+       DATE_DIFF('day', MIN(order_date) FILTER (WHERE is_purchase), DATE '{cutoff}')
+                                                                  AS tenure_days,
+       AVG(purchase_value) FILTER (WHERE is_purchase)            AS monetary_mean_order,
+       MAX(purchase_value) FILTER (WHERE is_purchase)            AS monetary_max_order,
+       SUM(net_margin)                                           AS margin_total,
+       SUM(net_margin) / NULLIF(SUM(net_amount), 0)              AS margin_rate,
+       {windows}
+       SUM(n_cancelled) / SUM(n_lines)                           AS cancel_rate,
+       SUM(n_returned) / SUM(n_lines)                            AS return_rate
+FROM orders
+GROUP BY customer_id
+HAVING COUNT(*) FILTER (WHERE is_purchase) > 0
 """
+
+# Activity in the last w days and in the w days before them (rendered per window).
+WINDOW = """COUNT(*) FILTER (WHERE is_purchase AND order_date >= DATE '{cutoff}' - {w})
+                                                                  AS orders_{w}d,
+       COALESCE(SUM(net_amount) FILTER (WHERE order_date >= DATE '{cutoff}' - {w}), 0)
+                                                                  AS spend_{w}d,
+       COALESCE(SUM(net_amount) FILTER (WHERE order_date <  DATE '{cutoff}' - {w}
+                                          AND order_date >= DATE '{cutoff}' - {w2}), 0)
+                                                                  AS spend_prev_{w}d,
+       """
 
 GAPS = """
 WITH days AS (
-    SELECT DISTINCT customer_id, order_date
-    FROM history WHERE status = 'completed' AND amount >= 0
+    SELECT DISTINCT customer_id, order_date FROM orders WHERE is_purchase
 ), gaps AS (
     SELECT customer_id,
            DATE_DIFF('day', LAG(order_date) OVER (PARTITION BY customer_id ORDER BY order_date),
@@ -125,35 +143,13 @@ FROM gaps
 GROUP BY customer_id
 """
 
-WINDOW = """
-SELECT customer_id,
-       COUNT(DISTINCT order_key) FILTER (WHERE order_date >= DATE '{cutoff}' - {w}
-                                         AND amount >= 0)            AS orders_{w}d,
-       COALESCE(SUM(amount) FILTER (WHERE order_date >= DATE '{cutoff}' - {w}), 0)
-                                                                     AS spend_{w}d,
-       COALESCE(SUM(amount) FILTER (WHERE order_date <  DATE '{cutoff}' - {w}
-                                      AND order_date >= DATE '{cutoff}' - {w2}), 0)
-                                                                     AS spend_prev_{w}d
-FROM history
-WHERE status = 'completed' AND order_date >= DATE '{cutoff}' - {w2}
-GROUP BY customer_id
-"""
-
-RATES = """
-SELECT customer_id,
-       AVG(CASE WHEN status = 'cancelled' THEN 1.0 ELSE 0.0 END)                   AS cancel_rate,
-       AVG(CASE WHEN status = 'returned' OR amount < 0 THEN 1.0 ELSE 0.0 END)     AS return_rate
-FROM history
-GROUP BY customer_id
-"""
-
 CATEGORIES = """
 WITH by_cat AS (
     SELECT customer_id, category, SUM(amount) AS spend
     FROM history WHERE status = 'completed' AND amount >= 0
     GROUP BY customer_id, category
 ), ranked AS (
-    SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY spend DESC, category) AS rk,
+    SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY ROUND(spend, 6) DESC, category) AS rk,
            COUNT(*) OVER (PARTITION BY customer_id) AS n_categories
     FROM by_cat
 )
@@ -163,8 +159,8 @@ FROM ranked WHERE rk = 1
 
 CHANNELS = """
 WITH by_channel AS (
-    SELECT customer_id, channel, COUNT(DISTINCT order_key) AS n
-    FROM history WHERE status = 'completed' AND amount >= 0
+    SELECT customer_id, channel, COUNT(*) AS n
+    FROM orders WHERE is_purchase
     GROUP BY customer_id, channel
 ), ranked AS (
     SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY n DESC, channel) AS rk,
@@ -200,6 +196,19 @@ SELECT customer_id,
 FROM customers_raw
 """
 
+# Seasonality of the coming horizon, from history only: revenue in the same calendar
+# window one year earlier, relative to that year's average per window of the same length.
+SEASON = """
+SELECT CASE WHEN MIN(order_date) <= DATE '{cutoff}' - 365 THEN
+       COALESCE(SUM(amount) FILTER (WHERE order_date >= DATE '{cutoff}' - 365
+                                      AND order_date <  DATE '{cutoff}' - 365 + {horizon}), 0)
+       / NULLIF(SUM(amount) FILTER (WHERE order_date >= DATE '{cutoff}' - 365
+                                      AND order_date < DATE '{cutoff}') * {horizon} / 365.0, 0)
+       END AS season_index   -- unknown without a full year of history
+FROM lines
+WHERE status = 'completed' AND order_date < DATE '{cutoff}'
+"""
+
 LABELS = """
 WITH horizon AS (
     SELECT * FROM lines
@@ -226,8 +235,9 @@ SELECT b.customer_id,
        COALESCE(a.future_orders, 0)  AS future_orders,
        CASE WHEN COALESCE(p.spend_before, 0) > 0
                  AND COALESCE(a.future_spend, 0) < 0.5 * p.spend_before THEN 1 ELSE 0 END
-                                     AS declined
-FROM rfm b
+                                     AS declined,
+       COALESCE(p.spend_before, 0)   AS spend_last_horizon
+FROM activity b
 LEFT JOIN ahead a USING (customer_id)
 LEFT JOIN before p USING (customer_id)
 """
@@ -243,9 +253,10 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
 
     Parameters
     ----------
-    source : a processed-data folder (``transactions.parquet`` and optionally
-        ``customers.parquet``, ``interactions.parquet``), or a mapping of table name to
-        frame (``transactions`` required).
+    source : a folder of cleaned tables (``transactions.parquet`` and optionally
+        ``customers.parquet``, ``interactions.parquet``; a run's ``clean/`` folder, which
+        is used when given the run folder), or a mapping of table name to frame
+        (``transactions`` required).
     memory_limit : DuckDB memory limit such as ``"2GB"`` (spills to disk beyond it).
     threads : DuckDB worker threads (default: all cores).
 
@@ -267,6 +278,8 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
                 con.execute(f"CREATE VIEW {_RAW[name]} AS SELECT * FROM {name}_df")
     else:
         folder = Path(source)
+        if (folder / "clean" / "transactions.parquet").is_file():
+            folder = folder / "clean"
         for name, view in _RAW.items():
             path = folder / f"{name}.parquet"
             if path.is_file():
@@ -289,7 +302,7 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
 
 
 def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
-                   horizon_days: int | None = None,
+                   horizon_days: int | None = None, labels: bool = True,
                    exclude_attributes: tuple[str, ...] = ()) -> pd.DataFrame:
     """Features of every customer with a purchase before ``cutoff`` (and labels).
 
@@ -297,7 +310,9 @@ def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
     ----------
     con : a connection from :func:`connect`.
     cutoff : history is every record dated strictly before this day.
-    horizon_days : when given, add the labels for ``[cutoff, cutoff + horizon_days)``.
+    horizon_days : when given, add ``season_index`` (revenue in the same calendar window
+        a year before, over that year's average per window of this length; history only)
+        and, unless ``labels=False``, the labels for ``[cutoff, cutoff + horizon_days)``.
     exclude_attributes : customer attributes never to return (protected, PII).
 
     Returns
@@ -309,38 +324,38 @@ def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
         30/90/180/365 days ``orders_Nd``, ``spend_Nd`` and ``trend_Nd`` (spend in the window
         against the window before, in [-1, 1]), ``cancel_rate``, ``return_rate``,
         ``n_categories``, ``top_category``, ``n_channels``, ``top_channel``,
-        ``top_channel_share``, interaction features when there is an interactions table,
+        ``top_channel_share``, ``cutoff_month`` (calendar month of the cutoff, so that
+        models can learn seasonality across snapshots), interaction features when there is an interactions table,
         ``days_since_signup`` and descriptive attributes when there is a customers table;
         with a horizon, ``churned``, ``future_spend``, ``future_margin``,
-        ``future_orders``, ``declined``.
+        ``future_orders``, ``declined``, and ``spend_last_horizon`` (net spend in the
+        ``horizon_days`` before the cutoff: history, for the "last period repeats"
+        baseline).
     """
     cutoff = _as_date(cutoff)
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     fmt = {"cutoff": cutoff.isoformat()}
-    ctes = [("history", HISTORY.format(**fmt)), ("rfm", RFM.format(**fmt)),
-            ("monetary", MONETARY.format(**fmt)), ("gaps", GAPS.format(**fmt)),
-            ("rates", RATES.format(**fmt)), ("categories", CATEGORIES.format(**fmt)),
+    windows = "".join(WINDOW.format(w=w, w2=2 * w, **fmt) for w in WINDOWS_DAYS)
+    ctes = [("history", HISTORY.format(**fmt)), ("orders", ORDERS.format(**fmt)),
+            ("activity", ACTIVITY.format(windows=windows, **fmt)),
+            ("gaps", GAPS.format(**fmt)), ("categories", CATEGORIES.format(**fmt)),
             ("channels", CHANNELS.format(**fmt))]
-    for w in WINDOWS_DAYS:
-        ctes.append((f"window_{w}", WINDOW.format(w=w, w2=2 * w, **fmt)))
-    select = ["rfm.customer_id", "rfm.recency_days", "rfm.frequency", "rfm.n_orders",
-              "monetary.monetary_total", "rfm.tenure_days", "monetary.monetary_mean_order",
-              "monetary.monetary_max_order", "monetary.margin_total", "monetary.margin_rate",
+    select = ["a.customer_id", "a.recency_days", "a.frequency", "a.n_orders",
+              "a.monetary_total", "a.tenure_days", "a.monetary_mean_order",
+              "a.monetary_max_order", "a.margin_total", "a.margin_rate",
               "gaps.gap_mean_days", "gaps.gap_median_days", "gaps.gap_std_days",
-              "rfm.recency_days / NULLIF(gaps.gap_median_days, 0) AS recency_vs_gap"]
-    joins = ["LEFT JOIN monetary USING (customer_id)", "LEFT JOIN gaps USING (customer_id)"]
+              "a.recency_days / NULLIF(gaps.gap_median_days, 0) AS recency_vs_gap"]
+    joins = ["LEFT JOIN gaps USING (customer_id)"]
     for w in WINDOWS_DAYS:
-        select += [f"COALESCE(window_{w}.orders_{w}d, 0) AS orders_{w}d",
-                   f"COALESCE(window_{w}.spend_{w}d, 0) AS spend_{w}d",
-                   f"COALESCE((GREATEST(window_{w}.spend_{w}d, 0) - "
-                   f"GREATEST(window_{w}.spend_prev_{w}d, 0)) / NULLIF(GREATEST(window_{w}."
-                   f"spend_{w}d, 0) + GREATEST(window_{w}.spend_prev_{w}d, 0), 0), 0) "
-                   f"AS trend_{w}d"]
-        joins.append(f"LEFT JOIN window_{w} USING (customer_id)")
-    select += ["rates.cancel_rate", "rates.return_rate", "categories.n_categories",
+        now, prev = f"GREATEST(a.spend_{w}d, 0)", f"GREATEST(a.spend_prev_{w}d, 0)"
+        select += [f"a.orders_{w}d", f"a.spend_{w}d",
+                   f"COALESCE(({now} - {prev}) / NULLIF({now} + {prev}, 0), 0) AS trend_{w}d"]
+    select += ["a.cancel_rate", "a.return_rate",
+               f"{cutoff.month} AS cutoff_month",
+               "categories.n_categories",
                "categories.top_category", "channels.n_channels", "channels.top_channel",
                "channels.top_channel_share"]
-    joins += ["LEFT JOIN rates USING (customer_id)", "LEFT JOIN categories USING (customer_id)",
+    joins += ["LEFT JOIN categories USING (customer_id)",
               "LEFT JOIN channels USING (customer_id)"]
     if "interactions_raw" in views:
         cols = {r[0] for r in con.execute("DESCRIBE interactions_raw").fetchall()}
@@ -363,19 +378,26 @@ def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
         attr_sql = "".join(f", {_ident(c)}" for c in attrs)
         signup = "signup_date" in cols
         sql = ATTRIBUTES if signup else ATTRIBUTES.replace(
-            "DATE_DIFF('day', CAST(signup_date AS DATE), DATE '{cutoff}')", "NULL")
+            "DATE_DIFF('day', CAST(signup_date AS DATE), DATE '{cutoff}')", "CAST(NULL AS DOUBLE)")
         ctes.append(("attrs", sql.format(attribute_columns=attr_sql, **fmt)))
         select.append("attrs.days_since_signup")
         select += [f"attrs.{_ident(c)}" for c in attrs]
         joins.append("LEFT JOIN attrs USING (customer_id)")
     if horizon_days is not None:
+        ctes.append(("season", SEASON.format(horizon=int(horizon_days), **fmt)))
+        select.append("season.season_index")
+        joins.append("CROSS JOIN season")
         ctes.append(("labels", LABELS.format(horizon=int(horizon_days), **fmt)))
-        select += ["labels.churned", "labels.future_spend", "labels.future_margin",
-                   "labels.future_orders", "labels.declined"]
+        select.append("labels.spend_last_horizon")
+        if labels:
+            select += ["labels.churned", "labels.future_spend", "labels.future_margin",
+                       "labels.future_orders", "labels.declined"]
         joins.append("LEFT JOIN labels USING (customer_id)")
-    sql = ("WITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes)
-           + "\nSELECT " + ",\n       ".join(select) + "\nFROM rfm\n" + "\n".join(joins)
-           + "\nORDER BY rfm.customer_id")
+    sql = ("WITH " + ",\n".join(
+        f"{name} AS {'MATERIALIZED ' if name == 'orders' else ''}({body})"
+        for name, body in ctes)
+        + "\nSELECT " + ",\n       ".join(select) + "\nFROM activity a\n" + "\n".join(joins)
+        + "\nORDER BY a.customer_id")
     frame = con.execute(sql).df()
     tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
     absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
@@ -465,7 +487,7 @@ _RAW = {"transactions": "tx_raw", "customers": "customers_raw",
 
 
 def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    ints = ["recency_days", "frequency", "n_orders", "tenure_days", "churned", "declined",
+    ints = ["recency_days", "frequency", "n_orders", "cutoff_month", "tenure_days", "churned", "declined",
             "future_orders", "n_categories", "n_channels", "n_complaints", "complaints_90d",
             "n_unresolved_complaints", "n_tickets"] + [f"orders_{w}d" for w in WINDOWS_DAYS]
     out = frame.copy()

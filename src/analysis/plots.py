@@ -16,6 +16,12 @@ from matplotlib.figure import Figure
 __all__ = [
     "PALETTE",
     "TIER_COLORS",
+    "plot_beeswarm",
+    "plot_calibration",
+    "plot_dependence",
+    "plot_drivers",
+    "plot_gain_curves",
+    "plot_value_deciles",
     "plot_cohort_heatmap",
     "plot_lifecycle",
     "plot_monthly_orders",
@@ -149,3 +155,122 @@ def plot_quarantine(by_rule: pd.DataFrame, ax=None) -> Figure:
     ax.set_xlabel("rows set aside")
     ax.set_title("Rows quarantined, by rule")
     return fig
+
+
+METHOD_NAMES = {"model": "XGBoost model", "model_uncalibrated": "model (uncalibrated)",
+                "logistic": "logistic regression", "rfm": "RFM lookup",
+                "bgnbd": "BG/NBD", "bgnbd_gg": "BG/NBD + Gamma-Gamma",
+                "last_period": "last period repeats"}
+
+
+def plot_gain_curves(evaluation: pd.DataFrame, *, target: str, methods: list[str],
+                     prefix: str, ax=None) -> Figure:
+    """Cumulative share of ``target`` captured when customers are ranked by each method."""
+    fig, ax = _axes(ax, (7, 3.8))
+    actual = evaluation[target].clip(lower=0).to_numpy(dtype=float)
+    total = actual.sum()
+    x = np.arange(1, len(actual) + 1) / len(actual) * 100
+    for i, method in enumerate(methods):
+        order = np.argsort(-evaluation[f"{prefix}{method}"].to_numpy(), kind="stable")
+        ax.plot(x, np.cumsum(actual[order]) / total * 100, lw=2 if method == "model" else 1.3,
+                color=PALETTE[i], label=METHOD_NAMES.get(method, method))
+    best = np.cumsum(np.sort(actual)[::-1]) / total * 100
+    ax.plot(x, best, color=PALETTE[5], ls=":", lw=1, label="perfect ranking")
+    ax.plot([0, 100], [0, 100], color=PALETTE[5], ls="--", lw=1, label="random")
+    what = "churners" if target == "churned" else "future spend"
+    ax.set_xlabel("customers targeted, highest score first (%)")
+    ax.set_ylabel(f"share of {what} reached (%)")
+    ax.set_title(f"Gain curve: how fast each method finds the {what}")
+    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    return fig
+
+
+def plot_calibration(table: pd.DataFrame, ax=None) -> Figure:
+    """Observed against predicted churn per bin (:func:`analysis.models.calibration_table`)."""
+    fig, ax = _axes(ax, (4.5, 4))
+    ax.plot([0, 1], [0, 1], color=PALETTE[5], ls="--", lw=1, label="perfect calibration")
+    ax.plot(table["mean_predicted"], table["observed"], marker="o", color=PALETTE[0],
+            label="model")
+    ax.set_xlabel("predicted churn probability")
+    ax.set_ylabel("observed churn rate")
+    ax.set_title("Calibration on unseen data")
+    ax.legend(frameon=False, loc="upper left")
+    return fig
+
+
+def plot_drivers(drivers: pd.DataFrame, *, top: int = 12, ax=None) -> Figure:
+    """Global drivers (:func:`analysis.explain.global_drivers`) as horizontal bars."""
+    d = drivers.head(top)
+    fig, ax = _axes(ax, (7, 0.34 * len(d) + 1.2))
+    ax.barh(d["label"], d["share"] * 100, color=PALETTE[0])
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the explanation (mean |SHAP|, %)")
+    ax.set_title("What drives the prediction")
+    return fig
+
+
+def plot_beeswarm(shap: pd.DataFrame, features: pd.DataFrame, columns: list[str], *,
+                  sample: int = 2_000, seed: int = 0, ax=None) -> Figure:
+    """SHAP value of each customer for each feature, coloured by the feature's value
+    (its percentile among customers; grey for text or missing values)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(shap), min(sample, len(shap)), replace=False)
+    fig, ax = _axes(ax, (7.5, 0.42 * len(columns) + 1.4))
+    cmap = plt.get_cmap("coolwarm")
+    for i, col in enumerate(columns):
+        values = shap[col].to_numpy()[rows]
+        raw = features[col].iloc[rows]
+        if pd.api.types.is_numeric_dtype(raw):
+            pct = raw.rank(pct=True).to_numpy()
+            colors = [cmap(p) if p == p else (0.6, 0.6, 0.6, 1) for p in pct]
+        else:
+            colors = [(0.6, 0.6, 0.6, 1)] * len(values)
+        jitter = rng.uniform(-0.3, 0.3, len(values))
+        ax.scatter(values, i + jitter, c=colors, s=4, alpha=0.6, linewidths=0)
+    ax.set_yticks(range(len(columns)),
+                  [_label(c) for c in columns])
+    ax.invert_yaxis()
+    ax.axvline(0, color=PALETTE[5], lw=1)
+    ax.set_xlabel("SHAP value (impact on the prediction)")
+    ax.set_title("Each dot is a customer: red = high value of the feature, blue = low")
+    return fig
+
+
+def plot_dependence(shap: pd.DataFrame, features: pd.DataFrame, column: str, *,
+                    sample: int = 3_000, seed: int = 0, ax=None) -> Figure:
+    """SHAP value against the feature's value for one feature."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(shap), min(sample, len(shap)), replace=False)
+    fig, ax = _axes(ax, (6, 3.2))
+    x = features[column].iloc[rows]
+    y = shap[column].to_numpy()[rows]
+    if pd.api.types.is_numeric_dtype(x):
+        ax.scatter(x, y, s=5, alpha=0.4, color=PALETTE[1], linewidths=0)
+    else:
+        sns.stripplot(x=x.astype(str).to_numpy(), y=y, ax=ax, size=2, alpha=0.4,
+                      color=PALETTE[1])
+    ax.axhline(0, color=PALETTE[5], lw=1)
+    ax.set_xlabel(_label(column))
+    ax.set_ylabel("SHAP value")
+    ax.set_title(f"How {_label(column)} moves the prediction")
+    return fig
+
+
+def plot_value_deciles(deciles: pd.DataFrame, ax=None) -> Figure:
+    """Mean predicted against mean actual spend per decile of the prediction."""
+    fig, ax = _axes(ax, (7, 3.2))
+    x = deciles["decile"].to_numpy()
+    ax.bar(x - 0.2, deciles["mean_score"], width=0.4, color=PALETTE[1], label="predicted")
+    ax.bar(x + 0.2, deciles["mean_actual"], width=0.4, color=PALETTE[0], label="actual")
+    ax.set_xticks(x)
+    ax.set_xlabel("decile of predicted value (1 = highest)")
+    ax.set_ylabel("mean spend over the horizon")
+    ax.set_title("Predicted against actual spend, by decile")
+    ax.legend(frameon=False)
+    return fig
+
+
+def _label(column: str) -> str:
+    from analysis.explain import FEATURE_LABELS
+
+    return FEATURE_LABELS.get(column, column)

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 #: Notebooks in run order; the executive report is rendered without code.
-NOTEBOOKS = ("01_data_quality.ipynb", "02_customer_profile.ipynb", "00_executive_report.ipynb")
+NOTEBOOKS = ("01_data_quality.ipynb", "02_customer_profile.ipynb", "03_churn_model.ipynb",
+             "04_value_model.ipynb", "00_executive_report.ipynb")
 EXECUTIVE = "00_executive_report.ipynb"
 _TEMPLATES = Path(__file__).parent / "templates"
 _LIBRARIES = ("analysis", "customer-strategy-lab", "pandas", "numpy", "duckdb", "pyarrow",
@@ -274,7 +275,7 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
                                     if k not in {"processed_dir", "report_dir",
                                                  "processed_href"}},
                      "stage_seconds": stage_seconds, "versions": library_versions()}
-    for name in ("data_quality", "profile"):
+    for name in ("data_quality", "profile", "models"):
         path = processed / f"{name}.json"
         if path.is_file():
             metrics[name] = json.loads(path.read_text())

@@ -1,0 +1,251 @@
+"""Benchmarks: speed and memory measured in their own process, written to JSON.
+
+``features`` times the project's DuckDB feature build against an idiomatic pandas
+implementation of the same features (whose results must be identical) and against a
+floor (reading the needed columns plus one ``np.bincount`` aggregation), on demo data
+of a given number of order lines.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from analysis.demo import write_demo
+from analysis.features import WINDOWS_DAYS, build_features, connect
+
+__all__ = ["bench_features", "pandas_features", "render_results"]
+
+LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
+BENCH_CUTOFF = dt.date(2025, 7, 1)
+
+
+def pandas_features(tx: pd.DataFrame, *, cutoff: dt.date) -> pd.DataFrame:
+    """The transaction features of :func:`analysis.features.build_features`, in pandas.
+
+    The reference implementation for the benchmark and the tests: idiomatic pandas
+    (boolean masks, groupby aggregations), same definitions, same output columns.
+    """
+    c = pd.Timestamp(cutoff)
+    hist = tx[tx["order_date"] < c]
+    if "order_id" in hist:
+        hist = hist.assign(order_key=hist["order_id"])
+    else:
+        hist = hist.assign(order_key=hist["customer_id"] + "|"
+                           + hist["order_date"].dt.strftime("%Y-%m-%d"))
+    done = hist[hist["status"] == "completed"]
+    buy = done[done["amount"] >= 0]
+    g = buy.groupby("customer_id")
+    out = pd.DataFrame({
+        "recency_days": (c - g["order_date"].max()).dt.days,
+        "frequency": g["order_date"].nunique(),
+        "n_orders": g["order_key"].nunique(),
+    })
+    net = done.groupby("customer_id").agg(monetary_total=("amount", "sum"),
+                                          margin_total=("margin", "sum"))
+    out["monetary_total"] = net["monetary_total"]
+    out["tenure_days"] = (c - g["order_date"].min()).dt.days
+    orders = buy.groupby(["customer_id", "order_key"])["amount"].sum().groupby(level=0)
+    out["monetary_mean_order"] = orders.mean()
+    out["monetary_max_order"] = orders.max()
+    out["margin_total"] = net["margin_total"]
+    out["margin_rate"] = out["margin_total"] / out["monetary_total"].replace(0, np.nan)
+    days = buy[["customer_id", "order_date"]].drop_duplicates().sort_values(
+        ["customer_id", "order_date"])
+    gap = days.groupby("customer_id")["order_date"].diff().dt.days
+    gaps = gap.groupby(days["customer_id"])
+    out["gap_mean_days"] = gaps.mean()
+    out["gap_median_days"] = gaps.median()
+    out["gap_std_days"] = gaps.std()
+    out["recency_vs_gap"] = out["recency_days"] / out["gap_median_days"].replace(0, np.nan)
+    for w in WINDOWS_DAYS:
+        recent = done[done["order_date"] >= c - pd.Timedelta(days=w)]
+        before = done[(done["order_date"] < c - pd.Timedelta(days=w))
+                      & (done["order_date"] >= c - pd.Timedelta(days=2 * w))]
+        out[f"orders_{w}d"] = (recent[recent["amount"] >= 0].groupby("customer_id")["order_key"]
+                               .nunique().reindex(out.index, fill_value=0))
+        spend = recent.groupby("customer_id")["amount"].sum().reindex(out.index, fill_value=0.0)
+        prev = before.groupby("customer_id")["amount"].sum().reindex(out.index, fill_value=0.0)
+        a, b = spend.clip(lower=0), prev.clip(lower=0)
+        out[f"spend_{w}d"] = spend
+        out[f"trend_{w}d"] = ((a - b) / (a + b).replace(0, np.nan)).fillna(0.0)
+    out["cancel_rate"] = hist["status"].eq("cancelled").groupby(hist["customer_id"]).mean()
+    out["return_rate"] = (hist["status"].eq("returned") | hist["amount"].lt(0)).groupby(
+        hist["customer_id"]).mean()
+    out["cutoff_month"] = c.month
+    by_cat = buy.groupby(["customer_id", "category"])["amount"].sum().round(6).reset_index()
+    by_cat = by_cat.sort_values(["customer_id", "amount", "category"],
+                                ascending=[True, False, True])
+    top = by_cat.groupby("customer_id")
+    out["n_categories"] = top.size()
+    out["top_category"] = top["category"].first()
+    by_ch = buy.groupby(["customer_id", "channel"])["order_key"].nunique().rename("n")
+    by_ch = by_ch.reset_index().sort_values(["customer_id", "n", "channel"],
+                                            ascending=[True, False, True])
+    ch = by_ch.groupby("customer_id")
+    out["n_channels"] = ch.size()
+    out["top_channel"] = ch["channel"].first()
+    out["top_channel_share"] = ch["n"].first() / ch["n"].sum()
+    return out.reset_index().sort_values("customer_id", ignore_index=True)
+
+
+def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
+                   data_dir: str | Path | None = None, seed: int = 42) -> dict:
+    """Benchmark the feature build on demo data of about ``lines`` order lines.
+
+    Writes ``OUT/features.json`` with ``lines``, ``customers``, ``seconds_project``,
+    ``seconds_pandas``, ``seconds_scan_bound``, ``identical``, ``peak_rss_mb`` (the
+    project's build alone, in a child process), the ratios, and the machine's facts.
+    Medians of ``repeats`` runs.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_customers = max(1, round(lines / LINES_PER_CUSTOMER))
+    data_dir = Path(data_dir) if data_dir else out / f"data-{lines}"
+    tx_path = data_dir / "transactions.parquet"
+    if not tx_path.is_file():
+        start = time.perf_counter()
+        write_demo(data_dir, n_customers=n_customers, seed=seed)
+        print(f"generated {n_customers:,} customers in {time.perf_counter() - start:.1f} s",
+              flush=True)
+        for extra in ("customers", "interactions", "campaign"):
+            (data_dir / f"{extra}.parquet").unlink(missing_ok=True)
+    meta = pq.ParquetFile(tx_path).metadata
+    n_lines = meta.num_rows
+
+    def project() -> pd.DataFrame:
+        con = connect(data_dir)
+        return build_features(con, cutoff=BENCH_CUTOFF)
+
+    def with_pandas() -> pd.DataFrame:
+        tx = pd.read_parquet(tx_path)
+        return pandas_features(tx, cutoff=BENCH_CUTOFF)
+
+    def scan_bound() -> np.ndarray:
+        table = pq.read_table(tx_path, columns=["customer_id", "order_date", "amount",
+                                                "status"])
+        ids = table.column("customer_id").dictionary_encode().combine_chunks()
+        keep = (table.column("order_date").to_numpy() < np.datetime64(BENCH_CUTOFF))
+        codes = ids.indices.to_numpy()
+        return np.bincount(codes[keep], weights=table.column("amount").to_numpy()[keep],
+                           minlength=len(ids.dictionary))
+
+    timings: dict[str, list[float]] = {"project": [], "pandas": [], "scan_bound": []}
+    results = {}
+    for _ in range(repeats):
+        for name, fn in (("project", project), ("pandas", with_pandas),
+                         ("scan_bound", scan_bound)):
+            start = time.perf_counter()
+            results[name] = fn()
+            timings[name].append(time.perf_counter() - start)
+    identical = _same_features(results["project"], results["pandas"])
+    median = {k: statistics.median(v) for k, v in timings.items()}
+    report = {
+        "lines": int(n_lines),
+        "customers": int(len(results["project"])),
+        "cutoff": BENCH_CUTOFF.isoformat(),
+        "features": int(results["project"].shape[1] - 1),
+        "repeats": repeats,
+        "seconds_project": round(median["project"], 3),
+        "seconds_pandas": round(median["pandas"], 3),
+        "seconds_scan_bound": round(median["scan_bound"], 3),
+        "all_seconds": {k: [round(x, 3) for x in v] for k, v in timings.items()},
+        "identical": identical,
+        "speedup_vs_pandas": round(median["pandas"] / median["project"], 2),
+        "ratio_to_scan_bound": round(median["project"] / median["scan_bound"], 2),
+        "peak_rss_mb": _peak_rss_of_project_build(data_dir),
+        "machine": _machine(),
+    }
+    (out / "features.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _same_features(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    try:
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b[a.columns].reset_index(
+            drop=True), check_dtype=False, check_exact=False, rtol=1e-9, atol=1e-9)
+    except (AssertionError, KeyError) as exc:
+        print(f"results differ: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _peak_rss_of_project_build(data_dir: Path) -> float:
+    """Peak resident memory (MB) of a fresh process that builds the features.
+
+    Read from the child's own ``VmHWM``: ``ru_maxrss`` would report the parent's peak,
+    since Linux carries it across fork and exec.
+    """
+    code = (
+        "import datetime as dt, re\n"
+        "from analysis.features import build_features, connect\n"
+        f"build_features(connect({str(data_dir)!r}), cutoff=dt.date.fromisoformat("
+        f"{BENCH_CUTOFF.isoformat()!r}))\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    return round(int(done.stdout.split()[-1]) / 1024, 1)
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    import duckdb
+
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "duckdb": duckdb.__version__, "pandas": pd.__version__,
+            "self_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def render_results(results_dir: str | Path) -> str:
+    """``bench/RESULTS.md`` from the JSON result files in ``results_dir``."""
+    results_dir = Path(results_dir)
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m analysis bench results` from the JSON files in "
+             "`bench/results/`; do not edit by hand.", ""]
+    feats = sorted((json.loads(p.read_text()) for p in results_dir.glob("features-*.json")),
+                   key=lambda r: r["lines"])
+    if feats:
+        lines += [
+            "## Feature build (one cutoff)", "",
+            "The project's DuckDB SQL over Parquet against an idiomatic pandas implementation "
+            "of the same features (results compared value by value) and against a floor: "
+            "reading the needed columns plus one `np.bincount` aggregation. Medians of "
+            f"{feats[0]['repeats']} runs in one process; peak memory of the project's build "
+            "alone, in a fresh child process (VmHWM).", "",
+            "| lines | customers | features | project s | pandas s | scan floor s | "
+            "pandas / project | project / floor | peak MB | identical |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        ]
+        for r in feats:
+            lines.append(
+                f"| {r['lines']:,} | {r['customers']:,} | {r['features']} | "
+                f"{r['seconds_project']:.2f} | {r['seconds_pandas']:.2f} | "
+                f"{r['seconds_scan_bound']:.2f} | {r['speedup_vs_pandas']:.1f}x | "
+                f"{r['ratio_to_scan_bound']:.1f}x | {r['peak_rss_mb']:,.0f} | "
+                f"{'yes' if r['identical'] else 'NO'} |")
+        m = feats[-1]["machine"]
+        lines += ["", f"Machine: {m['cpus']} cores, Python {m['python']}, DuckDB "
+                      f"{m['duckdb']}, pandas {m['pandas']}.", "",
+                  "Reproduce:", "", "```",
+                  *[f"python -m analysis bench features --lines {round(r['lines'], -6):.0f} "
+                    f"--out bench/out/features-{round(r['lines'] / 1e6)}m" for r in feats],
+                  "cp bench/out/features-*/features.json bench/results/  # renamed "
+                  "features-<N>m.json",
+                  "python -m analysis bench results", "```", ""]
+    for extra in sorted(results_dir.glob("*.md")):
+        lines += [extra.read_text().rstrip(), ""]
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""Probabilistic customer-base models: BG/NBD for purchases, Gamma-Gamma for spend.
+
+Closed-form likelihoods in vectorised numpy/scipy, fitted by maximum likelihood (the
+fit takes well under a second on CDNOW). They reproduce the published CDNOW parameters
+(Fader, Hardie & Lee 2005; Fader & Hardie 2013); ``tests/test_clv.py`` holds them to it.
+
+Inputs are the classic per-customer summary (:func:`rfm_summary`): ``frequency`` =
+repeat purchase days, ``recency`` = time from first to last purchase day, ``T`` = time
+from first purchase to the end of the calibration period, all in one time unit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special
+
+__all__ = ["BetaGeoModel", "GammaGammaModel", "rfm_summary"]
+
+
+def rfm_summary(transactions: pd.DataFrame, *, calibration_end: dt.date,
+                time_unit_days: float = 7.0, start: dt.date | None = None) -> pd.DataFrame:
+    """Per-customer frequency / recency / T / mean repeat value before ``calibration_end``.
+
+    Purchases on the same day are merged into one transaction. Only completed lines with
+    a non-negative amount count as purchases (when there is a ``status``).
+
+    Parameters
+    ----------
+    transactions : contract-shaped lines (``customer_id``, ``order_date``, ``amount``).
+    calibration_end : the first day after the calibration period. ``T`` and ``recency``
+        are measured to the calibration period's last day (``calibration_end`` minus
+        one day), the convention of the literature (a customer whose first purchase is
+        on 1997-01-01 has T = 272 days = 38.86 weeks when calibration ends 1997-09-30).
+    time_unit_days : length of the time unit (7 = weeks, as in the literature).
+    start : ignore lines before this day.
+
+    Returns
+    -------
+    DataFrame
+        Indexed by ``customer_id``: ``frequency`` (repeat purchase days), ``recency``,
+        ``T``, ``monetary_value`` (mean value of the repeat transactions; 0 when none),
+        ``first_purchase``.
+    """
+    tx = transactions
+    if "status" in tx:
+        tx = tx[tx["status"].eq("completed")]
+    tx = tx[(tx["amount"] >= 0) & (tx["order_date"] < pd.Timestamp(calibration_end))]
+    if start is not None:
+        tx = tx[tx["order_date"] >= pd.Timestamp(start)]
+    days = tx.groupby(["customer_id", "order_date"], as_index=False)["amount"].sum()
+    days = days.sort_values(["customer_id", "order_date"])
+    g = days.groupby("customer_id")
+    first = g["order_date"].min()
+    last = g["order_date"].max()
+    n = g.size()
+    total = g["amount"].sum()
+    first_value = g["amount"].first()
+    end = pd.Timestamp(calibration_end) - pd.Timedelta(days=1)
+    out = pd.DataFrame({
+        "frequency": n - 1,
+        "recency": (last - first).dt.days / time_unit_days,
+        "T": (end - first).dt.days / time_unit_days,
+        "monetary_value": ((total - first_value) / (n - 1).where(n > 1)).fillna(0.0),
+        "first_purchase": first,
+    })
+    return out
+
+
+@dataclass
+class BetaGeoModel:
+    """BG/NBD (Fader, Hardie & Lee 2005), fitted by maximum likelihood.
+
+    Parameters
+    ----------
+    penalizer : L2 penalty on the log-parameters (0 = plain MLE).
+
+    Attributes
+    ----------
+    params_ : dict with ``r``, ``alpha``, ``a``, ``b``.
+    loglik_ : log-likelihood at the optimum (sum over customers).
+    """
+
+    penalizer: float = 0.0
+
+    def fit(self, frequency, recency, T) -> BetaGeoModel:
+        x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        if len(x) < 10 or (x > 0).sum() < 2:
+            raise ValueError("BG/NBD needs at least 10 customers, 2 with repeat purchases")
+
+        def nll(log_params):
+            ll = self._loglik(np.exp(log_params), x, tx, t).sum()
+            return -ll + self.penalizer * np.sum(log_params ** 2)
+
+        best = None
+        for start in ([0.0, 0.0, 0.0, 0.0], [-1.0, 1.5, -0.2, 1.0]):
+            res = optimize.minimize(nll, np.array(start), method="L-BFGS-B")
+            if best is None or res.fun < best.fun:
+                best = res
+        r, alpha, a, b = np.exp(best.x)
+        self.params_ = {"r": float(r), "alpha": float(alpha), "a": float(a), "b": float(b)}
+        self.loglik_ = float(self._loglik(np.exp(best.x), x, tx, t).sum())
+        return self
+
+    @staticmethod
+    def _loglik(params, x, tx, t):
+        r, alpha, a, b = params
+        a1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
+        a2 = special.betaln(a, b + x) - special.betaln(a, b)
+        a3 = -(r + x) * np.log(alpha + t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a4 = np.where(x > 0, np.log(a) - np.log(np.maximum(b + x - 1, 1e-300))
+                          - (r + x) * np.log(alpha + tx), -np.inf)
+        return a1 + a2 + np.logaddexp(a3, a4)
+
+    def _check(self):
+        if not hasattr(self, "params_"):
+            raise RuntimeError("fit the model first")
+        return self.params_["r"], self.params_["alpha"], self.params_["a"], self.params_["b"]
+
+    def probability_alive(self, frequency, recency, T) -> np.ndarray:
+        """P(still active at T | history). Always 1 for customers with no repeat purchase:
+        never use it alone as a churn score."""
+        r, alpha, a, b = self._check()
+        x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ratio = np.where(x > 0, a / np.maximum(b + x - 1, 1e-300)
+                             * ((alpha + t) / (alpha + tx)) ** (r + x), 0.0)
+        return 1.0 / (1.0 + ratio)
+
+    def expected_purchases(self, horizon, frequency, recency, T) -> np.ndarray:
+        """Expected number of purchases in (T, T + horizon] given the history."""
+        r, alpha, a, b = self._check()
+        x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
+        h = np.asarray(horizon, dtype=float)
+        z = h / (alpha + t + h)
+        hyp = special.hyp2f1(r + x, b + x, a + b + x - 1, z)
+        term = (1 - ((alpha + t) / (alpha + t + h)) ** (r + x) * hyp)
+        # valid for a < 1 too: both factors change sign (a == 1 is a removable point)
+        a_safe = a if abs(a - 1) > 1e-9 else 1 + 1e-9
+        return (a + b + x - 1) / (a_safe - 1) * term * self.probability_alive(x, tx, t)
+
+    def expected_purchases_new(self, horizon) -> np.ndarray:
+        """Expected purchases in (0, horizon] of a newly acquired customer."""
+        r, alpha, a, b = self._check()
+        h = np.asarray(horizon, dtype=float)
+        z = h / (alpha + h)
+        a_safe = a if abs(a - 1) > 1e-9 else 1 + 1e-9
+        return (a + b - 1) / (a_safe - 1) * (1 - (alpha / (alpha + h)) ** r
+                                         * special.hyp2f1(r, b, a + b - 1, z))
+
+
+@dataclass
+class GammaGammaModel:
+    """Gamma-Gamma model of spend per transaction (Fader & Hardie 2013).
+
+    Fitted on customers with at least one repeat transaction, from their number of
+    repeat transactions ``frequency`` and the mean value of those ``monetary_value``.
+
+    Attributes
+    ----------
+    params_ : dict with ``p``, ``q``, ``gamma``.
+    """
+
+    penalizer: float = 0.0
+
+    def fit(self, frequency, monetary_value) -> GammaGammaModel:
+        x = np.asarray(frequency, dtype=float)
+        m = np.asarray(monetary_value, dtype=float)
+        keep = (x > 0) & (m > 0)
+        x, m = x[keep], m[keep]
+        if len(x) < 10:
+            raise ValueError("Gamma-Gamma needs at least 10 customers with repeat purchases")
+
+        def nll(log_params):
+            p, q, g = np.exp(log_params)
+            ll = (special.gammaln(p * x + q) - special.gammaln(p * x) - special.gammaln(q)
+                  + q * np.log(g) + (p * x - 1) * np.log(m) + p * x * np.log(x)
+                  - (p * x + q) * np.log(g + m * x))
+            return -ll.sum() + self.penalizer * np.sum(log_params ** 2)
+
+        res = optimize.minimize(nll, np.log([1.0, 1.0, np.mean(m)]), method="L-BFGS-B")
+        p, q, g = np.exp(res.x)
+        self.params_ = {"p": float(p), "q": float(q), "gamma": float(g)}
+        self.loglik_ = float(-res.fun)
+        return self
+
+    def expected_spend(self, frequency, monetary_value) -> np.ndarray:
+        """Expected value of a future transaction; the population mean when frequency is 0."""
+        if not hasattr(self, "params_"):
+            raise RuntimeError("fit the model first")
+        p, q, g = self.params_["p"], self.params_["q"], self.params_["gamma"]
+        x = np.asarray(frequency, dtype=float)
+        m = np.asarray(monetary_value, dtype=float)
+        population = p * g / (q - 1) if q > 1 else np.nan
+        individual = (g + m * x) * p / (p * x + q - 1)
+        return np.where(x > 0, individual, population)
+
+    def customer_lifetime_value(self, bgnbd: BetaGeoModel, frequency, recency, T,
+                                monetary_value, *, months: int = 12,
+                                monthly_discount_rate: float = 0.01,
+                                time_unit_days: float = 7.0) -> np.ndarray:
+        """Discounted expected spend over the next ``months`` months."""
+        spend = self.expected_spend(frequency, monetary_value)
+        per_month = 30.4375 / time_unit_days
+        total = np.zeros(len(np.atleast_1d(frequency)))
+        previous = np.zeros_like(total)
+        for month in range(1, months + 1):
+            cumulative = bgnbd.expected_purchases(month * per_month, frequency, recency, T)
+            total += (cumulative - previous) * spend / (1 + monthly_discount_rate) ** month
+            previous = cumulative
+        return total

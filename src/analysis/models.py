@@ -1,0 +1,719 @@
+"""Churn and value models, their baselines, and out-of-time evaluation.
+
+- :class:`ChurnModel`: XGBoost (``hist``) classifier with early stopping on a later
+  validation cutoff, calibrated on that out-of-time data with isotonic or Platt scaling,
+  whichever has the lower Brier score there.
+- :class:`ValueModel`: XGBoost regressor with a Tweedie objective for spend over the
+  horizon: a point mass at zero (customers who buy nothing) plus a skewed positive part,
+  which a squared-error model handles badly.
+- Baselines, fitted and judged on the same data: an RFM lookup (observed churn rate and
+  mean future spend per RFM cell), logistic regression on the same features, "last
+  period repeats" for value, and BG/NBD + Gamma-Gamma (:mod:`analysis.clv`).
+
+Models are saved as XGBoost JSON plus a metadata JSON (features, categories,
+calibration, cutoffs, horizon, metrics, versions, data fingerprint); nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+from scipy import stats
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
+from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
+from analysis.features import LABEL_COLUMNS
+
+__all__ = [
+    "ChurnModel",
+    "ModelRun",
+    "attach_scores",
+    "data_fingerprint",
+    "fit_and_evaluate",
+    "honest_cutoffs",
+    "metrics_by_group",
+    "read_model_run",
+    "write_model_run",
+    "LogisticChurn",
+    "ValueModel",
+    "calibration_table",
+    "churn_metrics",
+    "decile_table",
+    "feature_columns",
+    "prepare_matrix",
+    "rfm_lookup",
+    "value_metrics",
+]
+
+#: Columns that are never model inputs (ids, labels, bookkeeping).
+NOT_FEATURES = {"customer_id", "cutoff", "cutoff_month", "spend_last_horizon", *LABEL_COLUMNS}
+
+
+def feature_columns(frame: pd.DataFrame, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Model inputs: every numeric or text column but ids, labels and ``exclude``."""
+    excluded = NOT_FEATURES | {c.casefold() for c in exclude} | set(exclude)
+    return [c for c in frame.columns if c not in excluded and c.casefold() not in excluded]
+
+
+def categories_of(frame: pd.DataFrame, columns: list[str], *, max_levels: int = 30
+                  ) -> dict[str, list[str]]:
+    """Levels of each text column (the most frequent ``max_levels``), for encoding."""
+    out = {}
+    for col in columns:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            out[col] = frame[col].astype("str").value_counts().head(max_levels).index.tolist()
+    return out
+
+
+def prepare_matrix(frame: pd.DataFrame, columns: list[str],
+                   categories: dict[str, list[str]]) -> pd.DataFrame:
+    """The model matrix: numeric columns as float, text columns as fixed categoricals
+    (levels unseen in training become missing)."""
+    out = {}
+    for col in columns:
+        if col in categories:
+            values = frame[col].astype("object").where(frame[col].notna(), None)
+            out[col] = pd.Categorical(values, categories=categories[col])
+        else:
+            out[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+    return pd.DataFrame(out, index=frame.index)
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class _Booster:
+    max_depth: int = 4
+    learning_rate: float = 0.05
+    n_estimators: int = 600
+    early_stopping_rounds: int = 40
+    min_child_weight: float = 5.0
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    reg_lambda: float = 1.0
+    device: str = "cpu"
+    seed: int = 42
+    n_jobs: int | None = None
+
+    def _params(self, objective: dict) -> dict:
+        return {"tree_method": "hist", "device": self.device, "max_depth": self.max_depth,
+                "eta": self.learning_rate, "min_child_weight": self.min_child_weight,
+                "subsample": self.subsample, "colsample_bytree": self.colsample_bytree,
+                "lambda": self.reg_lambda, "seed": self.seed, "nthread": self.n_jobs or 0,
+                **objective}
+
+    def _train(self, objective: dict, X, y, X_valid, y_valid, weight=None) -> xgb.Booster:
+        dtrain = xgb.DMatrix(X, label=y, weight=weight, enable_categorical=True)
+        dvalid = xgb.DMatrix(X_valid, label=y_valid, enable_categorical=True)
+        booster = xgb.train(self._params(objective), dtrain, num_boost_round=self.n_estimators,
+                            evals=[(dvalid, "valid")],
+                            early_stopping_rounds=self.early_stopping_rounds,
+                            verbose_eval=False)
+        self.best_iteration_ = int(booster.best_iteration)
+        return booster
+
+    def _check(self):
+        if not hasattr(self, "booster_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit first")
+
+    def _margin(self, X) -> np.ndarray:
+        self._check()
+        d = xgb.DMatrix(X, enable_categorical=True)
+        return self.booster_.predict(d, output_margin=True,
+                                     iteration_range=(0, self.best_iteration_ + 1))
+
+    def contributions(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Exact TreeSHAP values (XGBoost's ``pred_contribs``), in the model's margin
+        units (log-odds for churn, log-spend for value); ``bias`` is the base value."""
+        self._check()
+        d = xgb.DMatrix(X, enable_categorical=True)
+        values = self.booster_.predict(d, pred_contribs=True,
+                                       iteration_range=(0, self.best_iteration_ + 1))
+        return pd.DataFrame(values, index=X.index, columns=[*X.columns, "bias"])
+
+    def save(self, folder: str | Path, name: str, metadata: dict) -> dict[str, Path]:
+        """``name.json`` (the booster) and ``name.meta.json`` (everything else)."""
+        self._check()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model_path = folder / f"{name}.json"
+        self.booster_.save_model(str(model_path))
+        meta = {"best_iteration": self.best_iteration_, "params": {
+            k: getattr(self, k) for k in ("max_depth", "learning_rate", "n_estimators",
+                                          "min_child_weight", "subsample",
+                                          "colsample_bytree", "reg_lambda", "device",
+                                          "seed")},
+                "features": self.features_, "categories": self.categories_, **metadata}
+        meta_path = folder / f"{name}.meta.json"
+        meta_path.write_text(json.dumps(meta, indent=2, default=_json_default))
+        return {"model": model_path, "metadata": meta_path}
+
+
+@dataclass
+class ChurnModel(_Booster):
+    """Calibrated XGBoost churn classifier.
+
+    ``fit`` trains on ``X, y`` with early stopping on ``X_valid, y_valid`` (a later
+    cutoff), then fits isotonic and Platt calibration on that validation data and keeps
+    the one with the lower cross-validated Brier score.
+
+    Attributes
+    ----------
+    booster_, best_iteration_, calibration_ (dict: ``method`` and its parameters).
+    """
+
+    def fit(self, X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid) -> ChurnModel:
+        self.features_ = list(X.columns)
+        self.categories_ = {c: list(X[c].cat.categories) for c in X.columns
+                            if isinstance(X[c].dtype, pd.CategoricalDtype)}
+        self.booster_ = self._train({"objective": "binary:logistic", "eval_metric": "logloss"},
+                                    X, y, X_valid, y_valid)
+        self.calibration_ = choose_calibration(self._margin(X_valid), np.asarray(y_valid),
+                                               seed=self.seed)
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        """Calibrated P(churn), kept within [0.001, 0.999]: a finite sample never makes
+        an outcome certain."""
+        return np.clip(apply_calibration(self.calibration_, self._margin(X)), 0.001, 0.999)
+
+    def predict_uncalibrated(self, X: pd.DataFrame) -> np.ndarray:
+        return 1 / (1 + np.exp(-self._margin(X)))
+
+
+@dataclass
+class ValueModel(_Booster):
+    """XGBoost regressor of spend over the horizon with a Tweedie objective.
+
+    Negative targets (net refunds) are clipped to zero for training.
+    """
+
+    tweedie_variance_power: float = 1.5
+
+    def fit(self, X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid) -> ValueModel:
+        self.features_ = list(X.columns)
+        self.categories_ = {c: list(X[c].cat.categories) for c in X.columns
+                            if isinstance(X[c].dtype, pd.CategoricalDtype)}
+        objective = {"objective": "reg:tweedie",
+                     "tweedie_variance_power": self.tweedie_variance_power,
+                     "eval_metric": f"tweedie-nloglik@{self.tweedie_variance_power}"}
+        self.booster_ = self._train(objective, X, np.clip(y, 0, None), X_valid,
+                                    np.clip(y_valid, 0, None))
+        return self
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        return np.exp(self._margin(X))
+
+
+class LogisticChurn:
+    """Baseline: logistic regression on the same features (imputed, log-scaled,
+    standardised; text columns one-hot)."""
+
+    def __init__(self, *, C: float = 1.0):
+        self.C = C
+
+    def fit(self, X: pd.DataFrame, y) -> LogisticChurn:
+        numeric = [c for c in X.columns if not isinstance(X[c].dtype, pd.CategoricalDtype)]
+        text = [c for c in X.columns if c not in numeric]
+        signed_log = FunctionTransformer(lambda v: np.sign(v) * np.log1p(np.abs(v)),
+                                         feature_names_out="one-to-one")
+        transform = ColumnTransformer([
+            ("num", make_pipeline(SimpleImputer(strategy="median", add_indicator=True),
+                                  signed_log, StandardScaler()), numeric),
+            ("cat", make_pipeline(SimpleImputer(strategy="constant", fill_value="missing"),
+                                  OneHotEncoder(handle_unknown="ignore")), text),
+        ])
+        self.pipeline_ = make_pipeline(transform, LogisticRegression(C=self.C, max_iter=2000))
+        self.pipeline_.fit(_objects(X), np.asarray(y))
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        return self.pipeline_.predict_proba(_objects(X))[:, 1]
+
+
+def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.ndarray:
+    """Baseline: the mean ``target`` of training customers in the same RFM cell.
+
+    Cells are recency, frequency and monetary quintiles, each cut at the training
+    snapshot's quintile edges; an unseen cell falls back to the overall mean.
+    """
+    cols = ("recency_days", "frequency", "monetary_total")
+    edges = {c: np.unique(np.quantile(train[c], [0.2, 0.4, 0.6, 0.8])) for c in cols}
+
+    def cell(frame):
+        return pd.Series(list(zip(*(np.searchsorted(edges[c], frame[c], side="right")
+                                    for c in cols), strict=True)), index=frame.index)
+
+    table = train[target].groupby(cell(train)).mean()
+    return cell(score).map(table).fillna(train[target].mean()).to_numpy(dtype=float)
+
+
+def bgnbd_baseline(lines: pd.DataFrame, *, cutoff: dt.date, horizon_days: int,
+                   customers: pd.Series) -> tuple[pd.DataFrame, dict]:
+    """BG/NBD + Gamma-Gamma fitted on history before ``cutoff`` (weeks).
+
+    Returns
+    -------
+    frame : indexed like ``customers``: ``expected_purchases`` over the horizon,
+        ``p_alive``, ``expected_spend`` (expected purchases x expected value per purchase).
+    params : the fitted parameters of both models.
+    """
+    summary = rfm_summary(lines, calibration_end=cutoff)
+    bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
+    gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
+    s = summary.reindex(customers)
+    weeks = horizon_days / 7
+    purchases = bg.expected_purchases(weeks, s["frequency"], s["recency"], s["T"])
+    spend = gg.expected_spend(s["frequency"], s["monetary_value"])
+    frame = pd.DataFrame({"expected_purchases": purchases,
+                          "p_alive": bg.probability_alive(s["frequency"], s["recency"], s["T"]),
+                          "expected_spend": purchases * spend}, index=customers.index)
+    return frame, {"bgnbd": bg.params_, "bgnbd_loglik": bg.loglik_,
+                   "gamma_gamma": gg.params_}
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def choose_calibration(margin: np.ndarray, y: np.ndarray, *, seed: int = 42) -> dict:
+    """Isotonic or Platt scaling of ``margin``, whichever has the lower Brier score in
+    2-fold cross-validation on this (out-of-time) data; refitted on all of it."""
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(len(y)) % 2
+    scores = {"isotonic": [], "platt": []}
+    for k in (0, 1):
+        fit, held = fold != k, fold == k
+        for method in scores:
+            cal = _fit_calibration(method, margin[fit], y[fit])
+            scores[method].append(brier_score_loss(y[held], apply_calibration(cal,
+                                                                               margin[held])))
+    method = min(scores, key=lambda m: np.mean(scores[m]))
+    cal = _fit_calibration(method, margin, y)
+    cal["cv_brier"] = {m: float(np.mean(v)) for m, v in scores.items()}
+    return cal
+
+
+def _fit_calibration(method: str, margin: np.ndarray, y: np.ndarray) -> dict:
+    if method == "isotonic":
+        iso = IsotonicRegression(out_of_bounds="clip", y_min=0.0, y_max=1.0).fit(margin, y)
+        return {"method": "isotonic", "x": iso.X_thresholds_.tolist(),
+                "y": iso.y_thresholds_.tolist()}
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(margin.reshape(-1, 1), y)
+    return {"method": "platt", "slope": float(lr.coef_[0, 0]),
+            "intercept": float(lr.intercept_[0])}
+
+
+def apply_calibration(cal: dict, margin: np.ndarray) -> np.ndarray:
+    """Calibrated probabilities from raw margins (no fitted object needed: JSON-safe)."""
+    if cal["method"] == "isotonic":
+        return np.interp(margin, np.asarray(cal["x"]), np.asarray(cal["y"]))
+    return 1 / (1 + np.exp(-(cal["slope"] * margin + cal["intercept"])))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def churn_metrics(y, score, *, probabilities: bool = True) -> dict:
+    """ROC-AUC, PR-AUC, Brier, expected calibration error (10 equal-width bins), lift
+    and capture of churners in the top 10 % and 20 % by score.
+
+    ``probabilities=False`` for rank-only scores: Brier and ECE are then left out.
+    """
+    y = np.asarray(y, dtype=float)
+    s = np.asarray(score, dtype=float)
+    out = {"n": int(len(y)), "churn_rate": float(y.mean()),
+           "roc_auc": float(roc_auc_score(y, s)), "pr_auc": float(average_precision_score(y, s))}
+    if probabilities:
+        out["brier"] = float(brier_score_loss(y, s))
+        bins = np.minimum((s * 10).astype(int), 9)
+        out["ece"] = float(sum(abs(y[bins == b].mean() - s[bins == b].mean()) * (bins == b).mean()
+                               for b in range(10) if (bins == b).any()))
+    order = np.argsort(-s, kind="stable")
+    for share in (0.1, 0.2):
+        top = order[: max(1, int(round(share * len(y))))]
+        pct = int(share * 100)
+        out[f"lift_top{pct}"] = float(y[top].mean() / y.mean()) if y.mean() > 0 else np.nan
+        out[f"capture_top{pct}"] = float(y[top].sum() / y.sum()) if y.sum() > 0 else np.nan
+    return out
+
+
+def value_metrics(actual, predicted) -> dict:
+    """MAE, RMSE, Spearman, normalized Gini, top-decile capture, totals."""
+    a = np.asarray(actual, dtype=float)
+    p = np.asarray(predicted, dtype=float)
+    order = np.argsort(-p, kind="stable")
+    top = order[: max(1, int(round(0.1 * len(a))))]
+    return {
+        "n": int(len(a)),
+        "mae": float(np.mean(np.abs(a - p))),
+        "rmse": float(np.sqrt(np.mean((a - p) ** 2))),
+        "spearman": float(stats.spearmanr(a, p).statistic),
+        "gini": normalized_gini(a, p),
+        "top_decile_capture": float(a[top].sum() / a.sum()) if a.sum() > 0 else np.nan,
+        "total_predicted": float(p.sum()),
+        "total_actual": float(a.sum()),
+    }
+
+
+def normalized_gini(actual, predicted) -> float:
+    """Gini of ``actual`` ordered by ``predicted``, over the Gini of the perfect order."""
+    def gini(a, p):
+        order = np.lexsort((np.arange(len(p)), -p))
+        cum = np.cumsum(a[order]) / a.sum()
+        return float(np.sum(cum - (np.arange(1, len(a) + 1) / len(a))) / len(a))
+
+    a = np.asarray(actual, dtype=float)
+    p = np.asarray(predicted, dtype=float)
+    return gini(a, p) / gini(a, a)
+
+
+def decile_table(actual, score, *, n_bins: int = 10) -> pd.DataFrame:
+    """Customers ranked by score in ``n_bins`` equal groups (1 = highest score).
+
+    Returns
+    -------
+    DataFrame
+        ``decile``, ``n``, ``mean_score``, ``mean_actual``, ``sum_actual``,
+        ``capture`` (share of the total actual), ``cumulative_capture``, ``lift``.
+    """
+    a = np.asarray(actual, dtype=float)
+    s = np.asarray(score, dtype=float)
+    order = np.argsort(-s, kind="stable")
+    decile = np.empty(len(a), dtype=int)
+    decile[order] = np.arange(len(a)) * n_bins // len(a) + 1
+    df = pd.DataFrame({"decile": decile, "score": s, "actual": a})
+    out = df.groupby("decile").agg(n=("actual", "size"), mean_score=("score", "mean"),
+                                   mean_actual=("actual", "mean"),
+                                   sum_actual=("actual", "sum")).reset_index()
+    total = a.sum()
+    out["capture"] = out["sum_actual"] / total if total else np.nan
+    out["cumulative_capture"] = out["capture"].cumsum()
+    out["lift"] = out["mean_actual"] / a.mean() if a.mean() else np.nan
+    return out
+
+
+def calibration_table(y, probability, *, n_bins: int = 10) -> pd.DataFrame:
+    """Mean predicted against observed churn in equal-frequency bins of the prediction."""
+    df = pd.DataFrame({"y": np.asarray(y, float), "p": np.asarray(probability, float)})
+    df["bin"] = pd.qcut(df["p"].rank(method="first"), n_bins, labels=False)
+    return df.groupby("bin").agg(n=("y", "size"), mean_predicted=("p", "mean"),
+                                 observed=("y", "mean")).reset_index()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _objects(X: pd.DataFrame) -> pd.DataFrame:
+    out = X.copy()
+    for c in out.columns:
+        if isinstance(out[c].dtype, pd.CategoricalDtype):
+            out[c] = out[c].astype("object")
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+# --------------------------------------------------------------------------- the model step
+
+
+@dataclass
+class ModelRun:
+    """Everything the model step produces for one scoring date.
+
+    Attributes
+    ----------
+    horizon_days : the label horizon.
+    cutoffs : ``train`` (list), ``valid`` and ``eval`` cutoffs (ISO dates).
+    churn, value : the fitted models.
+    evaluation : one row per customer at the evaluation cutoff: ``frequency`` (history),
+        ``churned``, ``future_spend`` and each method's score (``churn_<method>``, ``value_<method>``).
+    churn_metrics, value_metrics : one row per method (out-of-time, eval cutoff).
+    scores : at the scoring date: ``customer_id``, ``churn_probability``,
+        ``predicted_value``, ``churn_reasons``, ``value_reasons``.
+    churn_shap, value_shap : SHAP values at the scoring date (+ ``bias``).
+    score_features : the model matrix at the scoring date (same rows).
+    clv_params : BG/NBD and Gamma-Gamma parameters at the evaluation cutoff.
+    """
+
+    horizon_days: int
+    cutoffs: dict
+    churn: ChurnModel
+    value: ValueModel
+    evaluation: pd.DataFrame
+    churn_metrics: pd.DataFrame
+    value_metrics: pd.DataFrame
+    scores: pd.DataFrame
+    churn_shap: pd.DataFrame
+    value_shap: pd.DataFrame
+    score_features: pd.DataFrame
+    clv_params: dict
+    sizes: dict
+
+    def summary(self) -> dict:
+        """Headline facts, JSON-friendly (for metrics.json and the model metadata)."""
+        return {"horizon_days": self.horizon_days, "cutoffs": self.cutoffs,
+                "sizes": self.sizes, "clv_params": self.clv_params,
+                "churn_calibration": self.churn.calibration_["method"],
+                "churn_best_iteration": self.churn.best_iteration_,
+                "value_best_iteration": self.value.best_iteration_,
+                "churn": self.churn_metrics.set_index("method").to_dict(orient="index"),
+                "value": self.value_metrics.set_index("method").to_dict(orient="index")}
+
+
+def fit_and_evaluate(con, *, as_of: dt.date,
+                     horizon_days: int, n_cutoffs: int, step_days: int,
+                     exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
+                     min_customers: int = 200) -> ModelRun:
+    """Train on rolling-origin snapshots, judge out of time, score at ``as_of``.
+
+    Cutoffs come from :func:`honest_cutoffs`: the evaluation cutoff is never used in
+    training, and no training or validation label looks past it.
+
+    Raises
+    ------
+    InsufficientDataError
+        With fewer than three usable cutoffs, or too few customers or churners.
+    """
+    from analysis.errors import InsufficientDataError
+    from analysis.explain import reason_codes
+    from analysis.features import build_snapshots
+
+    first = con.execute("SELECT MIN(order_date) FROM lines").fetchone()[0]
+    eval_cut, valid_cut, train_cuts = honest_cutoffs(
+        as_of=as_of, horizon_days=horizon_days, n_train=max(n_cutoffs - 2, 1),
+        step_days=step_days, first_date=first)
+    if not train_cuts:
+        raise InsufficientDataError(
+            f"models need an evaluation cutoff ({horizon_days} days before the scoring date), "
+            f"a validation cutoff {horizon_days} days before it and training cutoffs another "
+            f"{horizon_days} days earlier, each with {horizon_days} days of history: the data "
+            f"from {first} to {as_of} is too short; use a shorter horizon or more history")
+    cutoffs = [eval_cut, valid_cut, *train_cuts]
+    snaps = build_snapshots(con, cutoffs=cutoffs, horizon_days=horizon_days,
+                            exclude_attributes=exclude)
+    at = {c: snaps[snaps["cutoff"] == pd.Timestamp(c)].reset_index(drop=True) for c in cutoffs}
+    train = pd.concat([at[c] for c in train_cuts], ignore_index=True)
+    valid, test = at[valid_cut], at[eval_cut]
+    for name, frame in (("training", train), ("validation", valid), ("evaluation", test)):
+        n_pos = int(frame["churned"].sum())
+        if len(frame) < min_customers or n_pos < 20 or len(frame) - n_pos < 20:
+            raise InsufficientDataError(
+                f"the {name} snapshot has {len(frame):,} customers ({n_pos:,} churned): "
+                f"at least {min_customers} customers and 20 churners and 20 non-churners "
+                f"are needed for a meaningful model")
+    columns = feature_columns(train, exclude=exclude)
+    cats = categories_of(train, columns)
+    X = {k: prepare_matrix(f, columns, cats) for k, f in
+         (("train", train), ("valid", valid), ("test", test))}
+
+    churn = ChurnModel(seed=seed, device=device).fit(X["train"], train["churned"],
+                                                     X["valid"], valid["churned"])
+    value = ValueModel(seed=seed, device=device).fit(X["train"], train["future_spend"],
+                                                     X["valid"], valid["future_spend"])
+    logistic = LogisticChurn().fit(X["train"], train["churned"])
+    lines = con.execute("SELECT customer_id, order_date, amount, status FROM lines "
+                        f"WHERE order_date < DATE '{eval_cut.isoformat()}'").df()
+    bg, clv_params = bgnbd_baseline(lines, cutoff=eval_cut, horizon_days=horizon_days,
+                                    customers=test["customer_id"])
+    evaluation = pd.DataFrame({
+        "customer_id": test["customer_id"], "frequency": test["frequency"],
+        "churned": test["churned"], "future_spend": test["future_spend"],
+        "churn_model": churn.predict_proba(X["test"]),
+        "churn_model_uncalibrated": churn.predict_uncalibrated(X["test"]),
+        "churn_logistic": logistic.predict_proba(X["test"]),
+        "churn_rfm": rfm_lookup(train, test, target="churned"),
+        "churn_bgnbd": -bg["expected_purchases"].to_numpy(),
+        "value_model": value.predict(X["test"]),
+        "value_last_period": test["spend_last_horizon"].clip(lower=0),
+        "value_rfm": rfm_lookup(train, test, target="future_spend"),
+        "value_bgnbd_gg": bg["expected_spend"].to_numpy(),
+    })
+    churn_rows = []
+    for method, probs in (("model", True), ("model_uncalibrated", True), ("logistic", True),
+                          ("rfm", True), ("bgnbd", False)):
+        m = churn_metrics(evaluation["churned"], evaluation[f"churn_{method}"],
+                          probabilities=probs)
+        churn_rows.append({"method": method, **m})
+    value_rows = [{"method": method, **value_metrics(evaluation["future_spend"],
+                                                     evaluation[f"value_{method}"])}
+                  for method in ("model", "last_period", "rfm", "bgnbd_gg")]
+
+    from analysis.features import build_features
+
+    score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
+                                    exclude_attributes=exclude)
+    score_X = prepare_matrix(score_features, columns, cats)
+    churn_shap = churn.contributions(score_X)
+    value_shap = value.contributions(score_X)
+    readable = score_features.reset_index(drop=True)
+    scores = pd.DataFrame({
+        "customer_id": score_features["customer_id"].to_numpy(),
+        "churn_probability": churn.predict_proba(score_X),
+        "predicted_value": value.predict(score_X),
+        "churn_reasons": reason_codes(churn_shap.reset_index(drop=True), readable).to_numpy(),
+        "value_reasons": reason_codes(value_shap.reset_index(drop=True), readable).to_numpy(),
+    })
+    return ModelRun(
+        horizon_days=horizon_days,
+        cutoffs={"train": [c.isoformat() for c in train_cuts], "valid": valid_cut.isoformat(),
+                 "eval": eval_cut.isoformat(), "score": as_of.isoformat()},
+        churn=churn, value=value, evaluation=evaluation,
+        churn_metrics=pd.DataFrame(churn_rows), value_metrics=pd.DataFrame(value_rows),
+        scores=scores, churn_shap=churn_shap, value_shap=value_shap, score_features=score_X,
+        clv_params=clv_params,
+        sizes={"train": len(train), "valid": len(valid), "eval": len(test),
+               "score": len(score_features), "features": len(columns)},
+    )
+
+
+def honest_cutoffs(*, as_of: dt.date, horizon_days: int, n_train: int, step_days: int,
+                   first_date: dt.date) -> tuple[dt.date, dt.date, list[dt.date]]:
+    """Evaluation, validation and training cutoffs whose labels never overlap.
+
+    - evaluation: ``as_of - H`` (the latest cutoff whose horizon is fully observed);
+    - validation: ``evaluation - H`` (its labels end where the evaluation starts);
+    - training: ``validation - H - k * step_days`` for k = 0 .. n_train - 1 (labels end
+      by the validation cutoff), keeping those with at least H days of history.
+    """
+    h = dt.timedelta(days=horizon_days)
+    eval_cut = as_of - h
+    valid_cut = eval_cut - h
+    train = [valid_cut - h - dt.timedelta(days=k * step_days) for k in range(n_train)]
+    train = [c for c in train if (c - first_date).days >= horizon_days]
+    return eval_cut, valid_cut, train
+
+
+def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
+                    versions: dict) -> dict[str, Path]:
+    """Models (XGBoost JSON + metadata), evaluation and SHAP tables (Parquet), summary.
+
+    Returns
+    -------
+    dict of Path
+    """
+    out_dir = Path(out_dir)
+    models = out_dir / "models"
+    meta = {"cutoffs": run.cutoffs, "horizon_days": run.horizon_days,
+            "data_fingerprint": fingerprint, "versions": versions}
+    written = {}
+    for name, model, metrics in (("churn", run.churn, run.churn_metrics),
+                                 ("value", run.value, run.value_metrics)):
+        extra = {"metrics": metrics.set_index("method").to_dict(orient="index")}
+        if name == "churn":
+            extra["calibration"] = run.churn.calibration_
+        paths = model.save(models, name, {**meta, **extra})
+        written[f"{name}_model"], written[f"{name}_metadata"] = paths["model"], paths["metadata"]
+    tables = out_dir / "models"
+    for name, frame in (("evaluation", run.evaluation), ("churn_metrics", run.churn_metrics),
+                        ("value_metrics", run.value_metrics), ("scores", run.scores),
+                        ("churn_shap", run.churn_shap), ("value_shap", run.value_shap),
+                        ("score_features", run.score_features)):
+        path = tables / f"{name}.parquet"
+        frame.to_parquet(path, index=False)
+        written[name] = path
+    path = out_dir / "models.json"
+    path.write_text(json.dumps(run.summary(), indent=2, default=_json_default))
+    written["summary"] = path
+    return written
+
+
+def read_model_run(out_dir: str | Path) -> ModelRun:
+    """Read back what :func:`write_model_run` wrote (boosters from their JSON)."""
+    out_dir = Path(out_dir)
+    folder = out_dir / "models"
+    summary = json.loads((out_dir / "models.json").read_text())
+    loaded = {}
+    for name, cls in (("churn", ChurnModel), ("value", ValueModel)):
+        meta = json.loads((folder / f"{name}.meta.json").read_text())
+        model = cls(**meta["params"])
+        model.booster_ = xgb.Booster()
+        model.booster_.load_model(str(folder / f"{name}.json"))
+        model.best_iteration_ = meta["best_iteration"]
+        model.features_, model.categories_ = meta["features"], meta["categories"]
+        if name == "churn":
+            model.calibration_ = meta["calibration"]
+        loaded[name] = model
+    tables = {name: pd.read_parquet(folder / f"{name}.parquet")
+              for name in ("evaluation", "churn_metrics", "value_metrics", "scores",
+                           "churn_shap", "value_shap", "score_features")}
+    return ModelRun(horizon_days=summary["horizon_days"], cutoffs=summary["cutoffs"],
+                    churn=loaded["churn"], value=loaded["value"],
+                    clv_params=summary["clv_params"], sizes=summary["sizes"], **tables)
+
+
+def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
+    """Add ``churn_probability``, ``predicted_value``, ``reasons`` (why the churn risk is
+    what it is) and ``value_reasons`` to the run's ``customers.parquet`` / ``.csv``."""
+    out_dir = Path(out_dir)
+    customers = pd.read_parquet(out_dir / "customers.parquet")
+    customers = customers.drop(columns=[c for c in ("churn_probability", "predicted_value",
+                                                     "reasons", "value_reasons")
+                                        if c in customers])
+    merged = customers.merge(
+        scores.rename(columns={"churn_reasons": "reasons"}), on="customer_id", how="left")
+    first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "churn_probability",
+             "predicted_value", "reasons"]
+    merged = merged[[c for c in first if c in merged] + [c for c in merged if c not in first]]
+    for suffix, write in ((".parquet", lambda f, p: f.to_parquet(p, index=False)),
+                          (".csv", lambda f, p: f.to_csv(p, index=False))):
+        tmp = out_dir / f".customers{suffix}.tmp"
+        write(merged, tmp)
+        tmp.replace(out_dir / f"customers{suffix}")
+    return merged
+
+
+def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency") -> pd.DataFrame:
+    """Out-of-time accuracy of the model per history group (one, 2-3, 4+ purchase days).
+
+    Returns
+    -------
+    DataFrame
+        ``group``, ``n``, ``churn_rate``, ``churn_auc`` (empty with one class),
+        ``value_mae``, ``value_mae_last_period``.
+    """
+    groups = pd.cut(evaluation[by], [0, 1, 3, np.inf], labels=["1 purchase day",
+                                                                 "2-3 purchase days",
+                                                                 "4+ purchase days"])
+    rows = []
+    for name, part in evaluation.groupby(groups, observed=True):
+        y = part["churned"]
+        auc = float(roc_auc_score(y, part["churn_model"])) if y.nunique() == 2 else np.nan
+        rows.append({"group": str(name), "n": len(part), "churn_rate": float(y.mean()),
+                     "churn_auc": auc,
+                     "value_mae": float(np.mean(np.abs(part["future_spend"]
+                                                       - part["value_model"]))),
+                     "value_mae_last_period": float(np.mean(np.abs(
+                         part["future_spend"] - part["value_last_period"])))})
+    return pd.DataFrame(rows)
+
+
+def data_fingerprint(processed_dir: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of the cleaned input tables of a run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((Path(processed_dir) / "clean").glob("*.parquet")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

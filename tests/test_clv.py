@@ -1,0 +1,86 @@
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
+
+from .conftest import require_cdnow
+
+
+@pytest.fixture(scope="module")
+def sample_summary():
+    folder = require_cdnow()
+    s = pd.read_csv(folder / "CDNOW_sample.txt", sep=r"\s+", header=None,
+                    names=["original_id", "customer_id", "date", "cds", "amount"],
+                    dtype={"customer_id": str})
+    s["order_date"] = pd.to_datetime(s["date"].astype(str), format="%Y%m%d")
+    return rfm_summary(s, calibration_end=dt.date(1997, 10, 1))
+
+
+def test_summary_follows_the_literature(sample_summary):
+    assert len(sample_summary) == 2_357
+    assert (sample_summary["frequency"] == 0).sum() == 1_411
+    first = sample_summary.loc["0001"]
+    assert first["frequency"] == 2 and first["recency"] == pytest.approx(30.43, abs=0.01)
+    assert first["T"] == pytest.approx(38.86, abs=0.01)
+
+
+def test_bgnbd_reproduces_fader_hardie_lee_2005(sample_summary):
+    s = sample_summary
+    model = BetaGeoModel().fit(s["frequency"], s["recency"], s["T"])
+    published = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
+    for name, value in published.items():
+        assert model.params_[name] == pytest.approx(value, rel=0.01), name
+    assert model.loglik_ == pytest.approx(-9582.4, abs=0.5)
+
+
+def test_gamma_gamma_reproduces_fader_hardie_2013(sample_summary):
+    s = sample_summary
+    model = GammaGammaModel().fit(s["frequency"], s["monetary_value"])
+    for name, value in {"p": 6.25, "q": 3.74, "gamma": 15.44}.items():
+        assert model.params_[name] == pytest.approx(value, rel=0.02), name
+
+
+def test_bgnbd_predictions_behave():
+    model = BetaGeoModel()
+    model.params_ = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
+    # one-time buyers are "alive" with probability 1 (why P(alive) is no churn score)
+    assert model.probability_alive([0], [0], [30])[0] == 1.0
+    # a frequent buyer who stopped long ago is less likely alive than a recent one
+    recent, stale = model.probability_alive([5, 5], [30, 5], [32, 32])
+    assert recent > 0.8 > 0.3 > stale
+    # expected purchases grow with the horizon and with past frequency
+    e = model.expected_purchases(np.array([10, 39]), [3, 3], [30, 30], [32, 32])
+    assert 0 < e[0] < e[1]
+    assert model.expected_purchases(39, [6], [30], [32])[0] > e[1]
+    # a new customer's expectation grows with the horizon
+    assert 0.3 < model.expected_purchases_new(39) < model.expected_purchases_new(78)
+
+
+def test_gamma_gamma_shrinks_towards_the_population_mean():
+    gg = GammaGammaModel()
+    gg.params_ = {"p": 6.25, "q": 3.74, "gamma": 15.44}
+    population = 6.25 * 15.44 / 2.74
+    one, many = gg.expected_spend([1, 20], [100.0, 100.0])
+    assert population < one < many < 100.0
+    assert gg.expected_spend([0], [0.0])[0] == pytest.approx(population)
+
+
+def test_clv_is_discounted_spend_over_the_months():
+    model = BetaGeoModel()
+    model.params_ = {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426}
+    gg = GammaGammaModel()
+    gg.params_ = {"p": 6.25, "q": 3.74, "gamma": 15.44}
+    args = ([3], [30.0], [32.0], [40.0])
+    undiscounted = gg.customer_lifetime_value(model, *args, months=12, monthly_discount_rate=0)
+    expected = model.expected_purchases(12 * 30.4375 / 7, *args[:3]) * gg.expected_spend(
+        [3], [40.0])
+    assert undiscounted[0] == pytest.approx(expected[0], rel=1e-9)
+    assert gg.customer_lifetime_value(model, *args, months=12)[0] < undiscounted[0]
+
+
+def test_fit_refuses_too_little_data():
+    with pytest.raises(ValueError, match="at least"):
+        BetaGeoModel().fit([0, 0, 1], [0, 0, 1], [5, 5, 5])

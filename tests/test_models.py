@@ -1,0 +1,190 @@
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import features as F
+from analysis import models as M
+from analysis.demo import DemoWorld, generate_demo
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_churn_metrics_on_hand_data():
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 0, 0, 0])
+    perfect = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.1, 0.2, 0.1, 0.0])
+    m = M.churn_metrics(y, perfect)
+    assert m["roc_auc"] == 1.0 and m["pr_auc"] == 1.0
+    assert m["capture_top20"] == pytest.approx(2 / 3) and m["lift_top20"] == pytest.approx(
+        (2 / 2) / 0.3)
+    assert m["brier"] == pytest.approx(np.mean((perfect - y) ** 2))
+    rank_only = M.churn_metrics(y, -perfect, probabilities=False)
+    assert rank_only["roc_auc"] == 0.0 and "brier" not in rank_only
+
+
+def test_expected_calibration_error_is_zero_when_bins_match():
+    y = np.array([1, 0] * 50)
+    p = np.full(100, 0.5)
+    assert M.churn_metrics(y, p)["ece"] == pytest.approx(0.0)
+    assert M.churn_metrics(y, np.full(100, 0.9))["ece"] == pytest.approx(0.4)
+
+
+def test_value_metrics_and_gini():
+    actual = np.array([0.0, 0.0, 10.0, 50.0, 100.0])
+    assert M.normalized_gini(actual, actual) == pytest.approx(1.0)
+    assert M.normalized_gini(actual, -actual) < 0
+    m = M.value_metrics(actual, np.array([1.0, 1.0, 12.0, 40.0, 90.0]))
+    assert m["mae"] == pytest.approx((1 + 1 + 2 + 10 + 10) / 5)
+    assert m["top_decile_capture"] == pytest.approx(100 / 160)
+    assert m["total_actual"] == 160.0
+
+
+def test_decile_table_capture_sums_to_one():
+    rng = np.random.default_rng(0)
+    actual = rng.exponential(10, 1000)
+    table = M.decile_table(actual, actual + rng.normal(0, 1, 1000))
+    assert table["n"].tolist() == [100] * 10
+    assert table["cumulative_capture"].iloc[-1] == pytest.approx(1.0)
+    assert table["mean_actual"].is_monotonic_decreasing
+
+
+def test_calibration_choice_and_json_safe_application():
+    rng = np.random.default_rng(1)
+    margin = rng.normal(0, 2, 4000)
+    true_p = 1 / (1 + np.exp(-(0.5 * margin - 0.3)))
+    y = (rng.random(4000) < true_p).astype(int)
+    cal = M.choose_calibration(margin, y)
+    assert cal["method"] in {"isotonic", "platt"} and set(cal["cv_brier"]) == {"isotonic",
+                                                                                "platt"}
+    platt = M._fit_calibration("platt", margin, y)
+    assert platt["slope"] == pytest.approx(0.5, abs=0.08)
+    iso = M._fit_calibration("isotonic", margin, y)
+    p = M.apply_calibration(iso, margin)
+    assert np.all(np.diff(p[np.argsort(margin)]) >= -1e-12)  # monotone
+
+
+def test_honest_cutoffs_never_overlap():
+    ev, va, tr = M.honest_cutoffs(as_of=dt.date(2025, 1, 1), horizon_days=90, n_train=4,
+                                  step_days=30, first_date=dt.date(2023, 1, 1))
+    assert ev == dt.date(2024, 10, 3) and va == ev - dt.timedelta(days=90)
+    assert all(c + dt.timedelta(days=90) <= va for c in tr) and len(tr) == 4
+    _, _, short = M.honest_cutoffs(as_of=dt.date(2025, 1, 1), horizon_days=90, n_train=4,
+                                   step_days=30, first_date=dt.date(2024, 3, 1))
+    assert short == []
+
+
+def test_rfm_lookup_uses_training_cells():
+    train = pd.DataFrame({"recency_days": [1, 2, 300, 400] * 5, "frequency": [9, 8, 1, 1] * 5,
+                          "monetary_total": [900, 800, 10, 20] * 5,
+                          "churned": [0, 0, 1, 1] * 5})
+    score = pd.DataFrame({"recency_days": [1, 400, 1], "frequency": [10, 1, 1],
+                          "monetary_total": [1000, 20, 5]})
+    # the third customer's cell (recent, one purchase, tiny spend) was never seen: mean
+    assert M.rfm_lookup(train, score, target="churned").tolist() == [0.0, 1.0, 0.5]
+
+
+# --------------------------------------------------------------------------- on the demo world
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    world = DemoWorld(n_customers=4_000, seed=5)
+    frames = generate_demo(world)
+    con = F.connect({name: frames[name] for name in ("transactions", "customers",
+                                                     "interactions")})
+    run = M.fit_and_evaluate(con, as_of=world.as_of, horizon_days=90, n_cutoffs=8,
+                             step_days=30, exclude=("gender", "age_band"), seed=1)
+    return world, frames, con, run
+
+
+def oracle_churn_probability(frame: pd.DataFrame, *, cutoff: dt.date, horizon: int,
+                             world: DemoWorld) -> np.ndarray:
+    """The best possible churn score with the ground truth's individual rates and the
+    observable history (the recency): P(churn) = 1 - P(alive | recency) x P(buys | alive).
+
+    With purchase rate lambda (scaled by the horizon's seasonality) and dropout hazard mu,
+    a customer silent for d days is alive with probability
+    e^{-(l+m)d} / (e^{-(l+m)d} + m/(l+m) (1 - e^{-(l+m)d})) (the Pareto/NBD posterior with
+    known rates), and, alive, buys nothing in H days with probability
+    m/(l+m) (1 - e^{-(l+m)H}) + e^{-(l+m)H}.
+    """
+    from analysis.demo import _season
+
+    t0 = (cutoff - world.start).days
+    season = _season(np.arange(t0, t0 + horizon), world).mean()
+    lam_past = frame["purchase_rate_per_day"].to_numpy()
+    lam = lam_past * season
+    mu = frame["dropout_hazard_per_day"].to_numpy()
+    d = frame["recency_days"].to_numpy()
+    silent = np.exp(-(lam_past + mu) * d)
+    alive = silent / (silent + mu / (lam_past + mu) * (1 - silent))
+    total = lam + mu
+    p_none = mu / total * (1 - np.exp(-total * horizon)) + np.exp(-total * horizon)
+    return 1 - alive * (1 - p_none)
+
+
+@pytest.mark.e2e
+def test_churn_model_is_close_to_the_oracle_and_beats_baselines(demo_run):
+    world, frames, _, run = demo_run
+    m = run.churn_metrics.set_index("method")
+    assert m.loc["model", "roc_auc"] >= m.loc["logistic", "roc_auc"] - 0.005
+    assert m.loc["model", "roc_auc"] > m.loc["rfm", "roc_auc"]
+    assert m.loc["model", "brier"] < m.loc["rfm", "brier"]
+    cutoff = dt.date.fromisoformat(run.cutoffs["eval"])
+    recency = F.build_features(F.connect({"transactions": frames["transactions"]}),
+                               cutoff=cutoff)[["customer_id", "recency_days"]]
+    ev = run.evaluation.merge(frames["truth_customers"], on="customer_id").merge(
+        recency, on="customer_id")
+    oracle = oracle_churn_probability(ev, cutoff=cutoff, horizon=90, world=world)
+    oracle_auc = M.churn_metrics(ev["churned"], oracle)["roc_auc"]
+    assert m.loc["model", "roc_auc"] >= oracle_auc - 0.03, (m.loc["model", "roc_auc"],
+                                                             oracle_auc)
+
+
+@pytest.mark.e2e
+def test_value_model_beats_last_period(demo_run):
+    _, _, _, run = demo_run
+    v = run.value_metrics.set_index("method")
+    assert v.loc["model", "mae"] < v.loc["last_period", "mae"]
+    assert v.loc["model", "gini"] > v.loc["last_period", "gini"]
+    assert 0.7 < v.loc["model", "total_predicted"] / v.loc["model", "total_actual"] < 1.3
+
+
+@pytest.mark.e2e
+def test_scores_reasons_and_saved_models(demo_run, tmp_path):
+    _, _, con, run = demo_run
+    scores = run.scores
+    assert scores["churn_probability"].between(0, 1).all()
+    assert (scores["predicted_value"] >= 0).all()
+    assert scores["churn_reasons"].str.len().gt(5).mean() > 0.95
+    assert not scores["churn_reasons"].str.contains("_1|nan|None").any()
+    written = M.write_model_run(run, tmp_path, fingerprint="abc", versions={"x": "1"})
+    back = M.read_model_run(tmp_path)
+    assert np.allclose(back.churn.predict_proba(run.score_features),
+                       scores["churn_probability"])
+    assert np.allclose(back.value.predict(run.score_features), scores["predicted_value"])
+    meta = written["churn_metadata"].read_text()
+    assert '"data_fingerprint": "abc"' in meta and '"calibration"' in meta
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in {".pkl", ".pickle", ".joblib"}]
+
+
+@pytest.mark.e2e
+def test_predictions_ignore_rows_after_the_cutoff(demo_run):
+    _, frames, _, run = demo_run
+    cutoff = dt.date.fromisoformat(run.cutoffs["eval"])
+    tx = frames["transactions"]
+    changed = tx.assign(amount=np.where(tx["order_date"] >= pd.Timestamp(cutoff),
+                                        tx["amount"] * 5, tx["amount"]))
+    before, after = (
+        F.build_features(F.connect({"transactions": t, "customers": frames["customers"],
+                                    "interactions": frames["interactions"]}),
+                         cutoff=cutoff, horizon_days=90, labels=False,
+                         exclude_attributes=("gender", "age_band"))
+        for t in (tx, changed))
+    cats = run.churn.categories_
+    x1 = M.prepare_matrix(before, run.churn.features_, cats)
+    x2 = M.prepare_matrix(after, run.churn.features_, cats)
+    assert np.array_equal(run.churn.predict_proba(x1), run.churn.predict_proba(x2))
+    assert np.array_equal(run.value.predict(x1), run.value.predict(x2))
