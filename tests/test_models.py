@@ -188,3 +188,25 @@ def test_predictions_ignore_rows_after_the_cutoff(demo_run):
     x2 = M.prepare_matrix(after, run.churn.features_, cats)
     assert np.array_equal(run.churn.predict_proba(x1), run.churn.predict_proba(x2))
     assert np.array_equal(run.value.predict(x1), run.value.predict(x2))
+
+
+@pytest.mark.e2e
+def test_cdnow_holdout_model_beats_bgnbd(tmp_path):
+    from analysis.bench import bench_cdnow
+
+    from .conftest import require_cdnow
+
+    report = bench_cdnow(data_dir=require_cdnow(), out=tmp_path)
+    h = report["holdout"]
+    assert h["actual"]["transactions"] == 19_684 and h["actual"]["share_no_purchase"] == \
+        pytest.approx(0.701, abs=0.001)
+    bg, model = h["bgnbd_gg"], h["model"]
+    # the literature's figures for BG/NBD + Gamma-Gamma
+    assert bg["transactions_mae"] == pytest.approx(0.819, abs=0.002)
+    assert bg["spend_gini"] == pytest.approx(0.672, abs=0.002)
+    assert bg["churn_auc"] == pytest.approx(0.763, abs=0.002)
+    assert model["spend_mae"] < bg["spend_mae"]
+    assert model["spend_gini"] > bg["spend_gini"]
+    assert model["spend_top_decile_capture"] > bg["spend_top_decile_capture"]
+    assert model["churn_auc"] > bg["churn_auc"]
+    assert (tmp_path / "cdnow.md").is_file()

@@ -249,3 +249,171 @@ def render_results(results_dir: str | Path) -> str:
     for extra in sorted(results_dir.glob("*.md")):
         lines += [extra.read_text().rstrip(), ""]
     return "\n".join(lines)
+
+
+CDNOW_CALIBRATION_END = dt.date(1997, 10, 1)
+CDNOW_HOLDOUT_DAYS = 273          # 39 weeks: 1997-10-01 .. 1998-06-30
+CDNOW_INNER_HORIZON_DAYS = 91     # inner cutoffs' labels must end by 1997-10-01
+CDNOW_INNER_STEP_DAYS = 14
+
+
+def bench_cdnow(*, data_dir: str | Path, out: str | Path, seed: int = 42) -> dict:
+    """The CDNOW benchmark of the literature, with the project's models beside BG/NBD.
+
+    Calibration 1997-01-01..1997-09-30, holdout 1997-10-01..1998-06-30, same-day
+    purchases merged. BG/NBD and Gamma-Gamma are fitted on the calibration period (and
+    on the 1/10 sample, to compare with the published parameters). The project's models
+    may use only calibration data: they are trained on a 91-day horizon at inner cutoffs
+    every 14 days from mid-February (the latest, 1997-07-02, whose labels end on
+    1997-10-01, is the early-stopping cutoff), and their spend and transaction
+    predictions are scaled by 273/91 for the 39-week holdout (rankings are unaffected
+    by the scale). A 91-day horizon with ten snapshots beat 120-, 150- and 182-day
+    horizons with fewer snapshots in a comparison on these data.
+
+    Writes ``OUT/cdnow.json`` and ``OUT/cdnow.md``.
+    """
+    from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
+    from analysis.features import build_features, build_snapshots
+    from analysis.models import (ChurnModel, LogisticChurn, ValueModel, bgnbd_baseline,
+                                 categories_of, feature_columns, normalized_gini,
+                                 prepare_matrix, rfm_lookup)
+
+    data_dir, out = Path(data_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sample = pd.read_csv(data_dir / "CDNOW_sample.txt", sep=r"\s+", header=None,
+                         names=["original_id", "customer_id", "date", "cds", "amount"],
+                         dtype={"customer_id": str, "date": str})
+    sample["order_date"] = pd.to_datetime(sample["date"], format="%Y%m%d")
+    s = rfm_summary(sample, calibration_end=CDNOW_CALIBRATION_END)
+    bg_s = BetaGeoModel().fit(s["frequency"], s["recency"], s["T"])
+    gg_s = GammaGammaModel().fit(s["frequency"], s["monetary_value"])
+
+    master = pd.read_csv(data_dir / "CDNOW_master.txt", sep=r"\s+",
+                         dtype={"customer_id": str, "date": str})
+    lines = pd.DataFrame({"customer_id": master["customer_id"],
+                          "order_date": pd.to_datetime(master["date"], format="%Y%m%d"),
+                          "amount": master["dollar_value"].astype(float),
+                          "status": "completed"})
+    con = connect({"transactions": lines})
+    start = time.perf_counter()
+    at_cal = build_features(con, cutoff=CDNOW_CALIBRATION_END,
+                            horizon_days=CDNOW_HOLDOUT_DAYS)
+    actual_tx = at_cal["future_orders"].to_numpy(dtype=float)
+    actual_spend = at_cal["future_spend"].to_numpy(dtype=float)
+    churned = at_cal["churned"].to_numpy()
+
+    calibration = lines[lines["order_date"] < pd.Timestamp(CDNOW_CALIBRATION_END)]
+    bg, params = bgnbd_baseline(calibration, cutoff=CDNOW_CALIBRATION_END,
+                                horizon_days=CDNOW_HOLDOUT_DAYS,
+                                customers=at_cal["customer_id"])
+    methods = {"bgnbd_gg": {"transactions": bg["expected_purchases"].to_numpy(),
+                            "spend": bg["expected_spend"].to_numpy(),
+                            "churn": -bg["expected_purchases"].to_numpy()}}
+
+    last_inner = CDNOW_CALIBRATION_END - dt.timedelta(days=CDNOW_INNER_HORIZON_DAYS)
+    inner = sorted(c for c in (last_inner - dt.timedelta(days=k * CDNOW_INNER_STEP_DAYS)
+                               for k in range(20)) if c >= dt.date(1997, 2, 15))
+    snaps = build_snapshots(con, cutoffs=inner, horizon_days=CDNOW_INNER_HORIZON_DAYS)
+    train = snaps[snaps["cutoff"] < pd.Timestamp(inner[-1])].reset_index(drop=True)
+    valid = snaps[snaps["cutoff"] == pd.Timestamp(inner[-1])].reset_index(drop=True)
+    score = build_features(con, cutoff=CDNOW_CALIBRATION_END,
+                           horizon_days=CDNOW_INNER_HORIZON_DAYS, labels=False)
+    cols = feature_columns(train)
+    cats = categories_of(train, cols)
+    xt, xv, xs = (prepare_matrix(f, cols, cats) for f in (train, valid, score))
+    scale = CDNOW_HOLDOUT_DAYS / CDNOW_INNER_HORIZON_DAYS
+    churn = ChurnModel(seed=seed).fit(xt, train["churned"], xv, valid["churned"])
+    spend = ValueModel(seed=seed).fit(xt, train["future_spend"], xv, valid["future_spend"])
+    count = ValueModel(seed=seed).fit(xt, train["future_orders"], xv, valid["future_orders"])
+    methods["model"] = {"transactions": count.predict(xs) * scale,
+                        "spend": spend.predict(xs) * scale,
+                        "churn": churn.predict_proba(xs)}
+    logistic = LogisticChurn().fit(xt, train["churned"])
+    methods["logistic"] = {"churn": logistic.predict_proba(xs)}
+    methods["rfm"] = {"transactions": rfm_lookup(train, score, target="future_orders") * scale,
+                      "spend": rfm_lookup(train, score, target="future_spend") * scale,
+                      "churn": rfm_lookup(train, score, target="churned")}
+    last = score["spend_last_horizon"].clip(lower=0).to_numpy() * scale
+    methods["last_period"] = {"spend": last,
+                              "transactions": score["orders_90d"].to_numpy() * scale,
+                              "churn": -last}
+    seconds = time.perf_counter() - start
+
+    from sklearn.metrics import roc_auc_score
+
+    holdout: dict = {"actual": {"customers": int(len(at_cal)),
+                                "transactions": int(actual_tx.sum()),
+                                "spend": round(float(actual_spend.sum()), 2),
+                                "share_no_purchase": round(float(churned.mean()), 4)}}
+    for name, pred in methods.items():
+        row = {}
+        if "transactions" in pred:
+            p = np.asarray(pred["transactions"], dtype=float)
+            row.update(transactions_mae=float(np.mean(np.abs(p - actual_tx))),
+                       transactions_rmse=float(np.sqrt(np.mean((p - actual_tx) ** 2))),
+                       transactions_corr=float(np.corrcoef(p, actual_tx)[0, 1]),
+                       transactions_total=float(p.sum()))
+        if "spend" in pred:
+            p = np.asarray(pred["spend"], dtype=float)
+            top = np.argsort(-p, kind="stable")[: round(0.1 * len(p))]
+            row.update(spend_mae=float(np.mean(np.abs(p - actual_spend))),
+                       spend_rmse=float(np.sqrt(np.mean((p - actual_spend) ** 2))),
+                       spend_spearman=float(stats_spearman(p, actual_spend)),
+                       spend_gini=normalized_gini(actual_spend, p),
+                       spend_top_decile_capture=float(actual_spend[top].sum()
+                                                      / actual_spend.sum()),
+                       spend_total=float(p.sum()))
+        row["churn_auc"] = float(roc_auc_score(churned, pred["churn"]))
+        holdout[name] = {k: round(v, 4) for k, v in row.items()}
+    report = {
+        "sample": {"customers": int(len(s)),
+                   "bgnbd": {**{k: round(v, 4) for k, v in bg_s.params_.items()},
+                             "loglik": round(bg_s.loglik_, 2)},
+                   "gamma_gamma": {k: round(v, 4) for k, v in gg_s.params_.items()}},
+        "full_calibration_params": params,
+        "holdout": holdout,
+        "seconds_models": round(seconds, 1),
+    }
+    (out / "cdnow.json").write_text(json.dumps(report, indent=2))
+    (out / "cdnow.md").write_text(_cdnow_markdown(report))
+    return report
+
+
+def stats_spearman(a, b) -> float:
+    from scipy import stats
+
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def _cdnow_markdown(r: dict) -> str:
+    s = r["sample"]
+    rows = ["## CDNOW (real data, published reference figures)", "",
+            f"BG/NBD on the 2,357-customer sample: r = {s['bgnbd']['r']:.3f}, alpha = "
+            f"{s['bgnbd']['alpha']:.3f}, a = {s['bgnbd']['a']:.3f}, b = {s['bgnbd']['b']:.3f}, "
+            f"log-likelihood {s['bgnbd']['loglik']:,.1f} (published: 0.243, 4.414, 0.793, "
+            f"2.426, -9,582.4). Gamma-Gamma: p = {s['gamma_gamma']['p']:.2f}, q = "
+            f"{s['gamma_gamma']['q']:.2f}, gamma = {s['gamma_gamma']['gamma']:.2f} "
+            f"(published: 6.25, 3.74, 15.44).", "",
+            "Holdout 1997-10-01..1998-06-30, full log; the project's models trained on "
+            "calibration data only:", "",
+            "| method | tx MAE | tx corr | spend MAE | spend Spearman | spend Gini | "
+            "top-decile capture | churn AUC |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in r["holdout"].items():
+        if name == "actual":
+            continue
+        cell = (lambda k, f=".3f": format(m[k], f) if k in m else "")
+        rows.append(f"| {name} | {cell('transactions_mae')} | {cell('transactions_corr')} | "
+                    f"{cell('spend_mae', '.1f')} | {cell('spend_spearman')} | "
+                    f"{cell('spend_gini')} | {cell('spend_top_decile_capture')} | "
+                    f"{cell('churn_auc')} |")
+    a = r["holdout"]["actual"]
+    rows += ["", f"Actual: {a['transactions']:,} repeat transactions, {a['spend']:,.0f} spent, "
+                 f"{a['share_no_purchase']:.1%} of customers bought nothing. Reference "
+                 "figures (standard tools): BG/NBD+GG tx MAE 0.819, corr 0.669, spend MAE "
+                 "32.7, Gini 0.672, top decile 0.516, churn AUC 0.763; plain XGBoost on "
+                 "RFM features: corr 0.695, spend MAE 31.0, Gini 0.671, top decile 0.525, "
+                 "churn AUC 0.770.",
+             "", "Reproduce: `python -m analysis bench cdnow --data ../shared/datasets/cdnow "
+                 "--out bench/out/cdnow && cp bench/out/cdnow/cdnow.json bench/out/cdnow/cdnow.md "
+                 "bench/results/ && python -m analysis bench results`"]
+    return "\n".join(rows)

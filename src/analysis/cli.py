@@ -100,6 +100,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None,
                    help="folder with (or for) the demo data; default OUT/data-LINES")
     p.set_defaults(func=_bench_features)
+    p = bench_sub.add_parser("cdnow", help="CDNOW holdout: models vs BG/NBD + Gamma-Gamma",
+                             description="Calibration 1997-01..09, holdout 1997-10..1998-06; "
+                                         "writes OUT/cdnow.json and OUT/cdnow.md.")
+    p.add_argument("--data", type=Path, required=True,
+                   help="folder with CDNOW_master.txt and CDNOW_sample.txt")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=_bench_cdnow)
     p = bench_sub.add_parser("results", help="render bench/RESULTS.md from bench/results/*.json",
                              description="Render the results table from the JSON files.")
     p.add_argument("--results", type=Path, default=Path("bench/results"))
@@ -186,6 +193,16 @@ def _bench_features(args: argparse.Namespace) -> int:
                             data_dir=args.data)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     return 0 if report["identical"] else 1
+
+
+def _bench_cdnow(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.bench import bench_cdnow
+
+    report = bench_cdnow(data_dir=args.data, out=args.out)
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def _bench_results(args: argparse.Namespace) -> int:
