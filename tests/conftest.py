@@ -38,6 +38,7 @@ def demo_config(tmp_path, small_demo) -> Path:
         "transactions": {"path": str(small_demo / "transactions.parquet")},
         "customers": {"path": str(small_demo / "customers.parquet")},
         "interactions": {"path": str(small_demo / "interactions.parquet")},
+        "campaign": {"path": str(small_demo / "campaign.parquet")},
     }, protected=["gender", "age_band"], analysis={"horizon_days": 90})
 
 

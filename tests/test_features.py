@@ -203,7 +203,12 @@ def test_demo_churn_label_agrees_with_ground_truth_dropout(small_demo):
     assert gone.sum() > 100
     assert (merged.loc[gone, "churned"] == 1).all()      # dropped out: cannot buy again
     alive = merged["dropout_date"] >= pd.Timestamp(cutoff) + pd.Timedelta(days=120)
-    rate = merged["purchase_rate_per_day"]
+    from analysis.demo import DemoWorld, _season
+
+    world = DemoWorld()
+    start = (cutoff - world.start).days
+    season = _season(np.arange(start, start + 120), world).mean()   # June-September: low
+    rate = merged["purchase_rate_per_day"] * season
     expected_buy = 1 - np.exp(-rate * 120)                # P(at least one order) if alive
     observed = 1 - merged.loc[alive, "churned"].mean()
     assert observed == pytest.approx(expected_buy[alive].mean(), abs=0.06)

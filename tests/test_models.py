@@ -94,7 +94,7 @@ def demo_run(tmp_path_factory):
     frames = generate_demo(world)
     con = F.connect({name: frames[name] for name in ("transactions", "customers",
                                                      "interactions")})
-    run = M.fit_and_evaluate(con, as_of=world.as_of, horizon_days=90, n_cutoffs=8,
+    run = M.fit_and_evaluate(con, as_of=world.as_of, horizon_days=90, n_cutoffs=14,
                              step_days=30, exclude=("gender", "age_band"), seed=1)
     return world, frames, con, run
 

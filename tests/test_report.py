@@ -34,7 +34,8 @@ def good_run(tmp_path_factory, small_demo):
         "name": "e2e", "tables": {
             "transactions": {"path": str(small_demo / "transactions.parquet")},
             "customers": {"path": str(small_demo / "customers.parquet")},
-            "interactions": {"path": str(small_demo / "interactions.parquet")}},
+            "interactions": {"path": str(small_demo / "interactions.parquet")},
+            "campaign": {"path": str(small_demo / "campaign.parquet")}},
         "protected": ["gender", "age_band"],
         "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
     lines = []
@@ -63,8 +64,15 @@ def test_run_publishes_a_self_contained_report(good_run):
 def test_run_writes_customers_and_metrics(good_run):
     _, _, result, _ = good_run
     customers = pd.read_csv(result.processed_dir / "customers.csv", dtype={"customer_id": str})
-    for col in ("customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name"):
+    for col in ("customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name",
+                "churn_probability", "predicted_value", "action", "expected_profit"):
         assert customers[col].notna().all(), col
+    assert customers["reasons"].notna().mean() > 0.95
+    assert customers["churn_probability"].between(0, 1).all()
+    models = result.processed_dir / "models"
+    assert (models / "churn.json").is_file() and (models / "value.meta.json").is_file()
+    assert not [p for p in result.processed_dir.rglob("*")
+                if p.suffix in {".pkl", ".pickle", ".joblib"}]
     assert customers["customer_id"].is_unique
     metrics = json.loads((result.processed_dir / "metrics.json").read_text())
     assert set(metrics["stage_seconds"]) >= set(NOTEBOOKS)
@@ -102,3 +110,20 @@ def test_failed_run_keeps_the_last_good_report(good_run, capsys):
 def test_bad_run_id_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="run id"):
         run_pipeline(tmp_path / "x.yaml", run_id="../escape")
+
+
+@pytest.mark.e2e
+def test_run_strategy_is_fair_and_keeps_valuable_customers_off_the_phaseout_list(
+        good_run, small_demo):
+    _, _, result, _ = good_run
+    decided = pd.read_parquet(result.processed_dir / "strategy" / "customers.parquet")
+    assert decided["customer_id"].is_unique and decided["action"].notna().all()
+    future = pd.read_parquet(small_demo / "ground_truth" / "future_orders.parquet")
+    true_value = (future[future["status"] == "completed"].groupby("customer_id")["amount"].sum()
+                  .reindex(decided["customer_id"], fill_value=0.0))
+    top_half = set(true_value[true_value > true_value.median()].index)
+    listed = set(decided.loc[decided["phaseout_candidate"], "customer_id"])
+    assert not listed & top_half
+    fairness = pd.read_parquet(result.processed_dir / "strategy" / "fairness.parquet")
+    assert len(fairness) and not fairness["flag"].any()
+    assert set(fairness["attribute"]) == {"gender", "age_band"}

@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from analysis.errors import ConfigError
+from analysis.strategy import StrategyParams
 
 __all__ = [
     "TABLE_CONTRACTS",
@@ -39,6 +40,8 @@ TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "customers": (("customer_id",), ("signup_date",)),
     "interactions": (("customer_id", "date", "type"), ("score", "resolved")),
+    # a past retention campaign with random assignment: who was contacted, and when
+    "campaign": (("customer_id", "campaign_date", "treated"), ()),
 }
 
 
@@ -137,6 +140,7 @@ class Config:
     pii: tuple[str, ...] = ()
     cleaning: CleaningParams = CleaningParams()
     analysis: AnalysisParams = AnalysisParams()
+    strategy: StrategyParams = field(default_factory=StrategyParams)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, for metrics files and reports."""
@@ -169,7 +173,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
     """Build a :class:`Config` from an already-parsed mapping."""
     ctx = _Ctx(source)
     ctx.known(raw, "", {"name", "mode", "seed", "tables", "protected", "pii", "cleaning",
-                        "analysis", "output"})
+                        "analysis", "strategy", "output"})
     mode = ctx.choice(raw.get("mode", "transactions"), Mode, "mode")
     tables_raw = raw.get("tables")
     if not isinstance(tables_raw, dict) or not tables_raw:
@@ -188,6 +192,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
 
     cleaning = _parse_dataclass(CleaningParams, raw.get("cleaning") or {}, ctx, "cleaning")
     analysis = _parse_dataclass(AnalysisParams, raw.get("analysis") or {}, ctx, "analysis")
+    strategy = _parse_dataclass(StrategyParams, raw.get("strategy") or {}, ctx, "strategy")
     if analysis.horizon_days != "auto" and int(analysis.horizon_days) < 1:
         raise ConfigError("must be a positive number of days or 'auto'", path=source,
                           key="analysis.horizon_days")
@@ -215,6 +220,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
         pii=tuple(str(c) for c in raw.get("pii") or ()),
         cleaning=cleaning,
         analysis=analysis,
+        strategy=strategy,
     )
 
 
@@ -304,6 +310,13 @@ def _coerce_like(value: Any, default: Any, name: str) -> Any:
         return float(value)
     if isinstance(default, tuple):
         return tuple(float(v) for v in value)
+    if isinstance(default, dict):
+        return {str(k): float(v) for k, v in dict(value).items()}
+    if name == "policy":
+        if not isinstance(value, list) or not all(isinstance(r, dict) and "action" in r
+                                                  for r in value):
+            raise ValueError("the policy is a list of rows, each with an 'action'")
+        return [dict(r) for r in value]
     return value
 
 

@@ -176,7 +176,7 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     for name, table in dataset.tables.items():
         data = table.data
         date_col = {"transactions": "order_date", "customers": "signup_date",
-                    "interactions": "date"}[name]
+                    "interactions": "date", "campaign": "campaign_date"}[name]
         dates = data[date_col] if date_col in data else pd.Series(dtype="datetime64[ns]")
         rows.append({
             "table": name, "file": str(table.file), "rows_read": table.n_read,
@@ -380,7 +380,7 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str) -> tuple[pd.DataFra
                   "customer_id is empty")
     out["customer_id"] = ids
     date_cols = {"transactions": ["order_date"], "customers": ["signup_date"],
-                 "interactions": ["date"]}[table]
+                 "interactions": ["date"], "campaign": ["campaign_date"]}[table]
     for col in date_cols:
         if col not in df:
             continue
@@ -440,6 +440,14 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str) -> tuple[pd.DataFra
             resolved[text.isin(_TRUE)] = True
             resolved[text.isin(_FALSE)] = False
             out["resolved"] = resolved
+    elif table == "campaign":
+        text = _as_text(df["treated"]).str.strip().str.casefold()
+        treated = pd.Series(pd.NA, index=df.index, dtype="boolean")
+        treated[text.isin(_TRUE | {"treated", "contacted"})] = True
+        treated[text.isin(_FALSE | {"control", "holdout"})] = False
+        rules = _flag(rules, treated.isna(), "unparseable_treated",
+                      _describe(df["treated"], "treated={v!r} is not true/false"))
+        out["treated"] = treated
     elif table == "customers":
         for col in df.columns:
             if col not in out:
@@ -565,6 +573,11 @@ def _schema(table: str, config: Config, today: dt.date) -> pa.DataFrameSchema:
             "status": pa.Column("str", pa.Check.isin(["completed", "cancelled", "returned"],
                                                       name="unknown_status"),
                                 required=False),
+        }
+    elif table == "campaign":
+        columns = {
+            "customer_id": text,
+            "campaign_date": pa.Column("datetime64[ns]", date_checks(), nullable=False),
         }
     elif table == "customers":
         columns = {

@@ -16,9 +16,9 @@ The process (all times in days, vectorised over customers):
   the time); cost to serve differs by channel (``world.json``).
 - **Protected attributes** — gender and age band are drawn independently of everything.
 - **Retention campaign** — 270 days before the end of the data, half of the customers
-  who signed up before it are contacted at random; the contact saves a customer who
-  would have dropped within the year with a heterogeneous probability (higher for store
-  and phone customers and for unhappy ones).
+  who signed up before it are contacted at random; for those still active, the contact
+  lowers the remaining dropout hazard by a heterogeneous share ``treatment_effect``
+  (larger for store and phone customers and for unhappy ones).
 
 The ground truth (true rates, dropout dates, treatment effects, and every order in the
 365 days after the data ends) goes to ``ground_truth/``, which the pipeline never reads.
@@ -120,15 +120,16 @@ def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
     complained = first_complaint < signup + base_life
     death = np.where(complained, first_complaint + after, signup + base_life)
 
-    # --- randomized retention campaign with a heterogeneous effect
+    # --- randomized retention campaign with a heterogeneous effect: a contact made while
+    # the customer is still active lowers their remaining dropout hazard by `effect`
+    # (for an exponential lifetime: the remaining life is stretched by 1 / (1 - effect))
     t_campaign = float((world.campaign_date - world.start).days)
     eligible = signup < t_campaign - 30
     treated = eligible & (rng.random(n) < world.campaign_treated_share)
-    effect = np.clip(0.10 + 0.22 * np.isin(pref_channel, [1, 2]) + 0.12 * (satisfaction < 0)
-                     + rng.normal(0, 0.04, n), 0.0, 0.6)
-    would_drop = (death >= t_campaign) & (death < t_campaign + 365)
-    saved = treated & would_drop & (rng.random(n) < effect)
-    death = np.where(saved, death + rng.exponential(1.0 / mu), death)
+    effect = np.clip(0.20 + 0.30 * np.isin(pref_channel, [1, 2]) + 0.20 * (satisfaction < 0)
+                     + rng.normal(0, 0.05, n), 0.0, 0.85)
+    saved = treated & (death >= t_campaign)
+    death = np.where(saved, t_campaign + (death - t_campaign) / (1 - effect), death)
 
     # --- orders: first on signup day, then a seasonal Poisson process until dropout
     life_end = np.minimum(death, t_stop)
@@ -223,11 +224,13 @@ def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
         "dropout_hazard_per_day": mu,
         "mean_order_value": world.gg_p / nu,
         "satisfaction_z": satisfaction,
-        "dropout_date": _to_dates(world.start, np.floor(np.minimum(death, 1e6)).astype(np.int64)),
+        # beyond a century the date is irrelevant (and datetime64[ns] ends in 2262)
+        "dropout_date": _to_dates(world.start, np.floor(np.minimum(death, t_stop + 36_500))
+                                  .astype(np.int64)),
         "alive_at_as_of": death >= as_of,
         "treated": treated,
         "treatment_effect": effect,
-        "saved_by_campaign": saved,
+        "saved_by_campaign": saved,          # contacted while still active
         "preferred_channel": np.asarray(CHANNELS, dtype=object)[pref_channel],
     })
     return {"transactions": transactions, "customers": customers,

@@ -26,6 +26,7 @@ __all__ = [
     "plot_lifecycle",
     "plot_monthly_orders",
     "plot_pareto",
+    "plot_profit_curve",
     "plot_quarantine",
     "plot_segments",
     "plot_tiers",
@@ -274,3 +275,23 @@ def _label(column: str) -> str:
     from analysis.explain import FEATURE_LABELS
 
     return FEATURE_LABELS.get(column, column)
+
+
+def plot_profit_curve(curve: pd.DataFrame, depth: int, *, ax=None) -> Figure:
+    """Cumulative expected profit of a retention campaign by targeting depth."""
+    fig, ax = _axes(ax, (7, 3.2))
+    shown = curve[curve["cumulative_profit"].notna()]
+    limit = max(3 * depth, 50)
+    shown = shown[shown["depth"] <= limit]
+    ax.plot(shown["depth"], shown["cumulative_profit"], color=PALETTE[0], lw=2)
+    if depth:
+        best = shown.loc[shown["depth"] == depth, "cumulative_profit"]
+        ax.axvline(depth, color=PALETTE[3], ls="--", lw=1)
+        if len(best):
+            ax.annotate(f"best depth: {depth:,}", (depth, best.iloc[0]), xytext=(5, -15),
+                        textcoords="offset points", fontsize=9)
+    ax.axhline(0, color=PALETTE[5], lw=1)
+    ax.set_xlabel("customers contacted, highest expected gain first")
+    ax.set_ylabel("cumulative expected profit")
+    ax.set_title("Retention campaign: profit by targeting depth")
+    return fig

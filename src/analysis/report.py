@@ -47,7 +47,7 @@ __all__ = [
 
 #: Notebooks in run order; the executive report is rendered without code.
 NOTEBOOKS = ("01_data_quality.ipynb", "02_customer_profile.ipynb", "03_churn_model.ipynb",
-             "04_value_model.ipynb", "00_executive_report.ipynb")
+             "04_value_model.ipynb", "05_strategy.ipynb", "00_executive_report.ipynb")
 EXECUTIVE = "00_executive_report.ipynb"
 _TEMPLATES = Path(__file__).parent / "templates"
 _LIBRARIES = ("analysis", "customer-strategy-lab", "pandas", "numpy", "duckdb", "pyarrow",

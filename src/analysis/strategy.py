@@ -1,0 +1,647 @@
+"""Decisions: one action per customer, retention targeting by expected profit, phase-out
+review with guardrails, early warnings and a fairness audit.
+
+Every number a decision uses is a named parameter (:class:`StrategyParams`, the config's
+``strategy`` section) and the action policy is a table (:data:`DEFAULT_POLICY`), so the
+report can print both. Protected attributes never enter a decision; they are only used by
+:func:`fairness_audit`, after the fact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+
+import duckdb
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "StrategyParams",
+    "StrategyRun",
+    "assign_actions",
+    "decide",
+    "guardrail_effects",
+    "policy_table",
+    "read_strategy",
+    "write_strategy",
+    "customer_economics",
+    "early_warnings",
+    "estimate_retention_effect",
+    "fairness_audit",
+    "period_profits",
+    "phaseout_review",
+    "retention_targeting",
+]
+
+#: The action policy: rows are tried in order and the first whose conditions all hold
+#: names the customer's action. A condition lists the allowed values of a decision
+#: column (see :func:`assign_actions`); a row without conditions matches everyone.
+DEFAULT_POLICY: list[dict] = [
+    {"action": "Review for phase-out", "phaseout_candidate": [True],
+     "why": "unprofitable over several periods, low potential, guardrails passed"},
+    {"action": "Win back", "lifecycle_stage": ["lapsed", "lost"], "value_tier": ["high"],
+     "why": "lapsed customers with high past value"},
+    {"action": "Retain - personal outreach", "value_tier": ["high"], "churn_risk": ["high"],
+     "lifecycle_stage": ["new", "active", "at risk"],
+     "why": "high value, high risk of churning"},
+    {"action": "Nurture / VIP care", "value_tier": ["high"], "churn_risk": ["low"],
+     "why": "high value, low risk"},
+    {"action": "Retain - automated offer", "retention_profitable": [True],
+     "why": "a retention contact is expected to pay for itself (churn risk x effect x "
+            "value if retained > contact and offer cost)"},
+    {"action": "Grow / develop", "value_tier": ["low", "mid"], "potential": [True],
+     "why": "predicted value well above current value, or rising and broad interest"},
+    {"action": "No action - lapsed", "lifecycle_stage": ["lapsed", "lost"],
+     "why": "already gone, and not valuable enough to win back"},
+    {"action": "Serve at low cost", "value_tier": ["low"], "profitable": [False],
+     "why": "low value, no potential, unprofitable at the current cost to serve: move to "
+            "self-service and automated channels (not refusal of service)"},
+    {"action": "Maintain", "why": "standard service"},
+]
+ADVERSE_ACTIONS = ("Review for phase-out", "Serve at low cost")
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    """Every assumption of the strategy step, with its unit (config section ``strategy``).
+
+    margin_rate : share of revenue kept as margin when the data has no margin.
+    cost_per_order : cost to serve one order (currency), unless its channel is listed in
+        ``cost_per_order_by_channel``.
+    cost_per_complaint : handling cost of a complaint; expected complaints follow the
+        customer's rate over the last year.
+    cost_per_account_year : fixed yearly cost of keeping an account.
+    contact_cost, offer_cost : cost of one retention contact and of the offer it carries.
+    retention_rate : P(a would-be churner stays | contacted) when no campaign data exists.
+    retention_value_months : months of run-rate margin a retained customer is worth.
+    high_risk : churn probability from which the risk is "high".
+    growth_ratio : predicted value over last period's value from which a customer has
+        "potential".
+    phaseout_periods : K: unprofitable in the current forecast and each of the K previous
+        horizon-length periods.
+    phaseout_max_tenure_days : customers with longer tenure are kept off the list ...
+    phaseout_large_loss : ... unless their expected loss per horizon exceeds this.
+    phaseout_complaint_days : no phase-out review within this many days of a complaint.
+    warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn :
+        early-warning thresholds (times own gap; share of spend lost; score at or below;
+        churn probability at or above).
+    fairness_ratio, fairness_p_value : four-fifths rule, with a significance test.
+    """
+
+    margin_rate: float = 0.30
+    cost_per_order: float = 2.0
+    cost_per_order_by_channel: dict = field(default_factory=lambda: {
+        "online": 1.5, "store": 6.0, "phone": 9.0, "marketplace": 3.0})
+    cost_per_complaint: float = 15.0
+    cost_per_account_year: float = 4.0
+    contact_cost: float = 3.0
+    offer_cost: float = 7.0
+    retention_rate: float = 0.15
+    retention_value_months: int = 12
+    high_risk: float = 0.5
+    growth_ratio: float = 1.5
+    phaseout_periods: int = 3
+    phaseout_max_tenure_days: int = 1095
+    phaseout_large_loss: float = 25.0
+    phaseout_complaint_days: int = 90
+    warning_gap_multiple: float = 2.0
+    warning_spend_drop: float = 0.5
+    warning_satisfaction: float = 2.0
+    warning_churn: float = 0.7
+    fairness_ratio: float = 0.8
+    fairness_p_value: float = 0.01
+    policy: list | None = None
+
+    def table(self) -> pd.DataFrame:
+        """Every parameter as a (parameter, value) table for the report."""
+        rows = [(k, v) for k, v in asdict(self).items() if k != "policy"]
+        return pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "object"})
+
+
+# --------------------------------------------------------------------------- economics
+
+
+def customer_economics(customers: pd.DataFrame, *, horizon_days: int,
+                       params: StrategyParams) -> pd.DataFrame:
+    """Expected margin, cost to serve and profit per customer over the horizon.
+
+    Parameters
+    ----------
+    customers : one row per customer with ``predicted_value``, ``monetary_mean_order``,
+        ``top_channel`` (optional), ``margin_rate`` (optional), ``n_complaints``
+        (optional), ``tenure_days``.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``margin_rate_used``, ``expected_revenue``, ``expected_orders``,
+        ``expected_margin``, ``cost_to_serve``, ``expected_profit``.
+    """
+    c = customers
+    rate = c["margin_rate"].clip(0, 1) if "margin_rate" in c else pd.Series(np.nan, c.index)
+    rate = rate.fillna(params.margin_rate)
+    revenue = c["predicted_value"].clip(lower=0)
+    orders = (revenue / c["monetary_mean_order"].where(c["monetary_mean_order"] > 0)).fillna(0)
+    channel = c["top_channel"] if "top_channel" in c else pd.Series("", index=c.index)
+    per_order = channel.map(params.cost_per_order_by_channel).astype(float).fillna(
+        params.cost_per_order)
+    years = horizon_days / 365.0
+    complaints_per_year = (c["n_complaints"] / np.maximum(c["tenure_days"], 30) * 365
+                           if "n_complaints" in c else 0.0)
+    cost = orders * per_order + complaints_per_year * years * params.cost_per_complaint \
+        + params.cost_per_account_year * years
+    margin = revenue * rate
+    return pd.DataFrame({"customer_id": c["customer_id"], "margin_rate_used": rate,
+                         "expected_revenue": revenue, "expected_orders": orders,
+                         "expected_margin": margin, "cost_to_serve": cost,
+                         "expected_profit": margin - cost})
+
+
+def period_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date, horizon_days: int,
+                   periods: int, params: StrategyParams) -> pd.DataFrame:
+    """Realised profit of each customer in each of the ``periods`` horizon-length
+    windows before ``as_of`` (margin, or revenue x margin rate, minus orders x channel
+    cost): the long-term view the phase-out guardrail needs.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id`` and ``profit_p1`` (most recent period) .. ``profit_pK``.
+    """
+    case = _channel_cost_sql("MIN(channel)", params)
+    cols = []
+    for k in range(1, periods + 1):
+        start = as_of - dt.timedelta(days=k * horizon_days)
+        end = as_of - dt.timedelta(days=(k - 1) * horizon_days)
+        cols.append(f"SUM(CASE WHEN order_date >= DATE '{start}' AND order_date < DATE '{end}' "
+                    f"THEN order_profit ELSE 0 END) AS profit_p{k}")
+    sql = f"""
+    WITH orders AS (
+        SELECT customer_id, order_key, MIN(order_date) AS order_date,
+               SUM(COALESCE(margin, amount * {float(params.margin_rate)}))
+                 - {case} AS order_profit
+        FROM lines
+        WHERE status = 'completed' AND order_date < DATE '{as_of}'
+        GROUP BY customer_id, order_key
+    )
+    SELECT customer_id, {", ".join(cols)} FROM orders GROUP BY customer_id"""
+    return con.execute(sql).df()
+
+
+def _channel_cost_sql(column: str, params: StrategyParams) -> str:
+    """SQL for the cost to serve one order through the channel in ``column``."""
+    whens = " ".join(f"WHEN {column} = '{name.replace(chr(39), chr(39) * 2)}' THEN {float(cost)}"
+                     for name, cost in params.cost_per_order_by_channel.items())
+    default = float(params.cost_per_order)
+    return f"(CASE {whens} ELSE {default} END)" if whens else str(default)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def estimate_retention_effect(campaign: pd.DataFrame, outcomes: pd.DataFrame, *,
+                              by: str | None = None, n_boot: int = 500, seed: int = 0
+                              ) -> pd.DataFrame:
+    """P(retained | contacted) for would-be churners, from a randomized campaign.
+
+    ``outcomes`` has ``customer_id`` and ``churned`` (no purchase in a window after the
+    campaign date) for the customers the campaign could keep; the effect is the relative drop
+    in churn, (churn_control - churn_treated) / churn_control, with a bootstrap 95 %
+    interval, overall and per value of ``by``.
+
+    Returns
+    -------
+    DataFrame
+        ``group``, ``n_treated``, ``n_control``, ``churn_treated``, ``churn_control``,
+        ``retention_rate``, ``ci_low``, ``ci_high``.
+    """
+    df = campaign[["customer_id", "treated"]].merge(outcomes, on="customer_id")
+    df["treated"] = df["treated"].astype(bool)
+    rng = np.random.default_rng(seed)
+    groups = [("all", df)]
+    if by is not None and by in df:
+        groups += [(str(g), part) for g, part in df.groupby(by, observed=True)]
+    rows = []
+    for name, part in groups:
+        t = part.loc[part["treated"], "churned"].to_numpy(dtype=float)
+        c = part.loc[~part["treated"], "churned"].to_numpy(dtype=float)
+        if len(t) < 30 or len(c) < 30 or c.mean() == 0:
+            continue
+        effect = (c.mean() - t.mean()) / c.mean()
+        boots = []
+        for _ in range(n_boot):
+            tb, cb = rng.choice(t, len(t)), rng.choice(c, len(c))
+            if cb.mean() > 0:
+                boots.append((cb.mean() - tb.mean()) / cb.mean())
+        lo, hi = np.percentile(boots, [2.5, 97.5])
+        rows.append({"group": name, "n_treated": len(t), "n_control": len(c),
+                     "churn_treated": t.mean(), "churn_control": c.mean(),
+                     "retention_rate": effect, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
+                        retention_rate: pd.Series | float, params: StrategyParams,
+                        eligible: pd.Series | None = None) -> tuple[pd.DataFrame, dict]:
+    """Expected gain of a retention contact per customer, and the most profitable depth.
+
+    gain = P(churn) x P(retained | contacted) x value if retained - contact - offer cost,
+    with value if retained = ``retention_value_months`` of the customer's run-rate
+    margin (last 12 months' spend x margin rate). Only ``eligible`` customers (default:
+    all) can be targeted. Customers are ranked by gain; the
+    chosen depth maximises the cumulative expected profit (the EMP idea of Verbraken
+    et al.: the best point of the profit curve).
+
+    Returns
+    -------
+    frame : ``customer_id``, ``value_if_retained``, ``retention_gain``, ``rank``,
+        ``cumulative_profit``, ``targeted``.
+    summary : ``campaign_size``, ``campaign_cost``, ``expected_revenue_saved``,
+        ``expected_margin_saved``, ``max_expected_profit``, ``roi``.
+    """
+    months = params.retention_value_months / 12
+    run_rate = customers["spend_365d"].clip(lower=0) * months
+    value = run_rate * economics["margin_rate_used"].to_numpy()
+    rr = retention_rate if np.isscalar(retention_rate) else retention_rate.to_numpy()
+    saved_prob = customers["churn_probability"].to_numpy() * rr
+    cost = params.contact_cost + params.offer_cost
+    gain = saved_prob * value.to_numpy() - cost
+    if eligible is not None:
+        gain = np.where(np.asarray(eligible, dtype=bool), gain, -np.inf)
+    order = np.argsort(-gain, kind="stable")
+    cum = np.cumsum(np.where(np.isfinite(gain[order]), gain[order], 0.0))
+    n_eligible = int(np.isfinite(gain).sum())
+    depth = int(np.argmax(cum[:n_eligible]) + 1) if n_eligible and cum[:n_eligible].max() > 0 \
+        else 0
+    rank = np.empty(len(gain), dtype=int)
+    rank[order] = np.arange(1, len(gain) + 1)
+    cumulative = np.empty(len(gain))
+    cumulative[order] = cum
+    frame = pd.DataFrame({"customer_id": customers["customer_id"].to_numpy(),
+                          "value_if_retained": value.to_numpy(),
+                          "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
+                          "rank": rank, "cumulative_profit": cumulative,
+                          "targeted": rank <= depth})
+    chosen = frame["targeted"].to_numpy()
+    revenue_saved = float((saved_prob * run_rate.to_numpy())[chosen].sum())
+    margin_saved = float((saved_prob * value.to_numpy())[chosen].sum())
+    total_cost = depth * cost
+    summary = {"campaign_size": depth, "campaign_cost": total_cost,
+               "expected_revenue_saved": revenue_saved,
+               "expected_margin_saved": margin_saved,
+               "max_expected_profit": float(cum[depth - 1]) if depth else 0.0,
+               "roi": (margin_saved - total_cost) / total_cost if total_cost else 0.0}
+    return frame, summary
+
+
+# --------------------------------------------------------------------------- phase-out
+
+
+def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
+                    history: pd.DataFrame, *, params: StrategyParams) -> pd.DataFrame:
+    """Apply the phase-out guardrails; every customer gets the verdict of each one.
+
+    A customer is a candidate only when all hold: unprofitable in the forecast
+    (``expected_profit < 0``) *and* in each of the K previous periods; low potential
+    (not ``potential`` and a non-rising 180-day trend); tenure below the threshold
+    unless the expected loss is large; no complaint in the last N days.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``unprofitable_now``, ``unprofitable_all_periods``,
+        ``low_potential``, ``tenure_ok``, ``no_recent_complaint``,
+        ``phaseout_candidate``, ``phaseout_reasons``.
+    """
+    c = customers.reset_index(drop=True)
+    e = economics.reset_index(drop=True)
+    h = c[["customer_id"]].merge(history, on="customer_id", how="left").fillna(0.0)
+    k = [f"profit_p{i}" for i in range(1, params.phaseout_periods + 1)]
+    now = e["expected_profit"] < 0
+    all_periods = now & (h[k] < 0).all(axis=1)
+    low_potential = ~c["potential"].astype(bool) & (c["trend_180d"] <= 0)
+    loss = -e["expected_profit"]
+    tenure_ok = (c["tenure_days"] < params.phaseout_max_tenure_days) | (
+        loss > params.phaseout_large_loss)
+    days = c["days_since_complaint"] if "days_since_complaint" in c else pd.Series(np.nan,
+                                                                                   c.index)
+    no_complaint = days.isna() | (days > params.phaseout_complaint_days)
+    candidate = all_periods & low_potential & tenure_ok & no_complaint
+    reasons = [
+        (f"expected profit {p:,.2f} over the horizon; unprofitable in each of the last "
+         f"{params.phaseout_periods} periods ({', '.join(f'{v:,.2f}' for v in row)}); "
+         f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
+         f"{params.phaseout_complaint_days} days") if cand else ""
+        for cand, p, row, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
+                                       c["predicted_value"], c["tenure_days"], strict=True)]
+    return pd.DataFrame({"customer_id": c["customer_id"], "unprofitable_now": now,
+                         "unprofitable_all_periods": all_periods,
+                         "low_potential": low_potential, "tenure_ok": tenure_ok,
+                         "no_recent_complaint": no_complaint,
+                         "phaseout_candidate": candidate, "phaseout_reasons": reasons})
+
+
+def guardrail_effects(review: pd.DataFrame) -> pd.DataFrame:
+    """How many customers each guardrail kept off the list, applied in order.
+
+    Returns
+    -------
+    DataFrame
+        ``step``, ``customers_remaining``, ``kept_off``.
+    """
+    steps = [("unprofitable in the forecast (a single snapshot)", "unprofitable_now"),
+             ("... and in each previous period", "unprofitable_all_periods"),
+             ("... and low potential", "low_potential"),
+             ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
+             ("... and no recent complaint", "no_recent_complaint")]
+    mask = pd.Series(True, index=review.index)
+    rows, previous = [], None
+    for label, col in steps:
+        mask = mask & review[col].astype(bool)
+        n = int(mask.sum())
+        rows.append({"step": label, "customers_remaining": n,
+                     "kept_off": 0 if previous is None else previous - n})
+        previous = n
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+def assign_actions(decisions: pd.DataFrame, *, policy: list[dict] | None = None
+                   ) -> pd.DataFrame:
+    """One action per customer from the policy table (first matching row wins).
+
+    ``decisions`` holds the decision columns the policy refers to (``value_tier``,
+    ``churn_risk``, ``lifecycle_stage``, ``potential``, ``profitable``,
+    ``retention_profitable``, ``phaseout_candidate``).
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``action``, ``action_reason``.
+    """
+    policy = policy or DEFAULT_POLICY
+    action = pd.Series(pd.NA, index=decisions.index, dtype="object")
+    why = pd.Series("", index=decisions.index, dtype="object")
+    for row in policy:
+        conditions = {k: v for k, v in row.items() if k not in {"action", "why"}}
+        mask = action.isna()
+        for column, allowed in conditions.items():
+            if column not in decisions:
+                raise KeyError(f"policy row {row['action']!r} uses unknown column {column!r}")
+            mask &= decisions[column].isin(allowed)
+        action[mask] = row["action"]
+        why[mask] = row.get("why", "")
+    return pd.DataFrame({"customer_id": decisions["customer_id"],
+                         "action": action.fillna("Maintain"), "action_reason": why})
+
+
+def policy_table(policy: list[dict] | None = None) -> pd.DataFrame:
+    """The policy as a readable table: action, conditions, why."""
+    rows = []
+    for row in policy or DEFAULT_POLICY:
+        cond = "; ".join(f"{k} in {', '.join(map(str, v))}" for k, v in row.items()
+                         if k not in {"action", "why"}) or "everyone else"
+        rows.append({"action": row["action"], "conditions": cond, "why": row.get("why", "")})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def early_warnings(customers: pd.DataFrame, *, params: StrategyParams) -> pd.DataFrame:
+    """Alerts with the rule that fired, for customers who are not already lost.
+
+    Rules: overdue against the own rhythm; spend drop over the last 90 days against the
+    90 before; a complaint in the last 90 days; a low last satisfaction score; a high
+    churn probability.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``rule``, ``detail``.
+    """
+    c = customers[customers["lifecycle_stage"] != "lost"]
+    rules = []
+    overdue = (c["frequency"] >= 2) & (c["recency_vs_gap"] >= params.warning_gap_multiple)
+    rules.append(("overdue", overdue, lambda r: f"no order for {r.recency_days:.0f} days, "
+                                                f"{r.recency_vs_gap:.1f} times the usual gap"))
+    # trend = (a - b) / (a + b); spend dropped by x or more  <=>  trend <= -x / (2 - x)
+    drop = c["trend_90d"] <= -params.warning_spend_drop / (2 - params.warning_spend_drop)
+    drop &= c["spend_90d"] >= 0
+    rules.append(("spend drop", drop & (c["lifecycle_stage"] != "lapsed"),
+                  lambda r: f"spend trend {r.trend_90d:+.2f} over the last 90 days"))
+    if "complaints_90d" in c:
+        rules.append(("new complaint", c["complaints_90d"] > 0,
+                      lambda r: f"{r.complaints_90d:.0f} complaint(s) in the last 90 days"))
+    if "satisfaction_last" in c:
+        rules.append(("low satisfaction", c["satisfaction_last"] <= params.warning_satisfaction,
+                      lambda r: f"last satisfaction score {r.satisfaction_last:.0f}"))
+    if "churn_probability" in c:
+        rules.append(("high churn risk", c["churn_probability"] >= params.warning_churn,
+                      lambda r: f"churn probability {r.churn_probability:.0%}"))
+    frames = []
+    for name, mask, describe in rules:
+        hit = c[mask.fillna(False)]
+        frames.append(pd.DataFrame({"customer_id": hit["customer_id"], "rule": name,
+                                    "detail": [describe(r) for r in hit.itertuples()]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- fairness
+
+
+def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
+                   protected: tuple[str, ...], params: StrategyParams,
+                   min_group: int = 30) -> pd.DataFrame:
+    """Share of each protected group in each action against its share of customers.
+
+    ``ratio`` = the group's rate of receiving the action / the rate of everyone else;
+    ``flag`` when the ratio is below ``fairness_ratio`` (the four-fifths rule) or above
+    its inverse, *and* a chi-square test of the group against the rest has
+    p < ``fairness_p_value`` (small groups and rare actions vary by chance).
+
+    Returns
+    -------
+    DataFrame
+        ``attribute``, ``group``, ``action``, ``n_group``, ``share_of_customers``,
+        ``share_of_action``, ``rate``, ``rate_others``, ``ratio``, ``p_value``, ``flag``.
+    """
+    df = actions[["customer_id", "action"]].merge(attributes, on="customer_id", how="left")
+    rows = []
+    for attr in protected:
+        if attr not in df:
+            continue
+        values = df[attr].astype("object").fillna("missing")
+        for action in sorted(df["action"].unique()):
+            is_action = df["action"].eq(action).to_numpy()
+            for group in sorted(values.unique()):
+                in_group = values.eq(group).to_numpy()
+                n_g = int(in_group.sum())
+                if n_g < min_group or n_g == len(df):
+                    continue
+                a, b = int((is_action & in_group).sum()), int((is_action & ~in_group).sum())
+                rate, rate_others = a / n_g, b / (len(df) - n_g)
+                ratio = rate / rate_others if rate_others > 0 else np.inf if rate > 0 else 1.0
+                table = np.array([[a, n_g - a], [b, len(df) - n_g - b]])
+                p = stats.chi2_contingency(table)[1] if table.min(axis=0).min() >= 0 and \
+                    (a + b) > 0 and (len(df) - a - b) > 0 else 1.0
+                flag = bool((ratio < params.fairness_ratio or ratio > 1 / params.fairness_ratio)
+                            and p < params.fairness_p_value)
+                rows.append({"attribute": attr, "group": group, "action": action,
+                             "n_group": n_g, "share_of_customers": n_g / len(df),
+                             "share_of_action": a / max(int(is_action.sum()), 1),
+                             "rate": rate, "rate_others": rate_others, "ratio": ratio,
+                             "p_value": p, "flag": flag})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the strategy step
+
+
+@dataclass
+class StrategyRun:
+    """Everything the strategy step decides (frames, plus the retention summary)."""
+
+    customers: pd.DataFrame      # customer_id, economics, action, retention, phase-out
+    actions: pd.DataFrame        # summary per action
+    retention: dict              # campaign size, cost, saved, ROI, max profit
+    profit_curve: pd.DataFrame   # depth, cumulative_profit
+    retention_effect: pd.DataFrame
+    guardrails: pd.DataFrame
+    alerts: pd.DataFrame
+    fairness: pd.DataFrame
+
+
+def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt.date,
+           horizon_days: int, params: StrategyParams, campaign: pd.DataFrame | None = None,
+           attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = ()
+           ) -> StrategyRun:
+    """Economics, retention targeting, phase-out review, actions, warnings and audit.
+
+    ``customers`` is the scored customer table (profile + ``churn_probability`` +
+    ``predicted_value``). ``campaign`` (customer_id, campaign_date, treated), when
+    given, replaces the assumed retention rate by one estimated per value tier.
+    ``attributes`` holds the protected attributes, used only by the audit.
+    """
+    from analysis.features import build_features
+
+    c = customers.reset_index(drop=True)
+    econ = customer_economics(c, horizon_days=horizon_days, params=params)
+    run_rate = c["spend_365d"].clip(lower=0) * horizon_days / 365
+    broad = c["n_categories"] >= 3 if "n_categories" in c else False
+    potential = (c["predicted_value"] >= params.growth_ratio * np.maximum(run_rate, 1.0)) | (
+        (c["trend_180d"] > 0.3) & broad & (c["predicted_value"] > run_rate))
+    c = c.assign(potential=potential)
+
+    effect = pd.DataFrame()
+    rate: pd.Series | float = params.retention_rate
+    if campaign is not None and len(campaign):
+        when = pd.Timestamp(campaign["campaign_date"].min()).date()
+        # outcome: no purchase in the longest fully observed window after the campaign
+        # (up to a year: a retention contact pays off over months, not weeks), among the
+        # customers active within one horizon before it (those it could keep)
+        window = max(min(365, (as_of - when).days), horizon_days)
+        at_campaign = build_features(con, cutoff=when, horizon_days=window)
+        outcomes = at_campaign.loc[at_campaign["recency_days"] <= horizon_days,
+                                   ["customer_id", "churned"]].merge(
+            c[["customer_id", "value_tier"]], on="customer_id", how="left")
+        effect = estimate_retention_effect(campaign, outcomes, by="value_tier")
+        if len(effect) and "all" in set(effect["group"]):
+            # the overall estimate is used; per-tier ones are reported (they are noisy)
+            rate = max(float(effect.set_index("group").loc["all", "retention_rate"]), 0.0)
+    # every customer still active can be contacted; the expected profit decides who is
+    active = c["lifecycle_stage"].isin(["new", "active", "at risk"])
+    targeting, retention = retention_targeting(c, econ, retention_rate=rate, params=params,
+                                               eligible=active)
+    retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
+    retention["eligible_customers"] = int(active.sum())
+    history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
+                             periods=params.phaseout_periods, params=params)
+    review = phaseout_review(c, econ, history, params=params)
+    decisions = pd.DataFrame({
+        "customer_id": c["customer_id"], "value_tier": c["value_tier"],
+        "churn_risk": np.where(c["churn_probability"] >= params.high_risk, "high", "low"),
+        "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
+        "profitable": econ["expected_profit"] >= 0,
+        "retention_profitable": targeting["targeted"],
+        "phaseout_candidate": review["phaseout_candidate"]})
+    actions = assign_actions(decisions, policy=params.policy)
+    alerts = early_warnings(c, params=params)
+    out = (c[["customer_id"]]
+           .merge(econ, on="customer_id")
+           .merge(targeting[["customer_id", "value_if_retained", "retention_gain", "targeted"]],
+                  on="customer_id")
+           .merge(review[["customer_id", "phaseout_candidate", "phaseout_reasons"]],
+                  on="customer_id")
+           .merge(actions, on="customer_id")
+           .assign(potential=potential.to_numpy(),
+                   alerts=lambda d: d["customer_id"].map(
+                       alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
+    spend = c.set_index("customer_id")["spend_365d"]
+    retained = out["action"].str.startswith("Retain").to_numpy()
+    summary = (out.assign(spend_365d=out["customer_id"].map(spend),
+                          campaign_cost=np.where(retained,
+                                                 params.contact_cost + params.offer_cost, 0.0),
+                          benefit=np.where(retained, out["retention_gain"].fillna(0.0),
+                                           out["expected_profit"]))
+               .groupby("action")
+               .agg(customers=("customer_id", "size"), revenue_12m=("spend_365d", "sum"),
+                    expected_revenue=("expected_revenue", "sum"),
+                    cost_to_serve=("cost_to_serve", "sum"),
+                    campaign_cost=("campaign_cost", "sum"),
+                    expected_benefit=("benefit", "sum"))
+               .sort_values("customers", ascending=False).reset_index())
+    curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
+        columns={"rank": "depth"})
+    fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
+                if attributes is not None and protected else pd.DataFrame())
+    return StrategyRun(customers=out, actions=summary, retention=retention,
+                       profit_curve=curve, retention_effect=effect,
+                       guardrails=guardrail_effects(review), alerts=alerts,
+                       fairness=fairness)
+
+
+def write_strategy(run: StrategyRun, out_dir) -> dict:
+    """Strategy tables under ``strategy/`` and the decisions merged into customers.*."""
+    import json
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    folder = out_dir / "strategy"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in ("actions", "profit_curve", "retention_effect", "guardrails", "alerts",
+                 "fairness", "customers"):
+        frame = getattr(run, name)
+        path = folder / f"{name}.parquet"
+        frame.to_parquet(path, index=False)
+        written[name] = path
+    (folder / "retention.json").write_text(json.dumps(run.retention, indent=2))
+    customers = pd.read_parquet(out_dir / "customers.parquet")
+    keep = [c for c in customers.columns if c not in run.customers.columns or c == "customer_id"]
+    merged = customers[keep].merge(run.customers, on="customer_id", how="left")
+    first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "churn_probability",
+             "predicted_value", "action", "reasons"]
+    merged = merged[[c for c in first if c in merged] + [c for c in merged if c not in first]]
+    for suffix in (".parquet", ".csv"):
+        tmp = out_dir / f".customers{suffix}.tmp"
+        (merged.to_parquet if suffix == ".parquet" else merged.to_csv)(tmp, index=False)
+        tmp.replace(out_dir / f"customers{suffix}")
+    return written
+
+
+def read_strategy(out_dir) -> StrategyRun:
+    """Read back what :func:`write_strategy` wrote."""
+    import json
+    from pathlib import Path
+
+    folder = Path(out_dir) / "strategy"
+    frames = {name: pd.read_parquet(folder / f"{name}.parquet")
+              for name in ("actions", "profit_curve", "retention_effect", "guardrails",
+                           "alerts", "fairness", "customers")}
+    return StrategyRun(retention=json.loads((folder / "retention.json").read_text()), **frames)

@@ -1,0 +1,173 @@
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import features as F
+from analysis import strategy as S
+
+P = S.StrategyParams()
+
+
+def decisions(**overrides):
+    base = {"customer_id": "x", "value_tier": "mid", "churn_risk": "low",
+            "lifecycle_stage": "active", "potential": False, "profitable": True,
+            "retention_profitable": False, "phaseout_candidate": False}
+    return {**base, **overrides}
+
+
+@pytest.mark.parametrize("row, action", [
+    (decisions(phaseout_candidate=True, value_tier="low"), "Review for phase-out"),
+    (decisions(value_tier="high", lifecycle_stage="lapsed"), "Win back"),
+    (decisions(value_tier="high", churn_risk="high"), "Retain - personal outreach"),
+    (decisions(value_tier="high"), "Nurture / VIP care"),
+    (decisions(retention_profitable=True), "Retain - automated offer"),
+    (decisions(value_tier="low", potential=True), "Grow / develop"),
+    (decisions(value_tier="low", lifecycle_stage="lost"), "No action - lapsed"),
+    (decisions(value_tier="low", profitable=False), "Serve at low cost"),
+    (decisions(value_tier="low"), "Maintain"),
+])
+def test_each_policy_row(row, action):
+    out = S.assign_actions(pd.DataFrame([row]))
+    assert out["action"].tolist() == [action]
+    assert out["action_reason"].iloc[0]
+
+
+def test_policy_is_data():
+    custom = [{"action": "Call", "churn_risk": ["high"]}, {"action": "Mail"}]
+    frame = pd.DataFrame([decisions(churn_risk="high"), decisions()])
+    assert S.assign_actions(frame, policy=custom)["action"].tolist() == ["Call", "Mail"]
+    with pytest.raises(KeyError, match="unknown column 'shoe_size'"):
+        S.assign_actions(frame, policy=[{"action": "A", "shoe_size": [42]}])
+    assert list(S.policy_table(custom)["conditions"]) == ["churn_risk in high", "everyone else"]
+
+
+def test_economics_by_hand():
+    c = pd.DataFrame({"customer_id": ["a", "b"], "predicted_value": [100.0, 30.0],
+                      "monetary_mean_order": [50.0, 10.0], "top_channel": ["store", "web"],
+                      "margin_rate": [0.4, np.nan], "n_complaints": [0, 2],
+                      "tenure_days": [365, 365]})
+    e = S.customer_economics(c, horizon_days=365, params=P).set_index("customer_id")
+    # a: 2 orders in store at 6.0, margin 40 % of 100, account 4/year
+    assert e.loc["a", "expected_margin"] == pytest.approx(40.0)
+    assert e.loc["a", "cost_to_serve"] == pytest.approx(2 * 6.0 + 4.0)
+    # b: unknown channel -> 2.0 per order; default margin rate; 2 complaints a year at 15
+    assert e.loc["b", "cost_to_serve"] == pytest.approx(3 * 2.0 + 2 * 15.0 + 4.0)
+    assert e.loc["b", "expected_profit"] == pytest.approx(30 * 0.3 - 40.0)
+
+
+def test_retention_targeting_chooses_the_most_profitable_depth():
+    c = pd.DataFrame({"customer_id": list("abcd"), "churn_probability": [0.9, 0.5, 0.5, 0.1],
+                      "spend_365d": [1000.0, 1000.0, 50.0, 1000.0]})
+    econ = pd.DataFrame({"margin_rate_used": [0.5] * 4})
+    frame, summary = S.retention_targeting(c, econ, retention_rate=0.2, params=P)
+    # gains: .9*.2*500-10 = 80, .5*.2*500-10 = 40, .5*.2*25-10 = -7.5, .1*.2*500-10 = 0
+    assert frame["retention_gain"].tolist() == pytest.approx([80, 40, -7.5, 0])
+    assert frame["targeted"].tolist() == [True, True, False, False]
+    assert summary["campaign_size"] == 2 and summary["max_expected_profit"] == pytest.approx(120)
+    assert summary["roi"] == pytest.approx((90 + 50 - 20) / 20)
+    only_b = S.retention_targeting(c, econ, retention_rate=0.2, params=P,
+                                   eligible=pd.Series([False, True, True, True]))[0]
+    assert only_b["targeted"].tolist() == [False, True, False, False]
+
+
+def test_retention_effect_from_a_randomized_campaign():
+    rng = np.random.default_rng(0)
+    n = 4000
+    treated = rng.random(n) < 0.5
+    churned = rng.random(n) < np.where(treated, 0.30, 0.40)
+    campaign = pd.DataFrame({"customer_id": range(n), "treated": treated})
+    outcomes = pd.DataFrame({"customer_id": range(n), "churned": churned.astype(int),
+                             "tier": np.where(np.arange(n) % 2, "a", "b")})
+    eff = S.estimate_retention_effect(campaign, outcomes, by="tier", n_boot=300)
+    overall = eff.set_index("group").loc["all"]
+    assert overall["retention_rate"] == pytest.approx(0.25, abs=0.06)
+    assert overall["ci_low"] < 0.25 < overall["ci_high"]
+    assert set(eff["group"]) == {"all", "a", "b"}
+
+
+def review_frame(**over):
+    row = {"customer_id": "x", "potential": False, "trend_180d": -0.5, "tenure_days": 300,
+           "days_since_complaint": np.nan, "predicted_value": 5.0}
+    econ = {"expected_profit": -10.0}
+    hist = {"customer_id": "x", "profit_p1": -1.0, "profit_p2": -2.0, "profit_p3": -3.0}
+    for k, v in over.items():
+        (econ if k in econ else hist if k in hist else row)[k] = v
+    return pd.DataFrame([row]), pd.DataFrame([econ]), pd.DataFrame([hist])
+
+
+@pytest.mark.parametrize("change, candidate", [
+    ({}, True),
+    ({"expected_profit": 5.0}, False),              # profitable in the forecast
+    ({"profit_p2": 1.0}, False),                    # profitable in one earlier period
+    ({"potential": True}, False),                   # development potential
+    ({"trend_180d": 0.4}, False),                   # spend rising
+    ({"tenure_days": 2000}, False),                 # long-standing, small loss
+    ({"tenure_days": 2000, "expected_profit": -80.0}, True),   # ... unless the loss is large
+    ({"days_since_complaint": 20.0}, False),        # resolve the complaint first
+])
+def test_each_phaseout_guardrail(change, candidate):
+    c, e, h = review_frame(**change)
+    out = S.phaseout_review(c, e, h, params=P)
+    assert out["phaseout_candidate"].tolist() == [candidate]
+    assert bool(out["phaseout_reasons"].iloc[0]) == candidate
+
+
+def test_guardrail_effects_count_who_each_step_keeps_off():
+    review = pd.DataFrame({
+        "unprofitable_now": [True, True, True, True, False],
+        "unprofitable_all_periods": [True, True, True, False, False],
+        "low_potential": [True, True, False, True, True],
+        "tenure_ok": [True, True, True, True, True],
+        "no_recent_complaint": [True, False, True, True, True]})
+    g = S.guardrail_effects(review)
+    assert g["customers_remaining"].tolist() == [4, 3, 2, 2, 1]
+    assert g["kept_off"].tolist() == [0, 1, 1, 0, 1]
+
+
+def test_period_profits_from_history():
+    tx = pd.DataFrame({"customer_id": ["a", "a", "a"], "order_id": ["1", "2", "3"],
+                       "order_date": pd.to_datetime(["2024-03-20", "2024-02-10", "2024-01-05"]),
+                       "amount": [100.0, 10.0, 50.0], "margin": [30.0, 1.0, 20.0],
+                       "status": "completed", "channel": ["phone", "online", "store"]})
+    out = S.period_profits(F.connect({"transactions": tx}), as_of=dt.date(2024, 4, 1),
+                           horizon_days=30, periods=3, params=P)
+    row = out.iloc[0]
+    assert row["profit_p1"] == pytest.approx(30 - 9.0)    # 2024-03-02 .. 2024-03-31
+    assert row["profit_p2"] == pytest.approx(1 - 1.5)     # 2024-02-01 .. 2024-03-01
+    assert row["profit_p3"] == pytest.approx(20 - 6.0)    # 2024-01-02 .. 2024-01-31
+
+
+def test_early_warnings_name_the_rule():
+    c = pd.DataFrame({
+        "customer_id": ["late", "drop", "angry", "sad", "risky", "lost"],
+        "lifecycle_stage": ["at risk", "active", "active", "active", "active", "lost"],
+        "frequency": [5, 5, 5, 5, 5, 5], "recency_days": [90, 10, 10, 10, 10, 900],
+        "recency_vs_gap": [3.0, 0.5, 0.5, 0.5, 0.5, 30.0],
+        "trend_90d": [0.0, -0.6, 0.0, 0.0, 0.0, -1.0], "spend_90d": [0, 10, 50, 50, 50, 0.0],
+        "complaints_90d": [0, 0, 1, 0, 0, 0], "satisfaction_last": [4, 4, 4, 1, 4, 1],
+        "churn_probability": [0.3, 0.3, 0.3, 0.3, 0.8, 0.99]})
+    alerts = S.early_warnings(c, params=P)
+    fired = alerts.groupby("customer_id")["rule"].apply(set).to_dict()
+    assert fired == {"late": {"overdue"}, "drop": {"spend drop"}, "angry": {"new complaint"},
+                     "sad": {"low satisfaction"}, "risky": {"high churn risk"}}
+
+
+def test_fairness_audit_flags_a_planted_bias_and_not_chance():
+    rng = np.random.default_rng(3)
+    n = 6000
+    attrs = pd.DataFrame({"customer_id": range(n),
+                          "gender": rng.choice(["f", "m", "x"], n, p=[.48, .48, .04])})
+    fair = rng.choice(["Maintain", "Serve at low cost", "Review for phase-out"], n,
+                      p=[.9, .08, .02])
+    actions = pd.DataFrame({"customer_id": range(n), "action": fair})
+    audit = S.fairness_audit(actions, attrs, protected=("gender",), params=P)
+    assert not audit["flag"].any()
+    biased = np.where((attrs["gender"] == "f") & (rng.random(n) < 0.10),
+                      "Review for phase-out", fair)
+    audit = S.fairness_audit(actions.assign(action=biased), attrs, protected=("gender",),
+                             params=P)
+    flagged = audit[audit["flag"]]
+    assert set(flagged["action"]) == {"Review for phase-out"}
+    assert {"f", "m"} <= set(flagged["group"])
