@@ -39,11 +39,16 @@ data: $(DEMO) ## generate the demo data in data/raw/demo/ (if missing)
 report: env $(DEMO) ## run the whole pipeline on CONFIG (default: the demo) and print the report path
 	$(PY) -m analysis run --config $(CONFIG)
 
-test: env ## run the test suite (what CI runs)
+test: env browser ## run the test suite (what CI runs)
 	$(PY) -m pytest
 
-browser: ## install headless Chromium (Debian) for the browser tests, if missing
-	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+browser: ## install Debian's chromium and chromium-driver for the browser tests, if missing
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (Debian) for the browser tests"; \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "note: chromium/chromedriver are missing and cannot be installed here:" \
+		"the browser tests will be skipped"; fi
 
 lab: | $(UV) ## JupyterLab on notebooks/ with a kernel for the project's environment
 	$(UV) sync --frozen --python $(PYTHON) --group lab

@@ -1,0 +1,102 @@
+"""The executive report in a real browser (Debian's headless Chromium), on demo data whose
+category and region names carry script payloads."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.report import run_pipeline
+
+CHROMIUM = shutil.which("chromium")
+DRIVER = shutil.which("chromedriver")
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (make test installs them)")]
+
+SCRIPT = '<script>window.__xss = 1</script>toys'
+IMG = '<img src=x onerror="window.__xss = 2">North'
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory, small_demo):
+    folder = tmp_path_factory.mktemp("xss")
+    tx = pd.read_parquet(small_demo / "transactions.parquet")
+    tx["category"] = tx["category"].replace({"toys": SCRIPT})
+    tx.to_parquet(folder / "transactions.parquet", index=False)
+    customers = pd.read_parquet(small_demo / "customers.parquet")
+    customers["region"] = customers["region"].replace({"North": IMG})
+    customers.to_parquet(folder / "customers.parquet", index=False)
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "browser <b>test</b>",
+        "tables": {"transactions": {"path": "transactions.parquet"},
+                   "customers": {"path": "customers.parquet"},
+                   "interactions": {"path": str(small_demo / "interactions.parquet")},
+                   "campaign": {"path": str(small_demo / "campaign.parquet")}},
+        "protected": ["gender", "age_band"],
+        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    result = run_pipeline(config, run_id="browser", log=lambda line: None)
+    return result
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, browser):
+    page = planted_run.index_html
+    browser.get(page.resolve().as_uri())
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+    resources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(r => r.name)")
+    assert all(r.startswith("data:") for r in resources), resources  # nothing fetched
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
+    assert len(images) >= 8 and all(done and width > 0 for done, width in images)
+    text = browser.execute_script("return document.body.innerText")
+    assert "Traceback" not in text and "import " not in text
+    assert browser.execute_script("return document.querySelectorAll('.jp-InputArea').length") == 0
+    for heading in ("1. Key numbers", "4. Churn", "6. Recommended actions",
+                    "7. Phase-out review", "8. How much to trust this"):
+        assert heading in text, heading
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(1200, min(height, 16000))
+    shot = Path(page).with_name("screenshot.png")
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 50_000
+
+
+def test_planted_markup_is_shown_as_text_and_never_runs(planted_run, browser):
+    page = planted_run.index_html
+    html = page.read_text()
+    assert "<script>window.__xss" not in html and '<img src=x onerror' not in html
+    browser.get(page.resolve().as_uri())
+    assert browser.execute_script("return window.__xss === undefined")
+    assert browser.execute_script("return document.scripts.length") == 0
+    handlers = browser.execute_script(
+        "return Array.from(document.querySelectorAll('*')).flatMap(e => "
+        "Array.from(e.attributes).map(a => a.name)).filter(n => n.startsWith('on')).length")
+    assert handlers == 0
+    text = browser.execute_script("return document.body.innerText")
+    assert "window.__xss = 1" in text       # the payload is visible as text, escaped
+    assert "browser <b>test</b>" in text    # so is the config's name
+    # the analyst pages escape data too
+    for name in ("02_customer_profile.html", "05_strategy.html"):
+        browser.get((page.parent / "notebooks" / name).resolve().as_uri())
+        assert browser.execute_script("return window.__xss === undefined"), name
