@@ -127,3 +127,25 @@ def test_run_strategy_is_fair_and_keeps_valuable_customers_off_the_phaseout_list
     fairness = pd.read_parquet(result.processed_dir / "strategy" / "fairness.parquet")
     assert len(fairness) and not fairness["flag"].any()
     assert set(fairness["attribute"]) == {"gender", "age_band"}
+
+
+@pytest.mark.e2e
+def test_second_run_reports_what_changed_and_keeps_history(good_run):
+    import datetime as dt
+
+    from analysis.monitor import read_history
+
+    folder, config, first, _ = good_run
+    later = run_pipeline(config, run_id="later", as_of=dt.date(2025, 11, 1),
+                         log=lambda line: None)
+    page = later.index_html.read_text()
+    assert "2. What changed since the last run" in page
+    assert "Value-tier migration" in page and "value_tier before" in page
+    assert "new early warnings since the previous run" in page
+    assert "nothing to compare" not in page
+    history = read_history(folder / "processed" / "history.parquet")
+    assert history["run_id"].tolist() == ["first", "later"]
+    assert history.set_index("run_id").loc["later", "as_of"] == "2025-11-01"
+    assert (folder / "reports" / "latest").resolve() == later.report_dir.resolve()
+    # the first run's page said so
+    assert "nothing to compare" in (first.report_dir / "index.html").read_text()

@@ -21,6 +21,7 @@ __all__ = [
     "plot_dependence",
     "plot_drivers",
     "plot_gain_curves",
+    "plot_history",
     "plot_value_deciles",
     "plot_cohort_heatmap",
     "plot_lifecycle",
@@ -294,4 +295,18 @@ def plot_profit_curve(curve: pd.DataFrame, depth: int, *, ax=None) -> Figure:
     ax.set_xlabel("customers contacted, highest expected gain first")
     ax.set_ylabel("cumulative expected profit")
     ax.set_title("Retention campaign: profit by targeting depth")
+    return fig
+
+
+def plot_history(history: pd.DataFrame, *, columns=("active_customers", "revenue_12m",
+                                                     "at_risk_customers", "churn_auc")) -> Figure:
+    """KPIs over runs (one small panel each), from :func:`analysis.monitor.read_history`."""
+    cols = [c for c in columns if c in history]
+    fig, axes = plt.subplots(1, len(cols), figsize=(3 * len(cols), 2.6), squeeze=False)
+    x = pd.to_datetime(history["as_of"])
+    for ax, col in zip(axes[0], cols, strict=True):
+        ax.plot(x, history[col], marker="o", color=PALETTE[0])
+        ax.set_title(col.replace("_", " "), fontsize=10)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    fig.suptitle("Over the runs")
     return fig

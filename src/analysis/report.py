@@ -105,6 +105,7 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     tmp_processed, tmp_report = processed_root / token, reports_root / token
     tmp_processed.mkdir(parents=True)
     (tmp_report / "notebooks").mkdir(parents=True)
+    previous = _previous_run(reports_root, processed_root, run_id)
     params = {
         "config_path": str(Path(config_path).resolve()),
         "run_id": run_id,
@@ -113,6 +114,8 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
         "report_dir": str(tmp_report),
         # link from the published report folder to the published processed folder
         "processed_href": os.path.relpath(processed_root / run_id, reports_root / run_id),
+        # the last successful run, for "what changed" ("" on the first run)
+        "previous_processed_dir": str(previous) if previous else "",
     }
     stage_seconds: dict[str, float] = {}
     log(f"run {run_id}: config {config_path}, {len(NOTEBOOKS)} notebooks")
@@ -144,6 +147,11 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
         processed_dir = _swap_into_place(tmp_processed, processed_root / run_id)
         report_dir = _swap_into_place(tmp_report, reports_root / run_id)
         _point_latest(reports_root, run_id)
+        from analysis.monitor import append_history, run_kpis
+
+        append_history(processed_root / "history.parquet",
+                       {"run_id": run_id, "finished_at": dt.datetime.now(dt.UTC).isoformat(
+                           timespec="seconds"), **run_kpis(processed_dir)})
     log(f"run {run_id}: done in {sum(stage_seconds.values()):.1f} s; report "
         f"{report_dir / 'index.html'}")
     return RunResult(run_id=run_id, processed_dir=processed_dir, report_dir=report_dir,
@@ -273,7 +281,8 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
     metrics: dict = {"run_id": run_id, "mode": config.mode, "config": config.to_dict(),
                      "parameters": {k: v for k, v in params.items()
                                     if k not in {"processed_dir", "report_dir",
-                                                 "processed_href"}},
+                                                 "processed_href",
+                                                 "previous_processed_dir"}},
                      "stage_seconds": stage_seconds, "versions": library_versions()}
     for name in ("data_quality", "profile", "models"):
         path = processed / f"{name}.json"
@@ -312,6 +321,16 @@ def _lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _previous_run(reports_root: Path, processed_root: Path, run_id: str) -> Path | None:
+    """The processed folder of the last successful run (what reports/latest points at)."""
+    latest = reports_root / "latest"
+    if not latest.is_symlink():
+        return None
+    previous = os.readlink(latest)
+    folder = processed_root / previous
+    return folder if previous != run_id and (folder / "customers.parquet").is_file() else None
 
 
 def _check_run_id(run_id: str) -> None:

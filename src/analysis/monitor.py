@@ -1,0 +1,142 @@
+"""Monitoring across runs: KPIs per run, run history, what changed since the last run,
+and feature drift.
+
+Every successful run appends its KPIs and model metrics to
+``<processed_dir>/history.parquet``; the executive report compares the run with the
+previous successful one (``reports/latest`` before the switch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["append_history", "kpi_deltas", "migration_matrix", "new_alerts",
+           "population_stability", "read_history", "run_kpis"]
+
+ACTIVE = ("new", "active", "at risk")
+
+
+def run_kpis(processed_dir: str | Path) -> dict:
+    """The headline numbers of one run, from its processed folder.
+
+    Returns
+    -------
+    dict
+        ``as_of``, ``customers``, ``active_customers``, ``revenue_12m``,
+        ``top20_revenue_share``, ``predicted_value``, ``at_risk_customers``,
+        ``revenue_at_risk``, ``high_value_customers``, ``complaint_rate`` (share of
+        customers with a complaint in the last 90 days), ``churn_auc``, ``value_mae``,
+        ``phaseout_customers``, ``campaign_profit`` (those that exist).
+    """
+    folder = Path(processed_dir)
+    c = pd.read_parquet(folder / "customers.parquet")
+    profile = json.loads((folder / "profile.json").read_text())
+    active = c["lifecycle_stage"].isin(ACTIVE)
+    spend = c["spend_365d"].clip(lower=0).sort_values(ascending=False)
+    top = spend.head(max(1, round(0.2 * len(spend)))).sum() / spend.sum() if spend.sum() else 0
+    out = {"as_of": profile["as_of"], "customers": int(len(c)),
+           "active_customers": int(active.sum()), "revenue_12m": float(spend.sum()),
+           "top20_revenue_share": float(top),
+           "high_value_customers": int((c["value_tier"] == "high").sum())}
+    if "complaints_90d" in c:
+        out["complaint_rate"] = float((c["complaints_90d"] > 0).mean())
+    if "churn_probability" in c:
+        risk = (c["churn_probability"] >= 0.5) & active
+        out.update(predicted_value=float(c["predicted_value"].sum()),
+                   at_risk_customers=int(risk.sum()),
+                   revenue_at_risk=float(c.loc[risk, "spend_365d"].clip(lower=0).sum()))
+    models = folder / "models.json"
+    if models.is_file():
+        m = json.loads(models.read_text())
+        out.update(churn_auc=m["churn"]["model"]["roc_auc"], value_mae=m["value"]["model"]["mae"])
+    if "phaseout_candidate" in c:
+        out["phaseout_customers"] = int(c["phaseout_candidate"].fillna(False).sum())
+    retention = folder / "strategy" / "retention.json"
+    if retention.is_file():
+        out["campaign_profit"] = json.loads(retention.read_text())["max_expected_profit"]
+    return out
+
+
+def append_history(history_path: str | Path, row: dict) -> pd.DataFrame:
+    """Add (or replace, for a re-used run id) one run's row; written atomically."""
+    path = Path(history_path)
+    history = read_history(path)
+    history = history[history["run_id"] != row["run_id"]] if len(history) else history
+    history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    history.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return history
+
+
+def read_history(history_path: str | Path) -> pd.DataFrame:
+    """The run history (empty frame when there is none yet)."""
+    path = Path(history_path)
+    return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["run_id"])
+
+
+def kpi_deltas(current: dict, previous: dict) -> pd.DataFrame:
+    """KPIs of this run next to the previous one.
+
+    Returns
+    -------
+    DataFrame
+        ``kpi``, ``previous``, ``current``, ``change``, ``change_share``.
+    """
+    rows = []
+    for key, now in current.items():
+        before = previous.get(key)
+        if isinstance(now, int | float) and isinstance(before, int | float):
+            rows.append({"kpi": key, "previous": before, "current": now,
+                         "change": now - before,
+                         "change_share": (now - before) / abs(before) if before else np.nan})
+    return pd.DataFrame(rows)
+
+
+def migration_matrix(previous: pd.DataFrame, current: pd.DataFrame, *, column: str
+                     ) -> pd.DataFrame:
+    """Customers by their ``column`` in the previous run (rows) and now (columns);
+    customers new since then come from "(new)", those gone go to "(gone)"."""
+    merged = previous[["customer_id", column]].merge(
+        current[["customer_id", column]], on="customer_id", how="outer",
+        suffixes=("_previous", "_current"))
+    before = merged[f"{column}_previous"].astype("object").fillna("(new)")
+    after = merged[f"{column}_current"].astype("object").fillna("(gone)")
+    return pd.crosstab(before.rename(f"{column} before"), after.rename(f"{column} now"))
+
+
+def new_alerts(previous: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+    """Alerts (customer, rule) raised now that the previous run had not raised."""
+    if previous is None or previous.empty:
+        return current
+    seen = set(zip(previous["customer_id"], previous["rule"], strict=True))
+    keep = [(c, r) not in seen for c, r in zip(current["customer_id"], current["rule"],
+                                               strict=True)]
+    return current[keep].reset_index(drop=True)
+
+
+def population_stability(expected, actual, *, bins: int = 10) -> float:
+    """Population stability index of a numeric feature (quantile bins of ``expected``).
+
+    Below 0.1: stable; 0.1-0.25: some drift; above 0.25: a large shift.
+    """
+    e = pd.Series(expected, dtype=float).dropna().to_numpy()
+    a = pd.Series(actual, dtype=float).dropna().to_numpy()
+    if len(e) == 0 or len(a) == 0:
+        return float("nan")
+    edges = np.unique(np.quantile(e, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 3:
+        return 0.0
+    edges[0], edges[-1] = -np.inf, np.inf
+    pe = np.histogram(e, edges)[0] / len(e)
+    pa = np.histogram(a, edges)[0] / len(a)
+    pe, pa = np.clip(pe, 1e-4, None), np.clip(pa, 1e-4, None)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
