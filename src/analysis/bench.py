@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from analysis.demo import write_demo
 from analysis.features import WINDOWS_DAYS, build_features, connect
 
-__all__ = ["bench_features", "pandas_features", "render_results"]
+__all__ = ["bench_cdnow", "bench_features", "bench_strategy", "pandas_features",
+           "render_results"]
 
 LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
 BENCH_CUTOFF = dt.date(2025, 7, 1)
@@ -248,6 +249,45 @@ def render_results(results_dir: str | Path) -> str:
                   "python -m analysis bench results", "```", ""]
     for extra in sorted(results_dir.glob("*.md")):
         lines += [extra.read_text().rstrip(), ""]
+    for path in sorted(results_dir.glob("strategy*.json")):
+        r = json.loads(path.read_text())
+        lines += [f"## Strategy on the demo world ({r['customers']:,} customers, seed "
+                  f"{r['seed']})", "",
+                  "Retention targeting valued on realised outcomes from the ground truth (a "
+                  "contact stretches a live customer's remaining lifetime by 1 / (1 - true "
+                  "effect); value = margin of the extra days alive within a year, minus the "
+                  "contact and offer cost):", "",
+                  "| measure | value |", "|---|---:|",
+                  f"| campaign size chosen by expected profit | {r['campaign_size']:,} |",
+                  f"| true profit of that campaign | {r['profit_targeted']:,.0f} |",
+                  f"| oracle of probabilities (true state, hazard, effect): "
+                  f"{r['oracle_campaign_size']:,} customers, true profit | "
+                  f"{r['profit_oracle_of_probabilities']:,.0f} |",
+                  f"| perfect foresight (knows who drops): "
+                  f"{r['perfect_foresight_campaign_size']:,} customers, true profit | "
+                  f"{r['profit_oracle']:,.0f} |",
+                  f"| profit capture vs the oracle of probabilities | "
+                  f"{r['profit_capture_vs_oracle']:.1%} |",
+                  f"| same size, ranked by churn probability alone | "
+                  f"{r['profit_capture_churn_ranking']:.1%} |",
+                  f"| customers on the phase-out review list | {r['phaseout_count']:,} |",
+                  f"| ... of whom in the top half by true future profit | "
+                  f"{r['phaseout_true_value_top_half']:,} |",
+                  f"| fairness flags | {len(r['fairness_flags'])} |", "",
+                  f"Reproduce: `python -m analysis bench strategy --customers {r['customers']} "
+                  f"--seed {r['seed']} --out bench/out/strategy` and copy "
+                  f"`strategy.json` to `bench/results/`.", ""]
+    for path in sorted(results_dir.glob("e2e-*.json")):
+        m = json.loads(path.read_text())
+        stages = m["stage_seconds"]
+        customers = m.get("profile", {}).get("customers")
+        lines += [f"## End to end: `{path.stem}`", "",
+                  f"`python -m analysis run` on the demo world with "
+                  f"{customers:,} customers with a purchase; seconds per stage from the "
+                  "run's `metrics.json` (copied here as the JSON file):", "",
+                  "| stage | seconds |", "|---|---:|",
+                  *[f"| {k} | {v:.1f} |" for k, v in stages.items()],
+                  f"| **total** | **{sum(stages.values()):.1f}** |", ""]
     return "\n".join(lines)
 
 
@@ -417,3 +457,126 @@ def _cdnow_markdown(r: dict) -> str:
                  "--out bench/out/cdnow && cp bench/out/cdnow/cdnow.json bench/out/cdnow/cdnow.md "
                  "bench/results/ && python -m analysis bench results`"]
     return "\n".join(rows)
+
+
+def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
+    """Judge a run's retention targeting and phase-out list with the ground truth.
+
+    The true value of contacting a customer: in the demo, a contact stretches a live
+    customer's remaining lifetime by 1 / (1 - treatment effect), so it is worth the
+    margin of the extra days alive within the next year (true purchase rate x true mean
+    order value x margin rate per day), minus the contact and offer cost. The oracle
+    of probabilities contacts every customer whose *expected* true value is positive
+    (it knows who is alive, their true hazard and effect, not when they will drop); the
+    perfect-foresight oracle contacts everyone whose realised value is positive. Both
+    target sets are valued on realised outcomes. Phase-out is judged on true future
+    profit (next year's margin minus the cost to serve its orders).
+    """
+    processed_dir, data = Path(processed_dir), Path(data)
+    decided = pd.read_parquet(processed_dir / "strategy" / "customers.parquet")
+    scored = pd.read_parquet(processed_dir / "customers.parquet")
+    truth = pd.read_parquet(data / "ground_truth" / "customers.parquet")
+    future = pd.read_parquet(data / "ground_truth" / "future_orders.parquet")
+    d = (decided[["customer_id", "targeted", "phaseout_candidate", "margin_rate_used"]]
+         .merge(scored[["customer_id", "churn_probability", "lifecycle_stage"]],
+                on="customer_id")
+         .merge(truth, on="customer_id", how="left"))
+    as_of = pd.Timestamp(world.as_of)
+    remaining = (d["dropout_date"] - as_of).dt.days.to_numpy(dtype=float)
+    effect = d["treatment_effect"].to_numpy()
+    alive = remaining >= 0
+    stretched = np.where(alive, remaining / (1 - effect), 0.0)
+    extra_days = np.clip(np.minimum(stretched, 365) - np.clip(remaining, 0, 365), 0, None)
+    daily_margin = (d["purchase_rate_per_day"] * d["mean_order_value"]
+                    * d["margin_rate_used"]).to_numpy()
+    cost = params.contact_cost + params.offer_cost
+    true_gain = np.where(alive, extra_days * daily_margin, 0.0) - cost
+    oracle = float(np.clip(true_gain, 0, None).sum())
+    # the oracle of probabilities: knows who is alive, their true hazard and effect (not
+    # when they will drop): expected extra days alive within the year, from the
+    # expected alive time (1 - e^{-mT}) / m with and without the lowered hazard
+    mu = d["dropout_hazard_per_day"].to_numpy()
+    alive_now = (d["dropout_date"] >= as_of).to_numpy()
+    untreated = (1 - np.exp(-mu * 365)) / mu
+    lowered = mu * (1 - effect)
+    treated = (1 - np.exp(-lowered * 365)) / lowered
+    expected_gain = np.where(alive_now, (treated - untreated) * daily_margin, 0.0) - cost
+    oracle_p = float(true_gain[expected_gain > 0].sum())
+    targeted = d["targeted"].to_numpy(dtype=bool)
+    ours = float(true_gain[targeted].sum())
+    active = d["lifecycle_stage"].isin(["new", "active", "at risk"]).to_numpy()
+    n = int(targeted.sum())
+    by_churn = np.argsort(-np.where(active, d["churn_probability"].to_numpy(), -1.0),
+                          kind="stable")[:n]
+    churn_ranking = float(true_gain[by_churn].sum()) if n else 0.0
+    done = future[future["status"] == "completed"]
+    per_order = done.groupby(["customer_id", "order_id"]).agg(
+        margin=("margin", "sum"), channel=("channel", "first"))
+    per_order["profit"] = per_order["margin"] - per_order["channel"].map(
+        params.cost_per_order_by_channel).astype(float).fillna(params.cost_per_order)
+    true_profit = (per_order.groupby(level="customer_id")["profit"].sum()
+                   .reindex(d["customer_id"], fill_value=0.0).to_numpy()
+                   - params.cost_per_account_year)
+    top_half = np.argsort(np.argsort(-true_profit, kind="stable"), kind="stable") < len(d) / 2
+    listed = d["phaseout_candidate"].to_numpy(dtype=bool)
+    fairness = pd.read_parquet(processed_dir / "strategy" / "fairness.parquet")
+    flags = fairness[fairness["flag"]] if len(fairness) else fairness
+    return {
+        "campaign_size": n,
+        "profit_oracle": round(oracle, 2),
+        "profit_targeted": round(ours, 2),
+        "profit_churn_ranking": round(churn_ranking, 2),
+        "profit_capture_vs_oracle": round(ours / oracle_p, 4) if oracle_p else None,
+        "profit_capture_churn_ranking": round(churn_ranking / oracle_p, 4) if oracle_p
+        else None,
+        "oracle_campaign_size": int((expected_gain > 0).sum()),
+        "profit_oracle_of_probabilities": round(oracle_p, 2),
+        "profit_capture_vs_perfect_foresight": round(ours / oracle, 4) if oracle else None,
+        "perfect_foresight_campaign_size": int((true_gain > 0).sum()),
+        "phaseout_count": int(listed.sum()),
+        "phaseout_true_value_top_half": int((listed & top_half).sum()),
+        "phaseout_true_buyers": int((listed & (true_profit + params.cost_per_account_year
+                                               != 0)).sum()),
+        "fairness_flags": [f"{r.attribute}={r.group}: {r.action} (ratio {r.ratio:.2f})"
+                           for r in flags.itertuples()],
+    }
+
+
+def bench_strategy(*, customers: int, seed: int, out: str | Path,
+                   horizon_days: int = 90) -> dict:
+    """The strategy step judged against the demo world's ground truth.
+
+    Runs the whole pipeline (:func:`analysis.report.run_pipeline`) on a generated world
+    and judges it with :func:`evaluate_strategy`. ``profit_capture_vs_oracle`` is the
+    true value of the customers the pipeline targeted over that of the oracle;
+    ``profit_capture_churn_ranking`` the same for the same number of active customers
+    ranked by churn probability alone. Writes ``OUT/strategy.json``.
+    """
+    import yaml
+
+    from analysis.config import load_config
+    from analysis.demo import DemoWorld
+    from analysis.report import run_pipeline
+
+    out = Path(out).resolve()   # the generated config names absolute paths
+    data = out / f"data-{customers}-{seed}"
+    if not (data / "transactions.parquet").is_file():
+        write_demo(data, n_customers=customers, seed=seed)
+    config = out / "strategy-config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": f"bench-strategy-{customers}-{seed}", "seed": seed,
+        "tables": {name: {"path": str(data / f"{name}.parquet")}
+                   for name in ("transactions", "customers", "interactions", "campaign")},
+        "protected": ["gender", "age_band"],
+        "analysis": {"horizon_days": horizon_days},
+        "output": {"processed_dir": str(out / "processed"), "reports_dir": str(out / "reports")},
+    }))
+    start = time.perf_counter()
+    result = run_pipeline(config, run_id="bench", log=lambda line: None)
+    seconds = time.perf_counter() - start
+    report = evaluate_strategy(result.processed_dir, data, load_config(config).strategy,
+                               DemoWorld(n_customers=customers, seed=seed))
+    report.update(customers=customers, seed=seed, horizon_days=horizon_days,
+                  seconds_pipeline=round(seconds, 1))
+    (out / "strategy.json").write_text(json.dumps(report, indent=2))
+    return report

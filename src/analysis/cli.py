@@ -107,6 +107,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder with CDNOW_master.txt and CDNOW_sample.txt")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=_bench_cdnow)
+    p = bench_sub.add_parser("strategy", help="strategy targeting vs the ground-truth oracle",
+                             description="Generate a demo world, run the pipeline, and judge "
+                                         "its retention targeting, phase-out list and "
+                                         "fairness audit against the ground truth; writes "
+                                         "OUT/strategy.json.")
+    p.add_argument("--customers", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_bench_strategy)
     p = bench_sub.add_parser("results", help="render bench/RESULTS.md from bench/results/*.json",
                              description="Render the results table from the JSON files.")
     p.add_argument("--results", type=Path, default=Path("bench/results"))
@@ -202,6 +211,16 @@ def _bench_cdnow(args: argparse.Namespace) -> int:
 
     report = bench_cdnow(data_dir=args.data, out=args.out)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _bench_strategy(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.bench import bench_strategy
+
+    print(json.dumps(bench_strategy(customers=args.customers, seed=args.seed, out=args.out),
+                     indent=2))
     return 0
 
 

@@ -484,11 +484,15 @@ class ModelRun:
 def fit_and_evaluate(con, *, as_of: dt.date,
                      horizon_days: int, n_cutoffs: int, step_days: int,
                      exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
-                     min_customers: int = 200) -> ModelRun:
+                     min_customers: int = 200, max_train_rows: int = 300_000,
+                     max_baseline_rows: int = 100_000) -> ModelRun:
     """Train on rolling-origin snapshots, judge out of time, score at ``as_of``.
 
     Cutoffs come from :func:`honest_cutoffs`: the evaluation cutoff is never used in
-    training, and no training or validation label looks past it.
+    training, and no training or validation label looks past it. Training snapshots
+    beyond ``max_train_rows`` rows are sampled (uniformly, fixed seed), and the logistic
+    baseline is fitted on at most ``max_baseline_rows`` of them: on large customer bases
+    more rows add time, not accuracy.
 
     Raises
     ------
@@ -522,6 +526,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                 f"the {name} snapshot has {len(frame):,} customers ({n_pos:,} churned): "
                 f"at least {min_customers} customers and 20 churners and 20 non-churners "
                 f"are needed for a meaningful model")
+    if len(train) > max_train_rows:
+        train = train.sample(max_train_rows, random_state=seed).reset_index(drop=True)
     columns = feature_columns(train, exclude=exclude)
     cats = categories_of(train, columns)
     X = {k: prepare_matrix(f, columns, cats) for k, f in
@@ -531,7 +537,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                                                      X["valid"], valid["churned"])
     value = ValueModel(seed=seed, device=device).fit(X["train"], train["future_spend"],
                                                      X["valid"], valid["future_spend"])
-    logistic = LogisticChurn().fit(X["train"], train["churned"])
+    small = np.random.default_rng(seed).permutation(len(train))[:max_baseline_rows]
+    logistic = LogisticChurn().fit(X["train"].iloc[small], train["churned"].iloc[small])
     lines = con.execute("SELECT customer_id, order_date, amount, status FROM lines "
                         f"WHERE order_date < DATE '{eval_cut.isoformat()}'").df()
     bg, clv_params = bgnbd_baseline(lines, cutoff=eval_cut, horizon_days=horizon_days,
@@ -582,7 +589,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         churn_metrics=pd.DataFrame(churn_rows), value_metrics=pd.DataFrame(value_rows),
         scores=scores, churn_shap=churn_shap, value_shap=value_shap, score_features=score_X,
         clv_params=clv_params,
-        sizes={"train": len(train), "valid": len(valid), "eval": len(test),
+        sizes={"train": len(train), "train_cutoffs": len(train_cuts), "valid": len(valid),
+               "eval": len(test),
                "score": len(score_features), "features": len(columns)},
     )
 

@@ -1,0 +1,30 @@
+import json
+
+from analysis.bench import bench_features, render_results
+
+
+def test_feature_benchmark_on_a_small_world(tmp_path):
+    report = bench_features(lines=20_000, out=tmp_path, repeats=1)
+    for key in ("lines", "customers", "seconds_project", "seconds_pandas",
+                "seconds_scan_bound", "peak_rss_mb", "identical"):
+        assert key in report, key
+    assert report["identical"] is True
+    assert 15_000 < report["lines"] < 25_000 and report["customers"] > 500
+    assert report["peak_rss_mb"] > 50
+    assert json.loads((tmp_path / "features.json").read_text())["lines"] == report["lines"]
+
+
+def test_results_page_is_rendered_from_the_json_files(tmp_path):
+    (tmp_path / "features-2m.json").write_text(json.dumps({
+        "lines": 2_003_706, "customers": 98_442, "features": 33, "repeats": 3,
+        "seconds_project": 1.7, "seconds_pandas": 4.5, "seconds_scan_bound": 0.14,
+        "speedup_vs_pandas": 2.6, "ratio_to_scan_bound": 11.9, "peak_rss_mb": 508,
+        "identical": True, "machine": {"cpus": 2, "python": "3.11", "duckdb": "2",
+                                       "pandas": "3"}}))
+    (tmp_path / "e2e-1k.json").write_text(json.dumps({
+        "stage_seconds": {"01_data_quality.ipynb": 1.5, "render": 0.5},
+        "profile": {"customers": 1234}}))
+    page = render_results(tmp_path)
+    assert "| 2,003,706 | 98,442 | 33 | 1.70 | 4.50 | 0.14 | 2.6x | 11.9x | 508 | yes |" in page
+    assert "1,234 customers" in page and "**2.0**" in page
+    assert "--lines 2000000" in page
