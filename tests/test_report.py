@@ -56,7 +56,9 @@ def test_run_publishes_a_self_contained_report(good_run):
     assert 'class="jp-InputArea' not in page and 'class="jp-InputPrompt' not in page
     assert "Customer strategy report: e2e" in page
     for name in NOTEBOOKS[:-1]:
-        assert (result.report_dir / "notebooks" / name.replace(".ipynb", ".html")).is_file()
+        html_name = name.replace(".ipynb", ".html")
+        assert (result.report_dir / "notebooks" / html_name).is_file()
+        assert f'href="notebooks/{html_name}"' in page   # linked from the executive page
     assert any(f"stage 2/{len(NOTEBOOKS)} 02_customer_profile.ipynb done" in line for line in lines)
 
 

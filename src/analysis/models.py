@@ -62,9 +62,11 @@ NOT_FEATURES = {"customer_id", "cutoff", "cutoff_month", "spend_last_horizon", *
 
 
 def feature_columns(frame: pd.DataFrame, *, exclude: tuple[str, ...] = ()) -> list[str]:
-    """Model inputs: every numeric or text column but ids, labels and ``exclude``."""
+    """Model inputs: every numeric or text column but ids, labels, ``exclude`` and
+    columns without a single value (e.g. ``season_index`` with under a year of history)."""
     excluded = NOT_FEATURES | {c.casefold() for c in exclude} | set(exclude)
-    return [c for c in frame.columns if c not in excluded and c.casefold() not in excluded]
+    return [c for c in frame.columns if c not in excluded and c.casefold() not in excluded
+            and frame[c].notna().any()]
 
 
 def categories_of(frame: pd.DataFrame, columns: list[str], *, max_levels: int = 30
