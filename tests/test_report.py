@@ -138,16 +138,23 @@ def test_second_run_reports_what_changed_and_keeps_history(good_run):
     from analysis.monitor import read_history
 
     folder, config, first, _ = good_run
-    later = run_pipeline(config, run_id="later", as_of=dt.date(2025, 11, 1),
+    later = run_pipeline(config, run_id="later", as_of=dt.date(2025, 10, 1),
                          log=lambda line: None)
     page = later.index_html.read_text()
     assert "2. What changed since the last run" in page
     assert "Value-tier migration" in page and "value_tier before" in page
     assert "new early warnings since the previous run" in page
     assert "nothing to compare" not in page
+    assert "Data drift between the training snapshots and today" in page
     history = read_history(folder / "processed" / "history.parquet")
     assert history["run_id"].tolist() == ["first", "later"]
-    assert history.set_index("run_id").loc["later", "as_of"] == "2025-11-01"
+    assert history.set_index("run_id").loc["later", "as_of"] == "2025-10-01"
     assert (folder / "reports" / "latest").resolve() == later.report_dir.resolve()
     # the first run's page said so
     assert "nothing to compare" in (first.report_dir / "index.html").read_text()
+    # a run 90+ days after 'later' reports how later's predictions turned out
+    third = run_pipeline(config, run_id="third", log=lambda line: None)
+    page = third.index_html.read_text()
+    assert "How the run of 2025-10-01 turned out" in page
+    assert read_history(folder / "processed" / "history.parquet")["run_id"].tolist() == [
+        "first", "later", "third"]

@@ -456,6 +456,8 @@ class ModelRun:
     churn_shap, value_shap : SHAP values at the scoring date (+ ``bias``).
     score_features : the model matrix at the scoring date (same rows).
     clv_params : BG/NBD and Gamma-Gamma parameters at the evaluation cutoff.
+    drift : PSI of each numeric feature between training and scoring
+        (:func:`analysis.monitor.feature_drift`).
     """
 
     horizon_days: int
@@ -471,6 +473,7 @@ class ModelRun:
     score_features: pd.DataFrame
     clv_params: dict
     sizes: dict
+    drift: pd.DataFrame | None = None
 
     def summary(self) -> dict:
         """Headline facts, JSON-friendly (for metrics.json and the model metadata)."""
@@ -573,6 +576,9 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
                                     exclude_attributes=exclude)
     score_X = prepare_matrix(score_features, columns, cats)
+    from analysis.monitor import feature_drift
+
+    drift = feature_drift(X["train"], score_X)
     churn_shap = churn.contributions(score_X)
     value_shap = value.contributions(score_X)
     readable = score_features.reset_index(drop=True)
@@ -590,7 +596,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         churn=churn, value=value, evaluation=evaluation,
         churn_metrics=pd.DataFrame(churn_rows), value_metrics=pd.DataFrame(value_rows),
         scores=scores, churn_shap=churn_shap, value_shap=value_shap, score_features=score_X,
-        clv_params=clv_params,
+        clv_params=clv_params, drift=drift,
         sizes={"train": len(train), "train_cutoffs": len(train_cuts), "valid": len(valid),
                "eval": len(test),
                "score": len(score_features), "features": len(columns)},
@@ -638,7 +644,7 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
     for name, frame in (("evaluation", run.evaluation), ("churn_metrics", run.churn_metrics),
                         ("value_metrics", run.value_metrics), ("scores", run.scores),
                         ("churn_shap", run.churn_shap), ("value_shap", run.value_shap),
-                        ("score_features", run.score_features)):
+                        ("score_features", run.score_features), ("drift", run.drift)):
         path = tables / f"{name}.parquet"
         frame.to_parquet(path, index=False)
         written[name] = path
@@ -666,7 +672,8 @@ def read_model_run(out_dir: str | Path) -> ModelRun:
         loaded[name] = model
     tables = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in ("evaluation", "churn_metrics", "value_metrics", "scores",
-                           "churn_shap", "value_shap", "score_features")}
+                           "churn_shap", "value_shap", "score_features", "drift")
+              if (folder / f"{name}.parquet").is_file()}
     return ModelRun(horizon_days=summary["horizon_days"], cutoffs=summary["cutoffs"],
                     churn=loaded["churn"], value=loaded["value"],
                     clv_params=summary["clv_params"], sizes=summary["sizes"], **tables)

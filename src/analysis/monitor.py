@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["append_history", "kpi_deltas", "migration_matrix", "new_alerts",
-           "population_stability", "read_history", "run_kpis"]
+__all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "new_alerts",
+           "population_stability", "read_history", "realized_outcomes", "run_kpis"]
 
 ACTIVE = ("new", "active", "at risk")
 
@@ -140,3 +140,55 @@ def population_stability(expected, actual, *, bins: int = 10) -> float:
     pa = np.histogram(a, edges)[0] / len(a)
     pe, pa = np.clip(pe, 1e-4, None), np.clip(pa, 1e-4, None)
     return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+def feature_drift(train: pd.DataFrame, score: pd.DataFrame, *, top: int | None = None
+                  ) -> pd.DataFrame:
+    """PSI of every numeric feature between the training snapshots and the scoring date.
+
+    Returns
+    -------
+    DataFrame
+        ``feature``, ``psi``, ``level`` (stable < 0.1 <= some drift < 0.25 <= large
+        shift), largest first.
+    """
+    rows = []
+    for col in score.columns:
+        if col in train and pd.api.types.is_numeric_dtype(score[col]):
+            value = population_stability(train[col], score[col])
+            if value == value:
+                rows.append({"feature": col, "psi": value})
+    out = pd.DataFrame(rows, columns=["feature", "psi"]).sort_values("psi", ascending=False)
+    out["level"] = np.select([out["psi"] >= 0.25, out["psi"] >= 0.1],
+                             ["large shift", "some drift"], default="stable")
+    return (out.head(top) if top else out).reset_index(drop=True)
+
+
+def realized_outcomes(previous_customers: pd.DataFrame, actual: pd.DataFrame) -> dict:
+    """How an earlier run's predictions turned out, once its horizon has passed.
+
+    ``previous_customers`` holds that run's ``customer_id``, ``churn_probability`` and
+    ``predicted_value``; ``actual`` the labels observed since (``churned``,
+    ``future_spend`` from :func:`analysis.features.build_features` at that run's date).
+
+    Returns
+    -------
+    dict
+        ``customers``, ``churn_auc``, ``brier``, ``predicted_churn_rate``,
+        ``observed_churn_rate``, ``value_mae``, ``predicted_total``, ``actual_total``.
+    """
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    d = previous_customers[["customer_id", "churn_probability", "predicted_value"]].merge(
+        actual[["customer_id", "churned", "future_spend"]], on="customer_id")
+    y = d["churned"].to_numpy()
+    out = {"customers": int(len(d)),
+           "predicted_churn_rate": float(d["churn_probability"].mean()),
+           "observed_churn_rate": float(y.mean()),
+           "brier": float(brier_score_loss(y, d["churn_probability"])),
+           "value_mae": float((d["future_spend"] - d["predicted_value"]).abs().mean()),
+           "predicted_total": float(d["predicted_value"].sum()),
+           "actual_total": float(d["future_spend"].sum())}
+    out["churn_auc"] = float(roc_auc_score(y, d["churn_probability"])) if len(set(y)) == 2 \
+        else float("nan")
+    return out

@@ -1,0 +1,43 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import monitor as M
+
+
+def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0, 1, 5000)
+    assert M.population_stability(a, rng.normal(0, 1, 5000)) < 0.02
+    assert M.population_stability(a, rng.normal(1.5, 1, 5000)) > 0.25
+    drift = M.feature_drift(pd.DataFrame({"x": a, "y": a}),
+                            pd.DataFrame({"x": a + 2, "y": a}))
+    assert drift["feature"].tolist() == ["x", "y"]
+    assert drift["level"].tolist() == ["large shift", "stable"]
+
+
+def test_realized_outcomes_of_an_earlier_run():
+    previous = pd.DataFrame({"customer_id": list("abcd"),
+                             "churn_probability": [0.9, 0.8, 0.2, 0.1],
+                             "predicted_value": [0.0, 10.0, 50.0, 40.0]})
+    actual = pd.DataFrame({"customer_id": list("abcd"), "churned": [1, 1, 0, 0],
+                           "future_spend": [0.0, 0.0, 60.0, 40.0]})
+    out = M.realized_outcomes(previous, actual)
+    assert out["churn_auc"] == 1.0 and out["observed_churn_rate"] == 0.5
+    assert out["value_mae"] == pytest.approx((0 + 10 + 10 + 0) / 4)
+    assert out["actual_total"] == 100.0
+
+
+def test_kpi_deltas_migration_and_new_alerts():
+    deltas = M.kpi_deltas({"customers": 110, "as_of": "x"}, {"customers": 100})
+    assert deltas.to_dict("records") == [{"kpi": "customers", "previous": 100,
+                                          "current": 110, "change": 10,
+                                          "change_share": 0.1}]
+    before = pd.DataFrame({"customer_id": ["a", "b", "c"], "tier": ["high", "low", "low"]})
+    now = pd.DataFrame({"customer_id": ["a", "b", "d"], "tier": ["mid", "low", "high"]})
+    m = M.migration_matrix(before, now, column="tier")
+    assert m.loc["high", "mid"] == 1 and m.loc["low", "(gone)"] == 1
+    assert m.loc["(new)", "high"] == 1
+    old = pd.DataFrame({"customer_id": ["a"], "rule": ["overdue"]})
+    new = pd.DataFrame({"customer_id": ["a", "a"], "rule": ["overdue", "spend drop"]})
+    assert M.new_alerts(old, new)["rule"].tolist() == ["spend drop"]
