@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pandas as pd
@@ -158,3 +159,43 @@ def test_second_run_reports_what_changed_and_keeps_history(good_run):
     assert "How the run of 2025-10-01 turned out" in page
     assert read_history(folder / "processed" / "history.parquet")["run_id"].tolist() == [
         "first", "later", "third"]
+
+
+@pytest.mark.e2e
+def test_two_runs_at_once_do_not_corrupt_each_other(good_run, tmp_path):
+    """The runner alone (stand-in notebooks that copy a finished run's outputs): two runs
+    started together both publish completely, and the history keeps both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    from analysis.monitor import read_history
+
+    folder, config, first, _ = good_run
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name in NOTEBOOKS:
+        params = new_code_cell('processed_dir = ""')
+        params.metadata["tags"] = ["parameters"]
+        copy = (f"shutil.copytree({str(first.processed_dir)!r}, processed_dir, "
+                f"dirs_exist_ok=True)" if name == NOTEBOOKS[0] else "print('ok')")
+        nb = new_notebook(cells=[params, new_code_cell(f"import shutil, time\ntime.sleep(1)\n{copy}")])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                     "language": "python"}
+        nbformat.write(nb, notebooks / name)
+
+    def run(run_id):
+        return run_pipeline(config, run_id=run_id, notebooks_dir=notebooks, log=lambda l: None)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, ["par-a", "par-b"]))
+    for result in results:
+        assert result.index_html.is_file()
+        assert (result.processed_dir / "customers.parquet").is_file()
+        assert (result.processed_dir / "metrics.json").is_file()
+    history = read_history(folder / "processed" / "history.parquet")
+    assert {"par-a", "par-b"} <= set(history["run_id"])
+    assert not list((folder / "processed").glob(".tmp-*"))
+    assert not list((folder / "reports").glob(".tmp-*"))
+    assert os.readlink(folder / "reports" / "latest") in {"par-a", "par-b"}

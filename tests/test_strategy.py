@@ -152,6 +152,12 @@ def test_early_warnings_name_the_rule():
     fired = alerts.groupby("customer_id")["rule"].apply(set).to_dict()
     assert fired == {"late": {"overdue"}, "drop": {"spend drop"}, "angry": {"new complaint"},
                      "sad": {"low satisfaction"}, "risky": {"high churn risk"}}
+    previous = pd.DataFrame({"customer_id": ["late", "drop", "risky"],
+                             "churn_probability": [0.05, 0.25, 0.5]})
+    rising = S.early_warnings(c, params=P, previous=previous)
+    rose = rising[rising["rule"] == "churn risk rising"]
+    assert rose["customer_id"].tolist() == ["late", "risky"]   # +0.25 and +0.30; drop +0.05
+    assert rose["detail"].iloc[0] == "churn probability 5% -> 30% since the previous run"
 
 
 def test_fairness_audit_flags_a_planted_bias_and_not_chance():

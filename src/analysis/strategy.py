@@ -85,9 +85,10 @@ class StrategyParams:
     phaseout_max_tenure_days : customers with longer tenure are kept off the list ...
     phaseout_large_loss : ... unless their expected loss per horizon exceeds this.
     phaseout_complaint_days : no phase-out review within this many days of a complaint.
-    warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn :
-        early-warning thresholds (times own gap; share of spend lost; score at or below;
-        churn probability at or above).
+    warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn,
+    warning_churn_rise : early-warning thresholds (times own gap; share of spend lost;
+        score at or below; churn probability at or above; rise of the churn probability
+        since the previous run, in points of probability).
     fairness_ratio, fairness_p_value : four-fifths rule, with a significance test.
     """
 
@@ -111,6 +112,7 @@ class StrategyParams:
     warning_spend_drop: float = 0.5
     warning_satisfaction: float = 2.0
     warning_churn: float = 0.7
+    warning_churn_rise: float = 0.2
     fairness_ratio: float = 0.8
     fairness_p_value: float = 0.01
     policy: list | None = None
@@ -413,12 +415,14 @@ def policy_table(policy: list[dict] | None = None) -> pd.DataFrame:
 # --------------------------------------------------------------------------- warnings
 
 
-def early_warnings(customers: pd.DataFrame, *, params: StrategyParams) -> pd.DataFrame:
+def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
+                   previous: pd.DataFrame | None = None) -> pd.DataFrame:
     """Alerts with the rule that fired, for customers who are not already lost.
 
     Rules: overdue against the own rhythm; spend drop over the last 90 days against the
     90 before; a complaint in the last 90 days; a low last satisfaction score; a high
-    churn probability.
+    churn probability; and, given the ``previous`` run's ``customer_id`` and
+    ``churn_probability``, a churn probability risen sharply since then.
 
     Returns
     -------
@@ -444,6 +448,13 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams) -> pd.Dat
     if "churn_probability" in c:
         rules.append(("high churn risk", c["churn_probability"] >= params.warning_churn,
                       lambda r: f"churn probability {r.churn_probability:.0%}"))
+    if previous is not None and "churn_probability" in c and "churn_probability" in previous:
+        before = c["customer_id"].map(previous.set_index("customer_id")["churn_probability"])
+        c = c.assign(churn_before=before)
+        rules.append(("churn risk rising",
+                      (c["churn_probability"] - before) >= params.warning_churn_rise,
+                      lambda r: f"churn probability {r.churn_before:.0%} -> "
+                                f"{r.churn_probability:.0%} since the previous run"))
     frames = []
     for name, mask, describe in rules:
         hit = c[mask.fillna(False)]
@@ -519,14 +530,15 @@ class StrategyRun:
 
 def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt.date,
            horizon_days: int, params: StrategyParams, campaign: pd.DataFrame | None = None,
-           attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = ()
-           ) -> StrategyRun:
+           attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
+           previous: pd.DataFrame | None = None) -> StrategyRun:
     """Economics, retention targeting, phase-out review, actions, warnings and audit.
 
     ``customers`` is the scored customer table (profile + ``churn_probability`` +
     ``predicted_value``). ``campaign`` (customer_id, campaign_date, treated), when
     given, replaces the assumed retention rate by one estimated per value tier.
-    ``attributes`` holds the protected attributes, used only by the audit.
+    ``attributes`` holds the protected attributes, used only by the audit; ``previous``
+    the previous run's customers (for the rising-risk warning).
     """
     from analysis.features import build_features
 
@@ -571,7 +583,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         "retention_profitable": targeting["targeted"],
         "phaseout_candidate": review["phaseout_candidate"]})
     actions = assign_actions(decisions, policy=params.policy)
-    alerts = early_warnings(c, params=params)
+    alerts = early_warnings(c, params=params, previous=previous)
     out = (c[["customer_id"]]
            .merge(econ, on="customer_id")
            .merge(targeting[["customer_id", "value_if_retained", "retention_gain", "targeted"]],
