@@ -39,6 +39,7 @@ __all__ = [
     "load_table",
     "quality_summary",
     "read_processed",
+    "write_atomically",
     "write_processed",
 ]
 
@@ -226,15 +227,15 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
     written: dict[str, Path] = {}
     for name, table in dataset.tables.items():
         path = out_dir / "clean" / f"{name}.parquet"
-        _atomic_write(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
+        write_atomically(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
         written[name] = path
         qpath = out_dir / "quarantine" / f"{name}.csv"
-        _atomic_write(qpath, lambda tmp, q=table.quarantine: q.to_csv(tmp, index=False))
+        write_atomically(qpath, lambda tmp, q=table.quarantine: q.to_csv(tmp, index=False))
         written[f"quarantine_{name}"] = qpath
     summary = quality_summary(dataset)
     qpath = out_dir / "data_quality.json"
     payload = {k: json.loads(v.to_json(orient="records")) for k, v in summary.items()}
-    _atomic_write(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+    write_atomically(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     written["data_quality"] = qpath
     return written
 
@@ -690,7 +691,10 @@ def _monthly(tx: pd.DataFrame | None) -> pd.DataFrame:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def write_atomically(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into
+    place, so that a reader never sees a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -700,3 +704,4 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path

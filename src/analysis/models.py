@@ -689,14 +689,9 @@ def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
                                         if c in customers])
     merged = customers.merge(
         scores.rename(columns={"churn_reasons": "reasons"}), on="customer_id", how="left")
-    first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "churn_probability",
-             "predicted_value", "reasons"]
-    merged = merged[[c for c in first if c in merged] + [c for c in merged if c not in first]]
-    for suffix, write in ((".parquet", lambda f, p: f.to_parquet(p, index=False)),
-                          (".csv", lambda f, p: f.to_csv(p, index=False))):
-        tmp = out_dir / f".customers{suffix}.tmp"
-        write(merged, tmp)
-        tmp.replace(out_dir / f"customers{suffix}")
+    from analysis.segments import save_customers
+
+    save_customers(out_dir, merged)
     return merged
 
 

@@ -9,8 +9,6 @@ previous successful one (``reports/latest`` before the switch).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +67,9 @@ def append_history(history_path: str | Path, row: dict) -> pd.DataFrame:
     history = read_history(path)
     history = history[history["run_id"] != row["run_id"]] if len(history) else history
     history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    history.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    from analysis.data import write_atomically
+
+    write_atomically(path, lambda tmp: history.to_parquet(tmp, index=False))
     return history
 
 

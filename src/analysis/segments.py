@@ -33,6 +33,7 @@ __all__ = [
     "pareto_curve",
     "profile_customers",
     "read_profile",
+    "save_customers",
     "rfm_scores",
     "segment_profile",
     "value_tiers",
@@ -466,10 +467,7 @@ def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Pa
     """
     out_dir = Path(out_dir)
     (out_dir / "segments").mkdir(parents=True, exist_ok=True)
-    written = {"customers": out_dir / "customers.parquet",
-               "customers_csv": out_dir / "customers.csv"}
-    profile.customers.to_parquet(written["customers"], index=False)
-    profile.customers.to_csv(written["customers_csv"], index=False)
+    written = save_customers(out_dir, profile.customers)
     for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto"):
         path = out_dir / "segments" / f"{name}.parquet"
         getattr(profile, name).to_parquet(path, index=False)
@@ -477,6 +475,31 @@ def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Pa
     written["profile"] = out_dir / "profile.json"
     written["profile"].write_text(json.dumps(profile.summary(), indent=2))
     return written
+
+
+#: Columns shown first in the run's customer table (the DESIGN's contract first).
+CUSTOMER_COLUMNS_FIRST = ("customer_id", "segment", "value_tier", "lifecycle_stage",
+                          "churn_probability", "predicted_value", "action", "reasons")
+
+
+def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Path]:
+    """Write the run's customer table as ``customers.parquet`` and ``customers.csv``
+    (atomically), with :data:`CUSTOMER_COLUMNS_FIRST` first.
+
+    The profile step creates it; the model and strategy steps add their columns through
+    this function too.
+    """
+    from analysis.data import write_atomically
+
+    out_dir = Path(out_dir)
+    first = [c for c in CUSTOMER_COLUMNS_FIRST if c in customers]
+    ordered = customers[first + [c for c in customers.columns if c not in first]]
+    return {
+        "customers": write_atomically(out_dir / "customers.parquet",
+                                      lambda tmp: ordered.to_parquet(tmp, index=False)),
+        "customers_csv": write_atomically(out_dir / "customers.csv",
+                                          lambda tmp: ordered.to_csv(tmp, index=False)),
+    }
 
 
 def read_profile(out_dir: str | Path) -> CustomerProfile:

@@ -637,13 +637,9 @@ def write_strategy(run: StrategyRun, out_dir) -> dict:
     customers = pd.read_parquet(out_dir / "customers.parquet")
     keep = [c for c in customers.columns if c not in run.customers.columns or c == "customer_id"]
     merged = customers[keep].merge(run.customers, on="customer_id", how="left")
-    first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "churn_probability",
-             "predicted_value", "action", "reasons"]
-    merged = merged[[c for c in first if c in merged] + [c for c in merged if c not in first]]
-    for suffix in (".parquet", ".csv"):
-        tmp = out_dir / f".customers{suffix}.tmp"
-        (merged.to_parquet if suffix == ".parquet" else merged.to_csv)(tmp, index=False)
-        tmp.replace(out_dir / f"customers{suffix}")
+    from analysis.segments import save_customers
+
+    written.update(save_customers(out_dir, merged))
     return written
 
 
