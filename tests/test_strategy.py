@@ -87,6 +87,47 @@ def test_retention_effect_from_a_randomized_campaign():
     assert set(eff["group"]) == {"all", "a", "b"}
 
 
+def test_margin_uplift_from_a_randomized_campaign():
+    rng = np.random.default_rng(1)
+    n = 6000
+    expected = rng.gamma(1.5, 60.0, n)
+    treated = rng.random(n) < 0.5
+    # a contact adds 8 % of the expected margin; the realised margin is noisy around it
+    realised = expected * (1 + 0.08 * treated) * rng.gamma(4.0, 0.25, n)
+    frame = pd.DataFrame({"customer_id": range(n), "treated": treated,
+                          "future_margin": realised, "predicted_margin": expected,
+                          "run_rate_margin": expected * rng.gamma(8.0, 0.125, n),
+                          "tier": np.where(np.arange(n) % 2, "a", "b")})
+    up = S.estimate_margin_uplift(frame, by="tier", covariates=("run_rate_margin",))
+    overall = up.set_index("group").loc["all"]
+    assert overall["uplift_rate"] == pytest.approx(0.08, abs=0.03)
+    assert overall["ci_low"] < 0.08 < overall["ci_high"]
+    assert set(up["group"]) == {"all", "a", "b"}
+    # no effect: the interval covers zero
+    frame["future_margin"] = expected * rng.gamma(4.0, 0.25, n)
+    null = S.estimate_margin_uplift(frame).set_index("group").loc["all"]
+    assert null["ci_low"] < 0 < null["ci_high"]
+    # a group too small to judge is left out rather than reported
+    small = S.estimate_margin_uplift(frame.head(50), by="tier")
+    assert small.empty
+
+
+def test_measured_uplift_values_a_contact_by_expected_margin():
+    c = pd.DataFrame({"customer_id": list("abc"), "churn_probability": [0.9, 0.1, 0.5],
+                      "spend_365d": [0.0, 0.0, 0.0], "predicted_value": [300.0, 100.0, 600.0]})
+    econ = pd.DataFrame({"margin_rate_used": [0.5] * 3})
+    frame, summary = S.retention_targeting(c, econ, params=P, uplift_rate=0.1,
+                                           window_days=180, horizon_days=90)
+    # value at stake: predicted value over 180 days x margin = 300, 100, 600
+    assert frame["value_if_retained"].tolist() == pytest.approx([300, 100, 600])
+    # gain: 10 % of it less the 10 of contact and offer: 20, 0, 50
+    assert frame["retention_gain"].tolist() == pytest.approx([20, 0, 50])
+    assert frame["targeted"].tolist() == [True, False, True]
+    assert summary["method"] == "measured" and summary["campaign_size"] == 2
+    assert summary["expected_margin_saved"] == pytest.approx(90)
+    assert summary["expected_revenue_saved"] == pytest.approx(180)
+
+
 def review_frame(**over):
     row = {"customer_id": "x", "potential": False, "trend_180d": -0.5, "tenure_days": 300,
            "days_since_complaint": np.nan, "predicted_value": 5.0}
@@ -101,6 +142,7 @@ def review_frame(**over):
     ({}, True),
     ({"expected_profit": 5.0}, False),              # profitable in the forecast
     ({"profit_p2": 1.0}, False),                    # profitable in one earlier period
+    ({"expected_profit": -1.0}, False),             # near break-even: not material
     ({"potential": True}, False),                   # development potential
     ({"trend_180d": 0.4}, False),                   # spend rising
     ({"tenure_days": 2000}, False),                 # long-standing, small loss
@@ -118,12 +160,13 @@ def test_guardrail_effects_count_who_each_step_keeps_off():
     review = pd.DataFrame({
         "unprofitable_now": [True, True, True, True, False],
         "unprofitable_all_periods": [True, True, True, False, False],
+        "material_loss": [True, True, True, True, True],
         "low_potential": [True, True, False, True, True],
         "tenure_ok": [True, True, True, True, True],
         "no_recent_complaint": [True, False, True, True, True]})
     g = S.guardrail_effects(review)
-    assert g["customers_remaining"].tolist() == [4, 3, 2, 2, 1]
-    assert g["kept_off"].tolist() == [0, 1, 1, 0, 1]
+    assert g["customers_remaining"].tolist() == [4, 3, 3, 2, 2, 1]
+    assert g["kept_off"].tolist() == [0, 1, 0, 1, 0, 1]
 
 
 def test_period_profits_from_history():
@@ -158,6 +201,27 @@ def test_early_warnings_name_the_rule():
     rose = rising[rising["rule"] == "churn risk rising"]
     assert rose["customer_id"].tolist() == ["late", "risky"]   # +0.25 and +0.30; drop +0.05
     assert rose["detail"].iloc[0] == "churn probability 5% -> 30% since the previous run"
+
+
+def test_holm_adjustment_by_hand():
+    adjusted = S.holm(np.array([0.01, 0.04, 0.03, 0.5]))
+    # sorted 0.01, 0.03, 0.04, 0.5 -> x4, x3, x2, x1 = .04, .09, .08 -> .09 (monotone), .5
+    assert adjusted.tolist() == pytest.approx([0.04, 0.09, 0.09, 0.5])
+
+
+def test_fairness_audit_is_not_fooled_by_many_comparisons():
+    rng = np.random.default_rng(11)
+    n = 20_000
+    attrs = pd.DataFrame({"customer_id": range(n),
+                          **{f"attr{i}": rng.choice(list("abcdef"), n) for i in range(12)}})
+    actions = pd.DataFrame({"customer_id": range(n), "action": rng.choice(
+        ["Maintain", "Grow", "Retain", "Serve at low cost", "Review for phase-out"], n,
+        p=[.6, .2, .15, .045, .005])})
+    audit = S.fairness_audit(actions, attrs, protected=tuple(f"attr{i}" for i in range(12)),
+                             params=P)
+    chance = audit[((audit["ratio"] < 0.8) | (audit["ratio"] > 1.25)) & (audit["p_value"] < 0.01)]
+    assert len(chance) > 0          # uncorrected, chance alone would raise flags here
+    assert not audit["flag"].any()
 
 
 def test_fairness_audit_flags_a_planted_bias_and_not_chance():

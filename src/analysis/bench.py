@@ -258,6 +258,11 @@ def render_results(results_dir: str | Path) -> str:
                   "effect); value = margin of the extra days alive within a year, minus the "
                   "contact and offer cost):", "",
                   "| measure | value |", "|---|---:|",
+                  *([f"| contact value measured on the past campaign: share of expected "
+                     f"margin added over {r['value_window_days']} days (95 % interval) | "
+                     f"{r['uplift_rate_used']:.1%} ({r['uplift_ci'][0]:.1%} to "
+                     f"{r['uplift_ci'][1]:.1%}) |"] if r.get("uplift_rate_used") is not None
+                    and r.get("uplift_ci") else []),
                   f"| campaign size chosen by expected profit | {r['campaign_size']:,} |",
                   f"| true profit of that campaign | {r['profit_targeted']:,.0f} |",
                   f"| oracle of probabilities (true state, hazard, effect): "
@@ -273,6 +278,9 @@ def render_results(results_dir: str | Path) -> str:
                   f"| customers on the phase-out review list | {r['phaseout_count']:,} |",
                   f"| ... of whom in the top half by true future profit | "
                   f"{r['phaseout_true_value_top_half']:,} |",
+                  *([f"| ... of whom in the top half by true expected profit (rates, "
+                     f"hazard, channel) | {r['phaseout_expected_value_top_half']:,} |"]
+                    if "phaseout_expected_value_top_half" in r else []),
                   f"| fairness flags | {len(r['fairness_flags'])} |", "",
                   f"Reproduce: `python -m analysis bench strategy --customers {r['customers']} "
                   f"--seed {r['seed']} --out bench/out/strategy` and copy "
@@ -470,7 +478,9 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     (it knows who is alive, their true hazard and effect, not when they will drop); the
     perfect-foresight oracle contacts everyone whose realised value is positive. Both
     target sets are valued on realised outcomes. Phase-out is judged on true future
-    profit (next year's margin minus the cost to serve its orders).
+    profit (next year's margin minus the cost to serve its orders; customers who tie,
+    mostly those who buy nothing, share their average rank) and on true expected profit
+    (from the true rates and hazard).
     """
     processed_dir, data = Path(processed_dir), Path(data)
     decided = pd.read_parquet(processed_dir / "strategy" / "customers.parquet")
@@ -517,12 +527,33 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     true_profit = (per_order.groupby(level="customer_id")["profit"].sum()
                    .reindex(d["customer_id"], fill_value=0.0).to_numpy()
                    - params.cost_per_account_year)
-    top_half = np.argsort(np.argsort(-true_profit, kind="stable"), kind="stable") < len(d) / 2
+    # top half by rank, ties sharing their average rank: most customers buy nothing next
+    # year and tie at minus the account cost, so none of them counts as top half
+    top_half = pd.Series(true_profit).rank(ascending=False, method="average").to_numpy() \
+        <= len(d) / 2
+    # the same on expected rather than realised profit (true rates, hazard, channel)
+    channel_cost = d["preferred_channel"].map(params.cost_per_order_by_channel).astype(
+        float).fillna(params.cost_per_order).to_numpy()
+    expected_profit = np.where(alive_now, untreated, 0.0) * d["purchase_rate_per_day"].to_numpy() \
+        * (d["mean_order_value"].to_numpy() * d["margin_rate_used"].to_numpy() - channel_cost) \
+        - params.cost_per_account_year
+    top_half_expected = pd.Series(expected_profit).rank(
+        ascending=False, method="average").to_numpy() <= len(d) / 2
     listed = d["phaseout_candidate"].to_numpy(dtype=bool)
     fairness = pd.read_parquet(processed_dir / "strategy" / "fairness.parquet")
     flags = fairness[fairness["flag"]] if len(fairness) else fairness
+    retention = json.loads((processed_dir / "strategy" / "retention.json").read_text())
+    uplift_path = processed_dir / "strategy" / "margin_uplift.parquet"
+    uplift = pd.read_parquet(uplift_path) if uplift_path.is_file() else pd.DataFrame()
+    overall = (uplift.set_index("group").loc["all"] if len(uplift) and "all" in set(uplift["group"])
+               else None)
     return {
         "campaign_size": n,
+        "retention_method": retention.get("method"),
+        "uplift_rate_used": retention.get("uplift_rate_used"),
+        "uplift_ci": ([round(float(overall["ci_low"]), 4), round(float(overall["ci_high"]), 4)]
+                      if overall is not None else None),
+        "value_window_days": retention.get("value_window_days"),
         "profit_oracle": round(oracle, 2),
         "profit_targeted": round(ours, 2),
         "profit_churn_ranking": round(churn_ranking, 2),
@@ -535,6 +566,7 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
         "perfect_foresight_campaign_size": int((true_gain > 0).sum()),
         "phaseout_count": int(listed.sum()),
         "phaseout_true_value_top_half": int((listed & top_half).sum()),
+        "phaseout_expected_value_top_half": int((listed & top_half_expected).sum()),
         "phaseout_true_buyers": int((listed & (true_profit + params.cost_per_account_year
                                                != 0)).sum()),
         "fairness_flags": [f"{r.attribute}={r.group}: {r.action} (ratio {r.ratio:.2f})"

@@ -29,6 +29,7 @@ __all__ = [
     "write_strategy",
     "customer_economics",
     "early_warnings",
+    "estimate_margin_uplift",
     "estimate_retention_effect",
     "fairness_audit",
     "period_profits",
@@ -84,6 +85,8 @@ class StrategyParams:
         horizon-length periods.
     phaseout_max_tenure_days : customers with longer tenure are kept off the list ...
     phaseout_large_loss : ... unless their expected loss per horizon exceeds this.
+    phaseout_min_loss : the forecast loss per horizon must exceed this (currency): a
+        customer near break-even is not put up for phase-out over forecast noise.
     phaseout_complaint_days : no phase-out review within this many days of a complaint.
     warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn,
     warning_churn_rise : early-warning thresholds (times own gap; share of spend lost;
@@ -107,6 +110,7 @@ class StrategyParams:
     phaseout_periods: int = 3
     phaseout_max_tenure_days: int = 1095
     phaseout_large_loss: float = 25.0
+    phaseout_min_loss: float = 2.5
     phaseout_complaint_days: int = 90
     warning_gap_multiple: float = 2.0
     warning_spend_drop: float = 0.5
@@ -245,32 +249,110 @@ def estimate_retention_effect(campaign: pd.DataFrame, outcomes: pd.DataFrame, *,
     return pd.DataFrame(rows)
 
 
+def estimate_margin_uplift(frame: pd.DataFrame, *, by: str | None = None,
+                           covariates: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Extra margin per contacted customer, from a randomized campaign.
+
+    ``frame`` has one row per customer the campaign could reach: ``treated``,
+    ``future_margin`` (margin in the window after the campaign), ``predicted_margin``
+    (what the value model expected over that window, at the campaign date) and the
+    ``covariates`` (pre-campaign numbers). The effect is the difference in mean margin
+    between contacted and not contacted customers, adjusted by regression on
+    ``predicted_margin`` and the covariates (CUPED: same estimand, a fraction of the
+    variance), with a heteroskedasticity-robust 95 % interval. ``uplift_rate`` is that
+    effect over the mean predicted margin: the share of a customer's expected margin a
+    contact adds, which is what P(churn) x P(retained | contacted) x value if retained
+    amounts to, measured directly instead of assumed.
+
+    Returns
+    -------
+    DataFrame
+        ``group``, ``n_treated``, ``n_control``, ``margin_treated``, ``margin_control``,
+        ``uplift`` (per customer), ``uplift_rate``, ``ci_low``, ``ci_high`` (of the rate).
+    """
+    df = frame.reset_index(drop=True)
+    groups = [("all", df)]
+    if by is not None and by in df:
+        groups += [(str(g), part) for g, part in df.groupby(by, observed=True)]
+    rows = []
+    for name, part in groups:
+        t = part["treated"].astype(bool).to_numpy()
+        if t.sum() < 30 or (~t).sum() < 30:
+            continue
+        y = part["future_margin"].to_numpy(dtype=float)
+        base = part["predicted_margin"].to_numpy(dtype=float)
+        X = np.column_stack([np.ones(len(part)), base]
+                            + [part[c].fillna(0).to_numpy(dtype=float) for c in covariates]
+                            + [t.astype(float)])
+        effect, se = _ols_last(X, y)
+        scale = float(base.mean())
+        if not np.isfinite(effect) or scale <= 0:
+            continue
+        rows.append({"group": name, "n_treated": int(t.sum()), "n_control": int((~t).sum()),
+                     "margin_treated": float(y[t].mean()), "margin_control": float(y[~t].mean()),
+                     "uplift": effect, "uplift_rate": effect / scale,
+                     "ci_low": (effect - 1.96 * se) / scale,
+                     "ci_high": (effect + 1.96 * se) / scale})
+    return pd.DataFrame(rows)
+
+
+def _ols_last(X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares coefficient of the last column of ``X`` and its HC1 standard error."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ beta
+    bread = np.linalg.pinv(X.T @ X)
+    meat = (X * resid[:, None] ** 2).T @ X
+    n, k = X.shape
+    cov = bread @ meat @ bread * n / max(n - k, 1)
+    return float(beta[-1]), float(np.sqrt(max(cov[-1, -1], 0.0)))
+
+
 def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
-                        retention_rate: pd.Series | float, params: StrategyParams,
-                        eligible: pd.Series | None = None) -> tuple[pd.DataFrame, dict]:
+                        params: StrategyParams, retention_rate: pd.Series | float | None = None,
+                        uplift_rate: float | None = None, window_days: int = 365,
+                        horizon_days: int = 90, eligible: pd.Series | None = None
+                        ) -> tuple[pd.DataFrame, dict]:
     """Expected gain of a retention contact per customer, and the most profitable depth.
 
-    gain = P(churn) x P(retained | contacted) x value if retained - contact - offer cost,
-    with value if retained = ``retention_value_months`` of the customer's run-rate
-    margin (last 12 months' spend x margin rate). Only ``eligible`` customers (default:
-    all) can be targeted. Customers are ranked by gain; the
-    chosen depth maximises the cumulative expected profit (the EMP idea of Verbraken
-    et al.: the best point of the profit curve).
+    Two ways to value a contact, both ``gain = saved share x value if retained - contact
+    cost - offer cost``:
+
+    * measured (``uplift_rate`` from :func:`estimate_margin_uplift`): the value at stake
+      is the customer's expected margin over the campaign's observed window
+      (``predicted_value`` scaled from ``horizon_days`` to ``window_days``, times the
+      margin rate) and the saved share is the measured uplift rate;
+    * assumed (no campaign data): value if retained = ``retention_value_months`` of the
+      run-rate margin (last 12 months' spend x margin rate) and the saved share is
+      P(churn) x ``retention_rate``.
+
+    Only ``eligible`` customers (default: all) can be targeted. Customers are ranked by
+    gain; the chosen depth maximises the cumulative expected profit (the EMP idea of
+    Verbraken et al.: the best point of the profit curve).
 
     Returns
     -------
     frame : ``customer_id``, ``value_if_retained``, ``retention_gain``, ``rank``,
         ``cumulative_profit``, ``targeted``.
-    summary : ``campaign_size``, ``campaign_cost``, ``expected_revenue_saved``,
+    summary : ``method``, ``campaign_size``, ``campaign_cost``, ``expected_revenue_saved``,
         ``expected_margin_saved``, ``max_expected_profit``, ``roi``.
     """
-    months = params.retention_value_months / 12
-    run_rate = customers["spend_365d"].clip(lower=0) * months
-    value = run_rate * economics["margin_rate_used"].to_numpy()
-    rr = retention_rate if np.isscalar(retention_rate) else retention_rate.to_numpy()
-    saved_prob = customers["churn_probability"].to_numpy() * rr
+    rate_used = economics["margin_rate_used"].to_numpy()
+    if uplift_rate is not None:
+        revenue = (customers["predicted_value"].clip(lower=0) * window_days / horizon_days
+                   ).to_numpy()
+        saved_share = np.full(len(customers), float(uplift_rate))
+        method = "measured"
+    else:
+        if retention_rate is None:
+            retention_rate = params.retention_rate
+        revenue = (customers["spend_365d"].clip(lower=0)
+                   * params.retention_value_months / 12).to_numpy()
+        rr = retention_rate if np.isscalar(retention_rate) else retention_rate.to_numpy()
+        saved_share = customers["churn_probability"].to_numpy() * rr
+        method = "assumed"
+    value = revenue * rate_used
     cost = params.contact_cost + params.offer_cost
-    gain = saved_prob * value.to_numpy() - cost
+    gain = saved_share * value - cost
     if eligible is not None:
         gain = np.where(np.asarray(eligible, dtype=bool), gain, -np.inf)
     order = np.argsort(-gain, kind="stable")
@@ -283,15 +365,15 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
     cumulative = np.empty(len(gain))
     cumulative[order] = cum
     frame = pd.DataFrame({"customer_id": customers["customer_id"].to_numpy(),
-                          "value_if_retained": value.to_numpy(),
+                          "value_if_retained": value,
                           "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
                           "rank": rank, "cumulative_profit": cumulative,
                           "targeted": rank <= depth})
     chosen = frame["targeted"].to_numpy()
-    revenue_saved = float((saved_prob * run_rate.to_numpy())[chosen].sum())
-    margin_saved = float((saved_prob * value.to_numpy())[chosen].sum())
+    revenue_saved = float((saved_share * revenue)[chosen].sum())
+    margin_saved = float((saved_share * value)[chosen].sum())
     total_cost = depth * cost
-    summary = {"campaign_size": depth, "campaign_cost": total_cost,
+    summary = {"method": method, "campaign_size": depth, "campaign_cost": total_cost,
                "expected_revenue_saved": revenue_saved,
                "expected_margin_saved": margin_saved,
                "max_expected_profit": float(cum[depth - 1]) if depth else 0.0,
@@ -307,7 +389,8 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
     """Apply the phase-out guardrails; every customer gets the verdict of each one.
 
     A customer is a candidate only when all hold: unprofitable in the forecast
-    (``expected_profit < 0``) *and* in each of the K previous periods; low potential
+    (``expected_profit < 0``) *and* in each of the K previous periods; a material
+    forecast loss (above ``phaseout_min_loss``); low potential
     (not ``potential`` and a non-rising 180-day trend); tenure below the threshold
     unless the expected loss is large; no complaint in the last N days.
 
@@ -315,7 +398,7 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
     -------
     DataFrame
         ``customer_id``, ``unprofitable_now``, ``unprofitable_all_periods``,
-        ``low_potential``, ``tenure_ok``, ``no_recent_complaint``,
+        ``material_loss``, ``low_potential``, ``tenure_ok``, ``no_recent_complaint``,
         ``phaseout_candidate``, ``phaseout_reasons``.
     """
     c = customers.reset_index(drop=True)
@@ -324,14 +407,15 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
     k = [f"profit_p{i}" for i in range(1, params.phaseout_periods + 1)]
     now = e["expected_profit"] < 0
     all_periods = now & (h[k] < 0).all(axis=1)
-    low_potential = ~c["potential"].astype(bool) & (c["trend_180d"] <= 0)
     loss = -e["expected_profit"]
+    low_potential = ~c["potential"].astype(bool) & (c["trend_180d"] <= 0)
     tenure_ok = (c["tenure_days"] < params.phaseout_max_tenure_days) | (
         loss > params.phaseout_large_loss)
     days = c["days_since_complaint"] if "days_since_complaint" in c else pd.Series(np.nan,
                                                                                    c.index)
     no_complaint = days.isna() | (days > params.phaseout_complaint_days)
-    candidate = all_periods & low_potential & tenure_ok & no_complaint
+    material = loss > params.phaseout_min_loss
+    candidate = all_periods & material & low_potential & tenure_ok & no_complaint
     reasons = [
         (f"expected profit {p:,.2f} over the horizon; unprofitable in each of the last "
          f"{params.phaseout_periods} periods ({', '.join(f'{v:,.2f}' for v in row)}); "
@@ -340,7 +424,7 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
         for cand, p, row, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
                                        c["predicted_value"], c["tenure_days"], strict=True)]
     return pd.DataFrame({"customer_id": c["customer_id"], "unprofitable_now": now,
-                         "unprofitable_all_periods": all_periods,
+                         "unprofitable_all_periods": all_periods, "material_loss": material,
                          "low_potential": low_potential, "tenure_ok": tenure_ok,
                          "no_recent_complaint": no_complaint,
                          "phaseout_candidate": candidate, "phaseout_reasons": reasons})
@@ -356,6 +440,7 @@ def guardrail_effects(review: pd.DataFrame) -> pd.DataFrame:
     """
     steps = [("unprofitable in the forecast (a single snapshot)", "unprofitable_now"),
              ("... and in each previous period", "unprofitable_all_periods"),
+             ("... and a forecast loss above the minimum", "material_loss"),
              ("... and low potential", "low_potential"),
              ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
              ("... and no recent complaint", "no_recent_complaint")]
@@ -474,13 +559,16 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
     ``ratio`` = the group's rate of receiving the action / the rate of everyone else;
     ``flag`` when the ratio is below ``fairness_ratio`` (the four-fifths rule) or above
     its inverse, *and* a chi-square test of the group against the rest has
-    p < ``fairness_p_value`` (small groups and rare actions vary by chance).
+    p < ``fairness_p_value`` after Holm's correction over every (attribute, group,
+    action) tested: small groups and rare actions vary by chance, and with dozens of
+    comparisons some p-values are small by chance alone.
 
     Returns
     -------
     DataFrame
         ``attribute``, ``group``, ``action``, ``n_group``, ``share_of_customers``,
-        ``share_of_action``, ``rate``, ``rate_others``, ``ratio``, ``p_value``, ``flag``.
+        ``share_of_action``, ``rate``, ``rate_others``, ``ratio``, ``p_value``,
+        ``p_adjusted`` (Holm), ``flag``.
     """
     df = actions[["customer_id", "action"]].merge(attributes, on="customer_id", how="left")
     rows = []
@@ -501,14 +589,31 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
                 table = np.array([[a, n_g - a], [b, len(df) - n_g - b]])
                 p = stats.chi2_contingency(table)[1] if table.min(axis=0).min() >= 0 and \
                     (a + b) > 0 and (len(df) - a - b) > 0 else 1.0
-                flag = bool((ratio < params.fairness_ratio or ratio > 1 / params.fairness_ratio)
-                            and p < params.fairness_p_value)
                 rows.append({"attribute": attr, "group": group, "action": action,
                              "n_group": n_g, "share_of_customers": n_g / len(df),
                              "share_of_action": a / max(int(is_action.sum()), 1),
                              "rate": rate, "rate_others": rate_others, "ratio": ratio,
-                             "p_value": p, "flag": flag})
-    return pd.DataFrame(rows)
+                             "p_value": p})
+    out = pd.DataFrame(rows, columns=["attribute", "group", "action", "n_group",
+                                      "share_of_customers", "share_of_action", "rate",
+                                      "rate_others", "ratio", "p_value"])
+    out["p_adjusted"] = holm(out["p_value"].to_numpy(dtype=float))
+    out["flag"] = (((out["ratio"] < params.fairness_ratio)
+                    | (out["ratio"] > 1 / params.fairness_ratio))
+                   & (out["p_adjusted"] < params.fairness_p_value))
+    return out
+
+
+def holm(p_values: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of ``p_values`` (family-wise error control)."""
+    m = len(p_values)
+    if m == 0:
+        return np.asarray(p_values, dtype=float)
+    order = np.argsort(p_values, kind="stable")
+    stepped = np.minimum(1.0, (m - np.arange(m)) * np.asarray(p_values)[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(stepped)
+    return adjusted
 
 
 # --------------------------------------------------------------------------- the strategy step
@@ -526,17 +631,21 @@ class StrategyRun:
     guardrails: pd.DataFrame
     alerts: pd.DataFrame
     fairness: pd.DataFrame
+    margin_uplift: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt.date,
            horizon_days: int, params: StrategyParams, campaign: pd.DataFrame | None = None,
            attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
-           previous: pd.DataFrame | None = None) -> StrategyRun:
+           previous: pd.DataFrame | None = None, value_model=None) -> StrategyRun:
     """Economics, retention targeting, phase-out review, actions, warnings and audit.
 
     ``customers`` is the scored customer table (profile + ``churn_probability`` +
     ``predicted_value``). ``campaign`` (customer_id, campaign_date, treated), when
-    given, replaces the assumed retention rate by one estimated per value tier.
+    given, replaces the assumed retention rate by effects measured on it: the relative
+    drop in churn per value tier (reported) and, with ``value_model`` (the run's
+    :class:`analysis.models.ValueModel`), the extra margin per contact relative to the
+    expected margin (:func:`estimate_margin_uplift`), which then values each contact.
     ``attributes`` holds the protected attributes, used only by the audit; ``previous``
     the previous run's customers (for the rising-risk warning).
     """
@@ -550,27 +659,40 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         (c["trend_180d"] > 0.3) & broad & (c["predicted_value"] > run_rate))
     c = c.assign(potential=potential)
 
-    effect = pd.DataFrame()
+    effect, uplift = pd.DataFrame(), pd.DataFrame()
     rate: pd.Series | float = params.retention_rate
+    uplift_rate, window = None, 365
     if campaign is not None and len(campaign):
         when = pd.Timestamp(campaign["campaign_date"].min()).date()
-        # outcome: no purchase in the longest fully observed window after the campaign
-        # (up to a year: a retention contact pays off over months, not weeks), among the
-        # customers active within one horizon before it (those it could keep)
+        # outcome: the longest fully observed window after the campaign (up to a year: a
+        # retention contact pays off over months, not weeks), among the customers active
+        # within one horizon before it (those it could keep)
         window = max(min(365, (as_of - when).days), horizon_days)
         at_campaign = build_features(con, cutoff=when, horizon_days=window)
-        outcomes = at_campaign.loc[at_campaign["recency_days"] <= horizon_days,
-                                   ["customer_id", "churned"]].merge(
+        reachable = at_campaign[at_campaign["recency_days"] <= horizon_days].merge(
             c[["customer_id", "value_tier"]], on="customer_id", how="left")
-        effect = estimate_retention_effect(campaign, outcomes, by="value_tier")
+        effect = estimate_retention_effect(
+            campaign, reachable[["customer_id", "churned", "value_tier"]], by="value_tier")
         if len(effect) and "all" in set(effect["group"]):
-            # the overall estimate is used; per-tier ones are reported (they are noisy)
             rate = max(float(effect.set_index("group").loc["all", "retention_rate"]), 0.0)
+        if value_model is not None:
+            uplift = estimate_margin_uplift(
+                _campaign_margins(reachable, campaign, value_model, window=window,
+                                  horizon_days=horizon_days, params=params),
+                by="value_tier", covariates=("run_rate_margin",))
+            if len(uplift) and "all" in set(uplift["group"]):
+                # the overall estimate is used; per-tier ones are reported (they are noisy)
+                uplift_rate = max(float(uplift.set_index("group").loc["all", "uplift_rate"]),
+                                  0.0)
     # every customer still active can be contacted; the expected profit decides who is
     active = c["lifecycle_stage"].isin(["new", "active", "at risk"])
-    targeting, retention = retention_targeting(c, econ, retention_rate=rate, params=params,
-                                               eligible=active)
+    targeting, retention = retention_targeting(
+        c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
+        window_days=window, horizon_days=horizon_days, eligible=active)
     retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
+    retention["uplift_rate_used"] = uplift_rate
+    retention["value_window_days"] = window if uplift_rate is not None else \
+        int(params.retention_value_months * 365 / 12)
     retention["eligible_customers"] = int(active.sum())
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
                              periods=params.phaseout_periods, params=params)
@@ -613,9 +735,28 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
                 if attributes is not None and protected else pd.DataFrame())
     return StrategyRun(customers=out, actions=summary, retention=retention,
-                       profit_curve=curve, retention_effect=effect,
+                       profit_curve=curve, retention_effect=effect, margin_uplift=uplift,
                        guardrails=guardrail_effects(review), alerts=alerts,
                        fairness=fairness)
+
+
+def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_model, *,
+                      window: int, horizon_days: int, params: StrategyParams) -> pd.DataFrame:
+    """Per reachable customer at the campaign date: ``treated``, the margin realised in
+    the window after it, the margin the value model expected then, and last year's."""
+    from analysis.models import prepare_matrix
+
+    r = reachable.merge(campaign[["customer_id", "treated"]], on="customer_id")
+    rate = (r["margin_rate"].clip(0, 1) if "margin_rate" in r
+            else pd.Series(np.nan, r.index)).fillna(params.margin_rate)
+    X = prepare_matrix(r, value_model.features_, value_model.categories_)
+    predicted = np.clip(value_model.predict(X), 0, None) * window / horizon_days
+    realised = (r["future_margin"] if "future_margin" in r
+                else r["future_spend"] * rate).fillna(0.0)
+    return pd.DataFrame({"customer_id": r["customer_id"], "treated": r["treated"],
+                         "value_tier": r["value_tier"], "future_margin": realised,
+                         "predicted_margin": predicted * rate,
+                         "run_rate_margin": r["spend_365d"].clip(lower=0) * rate})
 
 
 def write_strategy(run: StrategyRun, out_dir) -> dict:
@@ -627,8 +768,8 @@ def write_strategy(run: StrategyRun, out_dir) -> dict:
     folder = out_dir / "strategy"
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name in ("actions", "profit_curve", "retention_effect", "guardrails", "alerts",
-                 "fairness", "customers"):
+    for name in ("actions", "profit_curve", "retention_effect", "margin_uplift", "guardrails",
+                 "alerts", "fairness", "customers"):
         frame = getattr(run, name)
         path = folder / f"{name}.parquet"
         frame.to_parquet(path, index=False)
@@ -650,6 +791,7 @@ def read_strategy(out_dir) -> StrategyRun:
 
     folder = Path(out_dir) / "strategy"
     frames = {name: pd.read_parquet(folder / f"{name}.parquet")
-              for name in ("actions", "profit_curve", "retention_effect", "guardrails",
-                           "alerts", "fairness", "customers")}
+              for name in ("actions", "profit_curve", "retention_effect", "margin_uplift",
+                           "guardrails", "alerts", "fairness", "customers")
+              if (folder / f"{name}.parquet").is_file()}
     return StrategyRun(retention=json.loads((folder / "retention.json").read_text()), **frames)
