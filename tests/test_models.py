@@ -7,6 +7,7 @@ import pytest
 from analysis import features as F
 from analysis import models as M
 from analysis.demo import DemoWorld, generate_demo
+from analysis.errors import InsufficientDataError
 
 
 # --------------------------------------------------------------------------- metrics
@@ -73,6 +74,32 @@ def test_honest_cutoffs_never_overlap():
     _, _, short = M.honest_cutoffs(as_of=dt.date(2025, 1, 1), horizon_days=90, n_train=4,
                                    step_days=30, first_date=dt.date(2024, 3, 1))
     assert short == []
+
+
+def test_accuracy_by_group_needs_enough_of_each_class():
+    rng = np.random.default_rng(0)
+    n = 300
+    ev = pd.DataFrame({"frequency": np.r_[np.ones(100), np.full(200, 5)],
+                       "churned": np.r_[np.r_[np.ones(5), np.zeros(95)], rng.random(200) < .4],
+                       "churn_model": rng.random(n), "future_spend": rng.random(n),
+                       "value_model": rng.random(n), "value_last_period": rng.random(n)})
+    out = M.metrics_by_group(ev).set_index("group")
+    assert np.isnan(out.loc["1 purchase day", "churn_auc"])     # 5 churners: noise
+    assert 0 < out.loc["4+ purchase days", "churn_auc"] < 1
+
+
+def test_skipped_models_leave_risk_unknown_and_say_why(tmp_path):
+    customers = pd.DataFrame({"customer_id": ["a", "b"], "spend_365d": [365.0, -10.0]})
+    customers.to_parquet(tmp_path / "customers.parquet")
+    out = M.write_skipped_models(tmp_path, reason="the data is too short", horizon_days=90,
+                                 as_of=dt.date(2026, 1, 1), history_days=180)
+    # 365 spent over the 180 days of data -> 182.5 over 90 days; refunds floor at 0
+    assert out["predicted_value"].tolist() == pytest.approx([182.5, 0.0])
+    assert out["churn_probability"].isna().all()
+    assert M.skipped_reason(tmp_path) == "the data is too short"
+    assert M.read_horizon(tmp_path) == 90
+    with pytest.raises(InsufficientDataError, match="too short"):
+        M.read_model_run(tmp_path)
 
 
 def test_rfm_lookup_uses_training_cells():

@@ -199,3 +199,28 @@ def test_two_runs_at_once_do_not_corrupt_each_other(good_run, tmp_path):
     assert not list((folder / "processed").glob(".tmp-*"))
     assert not list((folder / "reports").glob(".tmp-*"))
     assert os.readlink(folder / "reports" / "latest") in {"par-a", "par-b"}
+
+
+@pytest.mark.e2e
+def test_too_short_a_history_gives_a_report_that_says_so(tmp_path, small_demo):
+    # seven months of orders: not enough for training, validation and evaluation cutoffs
+    tx = pd.read_parquet(small_demo / "transactions.parquet")
+    tx[tx["order_date"] >= "2025-06-01"].to_parquet(tmp_path / "tx.parquet")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "short", "tables": {"transactions": {"path": str(tmp_path / "tx.parquet")}},
+        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    result = run_pipeline(config, run_id="short", log=lambda line: None)
+    models_json = json.loads((result.processed_dir / "models.json").read_text())
+    assert "too short" in models_json["skipped"]
+    assert not (result.processed_dir / "models").exists()
+    customers = pd.read_parquet(result.processed_dir / "customers.parquet")
+    assert customers["churn_probability"].isna().all()          # no made-up risk
+    assert customers["predicted_value"].notna().all()
+    assert not customers["action"].str.startswith("Retain").any()
+    page = (result.report_dir / "index.html").read_text()
+    page = re.sub(r"\s+", " ", re.sub(r'src="data:[^"]+"', "", page))    # text, not images
+    assert "Churn risk is not estimated in this run" in page
+    assert "No model was trained" in page and "too short" in page
+    assert "AUC" not in page and "nan" not in page.lower().replace("nance", "")
+    assert "Traceback" not in page

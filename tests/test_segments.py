@@ -97,11 +97,23 @@ def test_segment_profile_shares_and_top_categories():
     df = frame(segment=["A", "A", "B"], monetary_total=[60.0, 20.0, 20.0],
                recency_days=[1, 3, 9], frequency=[5, 3, 1], churned=[0, 1, 1],
                top_category=["x", "x", "y"], top_channel=["web", "shop", "web"])
-    out = S.segment_profile(df, by="segment").set_index("segment")
+    out = S.segment_profile(df, by="segment", min_customers=1).set_index("segment")
     assert out.loc["A", "value_share"] == 0.8 and out.loc["A", "n_customers"] == 2
     assert out.loc["A", "churn_rate"] == 0.5
     assert out.loc["A", "top_categories"] == "x (100%)"
     assert out.index.tolist() == ["A", "B"]
+
+
+def test_a_segment_too_small_is_counted_but_not_described():
+    df = frame(segment=["A", "A", "B"], monetary_total=[60.0, 20.0, 20.0],
+               recency_days=[1, 3, 9], frequency=[5, 3, 1], churned=[0, 1, 1],
+               top_category=["x", "x", "y"], top_channel=["web", "shop", "web"])
+    out = S.segment_profile(df, by="segment", min_customers=2).set_index("segment")
+    assert out["described"].tolist() == [True, False]
+    assert out.loc["B", "n_customers"] == 1 and out.loc["B", "value_share"] == 0.2
+    assert np.isnan(out.loc["B", "churn_rate"]) and np.isnan(out.loc["B", "mean_value"])
+    assert out.loc["B", "top_categories"] is None
+    assert out.loc["A", "churn_rate"] == 0.5
 
 
 def test_profile_customers_on_demo_world(small_demo, tmp_path):

@@ -72,6 +72,15 @@ def test_retention_targeting_chooses_the_most_profitable_depth():
     assert only_b["targeted"].tolist() == [False, True, False, False]
 
 
+def test_unknown_churn_risk_is_never_targeted():
+    c = pd.DataFrame({"customer_id": list("ab"), "churn_probability": [np.nan, 0.9],
+                      "spend_365d": [1000.0, 1000.0]})
+    econ = pd.DataFrame({"margin_rate_used": [0.5] * 2})
+    frame, summary = S.retention_targeting(c, econ, retention_rate=0.2, params=P)
+    assert frame["targeted"].tolist() == [False, True]
+    assert np.isnan(frame["retention_gain"].iloc[0]) and summary["campaign_size"] == 1
+
+
 def test_retention_effect_from_a_randomized_campaign():
     rng = np.random.default_rng(0)
     n = 4000

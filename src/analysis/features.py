@@ -49,6 +49,7 @@ __all__ = [
     "build_snapshots",
     "connect",
     "data_end",
+    "data_start",
     "resolve_as_of",
     "resolve_horizon_days",
     "suggest_horizon_days",
@@ -421,6 +422,11 @@ def build_snapshots(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
                              exclude_attributes=exclude_attributes).assign(cutoff=pd.Timestamp(c))
               for c in sorted(cutoffs)]
     return pd.concat(frames, ignore_index=True)
+
+
+def data_start(con: duckdb.DuckDBPyConnection) -> dt.date:
+    """The day of the first transaction."""
+    return con.execute("SELECT MIN(order_date) FROM lines").fetchone()[0]
 
 
 def data_end(con: duckdb.DuckDBPyConnection) -> dt.date:

@@ -55,6 +55,9 @@ __all__ = [
     "prepare_matrix",
     "rfm_lookup",
     "value_metrics",
+    "read_horizon",
+    "skipped_reason",
+    "write_skipped_models",
 ]
 
 #: Columns that are never model inputs (ids, labels, bookkeeping).
@@ -655,8 +658,19 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
 
 
 def read_model_run(out_dir: str | Path) -> ModelRun:
-    """Read back what :func:`write_model_run` wrote (boosters from their JSON)."""
+    """Read back what :func:`write_model_run` wrote (boosters from their JSON).
+
+    Raises
+    ------
+    InsufficientDataError
+        When the run skipped the models (:func:`write_skipped_models`).
+    """
     out_dir = Path(out_dir)
+    reason = skipped_reason(out_dir)
+    if reason:
+        from analysis.errors import InsufficientDataError
+
+        raise InsufficientDataError(f"this run has no models: {reason}")
     folder = out_dir / "models"
     summary = json.loads((out_dir / "models.json").read_text())
     loaded = {}
@@ -679,6 +693,41 @@ def read_model_run(out_dir: str | Path) -> ModelRun:
                     clv_params=summary["clv_params"], sizes=summary["sizes"], **tables)
 
 
+def write_skipped_models(out_dir: str | Path, *, reason: str, horizon_days: int,
+                         as_of: dt.date, history_days: int = 365) -> pd.DataFrame:
+    """Record that there was too little data for the models, and why.
+
+    ``models.json`` holds ``skipped`` (the reason, shown in the report), the horizon and
+    the scoring date. Every customer still gets a value forecast that needs no training:
+    the last 12 months' spend (or all of it, over ``history_days`` when the data is
+    shorter) at the same rate (``predicted_value``); the churn probability is left
+    unknown (missing), so no decision uses a made-up risk.
+    """
+    out_dir = Path(out_dir)
+    customers = pd.read_parquet(out_dir / "customers.parquet")
+    window = max(min(365, int(history_days)), 1)
+    scores = pd.DataFrame({
+        "customer_id": customers["customer_id"],
+        "churn_probability": np.nan,
+        "predicted_value": customers["spend_365d"].clip(lower=0) * horizon_days / window,
+        "churn_reasons": "", "value_reasons": "recent spending rate continued (too little data for a model)"})
+    (out_dir / "models.json").write_text(json.dumps(
+        {"skipped": reason, "horizon_days": int(horizon_days),
+         "cutoffs": {"score": as_of.isoformat()}}, indent=2))
+    return attach_scores(out_dir, scores)
+
+
+def skipped_reason(out_dir: str | Path) -> str | None:
+    """Why the run has no models (too little data), or None when it has them."""
+    path = Path(out_dir) / "models.json"
+    return json.loads(path.read_text()).get("skipped") if path.is_file() else None
+
+
+def read_horizon(out_dir: str | Path) -> int:
+    """The run's label horizon in days (with or without models)."""
+    return int(json.loads((Path(out_dir) / "models.json").read_text())["horizon_days"])
+
+
 def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
     """Add ``churn_probability``, ``predicted_value``, ``reasons`` (why the churn risk is
     what it is) and ``value_reasons`` to the run's ``customers.parquet`` / ``.csv``."""
@@ -695,13 +744,15 @@ def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
     return merged
 
 
-def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency") -> pd.DataFrame:
+def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency",
+                     min_class: int = 10) -> pd.DataFrame:
     """Out-of-time accuracy of the model per history group (one, 2-3, 4+ purchase days).
 
     Returns
     -------
     DataFrame
-        ``group``, ``n``, ``churn_rate``, ``churn_auc`` (empty with one class),
+        ``group``, ``n``, ``churn_rate``, ``churn_auc`` (empty unless the group has at
+        least ``min_class`` churners and ``min_class`` stayers: an AUC on fewer is noise),
         ``value_mae``, ``value_mae_last_period``.
     """
     groups = pd.cut(evaluation[by], [0, 1, 3, np.inf], labels=["1 purchase day",
@@ -710,7 +761,8 @@ def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency") -> pd.D
     rows = []
     for name, part in evaluation.groupby(groups, observed=True):
         y = part["churned"]
-        auc = float(roc_auc_score(y, part["churn_model"])) if y.nunique() == 2 else np.nan
+        enough = min(int(y.sum()), int(len(y) - y.sum())) >= min_class
+        auc = float(roc_auc_score(y, part["churn_model"])) if enough else np.nan
         rows.append({"group": str(name), "n": len(part), "churn_rate": float(y.mean()),
                      "churn_auc": auc,
                      "value_mae": float(np.mean(np.abs(part["future_spend"]

@@ -44,7 +44,7 @@ def run_kpis(processed_dir: str | Path) -> dict:
            "high_value_customers": int((c["value_tier"] == "high").sum())}
     if "complaints_90d" in c:
         out["complaint_rate"] = float((c["complaints_90d"] > 0).mean())
-    if "churn_probability" in c:
+    if "churn_probability" in c and c["churn_probability"].notna().any():
         risk = (c["churn_probability"] >= 0.5) & active
         out.update(predicted_value=float(c["predicted_value"].sum()),
                    at_risk_customers=int(risk.sum()),
@@ -52,7 +52,9 @@ def run_kpis(processed_dir: str | Path) -> dict:
     models = folder / "models.json"
     if models.is_file():
         m = json.loads(models.read_text())
-        out.update(churn_auc=m["churn"]["model"]["roc_auc"], value_mae=m["value"]["model"]["mae"])
+        if "churn" in m:
+            out.update(churn_auc=m["churn"]["model"]["roc_auc"],
+                       value_mae=m["value"]["model"]["mae"])
     if "phaseout_candidate" in c:
         out["phaseout_customers"] = int(c["phaseout_candidate"].fillna(False).sum())
     retention = folder / "strategy" / "retention.json"

@@ -289,7 +289,8 @@ def cohort_matrix(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
 
 
 def segment_profile(customers: pd.DataFrame, *, by: str,
-                    value_col: str = "monetary_total") -> pd.DataFrame:
+                    value_col: str = "monetary_total", min_customers: int = 30
+                    ) -> pd.DataFrame:
     """What a marketing team needs to act on each segment.
 
     Parameters
@@ -298,6 +299,9 @@ def segment_profile(customers: pd.DataFrame, *, by: str,
         ``margin_total``, ``churned`` / ``churn_probability``, ``top_category``,
         ``top_channel``, ``recency_days``, ``frequency``.
     by : the segment column.
+    min_customers : segments with fewer customers keep their counts and shares, but
+        their averages, medians, rates and main categories are left empty
+        (``described`` is False): too few customers to describe.
 
     Returns
     -------
@@ -306,7 +310,8 @@ def segment_profile(customers: pd.DataFrame, *, by: str,
         ``customer_share``, ``value_share``, ``margin_share`` (if margin known),
         ``mean_value``, ``median_recency_days``, ``median_frequency``, ``churn_rate``
         (observed, when labels are present) or ``mean_churn_probability``,
-        ``top_categories`` and ``top_channels`` (the three most common, with shares).
+        ``top_categories`` and ``top_channels`` (the three most common, with shares),
+        ``described``.
     """
     df = customers
     total_value = df[value_col].clip(lower=0).sum()
@@ -332,6 +337,12 @@ def segment_profile(customers: pd.DataFrame, *, by: str,
         if col in df:
             agg[name] = df.groupby(by, observed=True)[col].apply(_top_shares)
     out = agg.drop(columns="value").sort_values("value_share", ascending=False)
+    out["described"] = out["n_customers"] >= min_customers
+    facts = ["n_customers", "customer_share", "value_share", "margin_share", "described"]
+    for col in out.columns.difference(facts):
+        numeric = pd.api.types.is_numeric_dtype(out[col])
+        out[col] = out[col].astype("float64" if numeric else "object")
+        out.loc[~out["described"], col] = np.nan if numeric else None
     out.index.name = "segment"
     first = ["n_customers", "customer_share", "value_share"]
     return out[first + [c for c in out.columns if c not in first]].reset_index()
@@ -450,7 +461,8 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
     lifecycle["share"] = lifecycle["n_customers"] / len(customers)
     return CustomerProfile(
         as_of=as_of, customers=customers,
-        segments=segment_profile(customers, by="segment"),
+        segments=segment_profile(customers, by="segment",
+                                 min_customers=params.min_segment_customers),
         tiers=tier_summary, lifecycle=lifecycle, clusters=clusters,
         cohorts=cohort_matrix(con, cutoff=as_of),
         pareto=pareto_curve(customers["monetary_total"]),

@@ -353,6 +353,7 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
     value = revenue * rate_used
     cost = params.contact_cost + params.offer_cost
     gain = saved_share * value - cost
+    gain = np.where(np.isnan(gain), -np.inf, gain)    # unknown risk: never targeted
     if eligible is not None:
         gain = np.where(np.asarray(eligible, dtype=bool), gain, -np.inf)
     order = np.argsort(-gain, kind="stable")
@@ -699,7 +700,9 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     review = phaseout_review(c, econ, history, params=params)
     decisions = pd.DataFrame({
         "customer_id": c["customer_id"], "value_tier": c["value_tier"],
-        "churn_risk": np.where(c["churn_probability"] >= params.high_risk, "high", "low"),
+        "churn_risk": np.where(c["churn_probability"].isna(), "unknown",
+                               np.where(c["churn_probability"] >= params.high_risk, "high",
+                                        "low")),
         "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
         "profitable": econ["expected_profit"] >= 0,
         "retention_profitable": targeting["targeted"],
