@@ -75,7 +75,7 @@ def test_utf8_bom_is_read_transparently(tmp_path):
 
 def test_wrong_encoding_stops_with_advice(tmp_path):
     path = tmp_path / "tx.csv"
-    path.write_bytes("customer_id,order_date,amount\nJosé,2024-01-01,5\n".encode("utf-16"))
+    path.write_bytes("customer_id,order_date,amount\nJosé,2024-01-01,5\n".encode("latin-1"))
     cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
     with pytest.raises(DataContractError) as err:
         load_dataset(cfg, today=TODAY)

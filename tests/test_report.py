@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import re
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from analysis import cli
-from analysis.errors import PipelineError
+from analysis.errors import DataContractError, PipelineError
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
 
 EVIL = '<script>alert(1)</script><img src=x onerror="alert(2)">'
@@ -40,8 +41,31 @@ def good_run(tmp_path_factory, small_demo):
         "protected": ["gender", "age_band"],
         "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
     lines = []
+    global RAW_BEFORE
+    RAW_BEFORE = checksums(small_demo)
     result = run_pipeline(config, run_id="first", log=lines.append)
     return folder, config, result, lines
+
+
+RAW_BEFORE: dict[str, str] = {}
+
+
+def checksums(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.glob("*.parquet"))}
+
+
+def pickled_files(*folders):
+    """Files whose content is a pickle (or joblib) stream, whatever their name."""
+    found = []
+    for folder in folders:
+        for p in folder.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                head = p.open("rb").read(2)
+                if p.suffix in {".pkl", ".pickle", ".joblib"} or (
+                        len(head) == 2 and head[0] == 0x80 and head[1] in (2, 3, 4, 5)):
+                    found.append(p)
+    return found
 
 
 @pytest.mark.e2e
@@ -74,8 +98,7 @@ def test_run_writes_customers_and_metrics(good_run):
     assert customers["churn_probability"].between(0, 1).all()
     models = result.processed_dir / "models"
     assert (models / "churn.json").is_file() and (models / "value.meta.json").is_file()
-    assert not [p for p in result.processed_dir.rglob("*")
-                if p.suffix in {".pkl", ".pickle", ".joblib"}]
+    assert not pickled_files(result.processed_dir, result.report_dir)
     assert customers["customer_id"].is_unique
     metrics = json.loads((result.processed_dir / "metrics.json").read_text())
     assert set(metrics["stage_seconds"]) >= set(NOTEBOOKS)
@@ -90,6 +113,32 @@ def test_run_writes_customers_and_metrics(good_run):
 
 
 @pytest.mark.e2e
+def test_same_data_config_and_seed_give_identical_results_and_raw_data_is_untouched(
+        good_run, small_demo, tmp_path):
+    _, config, first, _ = good_run
+    # the same config (outputs relative to it) in another folder, the same run id
+    copy = tmp_path / "config.yaml"
+    copy.write_text(config.read_text())
+    again = run_pipeline(copy, run_id="first", log=lambda line: None)
+    assert checksums(small_demo) == RAW_BEFORE                  # inputs are only read
+    pd.testing.assert_frame_equal(pd.read_parquet(first.processed_dir / "customers.parquet"),
+                                  pd.read_parquet(again.processed_dir / "customers.parquet"))
+    assert (first.processed_dir / "customers.csv").read_bytes() == \
+        (again.processed_dir / "customers.csv").read_bytes()
+
+    def stable(metrics):     # timings differ by nature, and where the files live
+        out = {k: v for k, v in metrics.items() if k != "stage_seconds"}
+        out["config"] = {k: v for k, v in out["config"].items() if k not in {"source", "output"}}
+        out["parameters"] = {k: v for k, v in out["parameters"].items() if k != "config_path"}
+        return out
+
+    one, two = (json.loads((r.processed_dir / "metrics.json").read_text())
+                for r in (first, again))
+    assert stable(one) == stable(two)
+    assert not pickled_files(again.processed_dir, again.report_dir)
+
+
+@pytest.mark.e2e
 def test_failed_run_keeps_the_last_good_report(good_run, capsys):
     folder, config, result, _ = good_run
     broken = folder / "broken.csv"
@@ -100,7 +149,7 @@ def test_failed_run_keeps_the_last_good_report(good_run, capsys):
     bad_config.write_text(yaml.safe_dump(raw))
     code = cli.main(["run", "--config", str(bad_config), "--run-id", "second"])
     err = capsys.readouterr().err
-    assert code == PipelineError.exit_code
+    assert code == DataContractError.exit_code       # the notebook stopped on bad input
     assert "01_data_quality.ipynb" in err and "required column 'amount'" in err
     assert (folder / "reports" / "latest").resolve() == result.report_dir.resolve()
     assert (folder / "reports" / "latest" / "index.html").is_file()

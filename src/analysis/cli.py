@@ -164,6 +164,9 @@ def _validate(args: argparse.Namespace) -> int:
         if len(summary["quarantine"]):
             print("\nquarantined rows by rule:")
             print(summary["quarantine"].to_string(index=False))
+        if len(summary["transactions"]):
+            print("\ntransactions:")
+            print(summary["transactions"].to_string(index=False, header=False))
         if len(summary["notes"]):
             print("\nnotes:")
             print(summary["notes"].to_string(index=False))

@@ -104,6 +104,8 @@ class AnalysisParams:
         from the data's inter-purchase times.
     n_cutoffs, cutoff_step_days : rolling-origin training snapshots.
     tier_shares : value tiers by cumulative share of value (high, mid; low is the rest).
+    min_customers : fewer customers with a purchase than this stops the run (exit 4):
+        segments, tiers and models over a handful of customers would mislead.
     min_segment_customers : a segment with fewer customers is counted but not described
         (no averages, medians or main categories: they would be noise).
     device : ``cuda`` trains the models and computes SHAP values on an NVIDIA GPU (needs
@@ -119,6 +121,7 @@ class AnalysisParams:
     lifecycle_lapsed_gap_multiple: float = 3.0
     lifecycle_new_days: int = 90
     max_clusters: int = 8
+    min_customers: int = 20
     min_segment_customers: int = 30
     device: Literal["cpu", "cuda"] = "cpu"
 

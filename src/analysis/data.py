@@ -303,6 +303,12 @@ def _read_csv(spec: TableSpec) -> pd.DataFrame:
     whitespace = spec.sep.lower() in {"whitespace", r"\s+", " "}
     encoding = "utf-8-sig" if spec.encoding.lower().replace("_", "-") in {"utf-8", "utf8"} \
         else spec.encoding
+    with open(spec.path, "rb") as fh:
+        head = fh.read(4)
+    if encoding == "utf-8-sig" and head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        # a UTF-16 byte-order mark is unambiguous: read it as such (the default
+        # encoding is only a default; an explicit other encoding is respected)
+        encoding = "utf-16"
     kwargs = dict(
         dtype=str, keep_default_na=False, na_values=[""], encoding=encoding,
         header=0 if spec.header else None,

@@ -93,8 +93,13 @@ class PipelineError(AnalysisError):
     exit_code = 5
 
     def __init__(self, message: str, *, notebook: str | None = None, cell: int | None = None,
-                 kept: str | Path | None = None):
+                 kept: str | Path | None = None, cause: str | None = None):
         self.notebook = notebook
         self.cell = cell
         self.kept = None if kept is None else str(kept)
+        # a notebook that stopped on one of our own errors exits with that error's code
+        # (3: fix the input, 4: too little data); anything else is a failed notebook (5)
+        known = {cls.__name__: cls.exit_code
+                 for cls in (ConfigError, DataContractError, InsufficientDataError)}
+        self.exit_code = known.get(cause or "", PipelineError.exit_code)
         super().__init__(message)

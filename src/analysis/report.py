@@ -260,7 +260,7 @@ def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: 
             f"{exc.exec_count}): {exc.ename}: {exc.evalue}\n"
             f"  the failed notebook and its HTML are kept in {kept}\n"
             f"  the last good report was left untouched",
-            notebook=source.name, cell=cell, kept=kept) from None
+            notebook=source.name, cell=cell, kept=kept, cause=exc.ename) from None
 
 
 def _keep_failed(tmp_report: Path, tmp_processed: Path, reports_root: Path,

@@ -432,9 +432,11 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
     ``params.tier_shares``; lifecycle thresholds come from ``params``.
     """
     feats = build_features(con, cutoff=as_of, exclude_attributes=exclude_attributes)
-    if feats.empty:
-        raise InsufficientDataError(f"no customer has a purchase before {as_of}: "
-                                    f"nothing to profile")
+    if len(feats) < params.min_customers:
+        raise InsufficientDataError(
+            f"{len(feats):,} customer(s) with a purchase before {as_of}: a customer strategy "
+            f"needs at least {params.min_customers} (analysis.min_customers); segments, "
+            f"tiers and models over fewer would mislead")
     rfm = rfm_scores(feats)
     tiers = value_tiers(feats, shares=params.tier_shares)
     life = assign_lifecycle(feats, new_days=params.lifecycle_new_days,
