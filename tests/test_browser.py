@@ -1,6 +1,8 @@
 """The executive report in a real browser (Debian's headless Chromium), on demo data whose
 category and region names carry script payloads."""
 
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def planted_run(tmp_path_factory, small_demo):
     tx.to_parquet(folder / "transactions.parquet", index=False)
     customers = pd.read_parquet(small_demo / "customers.parquet")
     customers["region"] = customers["region"].replace({"North": IMG})
+    customers["email"] = customers["customer_id"].str.lower() + "@mail.example"   # PII
     customers.to_parquet(folder / "customers.parquet", index=False)
     config = folder / "config.yaml"
     config.write_text(yaml.safe_dump({
@@ -36,9 +39,16 @@ def planted_run(tmp_path_factory, small_demo):
                    "customers": {"path": "customers.parquet"},
                    "interactions": {"path": str(small_demo / "interactions.parquet")},
                    "campaign": {"path": str(small_demo / "campaign.parquet")}},
-        "protected": ["gender", "age_band"],
-        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
-    result = run_pipeline(config, run_id="browser", log=lambda line: None)
+        "protected": ["gender", "age_band"], "pii": ["email"],
+        "output": {"processed_dir": "processed", "reports_dir": "reports",
+                   "pseudonymize_ids": True}}))
+    os.environ["CSL_PSEUDONYM_KEY"] = "browser-test-key"    # inherited by the kernels
+    try:
+        result = run_pipeline(config, run_id="browser", log=lambda line: None)
+    finally:
+        del os.environ["CSL_PSEUDONYM_KEY"]
+    result.raw_ids = set(customers["customer_id"])
+    result.emails = set(customers["email"])
     return result
 
 
@@ -100,3 +110,23 @@ def test_planted_markup_is_shown_as_text_and_never_runs(planted_run, browser):
     for name in ("02_customer_profile.html", "05_strategy.html"):
         browser.get((page.parent / "notebooks" / name).resolve().as_uri())
         assert browser.execute_script("return window.__xss === undefined"), name
+
+
+def test_no_personal_data_and_no_real_customer_id_in_any_output(planted_run):
+    roots = (planted_run.processed_dir, planted_run.report_dir)
+    texts = [p for root in roots for p in root.rglob("*")
+             if p.is_file() and p.suffix in {".csv", ".json", ".html", ".ipynb", ".md"}]
+    assert len(texts) > 20
+    raw_id = re.compile(r"\bC\d{7}\b")              # the demo's ids look like C0001234
+    for path in texts:
+        body = path.read_text(errors="replace")
+        assert "@mail.example" not in body, path
+        assert not raw_id.search(body), (path, raw_id.search(body).group(0))
+    for path in (p for root in roots for p in root.rglob("*.parquet")):
+        frame = pd.read_parquet(path)
+        if "customer_id" in frame:
+            assert not set(frame["customer_id"].astype(str)) & planted_run.raw_ids, path
+            assert frame["customer_id"].astype(str).str.match(r"^P[0-9a-f]{16}$").all(), path
+        for col in frame.columns:
+            if frame[col].dtype == object or str(frame[col].dtype).startswith(("str", "string")):
+                assert not frame[col].astype(str).str.contains("@mail.example").any(), (path, col)

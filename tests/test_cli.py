@@ -9,7 +9,8 @@ from analysis.features import CORE_COLUMNS
 from .conftest import ROOT, require_cdnow, write_config
 
 
-@pytest.mark.parametrize("command", [[], ["demo-data"], ["validate"], ["features"], ["run"]])
+@pytest.mark.parametrize("command", [[], ["demo-data"], ["validate"], ["features"], ["run"],
+                                     ["pseudonym"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main([*command, "--help"])
@@ -17,7 +18,7 @@ def test_every_command_has_help(command, capsys):
     out = capsys.readouterr().out
     assert "usage:" in out
     if not command:
-        for name in ("demo-data", "validate", "features", "run"):
+        for name in ("demo-data", "validate", "features", "run", "pseudonym"):
             assert name in out
 
 

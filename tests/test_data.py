@@ -202,6 +202,33 @@ def test_customers_table_duplicates_and_pii(tmp_path):
     assert "email" not in table.data.columns
     assert table.data["region"].tolist() == ["North"]
     assert rules_of(table) == {2: "duplicate_customer"}
+    assert not [c for c in table.quarantine.columns if "email" in c]   # not even set aside
+
+
+def test_pseudonymized_ids_are_keyed_stable_and_everywhere(tmp_path, monkeypatch, capsys):
+    from analysis import cli
+    from analysis.data import pseudonymize
+    from analysis.errors import ConfigError
+
+    ids = pd.Series(["a", "b", "a"], dtype="object")
+    one, again, other = (pseudonymize(ids, key=k) for k in ("k1", "k1", "k2"))
+    assert one.tolist() == again.tolist() and one[0] == one[2] and one[0] != one[1]
+    assert one[0] != other[0] and one[0].startswith("P") and len(one[0]) == 17
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n a ,2024-01-01,5\n"
+                                     "b,2024-01-02,oops\n")
+    config = write_config(tmp_path, {"transactions": "tx.csv"},
+                          output={"processed_dir": "p", "reports_dir": "r",
+                                  "pseudonymize_ids": True})
+    monkeypatch.delenv("CSL_PSEUDONYM_KEY", raising=False)
+    with pytest.raises(ConfigError, match="CSL_PSEUDONYM_KEY"):
+        load_config(config)
+    monkeypatch.setenv("CSL_PSEUDONYM_KEY", "k1")
+    table = load_dataset(load_config(config), today=TODAY).tables["transactions"]
+    assert table.data["customer_id"].tolist() == [one[0]]
+    assert table.quarantine["raw:customer_id"].tolist() == [one[1]]
+    assert cli.main(["pseudonym", "--config", str(config), "a", "b"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["id,pseudonym", f"a,{one[0]}",
+                                                    f"b,{one[1]}"]
 
 
 def test_interactions_types_and_resolved_flags(tmp_path):

@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
                         "<processed_dir>/validate-<timestamp>)")
     p.set_defaults(func=_validate)
 
+    p = sub.add_parser("pseudonym", help="print the pseudonyms of customer ids",
+                       description="For a config with output.pseudonymize_ids on: print "
+                                   "'id,pseudonym' for each id given (or read one per line "
+                                   "from standard input), with the key from the config's "
+                                   "environment variable, to map report ids back.")
+    p.add_argument("--config", required=True, type=Path, help="run config (YAML)")
+    p.add_argument("ids", nargs="*", help="customer ids (default: standard input)")
+    p.set_defaults(func=_pseudonym)
+
     p = sub.add_parser("features", help="write point-in-time features and labels at a cutoff",
                        description="Features of every customer with a purchase before "
                                    "CUTOFF, and labels over [CUTOFF, CUTOFF + H days).")
@@ -140,6 +149,28 @@ def _demo_data(args: argparse.Namespace) -> int:
     written = write_demo(args.out, n_customers=args.customers, seed=args.seed, fmt=args.format)
     for name, path in written.items():
         print(f"{name:>20}: {path}")
+    return 0
+
+
+def _pseudonym(args: argparse.Namespace) -> int:
+    import os
+
+    import pandas as pd
+
+    from analysis.config import load_config
+    from analysis.data import pseudonymize
+    from analysis.errors import ConfigError
+
+    config = load_config(args.config)
+    if not config.output.pseudonymize_ids:
+        raise ConfigError("output.pseudonymize_ids is off: reports carry the real ids",
+                          path=args.config, key="output.pseudonymize_ids")
+    ids = [i.strip() for i in (args.ids or sys.stdin.read().splitlines()) if i.strip()]
+    codes = pseudonymize(pd.Series(ids, dtype="object"),
+                         key=os.environ[config.output.pseudonym_key_env])
+    print("id,pseudonym")
+    for raw, code in zip(ids, codes, strict=True):
+        print(f"{raw},{code}")
     return 0
 
 

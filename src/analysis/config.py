@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -128,8 +129,19 @@ class AnalysisParams:
 
 @dataclass(frozen=True)
 class OutputParams:
+    """Where a run writes, and how customer ids appear there.
+
+    pseudonymize_ids : replace every customer id, in everything a run writes (processed
+        tables, quarantine files, customer CSV, reports), by a keyed hash
+        (HMAC-SHA256): stable across runs, not reversible without the key. Whoever holds
+        the key maps their own ids with ``python -m analysis pseudonym``.
+    pseudonym_key_env : the environment variable holding that key (never the config).
+    """
+
     processed_dir: Path
     reports_dir: Path
+    pseudonymize_ids: bool = False
+    pseudonym_key_env: str = "CSL_PSEUDONYM_KEY"
 
 
 @dataclass(frozen=True)
@@ -208,13 +220,20 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
                           path=source, key="analysis.tier_shares")
 
     out_raw = raw.get("output") or {}
-    ctx.known(out_raw, "output", {"processed_dir", "reports_dir"})
+    ctx.known(out_raw, "output", {"processed_dir", "reports_dir", "pseudonymize_ids",
+                                  "pseudonym_key_env"})
     project_root = _project_root(base_dir)
     output = OutputParams(
         processed_dir=_resolve(out_raw.get("processed_dir"), base_dir,
                                project_root / "data" / "processed"),
         reports_dir=_resolve(out_raw.get("reports_dir"), base_dir, project_root / "reports"),
+        pseudonymize_ids=bool(out_raw.get("pseudonymize_ids", False)),
+        pseudonym_key_env=str(out_raw.get("pseudonym_key_env") or "CSL_PSEUDONYM_KEY"),
     )
+    if output.pseudonymize_ids and not os.environ.get(output.pseudonym_key_env):
+        raise ConfigError(f"pseudonymize_ids is on but the environment variable "
+                          f"{output.pseudonym_key_env} holding the key is not set",
+                          path=source, key="output.pseudonymize_ids")
     return Config(
         name=str(raw.get("name") or (source.stem if source else "run")),
         mode=mode,

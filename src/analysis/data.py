@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -154,9 +156,35 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config))
     bad = rules.notna()
     quarantine = _quarantine_frame(raw, mapped, rules, bad)
+    pii = {_normalise_name(p) for p in config.pii}
+    quarantine = quarantine.drop(columns=[f"raw:{c}" for c in raw.columns
+                                          if _normalise_name(c) in pii])   # PII never kept
     data = parsed.loc[~bad.to_numpy()].reset_index(drop=True)
+    if config.output.pseudonymize_ids:
+        key = os.environ[config.output.pseudonym_key_env]
+        data["customer_id"] = pseudonymize(data["customer_id"], key=key)
+        # the quarantine keeps the raw values: pseudonymize the id column among them
+        source = next((c for c in raw.columns if "customer_id" in mapped
+                       and raw[c].equals(mapped["customer_id"])), None)
+        if source is not None and f"raw:{source}" in quarantine:
+            quarantine[f"raw:{source}"] = pseudonymize(
+                quarantine[f"raw:{source}"].astype("string").str.strip(), key=key)
+        notes.append("customer ids are pseudonymized (output.pseudonymize_ids)")
     return CleanTable(name=table, file=spec.path, data=data, quarantine=quarantine,
                       n_read=n_read, notes=tuple(notes))
+
+
+def pseudonymize(ids: pd.Series, *, key: str) -> pd.Series:
+    """Keyed pseudonyms of customer ids: ``P`` + 16 hex digits of HMAC-SHA256(key, id).
+
+    The same id and key always give the same pseudonym (runs stay comparable); without
+    the key the ids cannot be recovered or guessed from a list of candidates. Missing
+    ids stay missing.
+    """
+    secret = key.encode()
+    codes = {v: "P" + hmac.new(secret, str(v).encode(), hashlib.sha256).hexdigest()[:16]
+             for v in pd.unique(ids.dropna())}
+    return ids.map(codes).astype(ids.dtype if ids.dtype != object else "object")
 
 
 def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
