@@ -14,9 +14,10 @@ CONFIG ?= configs/demo.yaml
 DEMO_CUSTOMERS ?= 20000
 DEMO_SEED ?= 42
 DEMO := data/raw/demo/transactions.parquet
+SNAPSHOT_DEMO := data/raw/snapshot-demo/customers.csv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help env report data test lab gpu browser clean
+.PHONY: help env report report-snapshot data test lab gpu browser clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +39,12 @@ data: $(DEMO) ## generate the demo data in data/raw/demo/ (if missing)
 
 report: env $(DEMO) ## run the whole pipeline on CONFIG (default: the demo) and print the report path
 	$(PY) -m analysis run --config $(CONFIG)
+
+$(SNAPSHOT_DEMO): | $(VENV)/.synced
+	$(PY) -m analysis demo-data --mode snapshot --customers 7000 --seed $(DEMO_SEED) --out data/raw/snapshot-demo
+
+report-snapshot: env $(SNAPSHOT_DEMO) ## the same pipeline in snapshot (subscription) mode, on a telecom-style demo export
+	$(PY) -m analysis run --config configs/snapshot.yaml
 
 test: env browser ## run the test suite (what CI runs)
 	$(PY) -m pytest

@@ -69,8 +69,9 @@ def browser():
     driver.quit()
 
 
-def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, browser):
-    page = planted_run.index_html
+def check_report_page(browser, page, *, min_images):
+    """Loads with no console error and no request, every image rendered, no code or
+    traceback, every section there; saves a full-page screenshot next to it."""
     browser.get(page.resolve().as_uri())
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not severe, severe
@@ -79,7 +80,7 @@ def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, brow
     assert all(r.startswith("data:") for r in resources), resources  # nothing fetched
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
-    assert len(images) >= 8 and all(done and width > 0 for done, width in images)
+    assert len(images) >= min_images and all(done and width > 0 for done, width in images)
     text = browser.execute_script("return document.body.innerText")
     assert "Traceback" not in text and "import " not in text
     assert browser.execute_script("return document.querySelectorAll('.jp-InputArea').length") == 0
@@ -90,6 +91,40 @@ def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, brow
     browser.set_window_size(1200, min(height, 16000))
     shot = Path(page).with_name("screenshot.png")
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 50_000
+    browser.set_window_size(1200, 1000)
+    return text
+
+
+def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, browser):
+    check_report_page(browser, planted_run.index_html, min_images=8)
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory):
+    from analysis.demo import generate_snapshot_demo
+
+    folder = tmp_path_factory.mktemp("snapshot")
+    frame, _ = generate_snapshot_demo(1_500, seed=3)
+    frame["PaymentMethod"] = frame["PaymentMethod"].replace({"Mailed check": SCRIPT})
+    frame.to_csv(folder / "customers.csv", index=False)
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "snapshot browser test", "mode": "snapshot",
+        "tables": {"customers": {"path": "customers.csv", "columns": {
+            "customer_id": "customerID", "churn": "Churn", "tenure": "tenure",
+            "recurring_revenue": "MonthlyCharges", "total_revenue": "TotalCharges"}}},
+        "protected": ["gender", "SeniorCitizen"], "snapshot": {"survival_by": "Contract"},
+        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    return run_pipeline(config, run_id="snapshot", log=lambda line: None)
+
+
+def test_snapshot_report_passes_the_same_browser_checks(snapshot_run, browser):
+    text = check_report_page(browser, snapshot_run.index_html, min_images=6)
+    assert "5. Value" in text and "Kaplan-Meier" in text
+    assert browser.execute_script("return window.__xss === undefined")
+    for name in ("snapshot_02_churn_model.html", "snapshot_05_strategy.html"):
+        browser.get((snapshot_run.report_dir / "notebooks" / name).resolve().as_uri())
+        assert browser.execute_script("return window.__xss === undefined"), name
 
 
 def test_planted_markup_is_shown_as_text_and_never_runs(planted_run, browser):

@@ -72,3 +72,26 @@ def test_relative_table_path_and_horizon_auto(tmp_path):
     assert cfg.analysis.horizon_days == "auto"
     assert str(cfg.analysis.as_of) == "2024-01-31"
     assert Path(cfg.to_dict()["tables"]["transactions"]["path"]).name == "tx.csv"
+
+
+def test_memory_limit_is_a_size(tmp_path):
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"},
+                                   analysis={"memory_limit": "1.5GB"}))
+    assert cfg.analysis.memory_limit == "1.5GB"
+    with pytest.raises(ConfigError, match="analysis.memory_limit"):
+        load_config(write_config(tmp_path, {"transactions": "tx.csv"},
+                                 analysis={"memory_limit": "lots"}))
+
+
+def test_duckdb_respects_the_memory_limit_and_spills():
+    import pandas as pd
+
+    from analysis.features import connect
+
+    con = connect({"transactions": pd.DataFrame({
+        "customer_id": ["a"], "order_date": pd.to_datetime(["2024-01-01"]), "amount": [1.0]})},
+        memory_limit="300MB")
+    limit = con.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert limit.replace(" ", "") in {"286.1MiB", "300.0MB", "286MiB"}, limit
+    assert "csl-duckdb-spill" in con.execute(
+        "SELECT current_setting('temp_directory')").fetchone()[0]

@@ -101,13 +101,14 @@ def pandas_features(tx: pd.DataFrame, *, cutoff: dt.date) -> pd.DataFrame:
 
 
 def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
-                   data_dir: str | Path | None = None, seed: int = 42) -> dict:
+                   data_dir: str | Path | None = None, seed: int = 42,
+                   memory_limit: str | None = None) -> dict:
     """Benchmark the feature build on demo data of about ``lines`` order lines.
 
     Writes ``OUT/features.json`` with ``lines``, ``customers``, ``seconds_project``,
     ``seconds_pandas``, ``seconds_scan_bound``, ``identical``, ``peak_rss_mb`` (the
     project's build alone, in a child process), the ratios, and the machine's facts.
-    Medians of ``repeats`` runs.
+    Medians of ``repeats`` runs. ``memory_limit`` caps DuckDB (it spills to disk beyond).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
     n_lines = meta.num_rows
 
     def project() -> pd.DataFrame:
-        con = connect(data_dir)
+        con = connect(data_dir, memory_limit=memory_limit)
         return build_features(con, cutoff=BENCH_CUTOFF)
 
     def with_pandas() -> pd.DataFrame:
@@ -164,7 +165,8 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
         "identical": identical,
         "speedup_vs_pandas": round(median["pandas"] / median["project"], 2),
         "ratio_to_scan_bound": round(median["project"] / median["scan_bound"], 2),
-        "peak_rss_mb": _peak_rss_of_project_build(data_dir),
+        "memory_limit": memory_limit,
+        "peak_rss_mb": _peak_rss_of_project_build(data_dir, memory_limit=memory_limit),
         "machine": _machine(),
     }
     (out / "features.json").write_text(json.dumps(report, indent=2))
@@ -181,7 +183,7 @@ def _same_features(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return True
 
 
-def _peak_rss_of_project_build(data_dir: Path) -> float:
+def _peak_rss_of_project_build(data_dir: Path, *, memory_limit: str | None = None) -> float:
     """Peak resident memory (MB) of a fresh process that builds the features.
 
     Read from the child's own ``VmHWM``: ``ru_maxrss`` would report the parent's peak,
@@ -190,7 +192,8 @@ def _peak_rss_of_project_build(data_dir: Path) -> float:
     code = (
         "import datetime as dt, re\n"
         "from analysis.features import build_features, connect\n"
-        f"build_features(connect({str(data_dir)!r}), cutoff=dt.date.fromisoformat("
+        f"build_features(connect({str(data_dir)!r}, memory_limit={memory_limit!r}), "
+        f"cutoff=dt.date.fromisoformat("
         f"{BENCH_CUTOFF.isoformat()!r}))\n"
         "status = open('/proc/self/status').read()\n"
         "print(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"

@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("data/raw/demo"), help="output folder")
     p.add_argument("--format", choices=["parquet", "csv"], default="parquet",
                    help="file format of the input tables")
+    p.add_argument("--mode", choices=["transactions", "snapshot"], default="transactions",
+                   help="transactions: an order log and CRM tables; snapshot: one "
+                        "telecom-style table per customer with a churn flag (customers.csv)")
     p.set_defaults(func=_demo_data)
 
     p = sub.add_parser("validate", help="load, validate and clean the inputs; print a summary",
@@ -108,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs per method (median)")
     p.add_argument("--data", type=Path, default=None,
                    help="folder with (or for) the demo data; default OUT/data-LINES")
+    p.add_argument("--memory-limit", default=None,
+                   help="DuckDB memory limit for the project's build, e.g. 1GB (spills to "
+                        "disk beyond it)")
     p.set_defaults(func=_bench_features)
     p = bench_sub.add_parser("cdnow", help="CDNOW holdout: models vs BG/NBD + Gamma-Gamma",
                              description="Calibration 1997-01..09, holdout 1997-10..1998-06; "
@@ -142,11 +148,15 @@ def _date(text: str) -> dt.date:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from analysis.demo import write_demo
+    from analysis.demo import write_demo, write_snapshot_demo
 
     if args.customers < 1:
         raise AnalysisError("--customers must be at least 1")
-    written = write_demo(args.out, n_customers=args.customers, seed=args.seed, fmt=args.format)
+    if args.mode == "snapshot":
+        written = write_snapshot_demo(args.out, n_customers=args.customers, seed=args.seed)
+    else:
+        written = write_demo(args.out, n_customers=args.customers, seed=args.seed,
+                             fmt=args.format)
     for name, path in written.items():
         print(f"{name:>20}: {path}")
     return 0
@@ -233,7 +243,7 @@ def _bench_features(args: argparse.Namespace) -> int:
     from analysis.bench import bench_features
 
     report = bench_features(lines=args.lines, out=args.out, repeats=args.repeats,
-                            data_dir=args.data)
+                            data_dir=args.data, memory_limit=args.memory_limit)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     return 0 if report["identical"] else 1
 

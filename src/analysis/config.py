@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -25,6 +26,7 @@ __all__ = [
     "CleaningParams",
     "Config",
     "OutputParams",
+    "SnapshotParams",
     "TableSpec",
     "load_config",
 ]
@@ -39,7 +41,10 @@ TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("customer_id", "order_date", "amount"),
         ("order_id", "quantity", "category", "channel", "status", "margin", "cost"),
     ),
-    "customers": (("customer_id",), ("signup_date",)),
+    # in snapshot mode the customers table also carries the churn label (required there),
+    # tenure and revenue
+    "customers": (("customer_id",), ("signup_date", "churn", "tenure", "recurring_revenue",
+                                     "total_revenue")),
     "interactions": (("customer_id", "date", "type"), ("score", "resolved")),
     # a past retention campaign with random assignment: who was contacted, and when
     "campaign": (("customer_id", "campaign_date", "treated"), ()),
@@ -105,6 +110,8 @@ class AnalysisParams:
         from the data's inter-purchase times.
     n_cutoffs, cutoff_step_days : rolling-origin training snapshots.
     tier_shares : value tiers by cumulative share of value (high, mid; low is the rest).
+    memory_limit : DuckDB's memory limit for the feature work, e.g. ``"2GB"`` (it spills
+        to disk beyond it); default: DuckDB's own (80 % of the machine's memory).
     min_customers : fewer customers with a purchase than this stops the run (exit 4):
         segments, tiers and models over a handful of customers would mislead.
     min_segment_customers : a segment with fewer customers is counted but not described
@@ -123,8 +130,49 @@ class AnalysisParams:
     lifecycle_new_days: int = 90
     max_clusters: int = 8
     min_customers: int = 20
+    memory_limit: str | None = None
     min_segment_customers: int = 30
     device: Literal["cpu", "cuda"] = "cpu"
+
+
+@dataclass(frozen=True)
+class SnapshotParams:
+    """Snapshot (subscription) mode: how to read the customers table's label, tenure and
+    revenue (config section ``snapshot``).
+
+    churn_positive : the value of the churn column that means "left" (compared ignoring
+        case and surrounding spaces; e.g. ``Yes``, ``1``, ``True``, ``Churned``).
+    tenure_unit : ``days``, ``weeks``, ``months`` or ``years``.
+    revenue_period : the period of ``recurring_revenue``: ``day``, ``week``, ``month``,
+        ``quarter`` or ``year``.
+    churn_period_months : the period the churn label covers (a customer flagged as gone
+        left within this many months): the model's probability is per such period.
+    discount_rate : yearly rate for discounting the expected remaining value.
+    max_years : the remaining value counts at most this many years ahead.
+    survival_by : a column to draw tenure survival curves by (e.g. the contract type).
+    cv_folds : stratified folds of the cross-validation.
+    new_months : customers with a shorter tenure are "new".
+    """
+
+    churn_positive: str = "yes"
+    tenure_unit: Literal["days", "weeks", "months", "years"] = "months"
+    revenue_period: Literal["day", "week", "month", "quarter", "year"] = "month"
+    churn_period_months: float = 1.0
+    discount_rate: float = 0.10
+    max_years: float = 5.0
+    survival_by: str | None = None
+    cv_folds: int = 5
+    new_months: float = 6.0
+
+    @property
+    def tenure_months_per_unit(self) -> float:
+        return {"days": 12 / 365.25, "weeks": 12 / 52.18, "months": 1.0,
+                "years": 12.0}[self.tenure_unit]
+
+    @property
+    def revenue_periods_per_month(self) -> float:
+        return {"day": 365.25 / 12, "week": 52.18 / 12, "month": 1.0, "quarter": 1 / 3,
+                "year": 1 / 12}[self.revenue_period]
 
 
 @dataclass(frozen=True)
@@ -159,6 +207,7 @@ class Config:
     cleaning: CleaningParams = CleaningParams()
     analysis: AnalysisParams = AnalysisParams()
     strategy: StrategyParams = field(default_factory=StrategyParams)
+    snapshot: SnapshotParams = SnapshotParams()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, for metrics files and reports."""
@@ -191,7 +240,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
     """Build a :class:`Config` from an already-parsed mapping."""
     ctx = _Ctx(source)
     ctx.known(raw, "", {"name", "mode", "seed", "tables", "protected", "pii", "cleaning",
-                        "analysis", "strategy", "output"})
+                        "analysis", "strategy", "snapshot", "output"})
     mode = ctx.choice(raw.get("mode", "transactions"), Mode, "mode")
     tables_raw = raw.get("tables")
     if not isinstance(tables_raw, dict) or not tables_raw:
@@ -211,9 +260,16 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
     cleaning = _parse_dataclass(CleaningParams, raw.get("cleaning") or {}, ctx, "cleaning")
     analysis = _parse_dataclass(AnalysisParams, raw.get("analysis") or {}, ctx, "analysis")
     strategy = _parse_dataclass(StrategyParams, raw.get("strategy") or {}, ctx, "strategy")
+    snapshot = _parse_dataclass(SnapshotParams, raw.get("snapshot") or {}, ctx, "snapshot")
+    if snapshot.cv_folds < 2:
+        raise ConfigError("needs at least 2 folds", path=source, key="snapshot.cv_folds")
     if analysis.horizon_days != "auto" and int(analysis.horizon_days) < 1:
         raise ConfigError("must be a positive number of days or 'auto'", path=source,
                           key="analysis.horizon_days")
+    if analysis.memory_limit is not None and not re.fullmatch(
+            r"\d+(\.\d+)?\s*([KMGT]i?B)", str(analysis.memory_limit).strip(), re.I):
+        raise ConfigError(f"{analysis.memory_limit!r} is not a memory size such as '2GB'",
+                          path=source, key="analysis.memory_limit")
     high, mid = analysis.tier_shares
     if not (0 < high < 1 and 0 <= mid < 1 and high + mid < 1):
         raise ConfigError("needs two shares (high, mid) in (0, 1) that sum below 1",
@@ -246,6 +302,7 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = N
         cleaning=cleaning,
         analysis=analysis,
         strategy=strategy,
+        snapshot=snapshot,
     )
 
 
@@ -315,12 +372,19 @@ def _parse_dataclass(cls: type, raw: Any, ctx: _Ctx, key: str) -> Any:
             ctx.choice(value, Dedupe, f"{key}.{name}")
         if name == "device":
             ctx.choice(value, Literal["cpu", "cuda"], f"{key}.{name}")
+        if name == "tenure_unit":
+            ctx.choice(value, Literal["days", "weeks", "months", "years"], f"{key}.{name}")
+        if name == "revenue_period":
+            ctx.choice(value, Literal["day", "week", "month", "quarter", "year"],
+                       f"{key}.{name}")
     return cls(**values)
 
 
 def _coerce_like(value: Any, default: Any, name: str) -> Any:
     if value is None:
         return None
+    if isinstance(default, str) and isinstance(value, bool):
+        return "yes" if value else "no"        # YAML reads a bare Yes/No as a boolean
     if name == "horizon_days":
         return "auto" if value == "auto" else int(value)
     if isinstance(default, dt.date) or name == "as_of":

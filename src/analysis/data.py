@@ -151,7 +151,13 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
                                 message="the file has a header but no data rows",
                                 examples=list(raw.columns))
     mapped, notes = _map_columns(raw, spec, table=table, pii=config.pii)
-    parsed, rules = _parse(mapped, spec, table=table)
+    if config.mode == "snapshot" and table == "customers" and "churn" not in mapped:
+        raise DataContractError(
+            file=spec.path, rule="required_column", column="churn",
+            message="snapshot mode needs a churn label column: map it with "
+                    "'columns: {churn: <your column>}' and set snapshot.churn_positive",
+            examples=list(raw.columns))
+    parsed, rules = _parse(mapped, spec, table=table, config=config)
     rules = rules.combine_first(_validate(parsed, table=table, config=config, today=today))
     rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config))
     bad = rules.notna()
@@ -406,7 +412,8 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
 # --------------------------------------------------------------------------- parsing
 
 
-def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str) -> tuple[pd.DataFrame, pd.Series]:
+def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
+           config: Config | None = None) -> tuple[pd.DataFrame, pd.Series]:
     """Turn text columns into typed ones; return the typed frame and per-row rule hits."""
     rules = pd.Series(pd.NA, index=df.index, dtype="object")
     out = {}
@@ -430,7 +437,8 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str) -> tuple[pd.DataFra
         if required:
             rules = _flag(rules, missing, "missing_date", f"{col} is empty")
         out[col] = parsed
-    for col in ("amount", "quantity", "margin", "cost", "score"):
+    for col in ("amount", "quantity", "margin", "cost", "score", "tenure",
+                "recurring_revenue", "total_revenue"):
         if col not in df:
             continue
         values, unparseable = _parse_numbers(df[col], decimal=spec.decimal,
@@ -484,12 +492,45 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str) -> tuple[pd.DataFra
                       _describe(df["treated"], "treated={v!r} is not true/false"))
         out["treated"] = treated
     elif table == "customers":
+        if "churn" in df:
+            positive = (config.snapshot.churn_positive if config is not None else "yes")
+            out["churn"], rules = _parse_churn(df["churn"], positive, spec, rules)
         for col in df.columns:
             if col not in out:
                 text = _as_text(df[col]).str.strip()
                 out[col] = text.where(text != "", pd.NA)
     typed = pd.DataFrame(out, index=df.index)
     return typed, rules
+
+
+_TRUE_LIKE = {"yes", "y", "true", "t", "1", "1.0"}
+
+
+def _parse_churn(s: pd.Series, positive: str, spec: TableSpec,
+                 rules: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """A two-valued churn label as booleans: ``positive`` (any of yes/true/1 when it is
+    one of them) means churned, the other value stayed; empty labels are quarantined; a
+    column with more than two values, or without the positive one next to another,
+    stops the run."""
+    text = _as_text(s).str.strip().str.casefold()
+    missing = text.isna() | (text == "")
+    wanted = str(positive).strip().casefold()
+    positives = _TRUE_LIKE if wanted in _TRUE_LIKE else {wanted}
+    values = sorted(set(text[~missing]))
+    if len(values) > 2:
+        raise DataContractError(
+            file=spec.path, rule="churn_label", column="churn",
+            message=f"the churn label must have two values; found {len(values)}",
+            examples=values[:5])
+    if len(values) == 2 and not positives & set(values):
+        raise DataContractError(
+            file=spec.path, rule="churn_label", column="churn",
+            message=f"snapshot.churn_positive is {positive!r}, which is not one of the "
+                    f"labels found; set it to the value that means 'left'",
+            examples=values)
+    rules = _flag(rules, missing, "missing_churn", "churn label is empty")
+    churned = text.isin(positives).astype("boolean").where(~missing, pd.NA)
+    return churned, rules
 
 
 def _as_text(s: pd.Series) -> pd.Series:

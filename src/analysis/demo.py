@@ -325,3 +325,96 @@ def _draw_categories(rng: np.random.Generator, pref: np.ndarray, cust: np.ndarra
 def _to_dates(start: dt.date, days: np.ndarray) -> pd.Series:
     base = np.datetime64(start, "D")
     return pd.Series((base + days.astype("timedelta64[D]")).astype("datetime64[ns]"))
+
+
+# --------------------------------------------------------------------------- snapshot mode
+
+#: Columns of the snapshot demo, in the layout of the public telecom churn exports.
+SNAPSHOT_SERVICES = ("OnlineSecurity", "OnlineBackup", "DeviceProtection", "TechSupport",
+                     "StreamingTV", "StreamingMovies")
+
+
+def generate_snapshot_demo(n_customers: int = 7_000, seed: int = 42
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A subscription business as one table per customer, with a churn flag.
+
+    Churn is drawn from a true probability that is non-linear in tenure (most leave in
+    the first months), higher on month-to-month contracts and fibre (much more so
+    without tech support: an interaction), with electronic checks, paperless billing
+    and, on month-to-month contracts only, with higher charges. Gender and the senior
+    flag are drawn independently and have no effect. ``TotalCharges`` is blank (a
+    space) for customers in their first month, as in the public exports.
+
+    Returns
+    -------
+    customers : the export (``customerID`` .. ``Churn`` Yes/No).
+    truth : ``customerID`` and ``churn_probability`` (the true probability).
+    """
+    rng = np.random.default_rng(np.random.PCG64(seed))
+    n = n_customers
+    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    ids = [f"{d:04d}-{''.join(w)}" for d, w in zip(
+        rng.choice(10_000, n, replace=False), rng.choice(letters, (n, 5)), strict=True)]
+    tenure = np.where(rng.random(n) < 0.3, rng.integers(0, 7, n),
+                      rng.integers(0, 73, n))
+    contract_p = np.column_stack([np.clip(0.85 - tenure / 90, 0.15, 1), 0.25 + 0 * tenure,
+                                  np.clip(tenure / 80, 0.02, 1)])
+    contract_p /= contract_p.sum(axis=1, keepdims=True)
+    u = rng.random(n)[:, None] > np.cumsum(contract_p, axis=1)
+    contract = np.array(["Month-to-month", "One year", "Two year"])[u.sum(axis=1)]
+    internet = rng.choice(["DSL", "Fiber optic", "No"], n, p=[0.34, 0.44, 0.22])
+    phone = rng.random(n) < 0.9
+    services = {s: np.where(internet == "No", "No internet service",
+                            np.where(rng.random(n) < 0.4, "Yes", "No"))
+                for s in SNAPSHOT_SERVICES}
+    payment = rng.choice(["Electronic check", "Mailed check", "Bank transfer (automatic)",
+                          "Credit card (automatic)"], n, p=[0.34, 0.23, 0.22, 0.21])
+    paperless = rng.random(n) < 0.59
+    n_services = sum((v == "Yes").astype(int) for v in services.values())
+    monthly = np.round(18.0 + 5.0 * phone + np.where(internet == "DSL", 25.0, 0.0)
+                       + np.where(internet == "Fiber optic", 50.0, 0.0) + 5.5 * n_services
+                       + rng.normal(0, 2.5, n), 2).clip(18.25)
+    total = np.round(monthly * tenure * rng.normal(1.0, 0.03, n).clip(0.9, 1.1), 2)
+    mtm, fiber = contract == "Month-to-month", internet == "Fiber optic"
+    no_support = services["TechSupport"] == "No"
+    logit = (-1.2 - 2.6 * (1 - np.exp(-tenure / 9.0)) + 1.3 * mtm
+             - 1.1 * (contract == "Two year") + 0.5 * fiber + 0.9 * (fiber & no_support)
+             + 0.45 * (payment == "Electronic check") + 0.25 * paperless
+             + 0.03 * mtm * (monthly - 65.0) - 0.35 * (services["OnlineSecurity"] == "Yes"))
+    p = 1.0 / (1.0 + np.exp(-logit))
+    churn = rng.random(n) < p
+    yes_no = np.array(["No", "Yes"])
+    frame = pd.DataFrame({
+        "customerID": ids,
+        "gender": rng.choice(["Female", "Male"], n),
+        "SeniorCitizen": (rng.random(n) < 0.16).astype(int),
+        "Partner": yes_no[(rng.random(n) < 0.48).astype(int)],
+        "Dependents": yes_no[(rng.random(n) < 0.3).astype(int)],
+        "tenure": tenure,
+        "PhoneService": yes_no[phone.astype(int)],
+        "MultipleLines": np.where(~phone, "No phone service",
+                                  yes_no[(rng.random(n) < 0.42).astype(int)]),
+        "InternetService": internet,
+        **services,
+        "Contract": contract,
+        "PaperlessBilling": yes_no[paperless.astype(int)],
+        "PaymentMethod": payment,
+        "MonthlyCharges": monthly,
+        "TotalCharges": np.where(tenure == 0, " ", np.char.mod("%.2f", total)),
+        "Churn": yes_no[churn.astype(int)],
+    })
+    return frame, pd.DataFrame({"customerID": ids, "churn_probability": p})
+
+
+def write_snapshot_demo(out_dir: str | Path, *, n_customers: int = 7_000, seed: int = 42
+                        ) -> dict[str, Path]:
+    """Write the snapshot demo as ``OUT/customers.csv`` (the export) and its ground truth
+    (``OUT/ground_truth/snapshot_truth.parquet``)."""
+    out_dir = Path(out_dir)
+    (out_dir / "ground_truth").mkdir(parents=True, exist_ok=True)
+    frame, truth = generate_snapshot_demo(n_customers, seed)
+    written = {"customers": out_dir / "customers.csv",
+               "truth": out_dir / "ground_truth" / "snapshot_truth.parquet"}
+    frame.to_csv(written["customers"], index=False)
+    truth.to_parquet(written["truth"], index=False)
+    return written

@@ -16,6 +16,10 @@ __all__ = ["FEATURE_LABELS", "FEATURE_PHRASES", "global_drivers", "reason_codes"
 
 #: Short readable names of features, for charts and tables.
 FEATURE_LABELS: dict[str, str] = {
+    "tenure": "tenure",
+    "tenure_months": "tenure (months)",
+    "recurring_revenue": "recurring charges",
+    "total_revenue": "total charges to date",
     "recency_days": "days since last order",
     "frequency": "purchase days",
     "n_orders": "orders",

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -258,7 +259,8 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
         ``customers.parquet``, ``interactions.parquet``; a run's ``clean/`` folder, which
         is used when given the run folder), or a mapping of table name to frame
         (``transactions`` required).
-    memory_limit : DuckDB memory limit such as ``"2GB"`` (spills to disk beyond it).
+    memory_limit : DuckDB memory limit such as ``"2GB"``; beyond it DuckDB spills to a
+        folder under the system's temporary directory.
     threads : DuckDB worker threads (default: all cores).
 
     Returns
@@ -270,6 +272,8 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
     con = duckdb.connect()
     if memory_limit:
         con.execute(f"SET memory_limit = '{_sql_text(memory_limit)}'")
+        spill = Path(tempfile.gettempdir()) / "csl-duckdb-spill"
+        con.execute(f"SET temp_directory = '{_sql_text(str(spill))}'")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     if isinstance(source, Mapping):

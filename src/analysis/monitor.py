@@ -53,8 +53,9 @@ def run_kpis(processed_dir: str | Path) -> dict:
     if models.is_file():
         m = json.loads(models.read_text())
         if "churn" in m:
-            out.update(churn_auc=m["churn"]["model"]["roc_auc"],
-                       value_mae=m["value"]["model"]["mae"])
+            out["churn_auc"] = m["churn"]["model"]["roc_auc"]
+        if "value" in m:
+            out["value_mae"] = m["value"]["model"]["mae"]
     if "phaseout_candidate" in c:
         out["phaseout_customers"] = int(c["phaseout_candidate"].fillna(False).sum())
     retention = folder / "strategy" / "retention.json"

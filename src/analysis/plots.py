@@ -30,6 +30,8 @@ __all__ = [
     "plot_profit_curve",
     "plot_quarantine",
     "plot_segments",
+    "plot_survival",
+    "plot_tenure_cohorts",
     "plot_tiers",
     "set_theme",
 ]
@@ -309,4 +311,34 @@ def plot_history(history: pd.DataFrame, *, columns=("active_customers", "revenue
         ax.set_title(col.replace("_", " "), fontsize=10)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     fig.suptitle("Over the runs")
+    return fig
+
+
+def plot_survival(km: pd.DataFrame, ax=None) -> Figure:
+    """Kaplan-Meier curves (``group``, ``tenure``, ``survival``) as steps, one per group;
+    from :func:`analysis.snapshot.kaplan_meier`."""
+    fig, ax = _axes(ax, (7, 3.8))
+    for i, (name, part) in enumerate(km.groupby("group", sort=False)):
+        ax.step(np.r_[0, part["tenure"]], np.r_[1.0, part["survival"]], where="post",
+                lw=2.4 if name == "all" else 1.6, color="#333333" if name == "all"
+                else PALETTE[(i - 1) % len(PALETTE)], label=str(name))
+    ax.set_ylim(0, 1.02)
+    ax.yaxis.set_major_formatter(mticker.PercentFormatter(1.0))
+    ax.set_xlabel("tenure")
+    ax.set_ylabel("still a customer")
+    ax.set_title("Share of customers still with us, by tenure")
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def plot_tenure_cohorts(cohorts: pd.DataFrame, ax=None) -> Figure:
+    """Churn rate per tenure band (``tenure_band``, ``customers``, ``churn_rate``)."""
+    fig, ax = _axes(ax, (7, 3.2))
+    shown = cohorts[cohorts["customers"] > 0]
+    ax.bar(shown["tenure_band"], shown["churn_rate"], color=PALETTE[1])
+    for x, (rate, n) in enumerate(zip(shown["churn_rate"], shown["customers"], strict=True)):
+        ax.annotate(f"{n:,}", (x, rate), ha="center", va="bottom", fontsize=8)
+    ax.yaxis.set_major_formatter(mticker.PercentFormatter(1.0))
+    ax.set_ylabel("churned")
+    ax.set_title("Churn by tenure (customers per band on top)")
     return fig

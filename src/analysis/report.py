@@ -42,13 +42,23 @@ __all__ = [
     "link_list",
     "paragraph",
     "render_notebook",
+    "notebooks_for",
     "run_pipeline",
 ]
 
-#: Notebooks in run order; the executive report is rendered without code.
+#: Notebooks in run order per mode; the last, the executive report, is rendered without
+#: code.
 NOTEBOOKS = ("01_data_quality.ipynb", "02_customer_profile.ipynb", "03_churn_model.ipynb",
              "04_value_model.ipynb", "05_strategy.ipynb", "00_executive_report.ipynb")
+SNAPSHOT_NOTEBOOKS = ("01_data_quality.ipynb", "snapshot_02_churn_model.ipynb",
+                      "snapshot_03_portfolio.ipynb", "snapshot_05_strategy.ipynb",
+                      "snapshot_00_executive_report.ipynb")
 EXECUTIVE = "00_executive_report.ipynb"
+
+
+def notebooks_for(mode: str) -> tuple[str, ...]:
+    """The notebooks a run of ``mode`` executes, in order (executive report last)."""
+    return SNAPSHOT_NOTEBOOKS if mode == "snapshot" else NOTEBOOKS
 _TEMPLATES = Path(__file__).parent / "templates"
 _LIBRARIES = ("analysis", "customer-strategy-lab", "pandas", "numpy", "duckdb", "pyarrow",
               "pandera", "scikit-learn", "xgboost-cpu", "xgboost", "matplotlib", "seaborn",
@@ -105,7 +115,7 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     tmp_processed, tmp_report = processed_root / token, reports_root / token
     tmp_processed.mkdir(parents=True)
     (tmp_report / "notebooks").mkdir(parents=True)
-    previous = _previous_run(reports_root, processed_root, run_id)
+    previous = _previous_run(reports_root, processed_root, run_id, config.mode)
     params = {
         "config_path": str(Path(config_path).resolve()),
         "run_id": run_id,
@@ -118,20 +128,21 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
         "previous_processed_dir": str(previous) if previous else "",
     }
     stage_seconds: dict[str, float] = {}
-    log(f"run {run_id}: config {config_path}, {len(NOTEBOOKS)} notebooks")
+    notebooks = notebooks_for(config.mode)
+    log(f"run {run_id}: config {config_path}, {len(notebooks)} notebooks")
     try:
-        for i, name in enumerate(NOTEBOOKS, start=1):
-            log(f"run {run_id}: stage {i}/{len(NOTEBOOKS)} {name} ...")
+        for i, name in enumerate(notebooks, start=1):
+            log(f"run {run_id}: stage {i}/{len(notebooks)} {name} ...")
             start = time.perf_counter()
             _execute(notebooks_dir / name, tmp_report / "notebooks" / name, params, run_id,
                      tmp_report, processed_root, reports_root)
             stage_seconds[name] = round(time.perf_counter() - start, 2)
-            log(f"run {run_id}: stage {i}/{len(NOTEBOOKS)} {name} done in "
+            log(f"run {run_id}: stage {i}/{len(notebooks)} {name} done in "
                 f"{stage_seconds[name]:.1f} s")
         start = time.perf_counter()
-        for name in NOTEBOOKS:
+        for name in notebooks:
             executed = tmp_report / "notebooks" / name
-            if name == EXECUTIVE:
+            if name == notebooks[-1]:
                 render_notebook(executed, tmp_report / "index.html", executive=True)
             else:
                 render_notebook(executed, executed.with_suffix(".html"), executive=False)
@@ -323,14 +334,22 @@ def _lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _previous_run(reports_root: Path, processed_root: Path, run_id: str) -> Path | None:
-    """The processed folder of the last successful run (what reports/latest points at)."""
+def _previous_run(reports_root: Path, processed_root: Path, run_id: str,
+                  mode: str = "transactions") -> Path | None:
+    """The processed folder of the last successful run (what reports/latest points at),
+    when it was a run of the same mode (a snapshot run is no baseline for an order-log
+    run sharing the output folders, nor the reverse)."""
     latest = reports_root / "latest"
     if not latest.is_symlink():
         return None
     previous = os.readlink(latest)
     folder = processed_root / previous
-    return folder if previous != run_id and (folder / "customers.parquet").is_file() else None
+    if previous == run_id or not (folder / "customers.parquet").is_file():
+        return None
+    metrics = folder / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("mode", mode) != mode:
+        return None
+    return folder
 
 
 def _check_run_id(run_id: str) -> None:

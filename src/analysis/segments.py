@@ -36,6 +36,8 @@ __all__ = [
     "save_customers",
     "rfm_scores",
     "segment_profile",
+    "tier_summary_of",
+    "lifecycle_counts",
     "value_tiers",
     "write_profile",
 ]
@@ -186,7 +188,8 @@ def assign_lifecycle(features: pd.DataFrame, *, new_days: int = 90,
 
 
 def cluster_customers(features: pd.DataFrame, *, k: int | None = None, max_k: int = 8,
-                      seed: int = 42, sample_size: int = 20_000
+                      seed: int = 42, sample_size: int = 20_000,
+                      columns: list[str] | tuple[str, ...] | None = None
                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Behavioural clusters: K-means on log-transformed, standardised features.
 
@@ -204,7 +207,8 @@ def cluster_customers(features: pd.DataFrame, *, k: int | None = None, max_k: in
         ``silhouette`` (of the chosen k, same on every row) and ``k_scores`` (silhouette
         per k tried, as text).
     """
-    cols = [c for c in CLUSTER_FEATURES if c in features]
+    cols = [c for c in (columns or CLUSTER_FEATURES) if c in features]
+    describe = _describe_cluster if columns is None else _describe_generic
     x = features[cols].astype(float).fillna(0.0)
     x = np.sign(x) * np.log1p(np.abs(x))
     scaled = StandardScaler().fit_transform(x)
@@ -229,7 +233,7 @@ def cluster_customers(features: pd.DataFrame, *, k: int | None = None, max_k: in
     cluster = relabel[raw]
     medians = features[cols].assign(cluster=cluster).groupby("cluster").median()
     overall = features[cols].median()
-    names = {c: _describe_cluster(medians.loc[c], overall) for c in medians.index}
+    names = {c: describe(medians.loc[c], overall) for c in medians.index}
     short = {c: f"{c + 1}. {names[c][0]}" for c in names}
     labels = pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
                            "cluster": cluster,
@@ -383,6 +387,23 @@ def _describe_cluster(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
     return name, sentence
 
 
+def _describe_generic(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
+    """Name a cluster over arbitrary numeric columns by the two columns whose medians
+    differ most from the population's (in units of the population's median)."""
+    from analysis.explain import FEATURE_LABELS
+
+    scale = overall.abs().replace(0, np.nan)
+    gap = ((med - overall) / scale).replace([np.inf, -np.inf], np.nan).dropna()
+    top = gap.abs().sort_values(ascending=False).index[:2]
+    parts = [f"{'higher' if gap[c] > 0 else 'lower'} {FEATURE_LABELS.get(c, c)}"
+             for c in top if abs(gap[c]) >= 0.15]
+    name = ", ".join(parts).capitalize() if parts else "Typical"
+    sentence = "; ".join(f"median {FEATURE_LABELS.get(c, c)} {med[c]:,.1f} "
+                         f"(all customers: {overall[c]:,.1f})" for c in med.index
+                         if pd.notna(med[c]) and pd.notna(overall[c]))
+    return name, sentence
+
+
 # --------------------------------------------------------------------------- the profile step
 
 
@@ -450,17 +471,8 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
                  .merge(labels, on="customer_id"))
     first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name"]
     customers = customers[first + [c for c in customers.columns if c not in first]]
-    tier_summary = (customers.groupby("value_tier")
-                    .agg(n_customers=("customer_id", "size"),
-                         value=("monetary_total", lambda s: s.clip(lower=0).sum()),
-                         min_value=("monetary_total", "min"))
-                    .reindex(["high", "mid", "low"]).dropna(how="all").reset_index())
-    tier_summary["customer_share"] = tier_summary["n_customers"] / len(customers)
-    tier_summary["value_share"] = tier_summary["value"] / tier_summary["value"].sum()
-    lifecycle = (customers["lifecycle_stage"].value_counts()
-                 .reindex(list(LIFECYCLE_STAGES), fill_value=0)
-                 .rename_axis("lifecycle_stage").reset_index(name="n_customers"))
-    lifecycle["share"] = lifecycle["n_customers"] / len(customers)
+    tier_summary = tier_summary_of(customers)
+    lifecycle = lifecycle_counts(customers)
     return CustomerProfile(
         as_of=as_of, customers=customers,
         segments=segment_profile(customers, by="segment",
@@ -469,6 +481,28 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
         cohorts=cohort_matrix(con, cutoff=as_of),
         pareto=pareto_curve(customers["monetary_total"]),
     )
+
+
+def tier_summary_of(customers: pd.DataFrame, *, value_col: str = "monetary_total"
+                    ) -> pd.DataFrame:
+    """Customers, value and shares per value tier (high, mid, low)."""
+    out = (customers.groupby("value_tier")
+           .agg(n_customers=("customer_id", "size"),
+                value=(value_col, lambda s: s.clip(lower=0).sum()),
+                min_value=(value_col, "min"))
+           .reindex(["high", "mid", "low"]).dropna(how="all").reset_index())
+    out["customer_share"] = out["n_customers"] / len(customers)
+    out["value_share"] = out["value"] / out["value"].sum()
+    return out
+
+
+def lifecycle_counts(customers: pd.DataFrame) -> pd.DataFrame:
+    """Customers and share per lifecycle stage (every stage, zero when empty)."""
+    out = (customers["lifecycle_stage"].value_counts()
+           .reindex(list(LIFECYCLE_STAGES), fill_value=0)
+           .rename_axis("lifecycle_stage").reset_index(name="n_customers"))
+    out["share"] = out["n_customers"] / len(customers)
+    return out
 
 
 def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Path]:

@@ -23,6 +23,7 @@ __all__ = [
     "StrategyRun",
     "assign_actions",
     "decide",
+    "decide_snapshot",
     "guardrail_effects",
     "policy_table",
     "read_strategy",
@@ -440,7 +441,8 @@ def guardrail_effects(review: pd.DataFrame) -> pd.DataFrame:
         ``step``, ``customers_remaining``, ``kept_off``.
     """
     steps = [("unprofitable in the forecast (a single snapshot)", "unprofitable_now"),
-             ("... and in each previous period", "unprofitable_all_periods"),
+             ("... and over time (each previous period, or the lifetime average)",
+              "unprofitable_all_periods"),
              ("... and a forecast loss above the minimum", "material_loss"),
              ("... and low potential", "low_potential"),
              ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
@@ -517,14 +519,17 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
     """
     c = customers[customers["lifecycle_stage"] != "lost"]
     rules = []
-    overdue = (c["frequency"] >= 2) & (c["recency_vs_gap"] >= params.warning_gap_multiple)
-    rules.append(("overdue", overdue, lambda r: f"no order for {r.recency_days:.0f} days, "
-                                                f"{r.recency_vs_gap:.1f} times the usual gap"))
-    # trend = (a - b) / (a + b); spend dropped by x or more  <=>  trend <= -x / (2 - x)
-    drop = c["trend_90d"] <= -params.warning_spend_drop / (2 - params.warning_spend_drop)
-    drop &= c["spend_90d"] >= 0
-    rules.append(("spend drop", drop & (c["lifecycle_stage"] != "lapsed"),
-                  lambda r: f"spend trend {r.trend_90d:+.2f} over the last 90 days"))
+    if {"frequency", "recency_vs_gap"} <= set(c.columns):      # order history only
+        overdue = (c["frequency"] >= 2) & (c["recency_vs_gap"] >= params.warning_gap_multiple)
+        rules.append(("overdue", overdue,
+                      lambda r: f"no order for {r.recency_days:.0f} days, "
+                                f"{r.recency_vs_gap:.1f} times the usual gap"))
+    if {"trend_90d", "spend_90d"} <= set(c.columns):
+        # trend = (a - b) / (a + b); spend dropped by x or more  <=>  trend <= -x / (2 - x)
+        drop = c["trend_90d"] <= -params.warning_spend_drop / (2 - params.warning_spend_drop)
+        drop &= c["spend_90d"] >= 0
+        rules.append(("spend drop", drop & (c["lifecycle_stage"] != "lapsed"),
+                      lambda r: f"spend trend {r.trend_90d:+.2f} over the last 90 days"))
     if "complaints_90d" in c:
         rules.append(("new complaint", c["complaints_90d"] > 0,
                       lambda r: f"{r.complaints_90d:.0f} complaint(s) in the last 90 days"))
@@ -546,6 +551,8 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
         hit = c[mask.fillna(False)]
         frames.append(pd.DataFrame({"customer_id": hit["customer_id"], "rule": name,
                                     "detail": [describe(r) for r in hit.itertuples()]}))
+    if not frames:
+        return pd.DataFrame(columns=["customer_id", "rule", "detail"])
     return pd.concat(frames, ignore_index=True)
 
 
@@ -719,20 +726,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
            .assign(potential=potential.to_numpy(),
                    alerts=lambda d: d["customer_id"].map(
                        alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
-    spend = c.set_index("customer_id")["spend_365d"]
-    retained = out["action"].str.startswith("Retain").to_numpy()
-    summary = (out.assign(spend_365d=out["customer_id"].map(spend),
-                          campaign_cost=np.where(retained,
-                                                 params.contact_cost + params.offer_cost, 0.0),
-                          benefit=np.where(retained, out["retention_gain"].fillna(0.0),
-                                           out["expected_profit"]))
-               .groupby("action")
-               .agg(customers=("customer_id", "size"), revenue_12m=("spend_365d", "sum"),
-                    expected_revenue=("expected_revenue", "sum"),
-                    cost_to_serve=("cost_to_serve", "sum"),
-                    campaign_cost=("campaign_cost", "sum"),
-                    expected_benefit=("benefit", "sum"))
-               .sort_values("customers", ascending=False).reset_index())
+    summary = _action_summary(out, c, params)
     curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
         columns={"rank": "depth"})
     fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
@@ -798,3 +792,96 @@ def read_strategy(out_dir) -> StrategyRun:
                            "guardrails", "alerts", "fairness", "customers")
               if (folder / f"{name}.parquet").is_file()}
     return StrategyRun(retention=json.loads((folder / "retention.json").read_text()), **frames)
+
+
+def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: StrategyParams,
+                    attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
+                    previous: pd.DataFrame | None = None) -> StrategyRun:
+    """The strategy step for snapshot (subscription) data: same policy, targeting,
+    guardrails, warnings and audit as :func:`decide`, on what a snapshot holds.
+
+    Economics: expected revenue over the horizon (``predicted_value``) x margin rate,
+    less the account's cost to serve. Potential: not high value, low churn risk (under
+    half of ``high_risk``) and at least a year of tenure (an upgrade candidate). The
+    phase-out review needs a material forecast loss *and* a lifetime average margin
+    (total revenue x margin rate / tenure) below the monthly cost to serve, in place of
+    the previous periods an order log would give. Retention contacts are valued with the
+    assumed ``retention_rate`` (there is no campaign to measure it on).
+    """
+    c = customers.reset_index(drop=True)
+    years = horizon_days / 365.0
+    revenue = c["predicted_value"].clip(lower=0).fillna(0.0)
+    active = c["lifecycle_stage"].isin(["new", "active"])
+    cost = np.where(active, params.cost_per_account_year * years, 0.0)   # gone: no cost
+    econ = pd.DataFrame({"customer_id": c["customer_id"], "margin_rate_used": params.margin_rate,
+                         "expected_revenue": revenue, "expected_orders": 0.0,
+                         "expected_margin": revenue * params.margin_rate,
+                         "cost_to_serve": cost,
+                         "expected_profit": revenue * params.margin_rate - cost})
+    risk = c["churn_probability"]
+    tenure_m = c["tenure_months"].fillna(0)
+    potential = active & c["value_tier"].isin(["low", "mid"]) & (
+        risk < 0.5 * params.high_risk) & (tenure_m >= 12)
+    c = c.assign(potential=potential, trend_180d=0.0)
+    targeting, retention = retention_targeting(c, econ, params=params,
+                                               retention_rate=params.retention_rate,
+                                               eligible=active)
+    retention.update(retention_rate_used=params.retention_rate, uplift_rate_used=None,
+                     value_window_days=int(params.retention_value_months * 365 / 12),
+                     eligible_customers=int(active.sum()))
+    lifetime_margin = (c["monetary_total"].fillna(0) * params.margin_rate
+                       / tenure_m.where(tenure_m > 0))
+    monthly_cost = params.cost_per_account_year / 12
+    history = pd.DataFrame({"customer_id": c["customer_id"],
+                            **{f"profit_p{k}": (lifetime_margin - monthly_cost).fillna(0.0)
+                               for k in range(1, params.phaseout_periods + 1)}})
+    review = phaseout_review(c.assign(days_since_complaint=np.nan), econ, history,
+                             params=params)
+    review["phaseout_candidate"] &= active.to_numpy()
+    decisions = pd.DataFrame({
+        "customer_id": c["customer_id"], "value_tier": c["value_tier"],
+        "churn_risk": np.where(risk.isna(), "unknown",
+                               np.where(risk >= params.high_risk, "high", "low")),
+        "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
+        "profitable": econ["expected_profit"] >= 0,
+        "retention_profitable": targeting["targeted"],
+        "phaseout_candidate": review["phaseout_candidate"]})
+    actions = assign_actions(decisions, policy=params.policy)
+    alerts = early_warnings(c, params=params, previous=previous)
+    out = (c[["customer_id"]].merge(econ, on="customer_id")
+           .merge(targeting[["customer_id", "value_if_retained", "retention_gain", "targeted"]],
+                  on="customer_id")
+           .merge(review[["customer_id", "phaseout_candidate", "phaseout_reasons"]],
+                  on="customer_id")
+           .merge(actions, on="customer_id")
+           .assign(potential=potential.to_numpy(),
+                   alerts=lambda d: d["customer_id"].map(
+                       alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
+    summary = _action_summary(out, c, params)
+    curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
+        columns={"rank": "depth"})
+    fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
+                if attributes is not None and protected else pd.DataFrame())
+    return StrategyRun(customers=out, actions=summary, retention=retention,
+                       profit_curve=curve, retention_effect=pd.DataFrame(),
+                       guardrails=guardrail_effects(review), alerts=alerts,
+                       fairness=fairness)
+
+
+def _action_summary(out: pd.DataFrame, customers: pd.DataFrame,
+                    params: StrategyParams) -> pd.DataFrame:
+    """Customers, revenue, cost and expected benefit per action."""
+    spend = customers.set_index("customer_id")["spend_365d"]
+    retained = out["action"].str.startswith("Retain").to_numpy()
+    return (out.assign(spend_365d=out["customer_id"].map(spend),
+                       campaign_cost=np.where(retained,
+                                              params.contact_cost + params.offer_cost, 0.0),
+                       benefit=np.where(retained, out["retention_gain"].fillna(0.0),
+                                        out["expected_profit"]))
+            .groupby("action")
+            .agg(customers=("customer_id", "size"), revenue_12m=("spend_365d", "sum"),
+                 expected_revenue=("expected_revenue", "sum"),
+                 cost_to_serve=("cost_to_serve", "sum"),
+                 campaign_cost=("campaign_cost", "sum"),
+                 expected_benefit=("benefit", "sum"))
+            .sort_values("customers", ascending=False).reset_index())
