@@ -250,3 +250,31 @@ def test_fairness_audit_flags_a_planted_bias_and_not_chance():
     flagged = audit[audit["flag"]]
     assert set(flagged["action"]) == {"Review for phase-out"}
     assert {"f", "m"} <= set(flagged["group"])
+
+
+def test_snapshot_decisions_on_a_hand_built_frame():
+    params = S.StrategyParams(cost_per_account_year=120.0, margin_rate=0.5,
+                              retention_rate=0.2, phaseout_min_loss=1.0)
+    c = pd.DataFrame({
+        "customer_id": ["gone", "loyal", "upsell", "loss", "risky"],
+        "lifecycle_stage": ["lost", "active", "active", "active", "active"],
+        "value_tier": ["high", "high", "low", "low", "mid"],
+        "churn_probability": [0.9, 0.05, 0.1, 0.1, 0.8],
+        "predicted_value": [0.0, 300.0, 60.0, 10.0, 150.0],
+        "spend_365d": [1200.0, 1200.0, 240.0, 48.0, 600.0],
+        "tenure_months": [30.0, 40.0, 24.0, 6.0, 10.0],
+        "monetary_total": [3000.0, 4000.0, 480.0, 24.0, 500.0]})
+    run = S.decide_snapshot(c, horizon_days=90, params=params)
+    out = run.customers.set_index("customer_id")
+    assert out.loc["gone", "cost_to_serve"] == 0.0               # left: costs nothing more
+    assert out.loc["gone", "action"] == "Win back"
+    assert out.loc["loyal", "action"] == "Nurture / VIP care"
+    assert out.loc["upsell", "action"] == "Grow / develop"        # low tier, low risk, a year+
+    # 'loss': 10 x 0.5 = 5 of margin against 120 x 90/365 = 29.6 of cost, and a lifetime
+    # margin of 24 x 0.5 / 6 = 2 a month against 10: unprofitable now and over time
+    assert bool(out.loc["loss", "phaseout_candidate"])
+    assert out.loc["loss", "action"] == "Review for phase-out"
+    # 'risky': 0.8 x 0.2 x 12 months of margin (600 x 0.5) = 48 - 10 of contact cost
+    assert out.loc["risky", "retention_gain"] == pytest.approx(0.8 * 0.2 * 300 - 10)
+    assert out.loc["risky", "action"] == "Retain - automated offer"
+    assert run.retention["campaign_size"] == 1 and run.retention_effect.empty

@@ -822,7 +822,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     tenure_m = c["tenure_months"].fillna(0)
     potential = active & c["value_tier"].isin(["low", "mid"]) & (
         risk < 0.5 * params.high_risk) & (tenure_m >= 12)
-    c = c.assign(potential=potential, trend_180d=0.0)
+    c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * 30.44)
     targeting, retention = retention_targeting(c, econ, params=params,
                                                retention_rate=params.retention_rate,
                                                eligible=active)
