@@ -46,3 +46,38 @@ def require_cdnow() -> Path:
     if not (CDNOW / "CDNOW_master.txt").is_file():
         pytest.skip("../shared/datasets/cdnow is not beside the checkout")
     return CDNOW
+
+
+#: A script payload planted in data values (must show as text, never run).
+SCRIPT_PAYLOAD = '<script>window.__xss = 1</script>toys'
+
+
+@pytest.fixture(scope="session")
+def telco_run(tmp_path_factory):
+    """One snapshot-mode pipeline run on a messy telecom-style export: column names that
+    differ by case and spaces, churn labels in mixed case, blank total charges, and a
+    script payload in a category. Shared by the snapshot and browser tests."""
+    import numpy as np
+
+    from analysis.demo import generate_snapshot_demo
+    from analysis.report import run_pipeline
+
+    folder = tmp_path_factory.mktemp("telco")
+    frame, _ = generate_snapshot_demo(1_500, seed=5)
+    rng = np.random.default_rng(5)
+    frame["Churn"] = [v.upper() if r < 0.2 else v.lower() if r < 0.4 else v
+                      for v, r in zip(frame["Churn"], rng.random(len(frame)), strict=True)]
+    frame["PaymentMethod"] = frame["PaymentMethod"].replace({"Mailed check": SCRIPT_PAYLOAD})
+    frame = frame.rename(columns={"customerID": "Customer ID", "TotalCharges": " Total Charges ",
+                                  "MonthlyCharges": "monthly_charges", "Churn": "CHURN"})
+    frame.to_csv(folder / "telco.csv", index=False)
+    config = folder / "telco.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "telco", "mode": "snapshot",
+        "tables": {"customers": {"path": "telco.csv", "columns": {
+            "customer_id": "customer id", "churn": "churn", "tenure": "tenure",
+            "recurring_revenue": "Monthly Charges", "total_revenue": "total charges"}}},
+        "protected": ["gender", "SeniorCitizen"],
+        "snapshot": {"churn_positive": "Yes", "survival_by": "Contract"},
+        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    return run_pipeline(config, run_id="telco", log=lambda line: None)

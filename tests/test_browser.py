@@ -99,26 +99,8 @@ def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, brow
     check_report_page(browser, planted_run.index_html, min_images=8)
 
 
-@pytest.fixture(scope="module")
-def snapshot_run(tmp_path_factory):
-    from analysis.demo import generate_snapshot_demo
-
-    folder = tmp_path_factory.mktemp("snapshot")
-    frame, _ = generate_snapshot_demo(1_500, seed=3)
-    frame["PaymentMethod"] = frame["PaymentMethod"].replace({"Mailed check": SCRIPT})
-    frame.to_csv(folder / "customers.csv", index=False)
-    config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "snapshot browser test", "mode": "snapshot",
-        "tables": {"customers": {"path": "customers.csv", "columns": {
-            "customer_id": "customerID", "churn": "Churn", "tenure": "tenure",
-            "recurring_revenue": "MonthlyCharges", "total_revenue": "TotalCharges"}}},
-        "protected": ["gender", "SeniorCitizen"], "snapshot": {"survival_by": "Contract"},
-        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
-    return run_pipeline(config, run_id="snapshot", log=lambda line: None)
-
-
-def test_snapshot_report_passes_the_same_browser_checks(snapshot_run, browser):
+def test_snapshot_report_passes_the_same_browser_checks(telco_run, browser):
+    snapshot_run = telco_run
     text = check_report_page(browser, snapshot_run.index_html, min_images=6)
     assert "5. Value" in text and "Kaplan-Meier" in text
     assert browser.execute_script("return window.__xss === undefined")

@@ -7,13 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from sklearn.metrics import roc_auc_score
 
 from analysis import snapshot as SN
 from analysis.config import SnapshotParams, load_config
 from analysis.data import load_dataset
-from analysis.demo import generate_snapshot_demo, write_snapshot_demo
+from analysis.demo import write_snapshot_demo
 from analysis.errors import DataContractError
 
 from .conftest import write_config
@@ -147,26 +146,8 @@ def test_cross_validated_model_is_close_to_the_oracle_and_ties_or_beats_logistic
 
 
 @pytest.mark.e2e
-def test_a_messy_telecom_export_gives_the_full_report_without_code(tmp_path):
-    from analysis.report import run_pipeline
-
-    frame, _ = generate_snapshot_demo(1_500, seed=5)
-    rng = np.random.default_rng(5)
-    frame["Churn"] = [v.upper() if r < 0.2 else v.lower() if r < 0.4 else v
-                      for v, r in zip(frame["Churn"], rng.random(len(frame)), strict=True)]
-    frame = frame.rename(columns={"customerID": "Customer ID", "TotalCharges": " Total Charges ",
-                                  "MonthlyCharges": "monthly_charges", "Churn": "CHURN"})
-    frame.to_csv(tmp_path / "telco.csv", index=False)
-    config = tmp_path / "telco.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "telco", "mode": "snapshot",
-        "tables": {"customers": {"path": "telco.csv", "columns": {
-            "customer_id": "customer id", "churn": "churn", "tenure": "tenure",
-            "recurring_revenue": "Monthly Charges", "total_revenue": "total charges"}}},
-        "protected": ["gender", "SeniorCitizen"],
-        "snapshot": {"churn_positive": "Yes", "survival_by": "Contract"},
-        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
-    result = run_pipeline(config, run_id="telco", log=lambda line: None)
+def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
+    result = telco_run
     customers = pd.read_parquet(result.processed_dir / "customers.parquet")
     assert len(customers) == 1_500 and customers["churn_probability"].between(0, 1).all()
     current = customers["lifecycle_stage"] != "lost"
