@@ -305,7 +305,8 @@ def render_results(results_dir: str | Path) -> str:
                   "run's `metrics.json` (copied here as the JSON file):", "",
                   "| stage | seconds |", "|---|---:|",
                   *[f"| {k} | {v:.1f} |" for k, v in stages.items()],
-                  f"| **total** | **{sum(stages.values()):.1f}** |", ""]
+                  f"| **total** | **{sum(stages.values()):.1f}** |", "",
+                  f"Reproduce: the commands at the top of `bench/{path.stem}.yaml`.", ""]
     return "\n".join(lines)
 
 
