@@ -225,3 +225,29 @@ def test_pandas_reference_implementation_agrees_on_the_demo_world(small_demo):
     assert _same_features(ours, theirs)
     # and it would notice a difference
     assert not _same_features(ours, theirs.assign(gap_std_days=theirs["gap_std_days"] * 1.01))
+
+
+def test_sampled_snapshots_keep_a_deterministic_share_of_whole_customers():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    tx = pd.DataFrame({"customer_id": [f"c{i}" for i in range(n) for _ in range(3)],
+                       "order_date": pd.to_datetime("2024-01-01") + pd.to_timedelta(
+                           rng.integers(0, 300, 3 * n), unit="D"),
+                       "amount": 10.0})
+    con = F.connect({"transactions": tx})
+    full = F.build_features(con, cutoff=dt.date(2024, 12, 1), horizon_days=30)
+    part = F.build_features(con, cutoff=dt.date(2024, 12, 1), horizon_days=30,
+                            sample_share=0.25)
+    again = F.build_features(con, cutoff=dt.date(2024, 12, 1), horizon_days=30,
+                             sample_share=0.25)
+    other = F.build_features(con, cutoff=dt.date(2024, 11, 1), horizon_days=30,
+                             sample_share=0.25)
+    assert 0.2 * len(full) < len(part) < 0.3 * len(full)
+    assert part["customer_id"].tolist() == again["customer_id"].tolist()     # deterministic
+    assert set(part["customer_id"]) != set(other["customer_id"])             # per cutoff
+    # a sampled customer's row is the same as in the full build (whole history kept)
+    merged = part.merge(full, on="customer_id", suffixes=("", "_full"))
+    assert (merged["monetary_total"] == merged["monetary_total_full"]).all()
+    assert (merged["churned"] == merged["churned_full"]).all()

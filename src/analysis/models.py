@@ -521,12 +521,18 @@ def fit_and_evaluate(con, *, as_of: dt.date,
             f"a validation cutoff {horizon_days} days before it and training cutoffs another "
             f"{horizon_days} days earlier, each with {horizon_days} days of history: the data "
             f"from {first} to {as_of} is too short; use a shorter horizon or more history")
-    cutoffs = [eval_cut, valid_cut, *train_cuts]
-    snaps = build_snapshots(con, cutoffs=cutoffs, horizon_days=horizon_days,
+    # on large bases, draw the training customers in SQL before building their features
+    # (a share per cutoff), rather than building every snapshot and sampling after
+    n_known = con.execute("SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date "
+                          f"< DATE '{eval_cut.isoformat()}'").fetchone()[0]
+    share = max_train_rows / max(n_known * len(train_cuts), 1)
+    snaps = build_snapshots(con, cutoffs=[eval_cut, valid_cut], horizon_days=horizon_days,
                             exclude_attributes=exclude)
-    at = {c: snaps[snaps["cutoff"] == pd.Timestamp(c)].reset_index(drop=True) for c in cutoffs}
-    train = pd.concat([at[c] for c in train_cuts], ignore_index=True)
-    valid, test = at[valid_cut], at[eval_cut]
+    train = build_snapshots(con, cutoffs=train_cuts, horizon_days=horizon_days,
+                            exclude_attributes=exclude,
+                            sample_share=1.1 * share if share < 0.9 else None)
+    valid = snaps[snaps["cutoff"] == pd.Timestamp(valid_cut)].reset_index(drop=True)
+    test = snaps[snaps["cutoff"] == pd.Timestamp(eval_cut)].reset_index(drop=True)
     for name, frame in (("training", train), ("validation", valid), ("evaluation", test)):
         n_pos = int(frame["churned"].sum())
         if len(frame) < min_customers or n_pos < 20 or len(frame) - n_pos < 20:
