@@ -714,27 +714,9 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         "profitable": econ["expected_profit"] >= 0,
         "retention_profitable": targeting["targeted"],
         "phaseout_candidate": review["phaseout_candidate"]})
-    actions = assign_actions(decisions, policy=params.policy)
-    alerts = early_warnings(c, params=params, previous=previous)
-    out = (c[["customer_id"]]
-           .merge(econ, on="customer_id")
-           .merge(targeting[["customer_id", "value_if_retained", "retention_gain", "targeted"]],
-                  on="customer_id")
-           .merge(review[["customer_id", "phaseout_candidate", "phaseout_reasons"]],
-                  on="customer_id")
-           .merge(actions, on="customer_id")
-           .assign(potential=potential.to_numpy(),
-                   alerts=lambda d: d["customer_id"].map(
-                       alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
-    summary = _action_summary(out, c, params)
-    curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
-        columns={"rank": "depth"})
-    fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
-                if attributes is not None and protected else pd.DataFrame())
-    return StrategyRun(customers=out, actions=summary, retention=retention,
-                       profit_curve=curve, retention_effect=effect, margin_uplift=uplift,
-                       guardrails=guardrail_effects(review), alerts=alerts,
-                       fairness=fairness)
+    return _assemble(c, econ, targeting, retention, review, decisions, params=params,
+                     attributes=attributes, protected=protected, previous=previous,
+                     effect=effect, uplift=uplift)
 
 
 def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_model, *,
@@ -846,6 +828,17 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
         "profitable": econ["expected_profit"] >= 0,
         "retention_profitable": targeting["targeted"],
         "phaseout_candidate": review["phaseout_candidate"]})
+    return _assemble(c, econ, targeting, retention, review, decisions, params=params,
+                     attributes=attributes, protected=protected, previous=previous)
+
+
+def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, retention: dict,
+              review: pd.DataFrame, decisions: pd.DataFrame, *, params: StrategyParams,
+              attributes: pd.DataFrame | None, protected: tuple[str, ...],
+              previous: pd.DataFrame | None, effect: pd.DataFrame | None = None,
+              uplift: pd.DataFrame | None = None) -> StrategyRun:
+    """The shared end of both strategy steps: actions from the policy, warnings, the
+    customer table, the summary per action, the profit curve and the fairness audit."""
     actions = assign_actions(decisions, policy=params.policy)
     alerts = early_warnings(c, params=params, previous=previous)
     out = (c[["customer_id"]].merge(econ, on="customer_id")
@@ -854,16 +847,17 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
            .merge(review[["customer_id", "phaseout_candidate", "phaseout_reasons"]],
                   on="customer_id")
            .merge(actions, on="customer_id")
-           .assign(potential=potential.to_numpy(),
+           .assign(potential=decisions["potential"].to_numpy(),
                    alerts=lambda d: d["customer_id"].map(
                        alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
-    summary = _action_summary(out, c, params)
     curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
         columns={"rank": "depth"})
     fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
                 if attributes is not None and protected else pd.DataFrame())
-    return StrategyRun(customers=out, actions=summary, retention=retention,
-                       profit_curve=curve, retention_effect=pd.DataFrame(),
+    return StrategyRun(customers=out, actions=_action_summary(out, c, params),
+                       retention=retention, profit_curve=curve,
+                       retention_effect=effect if effect is not None else pd.DataFrame(),
+                       margin_uplift=uplift if uplift is not None else pd.DataFrame(),
                        guardrails=guardrail_effects(review), alerts=alerts,
                        fairness=fairness)
 
