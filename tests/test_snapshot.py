@@ -143,6 +143,19 @@ def test_cross_validated_model_is_close_to_the_oracle_and_ties_or_beats_logistic
         "customer_id", "churn", "gender", "SeniorCitizen"}
     assert not {"gender", "SeniorCitizen"} & set(run.score_features.columns)
     assert run.scores["churn_reasons"].str.len().gt(0).mean() > 0.9
+    import datetime as dt
+
+    c = SN.profile_snapshot(table.data, config=cfg, as_of=dt.date(2026, 1, 1),
+                            scores=run.scores).customers
+    current = c["lifecycle_stage"] != "lost"
+    months = 90 / 30.44
+    # expected revenue over the horizon: below the full run rate, by the churn risk
+    assert (c.loc[current, "predicted_value"] <= c.loc[current, "revenue_month"] * months
+            + 1e-9).all()
+    assert (c.loc[~current, "predicted_value"] == 0).all()
+    riskier = c.loc[current].sort_values("churn_probability")
+    ratio = riskier["predicted_value"] / (riskier["revenue_month"] * months)
+    assert ratio.iloc[: len(ratio) // 10].mean() > ratio.iloc[-len(ratio) // 10:].mean()
 
 
 @pytest.mark.e2e

@@ -18,7 +18,7 @@ There is no order log, so no recency, rhythm or RFM. Instead:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -417,13 +417,12 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
     months, value = remaining_value(np.nan_to_num(prob, nan=0.0), c["revenue_month"],
                                     params=p)
     alive = ~churned.to_numpy()
-    monthly_survival = (1 - np.clip(prob, 0, 1)) ** (1 / p.churn_period_months)
-    expected_months = np.where(
-        np.isnan(prob), horizon_months,
-        np.array([np.sum(s ** np.arange(1, int(np.ceil(horizon_months)) + 1))
-                  for s in np.nan_to_num(monthly_survival, nan=1.0)]))
-    c["predicted_value"] = np.where(alive, c["revenue_month"] * np.minimum(
-        expected_months, horizon_months), 0.0)
+    # expected months paid within the horizon: the same survival sum, undiscounted
+    within, _ = remaining_value(np.nan_to_num(prob, nan=0.0), c["revenue_month"],
+                                params=replace(p, discount_rate=0.0,
+                                               max_years=horizon_months / 12))
+    expected_months = np.where(np.isnan(prob), horizon_months, within)
+    c["predicted_value"] = np.where(alive, c["revenue_month"] * expected_months, 0.0)
     c["remaining_months"] = np.where(alive & ~np.isnan(prob), months, np.nan)
     c["remaining_value"] = np.where(alive & ~np.isnan(prob), value, np.nan)
     c["value_reasons"] = ""
