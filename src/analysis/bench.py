@@ -275,7 +275,7 @@ def render_results(results_dir: str | Path) -> str:
                     and r.get("uplift_ci") else []),
                   f"| campaign size chosen by expected profit | {r['campaign_size']:,} |",
                   f"| true profit of that campaign | {r['profit_targeted']:,.0f} |",
-                  f"| oracle of probabilities (true state, hazard, effect): "
+                  f"| oracle of probabilities (true state, current hazard, effect): "
                   f"{r['oracle_campaign_size']:,} customers, true profit | "
                   f"{r['profit_oracle_of_probabilities']:,.0f} |",
                   f"| perfect foresight (knows who drops): "
@@ -283,6 +283,10 @@ def render_results(results_dir: str | Path) -> str:
                   f"{r['profit_oracle']:,.0f} |",
                   f"| profit capture vs the oracle of probabilities | "
                   f"{r['profit_capture_vs_oracle']:.1%} |",
+                  *([f"| ... the same ranking at its best depth ({r['best_depth_for_ranking']:,}"
+                     f" customers, known only with the ground truth) | "
+                     f"{r['profit_capture_at_best_depth']:.1%} |"]
+                    if r.get("profit_capture_at_best_depth") is not None else []),
                   f"| same size, ranked by churn probability alone | "
                   f"{r['profit_capture_churn_ranking']:.1%} |",
                   f"| customers on the phase-out review list | {r['phaseout_count']:,} |",
@@ -299,14 +303,33 @@ def render_results(results_dir: str | Path) -> str:
         m = json.loads(path.read_text())
         stages = m["stage_seconds"]
         customers = m.get("profile", {}).get("customers")
-        lines += [f"## End to end: `{path.stem}`", "",
-                  f"`python -m analysis run` on the demo world with "
-                  f"{customers:,} customers with a purchase; seconds per stage from the "
-                  "run's `metrics.json` (copied here as the JSON file):", "",
-                  "| stage | seconds |", "|---|---:|",
-                  *[f"| {k} | {v:.1f} |" for k, v in stages.items()],
-                  f"| **total** | **{sum(stages.values()):.1f}** |", "",
-                  f"Reproduce: the commands at the top of `bench/{path.stem}.yaml`.", ""]
+        peaks = m.get("stage_peak_rss_mb") or {}
+        n_lines = next((t["rows_read"] for t in m.get("data_quality", {}).get("tables", [])
+                        if t.get("table") == "transactions"), None)
+        limit = m.get("memory_limit") or (m.get("config", {}).get("analysis") or {}).get(
+            "memory_limit")
+        intro = (f"`python -m analysis run` on the demo world with {customers:,} customers "
+                 f"with a purchase" + (f" ({n_lines:,} order lines)" if n_lines else "")
+                 + (f", memory limit `{limit}` in the config" if limit else "")
+                 + "; seconds per stage from the run's `metrics.json` (copied here as the "
+                 "JSON file)")
+        if peaks:
+            lines += [f"## End to end: `{path.stem}`", "",
+                      intro + ", and the peak resident memory of the largest notebook "
+                      "kernel up to that stage (each stage runs in its own kernel):", "",
+                      "| stage | seconds | largest kernel so far, MB |", "|---|---:|---:|",
+                      *[f"| {k} | {v:.1f} | {peaks[k]:,.0f} |" if k in peaks
+                        else f"| {k} | {v:.1f} | |" for k, v in stages.items()],
+                      f"| **total** | **{sum(stages.values()):.1f}** | "
+                      f"**{max(peaks.values()):,.0f}** |", "",
+                      f"The process running the stages (and rendering the HTML) peaked at "
+                      f"{m.get('runner_peak_rss_mb', 0):,.0f} MB.", ""]
+        else:
+            lines += [f"## End to end: `{path.stem}`", "", intro + ":", "",
+                      "| stage | seconds |", "|---|---:|",
+                      *[f"| {k} | {v:.1f} |" for k, v in stages.items()],
+                      f"| **total** | **{sum(stages.values()):.1f}** |", ""]
+        lines += [f"Reproduce: the commands at the top of `bench/{path.stem}.yaml`.", ""]
     return "\n".join(lines)
 
 
@@ -486,7 +509,9 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     margin of the extra days alive within the next year (true purchase rate x true mean
     order value x margin rate per day), minus the contact and offer cost. The oracle
     of probabilities contacts every customer whose *expected* true value is positive
-    (it knows who is alive, their true hazard and effect, not when they will drop); the
+    (it knows who is alive, their true dropout hazard at the end of the data, raised by
+    a complaint and lowered by the past campaign, and their true effect, not when they
+    will drop); the
     perfect-foresight oracle contacts everyone whose realised value is positive. Both
     target sets are valued on realised outcomes. Phase-out is judged on true future
     profit (next year's margin minus the cost to serve its orders; customers who tie,
@@ -498,7 +523,8 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     scored = pd.read_parquet(processed_dir / "customers.parquet")
     truth = pd.read_parquet(data / "ground_truth" / "customers.parquet")
     future = pd.read_parquet(data / "ground_truth" / "future_orders.parquet")
-    d = (decided[["customer_id", "targeted", "phaseout_candidate", "margin_rate_used"]]
+    d = (decided[["customer_id", "targeted", "phaseout_candidate", "margin_rate_used",
+                  "retention_gain"]]
          .merge(scored[["customer_id", "churn_probability", "lifecycle_stage"]],
                 on="customer_id")
          .merge(truth, on="customer_id", how="left"))
@@ -516,7 +542,7 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     # the oracle of probabilities: knows who is alive, their true hazard and effect (not
     # when they will drop): expected extra days alive within the year, from the
     # expected alive time (1 - e^{-mT}) / m with and without the lowered hazard
-    mu = d["dropout_hazard_per_day"].to_numpy()
+    mu = d["dropout_hazard_now_per_day"].to_numpy()
     alive_now = (d["dropout_date"] >= as_of).to_numpy()
     untreated = (1 - np.exp(-mu * 365)) / mu
     lowered = mu * (1 - effect)
@@ -530,6 +556,12 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     by_churn = np.argsort(-np.where(active, d["churn_probability"].to_numpy(), -1.0),
                           kind="stable")[:n]
     churn_ranking = float(true_gain[by_churn].sum()) if n else 0.0
+    # the run's own ranking at the depth that would have been best (known only with the
+    # ground truth): separates what the ranking loses from what the chosen depth loses
+    gain = d["retention_gain"].to_numpy(dtype=float)
+    along = np.cumsum(true_gain[np.argsort(-np.where(np.isnan(gain), -np.inf, gain),
+                                           kind="stable")][: int(np.isfinite(gain).sum())])
+    best_depth = int(np.argmax(along) + 1) if len(along) else 0
     done = future[future["status"] == "completed"]
     per_order = done.groupby(["customer_id", "order_id"]).agg(
         margin=("margin", "sum"), channel=("channel", "first"))
@@ -572,6 +604,9 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
         "profit_capture_churn_ranking": round(churn_ranking / oracle_p, 4) if oracle_p
         else None,
         "oracle_campaign_size": int((expected_gain > 0).sum()),
+        "best_depth_for_ranking": best_depth,
+        "profit_capture_at_best_depth": round(float(along.max()) / oracle_p, 4)
+        if len(along) and oracle_p else None,
         "profit_oracle_of_probabilities": round(oracle_p, 2),
         "profit_capture_vs_perfect_foresight": round(ours / oracle, 4) if oracle else None,
         "perfect_foresight_campaign_size": int((true_gain > 0).sum()),

@@ -222,6 +222,11 @@ def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
         "customer_id": ids,
         "purchase_rate_per_day": lam,
         "dropout_hazard_per_day": mu,
+        # the hazard at the end of the data: raised by a complaint made before it,
+        # lowered by the past campaign for those it reached while active
+        "dropout_hazard_now_per_day": mu * np.where(complained & (first_complaint < as_of),
+                                                    multiplier, 1.0)
+        * np.where(saved, 1 - effect, 1.0),
         "mean_order_value": world.gg_p / nu,
         "satisfaction_z": satisfaction,
         # beyond a century the date is irrelevant (and datetime64[ns] ends in 2262)
