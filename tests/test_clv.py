@@ -84,3 +84,19 @@ def test_clv_is_discounted_spend_over_the_months():
 def test_fit_refuses_too_little_data():
     with pytest.raises(ValueError, match="at least"):
         BetaGeoModel().fit([0, 0, 1], [0, 0, 1], [5, 5, 5])
+
+
+def test_summary_in_sql_equals_the_pandas_one():
+    """The DuckDB path (used on large histories) gives the same summary as pandas:
+    same-day purchases merged, refunds and non-completed lines left out."""
+    from analysis.demo import DemoWorld, generate_demo
+    from analysis.features import connect
+
+    tx = generate_demo(DemoWorld(n_customers=400, seed=5))["transactions"]
+    tx.loc[tx.index[:40], "amount"] *= -1                    # refunds are not purchases
+    end, start = dt.date(2025, 6, 1), dt.date(2022, 6, 1)
+    expected = rfm_summary(tx, calibration_end=end, start=start)
+    got = rfm_summary(connect({"transactions": tx}), calibration_end=end, start=start)
+    assert len(got) > 300 and (got["frequency"] > 0).sum() > 100
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_index_type=False,
+                                  check_names=False)

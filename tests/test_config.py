@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.config import load_config
+from analysis.config import AnalysisParams, load_config
 from analysis.errors import ConfigError
 
 from .conftest import ROOT, write_config
@@ -78,6 +78,10 @@ def test_memory_limit_is_a_size(tmp_path):
     cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"},
                                    analysis={"memory_limit": "1.5GB"}))
     assert cfg.analysis.memory_limit == "1.5GB"
+    # the budget is the stage's; DuckDB gets half of it, in DuckDB's reading of units
+    assert cfg.analysis.duckdb_memory_limit == "750MB"
+    assert AnalysisParams(memory_limit="2GiB").duckdb_memory_limit == f"{2**30 // 10**6}MB"
+    assert AnalysisParams().duckdb_memory_limit is None
     with pytest.raises(ConfigError, match="analysis.memory_limit"):
         load_config(write_config(tmp_path, {"transactions": "tx.csv"},
                                  analysis={"memory_limit": "lots"}))

@@ -102,6 +102,29 @@ def test_skipped_models_leave_risk_unknown_and_say_why(tmp_path):
         M.read_model_run(tmp_path)
 
 
+def test_reason_codes_on_hand_built_contributions():
+    """Top pushes in order, stopping at the first that does not push; the usual rhythm
+    joins a recency reason; "down" reverses the sign; missing values are said so."""
+    from analysis.explain import reason_codes
+
+    feats = pd.DataFrame({"recency_days": [120.0, 10.0, 45.0],
+                          "frequency": [3, 12, 1],
+                          "complaints_90d": [1.0, 0.0, np.nan],
+                          "gap_median_days": [30.0, 7.0, np.nan]})
+    shap = pd.DataFrame({"recency_days": [0.9, -0.2, 0.5],
+                         "frequency": [0.1, 0.4, -0.3],
+                         "complaints_90d": [0.3, -0.1, 0.2],
+                         "gap_median_days": [0.0, 0.0, 0.0], "bias": [-1.0, -1.0, -1.0]})
+    up = reason_codes(shap, feats).tolist()
+    assert up == ["no order for 120 days; usually orders every 30 days; "
+                  "1 complaint(s) in the last 90 days; 3 purchase days so far",
+                  "12 purchase days so far",
+                  "no order for 45 days; complaints in last 90 days: not known"]
+    down = reason_codes(shap, feats, direction="down", top=2).tolist()
+    assert down == ["", "no order for 10 days; usually orders every 7 days; "
+                        "0 complaint(s) in the last 90 days", "1 purchase days so far"]
+
+
 def test_rfm_lookup_uses_training_cells():
     train = pd.DataFrame({"recency_days": [1, 2, 300, 400] * 5, "frequency": [9, 8, 1, 1] * 5,
                           "monetary_total": [900, 800, 10, 20] * 5,

@@ -21,7 +21,7 @@ from scipy import optimize, special
 __all__ = ["BetaGeoModel", "GammaGammaModel", "rfm_summary"]
 
 
-def rfm_summary(transactions: pd.DataFrame, *, calibration_end: dt.date,
+def rfm_summary(transactions, *, calibration_end: dt.date,
                 time_unit_days: float = 7.0, start: dt.date | None = None) -> pd.DataFrame:
     """Per-customer frequency / recency / T / mean repeat value before ``calibration_end``.
 
@@ -30,7 +30,9 @@ def rfm_summary(transactions: pd.DataFrame, *, calibration_end: dt.date,
 
     Parameters
     ----------
-    transactions : contract-shaped lines (``customer_id``, ``order_date``, ``amount``).
+    transactions : contract-shaped lines (``customer_id``, ``order_date``, ``amount``),
+        or a DuckDB connection from :func:`analysis.features.connect`, whose ``lines``
+        are then summarised in SQL (large histories never enter Python as lines).
     calibration_end : the first day after the calibration period. ``T`` and ``recency``
         are measured to the calibration period's last day (``calibration_end`` minus
         one day), the convention of the literature (a customer whose first purchase is
@@ -45,6 +47,9 @@ def rfm_summary(transactions: pd.DataFrame, *, calibration_end: dt.date,
         ``T``, ``monetary_value`` (mean value of the repeat transactions; 0 when none),
         ``first_purchase``.
     """
+    if not isinstance(transactions, pd.DataFrame):
+        return _rfm_summary_sql(transactions, calibration_end=calibration_end,
+                                time_unit_days=time_unit_days, start=start)
     tx = transactions
     if "status" in tx:
         tx = tx[tx["status"].eq("completed")]
@@ -68,6 +73,35 @@ def rfm_summary(transactions: pd.DataFrame, *, calibration_end: dt.date,
         "first_purchase": first,
     })
     return out
+
+
+def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
+                     start: dt.date | None) -> pd.DataFrame:
+    """:func:`rfm_summary` over a connection's ``lines`` view, computed by DuckDB."""
+    since = f"AND order_date >= DATE '{start.isoformat()}'" if start else ""
+    end = pd.Timestamp(calibration_end) - pd.Timedelta(days=1)
+    out = con.execute(f"""
+        WITH days AS (
+            SELECT customer_id, order_date, SUM(amount) AS amount FROM lines
+            WHERE status = 'completed' AND amount >= 0
+              AND order_date < DATE '{calibration_end.isoformat()}' {since}
+            GROUP BY customer_id, order_date)
+        SELECT customer_id, COUNT(*) - 1 AS frequency,
+               date_diff('day', MIN(order_date), MAX(order_date)) AS recency_days,
+               date_diff('day', MIN(order_date), DATE '{end.date().isoformat()}') AS t_days,
+               SUM(amount) AS total, arg_min(amount, order_date) AS first_value,
+               MIN(order_date) AS first_purchase
+        FROM days GROUP BY customer_id ORDER BY customer_id""").df()
+    n = out["frequency"].astype("int64")
+    return pd.DataFrame({
+        "frequency": n.to_numpy(),
+        "recency": out["recency_days"].to_numpy(dtype=float) / time_unit_days,
+        "T": out["t_days"].to_numpy(dtype=float) / time_unit_days,
+        "monetary_value": ((out["total"] - out["first_value"]) / n.where(n > 0)).fillna(0.0)
+        .to_numpy(),
+        "first_purchase": pd.to_datetime(out["first_purchase"]).astype("datetime64[ns]")
+        .to_numpy(),
+    }, index=pd.Index(out["customer_id"].astype("str"), name="customer_id"))
 
 
 @dataclass

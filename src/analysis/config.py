@@ -110,8 +110,11 @@ class AnalysisParams:
         from the data's inter-purchase times.
     n_cutoffs, cutoff_step_days : rolling-origin training snapshots.
     tier_shares : value tiers by cumulative share of value (high, mid; low is the rest).
-    memory_limit : DuckDB's memory limit for the feature work, e.g. ``"2GB"`` (it spills
-        to disk beyond it); default: DuckDB's own (80 % of the machine's memory).
+    memory_limit : the memory budget of each stage of a run, e.g. ``"4GB"``. DuckDB gets
+        half of it for the feature work (:attr:`duckdb_memory_limit`; it spills to disk
+        beyond); the other half is for the tables Python holds (one row per customer,
+        and the cleaned input while it is checked, read in chunks). Default: no budget
+        (DuckDB's own limit, 80 % of the machine's memory).
     min_customers : fewer customers with a purchase than this stops the run (exit 4):
         segments, tiers and models over a handful of customers would mislead.
     min_segment_customers : a segment with fewer customers is counted but not described
@@ -133,6 +136,22 @@ class AnalysisParams:
     memory_limit: str | None = None
     min_segment_customers: int = 30
     device: Literal["cpu", "cuda"] = "cpu"
+
+    @property
+    def duckdb_memory_limit(self) -> str | None:
+        """DuckDB's share of :attr:`memory_limit` (half), as DuckDB reads it (MB)."""
+        if self.memory_limit is None:
+            return None
+        return f"{memory_bytes(self.memory_limit) // 2 // 10**6}MB"
+
+
+def memory_bytes(size: str) -> int:
+    """``"4GB"`` -> 4_000_000_000, ``"4GiB"`` -> 4 * 2**30 (DuckDB's reading of sizes)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT])(i?)B", str(size).strip(), re.I)
+    if m is None:
+        raise ValueError(f"{size!r} is not a memory size such as '2GB'")
+    power = "KMGT".index(m.group(2).upper()) + 1
+    return int(float(m.group(1)) * ((1024 if m.group(3) else 1000) ** power))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,8 @@ INTERACTION_TYPES = {"complaint": "complaint", "complaints": "complaint",
 # A column whose values fail to parse for more than this share is a mapping problem
 # (wrong date format, wrong decimal separator), not a few bad rows: the run stops.
 _MAX_UNPARSEABLE_SHARE = 0.5
+#: Rows read, parsed and validated at a time (bounds the memory a load needs).
+CHUNK_ROWS = 250_000
 _TRUE = {"true", "yes", "y", "1", "t", "resolved", "closed"}
 _FALSE = {"false", "no", "n", "0", "f", "open", "unresolved", "pending"}
 
@@ -134,8 +136,13 @@ def load_dataset(config: Config, *, today: dt.date | None = None) -> Dataset:
 
 
 def load_table(spec: TableSpec, *, table: str, config: Config,
-               today: dt.date | None = None) -> CleanTable:
+               today: dt.date | None = None, chunk_rows: int = CHUNK_ROWS) -> CleanTable:
     """Read one table, map it onto the contract, validate and clean it.
+
+    The file is read ``chunk_rows`` rows at a time and each chunk is mapped, parsed,
+    validated and split on its own, so the memory a load needs is bounded by one chunk
+    plus the processed rows kept; duplicates are found across chunks (exact copies by
+    two independent 64-bit row hashes, customer ids by value).
 
     Returns
     -------
@@ -144,40 +151,93 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
         plus, for ``customers``, the descriptive attributes; PII columns are dropped.
     """
     today = today or dt.date.today()
-    raw = _read_file(spec)
-    n_read = len(raw)
+    parts, quarantines, notes = [], [], []
+    seen = _SeenRows()
+    n_read, columns = 0, []
+    pii = {_normalise_name(p) for p in config.pii}
+    for raw in _read_chunks(spec, chunk_rows):
+        columns = list(raw.columns)
+        if raw.empty:
+            continue
+        raw.index = pd.RangeIndex(n_read, n_read + len(raw))    # file row - 1
+        n_read += len(raw)
+        mapped, chunk_notes = _map_columns(raw, spec, table=table, pii=config.pii)
+        if config.mode == "snapshot" and table == "customers" and "churn" not in mapped:
+            raise DataContractError(
+                file=spec.path, rule="required_column", column="churn",
+                message="snapshot mode needs a churn label column: map it with "
+                        "'columns: {churn: <your column>}' and set snapshot.churn_positive",
+                examples=columns)
+        notes = notes or chunk_notes
+        parsed, rules = _parse(mapped, spec, table=table, config=config)
+        rules = rules.combine_first(_validate(parsed, table=table, config=config, today=today))
+        rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config,
+                                                seen=seen))
+        bad = rules.notna()
+        quarantine = _quarantine_frame(raw, mapped, rules, bad)
+        quarantine = quarantine.drop(columns=[f"raw:{c}" for c in raw.columns
+                                              if _normalise_name(c) in pii])  # PII never kept
+        data = parsed.loc[~bad.to_numpy()]
+        if config.output.pseudonymize_ids:
+            key = os.environ[config.output.pseudonym_key_env]
+            data = data.assign(customer_id=pseudonymize(data["customer_id"], key=key))
+            # the quarantine keeps the raw values: pseudonymize the id column among them
+            source = next((c for c in raw.columns if "customer_id" in mapped
+                           and raw[c].equals(mapped["customer_id"])), None)
+            if source is not None and f"raw:{source}" in quarantine:
+                quarantine[f"raw:{source}"] = pseudonymize(
+                    quarantine[f"raw:{source}"].astype("string").str.strip(), key=key)
+        parts.append(data)
+        quarantines.append(quarantine)
+        del raw, mapped, parsed, rules
     if n_read == 0:
         raise DataContractError(file=spec.path, rule="no_rows",
                                 message="the file has a header but no data rows",
-                                examples=list(raw.columns))
-    mapped, notes = _map_columns(raw, spec, table=table, pii=config.pii)
-    if config.mode == "snapshot" and table == "customers" and "churn" not in mapped:
-        raise DataContractError(
-            file=spec.path, rule="required_column", column="churn",
-            message="snapshot mode needs a churn label column: map it with "
-                    "'columns: {churn: <your column>}' and set snapshot.churn_positive",
-            examples=list(raw.columns))
-    parsed, rules = _parse(mapped, spec, table=table, config=config)
-    rules = rules.combine_first(_validate(parsed, table=table, config=config, today=today))
-    rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config))
-    bad = rules.notna()
-    quarantine = _quarantine_frame(raw, mapped, rules, bad)
-    pii = {_normalise_name(p) for p in config.pii}
-    quarantine = quarantine.drop(columns=[f"raw:{c}" for c in raw.columns
-                                          if _normalise_name(c) in pii])   # PII never kept
-    data = parsed.loc[~bad.to_numpy()].reset_index(drop=True)
+                                examples=columns)
     if config.output.pseudonymize_ids:
-        key = os.environ[config.output.pseudonym_key_env]
-        data["customer_id"] = pseudonymize(data["customer_id"], key=key)
-        # the quarantine keeps the raw values: pseudonymize the id column among them
-        source = next((c for c in raw.columns if "customer_id" in mapped
-                       and raw[c].equals(mapped["customer_id"])), None)
-        if source is not None and f"raw:{source}" in quarantine:
-            quarantine[f"raw:{source}"] = pseudonymize(
-                quarantine[f"raw:{source}"].astype("string").str.strip(), key=key)
         notes.append("customer ids are pseudonymized (output.pseudonymize_ids)")
-    return CleanTable(name=table, file=spec.path, data=data, quarantine=quarantine,
-                      n_read=n_read, notes=tuple(notes))
+    data = parts[0] if len(parts) == 1 else pd.concat(parts)
+    del parts
+    quarantine = quarantines[0] if len(quarantines) == 1 else pd.concat(
+        [q for q in quarantines if len(q)] or quarantines[:1], ignore_index=True)
+    return CleanTable(name=table, file=spec.path, data=data.reset_index(drop=True),
+                      quarantine=quarantine, n_read=n_read, notes=tuple(notes))
+
+
+class _SeenRows:
+    """What earlier chunks of a table held, for duplicates across chunks: the customer
+    ids (by value) and two independent 64-bit hashes of each processed row (an exact
+    copy matches both; two different rows matching both has odds of about 1e-29 per
+    pair)."""
+
+    _KEY2 = "csl-dup-check-02"      # hash_pandas_object's hash_key: 16 characters
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.h1 = np.empty(0, dtype=np.uint64)
+        self.h2 = np.empty(0, dtype=np.uint64)
+
+    def repeated_ids(self, ids: pd.Series) -> pd.Series:
+        """Ids seen in an earlier chunk or earlier in this one; remembers them."""
+        before = ids.isin(self.ids).to_numpy() | ids.duplicated(keep="first").to_numpy()
+        self.ids.update(ids.dropna().tolist())
+        return pd.Series(before, index=ids.index)
+
+    def repeated_rows(self, frame: pd.DataFrame) -> pd.Series:
+        """Rows equal to one in an earlier chunk or earlier in this one; remembers them."""
+        h1 = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+        h2 = pd.util.hash_pandas_object(frame, index=False, hash_key=self._KEY2).to_numpy()
+        within = pd.DataFrame({"a": h1, "b": h2}).duplicated(keep="first").to_numpy()
+        earlier = np.zeros(len(frame), dtype=bool)
+        if len(self.h1):
+            lo = np.searchsorted(self.h1, h1, side="left")
+            hi = np.searchsorted(self.h1, h1, side="right")
+            for i in np.flatnonzero(hi > lo):               # rare: equal first hashes
+                earlier[i] = bool((self.h2[lo[i]:hi[i]] == h2[i]).any())
+        order = np.argsort(np.concatenate([self.h1, h1[~within]]), kind="stable")
+        self.h1 = np.concatenate([self.h1, h1[~within]])[order]
+        self.h2 = np.concatenate([self.h2, h2[~within]])[order]
+        return pd.Series(within | earlier, index=frame.index)
 
 
 def pseudonymize(ids: pd.Series, *, key: str) -> pd.Series:
@@ -300,7 +360,9 @@ def read_processed(processed_dir: str | Path) -> Dataset:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_file(spec: TableSpec) -> pd.DataFrame:
+def _read_chunks(spec: TableSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The file's rows, ``chunk_rows`` at a time (at least one frame, maybe empty, so
+    the columns are known); read errors become :class:`DataContractError`."""
     path = spec.path
     if not path.is_file():
         raise DataContractError(file=path, rule="file_exists",
@@ -311,12 +373,22 @@ def _read_file(spec: TableSpec) -> pd.DataFrame:
     fmt = spec.resolved_format
     try:
         if fmt == "parquet":
-            return pd.read_parquet(path)
-        if fmt == "excel":
-            return pd.read_excel(path, sheet_name=spec.sheet or 0, dtype=str,
-                                 header=0 if spec.header else None,
-                                 names=list(spec.names) if spec.names else None)
-        return _read_csv(spec)
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            source = pq.ParquetFile(path)
+            if source.metadata.num_rows == 0:
+                yield source.schema_arrow.empty_table().to_pandas()
+            for batch in source.iter_batches(batch_size=chunk_rows):
+                yield pa.Table.from_batches([batch]).to_pandas()
+        elif fmt == "excel":
+            frame = pd.read_excel(path, sheet_name=spec.sheet or 0, dtype=str,
+                                  header=0 if spec.header else None,
+                                  names=list(spec.names) if spec.names else None)
+            yield from (frame.iloc[i:i + chunk_rows] for i in
+                        range(0, max(len(frame), 1), chunk_rows))
+        else:
+            yield from _read_csv(spec, chunk_rows)
     except DataContractError:
         raise
     except UnicodeDecodeError as exc:
@@ -333,7 +405,7 @@ def _read_file(spec: TableSpec) -> pd.DataFrame:
                                 message=f"cannot be read as {fmt}: {exc}") from exc
 
 
-def _read_csv(spec: TableSpec) -> pd.DataFrame:
+def _read_csv(spec: TableSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
     whitespace = spec.sep.lower() in {"whitespace", r"\s+", " "}
     encoding = "utf-8-sig" if spec.encoding.lower().replace("_", "-") in {"utf-8", "utf8"} \
         else spec.encoding
@@ -350,15 +422,19 @@ def _read_csv(spec: TableSpec) -> pd.DataFrame:
         skipinitialspace=True,
     )
     if whitespace:
-        df = pd.read_csv(spec.path, sep=r"\s+", engine="c", **kwargs)
+        kwargs["sep"] = r"\s+"
     else:
-        df = pd.read_csv(spec.path, sep=spec.sep, engine="c",
-                         quoting=csv.QUOTE_MINIMAL, **kwargs)
-    if spec.names and spec.header:
-        # a header line exists but the config names the columns: drop the header names
-        pass
-    df.columns = [str(c) for c in df.columns]
-    return df
+        kwargs.update(sep=spec.sep, quoting=csv.QUOTE_MINIMAL)
+    with pd.read_csv(spec.path, engine="c", chunksize=chunk_rows, **kwargs) as reader:
+        any_rows = False
+        for df in reader:
+            df.columns = [str(c) for c in df.columns]
+            any_rows = True
+            yield df
+    if not any_rows:                         # a header and no rows: yield the columns
+        df = pd.read_csv(spec.path, engine="c", nrows=0, **kwargs)
+        df.columns = [str(c) for c in df.columns]
+        yield df
 
 
 # --------------------------------------------------------------------------- mapping
@@ -694,7 +770,7 @@ def _validate(df: pd.DataFrame, *, table: str, config: Config, today: dt.date) -
             mask = pd.Series(False, index=df.index)
             mask.loc[idx] = True
             detail = group.assign(d=lambda g: g["column"].astype(str) + "="
-                                  + g["failure_case"].astype(str)).set_index("index")["d"]
+                                  + g["failure_case"].map(_case_text)).set_index("index")["d"]
             detail = detail[~detail.index.duplicated()]
             full = pd.Series("", index=df.index, dtype="object")
             full.loc[detail.index.astype(df.index.dtype)] = detail.to_numpy()
@@ -702,17 +778,26 @@ def _validate(df: pd.DataFrame, *, table: str, config: Config, today: dt.date) -
     return rules
 
 
-def _duplicates(df: pd.DataFrame, rules: pd.Series, *, table: str, config: Config) -> pd.Series:
+def _case_text(value) -> str:
+    """A failing value as text; dates without a time of day as YYYY-MM-DD."""
+    if isinstance(value, pd.Timestamp) and value == value.normalize():
+        return value.strftime("%Y-%m-%d")
+    return str(value)
+
+
+def _duplicates(df: pd.DataFrame, rules: pd.Series, *, table: str, config: Config,
+                seen: _SeenRows | None = None) -> pd.Series:
+    seen = seen or _SeenRows()
     out = pd.Series(pd.NA, index=df.index, dtype="object")
     ok = rules.isna()
     if table == "customers":
-        dup = df["customer_id"].duplicated(keep="first") & ok
+        dup = seen.repeated_ids(df["customer_id"].where(ok)) & ok
         return _flag(out, dup, "duplicate_customer",
                      _describe(df["customer_id"], "customer_id={v!r} seen before"))
     policy = config.cleaning.dedupe
     if policy == "never" or (policy == "auto" and "order_id" not in df):
         return out
-    dup = df[ok.to_numpy()].duplicated(keep="first").reindex(df.index, fill_value=False)
+    dup = seen.repeated_rows(df[ok.to_numpy()]).reindex(df.index, fill_value=False)
     return _flag(out, dup, "duplicate_row", "exact copy of an earlier row")
 
 
@@ -724,7 +809,7 @@ def _quarantine_frame(raw: pd.DataFrame, mapped: pd.DataFrame, rules: pd.Series,
     hits = rules[bad].astype(str).tolist()
     parts = [h.split("\t", 1) + [""] for h in hits]
     q = pd.DataFrame({
-        "source_row": (np.flatnonzero(bad.to_numpy()) + 1).astype("int64"),
+        "source_row": (rules.index[bad.to_numpy()].to_numpy() + 1).astype("int64"),
         "rule": pd.Series([p[0] for p in parts], dtype="object"),
         "detail": pd.Series([p[1] for p in parts], dtype="object"),
     })
@@ -753,17 +838,25 @@ def _transaction_measures(tx: pd.DataFrame | None) -> pd.DataFrame:
 
 
 def _monthly(tx: pd.DataFrame | None) -> pd.DataFrame:
+    """Orders, customers and revenue of completed lines per month, counted by DuckDB
+    over the frame (no copy of the table, and at most 1 GB for the distinct counts)."""
     if tx is None or tx.empty:
         return pd.DataFrame(columns=["month", "orders", "customers", "revenue"])
-    done = tx[tx["status"] == "completed"]
-    month = done["order_date"].dt.to_period("M").dt.start_time
-    key = done["order_id"] if "order_id" in done else (
-        done["customer_id"] + "|" + done["order_date"].dt.strftime("%Y-%m-%d"))
-    out = (done.assign(month=month, key=key).groupby("month")
-           .agg(orders=("key", "nunique"), customers=("customer_id", "nunique"),
-                revenue=("amount", "sum")).reset_index())
-    out["month"] = out["month"].dt.strftime("%Y-%m-%d")
-    return out
+    import duckdb
+
+    key = "order_id" if "order_id" in tx else "customer_id || '|' || CAST(order_date AS DATE)"
+    con = duckdb.connect()
+    try:
+        con.execute("SET memory_limit = '1GB'")
+        con.register("tx", tx)
+        out = con.execute(
+            "SELECT strftime(date_trunc('month', order_date), '%Y-%m-%d') AS month, "
+            f"COUNT(DISTINCT {key}) AS orders, COUNT(DISTINCT customer_id) AS customers, "
+            "SUM(amount) AS revenue FROM tx WHERE status = 'completed' "
+            "GROUP BY 1 ORDER BY 1").df()
+    finally:
+        con.close()
+    return out.astype({"orders": "int64", "customers": "int64", "revenue": "float64"})
 
 
 def write_atomically(path: str | Path, write) -> Path:

@@ -266,9 +266,12 @@ def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.n
     return cell(score).map(table).fillna(train[target].mean()).to_numpy(dtype=float)
 
 
-def bgnbd_baseline(lines: pd.DataFrame, *, cutoff: dt.date, horizon_days: int,
+def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
                    customers: pd.Series) -> tuple[pd.DataFrame, dict]:
     """BG/NBD + Gamma-Gamma fitted on history before ``cutoff`` (weeks).
+
+    ``lines`` is a frame of order lines or a DuckDB connection with a ``lines`` view
+    (see :func:`analysis.clv.rfm_summary`).
 
     Returns
     -------
@@ -533,6 +536,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                             sample_share=1.1 * share if share < 0.9 else None)
     valid = snaps[snaps["cutoff"] == pd.Timestamp(valid_cut)].reset_index(drop=True)
     test = snaps[snaps["cutoff"] == pd.Timestamp(eval_cut)].reset_index(drop=True)
+    del snaps                       # memory: one row per customer and cutoff adds up
     for name, frame in (("training", train), ("validation", valid), ("evaluation", test)):
         n_pos = int(frame["churned"].sum())
         if len(frame) < min_customers or n_pos < 20 or len(frame) - n_pos < 20:
@@ -553,9 +557,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                                                      X["valid"], valid["future_spend"])
     small = np.random.default_rng(seed).permutation(len(train))[:max_baseline_rows]
     logistic = LogisticChurn().fit(X["train"].iloc[small], train["churned"].iloc[small])
-    lines = con.execute("SELECT customer_id, order_date, amount, status FROM lines "
-                        f"WHERE order_date < DATE '{eval_cut.isoformat()}'").df()
-    bg, clv_params = bgnbd_baseline(lines, cutoff=eval_cut, horizon_days=horizon_days,
+    bg, clv_params = bgnbd_baseline(con, cutoff=eval_cut, horizon_days=horizon_days,
                                     customers=test["customer_id"])
     evaluation = pd.DataFrame({
         "customer_id": test["customer_id"], "frequency": test["frequency"],

@@ -18,6 +18,7 @@ import html
 import importlib.metadata
 import json
 import os
+import resource
 import platform
 import shutil
 import sys
@@ -128,6 +129,7 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
         "previous_processed_dir": str(previous) if previous else "",
     }
     stage_seconds: dict[str, float] = {}
+    stage_peak_mb: dict[str, float] = {}
     notebooks = notebooks_for(config.mode)
     log(f"run {run_id}: config {config_path}, {len(notebooks)} notebooks")
     try:
@@ -137,8 +139,10 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
             _execute(notebooks_dir / name, tmp_report / "notebooks" / name, params, run_id,
                      tmp_report, processed_root, reports_root)
             stage_seconds[name] = round(time.perf_counter() - start, 2)
+            stage_peak_mb[name] = _peak_rss_mb(resource.RUSAGE_CHILDREN)
             log(f"run {run_id}: stage {i}/{len(notebooks)} {name} done in "
-                f"{stage_seconds[name]:.1f} s")
+                f"{stage_seconds[name]:.1f} s (largest kernel so far "
+                f"{stage_peak_mb[name]:,.0f} MB)")
         start = time.perf_counter()
         for name in notebooks:
             executed = tmp_report / "notebooks" / name
@@ -148,7 +152,7 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
                 render_notebook(executed, executed.with_suffix(".html"), executive=False)
         stage_seconds["render"] = round(time.perf_counter() - start, 2)
         _write_metrics(tmp_processed, config, run_id=run_id, params=params,
-                       stage_seconds=stage_seconds)
+                       stage_seconds=stage_seconds, stage_peak_mb=stage_peak_mb)
     except PipelineError:
         raise
     except BaseException:
@@ -287,14 +291,27 @@ def _keep_failed(tmp_report: Path, tmp_processed: Path, reports_root: Path,
     return failed
 
 
+def _peak_rss_mb(who: int) -> float:
+    """Peak resident memory in MB: of this process (``resource.RUSAGE_SELF``) or of the
+    largest of its finished children, the notebook kernels (``RUSAGE_CHILDREN``)."""
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)      # Linux: kilobytes
+
+
 def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict,
-                   stage_seconds: dict[str, float]) -> None:
+                   stage_seconds: dict[str, float],
+                   stage_peak_mb: dict[str, float] | None = None) -> None:
     metrics: dict = {"run_id": run_id, "mode": config.mode, "config": config.to_dict(),
                      "parameters": {k: v for k, v in params.items()
                                     if k not in {"processed_dir", "report_dir",
                                                  "processed_href",
                                                  "previous_processed_dir"}},
-                     "stage_seconds": stage_seconds, "versions": library_versions()}
+                     "stage_seconds": stage_seconds,
+                     # memory: the largest notebook kernel up to and including each stage
+                     # (each stage runs in its own kernel), and the process that ran them
+                     "stage_peak_rss_mb": stage_peak_mb or {},
+                     "runner_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+                     "memory_limit": config.analysis.memory_limit,
+                     "versions": library_versions()}
     for name in ("data_quality", "profile", "models"):
         path = processed / f"{name}.json"
         if path.is_file():
