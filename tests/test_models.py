@@ -215,6 +215,12 @@ def test_scores_reasons_and_saved_models(demo_run, tmp_path):
     assert np.allclose(back.churn.predict_proba(run.score_features),
                        scores["churn_probability"])
     assert np.allclose(back.value.predict(run.score_features), scores["predicted_value"])
+    # SHAP values computed in chunks are the same, and add up to the model's margin
+    X = run.score_features.iloc[:500]
+    whole = run.churn.contributions(X, chunk_rows=500)
+    assert np.array_equal(run.churn.contributions(X, chunk_rows=37).to_numpy(),
+                          whole.to_numpy())
+    assert np.allclose(whole.sum(axis=1), run.churn._margin(X), atol=1e-3)
     meta = written["churn_metadata"].read_text()
     assert '"data_fingerprint": "abc"' in meta and '"calibration"' in meta
     assert not [p for p in tmp_path.rglob("*") if p.suffix in {".pkl", ".pickle", ".joblib"}]

@@ -140,13 +140,18 @@ class _Booster:
         return self.booster_.predict(d, output_margin=True,
                                      iteration_range=(0, self.best_iteration_ + 1))
 
-    def contributions(self, X: pd.DataFrame) -> pd.DataFrame:
+    def contributions(self, X: pd.DataFrame, *, chunk_rows: int = 100_000) -> pd.DataFrame:
         """Exact TreeSHAP values (XGBoost's ``pred_contribs``), in the model's margin
-        units (log-odds for churn, log-spend for value); ``bias`` is the base value."""
+        units (log-odds for churn, log-spend for value); ``bias`` is the base value.
+
+        Computed ``chunk_rows`` customers at a time into one float32 array: XGBoost's
+        working memory for a million customers at once is several times the result."""
         self._check()
-        d = xgb.DMatrix(X, enable_categorical=True)
-        values = self.booster_.predict(d, pred_contribs=True,
-                                       iteration_range=(0, self.best_iteration_ + 1))
+        values = np.empty((len(X), X.shape[1] + 1), dtype=np.float32)
+        for start in range(0, len(X), chunk_rows):
+            d = xgb.DMatrix(X.iloc[start:start + chunk_rows], enable_categorical=True)
+            values[start:start + chunk_rows] = self.booster_.predict(
+                d, pred_contribs=True, iteration_range=(0, self.best_iteration_ + 1))
         return pd.DataFrame(values, index=X.index, columns=[*X.columns, "bias"])
 
     def save(self, folder: str | Path, name: str, metadata: dict) -> dict[str, Path]:
