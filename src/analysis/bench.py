@@ -230,7 +230,8 @@ def render_results(results_dir: str | Path) -> str:
             "reading the needed columns plus one `np.bincount` aggregation. Medians of "
             "the runs in one process (repeats per row); peak memory of the project's build "
             "alone, in a fresh child process (VmHWM). With a DuckDB memory limit "
-            "(`analysis.memory_limit`, `--memory-limit`) DuckDB spills to disk; the peak "
+            "(`--memory-limit`; in a run, half of `analysis.memory_limit`) DuckDB spills "
+            "to disk; the peak "
             "also holds the result frame and Python, outside that limit.", "",
             "| lines | customers | features | DuckDB limit | repeats | project s | pandas s | "
             "scan floor s | pandas / project | project / floor | peak MB | identical |",
