@@ -99,3 +99,6 @@ def test_duckdb_respects_the_memory_limit_and_spills():
     assert limit.replace(" ", "") in {"286.1MiB", "300.0MB", "286MiB"}, limit
     assert "csl-duckdb-spill" in con.execute(
         "SELECT current_setting('temp_directory')").fetchone()[0]
+    # freed memory goes back to the system instead of staying with DuckDB's allocator
+    flush = con.execute("SELECT current_setting('allocator_flush_threshold')").fetchone()[0]
+    assert flush.replace(" ", "") in {"32.0MB", "30.5MiB", "32MB"}, flush

@@ -848,6 +848,7 @@ def _monthly(tx: pd.DataFrame | None) -> pd.DataFrame:
     con = duckdb.connect()
     try:
         con.execute("SET memory_limit = '1GB'")
+        con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
         con.register("tx", tx)
         out = con.execute(
             "SELECT strftime(date_trunc('month', order_date), '%Y-%m-%d') AS month, "
