@@ -126,8 +126,11 @@ def test_same_data_config_and_seed_give_identical_results_and_raw_data_is_untouc
     assert (first.processed_dir / "customers.csv").read_bytes() == \
         (again.processed_dir / "customers.csv").read_bytes()
 
-    def stable(metrics):     # timings differ by nature, and where the files live
-        out = {k: v for k, v in metrics.items() if k != "stage_seconds"}
+    def stable(metrics):     # timings and memory peaks differ by nature, and where the files live
+        out = {k: v for k, v in metrics.items()
+               if k not in {"stage_seconds", "stage_peak_rss_mb", "runner_peak_rss_mb"}}
+        assert set(metrics["stage_peak_rss_mb"]) == set(metrics["stage_seconds"]) - {"render"}
+        assert all(v > 50 for v in metrics["stage_peak_rss_mb"].values())
         out["config"] = {k: v for k, v in out["config"].items() if k not in {"source", "output"}}
         out["parameters"] = {k: v for k, v in out["parameters"].items() if k != "config_path"}
         return out

@@ -82,14 +82,18 @@ def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
     end = pd.Timestamp(calibration_end) - pd.Timedelta(days=1)
     out = con.execute(f"""
         WITH days AS (
-            SELECT customer_id, order_date, SUM(amount) AS amount FROM lines
+            -- exact decimal sums: a float sum's last bits depend on DuckDB's thread
+            -- order, and the BG/NBD fit would differ between two runs of the same data
+            SELECT customer_id, order_date, SUM(CAST(amount AS DECIMAL(38, 6))) AS amount
+            FROM lines
             WHERE status = 'completed' AND amount >= 0
               AND order_date < DATE '{calibration_end.isoformat()}' {since}
             GROUP BY customer_id, order_date)
         SELECT customer_id, COUNT(*) - 1 AS frequency,
                date_diff('day', MIN(order_date), MAX(order_date)) AS recency_days,
                date_diff('day', MIN(order_date), DATE '{end.date().isoformat()}') AS t_days,
-               SUM(amount) AS total, arg_min(amount, order_date) AS first_value,
+               CAST(SUM(amount) AS DOUBLE) AS total,
+               CAST(arg_min(amount, order_date) AS DOUBLE) AS first_value,
                MIN(order_date) AS first_purchase
         FROM days GROUP BY customer_id ORDER BY customer_id""").df()
     n = out["frequency"].astype("int64")

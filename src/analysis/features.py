@@ -272,8 +272,8 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
     con = duckdb.connect()
     # give freed memory back to the system after each query (DuckDB's allocator keeps it
     # otherwise: about 3 GB retained after a 20M-line feature build, on top of which
-    # Python's tables then sit)
-    con.execute("SET allocator_background_threads = true")
+    # Python's tables then sit). Not its background purge threads: with them two runs of
+    # the same data gave float sums differing in the last bits.
     con.execute("SET allocator_flush_threshold = '32MB'")
     if memory_limit:
         con.execute(f"SET memory_limit = '{_sql_text(memory_limit)}'")
