@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis import explain
 from analysis import features as F
 from analysis import models as M
 from analysis.demo import DemoWorld, generate_demo
@@ -223,6 +224,17 @@ def test_scores_reasons_and_saved_models(demo_run, tmp_path):
     assert np.allclose(whole.sum(axis=1), run.churn._margin(X), atol=1e-3)
     meta = written["churn_metadata"].read_text()
     assert '"data_fingerprint": "abc"' in meta and '"calibration"' in meta
+    # the global drivers are those of the SHAP values; a reader can ask for some tables only
+    pd.testing.assert_frame_equal(back.churn_drivers,
+                                  explain.global_drivers(run.churn_shap, run.score_features))
+    some = M.read_model_run(tmp_path, tables=("churn_metrics", "churn_drivers"))
+    assert some.churn_shap is None and some.score_features is None and some.scores is None
+    pd.testing.assert_frame_equal(some.churn_metrics, back.churn_metrics)
+    assert np.allclose(some.churn.predict_proba(run.score_features), scores["churn_probability"])
+    with pytest.raises(ValueError, match="unknown model tables"):
+        M.read_model_run(tmp_path, tables=("shap",))
+    # the model matrix is float32 (XGBoost's own precision): the same model, half the memory
+    assert {str(t) for t in run.score_features.dtypes} <= {"float32", "category"}
     assert not [p for p in tmp_path.rglob("*") if p.suffix in {".pkl", ".pickle", ".joblib"}]
 
 

@@ -133,3 +133,9 @@ def test_profile_customers_on_demo_world(small_demo, tmp_path):
     back = S.read_profile(tmp_path)
     pd.testing.assert_frame_equal(back.customers, c, check_dtype=False)
     assert written["customers_csv"].is_file()
+    summary_only = S.read_profile(tmp_path, with_customers=False)
+    assert summary_only.customers is None
+    pd.testing.assert_frame_equal(summary_only.tiers, back.tiers)
+    # a reader can take a few columns; columns the table does not have are left out
+    few = S.read_customers(tmp_path, ["customer_id", "value_tier", "no_such_column"])
+    assert list(few.columns) == ["customer_id", "value_tier"] and len(few) == len(c)

@@ -40,6 +40,7 @@ __all__ = [
     "load_dataset",
     "load_table",
     "quality_summary",
+    "read_columns",
     "read_processed",
     "write_atomically",
     "write_processed",
@@ -355,6 +356,18 @@ def read_processed(processed_dir: str | Path) -> Dataset:
                                   quarantine=quarantine, n_read=int(row["rows_read"]),
                                   notes=notes)
     return Dataset(tables)
+
+
+def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None = None
+                 ) -> pd.DataFrame:
+    """A Parquet file's ``columns`` (those of them it has; all when None): memory on
+    large bases, where a reader needs a few of many columns."""
+    if columns is None:
+        return pd.read_parquet(path)
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present])
 
 
 # --------------------------------------------------------------------------- reading

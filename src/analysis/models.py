@@ -84,15 +84,16 @@ def categories_of(frame: pd.DataFrame, columns: list[str], *, max_levels: int = 
 
 def prepare_matrix(frame: pd.DataFrame, columns: list[str],
                    categories: dict[str, list[str]]) -> pd.DataFrame:
-    """The model matrix: numeric columns as float, text columns as fixed categoricals
-    (levels unseen in training become missing)."""
+    """The model matrix: numeric columns as float32 (the precision XGBoost works in, half
+    the memory of float64 on large bases), text columns as fixed categoricals (levels
+    unseen in training become missing)."""
     out = {}
     for col in columns:
         if col in categories:
             values = frame[col].astype("object").where(frame[col].notna(), None)
             out[col] = pd.Categorical(values, categories=categories[col])
         else:
-            out[col] = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+            out[col] = pd.to_numeric(frame[col], errors="coerce").astype("float32")
     return pd.DataFrame(out, index=frame.index)
 
 
@@ -469,22 +470,29 @@ class ModelRun:
     clv_params : BG/NBD and Gamma-Gamma parameters at the evaluation cutoff.
     drift : PSI of each numeric feature between training and scoring
         (:func:`analysis.monitor.feature_drift`).
+    churn_drivers, value_drivers : the global drivers (:func:`analysis.explain.
+        global_drivers`) of each model at the scoring date.
+
+    A run read back with :func:`read_model_run` holds only the tables asked for (the
+    others are None).
     """
 
     horizon_days: int
     cutoffs: dict
     churn: ChurnModel
     value: ValueModel
-    evaluation: pd.DataFrame
-    churn_metrics: pd.DataFrame
-    value_metrics: pd.DataFrame
-    scores: pd.DataFrame
-    churn_shap: pd.DataFrame
-    value_shap: pd.DataFrame
-    score_features: pd.DataFrame
     clv_params: dict
     sizes: dict
+    evaluation: pd.DataFrame | None = None
+    churn_metrics: pd.DataFrame | None = None
+    value_metrics: pd.DataFrame | None = None
+    scores: pd.DataFrame | None = None
+    churn_shap: pd.DataFrame | None = None
+    value_shap: pd.DataFrame | None = None
+    score_features: pd.DataFrame | None = None
     drift: pd.DataFrame | None = None
+    churn_drivers: pd.DataFrame | None = None
+    value_drivers: pd.DataFrame | None = None
 
     def summary(self) -> dict:
         """Headline facts, JSON-friendly (for metrics.json and the model metadata)."""
@@ -516,7 +524,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         With fewer than three usable cutoffs, or too few customers or churners.
     """
     from analysis.errors import InsufficientDataError
-    from analysis.explain import reason_codes
+    from analysis.explain import global_drivers, reason_codes
     from analysis.features import build_snapshots
 
     first = con.execute("SELECT MIN(order_date) FROM lines").fetchone()[0]
@@ -534,14 +542,15 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     n_known = con.execute("SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date "
                           f"< DATE '{eval_cut.isoformat()}'").fetchone()[0]
     share = max_train_rows / max(n_known * len(train_cuts), 1)
-    snaps = build_snapshots(con, cutoffs=[eval_cut, valid_cut], horizon_days=horizon_days,
+    # memory: each snapshot is built on its own (no stacked copy to split), and once the
+    # model matrices exist only the columns the evaluation needs are kept
+    valid = build_snapshots(con, cutoffs=[valid_cut], horizon_days=horizon_days,
                             exclude_attributes=exclude)
+    test = build_snapshots(con, cutoffs=[eval_cut], horizon_days=horizon_days,
+                           exclude_attributes=exclude)
     train = build_snapshots(con, cutoffs=train_cuts, horizon_days=horizon_days,
                             exclude_attributes=exclude,
                             sample_share=1.1 * share if share < 0.9 else None)
-    valid = snaps[snaps["cutoff"] == pd.Timestamp(valid_cut)].reset_index(drop=True)
-    test = snaps[snaps["cutoff"] == pd.Timestamp(eval_cut)].reset_index(drop=True)
-    del snaps                       # memory: one row per customer and cutoff adds up
     for name, frame in (("training", train), ("validation", valid), ("evaluation", test)):
         n_pos = int(frame["churned"].sum())
         if len(frame) < min_customers or n_pos < 20 or len(frame) - n_pos < 20:
@@ -555,11 +564,17 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     cats = categories_of(train, columns)
     X = {k: prepare_matrix(f, columns, cats) for k, f in
          (("train", train), ("valid", valid), ("test", test))}
+    rfm = ["recency_days", "frequency", "monetary_total"]
+    train = train[[*rfm, "churned", "future_spend"]]
+    valid = valid[["churned", "future_spend"]]
+    test = test[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]]
 
     churn = ChurnModel(seed=seed, device=device).fit(X["train"], train["churned"],
                                                      X["valid"], valid["churned"])
     value = ValueModel(seed=seed, device=device).fit(X["train"], train["future_spend"],
                                                      X["valid"], valid["future_spend"])
+    n_valid = len(valid)
+    del X["valid"], valid
     small = np.random.default_rng(seed).permutation(len(train))[:max_baseline_rows]
     logistic = LogisticChurn().fit(X["train"].iloc[small], train["churned"].iloc[small])
     bg, clv_params = bgnbd_baseline(con, cutoff=eval_cut, horizon_days=horizon_days,
@@ -577,6 +592,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         "value_rfm": rfm_lookup(train, test, target="future_spend"),
         "value_bgnbd_gg": bg["expected_spend"].to_numpy(),
     })
+    n_train, n_test = len(train), len(test)
+    del X["test"], test, bg, logistic
     churn_rows = []
     for method, probs in (("model", True), ("model_uncalibrated", True), ("logistic", True),
                           ("rfm", True), ("bgnbd", False)):
@@ -588,23 +605,25 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                   for method in ("model", "last_period", "rfm", "bgnbd_gg")]
 
     from analysis.features import build_features
+    from analysis.monitor import feature_drift
 
     score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
                                     exclude_attributes=exclude)
     score_X = prepare_matrix(score_features, columns, cats)
-    from analysis.monitor import feature_drift
-
-    drift = feature_drift(X["train"], score_X)
+    drift = feature_drift(X.pop("train"), score_X)
     churn_shap = churn.contributions(score_X)
     value_shap = value.contributions(score_X)
-    readable = score_features.reset_index(drop=True)
     scores = pd.DataFrame({
         "customer_id": score_features["customer_id"].to_numpy(),
         "churn_probability": churn.predict_proba(score_X),
         "predicted_value": value.predict(score_X),
-        "churn_reasons": reason_codes(churn_shap.reset_index(drop=True), readable).to_numpy(),
-        "value_reasons": reason_codes(value_shap.reset_index(drop=True), readable).to_numpy(),
+        "churn_reasons": reason_codes(churn_shap, score_features).to_numpy(),
+        "value_reasons": reason_codes(value_shap, score_features).to_numpy(),
     })
+    churn_drivers = global_drivers(churn_shap, score_X)
+    value_drivers = global_drivers(value_shap, score_X)
+    n_score = len(score_features)
+    del score_features
     return ModelRun(
         horizon_days=horizon_days,
         cutoffs={"train": [c.isoformat() for c in train_cuts], "valid": valid_cut.isoformat(),
@@ -612,10 +631,10 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         churn=churn, value=value, evaluation=evaluation,
         churn_metrics=pd.DataFrame(churn_rows), value_metrics=pd.DataFrame(value_rows),
         scores=scores, churn_shap=churn_shap, value_shap=value_shap, score_features=score_X,
-        clv_params=clv_params, drift=drift,
-        sizes={"train": len(train), "train_cutoffs": len(train_cuts), "valid": len(valid),
-               "eval": len(test),
-               "score": len(score_features), "features": len(columns)},
+        clv_params=clv_params, drift=drift, churn_drivers=churn_drivers,
+        value_drivers=value_drivers,
+        sizes={"train": n_train, "train_cutoffs": len(train_cuts), "valid": n_valid,
+               "eval": n_test, "score": n_score, "features": len(columns)},
     )
 
 
@@ -657,10 +676,10 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
         paths = model.save(models, name, {**meta, **extra})
         written[f"{name}_model"], written[f"{name}_metadata"] = paths["model"], paths["metadata"]
     tables = out_dir / "models"
-    for name, frame in (("evaluation", run.evaluation), ("churn_metrics", run.churn_metrics),
-                        ("value_metrics", run.value_metrics), ("scores", run.scores),
-                        ("churn_shap", run.churn_shap), ("value_shap", run.value_shap),
-                        ("score_features", run.score_features), ("drift", run.drift)):
+    for name in MODEL_TABLES:
+        frame = getattr(run, name)
+        if frame is None:
+            continue
         path = tables / f"{name}.parquet"
         frame.to_parquet(path, index=False)
         written[name] = path
@@ -670,8 +689,17 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
     return written
 
 
-def read_model_run(out_dir: str | Path) -> ModelRun:
+#: The tables a model run writes under ``models/`` (Parquet).
+MODEL_TABLES = ("evaluation", "churn_metrics", "value_metrics", "scores", "churn_shap",
+                "value_shap", "score_features", "drift", "churn_drivers", "value_drivers")
+
+
+def read_model_run(out_dir: str | Path, tables: tuple[str, ...] | None = None) -> ModelRun:
     """Read back what :func:`write_model_run` wrote (boosters from their JSON).
+
+    ``tables`` names the tables of :data:`MODEL_TABLES` to read (default: all); the
+    others stay None. On large bases the SHAP and feature tables are large, and a step
+    that needs only the models or the metrics should not hold them.
 
     Raises
     ------
@@ -697,9 +725,11 @@ def read_model_run(out_dir: str | Path) -> ModelRun:
         if name == "churn":
             model.calibration_ = meta["calibration"]
         loaded[name] = model
+    unknown = set(tables or ()) - set(MODEL_TABLES)
+    if unknown:
+        raise ValueError(f"unknown model tables {sorted(unknown)}; known: {MODEL_TABLES}")
     tables = {name: pd.read_parquet(folder / f"{name}.parquet")
-              for name in ("evaluation", "churn_metrics", "value_metrics", "scores",
-                           "churn_shap", "value_shap", "score_features", "drift")
+              for name in (MODEL_TABLES if tables is None else tables)
               if (folder / f"{name}.parquet").is_file()}
     return ModelRun(horizon_days=summary["horizon_days"], cutoffs=summary["cutoffs"],
                     churn=loaded["churn"], value=loaded["value"],

@@ -32,8 +32,11 @@ def run_kpis(processed_dir: str | Path) -> dict:
         customers with a complaint in the last 90 days), ``churn_auc``, ``value_mae``,
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
+    from analysis.segments import read_customers
+
     folder = Path(processed_dir)
-    c = pd.read_parquet(folder / "customers.parquet")
+    c = read_customers(folder, ["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
+                                "churn_probability", "predicted_value", "phaseout_candidate"])
     profile = json.loads((folder / "profile.json").read_text())
     active = c["lifecycle_stage"].isin(ACTIVE)
     spend = c["spend_365d"].clip(lower=0).sort_values(ascending=False)

@@ -32,6 +32,7 @@ __all__ = [
     "cohort_matrix",
     "pareto_curve",
     "profile_customers",
+    "read_customers",
     "read_profile",
     "save_customers",
     "rfm_scores",
@@ -421,7 +422,7 @@ class CustomerProfile:
     """
 
     as_of: dt.date
-    customers: pd.DataFrame
+    customers: pd.DataFrame | None
     segments: pd.DataFrame
     tiers: pd.DataFrame
     lifecycle: pd.DataFrame
@@ -550,11 +551,24 @@ def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Pa
     }
 
 
-def read_profile(out_dir: str | Path) -> CustomerProfile:
-    """Read back what :func:`write_profile` wrote."""
+def read_profile(out_dir: str | Path, *, with_customers: bool = True) -> CustomerProfile:
+    """Read back what :func:`write_profile` wrote; ``with_customers=False`` leaves the
+    customer table out (``customers`` is None), for readers that need only the summaries:
+    on large bases it is the biggest table of a run."""
     out_dir = Path(out_dir)
     summary = json.loads((out_dir / "profile.json").read_text())
     frames = {name: pd.read_parquet(out_dir / "segments" / f"{name}.parquet")
               for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto")}
+    customers = read_customers(out_dir) if with_customers else None
     return CustomerProfile(as_of=dt.date.fromisoformat(summary["as_of"]),
-                           customers=pd.read_parquet(out_dir / "customers.parquet"), **frames)
+                           customers=customers, **frames)
+
+
+def read_customers(out_dir: str | Path, columns: list[str] | tuple[str, ...] | None = None
+                   ) -> pd.DataFrame:
+    """The run's customer table (``customers.parquet``); with ``columns``, only those of
+    them it has (memory: a large base's table has dozens of columns, long texts among
+    them)."""
+    from analysis.data import read_columns
+
+    return read_columns(Path(out_dir) / "customers.parquet", columns)

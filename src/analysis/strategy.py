@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 __all__ = [
+    "DECISION_COLUMNS",
     "DEFAULT_POLICY",
     "StrategyParams",
     "StrategyRun",
@@ -64,6 +65,14 @@ DEFAULT_POLICY: list[dict] = [
     {"action": "Maintain", "why": "standard service"},
 ]
 ADVERSE_ACTIONS = ("Review for phase-out", "Serve at low cost")
+
+#: The columns of the run's customer table that :func:`decide` reads (the strategy step
+#: loads only these: a large base's table has dozens more, long texts among them).
+DECISION_COLUMNS = (
+    "customer_id", "value_tier", "lifecycle_stage", "churn_probability", "predicted_value",
+    "spend_365d", "spend_90d", "n_categories", "trend_90d", "trend_180d", "monetary_mean_order",
+    "top_channel", "margin_rate", "n_complaints", "complaints_90d", "days_since_complaint",
+    "tenure_days", "frequency", "recency_days", "recency_vs_gap", "satisfaction_last")
 
 
 @dataclass(frozen=True)
