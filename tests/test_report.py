@@ -28,6 +28,21 @@ def test_html_table_escapes_cells_and_labels():
     assert "50%" in out
 
 
+def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
+    import subprocess
+    import sys
+
+    from analysis.report import KernelMemory
+
+    hold = "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); import time; time.sleep(1)"
+    with KernelMemory() as memory:
+        subprocess.run([sys.executable, "-c", hold], check=True)
+    assert 200 <= memory.peak_mib < 600
+    with KernelMemory() as small:
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(0.6)"], check=True)
+    assert 0 < small.peak_mib < 100          # a later, smaller stage is not given the earlier peak
+
+
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, small_demo):
     folder = tmp_path_factory.mktemp("run")

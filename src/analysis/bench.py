@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from analysis.config import memory_bytes
 from analysis.demo import write_demo
 from analysis.features import WINDOWS_DAYS, build_features, connect
 
@@ -184,7 +185,7 @@ def _same_features(a: pd.DataFrame, b: pd.DataFrame) -> bool:
 
 
 def _peak_rss_of_project_build(data_dir: Path, *, memory_limit: str | None = None) -> float:
-    """Peak resident memory (MB) of a fresh process that builds the features.
+    """Peak resident memory (MiB) of a fresh process that builds the features.
 
     Read from the child's own ``VmHWM``: ``ru_maxrss`` would report the parent's peak,
     since Linux carries it across fork and exec.
@@ -234,7 +235,7 @@ def render_results(results_dir: str | Path) -> str:
             "to disk; the peak "
             "also holds the result frame and Python, outside that limit.", "",
             "| lines | customers | features | DuckDB limit | repeats | project s | pandas s | "
-            "scan floor s | pandas / project | project / floor | peak MB | identical |",
+            "scan floor s | pandas / project | project / floor | peak MiB | identical |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
         ]
         for r in feats:
@@ -314,17 +315,36 @@ def render_results(results_dir: str | Path) -> str:
                  + (f", memory limit `{limit}` in the config" if limit else "")
                  + "; seconds per stage from the run's `metrics.json` (copied here as the "
                  "JSON file)")
-        if peaks:
+        budget = m.get("memory_budget_mib") or (memory_bytes(limit) / 2**20 if limit else None)
+        if peaks and m.get("stage_peak_per_kernel"):
+            # each stage's own kernel (runs from this version on)
+            within = (f"; the budget of `{limit}` is {budget:,.0f} MiB per stage, and "
+                      + ("every stage stayed within it"
+                         if max(peaks.values()) <= budget else
+                         "**stages marked over went past it**") if budget else "")
+            lines += [f"## End to end: `{path.stem}`", "",
+                      intro + ", and the peak resident memory of each stage's notebook "
+                      "kernel (each stage runs in its own kernel)" + within + ":", "",
+                      "| stage | seconds | kernel peak, MiB |", "|---|---:|---:|",
+                      *[f"| {k} | {v:.1f} | {peaks[k]:,.0f}"
+                        + (" (over)" if budget and peaks[k] > budget else "") + " |"
+                        if k in peaks else f"| {k} | {v:.1f} | |" for k, v in stages.items()],
+                      f"| **total / largest** | **{sum(stages.values()):.1f}** | "
+                      f"**{max(peaks.values()):,.0f}** |", "",
+                      f"The process running the stages (and rendering the HTML) peaked at "
+                      f"{m.get('runner_peak_rss_mb', 0):,.0f} MiB.", ""]
+        elif peaks:
+            # older runs recorded the largest kernel up to each stage
             lines += [f"## End to end: `{path.stem}`", "",
                       intro + ", and the peak resident memory of the largest notebook "
                       "kernel up to that stage (each stage runs in its own kernel):", "",
-                      "| stage | seconds | largest kernel so far, MB |", "|---|---:|---:|",
+                      "| stage | seconds | largest kernel so far, MiB |", "|---|---:|---:|",
                       *[f"| {k} | {v:.1f} | {peaks[k]:,.0f} |" if k in peaks
                         else f"| {k} | {v:.1f} | |" for k, v in stages.items()],
                       f"| **total** | **{sum(stages.values()):.1f}** | "
                       f"**{max(peaks.values()):,.0f}** |", "",
                       f"The process running the stages (and rendering the HTML) peaked at "
-                      f"{m.get('runner_peak_rss_mb', 0):,.0f} MB.", ""]
+                      f"{m.get('runner_peak_rss_mb', 0):,.0f} MiB.", ""]
         else:
             lines += [f"## End to end: `{path.stem}`", "", intro + ":", "",
                       "| stage | seconds |", "|---|---:|",

@@ -22,6 +22,7 @@ import resource
 import platform
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import nbformat
 
-from analysis.config import Config, load_config
+from analysis.config import Config, load_config, memory_bytes
 from analysis.errors import PipelineError
 
 __all__ = [
@@ -136,13 +137,14 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
         for i, name in enumerate(notebooks, start=1):
             log(f"run {run_id}: stage {i}/{len(notebooks)} {name} ...")
             start = time.perf_counter()
-            _execute(notebooks_dir / name, tmp_report / "notebooks" / name, params, run_id,
-                     tmp_report, processed_root, reports_root)
+            with KernelMemory() as memory:
+                _execute(notebooks_dir / name, tmp_report / "notebooks" / name, params,
+                         run_id, tmp_report, processed_root, reports_root)
             stage_seconds[name] = round(time.perf_counter() - start, 2)
-            stage_peak_mb[name] = _peak_rss_mb(resource.RUSAGE_CHILDREN)
+            stage_peak_mb[name] = memory.peak_mib
             log(f"run {run_id}: stage {i}/{len(notebooks)} {name} done in "
-                f"{stage_seconds[name]:.1f} s (largest kernel so far "
-                f"{stage_peak_mb[name]:,.0f} MB)")
+                f"{stage_seconds[name]:.1f} s (its kernel peaked at "
+                f"{stage_peak_mb[name]:,.0f} MiB)")
         start = time.perf_counter()
         for name in notebooks:
             executed = tmp_report / "notebooks" / name
@@ -292,9 +294,63 @@ def _keep_failed(tmp_report: Path, tmp_processed: Path, reports_root: Path,
 
 
 def _peak_rss_mb(who: int) -> float:
-    """Peak resident memory in MB: of this process (``resource.RUSAGE_SELF``) or of the
+    """Peak resident memory in MiB: of this process (``resource.RUSAGE_SELF``) or of the
     largest of its finished children, the notebook kernels (``RUSAGE_CHILDREN``)."""
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)      # Linux: kilobytes
+
+
+class KernelMemory:
+    """The peak resident memory (MiB) of the processes this process starts while the
+    block runs: a notebook stage's kernel.
+
+    Exact when the stage sets a new high for this process's children (the kernel's own
+    ``ru_maxrss`` once it has exited); otherwise the largest ``VmHWM`` (the kernel's own
+    high-water mark, kept by Linux) read every ``interval`` seconds while it ran, which
+    misses at most what it added in its last ``interval``.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self._sampled = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> KernelMemory:
+        self._before = _peak_rss_mb(resource.RUSAGE_CHILDREN)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        after = _peak_rss_mb(resource.RUSAGE_CHILDREN)
+        self.peak_mib = after if after > self._before else round(self._sampled, 1)
+
+    def _watch(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(self.interval):
+            for pid in _children(me):
+                self._sampled = max(self._sampled, _high_water_mib(pid))
+
+
+def _children(ppid: str) -> list[str]:
+    """Ids of the running processes whose parent is ``ppid`` (Linux ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            # the command name (field 2) is in parentheses and may hold spaces
+            if stat.read_text().rpartition(")")[2].split()[1] == ppid:
+                out.append(stat.parent.name)
+    return out
+
+
+def _high_water_mib(pid: str) -> float:
+    """A process's peak resident memory so far (``VmHWM``), in MiB; 0 when gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict,
@@ -306,11 +362,15 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
                                                  "processed_href",
                                                  "previous_processed_dir"}},
                      "stage_seconds": stage_seconds,
-                     # memory: the largest notebook kernel up to and including each stage
-                     # (each stage runs in its own kernel), and the process that ran them
+                     # memory in MiB: the peak of each stage's own kernel (see
+                     # KernelMemory), and of the process that ran them
                      "stage_peak_rss_mb": stage_peak_mb or {},
+                     "stage_peak_per_kernel": True,
                      "runner_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
                      "memory_limit": config.analysis.memory_limit,
+                     "memory_budget_mib": (round(memory_bytes(config.analysis.memory_limit)
+                                                 / 2**20, 1)
+                                           if config.analysis.memory_limit else None),
                      "versions": library_versions()}
     for name in ("data_quality", "profile", "models"):
         path = processed / f"{name}.json"
