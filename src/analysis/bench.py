@@ -315,33 +315,26 @@ def render_results(results_dir: str | Path) -> str:
                  + (f", memory limit `{limit}` in the config" if limit else "")
                  + "; seconds per stage from the run's `metrics.json` (copied here as the "
                  "JSON file)")
-        budget = m.get("memory_budget_mib") or (memory_bytes(limit) / 2**20 if limit else None)
-        if peaks and m.get("stage_peak_per_kernel"):
-            # each stage's own kernel (runs from this version on)
-            within = (f"; the budget of `{limit}` is {budget:,.0f} MiB per stage, and "
-                      + ("every stage stayed within it"
-                         if max(peaks.values()) <= budget else
-                         "**stages marked over went past it**") if budget else "")
+        if peaks:
+            # each stage's own kernel; runs before stage_peak_per_kernel existed recorded
+            # the largest kernel up to each stage
+            own = bool(m.get("stage_peak_per_kernel"))
+            budget = memory_bytes(limit) / 2**20 if limit else None
+            within = ((f"; the budget of `{limit}` is {budget:,.0f} MiB per stage, and "
+                       + ("every stage stayed within it" if max(peaks.values()) <= budget
+                          else "**stages marked over went past it**"))
+                      if budget and own else "")
+            what = ("of each stage's notebook kernel" if own else
+                    "of the largest notebook kernel up to that stage")
             lines += [f"## End to end: `{path.stem}`", "",
-                      intro + ", and the peak resident memory of each stage's notebook "
-                      "kernel (each stage runs in its own kernel)" + within + ":", "",
-                      "| stage | seconds | kernel peak, MiB |", "|---|---:|---:|",
+                      intro + f", and the peak resident memory {what} (each stage runs in "
+                      "its own kernel)" + within + ":", "",
+                      f"| stage | seconds | {'kernel peak' if own else 'largest kernel so far'}"
+                      ", MiB |", "|---|---:|---:|",
                       *[f"| {k} | {v:.1f} | {peaks[k]:,.0f}"
-                        + (" (over)" if budget and peaks[k] > budget else "") + " |"
+                        + (" (over)" if budget and own and peaks[k] > budget else "") + " |"
                         if k in peaks else f"| {k} | {v:.1f} | |" for k, v in stages.items()],
                       f"| **total / largest** | **{sum(stages.values()):.1f}** | "
-                      f"**{max(peaks.values()):,.0f}** |", "",
-                      f"The process running the stages (and rendering the HTML) peaked at "
-                      f"{m.get('runner_peak_rss_mb', 0):,.0f} MiB.", ""]
-        elif peaks:
-            # older runs recorded the largest kernel up to each stage
-            lines += [f"## End to end: `{path.stem}`", "",
-                      intro + ", and the peak resident memory of the largest notebook "
-                      "kernel up to that stage (each stage runs in its own kernel):", "",
-                      "| stage | seconds | largest kernel so far, MiB |", "|---|---:|---:|",
-                      *[f"| {k} | {v:.1f} | {peaks[k]:,.0f} |" if k in peaks
-                        else f"| {k} | {v:.1f} | |" for k, v in stages.items()],
-                      f"| **total** | **{sum(stages.values()):.1f}** | "
                       f"**{max(peaks.values()):,.0f}** |", "",
                       f"The process running the stages (and rendering the HTML) peaked at "
                       f"{m.get('runner_peak_rss_mb', 0):,.0f} MiB.", ""]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import nbformat
 
-from analysis.config import Config, load_config, memory_bytes
+from analysis.config import Config, load_config
 from analysis.errors import PipelineError
 
 __all__ = [
@@ -303,10 +303,12 @@ class KernelMemory:
     """The peak resident memory (MiB) of the processes this process starts while the
     block runs: a notebook stage's kernel.
 
-    Exact when the stage sets a new high for this process's children (the kernel's own
-    ``ru_maxrss`` once it has exited); otherwise the largest ``VmHWM`` (the kernel's own
-    high-water mark, kept by Linux) read every ``interval`` seconds while it ran, which
-    misses at most what it added in its last ``interval``.
+    The largest ``VmHWM`` (each process's own high-water mark, kept by Linux) read every
+    ``interval`` seconds while they run, which misses at most what a process added in
+    its last ``interval``. Only for a process too short to be read does it fall back to
+    the rise of ``ru_maxrss`` over this process's children, which is less faithful: a
+    child's ``ru_maxrss`` starts from its parent's resident size at the fork, so a large
+    parent (a test process running the pipeline in-process) makes it read high.
     """
 
     def __init__(self, interval: float = 0.2):
@@ -324,7 +326,8 @@ class KernelMemory:
         self._stop.set()
         self._thread.join()
         after = _peak_rss_mb(resource.RUSAGE_CHILDREN)
-        self.peak_mib = after if after > self._before else round(self._sampled, 1)
+        self.peak_mib = (round(self._sampled, 1) if self._sampled
+                         else after if after > self._before else 0.0)
 
     def _watch(self) -> None:
         me = str(os.getpid())
@@ -368,9 +371,6 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
                      "stage_peak_per_kernel": True,
                      "runner_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
                      "memory_limit": config.analysis.memory_limit,
-                     "memory_budget_mib": (round(memory_bytes(config.analysis.memory_limit)
-                                                 / 2**20, 1)
-                                           if config.analysis.memory_limit else None),
                      "versions": library_versions()}
     for name in ("data_quality", "profile", "models"):
         path = processed / f"{name}.json"
