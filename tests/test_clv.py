@@ -100,3 +100,49 @@ def test_summary_in_sql_equals_the_pandas_one():
     assert len(got) > 300 and (got["frequency"] > 0).sum() > 100
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_index_type=False,
                                   check_names=False)
+
+
+def simulate_bgnbd(n, params, *, weeks, seed):
+    """Customers who all made a first purchase at week 0, living by the BG/NBD story:
+    Poisson purchases at rate lambda ~ Gamma(r, alpha); after each repeat purchase they
+    become inactive with probability p ~ Beta(a, b). Returns each one's purchase times."""
+    rng = np.random.default_rng(seed)
+    lam = rng.gamma(params["r"], 1 / params["alpha"], n)
+    p = rng.beta(params["a"], params["b"], n)
+    out = []
+    for rate, drop in zip(lam, p, strict=True):
+        times, t = [], 0.0
+        while True:
+            t += rng.exponential(1 / rate)
+            if t > weeks:
+                break
+            times.append(t)
+            if rng.random() < drop:
+                break
+        out.append(np.array(times))
+    return out
+
+
+def test_probability_of_no_purchase_matches_simulated_customers():
+    """With the true parameters, P(no purchase in the holdout | calibration history) is
+    a conditional probability: per history group, its mean must match the share of
+    simulated customers who made none (within four binomial standard errors)."""
+    params = {"r": 0.5, "alpha": 4.0, "a": 0.8, "b": 2.5}
+    calibration, holdout = 39.0, 13.0
+    lives = simulate_bgnbd(20_000, params, weeks=calibration + holdout, seed=3)
+    x = np.array([(t <= calibration).sum() for t in lives], dtype=float)
+    tx = np.array([t[t <= calibration].max() if (t <= calibration).any() else 0.0
+                   for t in lives])
+    quiet = np.array([not ((t > calibration) & (t <= calibration + holdout)).any()
+                      for t in lives])
+    model = BetaGeoModel()
+    model.params_ = params
+    predicted = model.probability_no_purchase(holdout, x, tx, np.full(len(x), calibration))
+    assert ((predicted > 0) & (predicted < 1)).all()
+    for group in (x == 0, x == 1, (x >= 2) & (x <= 4), x >= 5):
+        observed, expected = quiet[group].mean(), predicted[group].mean()
+        se = np.sqrt(expected * (1 - expected) / group.sum())
+        assert abs(observed - expected) < 4 * se, (group.sum(), observed, expected)
+    # a brand-new customer (no repeat, T = 0): (alpha / (alpha + t)) ** r
+    assert model.probability_no_purchase(holdout, 0, 0, 0) == pytest.approx(
+        (4.0 / 17.0) ** 0.5)

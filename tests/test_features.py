@@ -251,3 +251,26 @@ def test_sampled_snapshots_keep_a_deterministic_share_of_whole_customers():
     merged = part.merge(full, on="customer_id", suffixes=("", "_full"))
     assert (merged["monetary_total"] == merged["monetary_total_full"]).all()
     assert (merged["churned"] == merged["churned_full"]).all()
+
+
+@pytest.mark.parametrize("history_days, suggested, expected", [
+    (3 * 365, 180, 180),     # a long history keeps the rhythm's horizon
+    (365, 180, 60),          # one year: shortened until three training cutoffs fit
+    (180, 90, 30),           # 180 days: 30-day horizon, still three training cutoffs
+    (120, 90, 30),           # too short even for 30 days: 30 (the models then fall back)
+])
+def test_auto_horizon_is_the_longest_that_leaves_training_cutoffs(history_days, suggested,
+                                                                  expected):
+    first = dt.date(2024, 1, 1)
+    as_of = first + dt.timedelta(days=history_days)
+    h = F.fit_horizon_to_history(suggested, first_date=first, as_of=as_of, step_days=30)
+    assert h == expected
+    _, _, train = F.honest_cutoffs(as_of=as_of, horizon_days=h, n_train=3, step_days=30,
+                                   first_date=first)
+    if history_days >= 180:
+        assert len(train) == 3
+        # and 30 days longer would not have left them
+        if h < suggested:
+            _, _, longer = F.honest_cutoffs(as_of=as_of, horizon_days=h + 30, n_train=3,
+                                            step_days=30, first_date=first)
+            assert len(longer) < 3

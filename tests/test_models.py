@@ -278,3 +278,56 @@ def test_cdnow_holdout_model_beats_bgnbd(tmp_path):
     assert model["spend_top_decile_capture"] > bg["spend_top_decile_capture"]
     assert model["churn_auc"] > bg["churn_auc"]
     assert (tmp_path / "cdnow.md").is_file()
+
+
+# --------------------------------------------------------------------------- short histories
+
+
+def one_year_log(small_demo, days=365):
+    """The last ``days`` of the demo world's orders, with only the three required columns."""
+    tx = pd.read_parquet(small_demo / "transactions.parquet")
+    last = tx["order_date"].max()
+    keep = tx["order_date"] > last - pd.Timedelta(days=days)
+    return tx.loc[keep, ["customer_id", "order_date", "amount"]].reset_index(drop=True)
+
+
+def test_a_year_of_history_gives_every_active_customer_a_churn_risk(small_demo):
+    from analysis.segments import assign_lifecycle
+
+    con = F.connect({"transactions": one_year_log(small_demo)})
+    as_of = F.resolve_as_of(con)
+    horizon = F.resolve_horizon_days(con, horizon_days="auto", cutoff=as_of, step_days=30)
+    assert 30 <= horizon <= F.suggest_horizon_days(con, cutoff=as_of)
+    run = M.fit_and_evaluate(con, as_of=as_of, horizon_days=horizon, n_cutoffs=14,
+                             step_days=30)
+    assert run.sizes["train_cutoffs"] >= 3
+    life = assign_lifecycle(F.build_features(con, cutoff=as_of))
+    active = life.loc[life["lifecycle_stage"].isin(["new", "active", "at risk"]), "customer_id"]
+    scored = run.scores.set_index("customer_id").reindex(active)
+    assert len(active) > 100
+    assert scored["churn_probability"].between(0, 1).all()
+    assert scored["predicted_value"].notna().all()
+
+
+def test_too_short_for_labels_bgnbd_scores_everyone_and_is_checked(tmp_path, small_demo):
+    lines = one_year_log(small_demo, days=150)
+    con = F.connect({"transactions": lines})
+    as_of = F.resolve_as_of(con)
+    features = F.build_features(con, cutoff=as_of)
+    features[["customer_id", "spend_365d"]].to_parquet(tmp_path / "customers.parquet")
+    with pytest.raises(InsufficientDataError):
+        M.fit_and_evaluate(con, as_of=as_of, horizon_days=60, n_cutoffs=14, step_days=30)
+    out = M.write_skipped_models(tmp_path, reason="too short", horizon_days=60, as_of=as_of,
+                                 history_days=150, con=con)
+    assert out["churn_probability"].between(0, 1).all() and len(out) == len(features)
+    # more purchases expected means less chance of none: the two agree in order
+    assert np.corrcoef(out["churn_probability"], out["expected_purchases"])[0, 1] < -0.5
+    fallback = M.label_free_fallback(tmp_path)
+    assert fallback["method"] == M.LABEL_FREE_METHOD
+    check = fallback["check"]
+    assert check["cutoff"] == (as_of - dt.timedelta(days=60)).isoformat()
+    # the demo world's customers follow a purchase rhythm: BG/NBD ranks churners well
+    assert check["churn_auc"] > 0.7 and 0 < check["brier"] < 0.25
+    recent = out.merge(features[["customer_id", "recency_days"]], on="customer_id")
+    assert recent.loc[recent["recency_days"] <= 14, "churn_probability"].mean() < \
+        recent.loc[recent["recency_days"] >= 100, "churn_probability"].mean()

@@ -1,4 +1,6 @@
+import datetime as dt
 import hashlib
+import html
 import json
 import os
 import re
@@ -7,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import cli
+from analysis import cli, data
 from analysis.errors import DataContractError, PipelineError
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
 
@@ -269,25 +271,46 @@ def test_two_runs_at_once_do_not_corrupt_each_other(good_run, tmp_path):
 
 
 @pytest.mark.e2e
-def test_too_short_a_history_gives_a_report_that_says_so(tmp_path, small_demo):
-    # seven months of orders: not enough for training, validation and evaluation cutoffs
+def test_a_short_three_column_log_is_scored_without_labels_and_says_what_it_lacks(
+        tmp_path, small_demo):
+    # seven months of orders with only the required columns: too short for training,
+    # validation and evaluation cutoffs 90 days apart, and no optional input at all
     tx = pd.read_parquet(small_demo / "transactions.parquet")
-    tx[tx["order_date"] >= "2025-06-01"].to_parquet(tmp_path / "tx.parquet")
+    tx = tx.loc[tx["order_date"] >= "2025-06-01", ["customer_id", "order_date", "amount"]]
+    tx.to_csv(tmp_path / "tx.csv", index=False)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "name": "short", "tables": {"transactions": {"path": str(tmp_path / "tx.parquet")}},
+        "name": "short", "tables": {"transactions": {"path": str(tmp_path / "tx.csv")}},
+        "analysis": {"horizon_days": 90},
         "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
     result = run_pipeline(config, run_id="short", log=lambda line: None)
     models_json = json.loads((result.processed_dir / "models.json").read_text())
     assert "too short" in models_json["skipped"]
     assert not (result.processed_dir / "models").exists()
+    # BG/NBD + Gamma-Gamma need no labels: every customer has a risk and a value
+    fallback = models_json["fallback"]
+    assert fallback["method"] == "BG/NBD + Gamma-Gamma"
+    scored_on = dt.date.fromisoformat(models_json["cutoffs"]["score"])
+    assert fallback["check"]["cutoff"] == (scored_on - dt.timedelta(days=90)).isoformat()
+    assert fallback["check"]["churn_auc"] > 0.5
     customers = pd.read_parquet(result.processed_dir / "customers.parquet")
-    assert customers["churn_probability"].isna().all()          # no made-up risk
-    assert customers["predicted_value"].notna().all()
-    assert not customers["action"].str.startswith("Retain").any()
+    assert customers["churn_probability"].between(0, 1).all()
+    assert customers["predicted_value"].notna().all() and customers["reasons"].str.len().gt(0).all()
     page = (result.report_dir / "index.html").read_text()
-    page = re.sub(r"\s+", " ", re.sub(r'src="data:[^"]+"', "", page))    # text, not images
-    assert "Churn risk is not estimated in this run" in page
-    assert "No model was trained" in page and "too short" in page
-    assert "AUC" not in page and "nan" not in page.lower().replace("nance", "")
-    assert "Traceback" not in page
+    page = html.unescape(re.sub(r"\s+", " ", re.sub(r'src="data:[^"]+"', "", page)))
+    assert "customers were scored by BG/NBD + Gamma-Gamma" in page
+    assert f"AUC of {fallback['check']['churn_auc']:.3f}" in page
+    assert "nan" not in page.lower().replace("nance", "") and "Traceback" not in page
+    # each section that needs an optional input says so in one sentence instead
+    inputs = data.available_inputs(result.processed_dir)
+    assert not any(inputs.values())
+    values = {"margin_rate": 0.30, "retention_rate": 0.15}
+    in_place = {"category": 2, "channel": 3, "margin": 2, "interactions": 2, "customers": 2,
+                "campaign": 2, "status": 1, "order_id": 1, "quantity": 1}
+    for name, times in in_place.items():
+        sentence = data.absent_input_sentence(name, **values)
+        assert page.count(sentence) == times, (name, page.count(sentence))
+    assert "Main categories" not in page and "buying mostly" not in page
+    assert "Fairness audit" not in page
+    quality = (result.report_dir / "notebooks" / "01_data_quality.html").read_text()
+    assert html.escape(data.absent_input_sentence("status")) in quality

@@ -181,6 +181,21 @@ class BetaGeoModel:
         a_safe = a if abs(a - 1) > 1e-9 else 1 + 1e-9
         return (a + b + x - 1) / (a_safe - 1) * term * self.probability_alive(x, tx, t)
 
+    def probability_no_purchase(self, horizon, frequency, recency, T) -> np.ndarray:
+        """P(no purchase in (T, T + horizon] | history): the BG/NBD churn probability.
+
+        A customer makes no purchase in the window if already inactive at T, or if
+        active and the Poisson process produces no purchase in it (dropout happens only
+        right after a purchase). Given activity at T, the purchase rate is
+        Gamma(r + x, alpha + T), so
+        ``P = 1 - P(alive) * (1 - ((alpha + T) / (alpha + T + h)) ** (r + x))``.
+        """
+        r, alpha, a, b = self._check()
+        x, t = np.asarray(frequency, dtype=float), np.asarray(T, dtype=float)
+        h = np.asarray(horizon, dtype=float)
+        quiet_if_alive = ((alpha + t) / (alpha + t + h)) ** (r + x)
+        return 1.0 - self.probability_alive(frequency, recency, T) * (1.0 - quiet_if_alive)
+
     def expected_purchases_new(self, horizon) -> np.ndarray:
         """Expected purchases in (0, horizon] of a newly acquired customer."""
         r, alpha, a, b = self._check()

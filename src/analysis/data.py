@@ -34,7 +34,10 @@ from analysis.config import TABLE_CONTRACTS, Config, TableSpec
 from analysis.errors import DataContractError
 
 __all__ = [
+    "OPTIONAL_INPUTS",
     "STATUS_SYNONYMS",
+    "absent_input_sentence",
+    "available_inputs",
     "CleanTable",
     "Dataset",
     "load_dataset",
@@ -81,6 +84,8 @@ class CleanTable:
         ``rule``, ``detail`` and the row's original values.
     n_read : rows read from the file.
     notes : remarks for the data-quality report (e.g. columns matched ignoring case).
+    given : the contract's columns the file supplied (``data`` may hold more: a missing
+        ``status`` is filled as ``completed``, ``margin`` derived from ``cost``).
     """
 
     name: str
@@ -89,6 +94,7 @@ class CleanTable:
     quarantine: pd.DataFrame
     n_read: int
     notes: tuple[str, ...] = ()
+    given: tuple[str, ...] = ()
 
     @property
     def n_processed(self) -> int:
@@ -154,7 +160,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     today = today or dt.date.today()
     parts, quarantines, notes = [], [], []
     seen = _SeenRows()
-    n_read, columns = 0, []
+    n_read, columns, given = 0, [], ()
     pii = {_normalise_name(p) for p in config.pii}
     for raw in _read_chunks(spec, chunk_rows):
         columns = list(raw.columns)
@@ -170,6 +176,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
                         "'columns: {churn: <your column>}' and set snapshot.churn_positive",
                 examples=columns)
         notes = notes or chunk_notes
+        given = tuple(mapped.columns)
         parsed, rules = _parse(mapped, spec, table=table, config=config)
         rules = rules.combine_first(_validate(parsed, table=table, config=config, today=today))
         rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config,
@@ -202,7 +209,8 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     quarantine = quarantines[0] if len(quarantines) == 1 else pd.concat(
         [q for q in quarantines if len(q)] or quarantines[:1], ignore_index=True)
     return CleanTable(name=table, file=spec.path, data=data.reset_index(drop=True),
-                      quarantine=quarantine, n_read=n_read, notes=tuple(notes))
+                      quarantine=quarantine, n_read=n_read, notes=tuple(notes),
+                      given=given)
 
 
 class _SeenRows:
@@ -280,6 +288,7 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
             "customers": int(data["customer_id"].nunique()),
             "date_min": None if dates.isna().all() else dates.min().date().isoformat(),
             "date_max": None if dates.isna().all() else dates.max().date().isoformat(),
+            "columns_given": ", ".join(table.given or data.columns),
         })
         if table.n_quarantined:
             for rule, group in table.quarantine.groupby("rule", sort=True):
@@ -354,7 +363,8 @@ def read_processed(processed_dir: str | Path) -> Dataset:
         notes = tuple(n["note"] for n in summary["notes"] if n["table"] == name)
         tables[name] = CleanTable(name=name, file=Path(row["file"]), data=data,
                                   quarantine=quarantine, n_read=int(row["rows_read"]),
-                                  notes=notes)
+                                  notes=notes, given=tuple(
+                                      c for c in row.get("columns_given", "").split(", ") if c))
     return Dataset(tables)
 
 
@@ -368,6 +378,60 @@ def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None =
 
     present = set(pq.read_schema(path).names)
     return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present])
+
+
+#: The optional inputs of an order log: name -> (table, column, or None for the whole
+#: table; the plain sentence a report shows where a section needs it and it is absent).
+OPTIONAL_INPUTS: dict[str, tuple[str, str | None, str]] = {
+    "order_id": ("transactions", "order_id",
+                 "The data has no order numbers, so a customer's lines on one day count as "
+                 "one order, and identical lines are kept as separate purchases."),
+    "quantity": ("transactions", "quantity",
+                 "The data has no quantities, so nothing here counts items."),
+    "status": ("transactions", "status",
+               "The data has no order status, so every line counts as a completed order: "
+               "cancellations and returns cannot be seen (negative amounts still count as "
+               "refunds)."),
+    "category": ("transactions", "category",
+                 "The data has no product categories, so segments are not described by "
+                 "what they buy."),
+    "channel": ("transactions", "channel",
+                "The data has no sales channel, so segments are not described by how they "
+                "buy, and every order is given the same cost to serve."),
+    "margin": ("transactions", "margin",
+               "The data has no margin or cost, so profit uses an assumed margin of "
+               "{margin_rate:.0%} of revenue."),
+    "customers": ("customers", None,
+                  "There is no customer table, so sign-up dates and customer attributes "
+                  "are unknown, and actions cannot be audited for fairness by group."),
+    "interactions": ("interactions", None,
+                     "There is no complaints or service-contact table, so complaints and "
+                     "satisfaction play no part in churn risk, early warnings or the "
+                     "phase-out guardrails."),
+    "campaign": ("campaign", None,
+                 "There is no past randomized campaign, so what a retention contact is "
+                 "worth is assumed ({retention_rate:.0%} of would-be churners kept) rather "
+                 "than measured."),
+}
+
+
+def available_inputs(processed_dir: str | Path) -> dict[str, bool]:
+    """Which of :data:`OPTIONAL_INPUTS` the run's input files supplied (from the
+    ``columns_given`` of ``data_quality.json``: a ``status`` the load filled in does not
+    count). ``margin`` counts as supplied when the file gave ``cost``."""
+    tables = json.loads((Path(processed_dir) / "data_quality.json").read_text())["tables"]
+    columns = {t["table"]: set(t["columns_given"].split(", ")) for t in tables}
+    for given in columns.values():
+        if "cost" in given:
+            given.add("margin")
+    return {name: table in columns and (column is None or column in columns[table])
+            for name, (table, column, _) in OPTIONAL_INPUTS.items()}
+
+
+def absent_input_sentence(name: str, **values: object) -> str:
+    """The plain sentence a report shows instead of a section that needs the optional
+    input ``name`` (:data:`OPTIONAL_INPUTS`), with ``values`` filled in."""
+    return OPTIONAL_INPUTS[name][2].format(**values)
 
 
 # --------------------------------------------------------------------------- reading

@@ -51,6 +51,8 @@ __all__ = [
     "connect",
     "data_end",
     "data_start",
+    "fit_horizon_to_history",
+    "honest_cutoffs",
     "resolve_as_of",
     "resolve_horizon_days",
     "suggest_horizon_days",
@@ -467,11 +469,54 @@ def resolve_as_of(con: duckdb.DuckDBPyConnection, *, as_of: dt.date | str | None
 
 
 def resolve_horizon_days(con: duckdb.DuckDBPyConnection, *, horizon_days: int | str,
-                         cutoff: dt.date | None = None) -> int:
-    """The configured horizon, or the suggested one when the config says ``auto``."""
-    if horizon_days == "auto":
-        return suggest_horizon_days(con, cutoff=cutoff)
-    return int(horizon_days)
+                         cutoff: dt.date | None = None, step_days: int = 30,
+                         min_train_cutoffs: int = 3) -> int:
+    """The configured horizon, or, when the config says ``auto``, the longest one that
+    both suits the data's rhythm and fits its history.
+
+    ``auto`` starts from :func:`suggest_horizon_days` and shortens it, 30 days at a time
+    (down to 30), until :func:`honest_cutoffs` over the history before ``cutoff`` leaves
+    an evaluation cutoff, a validation cutoff and at least ``min_train_cutoffs``
+    training cutoffs ``step_days`` apart. A year of history thus gets a 60-day horizon
+    and 180 days a 30-day one; a history too short even for 30 days keeps 30 (the
+    models then fall back to BG/NBD + Gamma-Gamma, which need no labels).
+    """
+    if horizon_days != "auto":
+        return int(horizon_days)
+    suggested = suggest_horizon_days(con, cutoff=cutoff)
+    as_of = data_end(con) if cutoff is None else _as_date(cutoff)
+    return fit_horizon_to_history(suggested, first_date=data_start(con), as_of=as_of,
+                                  step_days=step_days, min_train_cutoffs=min_train_cutoffs)
+
+
+def fit_horizon_to_history(suggested: int, *, first_date: dt.date, as_of: dt.date,
+                           step_days: int = 30, min_train_cutoffs: int = 3) -> int:
+    """The longest horizon, ``suggested`` or shorter by multiples of 30 days (at least
+    30), whose :func:`honest_cutoffs` leave ``min_train_cutoffs`` training cutoffs."""
+    for horizon in range(int(suggested), 29, -30):
+        _, _, train = honest_cutoffs(as_of=as_of, horizon_days=horizon,
+                                     n_train=min_train_cutoffs, step_days=step_days,
+                                     first_date=first_date)
+        if len(train) >= min_train_cutoffs:
+            return horizon
+    return 30
+
+
+def honest_cutoffs(*, as_of: dt.date, horizon_days: int, n_train: int, step_days: int,
+                   first_date: dt.date) -> tuple[dt.date, dt.date, list[dt.date]]:
+    """Evaluation, validation and training cutoffs whose labels never overlap.
+
+    - evaluation: ``as_of - H`` (the latest cutoff whose horizon is fully observed);
+    - validation: ``evaluation - H`` (its labels end where the evaluation starts);
+    - training: ``validation - H - k * step_days`` for k = 0 .. n_train - 1 (labels end
+      by the validation cutoff), keeping those with at least H days of history.
+    """
+    h = dt.timedelta(days=horizon_days)
+    eval_cut = as_of - h
+    valid_cut = eval_cut - h
+    train = [valid_cut - h - dt.timedelta(days=k * step_days) for k in range(n_train)]
+    train = [c for c in train if (c - first_date).days >= horizon_days]
+    return eval_cut, valid_cut, train
 
 
 def training_cutoffs(*, as_of: dt.date, horizon_days: int, n_cutoffs: int,

@@ -34,7 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
-from analysis.features import LABEL_COLUMNS
+from analysis.features import LABEL_COLUMNS, honest_cutoffs
 
 __all__ = [
     "ChurnModel",
@@ -57,6 +57,8 @@ __all__ = [
     "value_metrics",
     "read_horizon",
     "skipped_reason",
+    "fit_without_labels",
+    "label_free_fallback",
     "write_skipped_models",
 ]
 
@@ -638,23 +640,6 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     )
 
 
-def honest_cutoffs(*, as_of: dt.date, horizon_days: int, n_train: int, step_days: int,
-                   first_date: dt.date) -> tuple[dt.date, dt.date, list[dt.date]]:
-    """Evaluation, validation and training cutoffs whose labels never overlap.
-
-    - evaluation: ``as_of - H`` (the latest cutoff whose horizon is fully observed);
-    - validation: ``evaluation - H`` (its labels end where the evaluation starts);
-    - training: ``validation - H - k * step_days`` for k = 0 .. n_train - 1 (labels end
-      by the validation cutoff), keeping those with at least H days of history.
-    """
-    h = dt.timedelta(days=horizon_days)
-    eval_cut = as_of - h
-    valid_cut = eval_cut - h
-    train = [valid_cut - h - dt.timedelta(days=k * step_days) for k in range(n_train)]
-    train = [c for c in train if (c - first_date).days >= horizon_days]
-    return eval_cut, valid_cut, train
-
-
 def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
                     versions: dict) -> dict[str, Path]:
     """Models (XGBoost JSON + metadata), evaluation and SHAP tables (Parquet), summary.
@@ -737,33 +722,148 @@ def read_model_run(out_dir: str | Path, tables: tuple[str, ...] | None = None) -
 
 
 def write_skipped_models(out_dir: str | Path, *, reason: str, horizon_days: int,
-                         as_of: dt.date, history_days: int = 365) -> pd.DataFrame:
-    """Record that there was too little data for the models, and why.
+                         as_of: dt.date, history_days: int = 365, con=None) -> pd.DataFrame:
+    """Record that there was too little data for a supervised model, and why, and score
+    the customers with what needs no labels.
 
     ``models.json`` holds ``skipped`` (the reason, shown in the report), the horizon and
-    the scoring date. Every customer still gets a value forecast that needs no training:
-    the last 12 months' spend (or all of it, over ``history_days`` when the data is
-    shorter) at the same rate (``predicted_value``); the churn probability is left
-    unknown (missing), so no decision uses a made-up risk.
+    the scoring date. Given the run's DuckDB connection ``con`` (order logs), BG/NBD +
+    Gamma-Gamma fitted at the scoring date supply every customer's churn probability
+    (no purchase within the horizon), expected purchases and value
+    (:func:`fit_without_labels`); ``models.json`` then holds ``fallback``: the method and
+    how well it did on the one check the data allows. Without ``con``, or when BG/NBD
+    cannot be fitted, every customer's value forecast is the last 12 months' spend (or
+    all of it, over ``history_days`` when the data is shorter) at the same rate and the
+    churn probability is left unknown (missing), so no decision uses a made-up risk.
     """
     out_dir = Path(out_dir)
-    customers = pd.read_parquet(out_dir / "customers.parquet")
+    customers = pd.read_parquet(out_dir / "customers.parquet",
+                                columns=["customer_id", "spend_365d"])
     window = max(min(365, int(history_days)), 1)
     scores = pd.DataFrame({
         "customer_id": customers["customer_id"],
         "churn_probability": np.nan,
         "predicted_value": customers["spend_365d"].clip(lower=0) * horizon_days / window,
         "churn_reasons": "", "value_reasons": "recent spending rate continued (too little data for a model)"})
-    (out_dir / "models.json").write_text(json.dumps(
-        {"skipped": reason, "horizon_days": int(horizon_days),
-         "cutoffs": {"score": as_of.isoformat()}}, indent=2))
+    summary = {"skipped": reason, "horizon_days": int(horizon_days),
+               "cutoffs": {"score": as_of.isoformat()}}
+    if con is not None:
+        try:
+            fitted, summary["fallback"] = fit_without_labels(con, as_of=as_of,
+                                                             horizon_days=horizon_days)
+        except ValueError as exc:
+            summary["fallback_failed"] = str(exc)
+        else:
+            scores = customers[["customer_id"]].merge(fitted, on="customer_id", how="left")
+    (out_dir / "models.json").write_text(json.dumps(summary, indent=2, default=_json_default))
     return attach_scores(out_dir, scores)
 
 
+#: The method that scores customers when there are too few labelled cutoffs.
+LABEL_FREE_METHOD = "BG/NBD + Gamma-Gamma"
+
+
+def fit_without_labels(con, *, as_of: dt.date, horizon_days: int
+                       ) -> tuple[pd.DataFrame, dict]:
+    """Churn probability, expected purchases and value from BG/NBD + Gamma-Gamma.
+
+    Both models are fitted on the whole history before ``as_of`` (weeks) and need no
+    labels, so they work on a history too short for out-of-time training. They are
+    checked on the one cutoff the data allows: refitted on the history before
+    ``as_of - horizon_days`` and compared with what customers did in the horizon after
+    it (when that leaves at least 30 days of history).
+
+    Returns
+    -------
+    scores : ``customer_id``, ``churn_probability`` (no purchase in the horizon),
+        ``expected_purchases``, ``predicted_value``, ``churn_reasons``, ``value_reasons``.
+    summary : ``method``, ``params`` and ``check`` (``cutoff``, ``n``, ``churn_rate``,
+        ``churn_auc``, ``brier``, ``value_mae``, ``value_mae_last_period``,
+        ``total_predicted``, ``total_actual``), or ``check: None`` with the reason.
+
+    Raises
+    ------
+    ValueError
+        When BG/NBD or Gamma-Gamma cannot be fitted (too few repeat customers).
+    """
+    summary = rfm_summary(con, calibration_end=as_of)
+    scored = _label_free_predictions(summary, horizon_days)
+    frequency = summary["frequency"].to_numpy()
+    days_since = np.rint((summary["T"] - summary["recency"]).to_numpy() * 7 + 1).astype(int)
+    gap = np.where(frequency > 0, summary["recency"].to_numpy() * 7
+                   / np.maximum(frequency, 1), np.nan)
+    reasons = [f"last purchase {d:,} days ago, usually every {g:,.0f} days" if n > 0
+               else f"one purchase day only, {d:,} days ago"
+               for d, g, n in zip(days_since, gap, frequency, strict=True)]
+    scores = pd.DataFrame({
+        "customer_id": summary.index.to_numpy(),
+        "churn_probability": scored["churn_probability"].to_numpy(),
+        "expected_purchases": scored["expected_purchases"].to_numpy(),
+        "predicted_value": scored["predicted_value"].to_numpy(),
+        "churn_reasons": reasons,
+        "value_reasons": [f"{e:.1f} purchases expected in the next {horizon_days} days"
+                          for e in scored["expected_purchases"].to_numpy()]})
+    return scores, {"method": LABEL_FREE_METHOD, "params": scored.attrs["params"],
+                    **_check_without_labels(con, as_of=as_of, horizon_days=horizon_days)}
+
+
+def _label_free_predictions(summary: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
+    """BG/NBD + Gamma-Gamma fitted on ``summary`` and applied to it (weeks)."""
+    bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
+    gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
+    weeks = horizon_days / 7
+    x, tx, t = summary["frequency"], summary["recency"], summary["T"]
+    purchases = bg.expected_purchases(weeks, x, tx, t)
+    out = pd.DataFrame({
+        "churn_probability": bg.probability_no_purchase(weeks, x, tx, t),
+        "expected_purchases": purchases,
+        "predicted_value": purchases * gg.expected_spend(x, summary["monetary_value"])},
+        index=summary.index)
+    out.attrs["params"] = {"bgnbd": bg.params_, "gamma_gamma": gg.params_}
+    return out
+
+
+def _check_without_labels(con, *, as_of: dt.date, horizon_days: int) -> dict:
+    """Refit at ``as_of - horizon_days`` and compare with the horizon that followed."""
+    from analysis.features import build_features, data_start
+
+    cutoff = as_of - dt.timedelta(days=horizon_days)
+    if (cutoff - data_start(con)).days < 30:
+        return {"check": None, "check_skipped": (
+            f"a check needs at least 30 days of history before {cutoff.isoformat()}")}
+    try:
+        predicted = _label_free_predictions(rfm_summary(con, calibration_end=cutoff),
+                                            horizon_days)
+    except ValueError as exc:
+        return {"check": None, "check_skipped": str(exc)}
+    actual = build_features(con, cutoff=cutoff, horizon_days=horizon_days)
+    actual = actual.assign(customer_id=actual["customer_id"].astype("str"))
+    both = actual.merge(predicted, left_on="customer_id", right_index=True, how="inner")
+    y = both["churned"].to_numpy(dtype=float)
+    check = {"cutoff": cutoff.isoformat(), "n": len(both), "churn_rate": float(y.mean()),
+             "churn_auc": (float(roc_auc_score(y, both["churn_probability"]))
+                           if 0 < y.sum() < len(y) else None),
+             "brier": float(brier_score_loss(y, both["churn_probability"])),
+             "value_mae": float(np.mean(np.abs(both["future_spend"]
+                                               - both["predicted_value"]))),
+             "value_mae_last_period": float(np.mean(np.abs(
+                 both["future_spend"] - both["spend_last_horizon"].clip(lower=0)))),
+             "total_predicted": float(both["predicted_value"].sum()),
+             "total_actual": float(both["future_spend"].sum())}
+    return {"check": check}
+
+
 def skipped_reason(out_dir: str | Path) -> str | None:
-    """Why the run has no models (too little data), or None when it has them."""
+    """Why the run has no supervised models (too little data), or None when it has them."""
     path = Path(out_dir) / "models.json"
     return json.loads(path.read_text()).get("skipped") if path.is_file() else None
+
+
+def label_free_fallback(out_dir: str | Path) -> dict | None:
+    """What scored the customers when the run had no supervised model
+    (:func:`fit_without_labels`'s summary), or None."""
+    path = Path(out_dir) / "models.json"
+    return json.loads(path.read_text()).get("fallback") if path.is_file() else None
 
 
 def read_horizon(out_dir: str | Path) -> int:

@@ -32,10 +32,12 @@ from pathlib import Path
 import nbformat
 
 from analysis.config import Config, load_config
+from analysis.data import absent_input_sentence
 from analysis.errors import PipelineError
 
 __all__ = [
     "NOTEBOOKS",
+    "absent_note",
     "RunResult",
     "heading",
     "html_table",
@@ -207,6 +209,14 @@ def paragraph(template: str, /, **values: object) -> str:
     for key, value in values.items():
         safe[key] = _Escaped(value)
     return "<p>" + template.format(**safe) + "</p>"
+
+
+def absent_note(name: str, config: Config) -> str:
+    """The one plain paragraph that stands in for a section needing the optional input
+    ``name`` when the data lacks it (:data:`analysis.data.OPTIONAL_INPUTS`)."""
+    return paragraph("{sentence}", sentence=absent_input_sentence(
+        name, margin_rate=config.strategy.margin_rate,
+        retention_rate=config.strategy.retention_rate))
 
 
 def html_table(frame, *, formats: dict[str, str] | None = None,
