@@ -90,9 +90,9 @@ def test_a_run_removes_the_temporary_folders_of_dead_runs_but_not_of_live_ones(t
         for root in (processed, reports):
             assert sorted(p.name for p in root.glob(".tmp-*")) == [
                 ".tmp-live-0000bbbb", ".tmp-live-0000bbbb.lock"]
-    said = [line for line in lines if line.startswith("removed ")]
+    said = [line for line in lines if "temporary folder" in line]
     assert len(said) == 1 and said[0].startswith(
-        "removed 3 temporary folder(s) of runs that did not finish: ")
+        "run next: removed 3 temporary folder(s) of runs that did not finish: ")
     assert str(processed / ".tmp-dead-0000aaaa") in said[0]
     assert str(reports / ".tmp-dead-0000aaaa") in said[0]
     assert str(processed / ".tmp-older-0000cccc") in said[0] and "live" not in said[0]

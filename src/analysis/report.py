@@ -113,7 +113,8 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     config = load_config(config_path)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
-    _remove_stale_temporaries(processed_root, reports_root, log=log)
+    _remove_stale_temporaries(processed_root, reports_root,
+                              log=lambda line: log(f"run {run_id}: {line}"))
     token = f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
     tmp_processed, tmp_report = processed_root / token, reports_root / token
     with _claimed(tmp_processed, tmp_report):
