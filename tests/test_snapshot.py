@@ -179,6 +179,9 @@ def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
     assert "cross-validation" in page and "Month-to-month" in page
     for name in ("snapshot_02_churn_model", "snapshot_03_portfolio", "snapshot_05_strategy"):
         assert (result.report_dir / "notebooks" / f"{name}.html").is_file()
+    # columns whose names XGBoost refuses are features under their own names
+    meta = json.loads((result.processed_dir / "models" / "churn.meta.json").read_text())
+    assert {"Paperless [billing]", "Streaming<TV>"} <= set(meta["features"])
 
 
 def test_any_column_name_is_a_feature_and_reports_keep_the_original_names(tmp_path):
