@@ -57,11 +57,20 @@ browser: ## install Debian's chromium and chromium-driver for the browser tests,
 	else echo "note: chromium/chromedriver are missing and cannot be installed here:" \
 		"the browser tests will be skipped"; fi
 
+# JupyterLab refuses to run as root without --allow-root (containers, CI boxes); with no
+# display (a server, ssh) there is no browser to open, so it only prints its URL.
+NO_BROWSER = $(if $(DISPLAY)$(WAYLAND_DISPLAY)$(filter Darwin,$(shell uname -s)),,--no-browser)
+NO_BROWSER_HINT = No browser here: open the URL JupyterLab prints below \
+	(http://localhost:8888/lab?token=...) in a browser; from another machine, forward the \
+	port first: ssh -L 8888:localhost:8888 <this machine>
+LAB_FLAGS = $(if $(filter 0,$(shell id -u)),--allow-root) $(NO_BROWSER)
+
 lab: | $(UV) ## JupyterLab on notebooks/ with a kernel for the project's environment
 	$(UV) sync --frozen --python $(PYTHON) --group lab
 	$(PY) -m ipykernel install --sys-prefix --name customer-strategy-lab \
 		--display-name "Customer Strategy Lab"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(if $(NO_BROWSER),@echo "$(NO_BROWSER_HINT)")
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_FLAGS)
 
 gpu: env ## swap XGBoost's CPU build for the CUDA build of the same version (needs an NVIDIA GPU)
 	v=$$($(PY) -c "import importlib.metadata as m; print(m.version('xgboost-cpu'))") && \

@@ -55,8 +55,9 @@ SCRIPT_PAYLOAD = '<script>window.__xss = 1</script>toys'
 @pytest.fixture(scope="session")
 def telco_run(tmp_path_factory):
     """One snapshot-mode pipeline run on a messy telecom-style export: column names that
-    differ by case and spaces, churn labels in mixed case, blank total charges, and a
-    script payload in a category. Shared by the snapshot and browser tests."""
+    differ by case and spaces or hold characters XGBoost refuses in a feature name,
+    churn labels in mixed case, blank total charges, and a script payload in a category.
+    Shared by the snapshot and browser tests."""
     import numpy as np
 
     from analysis.demo import generate_snapshot_demo
@@ -69,7 +70,9 @@ def telco_run(tmp_path_factory):
                       for v, r in zip(frame["Churn"], rng.random(len(frame)), strict=True)]
     frame["PaymentMethod"] = frame["PaymentMethod"].replace({"Mailed check": SCRIPT_PAYLOAD})
     frame = frame.rename(columns={"customerID": "Customer ID", "TotalCharges": " Total Charges ",
-                                  "MonthlyCharges": "monthly_charges", "Churn": "CHURN"})
+                                  "MonthlyCharges": "monthly_charges", "Churn": "CHURN",
+                                  "PaperlessBilling": "Paperless [billing]",
+                                  "StreamingTV": "Streaming<TV>"})
     frame.to_csv(folder / "telco.csv", index=False)
     config = folder / "telco.yaml"
     config.write_text(yaml.safe_dump({

@@ -1,3 +1,4 @@
+import csv
 import datetime as dt
 import hashlib
 import json
@@ -7,7 +8,13 @@ import pandas as pd
 import pytest
 
 from analysis.config import load_config
-from analysis.data import load_dataset, quality_summary, read_processed, write_processed
+from analysis.data import (
+    load_dataset,
+    neutralise_csv_cells,
+    quality_summary,
+    read_processed,
+    write_processed,
+)
 from analysis.errors import DataContractError
 
 from .conftest import write_config
@@ -329,3 +336,62 @@ def test_reading_in_chunks_gives_the_same_tables(tmp_path, fmt):
                     chunk_rows=2)
     assert rules_of(cu) == {4: "duplicate_customer", 6: "duplicate_customer",
                             9: "duplicate_customer"}
+
+
+# --------------------------------------------------------------------------- CSV for people
+
+#: Cells a spreadsheet would evaluate (OWASP's CSV injection examples), and a number
+#: stored as text.
+FORMULAS = ['=HYPERLINK("http://x","click")', "+SUM(1+1)*cmd|' /C calc'!A0", "-2+3",
+            "@SUM(1)", "\tx", "\rx", "-12"]
+
+
+def csv_cells(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))
+
+
+def test_neutralise_csv_cells_quotes_formula_text_and_nothing_else():
+    n = len(FORMULAS)
+    frame = pd.DataFrame({
+        "text": pd.Series(FORMULAS, dtype="object"),
+        "string": pd.Series(FORMULAS, dtype="string"),
+        "category": pd.Categorical(FORMULAS),
+        "mixed": pd.Series([-5.0, "=1", None, "a-b", "", 3, "'=already"], dtype="object"),
+        "amount": np.linspace(-5.0, 1.0, n),
+        "count": np.arange(-3, n - 3),
+        "=evil header": ["plain"] * n,
+    })
+    before = frame.copy()
+    out = neutralise_csv_cells(frame)
+    quoted = ["'" + f for f in FORMULAS]
+    for col in ("text", "string", "category"):
+        assert out[col].tolist() == quoted, col
+    assert out["mixed"].tolist()[:2] == [-5.0, "'=1"]
+    assert out["mixed"].tolist()[3:] == ["a-b", "", 3, "'=already"]
+    pd.testing.assert_series_equal(out["amount"], frame["amount"])  # numbers untouched
+    pd.testing.assert_series_equal(out["count"], frame["count"])
+    assert list(out.columns)[-1] == "'=evil header"
+    pd.testing.assert_frame_equal(frame, before)                    # input not modified
+
+
+def test_quarantine_csv_neutralises_formulas_in_raw_values(tmp_path):
+    rows = [["customer_id", "order_date", "amount"], ["a", "2024-01-01", "5"],
+            ['=HYPERLINK("http://x","click")', "notadate", "5"],
+            ["\tx", "2024-01-01", "-2+3"],
+            ["\rx", "@SUM(1)", "-12"]]
+    with open(tmp_path / "tx.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    dataset = load_dataset(cfg, today=TODAY)
+    written = write_processed(dataset, tmp_path / "out")
+    header, *cells = csv_cells(written["quarantine_transactions"])
+    got = [dict(zip(header, row, strict=True)) for row in cells]
+    assert [r["source_row"] for r in got] == ["2", "3", "4"]
+    assert [r["raw:customer_id"] for r in got] == [
+        """'=HYPERLINK("http://x","click")""", "'\tx", "'\rx"]
+    assert [r["raw:order_date"] for r in got][2] == "'@SUM(1)"
+    assert [r["raw:amount"] for r in got] == ["5", "'-2+3", "'-12"]
+    # the quarantine in memory keeps the raw values
+    q = dataset.tables["transactions"].quarantine
+    assert q["raw:customer_id"].tolist()[-1] == "\rx"

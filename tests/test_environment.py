@@ -1,9 +1,13 @@
 """The project's set-up files stay consistent with each other."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 
+import pytest
 import yaml
 
 from .conftest import ROOT
@@ -54,3 +58,16 @@ def test_notebooks_are_thin_and_committed_without_outputs():
         assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in code), path
         source = "\n".join("".join(c["source"]) for c in code)
         assert not re.search(r"^\s*(def|class) ", source, flags=re.M), path
+
+
+@pytest.mark.skipif(not shutil.which("make"), reason="make is not installed")
+def test_make_lab_allows_root_and_says_where_to_open_it_without_a_display():
+    env = {**os.environ, "DISPLAY": "", "WAYLAND_DISPLAY": ""}
+    out = subprocess.run(["make", "-n", "lab"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    command = next(line for line in out.splitlines() if "jupyter lab notebooks/" in line)
+    assert ("--allow-root" in command) == (os.getuid() == 0)   # JupyterLab refuses root
+    assert "--no-browser" in command and "open the URL JupyterLab prints" in out
+    shown = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True,
+                           env={**env, "DISPLAY": ":0"}, check=True).stdout
+    assert "--no-browser" not in shown and "open the URL" not in shown

@@ -1,8 +1,10 @@
 import datetime as dt
+import json
 
 import numpy as np
 import pandas as pd
 import pytest
+import xgboost as xgb
 
 from analysis import explain
 from analysis import features as F
@@ -134,6 +136,54 @@ def test_rfm_lookup_uses_training_cells():
                           "monetary_total": [1000, 20, 5]})
     # the third customer's cell (recent, one purchase, tiny spend) was never seen: mean
     assert M.rfm_lookup(train, score, target="churned").tolist() == [0.0, 1.0, 0.5]
+
+
+def test_model_feature_names_are_safe_unique_and_map_back():
+    columns = ["Revenue [USD]", "Score<5", "a]b", "a)b", "a)b_2", "a[b", "plain", 7,
+               "x<y", "xlty"]
+    names = M.model_feature_names(columns)
+    assert list(names) == columns
+    assert len(set(names.values())) == len(columns)                         # unique
+    assert not [n for n in names.values() if set(n) & set("[]<") or not isinstance(n, str)]
+    assert {v: k for k, v in names.items()} == dict(zip(names.values(), columns, strict=True))
+    assert names["Revenue [USD]"] == "Revenue (USD)" and names["Score<5"] == "Scorelt5"
+    # safe names are kept; a replaced one that clashes gets the next free suffix
+    assert [names[c] for c in ("a)b", "a)b_2", "a]b", "a[b", "x<y", "xlty", 7)] == [
+        "a)b", "a)b_2", "a)b_3", "a(b", "xlty_2", "xlty", "7"]
+    assert M.model_feature_names(columns) == names                          # deterministic
+
+
+def test_models_take_any_column_name_and_answer_in_it(tmp_path):
+    """Order-log mode: customer attributes keep the user's column names, which may hold
+    characters XGBoost refuses; predictions, SHAP and the saved model work with them."""
+    rng = np.random.default_rng(4)
+    n = 600
+    frame = pd.DataFrame({"customer_id": [f"c{i}" for i in range(n)],
+                          "recency_days": rng.integers(0, 300, n).astype(float),
+                          "Revenue [USD]": rng.gamma(2.0, 50.0, n),
+                          "Plan<2024>": rng.choice(["basic", "pro"], n)})
+    risk = frame["recency_days"] / 300 + (frame["Plan<2024>"] == "basic") * 0.3
+    y = (rng.random(n) < risk.clip(0, 0.95)).astype(int)
+    columns = M.feature_columns(frame)
+    X = M.prepare_matrix(frame, columns, M.categories_of(frame, columns))
+    model = M.ChurnModel(n_estimators=50).fit(X[:400], y[:400], X[400:], y[400:])
+    value = M.ValueModel(n_estimators=50).fit(X[:400], frame["Revenue [USD]"][:400],
+                                              X[400:], frame["Revenue [USD]"][400:])
+    shap = model.contributions(X)
+    assert list(shap.columns) == ["recency_days", "Revenue [USD]", "Plan<2024>", "bias"]
+    assert np.allclose(shap.sum(axis=1), model._margin(X), atol=1e-3)
+    assert shap["Plan<2024>"].abs().sum() > 0                       # the model used it
+    written = model.save(tmp_path, "churn", {"calibration": model.calibration_})
+    meta = json.loads(written["metadata"].read_text())
+    assert meta["features"] == columns
+    assert meta["model_feature_names"] == ["recency_days", "Revenue (USD)", "Planlt2024>"]
+    back = M.ChurnModel(**meta["params"])
+    back.booster_ = xgb.Booster()
+    back.booster_.load_model(str(written["model"]))
+    back.best_iteration_, back.calibration_ = meta["best_iteration"], meta["calibration"]
+    back.features_, back.categories_ = meta["features"], meta["categories"]
+    assert np.allclose(back.predict_proba(X), model.predict_proba(X))
+    assert (value.predict(X) > 0).all()
 
 
 # --------------------------------------------------------------------------- on the demo world

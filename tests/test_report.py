@@ -13,6 +13,8 @@ from analysis import cli, data
 from analysis.errors import DataContractError, PipelineError
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
 
+from .conftest import write_config
+
 EVIL = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
 
@@ -43,6 +45,63 @@ def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
     with KernelMemory() as small:
         subprocess.run([sys.executable, "-c", "import time; time.sleep(0.6)"], check=True)
     assert 0 < small.peak_mib < 100          # a later, smaller stage is not given the earlier peak
+
+
+#: A run that is killed: claims its temporary folders as run_pipeline does, says so, waits.
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from analysis.report import _claimed
+folders = [Path(p) for p in sys.argv[1:]]
+with _claimed(*folders):
+    for folder in folders:
+        (folder / "notebooks").mkdir(parents=True)
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_removes_the_temporary_folders_of_dead_runs_but_not_of_live_ones(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from analysis.report import _claimed, _remove_stale_temporaries
+
+    processed, reports = tmp_path / "processed", tmp_path / "reports"
+    dead = subprocess.Popen([sys.executable, "-c", KILLED_RUN,
+                             str(processed / ".tmp-dead-0000aaaa"),
+                             str(reports / ".tmp-dead-0000aaaa")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert dead.stdout.readline().strip() == "ready"
+    finally:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+    assert (reports / ".tmp-dead-0000aaaa.lock").is_file()    # left behind, unlocked
+    (processed / ".tmp-older-0000cccc" / "clean").mkdir(parents=True)  # without a lock file
+    live = [processed / ".tmp-live-0000bbbb", reports / ".tmp-live-0000bbbb"]
+    config = write_config(tmp_path, {"transactions": "tx.csv"})
+    lines = []
+    with _claimed(*live):                          # a run still going (another thread)
+        for folder in live:
+            folder.mkdir()
+        with pytest.raises(FileNotFoundError):     # no notebooks: fails once it has cleaned
+            run_pipeline(config, run_id="next", notebooks_dir=tmp_path / "none",
+                         log=lines.append)
+        for root in (processed, reports):
+            assert sorted(p.name for p in root.glob(".tmp-*")) == [
+                ".tmp-live-0000bbbb", ".tmp-live-0000bbbb.lock"]
+    said = [line for line in lines if "temporary folder" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "run next: removed 3 temporary folder(s) of runs that did not finish: ")
+    assert str(processed / ".tmp-dead-0000aaaa") in said[0]
+    assert str(reports / ".tmp-dead-0000aaaa") in said[0]
+    assert str(processed / ".tmp-older-0000cccc") in said[0] and "live" not in said[0]
+    # once that run has stopped without moving its folders, they are stale too
+    gone = _remove_stale_temporaries(processed, reports, log=lines.append)
+    assert gone == live and lines[-1].startswith("removed 2 temporary folder(s)")
+    assert not list(processed.glob(".tmp-*")) and not list(reports.glob(".tmp-*"))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ export."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 from analysis import snapshot as SN
 from analysis.config import SnapshotParams, load_config
 from analysis.data import load_dataset
-from analysis.demo import write_snapshot_demo
+from analysis.demo import generate_snapshot_demo, write_snapshot_demo
 from analysis.errors import DataContractError
 
 from .conftest import write_config
@@ -177,3 +179,37 @@ def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
     assert "cross-validation" in page and "Month-to-month" in page
     for name in ("snapshot_02_churn_model", "snapshot_03_portfolio", "snapshot_05_strategy"):
         assert (result.report_dir / "notebooks" / f"{name}.html").is_file()
+    # columns whose names XGBoost refuses are features under their own names
+    meta = json.loads((result.processed_dir / "models" / "churn.meta.json").read_text())
+    assert {"Paperless [billing]", "Streaming<TV>"} <= set(meta["features"])
+
+
+def test_any_column_name_is_a_feature_and_reports_keep_the_original_names(tmp_path):
+    """Names XGBoost refuses ([, ], <), one of them clashing with another column once
+    made safe: the model fits, and the drivers, reason codes and saved model speak of
+    the columns as the export names them."""
+    from analysis.explain import global_drivers
+
+    frame, _ = generate_snapshot_demo(600, seed=3)
+    weird = {"MonthlyCharges": "Revenue [USD]", "Contract": "Score<5", "tenure": "a]b",
+             "TechSupport": "a)b"}
+    data = frame[["customerID", "Churn", *weird]].rename(
+        columns={"customerID": "customer_id", "Churn": "churn", **weird})
+    data["churn"] = data["churn"].eq("Yes")
+    run = SN.fit_churn_cv(data, params=SnapshotParams(cv_folds=3))
+    originals = set(weird.values())
+    assert set(run.churn.features_) == originals
+    assert set(run.churn_shap.columns) == originals | {"bias"}
+    drivers = global_drivers(run.churn_shap, run.score_features)
+    assert set(drivers["feature"]) == set(drivers["label"]) == originals
+    named = {phrase.partition(": ")[0] for text in run.scores["churn_reasons"]
+             for phrase in text.split("; ") if phrase}
+    assert {"Score<5", "a]b"} <= named <= originals
+    assert run.churn_metrics.set_index("method").loc["model", "roc_auc"] > 0.7
+    SN.write_snapshot_run(run, tmp_path, horizon_days=90)
+    back = SN.read_snapshot_run(tmp_path)
+    assert np.allclose(back.churn.predict_proba(run.score_features),
+                       run.churn.predict_proba(run.score_features))
+    meta = json.loads((tmp_path / "models" / "churn.meta.json").read_text())
+    assert set(meta["features"]) == originals
+    assert sorted(meta["model_feature_names"]) == ["Revenue (USD)", "Scorelt5", "a)b", "a)b_2"]

@@ -40,12 +40,15 @@ __all__ = [
     "available_inputs",
     "CleanTable",
     "Dataset",
+    "FORMULA_PREFIXES",
     "load_dataset",
     "load_table",
+    "neutralise_csv_cells",
     "quality_summary",
     "read_columns",
     "read_processed",
     "write_atomically",
+    "write_csv",
     "write_processed",
 ]
 
@@ -314,7 +317,8 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
 
 def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
     """Write cleaned tables (``clean/<table>.parquet``), quarantine files
-    (``quarantine/<table>.csv``) and the quality summary (``data_quality.json``).
+    (``quarantine/<table>.csv``, with :func:`write_csv`: text a spreadsheet would run as
+    a formula is neutralised) and the quality summary (``data_quality.json``).
 
     Every file is written to a temporary name and moved into place, so a reader never
     sees a half-written file.
@@ -334,7 +338,7 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
         write_atomically(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
         written[name] = path
         qpath = out_dir / "quarantine" / f"{name}.csv"
-        write_atomically(qpath, lambda tmp, q=table.quarantine: q.to_csv(tmp, index=False))
+        write_csv(qpath, table.quarantine)
         written[f"quarantine_{name}"] = qpath
     summary = quality_summary(dataset)
     qpath = out_dir / "data_quality.json"
@@ -347,7 +351,8 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
 def read_processed(processed_dir: str | Path) -> Dataset:
     """Read back the processed tables written by :func:`write_processed`.
 
-    Quarantine and read counts come back from the files written next to them.
+    Quarantine and read counts come back from the files written next to them (the
+    quarantine as its CSV holds it: formula-like text with a leading quote).
     """
     processed_dir = Path(processed_dir)
     summary_path = processed_dir / "data_quality.json"
@@ -935,6 +940,64 @@ def _monthly(tx: pd.DataFrame | None) -> pd.DataFrame:
     finally:
         con.close()
     return out.astype({"orders": "int64", "customers": "int64", "revenue": "float64"})
+
+
+#: First characters that make a spreadsheet read a cell as a formula (OWASP, "CSV
+#: injection"): a text cell starting with one is written with a single quote before it.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_csv_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` as it should be written to a CSV that people open in a spreadsheet:
+    every text cell, and column name, that starts with one of :data:`FORMULA_PREFIXES`
+    gets a single quote in front (``=HYPERLINK(...)`` becomes ``'=HYPERLINK(...)``), so
+    the spreadsheet shows it as text instead of evaluating it.
+
+    Only text changes (object, string and categorical columns): numbers in numeric
+    columns, negative ones included, are left as they are; a number stored as text
+    (``"-12"``) is text and gets the quote too, as OWASP advises. ``frame`` itself is not
+    modified; columns without such a cell are not copied.
+    """
+    out = frame.copy(deep=False)
+    for i, col in enumerate(frame.columns):
+        s = frame.iloc[:, i]
+        if isinstance(s.dtype, pd.CategoricalDtype):
+            if not _formula_like(s.cat.categories.to_numpy(dtype=object)).any():
+                continue
+        elif not (s.dtype == object or isinstance(s.dtype, pd.StringDtype)):
+            continue
+        values = s.to_numpy(dtype=object)
+        risky = _formula_like(values)
+        if risky.any():
+            values = values.copy()
+            values[risky] = ["'" + v for v in values[risky]]
+            out.isetitem(i, values)
+    names = np.array(list(frame.columns), dtype=object)
+    if _formula_like(names).any():
+        out.columns = ["'" + c if risky else c
+                       for c, risky in zip(names, _formula_like(names), strict=True)]
+    return out
+
+
+def _formula_like(values: np.ndarray) -> np.ndarray:
+    """Which of ``values`` are text that a spreadsheet would take for a formula."""
+    return np.fromiter((isinstance(v, str) and v.startswith(FORMULA_PREFIXES)
+                        for v in values), dtype=bool, count=len(values))
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame, **to_csv) -> Path:
+    """Write ``frame`` as a CSV for people, atomically (:func:`write_atomically`), with
+    formula-like text neutralised (:func:`neutralise_csv_cells`), without the index and
+    with lines ending in CRLF as RFC 4180 has it (then a cell holding a carriage return
+    is quoted; with bare newlines it would end the row). ``to_csv`` options go to
+    :meth:`pandas.DataFrame.to_csv`.
+
+    Every CSV a run writes for people goes through here; Parquet files keep the values
+    as they are.
+    """
+    safe = neutralise_csv_cells(frame)
+    options = {"index": False, "lineterminator": "\r\n", **to_csv}
+    return write_atomically(path, lambda tmp: safe.to_csv(tmp, **options))
 
 
 def write_atomically(path: str | Path, write) -> Path:

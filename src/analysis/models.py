@@ -52,6 +52,7 @@ __all__ = [
     "churn_metrics",
     "decile_table",
     "feature_columns",
+    "model_feature_names",
     "prepare_matrix",
     "rfm_lookup",
     "value_metrics",
@@ -99,6 +100,42 @@ def prepare_matrix(frame: pd.DataFrame, columns: list[str],
     return pd.DataFrame(out, index=frame.index)
 
 
+#: Characters XGBoost refuses in a feature name, and what stands for them in the model.
+_UNSAFE_IN_NAMES = {"[": "(", "]": ")", "<": "lt"}
+
+
+def model_feature_names(columns) -> dict:
+    """The name XGBoost knows each column by: the column's name with the characters it
+    refuses replaced (``[`` → ``(``, ``]`` → ``)``, ``<`` → ``lt``), so that any column
+    a user's data has (``Revenue [USD]``, ``Score<5``) can be a feature.
+
+    A name that is already safe is kept; a replaced one that would clash with another
+    column's gets ``_2``, ``_3``, ... The mapping depends only on the columns and their
+    order, so a saved model finds its features again. Users never see these names: the
+    models take and return frames with the original columns (SHAP tables, drivers and
+    reason codes included).
+
+    Returns
+    -------
+    dict
+        Original column → model name, one to one (invert it to map back).
+    """
+    columns = list(columns)
+    safe = {c: str(c).translate(str.maketrans(_UNSAFE_IN_NAMES)) for c in columns}
+    kept = {c for c in columns if isinstance(c, str) and safe[c] == c}
+    taken = set(kept)
+    out = {}
+    for c in columns:
+        name = safe[c]
+        if c not in kept:
+            k = 2
+            while name in taken:
+                name, k = f"{safe[c]}_{k}", k + 1
+            taken.add(name)
+        out[c] = name
+    return out
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -123,9 +160,15 @@ class _Booster:
                 "lambda": self.reg_lambda, "seed": self.seed, "nthread": self.n_jobs or 0,
                 **objective}
 
+    def _dmatrix(self, X: pd.DataFrame, **labels) -> xgb.DMatrix:
+        """``X`` as XGBoost takes it: the columns under their model names
+        (:func:`model_feature_names` of ``features_``)."""
+        return xgb.DMatrix(X.rename(columns=model_feature_names(self.features_)),
+                           enable_categorical=True, **labels)
+
     def _train(self, objective: dict, X, y, X_valid, y_valid, weight=None) -> xgb.Booster:
-        dtrain = xgb.DMatrix(X, label=y, weight=weight, enable_categorical=True)
-        dvalid = xgb.DMatrix(X_valid, label=y_valid, enable_categorical=True)
+        dtrain = self._dmatrix(X, label=y, weight=weight)
+        dvalid = self._dmatrix(X_valid, label=y_valid)
         booster = xgb.train(self._params(objective), dtrain, num_boost_round=self.n_estimators,
                             evals=[(dvalid, "valid")],
                             early_stopping_rounds=self.early_stopping_rounds,
@@ -139,20 +182,21 @@ class _Booster:
 
     def _margin(self, X) -> np.ndarray:
         self._check()
-        d = xgb.DMatrix(X, enable_categorical=True)
+        d = self._dmatrix(X)
         return self.booster_.predict(d, output_margin=True,
                                      iteration_range=(0, self.best_iteration_ + 1))
 
     def contributions(self, X: pd.DataFrame, *, chunk_rows: int = 100_000) -> pd.DataFrame:
         """Exact TreeSHAP values (XGBoost's ``pred_contribs``), in the model's margin
         units (log-odds for churn, log-spend for value); ``bias`` is the base value.
+        Columns keep ``X``'s names (not the model's, see :func:`model_feature_names`).
 
         Computed ``chunk_rows`` customers at a time into one float32 array: XGBoost's
         working memory for a million customers at once is several times the result."""
         self._check()
         values = np.empty((len(X), X.shape[1] + 1), dtype=np.float32)
         for start in range(0, len(X), chunk_rows):
-            d = xgb.DMatrix(X.iloc[start:start + chunk_rows], enable_categorical=True)
+            d = self._dmatrix(X.iloc[start:start + chunk_rows])
             values[start:start + chunk_rows] = self.booster_.predict(
                 d, pred_contribs=True, iteration_range=(0, self.best_iteration_ + 1))
         return pd.DataFrame(values, index=X.index, columns=[*X.columns, "bias"])
@@ -169,7 +213,11 @@ class _Booster:
                                           "min_child_weight", "subsample",
                                           "colsample_bytree", "reg_lambda", "device",
                                           "seed")},
-                "features": self.features_, "categories": self.categories_, **metadata}
+                "features": self.features_,
+                # the names inside the booster's JSON, where a column's has characters
+                # XGBoost refuses (model_feature_names)
+                "model_feature_names": list(model_feature_names(self.features_).values()),
+                "categories": self.categories_, **metadata}
         meta_path = folder / f"{name}.meta.json"
         meta_path.write_text(json.dumps(meta, indent=2, default=_json_default))
         return {"model": model_path, "metadata": meta_path}

@@ -115,10 +115,23 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     config = load_config(config_path)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
+    _remove_stale_temporaries(processed_root, reports_root,
+                              log=lambda line: log(f"run {run_id}: {line}"))
     token = f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
     tmp_processed, tmp_report = processed_root / token, reports_root / token
-    tmp_processed.mkdir(parents=True)
-    (tmp_report / "notebooks").mkdir(parents=True)
+    with _claimed(tmp_processed, tmp_report):
+        tmp_processed.mkdir(parents=True)
+        (tmp_report / "notebooks").mkdir(parents=True)
+        return _build_and_publish(config, config_path, run_id=run_id, as_of=as_of,
+                                  notebooks_dir=notebooks_dir, tmp_processed=tmp_processed,
+                                  tmp_report=tmp_report, log=log)
+
+
+def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
+                       as_of: dt.date | None, notebooks_dir: Path, tmp_processed: Path,
+                       tmp_report: Path, log: Callable[[str], None]) -> RunResult:
+    """Run the notebooks into the run's temporary folders, then move them into place."""
+    processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
     previous = _previous_run(reports_root, processed_root, run_id, config.mode)
     params = {
         "config_path": str(Path(config_path).resolve()),
@@ -408,6 +421,97 @@ def _point_latest(reports_root: Path, run_id: str) -> None:
     if latest.exists() and not latest.is_symlink():
         shutil.rmtree(latest)
     os.replace(tmp, latest)
+
+
+@contextlib.contextmanager
+def _claimed(*folders: Path) -> Iterator[None]:
+    """Mark ``folders``, a live run's temporary folders, as in use while the block runs.
+
+    Each gets a lock file beside it (``<folder>.lock``) that this run holds locked
+    (``flock``) until the block ends, and then removes; the kernel drops the lock when
+    the process dies, however it dies, which is how :func:`_remove_stale_temporaries`
+    tells a dead run's folders from a live one's. The lock is taken before the file gets
+    its name, so no cleaner ever finds a live run's lock file unlocked.
+    """
+    held: list[tuple[Path, int]] = []
+    try:
+        for folder in folders:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            fresh = folder.with_name(f".claim-{uuid.uuid4().hex}")
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.rename(fresh, _lock_file(folder))
+            except BaseException:
+                os.close(fd)
+                fresh.unlink(missing_ok=True)
+                raise
+            held.append((_lock_file(folder), fd))
+        yield
+    finally:
+        for lock, fd in held:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _remove_stale_temporaries(processed_root: Path, reports_root: Path, *,
+                              log: Callable[[str], None] = print) -> list[Path]:
+    """Remove the temporary folders (``.tmp-*``) that runs which died (killed, out of
+    memory, machine stopped) left in the output folders, with their lock files.
+
+    A folder is stale when no process holds its lock file (:func:`_claimed`): a run
+    that is still going, in this process or another, holds it, and its folders are left
+    alone. Runs under the publish lock, so it never overlaps a run moving its folders
+    into place. Logs one line naming what it removed.
+
+    Returns
+    -------
+    list of Path
+        The folders removed.
+    """
+    removed = []
+    with _lock(reports_root):
+        for root in dict.fromkeys([processed_root, reports_root]):
+            if not root.is_dir():
+                continue
+            names = sorted({p.name.removesuffix(".lock") for p in root.glob(".tmp-*")})
+            for name in names:
+                folder = root / name
+                with _unless_held(_lock_file(folder)) as stale:
+                    if not stale:
+                        continue
+                    if folder.is_dir() and not folder.is_symlink():
+                        shutil.rmtree(folder, ignore_errors=True)
+                        removed.append(folder)
+                    _lock_file(folder).unlink(missing_ok=True)
+    if removed:
+        log(f"removed {len(removed)} temporary folder(s) of runs that did not finish: "
+            + ", ".join(str(p) for p in removed))
+    return removed
+
+
+@contextlib.contextmanager
+def _unless_held(lock: Path) -> Iterator[bool]:
+    """True (and the lock held for the block) when no process holds ``lock``, or it is
+    missing; False when a live run holds it."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _lock_file(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".lock")
 
 
 @contextlib.contextmanager

@@ -533,12 +533,14 @@ CUSTOMER_COLUMNS_FIRST = ("customer_id", "segment", "value_tier", "lifecycle_sta
 
 def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Path]:
     """Write the run's customer table as ``customers.parquet`` and ``customers.csv``
-    (atomically), with :data:`CUSTOMER_COLUMNS_FIRST` first.
+    (atomically), with :data:`CUSTOMER_COLUMNS_FIRST` first; in the CSV, text that a
+    spreadsheet would run as a formula is neutralised (:func:`analysis.data.write_csv`),
+    the Parquet file keeps the values as they are.
 
     The profile step creates it; the model and strategy steps add their columns through
     this function too.
     """
-    from analysis.data import write_atomically
+    from analysis.data import write_atomically, write_csv
 
     out_dir = Path(out_dir)
     first = [c for c in CUSTOMER_COLUMNS_FIRST if c in customers]
@@ -546,8 +548,7 @@ def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Pa
     return {
         "customers": write_atomically(out_dir / "customers.parquet",
                                       lambda tmp: ordered.to_parquet(tmp, index=False)),
-        "customers_csv": write_atomically(out_dir / "customers.csv",
-                                          lambda tmp: ordered.to_csv(tmp, index=False)),
+        "customers_csv": write_csv(out_dir / "customers.csv", ordered),
     }
 
 
