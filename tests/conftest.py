@@ -42,6 +42,28 @@ def demo_config(tmp_path, small_demo) -> Path:
     }, protected=["gender", "age_band"], analysis={"horizon_days": 90})
 
 
+#: The configs the project ships; each one runs end to end in the suite.
+SHIPPED = ROOT / "configs"
+
+
+def shipped_config(name: str, folder: Path, tables: dict[str, Path] | None = None) -> dict:
+    """``configs/<name>.yaml`` as shipped, with its outputs under ``folder`` and its
+    tables read from ``tables`` where given (small generated stand-ins for the data
+    ``make data`` writes), else from the file the shipped config names."""
+    raw = yaml.safe_load((SHIPPED / f"{name}.yaml").read_text())
+    for table, spec in raw["tables"].items():
+        spec["path"] = str(tables[table] if tables and table in tables
+                           else (SHIPPED / spec["path"]).resolve())
+    raw["output"] = {"processed_dir": str(folder / "processed"),
+                     "reports_dir": str(folder / "reports")}
+    return raw
+
+
+def write_yaml(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def require_cdnow() -> Path:
     if not (CDNOW / "CDNOW_master.txt").is_file():
         pytest.skip("../shared/datasets/cdnow is not beside the checkout")
@@ -56,8 +78,9 @@ SCRIPT_PAYLOAD = '<script>window.__xss = 1</script>toys'
 def telco_run(tmp_path_factory):
     """One snapshot-mode pipeline run on a messy telecom-style export: column names that
     differ by case and spaces or hold characters XGBoost refuses in a feature name,
-    churn labels in mixed case, blank total charges, and a script payload in a category.
-    Shared by the snapshot and browser tests."""
+    churn labels in mixed case, blank total charges, and a script payload in a category,
+    run with the parameters of the shipped ``configs/snapshot.yaml``. Shared by the
+    snapshot and browser tests."""
     import numpy as np
 
     from analysis.demo import generate_snapshot_demo
@@ -74,13 +97,11 @@ def telco_run(tmp_path_factory):
                                   "PaperlessBilling": "Paperless [billing]",
                                   "StreamingTV": "Streaming<TV>"})
     frame.to_csv(folder / "telco.csv", index=False)
-    config = folder / "telco.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "telco", "mode": "snapshot",
-        "tables": {"customers": {"path": "telco.csv", "columns": {
-            "customer_id": "customer id", "churn": "churn", "tenure": "tenure",
-            "recurring_revenue": "Monthly Charges", "total_revenue": "total charges"}}},
-        "protected": ["gender", "SeniorCitizen"],
-        "snapshot": {"churn_positive": "Yes", "survival_by": "Contract"},
-        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    # the shipped snapshot config, its column mapping spelled the way this export has it
+    raw = shipped_config("snapshot", folder, tables={"customers": folder / "telco.csv"})
+    raw["name"] = "telco"
+    raw["tables"]["customers"]["columns"] = {
+        "customer_id": "customer id", "churn": "churn", "tenure": "tenure",
+        "recurring_revenue": "Monthly Charges", "total_revenue": "total charges"}
+    config = write_yaml(folder / "telco.yaml", raw)
     return run_pipeline(config, run_id="telco", log=lambda line: None)

@@ -18,7 +18,7 @@ def test_shipped_configs_load_with_paths_relative_to_the_config():
     assert spec.resolved_format == "csv" and spec.sep == "whitespace"
     assert spec.columns == {"customer_id": "customer_id", "order_date": "date",
                             "amount": "dollar_value", "quantity": "number_of_cds"}
-    assert cdnow.analysis.horizon_days == 273
+    assert cdnow.analysis.horizon_days == "auto"
 
 
 def test_unknown_key_names_the_key_and_the_valid_ones(tmp_path):

@@ -13,7 +13,7 @@ from analysis import cli, data
 from analysis.errors import DataContractError, PipelineError
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
 
-from .conftest import write_config
+from .conftest import SHIPPED, require_cdnow, shipped_config, write_config, write_yaml
 
 EVIL = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
@@ -106,16 +106,11 @@ def test_a_run_removes_the_temporary_folders_of_dead_runs_but_not_of_live_ones(t
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory, small_demo):
+    # the shipped demo config, on a small world from the same generator as `make data`
     folder = tmp_path_factory.mktemp("run")
-    config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "e2e", "tables": {
-            "transactions": {"path": str(small_demo / "transactions.parquet")},
-            "customers": {"path": str(small_demo / "customers.parquet")},
-            "interactions": {"path": str(small_demo / "interactions.parquet")},
-            "campaign": {"path": str(small_demo / "campaign.parquet")}},
-        "protected": ["gender", "age_band"],
-        "output": {"processed_dir": "processed", "reports_dir": "reports"}}))
+    config = write_yaml(folder / "config.yaml", shipped_config("demo", folder, tables={
+        t: small_demo / f"{t}.parquet" for t in ("transactions", "customers", "interactions",
+                                                  "campaign")}))
     lines = []
     global RAW_BEFORE
     RAW_BEFORE = checksums(small_demo)
@@ -155,7 +150,7 @@ def test_run_publishes_a_self_contained_report(good_run):
     assert page.count('src="data:image/png;base64') >= 5      # charts embedded
     assert "Traceback" not in page and "In&nbsp;[" not in page
     assert 'class="jp-InputArea' not in page and 'class="jp-InputPrompt' not in page
-    assert "Customer strategy report: e2e" in page
+    assert "Customer strategy report: demo" in page
     for name in NOTEBOOKS[:-1]:
         html_name = name.replace(".ipynb", ".html")
         assert (result.report_dir / "notebooks" / html_name).is_file()
@@ -373,3 +368,34 @@ def test_a_short_three_column_log_is_scored_without_labels_and_says_what_it_lack
     assert "Fairness audit" not in page
     quality = (result.report_dir / "notebooks" / "01_data_quality.html").read_text()
     assert html.escape(data.absent_input_sentence("status")) in quality
+
+
+#: Which test runs each shipped config end to end (a new config needs one too).
+SHIPPED_RUNS = {"demo": "good_run (test_report.py)", "snapshot": "telco_run (conftest.py)",
+                "cdnow": "test_the_cdnow_config_runs_on_the_real_log"}
+
+
+def test_every_shipped_config_is_run_end_to_end_by_a_test():
+    assert {p.stem for p in SHIPPED.glob("*.yaml")} == set(SHIPPED_RUNS)
+
+
+@pytest.mark.e2e
+def test_the_cdnow_config_runs_on_the_real_log(tmp_path):
+    require_cdnow()
+    config = write_yaml(tmp_path / "cdnow.yaml", shipped_config("cdnow", tmp_path))
+    result = run_pipeline(config, run_id="cdnow", log=lambda line: None)
+    models_json = json.loads((result.processed_dir / "models.json").read_text())
+    value = models_json["value"]
+    assert {"model", "bgnbd_gg"} <= set(value)
+    page = html.unescape(re.sub(r"\s+", " ", re.sub(
+        r"<[^>]+>", " ", re.sub(r'src="data:[^"]+"', "", (result.index_html).read_text()))))
+    # the value model is compared with BG/NBD + Gamma-Gamma on the real log, in the report
+    assert f"{value['bgnbd_gg']['mae']:,.1f} for BG/NBD + Gamma-Gamma" in page
+    # CDNOW has quantities but no categories, channels, statuses, margins or side tables
+    inputs = data.available_inputs(result.processed_dir)
+    assert inputs["quantity"] and not any(v for k, v in inputs.items() if k != "quantity")
+    assert data.absent_input_sentence("category") in page
+    customers = pd.read_parquet(result.processed_dir / "customers.parquet")
+    assert len(customers) == 23_570
+    active = customers["lifecycle_stage"].isin(["new", "active", "at risk"])
+    assert customers.loc[active, "churn_probability"].between(0, 1).all()
