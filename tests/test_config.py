@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from analysis.config import AnalysisParams, load_config
 from analysis.errors import ConfigError
@@ -102,3 +103,22 @@ def test_duckdb_respects_the_memory_limit_and_spills():
     # freed memory goes back to the system instead of staying with DuckDB's allocator
     flush = con.execute("SELECT current_setting('allocator_flush_threshold')").fetchone()[0]
     assert flush.replace(" ", "") in {"32.0MB", "30.5MiB", "32MB"}, flush
+
+
+def test_every_yaml_example_in_the_readme_is_a_valid_config(tmp_path):
+    """The README's examples are what users copy: each YAML block must parse as YAML and
+    as a config (paths need not exist; they are resolved, not opened)."""
+    import re
+
+    from analysis.config import parse_config
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        raw = yaml.safe_load(block)
+        config = parse_config(raw, base_dir=tmp_path)
+        assert set(config.tables) == set(raw["tables"])
+        for key in ("analysis", "strategy", "snapshot"):
+            for name, value in (raw.get(key) or {}).items():
+                got = getattr(getattr(config, key), name)
+                assert got == value or tuple(got) == tuple(value), (key, name)
