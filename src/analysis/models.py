@@ -11,7 +11,8 @@
   period repeats" for value, and BG/NBD + Gamma-Gamma (:mod:`analysis.clv`).
 
 Models are saved as XGBoost JSON plus a metadata JSON (features, categories,
-calibration, cutoffs, horizon, metrics, versions, data fingerprint); nothing is pickled.
+calibration, cutoffs, horizon, metrics, versions, data fingerprint); nothing is pickled
+(the logistic regression can be kept as JSON: :meth:`LogisticChurn.to_dict`).
 """
 
 from __future__ import annotations
@@ -230,8 +231,23 @@ class ValueModel(_Booster):
 
 
 class LogisticChurn:
-    """Baseline: logistic regression on the same features (imputed, log-scaled,
-    standardised; text columns one-hot)."""
+    """Logistic regression on the same features (imputed, log-scaled, standardised; text
+    columns one-hot): a baseline, and one of the churn candidates (:func:`churn_selection`).
+
+    Fitted with scikit-learn; the fitted transformation and coefficients are then kept as
+    plain arrays (``params_``), from which the model predicts and explains itself, so that
+    a model read back from JSON (:meth:`to_dict`, :meth:`from_dict`) predicts exactly as
+    the fitted one. No pickle.
+
+    Attributes
+    ----------
+    features_ : the input columns, in order.
+    params_ : dict (JSON-safe): ``numeric`` and ``text`` columns, ``medians`` (imputation),
+        ``indicators`` (numeric columns with a missing-value indicator), ``mean`` and
+        ``scale`` (standardisation after the signed log), ``levels`` (one-hot levels per
+        text column; blanks are the level "missing"), ``coef``, ``intercept``, ``center``
+        (each design column's training mean).
+    """
 
     def __init__(self, *, C: float = 1.0):
         self.C = C
@@ -239,20 +255,113 @@ class LogisticChurn:
     def fit(self, X: pd.DataFrame, y) -> LogisticChurn:
         numeric = [c for c in X.columns if not isinstance(X[c].dtype, pd.CategoricalDtype)]
         text = [c for c in X.columns if c not in numeric]
-        signed_log = FunctionTransformer(lambda v: np.sign(v) * np.log1p(np.abs(v)),
-                                         feature_names_out="one-to-one")
+        signed_log = FunctionTransformer(_signed_log, feature_names_out="one-to-one")
         transform = ColumnTransformer([
-            ("num", make_pipeline(SimpleImputer(strategy="median", add_indicator=True),
+            ("num", make_pipeline(SimpleImputer(strategy="median", add_indicator=True,
+                                                keep_empty_features=True),
                                   signed_log, StandardScaler()), numeric),
             ("cat", make_pipeline(SimpleImputer(strategy="constant", fill_value="missing"),
                                   OneHotEncoder(handle_unknown="ignore")), text),
-        ])
-        self.pipeline_ = make_pipeline(transform, LogisticRegression(C=self.C, max_iter=2000))
-        self.pipeline_.fit(_objects(X), np.asarray(y))
+        ], sparse_threshold=0)
+        pipeline = make_pipeline(transform, LogisticRegression(C=self.C, max_iter=2000))
+        pipeline.fit(_objects(X), np.asarray(y))
+        params = {"numeric": numeric, "text": text, "medians": [], "indicators": [],
+                  "mean": [], "scale": [], "levels": []}
+        if numeric:
+            imputer, _, scaler = transform.named_transformers_["num"].steps
+            indicator = imputer[1].indicator_
+            params.update(medians=imputer[1].statistics_.astype(float).tolist(),
+                          indicators=[numeric[i] for i in indicator.features_],
+                          mean=scaler[1].mean_.tolist(), scale=scaler[1].scale_.tolist())
+        if text:
+            encoder = transform.named_transformers_["cat"].steps[1][1]
+            params["levels"] = [[str(v) for v in c] for c in encoder.categories_]
+        lr = pipeline[-1]
+        params.update(coef=lr.coef_[0].tolist(), intercept=float(lr.intercept_[0]))
+        self.features_ = list(X.columns)
+        self.params_ = params
+        self.params_["center"] = self._design(X).mean(axis=0).tolist()
+        self.pipeline_ = pipeline
         return self
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return self.pipeline_.predict_proba(_objects(X))[:, 1]
+        """P(churn) of each row (1-D, like :meth:`ChurnModel.predict_proba`)."""
+        return 1 / (1 + np.exp(-self.log_odds(X)))
+
+    def log_odds(self, X: pd.DataFrame, *, chunk_rows: int = 100_000) -> np.ndarray:
+        """The linear predictor, ``chunk_rows`` rows at a time (the design matrix of a
+        large base is several times its feature matrix)."""
+        self._check()
+        coef = np.asarray(self.params_["coef"])
+        return np.concatenate([self._design(X.iloc[s:s + chunk_rows]) @ coef
+                               for s in range(0, len(X), chunk_rows)] or [np.empty(0)]
+                              ) + self.params_["intercept"]
+
+    def contributions(self, X: pd.DataFrame, *, chunk_rows: int = 100_000) -> pd.DataFrame:
+        """Exact SHAP values of the log-odds, in the layout of
+        :meth:`ChurnModel.contributions` (one column per feature, plus ``bias``).
+
+        The model is additive in its features, so a feature's SHAP value is its own
+        terms' distance from their training mean: the sum over its design columns (the
+        standardised value, its missing indicator, its one-hot levels) of coefficient x
+        (value - training mean). ``bias`` is the log-odds at the training means; a row
+        adds up to its log-odds.
+        """
+        self._check()
+        p = self.params_
+        coef, center = np.asarray(p["coef"]), np.asarray(p["center"])
+        owner = np.zeros((len(coef), len(self.features_)))
+        owner[np.arange(len(coef)), [self.features_.index(f) for f in self._owners()]] = 1.0
+        values = np.empty((len(X), len(self.features_) + 1), dtype=np.float32)
+        for s in range(0, len(X), chunk_rows):
+            values[s:s + chunk_rows, :-1] = ((self._design(X.iloc[s:s + chunk_rows]) - center)
+                                             * coef) @ owner
+        values[:, -1] = p["intercept"] + coef @ center
+        return pd.DataFrame(values, index=X.index, columns=[*self.features_, "bias"])
+
+    def to_dict(self) -> dict:
+        """The fitted model as plain JSON-safe data."""
+        self._check()
+        return {"C": self.C, "features": self.features_, "params": self.params_}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LogisticChurn:
+        """A model from :meth:`to_dict` (predicts exactly as the one saved)."""
+        model = cls(C=data["C"])
+        model.features_, model.params_ = list(data["features"]), data["params"]
+        return model
+
+    def _check(self):
+        if not hasattr(self, "params_"):
+            raise RuntimeError("LogisticChurn is not fitted: call fit first")
+
+    def _owners(self) -> list[str]:
+        """The input column behind each design column."""
+        p = self.params_
+        return [*p["numeric"], *p["indicators"],
+                *(c for c, levels in zip(p["text"], p["levels"], strict=True) for _ in levels)]
+
+    def _design(self, X: pd.DataFrame) -> np.ndarray:
+        """The design matrix, as the fitted scikit-learn transformation builds it."""
+        p = self.params_
+        blocks = []
+        if p["numeric"]:
+            values = X[p["numeric"]].to_numpy(dtype=float)
+            missing = np.isnan(values)
+            values = np.where(missing, np.asarray(p["medians"]), values)
+            flags = missing[:, [p["numeric"].index(c) for c in p["indicators"]]].astype(float)
+            block = _signed_log(np.hstack([values, flags]))
+            blocks.append((block - np.asarray(p["mean"])) / np.asarray(p["scale"]))
+        for col, levels in zip(p["text"], p["levels"], strict=True):
+            text = X[col].astype("object")
+            text = text.where(text.notna(), "missing").astype(str).to_numpy()
+            blocks.append((text[:, None] == np.asarray(levels, dtype=object)[None, :])
+                          .astype(float))
+        return np.hstack(blocks) if blocks else np.zeros((len(X), 0))
+
+
+def _signed_log(values):
+    return np.sign(values) * np.log1p(np.abs(values))
 
 
 def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.ndarray:
