@@ -221,5 +221,11 @@ def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
         assert heading in page, heading
     assert "no purchase-based segments (RFM)" in page
     assert "cross-validation" in page and "Month-to-month" in page
+    # the page names the method that scores, and models.json holds every method's figures
+    import json
+
+    churn = json.loads((result.processed_dir / "models.json").read_text())["churn"]
+    assert "roc_auc" in churn[churn["chosen"]] and "blend" in churn
+    assert "Churn risk comes from" in page and "held out from training" in page
     for name in ("snapshot_02_churn_model", "snapshot_03_portfolio", "snapshot_05_strategy"):
         assert (result.report_dir / "notebooks" / f"{name}.html").is_file()
