@@ -186,6 +186,115 @@ def test_models_take_any_column_name_and_answer_in_it(tmp_path):
     assert (value.predict(X) > 0).all()
 
 
+# --------------------------------------------------------------------------- champion and challengers
+
+
+def test_logistic_explains_itself_exactly_and_reads_back_from_json():
+    """The logistic regression predicts from its own extracted parameters exactly as the
+    scikit-learn fit does (blanks, unseen levels included); its SHAP values add up to the
+    log-odds and average zero over the training rows; JSON round trip predicts the same."""
+    import json
+
+    rng = np.random.default_rng(2)
+    n = 1500
+    X = pd.DataFrame({"x": rng.normal(size=n).astype("float32"),
+                      "spend": np.where(rng.random(n) < 0.2, np.nan,
+                                        rng.exponential(50, n)).astype("float32"),
+                      "plan": pd.Categorical(np.where(rng.random(n) < 0.1, None,
+                                                      rng.choice(["a", "b", "c"], n)))})
+    y = (rng.random(n) < 1 / (1 + np.exp(-(X["x"] + (X["plan"] == "a"))))).astype(int)
+    model = M.LogisticChurn().fit(X, y)
+    sklearn_p = model.pipeline_.predict_proba(M._objects(X))[:, 1]
+    assert np.allclose(model.predict_proba(X), sklearn_p, atol=1e-6)
+    shap = model.contributions(X)
+    assert list(shap.columns) == ["x", "spend", "plan", "bias"]
+    assert np.allclose(shap.sum(axis=1), model.log_odds(X), atol=1e-4)
+    assert np.allclose(shap.drop(columns="bias").mean(), 0, atol=1e-4)
+    back = M.LogisticChurn.from_dict(json.loads(json.dumps(model.to_dict())))
+    unseen = X.head(3).assign(plan=pd.Categorical(["z", None, "b"]))
+    assert np.array_equal(back.predict_proba(unseen), model.predict_proba(unseen))
+    assert np.allclose(model.predict_proba(unseen),
+                       model.pipeline_.predict_proba(M._objects(unseen))[:, 1], atol=1e-6)
+
+
+def test_churn_choice_is_the_lowest_log_loss_with_brier_breaking_ties():
+    y = np.array([1, 0, 1, 0])
+    table = M.churn_selection(y, {"model": np.array([0.6, 0.4, 0.6, 0.4]),
+                                  "logistic": np.array([0.9, 0.1, 0.9, 0.1]),
+                                  "blend": np.array([0.75, 0.25, 0.75, 0.25])})
+    assert table["log_loss"].tolist() == pytest.approx(
+        [-np.log(0.6), -np.log(0.9), -np.log(0.75)])
+    assert M.chosen_method(table) == "logistic" and table["chosen"].sum() == 1
+    tie = pd.DataFrame({"method": ["model", "blend"], "log_loss": [0.3, 0.3],
+                        "brier": [0.2, 0.1]})
+    assert M.chosen_method(M._mark_choice(tie, "log_loss", "brier")) == "blend"
+
+
+def test_value_choice_is_the_lowest_tweedie_deviance():
+    actual = np.array([0.0, 4.0, -2.0])          # a net refund counts as zero spend
+    table = M.value_selection(actual, {"model": np.array([1.0, 4.0, 1.0]),
+                                       "last_period": np.array([0.0, 0.0, 0.0])})
+    # Tweedie deviance, power 1.5: 2 (y^.5/-.25 + 2 y mu^-.5 + 2 mu^.5)
+    dev = lambda y, mu: 2 * (-4 * np.sqrt(y) + 2 * y / np.sqrt(mu) + 2 * np.sqrt(mu))  # noqa: E731
+    by = table.set_index("method")
+    assert by.loc["model", "tweedie_deviance"] == pytest.approx(
+        np.mean([dev(0, 1), dev(4, 4), dev(0, 1)]))
+    # a forecast of zero counts as one cent: confidently wrong for the customer who buys
+    assert by.loc["last_period", "tweedie_deviance"] == pytest.approx(
+        np.mean([dev(0, 0.01), dev(4, 0.01), dev(0, 0.01)]))
+    assert by.loc["last_period", "mae"] == pytest.approx((0 + 4 + 2) / 3)
+    assert M.chosen_method(table) == "model"
+
+
+def _planted_world(truth: str, n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Five standard-normal features and churn drawn from a planted log-odds: linear in
+    the features, or an interaction no linear model can express (the sign of x0 * x1)."""
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 5)).astype("float32"),
+                     columns=[f"x{i}" for i in range(5)])
+    if truth == "linear":
+        logit = 1.5 * X["x0"] - X["x1"] + 0.5 * X["x2"] - 0.5
+    else:
+        logit = 3.0 * np.sign(X["x0"] * X["x1"])
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit.to_numpy()))).astype(int)
+    return X, y
+
+
+@pytest.mark.parametrize(("truth", "n", "expected"), [
+    ("linear", 400, {"logistic", "blend"}),       # few rows, truth a logistic model
+    ("interaction", 4000, {"model", "blend"}),    # what trees can learn and lines cannot
+])
+def test_churn_choice_follows_the_planted_truth(truth, n, expected):
+    X, y = _planted_world(truth, n, seed=3)
+    Xv, yv = _planted_world(truth, n, seed=4)
+    churn, logistic, selection = M.fit_churn_candidates(X, y, Xv, yv, seed=5)
+    chosen = M.chosen_method(selection)
+    assert chosen in expected, selection
+    assert chosen == selection.loc[selection["log_loss"].idxmin(), "method"]
+    assert set(selection["method"]) == set(M.CHURN_CANDIDATES)
+    # the choosing half is the half XGBoost never stopped or calibrated on, and the
+    # recorded scores are the candidates' on it
+    tune, choose = M.split_validation(yv, seed=5)
+    assert not set(tune) & set(choose) and len(tune) + len(choose) == n
+    p = M.candidate_probabilities(churn, logistic, Xv.iloc[choose])
+    expected_ll = M.churn_selection(yv[choose], p).set_index("method")["log_loss"]
+    assert selection.set_index("method")["log_loss"].to_dict() == pytest.approx(
+        expected_ll.to_dict())
+    assert np.allclose(p["blend"], (p["model"] + p["logistic"]) / 2)
+
+
+def test_the_choice_is_said_in_plain_words():
+    metrics = pd.DataFrame({"roc_auc": [0.846, 0.850, 0.853], "ece": [0.02, 0.03, 0.01]},
+                           index=["model", "logistic", "blend"])
+    text = M.describe_choice("blend", metrics, candidates=M.CHURN_CANDIDATES)
+    assert text.startswith("Churn risk comes from a blend of the XGBoost model and a "
+                           "logistic regression, which predicted churn best")
+    assert "AUC of 0.853" in text and "0.846 for the XGBoost model and 0.850 for a " \
+        "logistic regression." in text and "log loss" not in text
+    with pytest.raises(ValueError, match="kind must be one of"):
+        M.describe_choice("model", metrics, candidates=("model",), kind="spend")
+
+
 # --------------------------------------------------------------------------- on the demo world
 
 
@@ -263,9 +372,11 @@ def test_scores_reasons_and_saved_models(demo_run, tmp_path):
     assert not scores["churn_reasons"].str.contains("_1|nan|None").any()
     written = M.write_model_run(run, tmp_path, fingerprint="abc", versions={"x": "1"})
     back = M.read_model_run(tmp_path)
-    assert np.allclose(back.churn.predict_proba(run.score_features),
-                       scores["churn_probability"])
-    assert np.allclose(back.value.predict(run.score_features), scores["predicted_value"])
+    # the saved models (the logistic regression as JSON too) score as the run did
+    assert np.allclose(M.candidate_probabilities(back.churn, back.logistic, run.score_features)[
+        back.churn_chosen], scores["churn_probability"])
+    assert np.allclose(back.value.predict(run.score_features),
+                       run.value.predict(run.score_features))
     # SHAP values computed in chunks are the same, and add up to the model's margin
     X = run.score_features.iloc[:500]
     whole = run.churn.contributions(X, chunk_rows=500)
@@ -280,12 +391,53 @@ def test_scores_reasons_and_saved_models(demo_run, tmp_path):
     some = M.read_model_run(tmp_path, tables=("churn_metrics", "churn_drivers"))
     assert some.churn_shap is None and some.score_features is None and some.scores is None
     pd.testing.assert_frame_equal(some.churn_metrics, back.churn_metrics)
-    assert np.allclose(some.churn.predict_proba(run.score_features), scores["churn_probability"])
+    assert some.churn_chosen == run.churn_chosen and some.value_chosen == run.value_chosen
+    pd.testing.assert_frame_equal(some.churn_selection, run.churn_selection,
+                                  check_dtype=False)
     with pytest.raises(ValueError, match="unknown model tables"):
         M.read_model_run(tmp_path, tables=("shap",))
     # the model matrix is float32 (XGBoost's own precision): the same model, half the memory
     assert {str(t) for t in run.score_features.dtypes} <= {"float32", "category"}
     assert not [p for p in tmp_path.rglob("*") if p.suffix in {".pkl", ".pickle", ".joblib"}]
+
+
+@pytest.mark.e2e
+def test_the_chosen_methods_score_and_models_json_records_every_method(demo_run, tmp_path):
+    import json
+
+    _, _, con, run = demo_run
+    M.write_model_run(run, tmp_path, fingerprint="abc", versions={})
+    summary = json.loads((tmp_path / "models.json").read_text())
+    for kind, candidates, score in (("churn", M.CHURN_CANDIDATES, "log_loss"),
+                                    ("value", M.VALUE_CANDIDATES, "tweedie_deviance")):
+        entry = summary[kind]
+        assert entry["chosen"] in candidates and set(entry["selection"]) == set(candidates)
+        # the choice is the lowest recorded validation score ...
+        assert entry["chosen"] == min(entry["selection"],
+                                      key=lambda m, e=entry, s=score: e["selection"][m][s])
+        # ... made on the validation customers XGBoost did not stop or calibrate on
+        assert {v["n"] for v in entry["selection"].values()} == {run.sizes["valid_choose"]}
+        # every method is judged out of time, the chosen one and the blend included
+        assert entry[entry["chosen"]]["roc_auc" if kind == "churn" else "mae"] >= 0
+    assert all("roc_auc" in summary["churn"][m] for m in (*M.CHURN_CANDIDATES, "rfm",
+                                                          "bgnbd", "model_uncalibrated"))
+    assert summary["churn"]["model"]["roc_auc"] == run.churn_metrics.set_index(
+        "method").loc["model", "roc_auc"]                        # readers of churn.model
+    # the customers' scores are the chosen methods'
+    X = run.score_features
+    assert np.allclose(run.scores["churn_probability"], M.candidate_probabilities(
+        run.churn, run.logistic, X)[run.churn_chosen])
+    assert np.allclose(run.churn_shap, M.candidate_contributions(
+        run.churn_chosen, run.churn, run.logistic, X))
+    if run.value_chosen == "model":
+        assert np.allclose(run.scores["predicted_value"], run.value.predict(X))
+    assert np.allclose(run.evaluation["churn_blend"], (run.evaluation["churn_model"]
+                                                       + run.evaluation["churn_logistic"]) / 2)
+    table = M.comparison_table(run.churn_metrics, run.churn_selection, run.churn_chosen)
+    assert table.loc[table["chosen"], "method"].tolist() == [run.churn_chosen]
+    assert table.set_index("method")["validation_log_loss"].notna().to_dict() == {
+        "model": True, "model_uncalibrated": False, "logistic": True, "blend": True,
+        "rfm": False, "bgnbd": False}
 
 
 @pytest.mark.e2e

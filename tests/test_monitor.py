@@ -41,3 +41,25 @@ def test_kpi_deltas_migration_and_new_alerts():
     old = pd.DataFrame({"customer_id": ["a"], "rule": ["overdue"]})
     new = pd.DataFrame({"customer_id": ["a", "a"], "rule": ["overdue", "spend drop"]})
     assert M.new_alerts(old, new)["rule"].tolist() == ["spend drop"]
+
+
+def test_run_kpis_quote_the_methods_that_scored(tmp_path):
+    import json
+
+    pd.DataFrame({"lifecycle_stage": ["active", "lost"], "spend_365d": [10.0, 0.0],
+                  "value_tier": ["high", "low"], "churn_probability": [0.6, 0.2],
+                  "predicted_value": [5.0, 0.0]}).to_parquet(tmp_path / "customers.parquet")
+    (tmp_path / "profile.json").write_text(json.dumps({"as_of": "2026-01-01"}))
+    models = {"churn": {"model": {"roc_auc": 0.80}, "blend": {"roc_auc": 0.85},
+                        "chosen": "blend", "selection": {}},
+              "value": {"model": {"mae": 5.0}, "bgnbd_gg": {"mae": 4.0},
+                        "chosen": "bgnbd_gg"}}
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    kpis = M.run_kpis(tmp_path)
+    assert kpis["churn_auc"] == 0.85 and kpis["value_mae"] == 4.0
+    # a run written before the choice existed was scored by XGBoost
+    for kind in ("churn", "value"):
+        del models[kind]["chosen"]
+    (tmp_path / "models.json").write_text(json.dumps(models))
+    kpis = M.run_kpis(tmp_path)
+    assert kpis["churn_auc"] == 0.80 and kpis["value_mae"] == 5.0

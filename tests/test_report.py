@@ -177,8 +177,14 @@ def test_run_writes_customers_and_metrics(good_run):
     for table in metrics["data_quality"]["tables"]:
         assert table["rows_processed"] + table["rows_quarantined"] == table["rows_read"]
     assert metrics["profile"]["customers"] == len(customers)
+    # the methods that score are chosen, recorded with every method's figures, and named
+    churn, value = metrics["models"]["churn"], metrics["models"]["value"]
+    assert "roc_auc" in churn[churn["chosen"]] and "mae" in value[value["chosen"]]
+    assert {"model", "logistic", "blend"} <= set(churn["selection"])
+    assert (models / "logistic.json").is_file()
     # the customer link of the report resolves to the published CSV
     page = (result.report_dir / "index.html").read_text()
+    assert "Churn risk comes from" in page and "Spend forecasts come from" in page
     href = re.search(r'href="([^"]*customers\.csv)"', page).group(1)
     assert (result.report_dir / href).resolve() == (result.processed_dir / "customers.csv").resolve()
 

@@ -160,6 +160,52 @@ def test_cross_validated_model_is_close_to_the_oracle_and_ties_or_beats_logistic
     assert ratio.iloc[: len(ratio) // 10].mean() > ratio.iloc[-len(ratio) // 10:].mean()
 
 
+def _planted_export(truth: str, n: int, seed: int) -> pd.DataFrame:
+    """A snapshot export whose churn flag is drawn from a planted log-odds: linear in
+    five numeric columns, or an interaction no linear model can express."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5))
+    logit = (1.5 * x[:, 0] - x[:, 1] + 0.5 * x[:, 2] - 0.5 if truth == "linear"
+             else 3.0 * np.sign(x[:, 0] * x[:, 1]))
+    frame = pd.DataFrame(x, columns=[f"x{i}" for i in range(5)])
+    return frame.assign(customer_id=[f"c{i}" for i in range(n)],
+                        churn=rng.random(n) < 1 / (1 + np.exp(-logit)))
+
+
+@pytest.mark.parametrize(("truth", "n", "expected"), [
+    ("linear", 400, {"logistic", "blend"}),       # few rows, truth a logistic model
+    ("interaction", 2000, {"model", "blend"}),    # what trees can learn and lines cannot
+])
+def test_cross_validation_chooses_by_inner_log_loss_and_scores_with_the_choice(
+        tmp_path, truth, n, expected):
+    import json
+
+    from analysis.models import CHURN_CANDIDATES
+
+    run = SN.fit_churn_cv(_planted_export(truth, n, seed=8), params=SnapshotParams())
+    selection = run.selection.set_index("method")
+    assert run.chosen in expected, run.selection
+    assert run.chosen == selection["log_loss"].idxmin()
+    # the inner held-out quarters of the training folds, pooled: never the outer test
+    assert set(selection.index) == set(CHURN_CANDIDATES)
+    assert (selection["n"] == 5 * round(0.25 * 0.8 * n)).all()
+    # every customer's probability is the chosen method's out-of-fold one
+    assert np.array_equal(run.scores["churn_probability"],
+                          run.evaluation[f"churn_{run.chosen}"])
+    ev = run.evaluation
+    assert np.allclose(ev["churn_blend"], (ev["churn_model"] + ev["churn_logistic"]) / 2)
+    SN.write_snapshot_run(run, tmp_path, horizon_days=90)
+    churn = json.loads((tmp_path / "models.json").read_text())["churn"]
+    assert churn["chosen"] == run.chosen
+    assert all("roc_auc" in churn[m] for m in (*CHURN_CANDIDATES, "rule"))
+    assert churn["selection"][run.chosen]["log_loss"] == selection.loc[run.chosen,
+                                                                       "log_loss"]
+    back = SN.read_snapshot_run(tmp_path)
+    assert back.chosen == run.chosen and np.array_equal(
+        back.logistic.predict_proba(run.score_features),
+        run.logistic.predict_proba(run.score_features))
+
+
 @pytest.mark.e2e
 def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
     result = telco_run
@@ -177,6 +223,12 @@ def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
         assert heading in page, heading
     assert "no purchase-based segments (RFM)" in page
     assert "cross-validation" in page and "Month-to-month" in page
+    # the page names the method that scores, and models.json holds every method's figures
+    import json
+
+    churn = json.loads((result.processed_dir / "models.json").read_text())["churn"]
+    assert "roc_auc" in churn[churn["chosen"]] and "blend" in churn
+    assert "Churn risk comes from" in page and "held out from training" in page
     for name in ("snapshot_02_churn_model", "snapshot_03_portfolio", "snapshot_05_strategy"):
         assert (result.report_dir / "notebooks" / f"{name}.html").is_file()
     # columns whose names XGBoost refuses are features under their own names

@@ -9,9 +9,14 @@
 - Baselines, fitted and judged on the same data: an RFM lookup (observed churn rate and
   mean future spend per RFM cell), logistic regression on the same features, "last
   period repeats" for value, and BG/NBD + Gamma-Gamma (:mod:`analysis.clv`).
+- Champion and challengers: the method that scores the customers is chosen on held-out
+  data by a proper score (:func:`churn_selection`, :func:`value_selection`): for churn
+  calibrated XGBoost, the logistic regression or their blend; for value XGBoost or one
+  of its baselines.
 
 Models are saved as XGBoost JSON plus a metadata JSON (features, categories,
-calibration, cutoffs, horizon, metrics, versions, data fingerprint); nothing is pickled.
+calibration, cutoffs, horizon, metrics, versions, data fingerprint), the logistic
+regression as JSON; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -37,13 +42,26 @@ from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.features import LABEL_COLUMNS, honest_cutoffs
 
 __all__ = [
+    "CHURN_CANDIDATES",
+    "METHOD_NAMES",
+    "VALUE_CANDIDATES",
     "ChurnModel",
+    "blend_probability",
+    "candidate_contributions",
+    "candidate_probabilities",
+    "choice_record",
+    "chosen_method",
+    "churn_selection",
+    "comparison_table",
+    "describe_choice",
+    "value_selection",
     "ModelRun",
     "attach_scores",
     "data_fingerprint",
     "fit_and_evaluate",
     "honest_cutoffs",
     "metrics_by_group",
+    "read_choice",
     "read_model_run",
     "write_model_run",
     "LogisticChurn",
@@ -52,6 +70,7 @@ __all__ = [
     "churn_metrics",
     "decile_table",
     "feature_columns",
+    "fit_churn_candidates",
     "model_feature_names",
     "prepare_matrix",
     "rfm_lookup",
@@ -60,6 +79,7 @@ __all__ = [
     "skipped_reason",
     "fit_without_labels",
     "label_free_fallback",
+    "split_validation",
     "write_skipped_models",
 ]
 
@@ -280,8 +300,23 @@ class ValueModel(_Booster):
 
 
 class LogisticChurn:
-    """Baseline: logistic regression on the same features (imputed, log-scaled,
-    standardised; text columns one-hot)."""
+    """Logistic regression on the same features (imputed, log-scaled, standardised; text
+    columns one-hot): a baseline, and one of the churn candidates (:func:`churn_selection`).
+
+    Fitted with scikit-learn; the fitted transformation and coefficients are then kept as
+    plain arrays (``params_``), from which the model predicts and explains itself, so that
+    a model read back from JSON (:meth:`to_dict`, :meth:`from_dict`) predicts exactly as
+    the fitted one. No pickle.
+
+    Attributes
+    ----------
+    features_ : the input columns, in order.
+    params_ : dict (JSON-safe): ``numeric`` and ``text`` columns, ``medians`` (imputation),
+        ``indicators`` (numeric columns with a missing-value indicator), ``mean`` and
+        ``scale`` (standardisation after the signed log), ``levels`` (one-hot levels per
+        text column; blanks are the level "missing"), ``coef``, ``intercept``, ``center``
+        (each design column's training mean).
+    """
 
     def __init__(self, *, C: float = 1.0):
         self.C = C
@@ -289,20 +324,113 @@ class LogisticChurn:
     def fit(self, X: pd.DataFrame, y) -> LogisticChurn:
         numeric = [c for c in X.columns if not isinstance(X[c].dtype, pd.CategoricalDtype)]
         text = [c for c in X.columns if c not in numeric]
-        signed_log = FunctionTransformer(lambda v: np.sign(v) * np.log1p(np.abs(v)),
-                                         feature_names_out="one-to-one")
+        signed_log = FunctionTransformer(_signed_log, feature_names_out="one-to-one")
         transform = ColumnTransformer([
-            ("num", make_pipeline(SimpleImputer(strategy="median", add_indicator=True),
+            ("num", make_pipeline(SimpleImputer(strategy="median", add_indicator=True,
+                                                keep_empty_features=True),
                                   signed_log, StandardScaler()), numeric),
             ("cat", make_pipeline(SimpleImputer(strategy="constant", fill_value="missing"),
                                   OneHotEncoder(handle_unknown="ignore")), text),
-        ])
-        self.pipeline_ = make_pipeline(transform, LogisticRegression(C=self.C, max_iter=2000))
-        self.pipeline_.fit(_objects(X), np.asarray(y))
+        ], sparse_threshold=0)
+        pipeline = make_pipeline(transform, LogisticRegression(C=self.C, max_iter=2000))
+        pipeline.fit(_objects(X), np.asarray(y))
+        params = {"numeric": numeric, "text": text, "medians": [], "indicators": [],
+                  "mean": [], "scale": [], "levels": []}
+        if numeric:
+            imputer, _, scaler = transform.named_transformers_["num"].steps
+            indicator = imputer[1].indicator_
+            params.update(medians=imputer[1].statistics_.astype(float).tolist(),
+                          indicators=[numeric[i] for i in indicator.features_],
+                          mean=scaler[1].mean_.tolist(), scale=scaler[1].scale_.tolist())
+        if text:
+            encoder = transform.named_transformers_["cat"].steps[1][1]
+            params["levels"] = [[str(v) for v in c] for c in encoder.categories_]
+        lr = pipeline[-1]
+        params.update(coef=lr.coef_[0].tolist(), intercept=float(lr.intercept_[0]))
+        self.features_ = list(X.columns)
+        self.params_ = params
+        self.params_["center"] = self._design(X).mean(axis=0).tolist()
+        self.pipeline_ = pipeline
         return self
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
-        return self.pipeline_.predict_proba(_objects(X))[:, 1]
+        """P(churn) of each row (1-D, like :meth:`ChurnModel.predict_proba`)."""
+        return 1 / (1 + np.exp(-self.log_odds(X)))
+
+    def log_odds(self, X: pd.DataFrame, *, chunk_rows: int = 100_000) -> np.ndarray:
+        """The linear predictor, ``chunk_rows`` rows at a time (the design matrix of a
+        large base is several times its feature matrix)."""
+        self._check()
+        coef = np.asarray(self.params_["coef"])
+        return np.concatenate([self._design(X.iloc[s:s + chunk_rows]) @ coef
+                               for s in range(0, len(X), chunk_rows)] or [np.empty(0)]
+                              ) + self.params_["intercept"]
+
+    def contributions(self, X: pd.DataFrame, *, chunk_rows: int = 100_000) -> pd.DataFrame:
+        """Exact SHAP values of the log-odds, in the layout of
+        :meth:`ChurnModel.contributions` (one column per feature, plus ``bias``).
+
+        The model is additive in its features, so a feature's SHAP value is its own
+        terms' distance from their training mean: the sum over its design columns (the
+        standardised value, its missing indicator, its one-hot levels) of coefficient x
+        (value - training mean). ``bias`` is the log-odds at the training means; a row
+        adds up to its log-odds.
+        """
+        self._check()
+        p = self.params_
+        coef, center = np.asarray(p["coef"]), np.asarray(p["center"])
+        owner = np.zeros((len(coef), len(self.features_)))
+        owner[np.arange(len(coef)), [self.features_.index(f) for f in self._owners()]] = 1.0
+        values = np.empty((len(X), len(self.features_) + 1), dtype=np.float32)
+        for s in range(0, len(X), chunk_rows):
+            values[s:s + chunk_rows, :-1] = ((self._design(X.iloc[s:s + chunk_rows]) - center)
+                                             * coef) @ owner
+        values[:, -1] = p["intercept"] + coef @ center
+        return pd.DataFrame(values, index=X.index, columns=[*self.features_, "bias"])
+
+    def to_dict(self) -> dict:
+        """The fitted model as plain JSON-safe data."""
+        self._check()
+        return {"C": self.C, "features": self.features_, "params": self.params_}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LogisticChurn:
+        """A model from :meth:`to_dict` (predicts exactly as the one saved)."""
+        model = cls(C=data["C"])
+        model.features_, model.params_ = list(data["features"]), data["params"]
+        return model
+
+    def _check(self):
+        if not hasattr(self, "params_"):
+            raise RuntimeError("LogisticChurn is not fitted: call fit first")
+
+    def _owners(self) -> list[str]:
+        """The input column behind each design column."""
+        p = self.params_
+        return [*p["numeric"], *p["indicators"],
+                *(c for c, levels in zip(p["text"], p["levels"], strict=True) for _ in levels)]
+
+    def _design(self, X: pd.DataFrame) -> np.ndarray:
+        """The design matrix, as the fitted scikit-learn transformation builds it."""
+        p = self.params_
+        blocks = []
+        if p["numeric"]:
+            values = X[p["numeric"]].to_numpy(dtype=float)
+            missing = np.isnan(values)
+            values = np.where(missing, np.asarray(p["medians"]), values)
+            flags = missing[:, [p["numeric"].index(c) for c in p["indicators"]]].astype(float)
+            block = _signed_log(np.hstack([values, flags]))
+            blocks.append((block - np.asarray(p["mean"])) / np.asarray(p["scale"]))
+        for col, levels in zip(p["text"], p["levels"], strict=True):
+            text = X[col].astype("object")
+            text = text.where(text.notna(), "missing").astype(str).to_numpy()
+            blocks.append((text[:, None] == np.asarray(levels, dtype=object)[None, :])
+                          .astype(float))
+        return np.hstack(blocks) if blocks else np.zeros((len(X), 0))
+
+
+def _signed_log(values):
+    return np.sign(values) * np.log1p(np.abs(values))
 
 
 def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.ndarray:
@@ -385,6 +513,164 @@ def apply_calibration(cal: dict, margin: np.ndarray) -> np.ndarray:
     if cal["method"] == "isotonic":
         return np.interp(margin, np.asarray(cal["x"]), np.asarray(cal["y"]))
     return 1 / (1 + np.exp(-(cal["slope"] * margin + cal["intercept"])))
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+#: The churn methods that may score customers: calibrated XGBoost, the logistic
+#: regression, and their blend (the mean of the two probabilities).
+CHURN_CANDIDATES = ("model", "logistic", "blend")
+#: The value methods that may score customers.
+VALUE_CANDIDATES = ("model", "bgnbd_gg", "last_period", "rfm")
+
+#: Plain names of the methods, for sentences (:func:`describe_choice`).
+METHOD_NAMES = {"model": "the XGBoost model", "logistic": "a logistic regression",
+                "blend": "a blend of the XGBoost model and a logistic regression",
+                "rfm": "an RFM lookup", "bgnbd": "the BG/NBD purchase model",
+                "bgnbd_gg": "the BG/NBD + Gamma-Gamma model",
+                "last_period": "'next period = last period'",
+                "rule": "the best single-column rule"}
+
+
+def blend_probability(p_model, p_logistic) -> np.ndarray:
+    """The blend: the mean of the XGBoost and the logistic probability. Fixed weights, so
+    that nothing is fitted on the data that judges it."""
+    return (np.asarray(p_model, dtype=float) + np.asarray(p_logistic, dtype=float)) / 2
+
+
+def churn_selection(y, probabilities: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Each candidate's proper scores on held-out data, and the one chosen.
+
+    The choice is the lowest log loss (it rewards confident right answers and punishes
+    confident wrong ones, which is what a churn probability used in money decisions
+    must get right); the Brier score breaks exact ties.
+
+    Returns
+    -------
+    DataFrame
+        ``method``, ``n``, ``log_loss``, ``brier``, ``chosen`` (True for one row).
+    """
+    y = np.asarray(y, dtype=float)
+    rows = []
+    for method, p in probabilities.items():
+        p = np.clip(np.asarray(p, dtype=float), 1e-6, 1 - 1e-6)
+        rows.append({"method": method, "n": int(len(y)),
+                     "log_loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+                     "brier": float(np.mean((p - y) ** 2))})
+    return _mark_choice(pd.DataFrame(rows), "log_loss", "brier")
+
+
+def value_selection(actual, predictions: dict[str, np.ndarray], *,
+                    power: float = 1.5, floor: float = 0.01) -> pd.DataFrame:
+    """Each value candidate's loss on held-out data, and the one chosen.
+
+    The choice is the lowest mean Tweedie deviance (variance power ``power``, that of
+    the XGBoost value model): a proper loss for an *expected* spend (the mean is the
+    forecast that minimises it), made for spend that is zero for many customers and
+    long-tailed for the rest. The mean absolute error, which rewards the median (often
+    zero) rather than the mean, is recorded beside it and breaks exact ties. Negative
+    spend (net refunds) counts as zero; a forecast below ``floor`` counts as ``floor``
+    (a forecast of exactly zero for a customer who then buys has infinite deviance).
+
+    Returns
+    -------
+    DataFrame
+        ``method``, ``n``, ``tweedie_deviance``, ``mae``, ``chosen`` (True for one row).
+    """
+    y = np.clip(np.asarray(actual, dtype=float), 0, None)
+    rows = []
+    for method, pred in predictions.items():
+        pred = np.asarray(pred, dtype=float)
+        mu = np.clip(pred, floor, None)
+        deviance = 2 * (np.power(y, 2 - power) / ((1 - power) * (2 - power))
+                        - y * np.power(mu, 1 - power) / (1 - power)
+                        + np.power(mu, 2 - power) / (2 - power))
+        rows.append({"method": method, "n": int(len(y)),
+                     "tweedie_deviance": float(np.mean(deviance)),
+                     "mae": float(np.mean(np.abs(np.asarray(actual, dtype=float) - pred)))})
+    return _mark_choice(pd.DataFrame(rows), "tweedie_deviance", "mae")
+
+
+def chosen_method(selection: pd.DataFrame) -> str:
+    """The method marked ``chosen`` in a :func:`churn_selection` or
+    :func:`value_selection` table."""
+    return str(selection.loc[selection["chosen"], "method"].iloc[0])
+
+
+def choice_record(chosen: str, selection: pd.DataFrame | None) -> dict:
+    """What ``models.json`` records of a choice, beside each method's metrics:
+    ``chosen`` and ``selection`` (each candidate's scores on the data that chose)."""
+    out = {"chosen": chosen}
+    if selection is not None:
+        out["selection"] = selection.drop(columns="chosen").set_index("method").to_dict(
+            orient="index")
+    return out
+
+
+def read_choice(entry: dict) -> tuple[str, pd.DataFrame | None]:
+    """The chosen method and the selection table from a ``models.json`` entry written by
+    :func:`choice_record` (runs written before the choice: XGBoost, no table)."""
+    chosen = entry.get("chosen", "model")
+    record = entry.get("selection")
+    if record is None:
+        return chosen, None
+    table = pd.DataFrame.from_dict(record, orient="index").rename_axis("method").reset_index()
+    return chosen, table.assign(chosen=table["method"] == chosen)
+
+
+def _mark_choice(table: pd.DataFrame, score: str, tie_break: str) -> pd.DataFrame:
+    best = table.sort_values([score, tie_break], kind="stable").index[0]
+    return table.assign(chosen=table.index == best)
+
+
+def describe_choice(chosen: str, metrics: pd.DataFrame, *, candidates: tuple[str, ...],
+                    kind: str = "churn") -> str:
+    """One plain sentence for executives: which method scores the customers, and how it
+    compared with the other candidates on customers it never saw.
+
+    ``metrics`` is indexed by method (``churn_metrics`` or ``value_metrics`` with
+    ``set_index("method")``); churn is compared by AUC, value by the average error per
+    customer (``mae``).
+    """
+    kinds = {"churn": ("Churn risk comes from", "churn", "roc_auc",
+                       "separates churners from stayers with an AUC of {:.3f} (1 is "
+                       "perfect, 0.5 is chance)", "{:.3f}"),
+             "value": ("Spend forecasts come from", "spending", "mae",
+                       "is off by {:,.1f} per customer on average", "{:,.1f}")}
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {sorted(kinds)}, not {kind!r}")
+    lead, predicted, measure, result, other = kinds[kind]
+    others = [f"{other.format(metrics.loc[m, measure])} for {METHOD_NAMES.get(m, m)}"
+              for m in candidates if m != chosen and m in metrics.index]
+    against = (", against " + (" and ".join(others) if len(others) < 3 else
+                               ", ".join(others[:-1]) + " and " + others[-1])) if others else ""
+    score = result.format(metrics.loc[chosen, measure])
+    return (f"{lead} {METHOD_NAMES.get(chosen, chosen)}, which predicted {predicted} best "
+            f"of the {len(candidates)} methods tried on customers held out from training; "
+            f"tested on customers it never saw, it {score}{against}.")
+
+
+def comparison_table(metrics: pd.DataFrame, selection: pd.DataFrame | None,
+                     chosen: str) -> pd.DataFrame:
+    """Every method with its scores on the data that chose (``validation_*``, empty for
+    methods that were not candidates) and its test metrics, the chosen one marked: the
+    analyst's view of the choice.
+
+    Returns
+    -------
+    DataFrame
+        ``method``, ``chosen``, ``validation_<score>`` for each column of ``selection``
+        (but ``method`` and ``chosen``), then the columns of ``metrics``.
+    """
+    out = metrics.copy()
+    if selection is not None:
+        scores = selection.drop(columns="chosen").set_index("method").add_prefix(
+            "validation_")
+        out = out.join(scores, on="method")
+    out.insert(1, "chosen", out["method"].eq(chosen))
+    front = ["method", "chosen", *[c for c in out.columns if c.startswith("validation_")]]
+    return out[front + [c for c in out.columns if c not in front]]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -509,19 +795,28 @@ class ModelRun:
     ----------
     horizon_days : the label horizon.
     cutoffs : ``train`` (list), ``valid`` and ``eval`` cutoffs (ISO dates).
-    churn, value : the fitted models.
+    churn, value : the fitted XGBoost models.
+    logistic : the fitted logistic regression (a churn candidate; None in runs written
+        before it was saved).
+    churn_chosen, value_chosen : the method that scores the customers (one of
+        :data:`CHURN_CANDIDATES`, :data:`VALUE_CANDIDATES`), chosen on the validation
+        cutoff (see :func:`fit_and_evaluate`).
+    churn_selection, value_selection : the validation scores the choice was made on
+        (:func:`churn_selection`, :func:`value_selection`).
     evaluation : one row per customer at the evaluation cutoff: ``frequency`` (history),
         ``churned``, ``future_spend`` and each method's score (``churn_<method>``, ``value_<method>``).
     churn_metrics, value_metrics : one row per method (out-of-time, eval cutoff).
-    scores : at the scoring date: ``customer_id``, ``churn_probability``,
-        ``predicted_value``, ``churn_reasons``, ``value_reasons``.
-    churn_shap, value_shap : SHAP values at the scoring date (+ ``bias``).
+    scores : at the scoring date, from the chosen methods: ``customer_id``,
+        ``churn_probability``, ``predicted_value``, ``churn_reasons``, ``value_reasons``.
+    churn_shap : SHAP values of the chosen churn method at the scoring date (+ ``bias``),
+        in log-odds (see :func:`fit_and_evaluate`).
+    value_shap : SHAP values of the XGBoost value model at the scoring date (+ ``bias``).
     score_features : the model matrix at the scoring date (same rows).
     clv_params : BG/NBD and Gamma-Gamma parameters at the evaluation cutoff.
     drift : PSI of each numeric feature between training and scoring
         (:func:`analysis.monitor.feature_drift`).
     churn_drivers, value_drivers : the global drivers (:func:`analysis.explain.
-        global_drivers`) of each model at the scoring date.
+        global_drivers`) of ``churn_shap`` and ``value_shap``.
 
     A run read back with :func:`read_model_run` holds only the tables asked for (the
     others are None).
@@ -533,6 +828,11 @@ class ModelRun:
     value: ValueModel
     clv_params: dict
     sizes: dict
+    logistic: LogisticChurn | None = None
+    churn_chosen: str = "model"
+    value_chosen: str = "model"
+    churn_selection: pd.DataFrame | None = None
+    value_selection: pd.DataFrame | None = None
     evaluation: pd.DataFrame | None = None
     churn_metrics: pd.DataFrame | None = None
     value_metrics: pd.DataFrame | None = None
@@ -545,14 +845,22 @@ class ModelRun:
     value_drivers: pd.DataFrame | None = None
 
     def summary(self) -> dict:
-        """Headline facts, JSON-friendly (for metrics.json and the model metadata)."""
-        return {"horizon_days": self.horizon_days, "cutoffs": self.cutoffs,
-                "sizes": self.sizes, "clv_params": self.clv_params,
-                "churn_calibration": self.churn.calibration_["method"],
-                "churn_best_iteration": self.churn.best_iteration_,
-                "value_best_iteration": self.value.best_iteration_,
-                "churn": self.churn_metrics.set_index("method").to_dict(orient="index"),
-                "value": self.value_metrics.set_index("method").to_dict(orient="index")}
+        """Headline facts, JSON-friendly (for metrics.json and the model metadata).
+
+        ``churn`` and ``value`` hold each method's out-of-time metrics under its name,
+        ``chosen`` (the method that scores the customers) and ``selection`` (each
+        candidate's validation scores, the choice's evidence).
+        """
+        out = {"horizon_days": self.horizon_days, "cutoffs": self.cutoffs,
+               "sizes": self.sizes, "clv_params": self.clv_params,
+               "churn_calibration": self.churn.calibration_["method"],
+               "churn_best_iteration": self.churn.best_iteration_,
+               "value_best_iteration": self.value.best_iteration_}
+        for kind in ("churn", "value"):
+            entry = getattr(self, f"{kind}_metrics").set_index("method").to_dict(orient="index")
+            out[kind] = {**entry, **choice_record(getattr(self, f"{kind}_chosen"),
+                                                  getattr(self, f"{kind}_selection"))}
+        return out
 
 
 def fit_and_evaluate(con, *, as_of: dt.date,
@@ -560,13 +868,37 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
                      min_customers: int = 200, max_train_rows: int = 300_000,
                      max_baseline_rows: int = 100_000) -> ModelRun:
-    """Train on rolling-origin snapshots, judge out of time, score at ``as_of``.
+    """Train on rolling-origin snapshots, choose the scoring methods on the validation
+    cutoff, judge every method out of time, score at ``as_of``.
 
     Cutoffs come from :func:`honest_cutoffs`: the evaluation cutoff is never used in
-    training, and no training or validation label looks past it. Training snapshots
-    beyond ``max_train_rows`` rows are sampled (uniformly, fixed seed), and the logistic
-    baseline is fitted on at most ``max_baseline_rows`` of them: on large customer bases
-    more rows add time, not accuracy.
+    training or choosing, and no training or validation label looks past it. Training
+    snapshots beyond ``max_train_rows`` rows are sampled (uniformly, fixed seed), and
+    the logistic regression is fitted on at most ``max_baseline_rows`` of them: on large
+    customer bases more rows add time, not accuracy.
+
+    **Which method scores the customers** is chosen, not assumed. The validation
+    snapshot's customers are split in two halves (random, stratified by churn, fixed
+    seed). The first half stops the XGBoost models early and calibrates the churn model;
+    the second half, which no method has seen in any way, chooses: calibrated XGBoost,
+    the logistic regression (fitted on the training snapshots only) and their blend (the
+    mean of the two probabilities, fixed weights) by log loss, Brier breaking ties
+    (:func:`churn_selection`); the XGBoost value model, BG/NBD + Gamma-Gamma (fitted on
+    the history before the validation cutoff), "last period repeats" and the RFM lookup
+    by Tweedie deviance, MAE breaking ties (:func:`value_selection`). The models chosen
+    are exactly the models judged: nothing is refitted after the choice. A split rather
+    than cross-fitting keeps the cost of a large base at one fit per model. All methods
+    are then judged on the evaluation cutoff as before.
+
+    At ``as_of`` the chosen methods give ``churn_probability`` and ``predicted_value``
+    (BG/NBD + Gamma-Gamma refitted on all history before ``as_of`` when chosen). Churn
+    reasons are the chosen method's own SHAP values in log-odds: XGBoost's TreeSHAP (on
+    its margin before calibration, which is monotone), the logistic regression's exact
+    linear SHAP values (:meth:`LogisticChurn.contributions`), or, for the blend, the mean
+    of the two, each component weighing half as in the blend. Value reasons are
+    XGBoost's SHAP values when it scores; otherwise the chosen method's own plain
+    explanation (expected purchases and spend per purchase, last period's spend, or the
+    RFM cell), while ``value_shap`` and the value drivers stay XGBoost's.
 
     Raises
     ------
@@ -616,25 +948,36 @@ def fit_and_evaluate(con, *, as_of: dt.date,
          (("train", train), ("valid", valid), ("test", test))}
     rfm = ["recency_days", "frequency", "monetary_total"]
     train = train[[*rfm, "churned", "future_spend"]]
-    valid = valid[["churned", "future_spend"]]
+    valid = valid[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]]
     test = test[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]]
 
-    churn = ChurnModel(seed=seed, device=device).fit(X["train"], train["churned"],
-                                                     X["valid"], valid["churned"])
-    value = ValueModel(seed=seed, device=device).fit(X["train"], train["future_spend"],
-                                                     X["valid"], valid["future_spend"])
-    n_valid = len(valid)
-    del X["valid"], valid
-    small = np.random.default_rng(seed).permutation(len(train))[:max_baseline_rows]
-    logistic = LogisticChurn().fit(X["train"].iloc[small], train["churned"].iloc[small])
+    churn, logistic, churn_choice = fit_churn_candidates(
+        X["train"], train["churned"], X["valid"], valid["churned"], seed=seed, device=device,
+        max_logistic_rows=max_baseline_rows)
+    tune, choose = split_validation(valid["churned"], seed=seed)     # the same halves
+    value = ValueModel(seed=seed, device=device).fit(
+        X["train"], train["future_spend"], X["valid"].iloc[tune],
+        valid["future_spend"].iloc[tune])
+    held, x_held = valid.iloc[choose], X["valid"].iloc[choose]
+    bg_held, _ = bgnbd_baseline(con, cutoff=valid_cut, horizon_days=horizon_days,
+                                customers=held["customer_id"])
+    value_choice = value_selection(held["future_spend"], {
+        "model": value.predict(x_held),
+        "bgnbd_gg": bg_held["expected_spend"].fillna(0.0).to_numpy(),
+        "last_period": held["spend_last_horizon"].clip(lower=0).to_numpy(),
+        "rfm": rfm_lookup(train, held, target="future_spend")})
+    n_valid, n_tune = len(valid), len(tune)
+    del X["valid"], valid, held, x_held, bg_held
     bg, clv_params = bgnbd_baseline(con, cutoff=eval_cut, horizon_days=horizon_days,
                                     customers=test["customer_id"])
+    test_churn = candidate_probabilities(churn, logistic, X["test"])
     evaluation = pd.DataFrame({
         "customer_id": test["customer_id"], "frequency": test["frequency"],
         "churned": test["churned"], "future_spend": test["future_spend"],
-        "churn_model": churn.predict_proba(X["test"]),
+        "churn_model": test_churn["model"],
         "churn_model_uncalibrated": churn.predict_uncalibrated(X["test"]),
-        "churn_logistic": logistic.predict_proba(X["test"]),
+        "churn_logistic": test_churn["logistic"],
+        "churn_blend": test_churn["blend"],
         "churn_rfm": rfm_lookup(train, test, target="churned"),
         "churn_bgnbd": -bg["expected_purchases"].to_numpy(),
         "value_model": value.predict(X["test"]),
@@ -643,10 +986,10 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         "value_bgnbd_gg": bg["expected_spend"].to_numpy(),
     })
     n_train, n_test = len(train), len(test)
-    del X["test"], test, bg, logistic
+    del X["test"], test, bg, test_churn
     churn_rows = []
     for method, probs in (("model", True), ("model_uncalibrated", True), ("logistic", True),
-                          ("rfm", True), ("bgnbd", False)):
+                          ("blend", True), ("rfm", True), ("bgnbd", False)):
         m = churn_metrics(evaluation["churned"], evaluation[f"churn_{method}"],
                           probabilities=probs)
         churn_rows.append({"method": method, **m})
@@ -661,14 +1004,18 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                                     exclude_attributes=exclude)
     score_X = prepare_matrix(score_features, columns, cats)
     drift = feature_drift(X.pop("train"), score_X)
-    churn_shap = churn.contributions(score_X)
+    churn_chosen, value_chosen = chosen_method(churn_choice), chosen_method(value_choice)
+    churn_shap = candidate_contributions(churn_chosen, churn, logistic, score_X)
     value_shap = value.contributions(score_X)
+    predicted_value, value_reasons = _score_value(
+        value_chosen, con, model=value, X=score_X, features=score_features, train=train,
+        as_of=as_of, horizon_days=horizon_days, shap=value_shap)
     scores = pd.DataFrame({
         "customer_id": score_features["customer_id"].to_numpy(),
-        "churn_probability": churn.predict_proba(score_X),
-        "predicted_value": value.predict(score_X),
+        "churn_probability": candidate_probabilities(churn, logistic, score_X)[churn_chosen],
+        "predicted_value": predicted_value,
         "churn_reasons": reason_codes(churn_shap, score_features).to_numpy(),
-        "value_reasons": reason_codes(value_shap, score_features).to_numpy(),
+        "value_reasons": value_reasons,
     })
     churn_drivers = global_drivers(churn_shap, score_X)
     value_drivers = global_drivers(value_shap, score_X)
@@ -678,19 +1025,110 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         horizon_days=horizon_days,
         cutoffs={"train": [c.isoformat() for c in train_cuts], "valid": valid_cut.isoformat(),
                  "eval": eval_cut.isoformat(), "score": as_of.isoformat()},
-        churn=churn, value=value, evaluation=evaluation,
+        churn=churn, value=value, logistic=logistic, churn_chosen=churn_chosen,
+        value_chosen=value_chosen, churn_selection=churn_choice,
+        value_selection=value_choice, evaluation=evaluation,
         churn_metrics=pd.DataFrame(churn_rows), value_metrics=pd.DataFrame(value_rows),
         scores=scores, churn_shap=churn_shap, value_shap=value_shap, score_features=score_X,
         clv_params=clv_params, drift=drift, churn_drivers=churn_drivers,
         value_drivers=value_drivers,
         sizes={"train": n_train, "train_cutoffs": len(train_cuts), "valid": n_valid,
+               "valid_tune": n_tune, "valid_choose": n_valid - n_tune,
                "eval": n_test, "score": n_score, "features": len(columns)},
     )
 
 
+def split_validation(churned, *, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the validation customers that tune (stop early, calibrate) and of
+    those that choose the scoring method: two halves, stratified by churn, fixed seed
+    (a single-cutoff snapshot has one row per customer, so rows are customers)."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(churned)), test_size=0.5,
+                            stratify=np.asarray(churned), random_state=seed)
+
+
+def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
+                         seed: int = 42, device: str = "cpu",
+                         max_logistic_rows: int | None = None
+                         ) -> tuple[ChurnModel, LogisticChurn, pd.DataFrame]:
+    """Fit the churn candidates on ``X, y`` and choose among them on later, held-out data.
+
+    ``X_valid, y_valid`` (a later cutoff) are split in halves (:func:`split_validation`):
+    the first stops XGBoost early and calibrates it; the second, which no candidate has
+    seen, scores calibrated XGBoost, the logistic regression (fitted on ``X, y`` only,
+    on at most ``max_logistic_rows`` rows drawn with ``seed``) and their blend
+    (:func:`churn_selection`: lowest log loss, Brier breaking ties). Nothing is refitted
+    after the choice, so the chosen method is exactly the one judged.
+
+    Returns
+    -------
+    (churn, logistic, selection)
+    """
+    y, y_valid = np.asarray(y), np.asarray(y_valid)
+    tune, choose = split_validation(y_valid, seed=seed)
+    churn = ChurnModel(seed=seed, device=device).fit(X, y, X_valid.iloc[tune], y_valid[tune])
+    rows = np.random.default_rng(seed).permutation(len(X))[:max_logistic_rows]
+    logistic = LogisticChurn().fit(X.iloc[rows], y[rows])
+    selection = churn_selection(y_valid[choose], candidate_probabilities(
+        churn, logistic, X_valid.iloc[choose]))
+    return churn, logistic, selection
+
+
+def candidate_probabilities(churn: ChurnModel, logistic: LogisticChurn, X: pd.DataFrame
+                            ) -> dict[str, np.ndarray]:
+    """Each churn candidate's probabilities (:data:`CHURN_CANDIDATES`): ``model``,
+    ``logistic`` and ``blend``."""
+    p = {"model": churn.predict_proba(X), "logistic": logistic.predict_proba(X)}
+    p["blend"] = blend_probability(p["model"], p["logistic"])
+    return p
+
+
+def candidate_contributions(method: str, churn: ChurnModel, logistic: LogisticChurn,
+                            X: pd.DataFrame) -> pd.DataFrame:
+    """SHAP values (log-odds, one column per feature plus ``bias``) of one churn
+    candidate: XGBoost's TreeSHAP, the logistic regression's exact linear SHAP values, or
+    for the blend the mean of both (each component weighs half, as in the blend)."""
+    if method not in CHURN_CANDIDATES:
+        raise ValueError(f"method must be one of {CHURN_CANDIDATES}, not {method!r}")
+    if method == "model":
+        return churn.contributions(X)
+    if method == "logistic":
+        return logistic.contributions(X)
+    return (churn.contributions(X) + logistic.contributions(X)) / 2
+
+
+def _score_value(method: str, con, *, model: ValueModel, X: pd.DataFrame,
+                 features: pd.DataFrame, train: pd.DataFrame, as_of: dt.date,
+                 horizon_days: int, shap: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method."""
+    from analysis.explain import reason_codes
+
+    if method == "model":
+        return model.predict(X), reason_codes(shap, features).to_numpy()
+    if method == "last_period":
+        spend = features["spend_last_horizon"].clip(lower=0).to_numpy(dtype=float)
+        return spend, np.array([f"spent {v:,.0f} in the last {horizon_days} days; "
+                                "expected to repeat" for v in spend], dtype=object)
+    if method == "rfm":
+        return (rfm_lookup(train, features, target="future_spend"),
+                np.full(len(features), "what past customers with similar recency, "
+                        "frequency and spend went on to spend", dtype=object))
+    bg, _ = bgnbd_baseline(con, cutoff=as_of, horizon_days=horizon_days,
+                           customers=features["customer_id"])
+    purchases = bg["expected_purchases"].fillna(0.0).to_numpy()
+    spend = bg["expected_spend"].fillna(0.0).to_numpy()
+    each = np.divide(spend, purchases, out=np.zeros_like(spend), where=purchases > 0)
+    return spend, np.array([f"{n:.1f} purchase days expected in the next {horizon_days} "
+                            f"days, {v:,.0f} each" for n, v in zip(purchases, each,
+                                                                   strict=True)],
+                           dtype=object)
+
+
 def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
                     versions: dict) -> dict[str, Path]:
-    """Models (XGBoost JSON + metadata), evaluation and SHAP tables (Parquet), summary.
+    """Models (XGBoost JSON + metadata, the logistic regression as JSON), evaluation and
+    SHAP tables (Parquet), summary.
 
     Returns
     -------
@@ -708,6 +1146,10 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
             extra["calibration"] = run.churn.calibration_
         paths = model.save(models, name, {**meta, **extra})
         written[f"{name}_model"], written[f"{name}_metadata"] = paths["model"], paths["metadata"]
+    if run.logistic is not None:
+        written["logistic_model"] = models / "logistic.json"
+        written["logistic_model"].write_text(json.dumps({**run.logistic.to_dict(), **meta},
+                                                        indent=2, default=_json_default))
     tables = out_dir / "models"
     for name in MODEL_TABLES:
         frame = getattr(run, name)
@@ -764,9 +1206,16 @@ def read_model_run(out_dir: str | Path, tables: tuple[str, ...] | None = None) -
     tables = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in (MODEL_TABLES if tables is None else tables)
               if (folder / f"{name}.parquet").is_file()}
+    logistic = folder / "logistic.json"
+    choice = {}
+    for kind in ("churn", "value"):
+        choice[f"{kind}_chosen"], choice[f"{kind}_selection"] = read_choice(summary[kind])
     return ModelRun(horizon_days=summary["horizon_days"], cutoffs=summary["cutoffs"],
                     churn=loaded["churn"], value=loaded["value"],
-                    clv_params=summary["clv_params"], sizes=summary["sizes"], **tables)
+                    logistic=LogisticChurn.from_dict(json.loads(logistic.read_text()))
+                    if logistic.is_file() else None,
+                    clv_params=summary["clv_params"], sizes=summary["sizes"],
+                    **choice, **tables)
 
 
 def write_skipped_models(out_dir: str | Path, *, reason: str, horizon_days: int,
@@ -936,8 +1385,11 @@ def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency",
-                     min_class: int = 10) -> pd.DataFrame:
-    """Out-of-time accuracy of the model per history group (one, 2-3, 4+ purchase days).
+                     min_class: int = 10, churn_method: str = "model",
+                     value_method: str = "model") -> pd.DataFrame:
+    """Out-of-time accuracy per history group (one, 2-3, 4+ purchase days) of the churn
+    and value methods named (those that score the customers: ``ModelRun.churn_chosen``,
+    ``ModelRun.value_chosen``).
 
     Returns
     -------
@@ -953,11 +1405,11 @@ def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency",
     for name, part in evaluation.groupby(groups, observed=True):
         y = part["churned"]
         enough = min(int(y.sum()), int(len(y) - y.sum())) >= min_class
-        auc = float(roc_auc_score(y, part["churn_model"])) if enough else np.nan
+        auc = float(roc_auc_score(y, part[f"churn_{churn_method}"])) if enough else np.nan
         rows.append({"group": str(name), "n": len(part), "churn_rate": float(y.mean()),
                      "churn_auc": auc,
                      "value_mae": float(np.mean(np.abs(part["future_spend"]
-                                                       - part["value_model"]))),
+                                                       - part[f"value_{value_method}"]))),
                      "value_mae_last_period": float(np.mean(np.abs(
                          part["future_spend"] - part["value_last_period"])))})
     return pd.DataFrame(rows)

@@ -29,7 +29,8 @@ def run_kpis(processed_dir: str | Path) -> dict:
         ``as_of``, ``customers``, ``active_customers``, ``revenue_12m``,
         ``top20_revenue_share``, ``predicted_value``, ``at_risk_customers``,
         ``revenue_at_risk``, ``high_value_customers``, ``complaint_rate`` (share of
-        customers with a complaint in the last 90 days), ``churn_auc``, ``value_mae``,
+        customers with a complaint in the last 90 days), ``churn_auc`` and ``value_mae``
+        (of the methods that scored the customers),
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
     from analysis.segments import read_customers
@@ -55,10 +56,11 @@ def run_kpis(processed_dir: str | Path) -> dict:
     models = folder / "models.json"
     if models.is_file():
         m = json.loads(models.read_text())
+        # the method that scored the customers (runs before the choice: XGBoost)
         if "churn" in m:
-            out["churn_auc"] = m["churn"]["model"]["roc_auc"]
+            out["churn_auc"] = m["churn"][m["churn"].get("chosen", "model")]["roc_auc"]
         if "value" in m:
-            out["value_mae"] = m["value"]["model"]["mae"]
+            out["value_mae"] = m["value"][m["value"].get("chosen", "model")]["mae"]
     if "phaseout_candidate" in c:
         out["phaseout_customers"] = int(c["phaseout_candidate"].fillna(False).sum())
     retention = folder / "strategy" / "retention.json"

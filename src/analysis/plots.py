@@ -162,7 +162,8 @@ def plot_quarantine(by_rule: pd.DataFrame, ax=None) -> Figure:
 
 
 METHOD_NAMES = {"model": "XGBoost model", "model_uncalibrated": "model (uncalibrated)",
-                "logistic": "logistic regression", "rfm": "RFM lookup",
+                "logistic": "logistic regression", "blend": "blend (XGBoost + logistic)",
+                "rule": "one-column rule", "rfm": "RFM lookup",
                 "bgnbd": "BG/NBD", "bgnbd_gg": "BG/NBD + Gamma-Gamma",
                 "last_period": "last period repeats"}
 

@@ -6,9 +6,10 @@ There is no order log, so no recency, rhythm or RFM. Instead:
 - every other column becomes a feature by automatic typing (:func:`feature_types`):
   numeric, low-cardinality categorical (XGBoost's native categoricals), or excluded
   (ids, free text, constants, protected and personal columns), blanks counted;
-- the churn model is judged by stratified k-fold cross-validation with an out-of-fold
-  prediction for every customer, against logistic regression and the best one-feature
-  rule, all in the same folds (:func:`fit_churn_cv`);
+- calibrated XGBoost, logistic regression and their blend are judged by stratified
+  k-fold cross-validation with an out-of-fold prediction for every customer, against the
+  best one-feature rule, all in the same folds; the one that scores the customers is
+  chosen on held-out parts of the training folds (:func:`fit_churn_cv`);
 - value is the recurring revenue times the expected remaining lifetime, from the churn
   probability per label period, discounted and capped (:func:`remaining_value`), with
   Kaplan-Meier tenure survival curves by segment as the descriptive view
@@ -172,19 +173,30 @@ def _apply_rule(x: pd.Series, rule: dict) -> np.ndarray:
 
 @dataclass
 class SnapshotRun:
-    """The snapshot model step: cross-validated churn model and its baselines.
+    """The snapshot model step: cross-validated churn candidates and baselines, and the
+    one chosen to score the customers.
 
     Attributes
     ----------
-    churn : the model refitted on every customer (for SHAP and the saved model).
+    churn : the XGBoost model refitted on every customer (saved; its calibration is
+        reported).
+    logistic : the logistic regression refitted on every customer.
+    chosen : the method whose out-of-fold probabilities score the customers (one of
+        :data:`analysis.models.CHURN_CANDIDATES`).
+    selection : the inner held-out scores the choice was made on
+        (:func:`analysis.models.churn_selection`).
     types : :func:`feature_types` of the input.
     evaluation : one row per customer: ``customer_id``, ``churned`` and the out-of-fold
-        probability of each method (``churn_model``, ``churn_logistic``, ``churn_rule``).
+        probability of each method (``churn_model``, ``churn_logistic``, ``churn_blend``,
+        ``churn_rule``).
     churn_metrics : one row per method (out of fold).
     rule_feature : the feature of the one-feature rule (chosen in each fold; the most
         frequent choice).
-    scores : ``customer_id``, ``churn_probability`` (out of fold), ``churn_reasons``.
-    churn_shap, score_features : SHAP values and the model matrix (same rows).
+    scores : ``customer_id``, ``churn_probability`` (out of fold, from the chosen
+        method), ``churn_reasons``.
+    churn_shap, score_features : SHAP values of the chosen method refitted on every
+        customer (log-odds, see :func:`analysis.models.candidate_contributions`) and the
+        model matrix (same rows).
     """
 
     churn: object
@@ -196,18 +208,37 @@ class SnapshotRun:
     churn_shap: pd.DataFrame
     score_features: pd.DataFrame
     folds: int
+    logistic: object = None
+    chosen: str = "model"
+    selection: pd.DataFrame | None = None
 
 
 def fit_churn_cv(customers: pd.DataFrame, *, params: SnapshotParams,
                  exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
                  min_customers: int = 200, min_class: int = 20) -> SnapshotRun:
-    """Stratified k-fold cross-validation of the calibrated XGBoost churn model against
-    logistic regression and the one-feature rule; every customer gets an out-of-fold
-    probability from a model that never saw them.
+    """Stratified k-fold cross-validation of calibrated XGBoost, logistic regression and
+    their blend against the one-feature rule, with the method that scores the customers
+    chosen inside the training folds; every customer gets an out-of-fold probability
+    from models that never saw them.
 
-    In each fold the training part is split again (75/25, stratified) for early
-    stopping and the calibration choice. The final model, refitted the same way on
-    everyone, gives the SHAP drivers and reason codes.
+    In each outer fold the training part is used twice:
+
+    - *inner*: a held-out quarter of it (stratified) is scored by the candidates fitted
+      on the other three quarters; these inner predictions choose;
+    - *outer*: the candidates fitted on the whole training part score the fold's test
+      customers; these out-of-fold predictions give every method's reported metrics.
+
+    Each fit splits its data again (75/25, stratified) for XGBoost's early stopping and
+    calibration choice; the logistic regression uses all of it. The choice is made once,
+    on the inner predictions of all folds pooled: the lowest log loss, Brier breaking
+    ties (:func:`analysis.models.churn_selection`); the customers' probabilities are the
+    chosen method's out-of-fold ones. No outer test customer is used to fit, stop,
+    calibrate or choose within its own fold; pooled over folds, the choice has seen
+    every customer's label once in an inner part, so the chosen method's out-of-fold
+    figures carry the small optimism of picking the best of three, which is why every
+    method's figures are reported beside it. The candidates refitted on everyone (the
+    XGBoost model as before, on a 75/25 split) give the SHAP drivers and reason codes of
+    the chosen method.
 
     Raises
     ------
@@ -216,7 +247,14 @@ def fit_churn_cv(customers: pd.DataFrame, *, params: SnapshotParams,
         or stayers.
     """
     from analysis.explain import reason_codes
-    from analysis.models import ChurnModel, LogisticChurn, churn_metrics
+    from analysis.models import (
+        CHURN_CANDIDATES,
+        candidate_contributions,
+        candidate_probabilities,
+        chosen_method,
+        churn_metrics,
+        churn_selection,
+    )
 
     data = customers[customers["churn"].notna()].reset_index(drop=True)
     y = data["churn"].astype(bool).to_numpy().astype(int)
@@ -232,42 +270,60 @@ def fit_churn_cv(customers: pd.DataFrame, *, params: SnapshotParams,
     if X.empty:
         raise InsufficientDataError("no column can be used as a model feature "
                                     "(see the feature typing table)")
-    oof = {m: np.zeros(len(y)) for m in ("model", "logistic", "rule")}
-    rule_choices = []
+    oof = {m: np.zeros(len(y)) for m in (*CHURN_CANDIDATES, "rule")}
+    inner = {m: [] for m in CHURN_CANDIDATES}
+    inner_y, rule_choices = [], []
     folds = StratifiedKFold(params.cv_folds, shuffle=True, random_state=seed)
     for train, test in folds.split(X, y):
-        fit_idx, stop_idx = train_test_split(train, test_size=0.25, stratify=y[train],
-                                             random_state=seed)
-        model = ChurnModel(seed=seed, device=device).fit(
-            X.iloc[fit_idx], y[fit_idx], X.iloc[stop_idx], y[stop_idx])
-        oof["model"][test] = model.predict_proba(X.iloc[test])
-        oof["logistic"][test] = LogisticChurn().fit(X.iloc[train], y[train]).predict_proba(
-            X.iloc[test])
+        rest, held = train_test_split(train, test_size=0.25, stratify=y[train],
+                                      random_state=seed)
+        p = candidate_probabilities(*_fit_candidates(X, y, rest, seed=seed, device=device),
+                                    X.iloc[held])
+        for m in CHURN_CANDIDATES:
+            inner[m].append(p[m])
+        inner_y.append(y[held])
+        p = candidate_probabilities(*_fit_candidates(X, y, train, seed=seed, device=device),
+                                    X.iloc[test])
+        for m in CHURN_CANDIDATES:
+            oof[m][test] = p[m]
         feature, rule = one_feature_rule(X.iloc[train], y[train])
         rule_choices.append(feature)
         oof["rule"][test] = _apply_rule(X.iloc[test][feature], rule)
-    fit_idx, stop_idx = train_test_split(np.arange(len(y)), test_size=0.25, stratify=y,
-                                         random_state=seed)
-    final = ChurnModel(seed=seed, device=device).fit(X.iloc[fit_idx], y[fit_idx],
-                                                     X.iloc[stop_idx], y[stop_idx])
+    selection = churn_selection(np.concatenate(inner_y),
+                                {m: np.concatenate(v) for m, v in inner.items()})
+    chosen = chosen_method(selection)
+    final, logistic = _fit_candidates(X, y, np.arange(len(y)), seed=seed, device=device)
     evaluation = pd.DataFrame({"customer_id": data["customer_id"], "churned": y,
                                **{f"churn_{m}": v for m, v in oof.items()}})
     metrics = pd.DataFrame([{"method": m, **churn_metrics(y, oof[m])} for m in oof])
-    shap = final.contributions(X)
+    shap = candidate_contributions(chosen, final, logistic, X)
     readable = X.copy()
     for col in readable.columns:
         if isinstance(readable[col].dtype, pd.CategoricalDtype):
             readable[col] = readable[col].astype("object")
     scores = pd.DataFrame({
         "customer_id": data["customer_id"].to_numpy(),
-        "churn_probability": oof["model"],
+        "churn_probability": oof[chosen],
         "churn_reasons": reason_codes(shap.reset_index(drop=True),
                                       readable.reset_index(drop=True)).to_numpy()})
-    return SnapshotRun(churn=final, types=types, evaluation=evaluation,
-                       churn_metrics=metrics,
+    return SnapshotRun(churn=final, logistic=logistic, chosen=chosen, selection=selection,
+                       types=types, evaluation=evaluation, churn_metrics=metrics,
                        rule_feature=pd.Series(rule_choices).mode().iloc[0],
                        scores=scores, churn_shap=shap, score_features=X,
                        folds=params.cv_folds)
+
+
+def _fit_candidates(X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, *, seed: int,
+                    device: str):
+    """Calibrated XGBoost (stopped early and calibrated on a stratified quarter of
+    ``rows``) and the logistic regression (on all of ``rows``)."""
+    from analysis.models import ChurnModel, LogisticChurn
+
+    fit_idx, stop_idx = train_test_split(rows, test_size=0.25, stratify=y[rows],
+                                         random_state=seed)
+    model = ChurnModel(seed=seed, device=device).fit(X.iloc[fit_idx], y[fit_idx],
+                                                     X.iloc[stop_idx], y[stop_idx])
+    return model, LogisticChurn().fit(X.iloc[rows], y[rows])
 
 
 # --------------------------------------------------------------------------- value
@@ -449,16 +505,24 @@ def _horizon_months(config: Config) -> float:
 
 def write_snapshot_run(run: SnapshotRun, out_dir: str | Path, *, horizon_days: int,
                        versions: dict | None = None) -> dict:
-    """The model (JSON booster + metadata), its tables and ``models.json``."""
+    """The models (JSON booster + metadata, the logistic regression as JSON), their
+    tables and ``models.json``, whose ``churn`` holds each method's out-of-fold metrics
+    under its name, ``chosen`` and ``selection`` (the inner scores of the choice)."""
+    from analysis.models import choice_record
+
     out_dir = Path(out_dir)
     folder = out_dir / "models"
     folder.mkdir(parents=True, exist_ok=True)
+    churn = {**run.churn_metrics.set_index("method").to_dict(orient="index"),
+             **choice_record(run.chosen, run.selection)}
     summary = {"mode": "snapshot", "horizon_days": int(horizon_days), "folds": run.folds,
-               "rule_feature": run.rule_feature,
-               "churn": run.churn_metrics.set_index("method").to_dict(orient="index"),
+               "rule_feature": run.rule_feature, "churn": churn,
                "churn_calibration": run.churn.calibration_["method"]}
     run.churn.save(folder, "churn", {"calibration": run.churn.calibration_,
                                      "cross_validation": summary, "versions": versions or {}})
+    if run.logistic is not None:
+        (folder / "logistic.json").write_text(json.dumps(
+            {**run.logistic.to_dict(), "versions": versions or {}}, indent=2, default=str))
     for name in ("types", "evaluation", "churn_metrics", "scores", "churn_shap",
                  "score_features"):
         getattr(run, name).to_parquet(folder / f"{name}.parquet", index=False)
@@ -470,7 +534,7 @@ def read_snapshot_run(out_dir: str | Path) -> SnapshotRun:
     """Read back what :func:`write_snapshot_run` wrote."""
     import xgboost as xgb
 
-    from analysis.models import ChurnModel
+    from analysis.models import ChurnModel, LogisticChurn, read_choice
 
     out_dir = Path(out_dir)
     folder = out_dir / "models"
@@ -485,5 +549,9 @@ def read_snapshot_run(out_dir: str | Path) -> SnapshotRun:
     tables = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in ("types", "evaluation", "churn_metrics", "scores", "churn_shap",
                            "score_features")}
+    logistic = folder / "logistic.json"
+    chosen, selection = read_choice(summary["churn"])
     return SnapshotRun(churn=model, rule_feature=summary["rule_feature"],
-                       folds=summary["folds"], **tables)
+                       folds=summary["folds"], chosen=chosen, selection=selection,
+                       logistic=LogisticChurn.from_dict(json.loads(logistic.read_text()))
+                       if logistic.is_file() else None, **tables)
