@@ -451,7 +451,8 @@ def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.n
 
 
 def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
-                   customers: pd.Series) -> tuple[pd.DataFrame, dict]:
+                   customers: pd.Series, summary: pd.DataFrame | None = None
+                   ) -> tuple[pd.DataFrame, dict]:
     """BG/NBD + Gamma-Gamma fitted on history before ``cutoff`` (weeks).
 
     ``lines`` is a frame of order lines or a DuckDB connection with a ``lines`` view
@@ -460,10 +461,15 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
     Returns
     -------
     frame : indexed like ``customers``: ``expected_purchases`` over the horizon,
-        ``p_alive``, ``expected_spend`` (expected purchases x expected value per purchase).
+        ``p_alive``, ``p_no_purchase`` (no purchase in the horizon: the churn
+        probability), ``expected_spend`` (expected purchases x expected value per
+        purchase).
     params : the fitted parameters of both models.
+
+    ``summary`` is :func:`analysis.clv.rfm_summary` at ``cutoff`` when the caller has it.
     """
-    summary = rfm_summary(lines, calibration_end=cutoff)
+    if summary is None:
+        summary = rfm_summary(lines, calibration_end=cutoff)
     bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
     gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
     s = summary.reindex(customers)
@@ -472,6 +478,8 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
     spend = gg.expected_spend(s["frequency"], s["monetary_value"])
     frame = pd.DataFrame({"expected_purchases": purchases,
                           "p_alive": bg.probability_alive(s["frequency"], s["recency"], s["T"]),
+                          "p_no_purchase": bg.probability_no_purchase(
+                              weeks, s["frequency"], s["recency"], s["T"]),
                           "expected_spend": purchases * spend}, index=customers.index)
     return frame, {"bgnbd": bg.params_, "bgnbd_loglik": bg.loglik_,
                    "gamma_gamma": gg.params_}
@@ -1284,7 +1292,8 @@ def fit_without_labels(con, *, as_of: dt.date, horizon_days: int
         When BG/NBD or Gamma-Gamma cannot be fitted (too few repeat customers).
     """
     summary = rfm_summary(con, calibration_end=as_of)
-    scored = _label_free_predictions(summary, horizon_days)
+    scored, params = bgnbd_baseline(con, cutoff=as_of, horizon_days=horizon_days,
+                                    customers=pd.Series(summary.index), summary=summary)
     frequency = summary["frequency"].to_numpy()
     days_since = np.rint((summary["T"] - summary["recency"]).to_numpy() * 7 + 1).astype(int)
     gap = np.where(frequency > 0, summary["recency"].to_numpy() * 7
@@ -1294,30 +1303,14 @@ def fit_without_labels(con, *, as_of: dt.date, horizon_days: int
                for d, g, n in zip(days_since, gap, frequency, strict=True)]
     scores = pd.DataFrame({
         "customer_id": summary.index.to_numpy(),
-        "churn_probability": scored["churn_probability"].to_numpy(),
+        "churn_probability": scored["p_no_purchase"].to_numpy(),
         "expected_purchases": scored["expected_purchases"].to_numpy(),
-        "predicted_value": scored["predicted_value"].to_numpy(),
+        "predicted_value": scored["expected_spend"].to_numpy(),
         "churn_reasons": reasons,
         "value_reasons": [f"{e:.1f} purchases expected in the next {horizon_days} days"
                           for e in scored["expected_purchases"].to_numpy()]})
-    return scores, {"method": LABEL_FREE_METHOD, "params": scored.attrs["params"],
+    return scores, {"method": LABEL_FREE_METHOD, "params": params,
                     **_check_without_labels(con, as_of=as_of, horizon_days=horizon_days)}
-
-
-def _label_free_predictions(summary: pd.DataFrame, horizon_days: int) -> pd.DataFrame:
-    """BG/NBD + Gamma-Gamma fitted on ``summary`` and applied to it (weeks)."""
-    bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
-    gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
-    weeks = horizon_days / 7
-    x, tx, t = summary["frequency"], summary["recency"], summary["T"]
-    purchases = bg.expected_purchases(weeks, x, tx, t)
-    out = pd.DataFrame({
-        "churn_probability": bg.probability_no_purchase(weeks, x, tx, t),
-        "expected_purchases": purchases,
-        "predicted_value": purchases * gg.expected_spend(x, summary["monetary_value"])},
-        index=summary.index)
-    out.attrs["params"] = {"bgnbd": bg.params_, "gamma_gamma": gg.params_}
-    return out
 
 
 def _check_without_labels(con, *, as_of: dt.date, horizon_days: int) -> dict:
@@ -1328,14 +1321,15 @@ def _check_without_labels(con, *, as_of: dt.date, horizon_days: int) -> dict:
     if (cutoff - data_start(con)).days < 30:
         return {"check": None, "check_skipped": (
             f"a check needs at least 30 days of history before {cutoff.isoformat()}")}
+    actual = build_features(con, cutoff=cutoff, horizon_days=horizon_days)
     try:
-        predicted = _label_free_predictions(rfm_summary(con, calibration_end=cutoff),
-                                            horizon_days)
+        predicted, _ = bgnbd_baseline(con, cutoff=cutoff, horizon_days=horizon_days,
+                                      customers=actual["customer_id"].astype("str"))
     except ValueError as exc:
         return {"check": None, "check_skipped": str(exc)}
-    actual = build_features(con, cutoff=cutoff, horizon_days=horizon_days)
-    actual = actual.assign(customer_id=actual["customer_id"].astype("str"))
-    both = actual.merge(predicted, left_on="customer_id", right_index=True, how="inner")
+    both = actual.assign(churn_probability=predicted["p_no_purchase"].to_numpy(),
+                         predicted_value=predicted["expected_spend"].to_numpy()
+                         ).dropna(subset=["churn_probability", "predicted_value"])
     y = both["churned"].to_numpy(dtype=float)
     check = {"cutoff": cutoff.isoformat(), "n": len(both), "churn_rate": float(y.mean()),
              "churn_auc": (float(roc_auc_score(y, both["churn_probability"]))
