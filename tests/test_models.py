@@ -295,6 +295,64 @@ def test_the_choice_is_said_in_plain_words():
         M.describe_choice("model", metrics, candidates=("model",), kind="spend")
 
 
+def test_the_choice_names_the_population_it_was_tested_on():
+    metrics = pd.DataFrame({"roc_auc": [0.78, 0.765, 0.77]}, index=["model", "logistic", "blend"])
+    text = M.describe_choice("model", metrics, candidates=M.CHURN_CANDIDATES,
+                             population="the 1,234 customers still active on 2024-01-01")
+    assert "tested on the 1,234 customers still active on 2024-01-01, whom it never saw, " \
+        "it separates churners from stayers with an AUC of 0.780" in text
+
+
+def _planted_evaluation(seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """600 active customers with a weak signal, 400 lapsed or lost ones who all churn and
+    whom every score calls churners (as "days since last order" does)."""
+    rng = np.random.default_rng(seed)
+    y_active = (rng.random(600) < 0.3).astype(int)
+    s_active = np.clip(0.3 + 0.2 * (y_active - 0.3) + rng.normal(0, 0.2, 600), 0.01, 0.9)
+    stages = ["active"] * 200 + ["new"] * 200 + ["at risk"] * 200 + ["lapsed"] * 100 + \
+        ["lost"] * 300
+    evaluation = pd.DataFrame({
+        "customer_id": [f"c{i}" for i in range(1000)], "lifecycle_stage": stages,
+        "churned": np.concatenate([y_active, np.ones(400, dtype=int)]),
+        "churn_model": np.concatenate([s_active, np.full(400, 0.95)]),
+        "churn_bgnbd": np.concatenate([s_active, np.full(400, 0.95)]),   # rank-only
+    })
+    return evaluation, y_active, s_active
+
+
+def test_active_population_accuracy_leaves_out_the_easy_lost_customers():
+    evaluation, y_active, s_active = _planted_evaluation()
+    everyone = M.churn_metrics_table(evaluation, population="all").set_index("method")
+    active = M.churn_metrics_table(evaluation, population="active").set_index("method")
+    assert list(active.index) == ["model", "bgnbd"]          # only the methods present
+    assert set(active["population"]) == {"active"} and set(everyone["population"]) == {"all"}
+    assert everyone.loc["model", "n"] == 1000 and active.loc["model", "n"] == 600
+    assert active.loc["model", "roc_auc"] < everyone.loc["model", "roc_auc"] - 0.1
+    # computed over the active rows only, exactly as churn_metrics would on them
+    alone = M.churn_metrics(y_active, s_active)
+    assert active.loc["model", "roc_auc"] == pytest.approx(alone["roc_auc"])
+    assert active.loc["model", "churn_rate"] == pytest.approx(y_active.mean())
+    assert active.loc["model", "brier"] == pytest.approx(alone["brier"])
+    assert "brier" not in active.columns or np.isnan(active.loc["bgnbd", "brier"])
+    # runs written before stages were recorded: everyone is the population
+    old = M.churn_metrics_table(evaluation.drop(columns="lifecycle_stage"), population="active")
+    assert old.set_index("method").loc["model", "n"] == 1000
+    # a population of churners only has no AUC, but keeps its size
+    lost = M.churn_metrics_table(evaluation.iloc[600:], population="all")
+    assert lost.loc[0, "n"] == 400 and "roc_auc" not in lost
+    with pytest.raises(ValueError, match="population must be one of"):
+        M.churn_metrics_table(evaluation, population="lost")
+
+
+def test_the_churn_choice_can_be_made_on_the_active_customers_only():
+    X, y = _planted_world("linear", 400, seed=3)
+    Xv, yv = _planted_world("linear", 400, seed=4)
+    active = np.arange(400) % 3 != 0
+    _, _, selection = M.fit_churn_candidates(X, y, Xv, yv, seed=5, population=active)
+    _, choose = M.split_validation(yv, seed=5)
+    assert set(selection["n"]) == {int(active[choose].sum())}
+
+
 # --------------------------------------------------------------------------- on the demo world
 
 

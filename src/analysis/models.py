@@ -40,6 +40,7 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.features import LABEL_COLUMNS, honest_cutoffs
+from analysis.segments import ACTIVE_STAGES, assign_lifecycle
 
 __all__ = [
     "CHURN_CANDIDATES",
@@ -68,6 +69,8 @@ __all__ = [
     "ValueModel",
     "calibration_table",
     "churn_metrics",
+    "churn_metrics_table",
+    "active_rows",
     "decile_table",
     "feature_columns",
     "fit_churn_candidates",
@@ -633,13 +636,15 @@ def _mark_choice(table: pd.DataFrame, score: str, tie_break: str) -> pd.DataFram
 
 
 def describe_choice(chosen: str, metrics: pd.DataFrame, *, candidates: tuple[str, ...],
-                    kind: str = "churn") -> str:
+                    kind: str = "churn", population: str | None = None) -> str:
     """One plain sentence for executives: which method scores the customers, and how it
     compared with the other candidates on customers it never saw.
 
-    ``metrics`` is indexed by method (``churn_metrics`` or ``value_metrics`` with
-    ``set_index("method")``); churn is compared by AUC, value by the average error per
-    customer (``mae``).
+    ``metrics`` is indexed by method (``churn_metrics``, ``churn_metrics_active`` or
+    ``value_metrics`` with ``set_index("method")``); churn is compared by AUC, value by
+    the average error per customer (``mae``). ``population`` names the customers the
+    metrics are about (e.g. "the 1,234 customers still active on 2024-01-01"); without
+    it, "customers".
     """
     kinds = {"churn": ("Churn risk comes from", "churn", "roc_auc",
                        "separates churners from stayers with an AUC of {:.3f} (1 is "
@@ -654,9 +659,11 @@ def describe_choice(chosen: str, metrics: pd.DataFrame, *, candidates: tuple[str
     against = (", against " + (" and ".join(others) if len(others) < 3 else
                                ", ".join(others[:-1]) + " and " + others[-1])) if others else ""
     score = result.format(metrics.loc[chosen, measure])
+    tested = (f"tested on {population}, whom it never saw" if population else
+              "tested on customers it never saw")
     return (f"{lead} {METHOD_NAMES.get(chosen, chosen)}, which predicted {predicted} best "
             f"of the {len(candidates)} methods tried on customers held out from training; "
-            f"tested on customers it never saw, it {score}{against}.")
+            f"{tested}, it {score}{against}.")
 
 
 def comparison_table(metrics: pd.DataFrame, selection: pd.DataFrame | None,
@@ -706,6 +713,54 @@ def churn_metrics(y, score, *, probabilities: bool = True) -> dict:
         out[f"lift_top{pct}"] = float(y[top].mean() / y.mean()) if y.mean() > 0 else np.nan
         out[f"capture_top{pct}"] = float(y[top].sum() / y.sum()) if y.sum() > 0 else np.nan
     return out
+
+
+#: The churn methods judged out of time, and whether their scores are probabilities.
+CHURN_METHODS = (("model", True), ("model_uncalibrated", True), ("logistic", True),
+                 ("blend", True), ("rfm", True), ("bgnbd", False))
+
+POPULATIONS = ("all", "active")
+
+
+def active_rows(evaluation: pd.DataFrame) -> pd.DataFrame:
+    """The rows of an evaluation frame whose customers were active at its cutoff
+    (``lifecycle_stage`` in :data:`analysis.segments.ACTIVE_STAGES`); every row for a
+    frame without stages (runs written before they were recorded)."""
+    if "lifecycle_stage" not in evaluation:
+        return evaluation
+    return evaluation[evaluation["lifecycle_stage"].isin(ACTIVE_STAGES)]
+
+
+def churn_metrics_table(evaluation: pd.DataFrame, *, population: str = "all"
+                        ) -> pd.DataFrame:
+    """Every churn method's out-of-time metrics (:func:`churn_metrics`) on one population
+    of the evaluation frame: ``"all"`` its customers, ``"active"`` those active at the
+    cutoff (:func:`active_rows`: churn risk and its accuracy are about them; long-lost
+    customers are easy to call churners and flatter every method).
+
+    Methods are those of :data:`CHURN_METHODS` with a ``churn_<method>`` column. A
+    population without both churners and stayers keeps ``n`` and ``churn_rate`` only.
+
+    Returns
+    -------
+    DataFrame
+        One row per method: ``method``, ``population``, then the keys of
+        :func:`churn_metrics` (``n``, ``churn_rate``, ``roc_auc``, ``pr_auc``, ``brier``,
+        ``ece``, ``lift_top10``, ``capture_top10``, ``lift_top20``, ``capture_top20``).
+    """
+    if population not in POPULATIONS:
+        raise ValueError(f"population must be one of {POPULATIONS}, not {population!r}")
+    part = active_rows(evaluation) if population == "active" else evaluation
+    y = part["churned"].to_numpy(dtype=float)
+    rows = []
+    for method, probs in CHURN_METHODS:
+        column = f"churn_{method}"
+        if column not in part:
+            continue
+        m = (churn_metrics(y, part[column], probabilities=probs) if 0 < y.sum() < len(y)
+             else {"n": int(len(y)), "churn_rate": float(y.mean()) if len(y) else np.nan})
+        rows.append({"method": method, "population": population, **m})
+    return pd.DataFrame(rows)
 
 
 def value_metrics(actual, predicted) -> dict:
@@ -812,8 +867,14 @@ class ModelRun:
     churn_selection, value_selection : the validation scores the choice was made on
         (:func:`churn_selection`, :func:`value_selection`).
     evaluation : one row per customer at the evaluation cutoff: ``frequency`` (history),
-        ``churned``, ``future_spend`` and each method's score (``churn_<method>``, ``value_<method>``).
-    churn_metrics, value_metrics : one row per method (out-of-time, eval cutoff).
+        ``lifecycle_stage`` (at that cutoff, from the snapshot's own features),
+        ``churned``, ``future_spend`` and each method's score (``churn_<method>``,
+        ``value_<method>``).
+    churn_metrics, value_metrics : one row per method (out-of-time, eval cutoff), over
+        every customer of the evaluation snapshot.
+    churn_metrics_active : ``churn_metrics`` over the customers active at the
+        evaluation cutoff (:func:`churn_metrics_table`), the population churn risk is
+        about; None in runs written before it.
     scores : at the scoring date, from the chosen methods: ``customer_id``,
         ``churn_probability``, ``predicted_value``, ``churn_reasons``, ``value_reasons``.
     churn_shap : SHAP values of the chosen churn method at the scoring date (+ ``bias``),
@@ -844,6 +905,7 @@ class ModelRun:
     evaluation: pd.DataFrame | None = None
     churn_metrics: pd.DataFrame | None = None
     value_metrics: pd.DataFrame | None = None
+    churn_metrics_active: pd.DataFrame | None = None
     scores: pd.DataFrame | None = None
     churn_shap: pd.DataFrame | None = None
     value_shap: pd.DataFrame | None = None
@@ -857,7 +919,9 @@ class ModelRun:
 
         ``churn`` and ``value`` hold each method's out-of-time metrics under its name,
         ``chosen`` (the method that scores the customers) and ``selection`` (each
-        candidate's validation scores, the choice's evidence).
+        candidate's validation scores, the choice's evidence); ``churn_active`` each
+        churn method's metrics on the customers active at the evaluation cutoff
+        (``sizes["eval_active"]`` of them).
         """
         out = {"horizon_days": self.horizon_days, "cutoffs": self.cutoffs,
                "sizes": self.sizes, "clv_params": self.clv_params,
@@ -868,6 +932,9 @@ class ModelRun:
             entry = getattr(self, f"{kind}_metrics").set_index("method").to_dict(orient="index")
             out[kind] = {**entry, **choice_record(getattr(self, f"{kind}_chosen"),
                                                   getattr(self, f"{kind}_selection"))}
+        if self.churn_metrics_active is not None:
+            out["churn_active"] = self.churn_metrics_active.set_index("method").to_dict(
+                orient="index")
         return out
 
 
@@ -875,7 +942,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      horizon_days: int, n_cutoffs: int, step_days: int,
                      exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
                      min_customers: int = 200, max_train_rows: int = 300_000,
-                     max_baseline_rows: int = 100_000) -> ModelRun:
+                     max_baseline_rows: int = 100_000,
+                     lifecycle: dict | None = None) -> ModelRun:
     """Train on rolling-origin snapshots, choose the scoring methods on the validation
     cutoff, judge every method out of time, score at ``as_of``.
 
@@ -897,6 +965,14 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     are exactly the models judged: nothing is refitted after the choice. A split rather
     than cross-fitting keeps the cost of a large base at one fit per model. All methods
     are then judged on the evaluation cutoff as before.
+
+    **On whom.** Churn risk is about customers still active at a cutoff. Each
+    validation and evaluation customer's lifecycle stage at that cutoff is drawn from the
+    snapshot's own features with :func:`analysis.segments.assign_lifecycle` and the
+    thresholds ``lifecycle`` (its keyword arguments, :func:`analysis.segments.
+    lifecycle_thresholds`; its defaults when None). The churn method is chosen on the
+    active customers of the choosing half, and every churn method is judged both on
+    everyone (``churn_metrics``) and on the active customers (``churn_metrics_active``).
 
     At ``as_of`` the chosen methods give ``churn_probability`` and ``predicted_value``
     (BG/NBD + Gamma-Gamma refitted on all history before ``as_of`` when chosen). Churn
@@ -956,12 +1032,15 @@ def fit_and_evaluate(con, *, as_of: dt.date,
          (("train", train), ("valid", valid), ("test", test))}
     rfm = ["recency_days", "frequency", "monetary_total"]
     train = train[[*rfm, "churned", "future_spend"]]
-    valid = valid[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]]
-    test = test[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]]
+    valid = valid[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]].assign(
+        lifecycle_stage=assign_lifecycle(valid, **(lifecycle or {}))["lifecycle_stage"].to_numpy())
+    test = test[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]].assign(
+        lifecycle_stage=assign_lifecycle(test, **(lifecycle or {}))["lifecycle_stage"].to_numpy())
 
     churn, logistic, churn_choice = fit_churn_candidates(
         X["train"], train["churned"], X["valid"], valid["churned"], seed=seed, device=device,
-        max_logistic_rows=max_baseline_rows)
+        max_logistic_rows=max_baseline_rows,
+        population=valid["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy())
     tune, choose = split_validation(valid["churned"], seed=seed)     # the same halves
     value = ValueModel(seed=seed, device=device).fit(
         X["train"], train["future_spend"], X["valid"].iloc[tune],
@@ -981,7 +1060,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     test_churn = candidate_probabilities(churn, logistic, X["test"])
     evaluation = pd.DataFrame({
         "customer_id": test["customer_id"], "frequency": test["frequency"],
-        "churned": test["churned"], "future_spend": test["future_spend"],
+        "lifecycle_stage": test["lifecycle_stage"], "churned": test["churned"], "future_spend": test["future_spend"],
         "churn_model": test_churn["model"],
         "churn_model_uncalibrated": churn.predict_uncalibrated(X["test"]),
         "churn_logistic": test_churn["logistic"],
@@ -995,12 +1074,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     })
     n_train, n_test = len(train), len(test)
     del X["test"], test, bg, test_churn
-    churn_rows = []
-    for method, probs in (("model", True), ("model_uncalibrated", True), ("logistic", True),
-                          ("blend", True), ("rfm", True), ("bgnbd", False)):
-        m = churn_metrics(evaluation["churned"], evaluation[f"churn_{method}"],
-                          probabilities=probs)
-        churn_rows.append({"method": method, **m})
+    churn_table = churn_metrics_table(evaluation, population="all")
+    churn_active = churn_metrics_table(evaluation, population="active")
     value_rows = [{"method": method, **value_metrics(evaluation["future_spend"],
                                                      evaluation[f"value_{method}"])}
                   for method in ("model", "last_period", "rfm", "bgnbd_gg")]
@@ -1036,13 +1111,16 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         churn=churn, value=value, logistic=logistic, churn_chosen=churn_chosen,
         value_chosen=value_chosen, churn_selection=churn_choice,
         value_selection=value_choice, evaluation=evaluation,
-        churn_metrics=pd.DataFrame(churn_rows), value_metrics=pd.DataFrame(value_rows),
+        churn_metrics=churn_table, value_metrics=pd.DataFrame(value_rows),
+        churn_metrics_active=churn_active,
         scores=scores, churn_shap=churn_shap, value_shap=value_shap, score_features=score_X,
         clv_params=clv_params, drift=drift, churn_drivers=churn_drivers,
         value_drivers=value_drivers,
         sizes={"train": n_train, "train_cutoffs": len(train_cuts), "valid": n_valid,
                "valid_tune": n_tune, "valid_choose": n_valid - n_tune,
-               "eval": n_test, "score": n_score, "features": len(columns)},
+               "valid_choose_active": int(churn_choice["n"].iloc[0]),
+               "eval": n_test, "eval_active": int(churn_active["n"].iloc[0]),
+               "score": n_score, "features": len(columns)},
     )
 
 
@@ -1058,7 +1136,8 @@ def split_validation(churned, *, seed: int = 42) -> tuple[np.ndarray, np.ndarray
 
 def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
                          seed: int = 42, device: str = "cpu",
-                         max_logistic_rows: int | None = None
+                         max_logistic_rows: int | None = None,
+                         population=None
                          ) -> tuple[ChurnModel, LogisticChurn, pd.DataFrame]:
     """Fit the churn candidates on ``X, y`` and choose among them on later, held-out data.
 
@@ -1066,7 +1145,10 @@ def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
     the first stops XGBoost early and calibrates it; the second, which no candidate has
     seen, scores calibrated XGBoost, the logistic regression (fitted on ``X, y`` only,
     on at most ``max_logistic_rows`` rows drawn with ``seed``) and their blend
-    (:func:`churn_selection`: lowest log loss, Brier breaking ties). Nothing is refitted
+    (:func:`churn_selection`: lowest log loss, Brier breaking ties). ``population``, a
+    boolean per validation row, restricts the choosing half to the customers the choice
+    is about (those active at the validation cutoff, see :func:`fit_and_evaluate`); when
+    that leaves no churner or no stayer, the whole half chooses. Nothing is refitted
     after the choice, so the chosen method is exactly the one judged.
 
     Returns
@@ -1078,6 +1160,10 @@ def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
     churn = ChurnModel(seed=seed, device=device).fit(X, y, X_valid.iloc[tune], y_valid[tune])
     rows = np.random.default_rng(seed).permutation(len(X))[:max_logistic_rows]
     logistic = LogisticChurn().fit(X.iloc[rows], y[rows])
+    if population is not None:
+        about = choose[np.asarray(population, dtype=bool)[choose]]
+        if 0 < y_valid[about].sum() < len(about):
+            choose = about
     selection = churn_selection(y_valid[choose], candidate_probabilities(
         churn, logistic, X_valid.iloc[choose]))
     return churn, logistic, selection
@@ -1152,6 +1238,9 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
         extra = {"metrics": metrics.set_index("method").to_dict(orient="index")}
         if name == "churn":
             extra["calibration"] = run.churn.calibration_
+            if run.churn_metrics_active is not None:
+                extra["metrics_active"] = run.churn_metrics_active.set_index(
+                    "method").to_dict(orient="index")
         paths = model.save(models, name, {**meta, **extra})
         written[f"{name}_model"], written[f"{name}_metadata"] = paths["model"], paths["metadata"]
     if run.logistic is not None:
@@ -1173,8 +1262,9 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
 
 
 #: The tables a model run writes under ``models/`` (Parquet).
-MODEL_TABLES = ("evaluation", "churn_metrics", "value_metrics", "scores", "churn_shap",
-                "value_shap", "score_features", "drift", "churn_drivers", "value_drivers")
+MODEL_TABLES = ("evaluation", "churn_metrics", "churn_metrics_active", "value_metrics",
+                "scores", "churn_shap", "value_shap", "score_features", "drift",
+                "churn_drivers", "value_drivers")
 
 
 def read_model_run(out_dir: str | Path, tables: tuple[str, ...] | None = None) -> ModelRun:

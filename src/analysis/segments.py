@@ -23,6 +23,7 @@ from analysis.errors import InsufficientDataError
 from analysis.features import build_features
 
 __all__ = [
+    "ACTIVE_STAGES",
     "CLUSTER_FEATURES",
     "CustomerProfile",
     "LIFECYCLE_STAGES",
@@ -39,6 +40,7 @@ __all__ = [
     "segment_profile",
     "tier_summary_of",
     "lifecycle_counts",
+    "lifecycle_thresholds",
     "value_tiers",
     "write_profile",
 ]
@@ -64,6 +66,11 @@ RFM_SEGMENTS = pd.DataFrame(
 )
 
 LIFECYCLE_STAGES = ("new", "active", "at risk", "lapsed", "lost")
+
+#: The stages of customers still *active* at a cutoff (bought within their own rhythm's
+#: lapse window): the population churn risk, its accuracy and retention targeting are
+#: about. Lapsed and lost customers are the win-back population.
+ACTIVE_STAGES = LIFECYCLE_STAGES[:3]
 
 #: Features the behavioural clusters are built on (log1p-transformed, standardised).
 CLUSTER_FEATURES = ("recency_days", "frequency", "monetary_mean_order", "tenure_days",
@@ -186,6 +193,15 @@ def assign_lifecycle(features: pd.DataFrame, *, new_days: int = 90,
                          "rhythm_days": rhythm.to_numpy(),
                          "recency_vs_rhythm": ratio.to_numpy(),
                          "lifecycle_stage": stage})
+
+
+def lifecycle_thresholds(params: AnalysisParams) -> dict[str, float]:
+    """The keyword arguments of :func:`assign_lifecycle` that the configuration sets
+    (``analysis.lifecycle_*``), so that every step draws the stages with the same
+    thresholds."""
+    return {"new_days": params.lifecycle_new_days,
+            "at_risk_multiple": params.lifecycle_at_risk_gap_multiple,
+            "lapsed_multiple": params.lifecycle_lapsed_gap_multiple}
 
 
 def cluster_customers(features: pd.DataFrame, *, k: int | None = None, max_k: int = 8,
@@ -461,9 +477,7 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
             f"tiers and models over fewer would mislead")
     rfm = rfm_scores(feats)
     tiers = value_tiers(feats, shares=params.tier_shares)
-    life = assign_lifecycle(feats, new_days=params.lifecycle_new_days,
-                            at_risk_multiple=params.lifecycle_at_risk_gap_multiple,
-                            lapsed_multiple=params.lifecycle_lapsed_gap_multiple)
+    life = assign_lifecycle(feats, **lifecycle_thresholds(params))
     labels, clusters = cluster_customers(feats, max_k=params.max_clusters, seed=seed)
     customers = (feats
                  .merge(rfm.rename(columns={"rfm_segment": "segment"}), on="customer_id")
