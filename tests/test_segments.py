@@ -28,11 +28,30 @@ def test_rfm_scores_and_segments():
               monetary_total=[900, 700, 50, 20, 10, 8, 800, 60, 300, 5])
     out = S.rfm_scores(f).set_index("customer_id")
     assert out.loc["c0", "rfm_score"] == "555" and out.loc["c0", "rfm_segment"] == "Champions"
-    assert out.loc["c9", "r_score"] == 1 and out.loc["c9", "rfm_segment"] == "Lost"
-    assert out.loc["c6", "rfm_segment"] == "Can't lose them"      # R 2, FM 5
-    assert out.loc["c5", "rfm_segment"] == "New"                  # R 5, FM 1
+    assert out.loc["c9", "r_score"] == 1 and out.loc["c9", "rfm_segment"] == "Long-gone light buyers"
+    assert out.loc["c6", "rfm_segment"] == "Former top spenders"  # R 2, FM 5
+    assert out.loc["c5", "rfm_segment"] == "First-time buyers"    # R 5, FM 1
     # ties share the lowest score: the four one-time buyers
     assert out.loc[["c3", "c4", "c5", "c9"], "f_score"].tolist() == [1, 1, 1, 1]
+
+
+def test_segment_names_stages_and_risk_bands_share_no_word():
+    import re
+
+    from analysis.strategy import RISK_BANDS
+
+    stop = {"a", "an", "and", "but", "for", "of", "or", "the", "to"}
+
+    def words(names):
+        return {w for name in names for w in re.findall(r"[a-z]+", name.lower())} - stop
+
+    vocabularies = {"RFM segments": words(S.RFM_SEGMENTS["segment"]),
+                    "lifecycle stages": words(S.LIFECYCLE_STAGES),
+                    "risk bands": words(RISK_BANDS)}
+    assert all(vocabularies.values())
+    for (a, wa), (b, wb) in itertools.combinations(vocabularies.items(), 2):
+        assert not wa & wb, f"{a} and {b} share {sorted(wa & wb)}"
+    assert S.RFM_SEGMENTS["segment"].is_unique
 
 
 def test_value_tiers_by_cumulative_share():

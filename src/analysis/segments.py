@@ -47,20 +47,23 @@ __all__ = [
 
 #: Score-to-name map of RFM segments over the recency score R and the mean of the
 #: frequency and monetary scores FM (both 1-5, 5 best). Rows are tried in order; the
-#: first whose ranges hold names the segment. Every (R, FM) pair is covered.
+#: first whose ranges hold names the segment. Every (R, FM) pair is covered. The names
+#: describe past recency, frequency and spend, and share no word with the lifecycle
+#: stages (:data:`LIFECYCLE_STAGES`) or the churn-risk bands
+#: (:data:`analysis.strategy.RISK_BANDS`), so that no two can be confused.
 RFM_SEGMENTS = pd.DataFrame(
     [
         ("Champions", 4, 5, 4, 5, "bought recently, buy often and spend the most"),
         ("Loyal", 3, 5, 3, 5, "buy regularly and spend well"),
         ("Potential loyalist", 4, 5, 2, 2, "recent customers with average frequency"),
-        ("New", 5, 5, 1, 1, "bought very recently, for the first time or nearly"),
+        ("First-time buyers", 5, 5, 1, 1, "bought very recently, for the first time or nearly"),
         ("Promising", 4, 4, 1, 1, "recent shoppers who have not spent much yet"),
         ("Need attention", 3, 3, 2, 2, "average recency, frequency and spend"),
-        ("About to sleep", 3, 3, 1, 1, "below-average recency and frequency"),
-        ("Can't lose them", 1, 2, 5, 5, "used to buy often and spend most; long gone"),
-        ("At risk", 1, 2, 3, 4, "spent well and often, but long ago"),
-        ("Hibernating", 2, 2, 1, 2, "last bought long ago, few orders, low spend"),
-        ("Lost", 1, 1, 1, 2, "lowest recency, frequency and spend"),
+        ("Faded one-off buyers", 3, 3, 1, 1, "one or few small orders, months ago"),
+        ("Former top spenders", 1, 2, 5, 5, "used to buy often and spend most; long gone"),
+        ("Former regulars", 1, 2, 3, 4, "spent well and often, but long ago"),
+        ("Hibernating", 2, 2, 1, 2, "last bought long ago, few orders, small spend"),
+        ("Long-gone light buyers", 1, 1, 1, 2, "lowest recency, frequency and spend"),
     ],
     columns=["segment", "r_min", "r_max", "fm_min", "fm_max", "meaning"],
 )

@@ -20,9 +20,11 @@ from scipy import stats
 __all__ = [
     "DECISION_COLUMNS",
     "DEFAULT_POLICY",
+    "RISK_BANDS",
     "StrategyParams",
     "StrategyRun",
     "assign_actions",
+    "churn_risk_band",
     "decide",
     "decide_snapshot",
     "guardrail_effects",
@@ -38,6 +40,18 @@ __all__ = [
     "phaseout_review",
     "retention_targeting",
 ]
+
+#: The churn-risk bands of the decisions (``churn_risk``): ``high`` from ``high_risk``
+#: on, ``low`` below it, ``unknown`` without a churn probability. Words distinct from
+#: the lifecycle stages and the RFM segment names (:mod:`analysis.segments`).
+RISK_BANDS = ("high", "low", "unknown")
+
+
+def churn_risk_band(probability: pd.Series, *, high_risk: float) -> np.ndarray:
+    """The :data:`RISK_BANDS` band of each churn probability."""
+    return np.where(probability.isna(), RISK_BANDS[2],
+                    np.where(probability >= high_risk, RISK_BANDS[0], RISK_BANDS[1]))
+
 
 #: The action policy: rows are tried in order and the first whose conditions all hold
 #: names the customer's action. A condition lists the allowed values of a decision
@@ -716,9 +730,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     review = phaseout_review(c, econ, history, params=params)
     decisions = pd.DataFrame({
         "customer_id": c["customer_id"], "value_tier": c["value_tier"],
-        "churn_risk": np.where(c["churn_probability"].isna(), "unknown",
-                               np.where(c["churn_probability"] >= params.high_risk, "high",
-                                        "low")),
+        "churn_risk": churn_risk_band(c["churn_probability"], high_risk=params.high_risk),
         "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
         "profitable": econ["expected_profit"] >= 0,
         "retention_profitable": targeting["targeted"],
@@ -831,8 +843,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     review["phaseout_candidate"] &= active.to_numpy()
     decisions = pd.DataFrame({
         "customer_id": c["customer_id"], "value_tier": c["value_tier"],
-        "churn_risk": np.where(risk.isna(), "unknown",
-                               np.where(risk >= params.high_risk, "high", "low")),
+        "churn_risk": churn_risk_band(risk, high_risk=params.high_risk),
         "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
         "profitable": econ["expected_profit"] >= 0,
         "retention_profitable": targeting["targeted"],
