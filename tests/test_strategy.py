@@ -252,6 +252,46 @@ def test_fairness_audit_flags_a_planted_bias_and_not_chance():
     assert {"f", "m"} <= set(flagged["group"])
 
 
+def test_fairness_audit_lists_small_groups_without_testing_them():
+    rng = np.random.default_rng(5)
+    n = 3000
+    gender = np.where(np.arange(n) < 12, "x", rng.choice(["f", "m"], n))
+    attrs = pd.DataFrame({"customer_id": range(n), "gender": gender})
+    actions = pd.DataFrame({"customer_id": range(n), "action": np.where(
+        np.arange(n) < 12, "Review for phase-out", rng.choice(["Maintain", "Grow"], n))})
+    audit = S.fairness_audit(actions, attrs, protected=("gender",), params=P)
+    small = audit[audit["group"] == "x"]
+    assert len(small) == 3 and not small["judged"].any() and not small["flag"].any()
+    assert small["p_value"].isna().all() and small["ratio"].max() == np.inf
+    assert audit.loc[audit["group"] != "x", "judged"].all()
+
+
+def test_fairness_summary_shows_flagged_rows_and_says_the_rest():
+    def row(attribute, group, action, n_group, judged, flag):
+        return {"attribute": attribute, "group": group, "action": action, "n_group": n_group,
+                "rate": 0.1, "rate_others": 0.1, "ratio": 2.0 if flag else 1.0,
+                "judged": judged, "p_value": np.nan if not judged else 0.5,
+                "p_adjusted": np.nan if not judged else 0.5, "flag": flag}
+
+    audit = pd.DataFrame([
+        row("gender", "f", "Grow", 2000, True, False),
+        row("gender", "m", "Grow", 1900, True, False),
+        row("gender", "x", "Grow", 12, False, False),
+        row("gender", "x", "Review for phase-out", 12, False, False),
+        row("age_band", "18-24", "Grow", 400, True, True),
+        row("age_band", "85+", "Grow", 4, False, False),
+    ])
+    flagged, sentence = S.fairness_summary(audit, min_group=30)
+    assert flagged[["attribute", "group"]].values.tolist() == [["age_band", "18-24"]]
+    assert sentence == ("2 other comparisons, none flagged; 2 groups too small to judge "
+                        "(fewer than 30 customers): gender x (12), age_band 85+ (4).")
+    none_flagged, sentence = S.fairness_summary(
+        audit[~audit["flag"] & audit["judged"]], min_group=30)
+    assert none_flagged.empty
+    assert sentence == ("None of the 2 comparisons is flagged; every group has at least 30 "
+                        "customers.")
+
+
 def test_snapshot_decisions_on_a_hand_built_frame():
     params = S.StrategyParams(cost_per_account_year=120.0, margin_rate=0.5,
                               retention_rate=0.2, phaseout_min_loss=1.0)

@@ -36,6 +36,7 @@ __all__ = [
     "estimate_margin_uplift",
     "estimate_retention_effect",
     "fairness_audit",
+    "fairness_summary",
     "period_profits",
     "phaseout_review",
     "retention_targeting",
@@ -117,6 +118,8 @@ class StrategyParams:
         score at or below; churn probability at or above; rise of the churn probability
         since the previous run, in points of probability).
     fairness_ratio, fairness_p_value : four-fifths rule, with a significance test.
+    fairness_min_group : a protected group with fewer customers is too small to judge:
+        it is listed, not tested (the analysis' ``min_segment_customers`` by default).
     """
 
     margin_rate: float = 0.30
@@ -143,6 +146,7 @@ class StrategyParams:
     warning_churn_rise: float = 0.2
     fairness_ratio: float = 0.8
     fairness_p_value: float = 0.01
+    fairness_min_group: int = 30
     policy: list | None = None
 
     def table(self) -> pd.DataFrame:
@@ -584,7 +588,7 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
 
 def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
                    protected: tuple[str, ...], params: StrategyParams,
-                   min_group: int = 30) -> pd.DataFrame:
+                   min_group: int | None = None) -> pd.DataFrame:
     """Share of each protected group in each action against its share of customers.
 
     ``ratio`` = the group's rate of receiving the action / the rate of everyone else;
@@ -592,15 +596,19 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
     its inverse, *and* a chi-square test of the group against the rest has
     p < ``fairness_p_value`` after Holm's correction over every (attribute, group,
     action) tested: small groups and rare actions vary by chance, and with dozens of
-    comparisons some p-values are small by chance alone.
+    comparisons some p-values are small by chance alone. Groups with fewer than
+    ``min_group`` customers (default ``params.fairness_min_group``) are too small to
+    judge: their rows keep the rates but are not tested (``judged`` False, no p-value,
+    never flagged) and do not count in the correction.
 
     Returns
     -------
     DataFrame
         ``attribute``, ``group``, ``action``, ``n_group``, ``share_of_customers``,
-        ``share_of_action``, ``rate``, ``rate_others``, ``ratio``, ``p_value``,
-        ``p_adjusted`` (Holm), ``flag``.
+        ``share_of_action``, ``rate``, ``rate_others``, ``ratio``, ``judged``,
+        ``p_value``, ``p_adjusted`` (Holm), ``flag``.
     """
+    min_group = params.fairness_min_group if min_group is None else min_group
     df = actions[["customer_id", "action"]].merge(attributes, on="customer_id", how="left")
     rows = []
     for attr in protected:
@@ -612,27 +620,68 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
             for group in sorted(values.unique()):
                 in_group = values.eq(group).to_numpy()
                 n_g = int(in_group.sum())
-                if n_g < min_group or n_g == len(df):
+                if n_g == len(df):
                     continue
+                judged = n_g >= min_group
                 a, b = int((is_action & in_group).sum()), int((is_action & ~in_group).sum())
                 rate, rate_others = a / n_g, b / (len(df) - n_g)
                 ratio = rate / rate_others if rate_others > 0 else np.inf if rate > 0 else 1.0
                 table = np.array([[a, n_g - a], [b, len(df) - n_g - b]])
-                p = stats.chi2_contingency(table)[1] if table.min(axis=0).min() >= 0 and \
-                    (a + b) > 0 and (len(df) - a - b) > 0 else 1.0
+                p = (np.nan if not judged else
+                     stats.chi2_contingency(table)[1] if (a + b) > 0 and (len(df) - a - b) > 0
+                     else 1.0)
                 rows.append({"attribute": attr, "group": group, "action": action,
                              "n_group": n_g, "share_of_customers": n_g / len(df),
                              "share_of_action": a / max(int(is_action.sum()), 1),
                              "rate": rate, "rate_others": rate_others, "ratio": ratio,
-                             "p_value": p})
+                             "judged": judged, "p_value": p})
     out = pd.DataFrame(rows, columns=["attribute", "group", "action", "n_group",
                                       "share_of_customers", "share_of_action", "rate",
-                                      "rate_others", "ratio", "p_value"])
-    out["p_adjusted"] = holm(out["p_value"].to_numpy(dtype=float))
-    out["flag"] = (((out["ratio"] < params.fairness_ratio)
-                    | (out["ratio"] > 1 / params.fairness_ratio))
+                                      "rate_others", "ratio", "judged", "p_value"])
+    out["judged"] = out["judged"].astype(bool)
+    out["p_adjusted"] = np.nan
+    out.loc[out["judged"], "p_adjusted"] = holm(
+        out.loc[out["judged"], "p_value"].to_numpy(dtype=float))
+    out["flag"] = (out["judged"]
+                   & ((out["ratio"] < params.fairness_ratio)
+                      | (out["ratio"] > 1 / params.fairness_ratio))
                    & (out["p_adjusted"] < params.fairness_p_value))
     return out
+
+
+def fairness_summary(audit: pd.DataFrame, *, min_group: int) -> tuple[pd.DataFrame, str]:
+    """What the report shows of a :func:`fairness_audit`: every flagged row, and one
+    sentence for the rest (the comparisons judged and not flagged, and the groups too
+    small to judge, with ``min_group`` the size they fell short of).
+
+    Returns
+    -------
+    flagged : DataFrame
+        The flagged rows of ``audit`` (same columns).
+    sentence : str
+        E.g. "16 other comparisons, none flagged; 2 groups too small to judge (fewer
+        than 30 customers): gender x (12), age_band 85+ (4)."
+    """
+    judged = audit["judged"] if "judged" in audit else pd.Series(True, index=audit.index)
+    flagged = audit[audit["flag"]]
+    n_other = int((judged & ~audit["flag"]).sum())
+    small = (audit.loc[~judged, ["attribute", "group", "n_group"]]
+             .drop_duplicates(["attribute", "group"]))
+    if len(flagged):
+        lead = f"{n_other:,} other comparison{'s' if n_other != 1 else ''}, none flagged"
+    elif n_other == 0:
+        lead = "No comparison could be judged"
+    else:
+        lead = (f"None of the {n_other:,} comparisons is flagged" if n_other != 1 else
+                "The one comparison is not flagged")
+    if len(small):
+        names = ", ".join(f"{r.attribute} {r.group} ({r.n_group:,})"
+                          for r in small.itertuples())
+        tail = (f"; {len(small)} group{'s' if len(small) != 1 else ''} too small to judge "
+                f"(fewer than {min_group:,} customers): {names}.")
+    else:
+        tail = f"; every group has at least {min_group:,} customers."
+    return flagged, lead + tail
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
