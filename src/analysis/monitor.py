@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.data import write_atomically
+from analysis.segments import read_customers
+
 __all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "new_alerts",
            "population_stability", "read_history", "realized_outcomes", "run_kpis"]
 
@@ -33,8 +36,6 @@ def run_kpis(processed_dir: str | Path) -> dict:
         (of the methods that scored the customers),
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
-    from analysis.segments import read_customers
-
     folder = Path(processed_dir)
     c = read_customers(folder, ["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
                                 "churn_probability", "predicted_value", "phaseout_candidate"])
@@ -75,8 +76,6 @@ def append_history(history_path: str | Path, row: dict) -> pd.DataFrame:
     history = read_history(path)
     history = history[history["run_id"] != row["run_id"]] if len(history) else history
     history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-    from analysis.data import write_atomically
-
     write_atomically(path, lambda tmp: history.to_parquet(tmp, index=False))
     return history
 

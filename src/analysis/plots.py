@@ -13,6 +13,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from analysis.explain import FEATURE_LABELS
+
 __all__ = [
     "PALETTE",
     "TIER_COLORS",
@@ -276,8 +278,6 @@ def plot_value_deciles(deciles: pd.DataFrame, ax=None) -> Figure:
 
 
 def _label(column: str) -> str:
-    from analysis.explain import FEATURE_LABELS
-
     return FEATURE_LABELS.get(column, column)
 
 

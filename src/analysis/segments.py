@@ -19,7 +19,9 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from analysis.config import AnalysisParams
+from analysis.data import read_columns, write_atomically, write_csv
 from analysis.errors import InsufficientDataError
+from analysis.explain import FEATURE_LABELS
 from analysis.features import build_features
 
 __all__ = [
@@ -391,8 +393,6 @@ def _describe_cluster(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
 def _describe_generic(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
     """Name a cluster over arbitrary numeric columns by the two columns whose medians
     differ most from the population's (in units of the population's median)."""
-    from analysis.explain import FEATURE_LABELS
-
     scale = overall.abs().replace(0, np.nan)
     gap = ((med - overall) / scale).replace([np.inf, -np.inf], np.nan).dropna()
     top = gap.abs().sort_values(ascending=False).index[:2]
@@ -540,8 +540,6 @@ def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Pa
     The profile step creates it; the model and strategy steps add their columns through
     this function too.
     """
-    from analysis.data import write_atomically, write_csv
-
     out_dir = Path(out_dir)
     first = [c for c in CUSTOMER_COLUMNS_FIRST if c in customers]
     ordered = customers[first + [c for c in customers.columns if c not in first]]
@@ -570,6 +568,4 @@ def read_customers(out_dir: str | Path, columns: list[str] | tuple[str, ...] | N
     """The run's customer table (``customers.parquet``); with ``columns``, only those of
     them it has (memory: a large base's table has dozens of columns, long texts among
     them)."""
-    from analysis.data import read_columns
-
     return read_columns(Path(out_dir) / "customers.parquet", columns)

@@ -28,6 +28,28 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from analysis.config import Config, SnapshotParams
 from analysis.errors import InsufficientDataError
+from analysis.explain import reason_codes
+from analysis.models import (
+    CHURN_CANDIDATES,
+    ChurnModel,
+    LogisticChurn,
+    candidate_contributions,
+    candidate_probabilities,
+    choice_record,
+    chosen_method,
+    churn_metrics,
+    churn_selection,
+    read_choice,
+)
+from analysis.segments import (
+    CustomerProfile,
+    cluster_customers,
+    lifecycle_counts,
+    pareto_curve,
+    segment_profile,
+    tier_summary_of,
+    value_tiers,
+)
 
 __all__ = [
     "SnapshotRun",
@@ -246,16 +268,6 @@ def fit_churn_cv(customers: pd.DataFrame, *, params: SnapshotParams,
         With fewer than ``min_customers`` labelled customers or ``min_class`` churners
         or stayers.
     """
-    from analysis.explain import reason_codes
-    from analysis.models import (
-        CHURN_CANDIDATES,
-        candidate_contributions,
-        candidate_probabilities,
-        chosen_method,
-        churn_metrics,
-        churn_selection,
-    )
-
     data = customers[customers["churn"].notna()].reset_index(drop=True)
     y = data["churn"].astype(bool).to_numpy().astype(int)
     n_pos = int(y.sum())
@@ -317,8 +329,6 @@ def _fit_candidates(X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, *, seed: i
                     device: str):
     """Calibrated XGBoost (stopped early and calibrated on a stratified quarter of
     ``rows``) and the logistic regression (on all of ``rows``)."""
-    from analysis.models import ChurnModel, LogisticChurn
-
     fit_idx, stop_idx = train_test_split(rows, test_size=0.25, stratify=y[rows],
                                          random_state=seed)
     model = ChurnModel(seed=seed, device=device).fit(X.iloc[fit_idx], y[fit_idx],
@@ -421,16 +431,6 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
     ``scores``; missing without a model), ``predicted_value`` (expected revenue over
     the horizon), ``remaining_months`` and ``remaining_value`` (discounted).
     """
-    from analysis.segments import (
-        CustomerProfile,
-        cluster_customers,
-        lifecycle_counts,
-        pareto_curve,
-        segment_profile,
-        tier_summary_of,
-        value_tiers,
-    )
-
     p = config.snapshot
     c = customers.reset_index(drop=True).copy()
     if len(c) < config.analysis.min_customers:
@@ -508,8 +508,6 @@ def write_snapshot_run(run: SnapshotRun, out_dir: str | Path, *, horizon_days: i
     """The models (JSON booster + metadata, the logistic regression as JSON), their
     tables and ``models.json``, whose ``churn`` holds each method's out-of-fold metrics
     under its name, ``chosen`` and ``selection`` (the inner scores of the choice)."""
-    from analysis.models import choice_record
-
     out_dir = Path(out_dir)
     folder = out_dir / "models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -533,8 +531,6 @@ def write_snapshot_run(run: SnapshotRun, out_dir: str | Path, *, horizon_days: i
 def read_snapshot_run(out_dir: str | Path) -> SnapshotRun:
     """Read back what :func:`write_snapshot_run` wrote."""
     import xgboost as xgb
-
-    from analysis.models import ChurnModel, LogisticChurn, read_choice
 
     out_dir = Path(out_dir)
     folder = out_dir / "models"

@@ -18,6 +18,9 @@ import pandas as pd
 from scipy import stats
 
 from analysis.config import StrategyParams
+from analysis.features import build_features
+from analysis.models import prepare_matrix
+from analysis.segments import save_customers
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -606,8 +609,6 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     ``attributes`` holds the protected attributes, used only by the audit; ``previous``
     the previous run's customers (for the rising-risk warning).
     """
-    from analysis.features import build_features
-
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
     run_rate = c["spend_365d"].clip(lower=0) * horizon_days / 365
@@ -672,8 +673,6 @@ def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_mod
                       window: int, horizon_days: int, params: StrategyParams) -> pd.DataFrame:
     """Per reachable customer at the campaign date: ``treated``, the margin realised in
     the window after it, the margin the value model expected then, and last year's."""
-    from analysis.models import prepare_matrix
-
     r = reachable.merge(campaign[["customer_id", "treated"]], on="customer_id")
     rate = (r["margin_rate"].clip(0, 1) if "margin_rate" in r
             else pd.Series(np.nan, r.index)).fillna(params.margin_rate)
@@ -706,8 +705,6 @@ def write_strategy(run: StrategyRun, out_dir) -> dict:
     customers = pd.read_parquet(out_dir / "customers.parquet")
     keep = [c for c in customers.columns if c not in run.customers.columns or c == "customer_id"]
     merged = customers[keep].merge(run.customers, on="customer_id", how="left")
-    from analysis.segments import save_customers
-
     written.update(save_customers(out_dir, merged))
     return written
 
