@@ -21,6 +21,7 @@ import yaml
 from analysis.errors import ConfigError
 
 __all__ = [
+    "DAYS_PER_MONTH",
     "TABLE_CONTRACTS",
     "AnalysisParams",
     "CleaningParams",
@@ -35,6 +36,9 @@ __all__ = [
 Mode = Literal["transactions", "snapshot"]
 FileFormat = Literal["auto", "csv", "parquet", "excel"]
 Dedupe = Literal["auto", "always", "never"]
+
+#: Days in an average month: a Julian year (365.25 days) over twelve, 30.4375.
+DAYS_PER_MONTH = 365.25 / 12
 
 #: Contract of each table: (required columns, optional columns).
 TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -186,12 +190,12 @@ class SnapshotParams:
 
     @property
     def tenure_months_per_unit(self) -> float:
-        return {"days": 12 / 365.25, "weeks": 12 / 52.18, "months": 1.0,
+        return {"days": 1 / DAYS_PER_MONTH, "weeks": 12 / 52.18, "months": 1.0,
                 "years": 12.0}[self.tenure_unit]
 
     @property
     def revenue_periods_per_month(self) -> float:
-        return {"day": 365.25 / 12, "week": 52.18 / 12, "month": 1.0, "quarter": 1 / 3,
+        return {"day": DAYS_PER_MONTH, "week": 52.18 / 12, "month": 1.0, "quarter": 1 / 3,
                 "year": 1 / 12}[self.revenue_period]
 
 

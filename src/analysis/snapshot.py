@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from analysis.config import Config, SnapshotParams
+from analysis.config import DAYS_PER_MONTH, Config, SnapshotParams
 from analysis.errors import InsufficientDataError
 from analysis.explain import reason_codes
 from analysis.models import (
@@ -444,7 +444,7 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
         revenue = c["total_revenue"] / tenure_m.where(tenure_m > 0) / p.revenue_periods_per_month
     c["revenue_month"] = (revenue * p.revenue_periods_per_month).fillna(0.0).clip(lower=0)
     c["tenure_months"] = tenure_m
-    c["tenure_days"] = tenure_m * 30.44
+    c["tenure_days"] = tenure_m * DAYS_PER_MONTH
     c["spend_365d"] = c["revenue_month"] * 12
     c["monetary_total"] = (c["total_revenue"] if "total_revenue" in c
                            else c["revenue_month"] * tenure_m).fillna(
@@ -497,7 +497,7 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
 
 def _horizon_months(config: Config) -> float:
     h = config.analysis.horizon_days
-    return (90 if h == "auto" else int(h)) / 30.44
+    return (90 if h == "auto" else int(h)) / DAYS_PER_MONTH
 
 
 # --------------------------------------------------------------------------- files

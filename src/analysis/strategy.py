@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.config import StrategyParams
+from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.features import build_features
 from analysis.models import prepare_matrix
 from analysis.segments import save_customers
@@ -650,7 +650,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
     retention["uplift_rate_used"] = uplift_rate
     retention["value_window_days"] = window if uplift_rate is not None else \
-        int(params.retention_value_months * 365 / 12)
+        int(params.retention_value_months * DAYS_PER_MONTH)
     retention["eligible_customers"] = int(active.sum())
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
                              periods=params.phaseout_periods, params=params)
@@ -750,12 +750,12 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     tenure_m = c["tenure_months"].fillna(0)
     potential = active & c["value_tier"].isin(["low", "mid"]) & (
         risk < 0.5 * params.high_risk) & (tenure_m >= 12)
-    c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * 30.44)
+    c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * DAYS_PER_MONTH)
     targeting, retention = retention_targeting(c, econ, params=params,
                                                retention_rate=params.retention_rate,
                                                eligible=active)
     retention.update(retention_rate_used=params.retention_rate, uplift_rate_used=None,
-                     value_window_days=int(params.retention_value_months * 365 / 12),
+                     value_window_days=int(params.retention_value_months * DAYS_PER_MONTH),
                      eligible_customers=int(active.sum()))
     lifetime_margin = (c["monetary_total"].fillna(0) * params.margin_rate
                        / tenure_m.where(tenure_m > 0))
