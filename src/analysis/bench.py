@@ -37,6 +37,7 @@ from analysis.models import (
     rfm_lookup,
 )
 from analysis.report import run_pipeline
+from analysis.segments import ACTIVE_STAGES
 
 __all__ = ["bench_cdnow", "bench_features", "bench_strategy", "pandas_features",
            "render_results"]
@@ -572,7 +573,7 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     oracle_p = float(true_gain[expected_gain > 0].sum())
     targeted = d["targeted"].to_numpy(dtype=bool)
     ours = float(true_gain[targeted].sum())
-    active = d["lifecycle_stage"].isin(["new", "active", "at risk"]).to_numpy()
+    active = d["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy()
     n = int(targeted.sum())
     by_churn = np.argsort(-np.where(active, d["churn_probability"].to_numpy(), -1.0),
                           kind="stable")[:n]

@@ -15,12 +15,10 @@ import numpy as np
 import pandas as pd
 
 from analysis.data import write_atomically
-from analysis.segments import read_customers
+from analysis.segments import ACTIVE_STAGES, TIER_HIGH, read_customers
 
 __all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "new_alerts",
            "population_stability", "read_history", "realized_outcomes", "run_kpis"]
-
-ACTIVE = ("new", "active", "at risk")
 
 
 def run_kpis(processed_dir: str | Path) -> dict:
@@ -40,13 +38,13 @@ def run_kpis(processed_dir: str | Path) -> dict:
     c = read_customers(folder, ["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
                                 "churn_probability", "predicted_value", "phaseout_candidate"])
     profile = json.loads((folder / "profile.json").read_text())
-    active = c["lifecycle_stage"].isin(ACTIVE)
+    active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
     spend = c["spend_365d"].clip(lower=0).sort_values(ascending=False)
     top = spend.head(max(1, round(0.2 * len(spend)))).sum() / spend.sum() if spend.sum() else 0
     out = {"as_of": profile["as_of"], "customers": int(len(c)),
            "active_customers": int(active.sum()), "revenue_12m": float(spend.sum()),
            "top20_revenue_share": float(top),
-           "high_value_customers": int((c["value_tier"] == "high").sum())}
+           "high_value_customers": int((c["value_tier"] == TIER_HIGH).sum())}
     if "complaints_90d" in c:
         out["complaint_rate"] = float((c["complaints_90d"] > 0).mean())
     if "churn_probability" in c and c["churn_probability"].notna().any():

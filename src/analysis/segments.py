@@ -27,8 +27,19 @@ from analysis.features import build_features
 __all__ = [
     "CLUSTER_FEATURES",
     "CustomerProfile",
+    "ACTIVE_STAGES",
     "LIFECYCLE_STAGES",
     "RFM_SEGMENTS",
+    "STAGE_ACTIVE",
+    "STAGE_AT_RISK",
+    "STAGE_LAPSED",
+    "STAGE_LOST",
+    "STAGE_NEW",
+    "TIER_HIGH",
+    "TIER_LOW",
+    "TIER_MID",
+    "VALUE_TIERS",
+    "WIN_BACK_STAGES",
     "assign_lifecycle",
     "cluster_customers",
     "cohort_matrix",
@@ -65,7 +76,17 @@ RFM_SEGMENTS = pd.DataFrame(
     columns=["segment", "r_min", "r_max", "fm_min", "fm_max", "meaning"],
 )
 
+#: Lifecycle stages, from the most engaged to the least.
 LIFECYCLE_STAGES = ("new", "active", "at risk", "lapsed", "lost")
+STAGE_NEW, STAGE_ACTIVE, STAGE_AT_RISK, STAGE_LAPSED, STAGE_LOST = LIFECYCLE_STAGES
+#: Customers active at the cutoff (within their own rhythm's lapse window): the population
+#: of churn risk and retention. The others are the win-back population.
+ACTIVE_STAGES = (STAGE_NEW, STAGE_ACTIVE, STAGE_AT_RISK)
+WIN_BACK_STAGES = (STAGE_LAPSED, STAGE_LOST)
+
+#: Value tiers, highest first.
+VALUE_TIERS = ("high", "mid", "low")
+TIER_HIGH, TIER_MID, TIER_LOW = VALUE_TIERS
 
 #: Features the behavioural clusters are built on (log1p-transformed, standardised).
 CLUSTER_FEATURES = ("recency_days", "frequency", "monetary_mean_order", "tenure_days",
@@ -126,7 +147,7 @@ def value_tiers(features: pd.DataFrame, *, value_col: str = "monetary_total",
     total = sorted_value.sum()
     before = (np.cumsum(sorted_value) - sorted_value) / total if total > 0 else \
         np.zeros(len(order))
-    tier = np.where(before < high, "high", np.where(before < high + mid, "mid", "low"))
+    tier = np.where(before < high, TIER_HIGH, np.where(before < high + mid, TIER_MID, TIER_LOW))
     out = pd.DataFrame({
         "customer_id": features["customer_id"].to_numpy()[order],
         "value": sorted_value,
@@ -183,7 +204,7 @@ def assign_lifecycle(features: pd.DataFrame, *, new_days: int = 90,
         ratio <= lapsed_multiple,
         (ratio <= lost_multiple) & (features["recency_days"] <= lost_days),
     ]
-    stage = np.select(conditions, LIFECYCLE_STAGES[:4], default="lost")
+    stage = np.select(conditions, LIFECYCLE_STAGES[:4], default=STAGE_LOST)
     return pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
                          "rhythm_days": rhythm.to_numpy(),
                          "recency_vs_rhythm": ratio.to_numpy(),
@@ -491,7 +512,7 @@ def tier_summary_of(customers: pd.DataFrame, *, value_col: str = "monetary_total
            .agg(n_customers=("customer_id", "size"),
                 value=(value_col, lambda s: s.clip(lower=0).sum()),
                 min_value=(value_col, "min"))
-           .reindex(["high", "mid", "low"]).dropna(how="all").reset_index())
+           .reindex(list(VALUE_TIERS)).dropna(how="all").reset_index())
     out["customer_share"] = out["n_customers"] / len(customers)
     out["value_share"] = out["value"] / out["value"].sum()
     return out

@@ -42,6 +42,9 @@ from analysis.models import (
     read_choice,
 )
 from analysis.segments import (
+    STAGE_ACTIVE,
+    STAGE_LOST,
+    STAGE_NEW,
     CustomerProfile,
     cluster_customers,
     lifecycle_counts,
@@ -453,8 +456,8 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
                         shares=config.analysis.tier_shares)
     c = c.merge(tiers[["customer_id", "value_rank", "value_tier"]], on="customer_id")
     churned = c["churn"].fillna(False).astype(bool)
-    c["lifecycle_stage"] = np.where(churned, "lost",
-                                    np.where(tenure_m < p.new_months, "new", "active"))
+    c["lifecycle_stage"] = np.where(churned, STAGE_LOST,
+                                    np.where(tenure_m < p.new_months, STAGE_NEW, STAGE_ACTIVE))
     types = feature_types(customers, exclude=config.protected + config.pii)
     numeric = [r.column for r in types.itertuples() if r.kind == "numeric"]
     matrix = snapshot_matrix(c, types)[numeric]

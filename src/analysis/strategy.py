@@ -20,11 +20,33 @@ from scipy import stats
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.features import build_features
 from analysis.models import prepare_matrix
-from analysis.segments import save_customers
+from analysis.segments import (
+    ACTIVE_STAGES,
+    STAGE_ACTIVE,
+    STAGE_LAPSED,
+    STAGE_LOST,
+    STAGE_NEW,
+    TIER_HIGH,
+    TIER_LOW,
+    TIER_MID,
+    WIN_BACK_STAGES,
+    save_customers,
+)
 
 __all__ = [
+    "ADVERSE_ACTIONS",
     "DECISION_COLUMNS",
     "DEFAULT_POLICY",
+    "GROW",
+    "MAINTAIN",
+    "NO_ACTION_LAPSED",
+    "NURTURE",
+    "PHASEOUT_REVIEW",
+    "RETAIN_AUTOMATED",
+    "RETAIN_PERSONAL",
+    "RETAIN_PREFIX",
+    "SERVE_LOW_COST",
+    "WIN_BACK",
     "StrategyParams",
     "StrategyRun",
     "assign_actions",
@@ -44,32 +66,46 @@ __all__ = [
     "retention_targeting",
 ]
 
+#: The actions of the default policy. A policy's actions whose name starts with
+#: :data:`RETAIN_PREFIX` are retention contacts: together they are the campaign.
+PHASEOUT_REVIEW = "Review for phase-out"
+WIN_BACK = "Win back"
+RETAIN_PERSONAL = "Retain - personal outreach"
+NURTURE = "Nurture / VIP care"
+RETAIN_AUTOMATED = "Retain - automated offer"
+GROW = "Grow / develop"
+NO_ACTION_LAPSED = "No action - lapsed"
+SERVE_LOW_COST = "Serve at low cost"
+MAINTAIN = "Maintain"
+RETAIN_PREFIX = "Retain"
+#: The actions that reduce what a customer gets (the executive report audits these).
+ADVERSE_ACTIONS = (PHASEOUT_REVIEW, SERVE_LOW_COST)
+
 #: The action policy: rows are tried in order and the first whose conditions all hold
 #: names the customer's action. A condition lists the allowed values of a decision
 #: column (see :func:`assign_actions`); a row without conditions matches everyone.
 DEFAULT_POLICY: list[dict] = [
-    {"action": "Review for phase-out", "phaseout_candidate": [True],
+    {"action": PHASEOUT_REVIEW, "phaseout_candidate": [True],
      "why": "unprofitable over several periods, low potential, guardrails passed"},
-    {"action": "Win back", "lifecycle_stage": ["lapsed", "lost"], "value_tier": ["high"],
+    {"action": WIN_BACK, "lifecycle_stage": list(WIN_BACK_STAGES), "value_tier": [TIER_HIGH],
      "why": "lapsed customers with high past value"},
-    {"action": "Retain - personal outreach", "value_tier": ["high"], "churn_risk": ["high"],
-     "lifecycle_stage": ["new", "active", "at risk"],
+    {"action": RETAIN_PERSONAL, "value_tier": [TIER_HIGH], "churn_risk": ["high"],
+     "lifecycle_stage": list(ACTIVE_STAGES),
      "why": "high value, high risk of churning"},
-    {"action": "Nurture / VIP care", "value_tier": ["high"], "churn_risk": ["low"],
+    {"action": NURTURE, "value_tier": [TIER_HIGH], "churn_risk": ["low"],
      "why": "high value, low risk"},
-    {"action": "Retain - automated offer", "retention_profitable": [True],
+    {"action": RETAIN_AUTOMATED, "retention_profitable": [True],
      "why": "a retention contact is expected to pay for itself (churn risk x effect x "
             "value if retained > contact and offer cost)"},
-    {"action": "Grow / develop", "value_tier": ["low", "mid"], "potential": [True],
+    {"action": GROW, "value_tier": [TIER_LOW, TIER_MID], "potential": [True],
      "why": "predicted value well above current value, or rising and broad interest"},
-    {"action": "No action - lapsed", "lifecycle_stage": ["lapsed", "lost"],
+    {"action": NO_ACTION_LAPSED, "lifecycle_stage": list(WIN_BACK_STAGES),
      "why": "already gone, and not valuable enough to win back"},
-    {"action": "Serve at low cost", "value_tier": ["low"], "profitable": [False],
+    {"action": SERVE_LOW_COST, "value_tier": [TIER_LOW], "profitable": [False],
      "why": "low value, no potential, unprofitable at the current cost to serve: move to "
             "self-service and automated channels (not refusal of service)"},
-    {"action": "Maintain", "why": "standard service"},
+    {"action": MAINTAIN, "why": "standard service"},
 ]
-ADVERSE_ACTIONS = ("Review for phase-out", "Serve at low cost")
 
 #: The columns of the run's customer table that :func:`decide` reads (the strategy step
 #: loads only these: a large base's table has dozens more, long texts among them).
@@ -469,7 +505,7 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
     DataFrame
         ``customer_id``, ``rule``, ``detail``.
     """
-    c = customers[customers["lifecycle_stage"] != "lost"]
+    c = customers[customers["lifecycle_stage"] != STAGE_LOST]
     rules = []
     if {"frequency", "recency_vs_gap"} <= set(c.columns):      # order history only
         overdue = (c["frequency"] >= 2) & (c["recency_vs_gap"] >= params.warning_gap_multiple)
@@ -480,7 +516,7 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
         # trend = (a - b) / (a + b); spend dropped by x or more  <=>  trend <= -x / (2 - x)
         drop = c["trend_90d"] <= -params.warning_spend_drop / (2 - params.warning_spend_drop)
         drop &= c["spend_90d"] >= 0
-        rules.append(("spend drop", drop & (c["lifecycle_stage"] != "lapsed"),
+        rules.append(("spend drop", drop & (c["lifecycle_stage"] != STAGE_LAPSED),
                       lambda r: f"spend trend {r.trend_90d:+.2f} over the last 90 days"))
     if "complaints_90d" in c:
         rules.append(("new complaint", c["complaints_90d"] > 0,
@@ -643,7 +679,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
                 uplift_rate = max(float(uplift.set_index("group").loc["all", "uplift_rate"]),
                                   0.0)
     # every customer still active can be contacted; the expected profit decides who is
-    active = c["lifecycle_stage"].isin(["new", "active", "at risk"])
+    active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
     targeting, retention = retention_targeting(
         c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
         window_days=window, horizon_days=horizon_days, eligible=active)
@@ -739,7 +775,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     c = customers.reset_index(drop=True)
     years = horizon_days / 365.0
     revenue = c["predicted_value"].clip(lower=0).fillna(0.0)
-    active = c["lifecycle_stage"].isin(["new", "active"])
+    active = c["lifecycle_stage"].isin([STAGE_NEW, STAGE_ACTIVE])
     cost = np.where(active, params.cost_per_account_year * years, 0.0)   # gone: no cost
     econ = pd.DataFrame({"customer_id": c["customer_id"], "margin_rate_used": params.margin_rate,
                          "expected_revenue": revenue, "expected_orders": 0.0,
@@ -748,7 +784,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
                          "expected_profit": revenue * params.margin_rate - cost})
     risk = c["churn_probability"]
     tenure_m = c["tenure_months"].fillna(0)
-    potential = active & c["value_tier"].isin(["low", "mid"]) & (
+    potential = active & c["value_tier"].isin([TIER_LOW, TIER_MID]) & (
         risk < 0.5 * params.high_risk) & (tenure_m >= 12)
     c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * DAYS_PER_MONTH)
     targeting, retention = retention_targeting(c, econ, params=params,
@@ -812,7 +848,7 @@ def _action_summary(out: pd.DataFrame, customers: pd.DataFrame,
                     params: StrategyParams) -> pd.DataFrame:
     """Customers, revenue, cost and expected benefit per action."""
     spend = customers.set_index("customer_id")["spend_365d"]
-    retained = out["action"].str.startswith("Retain").to_numpy()
+    retained = out["action"].str.startswith(RETAIN_PREFIX).to_numpy()
     return (out.assign(spend_365d=out["customer_id"].map(spend),
                        campaign_cost=np.where(retained,
                                               params.contact_cost + params.offer_cost, 0.0),
