@@ -133,16 +133,14 @@ def test_rows_after_the_cutoff_never_change_features(extra, horizon):
 # --------------------------------------------------------------------------- cutoffs
 
 
-def test_training_cutoffs_have_observed_horizons():
-    cutoffs = F.training_cutoffs(as_of=dt.date(2024, 12, 31), horizon_days=90, n_cutoffs=4,
-                                 step_days=30, first_date=dt.date(2024, 1, 1))
-    assert cutoffs[0] == dt.date(2024, 10, 2)
-    assert all(c + dt.timedelta(days=90) <= dt.date(2024, 12, 31) for c in cutoffs)
-    assert all((a - b).days == 30 for a, b in zip(cutoffs, cutoffs[1:], strict=False))
-    short = F.training_cutoffs(as_of=dt.date(2024, 6, 1), horizon_days=90, n_cutoffs=4,
-                               step_days=30, first_date=dt.date(2024, 1, 1),
-                               min_history_days=30)
-    assert short == [dt.date(2024, 3, 3), dt.date(2024, 2, 2)]  # 62 and 32 days of history
+def test_honest_training_cutoffs_step_back_and_need_a_horizon_of_history():
+    ev, va, train = F.honest_cutoffs(as_of=dt.date(2024, 12, 31), horizon_days=90, n_train=4,
+                                     step_days=30, first_date=dt.date(2023, 1, 1))
+    assert ev == dt.date(2024, 10, 2) and train[0] == va - dt.timedelta(days=90)
+    assert all((a - b).days == 30 for a, b in zip(train, train[1:], strict=False))
+    _, _, short = F.honest_cutoffs(as_of=dt.date(2024, 12, 31), horizon_days=90, n_train=4,
+                                   step_days=30, first_date=dt.date(2024, 1, 1))
+    assert short == [dt.date(2024, 4, 5)]  # 95 days of history; the next would have 65
 
 
 def test_snapshots_stack_cutoffs_and_suggested_horizon():

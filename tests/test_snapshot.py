@@ -12,7 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from analysis import snapshot as SN
-from analysis.config import SnapshotParams, load_config
+from analysis.config import DAYS_PER_MONTH, SnapshotParams, load_config
 from analysis.data import load_dataset
 from analysis.demo import generate_snapshot_demo, write_snapshot_demo
 from analysis.errors import DataContractError
@@ -150,7 +150,7 @@ def test_cross_validated_model_is_close_to_the_oracle_and_ties_or_beats_logistic
     c = SN.profile_snapshot(table.data, config=cfg, as_of=dt.date(2026, 1, 1),
                             scores=run.scores).customers
     current = c["lifecycle_stage"] != "lost"
-    months = 90 / 30.44
+    months = 90 / DAYS_PER_MONTH
     # expected revenue over the horizon: below the full run rate, by the churn risk
     assert (c.loc[current, "predicted_value"] <= c.loc[current, "revenue_month"] * months
             + 1e-9).all()

@@ -21,9 +21,23 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from analysis.config import memory_bytes
-from analysis.demo import write_demo
-from analysis.features import WINDOWS_DAYS, build_features, connect
+from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
+from analysis.config import load_config, memory_bytes
+from analysis.demo import DemoWorld, write_demo
+from analysis.features import WINDOWS_DAYS, build_features, build_snapshots, connect
+from analysis.models import (
+    ChurnModel,
+    LogisticChurn,
+    ValueModel,
+    bgnbd_baseline,
+    categories_of,
+    feature_columns,
+    normalized_gini,
+    prepare_matrix,
+    rfm_lookup,
+)
+from analysis.report import run_pipeline
+from analysis.segments import ACTIVE_STAGES
 
 __all__ = ["bench_cdnow", "bench_features", "bench_strategy", "pandas_features",
            "render_results"]
@@ -368,12 +382,6 @@ def bench_cdnow(*, data_dir: str | Path, out: str | Path, seed: int = 42) -> dic
 
     Writes ``OUT/cdnow.json`` and ``OUT/cdnow.md``.
     """
-    from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
-    from analysis.features import build_features, build_snapshots
-    from analysis.models import (ChurnModel, LogisticChurn, ValueModel, bgnbd_baseline,
-                                 categories_of, feature_columns, normalized_gini,
-                                 prepare_matrix, rfm_lookup)
-
     data_dir, out = Path(data_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sample = pd.read_csv(data_dir / "CDNOW_sample.txt", sep=r"\s+", header=None,
@@ -565,7 +573,7 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     oracle_p = float(true_gain[expected_gain > 0].sum())
     targeted = d["targeted"].to_numpy(dtype=bool)
     ours = float(true_gain[targeted].sum())
-    active = d["lifecycle_stage"].isin(["new", "active", "at risk"]).to_numpy()
+    active = d["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy()
     n = int(targeted.sum())
     by_churn = np.argsort(-np.where(active, d["churn_probability"].to_numpy(), -1.0),
                           kind="stable")[:n]
@@ -645,10 +653,6 @@ def bench_strategy(*, customers: int, seed: int, out: str | Path,
     ranked by churn probability alone. Writes ``OUT/strategy.json``.
     """
     import yaml
-
-    from analysis.config import load_config
-    from analysis.demo import DemoWorld
-    from analysis.report import run_pipeline
 
     out = Path(out).resolve()   # the generated config names absolute paths
     data = out / f"data-{customers}-{seed}"

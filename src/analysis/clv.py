@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
+from analysis.config import DAYS_PER_MONTH
+
 __all__ = ["BetaGeoModel", "GammaGammaModel", "rfm_summary"]
 
 
@@ -258,7 +260,7 @@ class GammaGammaModel:
                                 time_unit_days: float = 7.0) -> np.ndarray:
         """Discounted expected spend over the next ``months`` months."""
         spend = self.expected_spend(frequency, monetary_value)
-        per_month = 30.4375 / time_unit_days
+        per_month = DAYS_PER_MONTH / time_unit_days
         total = np.zeros(len(np.atleast_1d(frequency)))
         previous = np.zeros_like(total)
         for month in range(1, months + 1):

@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import pandas as pd
 import yaml
 
 from analysis.errors import ConfigError
-from analysis.strategy import StrategyParams
 
 __all__ = [
+    "DAYS_PER_MONTH",
     "TABLE_CONTRACTS",
     "AnalysisParams",
     "CleaningParams",
     "Config",
     "OutputParams",
     "SnapshotParams",
+    "StrategyParams",
     "TableSpec",
     "load_config",
 ]
@@ -34,6 +36,9 @@ __all__ = [
 Mode = Literal["transactions", "snapshot"]
 FileFormat = Literal["auto", "csv", "parquet", "excel"]
 Dedupe = Literal["auto", "always", "never"]
+
+#: Days in an average month: a Julian year (365.25 days) over twelve, 30.4375.
+DAYS_PER_MONTH = 365.25 / 12
 
 #: Contract of each table: (required columns, optional columns).
 TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -185,13 +190,78 @@ class SnapshotParams:
 
     @property
     def tenure_months_per_unit(self) -> float:
-        return {"days": 12 / 365.25, "weeks": 12 / 52.18, "months": 1.0,
+        return {"days": 1 / DAYS_PER_MONTH, "weeks": 12 / 52.18, "months": 1.0,
                 "years": 12.0}[self.tenure_unit]
 
     @property
     def revenue_periods_per_month(self) -> float:
-        return {"day": 365.25 / 12, "week": 52.18 / 12, "month": 1.0, "quarter": 1 / 3,
+        return {"day": DAYS_PER_MONTH, "week": 52.18 / 12, "month": 1.0, "quarter": 1 / 3,
                 "year": 1 / 12}[self.revenue_period]
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    """Every assumption of the strategy step, with its unit (config section ``strategy``).
+
+    margin_rate : share of revenue kept as margin when the data has no margin.
+    cost_per_order : cost to serve one order (currency), unless its channel is listed in
+        ``cost_per_order_by_channel``.
+    cost_per_complaint : handling cost of a complaint; expected complaints follow the
+        customer's rate over the last year.
+    cost_per_account_year : fixed yearly cost of keeping an account.
+    contact_cost, offer_cost : cost of one retention contact and of the offer it carries.
+    retention_rate : P(a would-be churner stays | contacted) when no campaign data exists.
+    retention_value_months : months of run-rate margin a retained customer is worth.
+    high_risk : churn probability from which the risk is "high".
+    growth_ratio : predicted value over last period's value from which a customer has
+        "potential".
+    phaseout_periods : K: unprofitable in the current forecast and each of the K previous
+        horizon-length periods.
+    phaseout_max_tenure_days : customers with longer tenure are kept off the list ...
+    phaseout_large_loss : ... unless their expected loss per horizon exceeds this.
+    phaseout_min_loss : the forecast loss per horizon must exceed this (currency): a
+        customer near break-even is not put up for phase-out over forecast noise.
+    phaseout_complaint_days : no phase-out review within this many days of a complaint.
+    warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn,
+    warning_churn_rise : early-warning thresholds (times own gap; share of spend lost;
+        score at or below; churn probability at or above; rise of the churn probability
+        since the previous run, in points of probability).
+    fairness_ratio, fairness_p_value : four-fifths rule, with a significance test.
+    fairness_min_group : a protected group with fewer customers is too small to judge:
+        it is listed, not tested.
+    """
+
+    margin_rate: float = 0.30
+    cost_per_order: float = 2.0
+    cost_per_order_by_channel: dict = field(default_factory=lambda: {
+        "online": 1.5, "store": 6.0, "phone": 9.0, "marketplace": 3.0})
+    cost_per_complaint: float = 15.0
+    cost_per_account_year: float = 4.0
+    contact_cost: float = 3.0
+    offer_cost: float = 7.0
+    retention_rate: float = 0.15
+    retention_value_months: int = 12
+    high_risk: float = 0.5
+    growth_ratio: float = 1.5
+    phaseout_periods: int = 3
+    phaseout_max_tenure_days: int = 1095
+    phaseout_large_loss: float = 25.0
+    phaseout_min_loss: float = 2.5
+    phaseout_complaint_days: int = 90
+    warning_gap_multiple: float = 2.0
+    warning_spend_drop: float = 0.5
+    warning_satisfaction: float = 2.0
+    warning_churn: float = 0.7
+    warning_churn_rise: float = 0.2
+    fairness_ratio: float = 0.8
+    fairness_p_value: float = 0.01
+    fairness_min_group: int = 30
+    policy: list | None = None
+
+    def table(self) -> pd.DataFrame:
+        """Every parameter as a (parameter, value) table for the report."""
+        rows = [(k, v) for k, v in dataclasses.asdict(self).items() if k != "policy"]
+        return pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "object"})
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ __all__ = [
     "neutralise_csv_cells",
     "quality_summary",
     "read_columns",
-    "read_processed",
     "write_atomically",
     "write_csv",
     "write_processed",
@@ -346,31 +345,6 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
     write_atomically(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     written["data_quality"] = qpath
     return written
-
-
-def read_processed(processed_dir: str | Path) -> Dataset:
-    """Read back the processed tables written by :func:`write_processed`.
-
-    Quarantine and read counts come back from the files written next to them (the
-    quarantine as its CSV holds it: formula-like text with a leading quote).
-    """
-    processed_dir = Path(processed_dir)
-    summary_path = processed_dir / "data_quality.json"
-    if not summary_path.is_file():
-        raise FileNotFoundError(f"{summary_path} not found: run the data step first")
-    summary = json.loads(summary_path.read_text())
-    tables = {}
-    for row in summary["tables"]:
-        name = row["table"]
-        data = pd.read_parquet(processed_dir / "clean" / f"{name}.parquet")
-        quarantine = pd.read_csv(processed_dir / "quarantine" / f"{name}.csv", dtype=str,
-                                 keep_default_na=False)
-        notes = tuple(n["note"] for n in summary["notes"] if n["table"] == name)
-        tables[name] = CleanTable(name=name, file=Path(row["file"]), data=data,
-                                  quarantine=quarantine, n_read=int(row["rows_read"]),
-                                  notes=notes, given=tuple(
-                                      c for c in row.get("columns_given", "").split(", ") if c))
-    return Dataset(tables)
 
 
 def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None = None

@@ -56,7 +56,6 @@ __all__ = [
     "resolve_as_of",
     "resolve_horizon_days",
     "suggest_horizon_days",
-    "training_cutoffs",
 ]
 
 CORE_COLUMNS = ("customer_id", "recency_days", "frequency", "monetary_total", "tenure_days",
@@ -517,22 +516,6 @@ def honest_cutoffs(*, as_of: dt.date, horizon_days: int, n_train: int, step_days
     train = [valid_cut - h - dt.timedelta(days=k * step_days) for k in range(n_train)]
     train = [c for c in train if (c - first_date).days >= horizon_days]
     return eval_cut, valid_cut, train
-
-
-def training_cutoffs(*, as_of: dt.date, horizon_days: int, n_cutoffs: int,
-                     step_days: int, first_date: dt.date | None = None,
-                     min_history_days: int = 90) -> list[dt.date]:
-    """Cutoffs whose whole horizon lies before ``as_of``, latest first.
-
-    The latest, ``as_of - horizon_days``, is the natural out-of-time evaluation cutoff;
-    the others are ``step_days`` apart before it. Cutoffs with less than
-    ``min_history_days`` of history after ``first_date`` are dropped.
-    """
-    latest = as_of - dt.timedelta(days=horizon_days)
-    cutoffs = [latest - dt.timedelta(days=k * step_days) for k in range(n_cutoffs)]
-    if first_date is not None:
-        cutoffs = [c for c in cutoffs if (c - first_date).days >= min_history_days]
-    return cutoffs
 
 
 def suggest_horizon_days(con: duckdb.DuckDBPyConnection, *, quantile: float = 0.8,

@@ -39,8 +39,17 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
-from analysis.features import LABEL_COLUMNS, honest_cutoffs
-from analysis.segments import ACTIVE_STAGES, assign_lifecycle
+from analysis.errors import InsufficientDataError
+from analysis.explain import global_drivers, reason_codes
+from analysis.features import (
+    LABEL_COLUMNS,
+    build_features,
+    build_snapshots,
+    data_start,
+    honest_cutoffs,
+)
+from analysis.monitor import feature_drift
+from analysis.segments import ACTIVE_STAGES, assign_lifecycle, save_customers
 
 __all__ = [
     "CHURN_CANDIDATES",
@@ -989,10 +998,6 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     InsufficientDataError
         With fewer than three usable cutoffs, or too few customers or churners.
     """
-    from analysis.errors import InsufficientDataError
-    from analysis.explain import global_drivers, reason_codes
-    from analysis.features import build_snapshots
-
     first = con.execute("SELECT MIN(order_date) FROM lines").fetchone()[0]
     eval_cut, valid_cut, train_cuts = honest_cutoffs(
         as_of=as_of, horizon_days=horizon_days, n_train=max(n_cutoffs - 2, 1),
@@ -1079,9 +1084,6 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     value_rows = [{"method": method, **value_metrics(evaluation["future_spend"],
                                                      evaluation[f"value_{method}"])}
                   for method in ("model", "last_period", "rfm", "bgnbd_gg")]
-
-    from analysis.features import build_features
-    from analysis.monitor import feature_drift
 
     score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
                                     exclude_attributes=exclude)
@@ -1196,8 +1198,6 @@ def _score_value(method: str, con, *, model: ValueModel, X: pd.DataFrame,
                  features: pd.DataFrame, train: pd.DataFrame, as_of: dt.date,
                  horizon_days: int, shap: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method."""
-    from analysis.explain import reason_codes
-
     if method == "model":
         return model.predict(X), reason_codes(shap, features).to_numpy()
     if method == "last_period":
@@ -1282,8 +1282,6 @@ def read_model_run(out_dir: str | Path, tables: tuple[str, ...] | None = None) -
     out_dir = Path(out_dir)
     reason = skipped_reason(out_dir)
     if reason:
-        from analysis.errors import InsufficientDataError
-
         raise InsufficientDataError(f"this run has no models: {reason}")
     folder = out_dir / "models"
     summary = json.loads((out_dir / "models.json").read_text())
@@ -1405,8 +1403,6 @@ def fit_without_labels(con, *, as_of: dt.date, horizon_days: int
 
 def _check_without_labels(con, *, as_of: dt.date, horizon_days: int) -> dict:
     """Refit at ``as_of - horizon_days`` and compare with the horizon that followed."""
-    from analysis.features import build_features, data_start
-
     cutoff = as_of - dt.timedelta(days=horizon_days)
     if (cutoff - data_start(con)).days < 30:
         return {"check": None, "check_skipped": (
@@ -1462,8 +1458,6 @@ def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
                                         if c in customers])
     merged = customers.merge(
         scores.rename(columns={"churn_reasons": "reasons"}), on="customer_id", how="left")
-    from analysis.segments import save_customers
-
     save_customers(out_dir, merged)
     return merged
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.data import write_atomically
+from analysis.segments import ACTIVE_STAGES, TIER_HIGH, read_customers
+
 __all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "new_alerts",
            "population_stability", "read_history", "realized_outcomes", "run_kpis"]
-
-ACTIVE = ("new", "active", "at risk")
 
 
 def run_kpis(processed_dir: str | Path) -> dict:
@@ -33,19 +34,17 @@ def run_kpis(processed_dir: str | Path) -> dict:
         (of the methods that scored the customers),
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
-    from analysis.segments import read_customers
-
     folder = Path(processed_dir)
     c = read_customers(folder, ["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
                                 "churn_probability", "predicted_value", "phaseout_candidate"])
     profile = json.loads((folder / "profile.json").read_text())
-    active = c["lifecycle_stage"].isin(ACTIVE)
+    active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
     spend = c["spend_365d"].clip(lower=0).sort_values(ascending=False)
     top = spend.head(max(1, round(0.2 * len(spend)))).sum() / spend.sum() if spend.sum() else 0
     out = {"as_of": profile["as_of"], "customers": int(len(c)),
            "active_customers": int(active.sum()), "revenue_12m": float(spend.sum()),
            "top20_revenue_share": float(top),
-           "high_value_customers": int((c["value_tier"] == "high").sum())}
+           "high_value_customers": int((c["value_tier"] == TIER_HIGH).sum())}
     if "complaints_90d" in c:
         out["complaint_rate"] = float((c["complaints_90d"] > 0).mean())
     if "churn_probability" in c and c["churn_probability"].notna().any():
@@ -75,8 +74,6 @@ def append_history(history_path: str | Path, row: dict) -> pd.DataFrame:
     history = read_history(path)
     history = history[history["run_id"] != row["run_id"]] if len(history) else history
     history = pd.concat([history, pd.DataFrame([row])], ignore_index=True)
-    from analysis.data import write_atomically
-
     write_atomically(path, lambda tmp: history.to_parquet(tmp, index=False))
     return history
 

@@ -13,6 +13,19 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from analysis.explain import FEATURE_LABELS
+from analysis.segments import (
+    STAGE_ACTIVE,
+    STAGE_AT_RISK,
+    STAGE_LAPSED,
+    STAGE_LOST,
+    STAGE_NEW,
+    TIER_HIGH,
+    TIER_LOW,
+    TIER_MID,
+    VALUE_TIERS,
+)
+
 __all__ = [
     "PALETTE",
     "TIER_COLORS",
@@ -38,9 +51,9 @@ __all__ = [
 
 PALETTE = ["#1f4e79", "#2e86c1", "#85c1e9", "#f39c12", "#c0392b", "#7f8c8d", "#27ae60",
            "#8e44ad", "#16a085", "#d35400", "#34495e"]
-TIER_COLORS = {"high": "#1f4e79", "mid": "#2e86c1", "low": "#aed6f1"}
-STAGE_COLORS = {"new": "#27ae60", "active": "#1f4e79", "at risk": "#f39c12",
-                "lapsed": "#d35400", "lost": "#7f8c8d"}
+TIER_COLORS = {TIER_HIGH: "#1f4e79", TIER_MID: "#2e86c1", TIER_LOW: "#aed6f1"}
+STAGE_COLORS = {STAGE_NEW: "#27ae60", STAGE_ACTIVE: "#1f4e79", STAGE_AT_RISK: "#f39c12",
+                STAGE_LAPSED: "#d35400", STAGE_LOST: "#7f8c8d"}
 
 
 def set_theme() -> None:
@@ -77,7 +90,7 @@ def plot_tiers(tiers: pd.DataFrame, ax=None) -> Figure:
     """Customer share and value share per tier; ``tiers`` has value_tier,
     customer_share, value_share."""
     fig, ax = _axes(ax, (7, 3))
-    order = [t for t in ("high", "mid", "low") if t in set(tiers["value_tier"])]
+    order = [t for t in VALUE_TIERS if t in set(tiers["value_tier"])]
     t = tiers.set_index("value_tier").loc[order]
     y = np.arange(len(order))
     ax.barh(y - 0.2, t["customer_share"] * 100, height=0.38, color=PALETTE[5],
@@ -276,8 +289,6 @@ def plot_value_deciles(deciles: pd.DataFrame, ax=None) -> Figure:
 
 
 def _label(column: str) -> str:
-    from analysis.explain import FEATURE_LABELS
-
     return FEATURE_LABELS.get(column, column)
 
 

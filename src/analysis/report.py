@@ -34,6 +34,7 @@ import nbformat
 from analysis.config import Config, load_config
 from analysis.data import absent_input_sentence
 from analysis.errors import PipelineError
+from analysis.monitor import append_history, run_kpis
 
 __all__ = [
     "NOTEBOOKS",
@@ -179,8 +180,6 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
         processed_dir = _swap_into_place(tmp_processed, processed_root / run_id)
         report_dir = _swap_into_place(tmp_report, reports_root / run_id)
         _point_latest(reports_root, run_id)
-        from analysis.monitor import append_history, run_kpis
-
         append_history(processed_root / "history.parquet",
                        {"run_id": run_id, "finished_at": dt.datetime.now(dt.UTC).isoformat(
                            timespec="seconds"), **run_kpis(processed_dir)})

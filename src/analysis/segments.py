@@ -19,15 +19,28 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from analysis.config import AnalysisParams
+from analysis.data import read_columns, write_atomically, write_csv
 from analysis.errors import InsufficientDataError
+from analysis.explain import FEATURE_LABELS
 from analysis.features import build_features
 
 __all__ = [
     "ACTIVE_STAGES",
     "CLUSTER_FEATURES",
     "CustomerProfile",
+    "ACTIVE_STAGES",
     "LIFECYCLE_STAGES",
     "RFM_SEGMENTS",
+    "STAGE_ACTIVE",
+    "STAGE_AT_RISK",
+    "STAGE_LAPSED",
+    "STAGE_LOST",
+    "STAGE_NEW",
+    "TIER_HIGH",
+    "TIER_LOW",
+    "TIER_MID",
+    "VALUE_TIERS",
+    "WIN_BACK_STAGES",
     "assign_lifecycle",
     "cluster_customers",
     "cohort_matrix",
@@ -68,7 +81,17 @@ RFM_SEGMENTS = pd.DataFrame(
     columns=["segment", "r_min", "r_max", "fm_min", "fm_max", "meaning"],
 )
 
+#: Lifecycle stages, from the most engaged to the least.
 LIFECYCLE_STAGES = ("new", "active", "at risk", "lapsed", "lost")
+STAGE_NEW, STAGE_ACTIVE, STAGE_AT_RISK, STAGE_LAPSED, STAGE_LOST = LIFECYCLE_STAGES
+#: Customers active at the cutoff (within their own rhythm's lapse window): the population
+#: of churn risk and retention. The others are the win-back population.
+ACTIVE_STAGES = (STAGE_NEW, STAGE_ACTIVE, STAGE_AT_RISK)
+WIN_BACK_STAGES = (STAGE_LAPSED, STAGE_LOST)
+
+#: Value tiers, highest first.
+VALUE_TIERS = ("high", "mid", "low")
+TIER_HIGH, TIER_MID, TIER_LOW = VALUE_TIERS
 
 #: The stages of customers still *active* at a cutoff (bought within their own rhythm's
 #: lapse window): the population churn risk, its accuracy and retention targeting are
@@ -134,7 +157,7 @@ def value_tiers(features: pd.DataFrame, *, value_col: str = "monetary_total",
     total = sorted_value.sum()
     before = (np.cumsum(sorted_value) - sorted_value) / total if total > 0 else \
         np.zeros(len(order))
-    tier = np.where(before < high, "high", np.where(before < high + mid, "mid", "low"))
+    tier = np.where(before < high, TIER_HIGH, np.where(before < high + mid, TIER_MID, TIER_LOW))
     out = pd.DataFrame({
         "customer_id": features["customer_id"].to_numpy()[order],
         "value": sorted_value,
@@ -191,7 +214,7 @@ def assign_lifecycle(features: pd.DataFrame, *, new_days: int = 90,
         ratio <= lapsed_multiple,
         (ratio <= lost_multiple) & (features["recency_days"] <= lost_days),
     ]
-    stage = np.select(conditions, LIFECYCLE_STAGES[:4], default="lost")
+    stage = np.select(conditions, LIFECYCLE_STAGES[:4], default=STAGE_LOST)
     return pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
                          "rhythm_days": rhythm.to_numpy(),
                          "recency_vs_rhythm": ratio.to_numpy(),
@@ -410,8 +433,6 @@ def _describe_cluster(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
 def _describe_generic(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
     """Name a cluster over arbitrary numeric columns by the two columns whose medians
     differ most from the population's (in units of the population's median)."""
-    from analysis.explain import FEATURE_LABELS
-
     scale = overall.abs().replace(0, np.nan)
     gap = ((med - overall) / scale).replace([np.inf, -np.inf], np.nan).dropna()
     top = gap.abs().sort_values(ascending=False).index[:2]
@@ -508,7 +529,7 @@ def tier_summary_of(customers: pd.DataFrame, *, value_col: str = "monetary_total
            .agg(n_customers=("customer_id", "size"),
                 value=(value_col, lambda s: s.clip(lower=0).sum()),
                 min_value=(value_col, "min"))
-           .reindex(["high", "mid", "low"]).dropna(how="all").reset_index())
+           .reindex(list(VALUE_TIERS)).dropna(how="all").reset_index())
     out["customer_share"] = out["n_customers"] / len(customers)
     out["value_share"] = out["value"] / out["value"].sum()
     return out
@@ -557,8 +578,6 @@ def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Pa
     The profile step creates it; the model and strategy steps add their columns through
     this function too.
     """
-    from analysis.data import write_atomically, write_csv
-
     out_dir = Path(out_dir)
     first = [c for c in CUSTOMER_COLUMNS_FIRST if c in customers]
     ordered = customers[first + [c for c in customers.columns if c not in first]]
@@ -587,6 +606,4 @@ def read_customers(out_dir: str | Path, columns: list[str] | tuple[str, ...] | N
     """The run's customer table (``customers.parquet``); with ``columns``, only those of
     them it has (memory: a large base's table has dozens of columns, long texts among
     them)."""
-    from analysis.data import read_columns
-
     return read_columns(Path(out_dir) / "customers.parquet", columns)

@@ -26,8 +26,33 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from analysis.config import Config, SnapshotParams
+from analysis.config import DAYS_PER_MONTH, Config, SnapshotParams
 from analysis.errors import InsufficientDataError
+from analysis.explain import reason_codes
+from analysis.models import (
+    CHURN_CANDIDATES,
+    ChurnModel,
+    LogisticChurn,
+    candidate_contributions,
+    candidate_probabilities,
+    choice_record,
+    chosen_method,
+    churn_metrics,
+    churn_selection,
+    read_choice,
+)
+from analysis.segments import (
+    STAGE_ACTIVE,
+    STAGE_LOST,
+    STAGE_NEW,
+    CustomerProfile,
+    cluster_customers,
+    lifecycle_counts,
+    pareto_curve,
+    segment_profile,
+    tier_summary_of,
+    value_tiers,
+)
 
 __all__ = [
     "SnapshotRun",
@@ -246,16 +271,6 @@ def fit_churn_cv(customers: pd.DataFrame, *, params: SnapshotParams,
         With fewer than ``min_customers`` labelled customers or ``min_class`` churners
         or stayers.
     """
-    from analysis.explain import reason_codes
-    from analysis.models import (
-        CHURN_CANDIDATES,
-        candidate_contributions,
-        candidate_probabilities,
-        chosen_method,
-        churn_metrics,
-        churn_selection,
-    )
-
     data = customers[customers["churn"].notna()].reset_index(drop=True)
     y = data["churn"].astype(bool).to_numpy().astype(int)
     n_pos = int(y.sum())
@@ -317,8 +332,6 @@ def _fit_candidates(X: pd.DataFrame, y: np.ndarray, rows: np.ndarray, *, seed: i
                     device: str):
     """Calibrated XGBoost (stopped early and calibrated on a stratified quarter of
     ``rows``) and the logistic regression (on all of ``rows``)."""
-    from analysis.models import ChurnModel, LogisticChurn
-
     fit_idx, stop_idx = train_test_split(rows, test_size=0.25, stratify=y[rows],
                                          random_state=seed)
     model = ChurnModel(seed=seed, device=device).fit(X.iloc[fit_idx], y[fit_idx],
@@ -421,16 +434,6 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
     ``scores``; missing without a model), ``predicted_value`` (expected revenue over
     the horizon), ``remaining_months`` and ``remaining_value`` (discounted).
     """
-    from analysis.segments import (
-        CustomerProfile,
-        cluster_customers,
-        lifecycle_counts,
-        pareto_curve,
-        segment_profile,
-        tier_summary_of,
-        value_tiers,
-    )
-
     p = config.snapshot
     c = customers.reset_index(drop=True).copy()
     if len(c) < config.analysis.min_customers:
@@ -444,7 +447,7 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
         revenue = c["total_revenue"] / tenure_m.where(tenure_m > 0) / p.revenue_periods_per_month
     c["revenue_month"] = (revenue * p.revenue_periods_per_month).fillna(0.0).clip(lower=0)
     c["tenure_months"] = tenure_m
-    c["tenure_days"] = tenure_m * 30.44
+    c["tenure_days"] = tenure_m * DAYS_PER_MONTH
     c["spend_365d"] = c["revenue_month"] * 12
     c["monetary_total"] = (c["total_revenue"] if "total_revenue" in c
                            else c["revenue_month"] * tenure_m).fillna(
@@ -453,8 +456,8 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
                         shares=config.analysis.tier_shares)
     c = c.merge(tiers[["customer_id", "value_rank", "value_tier"]], on="customer_id")
     churned = c["churn"].fillna(False).astype(bool)
-    c["lifecycle_stage"] = np.where(churned, "lost",
-                                    np.where(tenure_m < p.new_months, "new", "active"))
+    c["lifecycle_stage"] = np.where(churned, STAGE_LOST,
+                                    np.where(tenure_m < p.new_months, STAGE_NEW, STAGE_ACTIVE))
     types = feature_types(customers, exclude=config.protected + config.pii)
     numeric = [r.column for r in types.itertuples() if r.kind == "numeric"]
     matrix = snapshot_matrix(c, types)[numeric]
@@ -497,7 +500,7 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
 
 def _horizon_months(config: Config) -> float:
     h = config.analysis.horizon_days
-    return (90 if h == "auto" else int(h)) / 30.44
+    return (90 if h == "auto" else int(h)) / DAYS_PER_MONTH
 
 
 # --------------------------------------------------------------------------- files
@@ -508,8 +511,6 @@ def write_snapshot_run(run: SnapshotRun, out_dir: str | Path, *, horizon_days: i
     """The models (JSON booster + metadata, the logistic regression as JSON), their
     tables and ``models.json``, whose ``churn`` holds each method's out-of-fold metrics
     under its name, ``chosen`` and ``selection`` (the inner scores of the choice)."""
-    from analysis.models import choice_record
-
     out_dir = Path(out_dir)
     folder = out_dir / "models"
     folder.mkdir(parents=True, exist_ok=True)
@@ -533,8 +534,6 @@ def write_snapshot_run(run: SnapshotRun, out_dir: str | Path, *, horizon_days: i
 def read_snapshot_run(out_dir: str | Path) -> SnapshotRun:
     """Read back what :func:`write_snapshot_run` wrote."""
     import xgboost as xgb
-
-    from analysis.models import ChurnModel, LogisticChurn, read_choice
 
     out_dir = Path(out_dir)
     folder = out_dir / "models"

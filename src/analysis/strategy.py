@@ -1,7 +1,7 @@
 """Decisions: one action per customer, retention targeting by expected profit, phase-out
 review with guardrails, early warnings and a fairness audit.
 
-Every number a decision uses is a named parameter (:class:`StrategyParams`, the config's
+Every number a decision uses is a named parameter (:class:`~analysis.config.StrategyParams`, the config's
 ``strategy`` section) and the action policy is a table (:data:`DEFAULT_POLICY`), so the
 report can print both. Protected attributes never enter a decision; they are only used by
 :func:`fairness_audit`, after the fact.
@@ -10,17 +10,44 @@ report can print both. Protected attributes never enter a decision; they are onl
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.config import DAYS_PER_MONTH, StrategyParams
+from analysis.features import build_features
+from analysis.models import prepare_matrix
+from analysis.segments import (
+    ACTIVE_STAGES,
+    STAGE_ACTIVE,
+    STAGE_LAPSED,
+    STAGE_LOST,
+    STAGE_NEW,
+    TIER_HIGH,
+    TIER_LOW,
+    TIER_MID,
+    WIN_BACK_STAGES,
+    save_customers,
+)
+
 __all__ = [
+    "ADVERSE_ACTIONS",
     "DECISION_COLUMNS",
     "DEFAULT_POLICY",
     "RISK_BANDS",
+    "GROW",
+    "MAINTAIN",
+    "NO_ACTION_LAPSED",
+    "NURTURE",
+    "PHASEOUT_REVIEW",
+    "RETAIN_AUTOMATED",
+    "RETAIN_PERSONAL",
+    "RETAIN_PREFIX",
+    "SERVE_LOW_COST",
+    "WIN_BACK",
     "StrategyParams",
     "StrategyRun",
     "assign_actions",
@@ -42,6 +69,21 @@ __all__ = [
     "retention_targeting",
 ]
 
+#: The actions of the default policy. A policy's actions whose name starts with
+#: :data:`RETAIN_PREFIX` are retention contacts: together they are the campaign.
+PHASEOUT_REVIEW = "Review for phase-out"
+WIN_BACK = "Win back"
+RETAIN_PERSONAL = "Retain - personal outreach"
+NURTURE = "Nurture / VIP care"
+RETAIN_AUTOMATED = "Retain - automated offer"
+GROW = "Grow / develop"
+NO_ACTION_LAPSED = "No action - lapsed"
+SERVE_LOW_COST = "Serve at low cost"
+MAINTAIN = "Maintain"
+RETAIN_PREFIX = "Retain"
+#: The actions that reduce what a customer gets (the executive report audits these).
+ADVERSE_ACTIONS = (PHASEOUT_REVIEW, SERVE_LOW_COST)
+
 #: The churn-risk bands of the decisions (``churn_risk``): ``high`` from ``high_risk``
 #: on, ``low`` below it, ``unknown`` without a churn probability. Words distinct from
 #: the lifecycle stages and the RFM segment names (:mod:`analysis.segments`).
@@ -58,28 +100,27 @@ def churn_risk_band(probability: pd.Series, *, high_risk: float) -> np.ndarray:
 #: names the customer's action. A condition lists the allowed values of a decision
 #: column (see :func:`assign_actions`); a row without conditions matches everyone.
 DEFAULT_POLICY: list[dict] = [
-    {"action": "Review for phase-out", "phaseout_candidate": [True],
+    {"action": PHASEOUT_REVIEW, "phaseout_candidate": [True],
      "why": "unprofitable over several periods, low potential, guardrails passed"},
-    {"action": "Win back", "lifecycle_stage": ["lapsed", "lost"], "value_tier": ["high"],
+    {"action": WIN_BACK, "lifecycle_stage": list(WIN_BACK_STAGES), "value_tier": [TIER_HIGH],
      "why": "lapsed customers with high past value"},
-    {"action": "Retain - personal outreach", "value_tier": ["high"], "churn_risk": ["high"],
-     "lifecycle_stage": ["new", "active", "at risk"],
+    {"action": RETAIN_PERSONAL, "value_tier": [TIER_HIGH], "churn_risk": ["high"],
+     "lifecycle_stage": list(ACTIVE_STAGES),
      "why": "high value, high risk of churning"},
-    {"action": "Nurture / VIP care", "value_tier": ["high"], "churn_risk": ["low"],
+    {"action": NURTURE, "value_tier": [TIER_HIGH], "churn_risk": ["low"],
      "why": "high value, low risk"},
-    {"action": "Retain - automated offer", "retention_profitable": [True],
+    {"action": RETAIN_AUTOMATED, "retention_profitable": [True],
      "why": "a retention contact is expected to pay for itself (churn risk x effect x "
             "value if retained > contact and offer cost)"},
-    {"action": "Grow / develop", "value_tier": ["low", "mid"], "potential": [True],
+    {"action": GROW, "value_tier": [TIER_LOW, TIER_MID], "potential": [True],
      "why": "predicted value well above current value, or rising and broad interest"},
-    {"action": "No action - lapsed", "lifecycle_stage": ["lapsed", "lost"],
+    {"action": NO_ACTION_LAPSED, "lifecycle_stage": list(WIN_BACK_STAGES),
      "why": "already gone, and not valuable enough to win back"},
-    {"action": "Serve at low cost", "value_tier": ["low"], "profitable": [False],
+    {"action": SERVE_LOW_COST, "value_tier": [TIER_LOW], "profitable": [False],
      "why": "low value, no potential, unprofitable at the current cost to serve: move to "
             "self-service and automated channels (not refusal of service)"},
-    {"action": "Maintain", "why": "standard service"},
+    {"action": MAINTAIN, "why": "standard service"},
 ]
-ADVERSE_ACTIONS = ("Review for phase-out", "Serve at low cost")
 
 #: The columns of the run's customer table that :func:`decide` reads (the strategy step
 #: loads only these: a large base's table has dozens more, long texts among them).
@@ -88,71 +129,6 @@ DECISION_COLUMNS = (
     "spend_365d", "spend_90d", "n_categories", "trend_90d", "trend_180d", "monetary_mean_order",
     "top_channel", "margin_rate", "n_complaints", "complaints_90d", "days_since_complaint",
     "tenure_days", "frequency", "recency_days", "recency_vs_gap", "satisfaction_last")
-
-
-@dataclass(frozen=True)
-class StrategyParams:
-    """Every assumption of the strategy step, with its unit (config section ``strategy``).
-
-    margin_rate : share of revenue kept as margin when the data has no margin.
-    cost_per_order : cost to serve one order (currency), unless its channel is listed in
-        ``cost_per_order_by_channel``.
-    cost_per_complaint : handling cost of a complaint; expected complaints follow the
-        customer's rate over the last year.
-    cost_per_account_year : fixed yearly cost of keeping an account.
-    contact_cost, offer_cost : cost of one retention contact and of the offer it carries.
-    retention_rate : P(a would-be churner stays | contacted) when no campaign data exists.
-    retention_value_months : months of run-rate margin a retained customer is worth.
-    high_risk : churn probability from which the risk is "high".
-    growth_ratio : predicted value over last period's value from which a customer has
-        "potential".
-    phaseout_periods : K: unprofitable in the current forecast and each of the K previous
-        horizon-length periods.
-    phaseout_max_tenure_days : customers with longer tenure are kept off the list ...
-    phaseout_large_loss : ... unless their expected loss per horizon exceeds this.
-    phaseout_min_loss : the forecast loss per horizon must exceed this (currency): a
-        customer near break-even is not put up for phase-out over forecast noise.
-    phaseout_complaint_days : no phase-out review within this many days of a complaint.
-    warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn,
-    warning_churn_rise : early-warning thresholds (times own gap; share of spend lost;
-        score at or below; churn probability at or above; rise of the churn probability
-        since the previous run, in points of probability).
-    fairness_ratio, fairness_p_value : four-fifths rule, with a significance test.
-    fairness_min_group : a protected group with fewer customers is too small to judge:
-        it is listed, not tested (the analysis' ``min_segment_customers`` by default).
-    """
-
-    margin_rate: float = 0.30
-    cost_per_order: float = 2.0
-    cost_per_order_by_channel: dict = field(default_factory=lambda: {
-        "online": 1.5, "store": 6.0, "phone": 9.0, "marketplace": 3.0})
-    cost_per_complaint: float = 15.0
-    cost_per_account_year: float = 4.0
-    contact_cost: float = 3.0
-    offer_cost: float = 7.0
-    retention_rate: float = 0.15
-    retention_value_months: int = 12
-    high_risk: float = 0.5
-    growth_ratio: float = 1.5
-    phaseout_periods: int = 3
-    phaseout_max_tenure_days: int = 1095
-    phaseout_large_loss: float = 25.0
-    phaseout_min_loss: float = 2.5
-    phaseout_complaint_days: int = 90
-    warning_gap_multiple: float = 2.0
-    warning_spend_drop: float = 0.5
-    warning_satisfaction: float = 2.0
-    warning_churn: float = 0.7
-    warning_churn_rise: float = 0.2
-    fairness_ratio: float = 0.8
-    fairness_p_value: float = 0.01
-    fairness_min_group: int = 30
-    policy: list | None = None
-
-    def table(self) -> pd.DataFrame:
-        """Every parameter as a (parameter, value) table for the report."""
-        rows = [(k, v) for k, v in asdict(self).items() if k != "policy"]
-        return pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "object"})
 
 
 # --------------------------------------------------------------------------- economics
@@ -544,7 +520,7 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
     DataFrame
         ``customer_id``, ``rule``, ``detail``.
     """
-    c = customers[customers["lifecycle_stage"] != "lost"]
+    c = customers[customers["lifecycle_stage"] != STAGE_LOST]
     rules = []
     if {"frequency", "recency_vs_gap"} <= set(c.columns):      # order history only
         overdue = (c["frequency"] >= 2) & (c["recency_vs_gap"] >= params.warning_gap_multiple)
@@ -555,7 +531,7 @@ def early_warnings(customers: pd.DataFrame, *, params: StrategyParams,
         # trend = (a - b) / (a + b); spend dropped by x or more  <=>  trend <= -x / (2 - x)
         drop = c["trend_90d"] <= -params.warning_spend_drop / (2 - params.warning_spend_drop)
         drop &= c["spend_90d"] >= 0
-        rules.append(("spend drop", drop & (c["lifecycle_stage"] != "lapsed"),
+        rules.append(("spend drop", drop & (c["lifecycle_stage"] != STAGE_LAPSED),
                       lambda r: f"spend trend {r.trend_90d:+.2f} over the last 90 days"))
     if "complaints_90d" in c:
         rules.append(("new complaint", c["complaints_90d"] > 0,
@@ -729,8 +705,6 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     ``attributes`` holds the protected attributes, used only by the audit; ``previous``
     the previous run's customers (for the rising-risk warning).
     """
-    from analysis.features import build_features
-
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
     run_rate = c["spend_365d"].clip(lower=0) * horizon_days / 365
@@ -765,14 +739,14 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
                 uplift_rate = max(float(uplift.set_index("group").loc["all", "uplift_rate"]),
                                   0.0)
     # every customer still active can be contacted; the expected profit decides who is
-    active = c["lifecycle_stage"].isin(["new", "active", "at risk"])
+    active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
     targeting, retention = retention_targeting(
         c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
         window_days=window, horizon_days=horizon_days, eligible=active)
     retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
     retention["uplift_rate_used"] = uplift_rate
     retention["value_window_days"] = window if uplift_rate is not None else \
-        int(params.retention_value_months * 365 / 12)
+        int(params.retention_value_months * DAYS_PER_MONTH)
     retention["eligible_customers"] = int(active.sum())
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
                              periods=params.phaseout_periods, params=params)
@@ -793,8 +767,6 @@ def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_mod
                       window: int, horizon_days: int, params: StrategyParams) -> pd.DataFrame:
     """Per reachable customer at the campaign date: ``treated``, the margin realised in
     the window after it, the margin the value model expected then, and last year's."""
-    from analysis.models import prepare_matrix
-
     r = reachable.merge(campaign[["customer_id", "treated"]], on="customer_id")
     rate = (r["margin_rate"].clip(0, 1) if "margin_rate" in r
             else pd.Series(np.nan, r.index)).fillna(params.margin_rate)
@@ -827,8 +799,6 @@ def write_strategy(run: StrategyRun, out_dir) -> dict:
     customers = pd.read_parquet(out_dir / "customers.parquet")
     keep = [c for c in customers.columns if c not in run.customers.columns or c == "customer_id"]
     merged = customers[keep].merge(run.customers, on="customer_id", how="left")
-    from analysis.segments import save_customers
-
     written.update(save_customers(out_dir, merged))
     return written
 
@@ -863,7 +833,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     c = customers.reset_index(drop=True)
     years = horizon_days / 365.0
     revenue = c["predicted_value"].clip(lower=0).fillna(0.0)
-    active = c["lifecycle_stage"].isin(["new", "active"])
+    active = c["lifecycle_stage"].isin([STAGE_NEW, STAGE_ACTIVE])
     cost = np.where(active, params.cost_per_account_year * years, 0.0)   # gone: no cost
     econ = pd.DataFrame({"customer_id": c["customer_id"], "margin_rate_used": params.margin_rate,
                          "expected_revenue": revenue, "expected_orders": 0.0,
@@ -872,14 +842,14 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
                          "expected_profit": revenue * params.margin_rate - cost})
     risk = c["churn_probability"]
     tenure_m = c["tenure_months"].fillna(0)
-    potential = active & c["value_tier"].isin(["low", "mid"]) & (
+    potential = active & c["value_tier"].isin([TIER_LOW, TIER_MID]) & (
         risk < 0.5 * params.high_risk) & (tenure_m >= 12)
-    c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * 30.44)
+    c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * DAYS_PER_MONTH)
     targeting, retention = retention_targeting(c, econ, params=params,
                                                retention_rate=params.retention_rate,
                                                eligible=active)
     retention.update(retention_rate_used=params.retention_rate, uplift_rate_used=None,
-                     value_window_days=int(params.retention_value_months * 365 / 12),
+                     value_window_days=int(params.retention_value_months * DAYS_PER_MONTH),
                      eligible_customers=int(active.sum()))
     lifetime_margin = (c["monetary_total"].fillna(0) * params.margin_rate
                        / tenure_m.where(tenure_m > 0))
@@ -935,7 +905,7 @@ def _action_summary(out: pd.DataFrame, customers: pd.DataFrame,
                     params: StrategyParams) -> pd.DataFrame:
     """Customers, revenue, cost and expected benefit per action."""
     spend = customers.set_index("customer_id")["spend_365d"]
-    retained = out["action"].str.startswith("Retain").to_numpy()
+    retained = out["action"].str.startswith(RETAIN_PREFIX).to_numpy()
     return (out.assign(spend_365d=out["customer_id"].map(spend),
                        campaign_cost=np.where(retained,
                                               params.contact_cost + params.offer_cost, 0.0),
