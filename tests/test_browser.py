@@ -20,6 +20,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
 
 SCRIPT = '<script>window.__xss = 1</script>toys'
 IMG = '<img src=x onerror="window.__xss = 2">North'
+NO_ALT = "No description has been provided for this image"     # nbconvert's placeholder
+#: the most pages the demo's executive report may take printed on A4 or letter
+MAX_PRINTED_PAGES = 9
+#: printable width in CSS pixels (96 per inch) of A4 and letter within 12 mm margins
+PRINTABLE_PX = {"A4": round((210 - 24) / 25.4 * 96), "letter": round((215.9 - 24) / 25.4 * 96)}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,9 @@ def check_report_page(browser, page, *, min_images):
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth])")
     assert len(images) >= min_images and all(done and width > 0 for done, width in images)
+    check_alt_texts(browser)
+    assert re.fullmatch(r"Customer strategy report: .+, \d{4}-\d{2}-\d{2}", browser.title), \
+        browser.title
     text = browser.execute_script("return document.body.innerText")
     assert "Traceback" not in text and "import " not in text
     assert browser.execute_script("return document.querySelectorAll('.jp-InputArea').length") == 0
@@ -95,8 +103,89 @@ def check_report_page(browser, page, *, min_images):
     return text
 
 
+def check_alt_texts(browser):
+    """Every image is described by its chart's title, not by nbconvert's placeholder
+    nor by matplotlib's ``<Figure size ...>``."""
+    alts = browser.execute_script(
+        "return Array.from(document.images).map(i => i.getAttribute('alt'))")
+    for alt in alts:
+        assert alt and alt.strip() and alt != NO_ALT and not alt.startswith("<Figure"), alts
+
+
+def check_analyst_page(browser, page):
+    """An analyst page: titled by its notebook, nothing fetched, every chart described."""
+    browser.get(page.resolve().as_uri())
+    resources = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(r => r.name)")
+    assert all(r.startswith("data:") for r in resources), (page.name, resources)
+    heading = browser.execute_script("return document.querySelector('h1').innerText")
+    assert browser.title == heading.rstrip("¶").strip(), (browser.title, heading)
+    check_alt_texts(browser)
+
+
 def test_report_loads_cleanly_renders_images_and_shows_no_code(planted_run, browser):
     check_report_page(browser, planted_run.index_html, min_images=8)
+    assert browser.title.startswith("Customer strategy report: browser <b>test</b>, 20")
+    pages = sorted((planted_run.report_dir / "notebooks").glob("*.html"))
+    assert len(pages) == 5
+    for page in pages:
+        check_analyst_page(browser, page)
+
+
+def test_report_prints_on_few_pages_with_no_table_cut(planted_run, browser):
+    """Printed on A4 and on letter the page count stays small, and in print layout no
+    table is wider than the printable width."""
+    import base64
+
+    from selenium.webdriver.common.print_page_options import PrintOptions
+
+    browser.get(planted_run.index_html.resolve().as_uri())
+    for paper, (width_cm, height_cm) in {"A4": (21.0, 29.7), "letter": (21.59, 27.94)}.items():
+        options = PrintOptions()
+        options.page_width, options.page_height = width_cm, height_cm
+        pdf = base64.b64decode(browser.print_page(options))
+        pages = len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", pdf))
+        assert 1 <= pages <= MAX_PRINTED_PAGES, (paper, pages)
+    try:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": "print"})
+        for paper, width in PRINTABLE_PX.items():
+            browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False})
+            assert browser.execute_script("return window.matchMedia('print').matches")
+            tables = browser.execute_script(
+                "return Array.from(document.querySelectorAll('table')).map(t => "
+                "[t.scrollWidth, t.parentElement.clientWidth, "
+                " Math.ceil(t.getBoundingClientRect().right), "
+                " document.documentElement.clientWidth, t.innerText.slice(0, 40)])")
+            assert len(tables) >= 8
+            for table_width, room, right, page_width, text in tables:
+                assert table_width <= room and right <= page_width, (paper, text, table_width,
+                                                                     room, right, page_width)
+            overflowing = browser.execute_script(
+                "return document.documentElement.scrollWidth > "
+                "document.documentElement.clientWidth")
+            assert not overflowing, paper
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"media": ""})
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_published_notebooks_name_the_published_folders_not_temporary_ones(planted_run):
+    """The executed notebooks and their pages show the paths the run was published to
+    (the parameters papermill injected), never the run's temporary folders."""
+    import nbformat
+
+    folder = planted_run.report_dir / "notebooks"
+    published = sorted(folder.glob("*.ipynb")) + sorted(folder.glob("*.html")) + [
+        planted_run.index_html]
+    assert len(published) == 12
+    for path in published:
+        assert ".tmp-" not in path.read_text(), path
+    nb = nbformat.read(folder / "02_customer_profile.ipynb", as_version=4)
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert f'processed_dir = "{planted_run.processed_dir}"' in injected.source
+    assert f'report_dir = "{planted_run.report_dir}"' in injected.source
+    assert nb.metadata.papermill.parameters.processed_dir == str(planted_run.processed_dir)
 
 
 def test_snapshot_report_passes_the_same_browser_checks(telco_run, browser):
@@ -105,7 +194,7 @@ def test_snapshot_report_passes_the_same_browser_checks(telco_run, browser):
     assert "5. Value" in text and "Kaplan-Meier" in text
     assert browser.execute_script("return window.__xss === undefined")
     for name in ("snapshot_02_churn_model.html", "snapshot_05_strategy.html"):
-        browser.get((snapshot_run.report_dir / "notebooks" / name).resolve().as_uri())
+        check_analyst_page(browser, snapshot_run.report_dir / "notebooks" / name)
         assert browser.execute_script("return window.__xss === undefined"), name
 
 

@@ -32,6 +32,15 @@ def test_html_table_escapes_cells_and_labels():
     assert "50%" in out
 
 
+def test_html_table_marks_number_columns_for_right_alignment_and_leaves_text_left():
+    frame = pd.DataFrame({"segment": ["loyal"], "customers": [1200], "share": [0.5],
+                          "flag": [True]})
+    out = html_table(frame, formats={"share": ".0%", "customers": ","})
+    assert "<th>segment</th>" in out and "<td>loyal</td>" in out
+    assert '<th class="number">customers</th>' in out and '<td class="number">1,200</td>' in out
+    assert '<td class="number">50%</td>' in out and "<td>True</td>" in out
+
+
 def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
     import subprocess
     import sys
@@ -151,10 +160,19 @@ def test_run_publishes_a_self_contained_report(good_run):
     assert "Traceback" not in page and "In&nbsp;[" not in page
     assert 'class="jp-InputArea' not in page and 'class="jp-InputPrompt' not in page
     assert "Customer strategy report: demo" in page
+    assert "<title>Customer strategy report: demo, 20" in page
     for name in NOTEBOOKS[:-1]:
         html_name = name.replace(".ipynb", ".html")
-        assert (result.report_dir / "notebooks" / html_name).is_file()
+        analyst = (result.report_dir / "notebooks" / html_name).read_text()
         assert f'href="notebooks/{html_name}"' in page   # linked from the executive page
+        # the analyst pages load nothing from outside either (no MathJax, require.js)
+        assert not re.search(r'(src|href)\s*=\s*["\']?(https?:)?//', analyst), html_name
+        assert not re.search(r'url\(\s*["\']?(https?:)?//', analyst), html_name
+        assert "cdnjs" not in analyst and "<script src" not in analyst, html_name
+        assert ".tmp-" not in analyst, html_name         # the published paths, see below
+    for executed in (result.report_dir / "notebooks").glob("*.ipynb"):
+        assert ".tmp-" not in executed.read_text(), executed.name
+        assert str(result.processed_dir) in executed.read_text(), executed.name
     assert any(f"stage 2/{len(NOTEBOOKS)} 02_customer_profile.ipynb done" in line for line in lines)
 
 

@@ -29,6 +29,7 @@ from analysis.segments import (
 __all__ = [
     "PALETTE",
     "TIER_COLORS",
+    "describe_figure",
     "plot_beeswarm",
     "plot_calibration",
     "plot_dependence",
@@ -64,9 +65,28 @@ def set_theme() -> None:
                       "axes.spines.top": False, "figure.autolayout": True})
 
 
+def describe_figure(fig: Figure) -> str:
+    """A chart in words, from its titles: the figure's title, then its axes' titles
+    (``"Over the runs: active customers, revenue 12m"``); ``"Chart"`` when untitled."""
+    suptitle = fig.get_suptitle().strip()
+    titles = [t for ax in fig.axes if (t := ax.get_title().strip())]
+    if suptitle and titles:
+        return f"{suptitle}: {', '.join(titles)}"
+    return suptitle or "; ".join(titles) or "Chart"
+
+
+class _Chart(Figure):
+    """A figure whose text form in IPython is :func:`describe_figure` rather than
+    ``<Figure size ... with 1 Axes>``: a notebook stores it beside the chart's image,
+    and the rendered reports use it as the image's alternative text."""
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(describe_figure(self))
+
+
 def _axes(ax=None, size=(7, 3.6)):
     if ax is None:
-        fig, ax = plt.subplots(figsize=size)
+        fig, ax = plt.subplots(figsize=size, FigureClass=_Chart)
     return ax.figure, ax
 
 
@@ -165,6 +185,7 @@ def plot_quarantine(by_rule: pd.DataFrame, ax=None) -> Figure:
     if by_rule.empty:
         ax.text(0.5, 0.5, "no row was set aside", ha="center", va="center")
         ax.set_axis_off()
+        ax.set_title("Rows quarantined, by rule: none")
         return fig
     labels = by_rule["table"].astype(str) + ": " + by_rule["rule"].astype(str)
     ax.barh(labels, by_rule["rows"], color=PALETTE[4])
@@ -316,7 +337,8 @@ def plot_history(history: pd.DataFrame, *, columns=("active_customers", "revenue
                                                      "at_risk_customers", "churn_auc")) -> Figure:
     """KPIs over runs (one small panel each), from :func:`analysis.monitor.read_history`."""
     cols = [c for c in columns if c in history]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3 * len(cols), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(3 * len(cols), 2.6), squeeze=False,
+                             FigureClass=_Chart)
     x = pd.to_datetime(history["as_of"])
     for ax, col in zip(axes[0], cols, strict=True):
         ax.plot(x, history[col], marker="o", color=PALETTE[0])

@@ -43,10 +43,12 @@ __all__ = [
     "heading",
     "html_table",
     "kpi_cards",
+    "executive_title",
     "library_versions",
     "link_list",
     "paragraph",
     "render_notebook",
+    "notebook_title",
     "notebooks_for",
     "run_pipeline",
 ]
@@ -162,10 +164,17 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
                 f"{stage_seconds[name]:.1f} s (its kernel peaked at "
                 f"{stage_peak_mb[name]:,.0f} MiB)")
         start = time.perf_counter()
+        # the published notebooks name the folders the run is published to, so that
+        # they read, and re-run, as they will be found: never the temporary ones
+        published = {str(tmp_processed): str(processed_root / run_id),
+                     str(tmp_report): str(reports_root / run_id)}
         for name in notebooks:
             executed = tmp_report / "notebooks" / name
+            _replace_paths(executed, published)
             if name == notebooks[-1]:
-                render_notebook(executed, tmp_report / "index.html", executive=True)
+                render_notebook(executed, tmp_report / "index.html", executive=True,
+                                title=executive_title(config.name,
+                                                      _scoring_date(tmp_processed)))
             else:
                 render_notebook(executed, executed.with_suffix(".html"), executive=False)
         stage_seconds["render"] = round(time.perf_counter() - start, 2)
@@ -189,26 +198,49 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
                      index_html=report_dir / "index.html", stage_seconds=stage_seconds)
 
 
-def render_notebook(notebook: str | Path, out_html: str | Path, *, executive: bool) -> Path:
+def render_notebook(notebook: str | Path, out_html: str | Path, *, executive: bool,
+                    title: str | None = None) -> Path:
     """Render an executed notebook to one self-contained HTML file.
 
-    ``executive=True`` uses the project's template: no code, no prompts, no stderr, no
-    scripts or external resources; images are embedded as data URIs either way.
+    ``executive=True`` uses the project's executive template: no code, no prompts, no
+    stderr, no scripts. Analyst pages keep their code. Either way images are embedded as
+    data URIs and described by their output's text form (a chart's title, see
+    :func:`analysis.plots.describe_figure`), and nothing is loaded from the network.
+    ``title`` is the page's title; by default the notebook's first heading.
     """
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4)
-    if executive:
-        exporter = HTMLExporter(template_name="executive",
-                                extra_template_basedirs=[str(_TEMPLATES)],
-                                exclude_input=True, exclude_input_prompt=True,
-                                exclude_output_prompt=True, embed_images=True)
-    else:
-        exporter = HTMLExporter(template_name="lab", embed_images=True)
-    body, _ = exporter.from_notebook_node(nb)
+    options = dict(exclude_input=True, exclude_input_prompt=True,
+                   exclude_output_prompt=True) if executive else {}
+    exporter = HTMLExporter(template_name="executive" if executive else "analyst",
+                            extra_template_basedirs=[str(_TEMPLATES)],
+                            # so that the executive template can extend 'analyst/...'
+                            extra_template_paths=[str(_TEMPLATES)], embed_images=True,
+                            **options)
+    # the lab template titles the page with the notebook's metadata ``title``, else the
+    # resources' name
+    name = title or notebook_title(nb) or Path(notebook).stem
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": name}})
     out_html = Path(out_html)
     out_html.write_text(body, encoding="utf-8")
     return out_html
+
+
+def executive_title(config_name: str, scoring_date: str) -> str:
+    """The executive page's title: ``"Customer strategy report: <name>, <date>"``."""
+    return f"Customer strategy report: {config_name}, {scoring_date}".rstrip(", ")
+
+
+def notebook_title(nb: nbformat.NotebookNode) -> str:
+    """The text of a notebook's first level-1 Markdown heading (``""`` if none)."""
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for line in cell.source.splitlines():
+            if line.startswith("# "):
+                return line[2:].strip()
+    return ""
 
 
 def paragraph(template: str, /, **values: object) -> str:
@@ -236,10 +268,14 @@ def html_table(frame, *, formats: dict[str, str] | None = None,
     """A frame as an HTML table with every cell and header escaped, numbers formatted.
 
     ``formats`` maps columns to format specs (``".1%"``, ``",.0f"``); ``labels`` renames
-    columns for readers. (pandas' own ``to_html(escape=True)`` leaves headers raw.)
+    columns for readers. Numeric columns (not booleans) get the class ``number``, which
+    the executive template aligns right; text columns stay left-aligned. (pandas' own
+    ``to_html(escape=True)`` leaves headers raw and cannot class a column's cells.)
     """
+    import pandas as pd
+
     formats = formats or {}
-    shown = frame.reset_index() if index else frame.copy()
+    shown = frame.reset_index() if index else frame
 
     def cell(value: object, spec: str | None) -> str:
         if value is None or (isinstance(value, float) and value != value):
@@ -250,11 +286,16 @@ def html_table(frame, *, formats: dict[str, str] | None = None,
             return html.escape(f"{value:,.2f}")
         return html.escape(str(value))
 
-    for col in shown.columns:
-        shown[col] = [cell(v, formats.get(col)) for v in shown[col].tolist()]
-    names = {c: html.escape(str((labels or {}).get(c, c))) for c in shown.columns}
-    shown = shown.rename(columns=names)
-    return shown.to_html(index=False, escape=False, border=0, classes="table")
+    columns = [shown.iloc[:, i] for i in range(shown.shape[1])]
+    classes = [' class="number"' if pd.api.types.is_numeric_dtype(col)
+               and not pd.api.types.is_bool_dtype(col) else "" for col in columns]
+    head = "".join(f"<th{k}>{html.escape(str((labels or {}).get(col.name, col.name)))}</th>"
+                   for col, k in zip(columns, classes))
+    cells = [[cell(v, formats.get(col.name)) for v in col.tolist()] for col in columns]
+    rows = "".join("<tr>" + "".join(f"<td{k}>{v}</td>" for k, v in zip(classes, row))
+                   + "</tr>\n" for row in zip(*cells))
+    return (f'<table class="table">\n<thead><tr>{head}</tr></thead>\n'
+            f"<tbody>\n{rows}</tbody>\n</table>")
 
 
 def library_versions() -> dict[str, str]:
@@ -300,6 +341,33 @@ def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: 
             f"  the failed notebook and its HTML are kept in {kept}\n"
             f"  the last good report was left untouched",
             notebook=source.name, cell=cell, kept=kept, cause=exc.ename) from None
+
+
+def _replace_paths(notebook: Path, replacements: dict[str, str]) -> None:
+    """Rewrite ``notebook`` with every occurrence of each key of ``replacements`` (a
+    folder's path) in its cells, outputs and metadata replaced by its value."""
+    order = sorted(replacements, key=len, reverse=True)
+
+    def replaced(node):
+        if isinstance(node, str):
+            for old in order:
+                node = node.replace(old, replacements[old])
+            return node
+        if isinstance(node, dict):
+            return {key: replaced(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [replaced(value) for value in node]
+        return node
+
+    nb = nbformat.read(str(notebook), as_version=4)
+    nbformat.write(nbformat.from_dict(replaced(nb)), str(notebook))
+
+
+def _scoring_date(processed: Path) -> str:
+    """The run's scoring date (ISO), as the profile step recorded it; "" if it did not."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return str(json.loads((processed / "profile.json").read_text())["as_of"])
+    return ""
 
 
 def _keep_failed(tmp_report: Path, tmp_processed: Path, reports_root: Path,
