@@ -473,10 +473,13 @@ def test_the_chosen_methods_score_and_models_json_records_every_method(demo_run,
         # the choice is the lowest recorded validation score ...
         assert entry["chosen"] == min(entry["selection"],
                                       key=lambda m, e=entry, s=score: e["selection"][m][s])
-        # ... made on the validation customers XGBoost did not stop or calibrate on
-        assert {v["n"] for v in entry["selection"].values()} == {run.sizes["valid_choose"]}
+        # ... made on the validation customers XGBoost did not stop or calibrate on (for
+        # churn, those of them active at the validation cutoff: the decision's population)
+        chose_on = run.sizes["valid_choose_active" if kind == "churn" else "valid_choose"]
+        assert {v["n"] for v in entry["selection"].values()} == {chose_on}
         # every method is judged out of time, the chosen one and the blend included
         assert entry[entry["chosen"]]["roc_auc" if kind == "churn" else "mae"] >= 0
+    assert 0 < run.sizes["valid_choose_active"] < run.sizes["valid_choose"]
     assert all("roc_auc" in summary["churn"][m] for m in (*M.CHURN_CANDIDATES, "rfm",
                                                           "bgnbd", "model_uncalibrated"))
     assert summary["churn"]["model"]["roc_auc"] == run.churn_metrics.set_index(
