@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
 SCRIPT = '<script>window.__xss = 1</script>toys'
 IMG = '<img src=x onerror="window.__xss = 2">North'
 NO_ALT = "No description has been provided for this image"     # nbconvert's placeholder
-#: the most pages the demo's executive report may take printed on A4 or letter
-MAX_PRINTED_PAGES = 9
+#: the most pages the demo's executive report may take printed on A4 or letter (the
+#: issue's bound; measured 15 before the print rules, 9-10 with them)
+MAX_PRINTED_PAGES = 10
 #: printable width in CSS pixels (96 per inch) of A4 and letter within 12 mm margins
 PRINTABLE_PX = {"A4": round((210 - 24) / 25.4 * 96), "letter": round((215.9 - 24) / 25.4 * 96)}
 
