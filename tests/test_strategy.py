@@ -40,7 +40,7 @@ def test_policy_is_data():
     assert S.assign_actions(frame, policy=custom)["action"].tolist() == ["Call", "Mail"]
     with pytest.raises(KeyError, match="unknown column 'shoe_size'"):
         S.assign_actions(frame, policy=[{"action": "A", "shoe_size": [42]}])
-    assert list(S.policy_table(custom)["conditions"]) == ["churn_risk in high", "everyone else"]
+    assert list(S.policy_table(custom)["conditions"]) == ["churn risk high", "everyone else"]
 
 
 def test_economics_by_hand():
@@ -318,3 +318,76 @@ def test_snapshot_decisions_on_a_hand_built_frame():
     assert out.loc["risky", "retention_gain"] == pytest.approx(0.8 * 0.2 * 300 - 10)
     assert out.loc["risky", "action"] == "Retain - automated offer"
     assert run.retention["campaign_size"] == 1 and run.retention_effect.empty
+
+
+def _decided_world():
+    """Five active customers whose actions cover every way into (and out of) the campaign."""
+    params = S.StrategyParams(cost_per_account_year=120.0, margin_rate=0.5,
+                              retention_rate=0.2, phaseout_min_loss=1.0, high_risk=0.5)
+    c = pd.DataFrame({
+        "customer_id": ["vip", "steady", "risky", "falling", "small"],
+        "lifecycle_stage": ["active"] * 5,
+        "value_tier": ["high", "high", "mid", "high", "low"],
+        "churn_probability": [0.3, 0.01, 0.8, 0.6, 0.1],
+        "predicted_value": [900.0, 900.0, 150.0, 20.0, 60.0],
+        "spend_365d": [3600.0, 3600.0, 600.0, 100.0, 240.0],
+        "tenure_months": [30.0, 40.0, 10.0, 20.0, 24.0],
+        "monetary_total": [9000.0, 9000.0, 500.0, 3000.0, 480.0]})
+    return S.decide_snapshot(c, horizon_days=90, params=params), params
+
+
+def test_the_campaign_is_exactly_the_retain_actions_and_the_totals_add_up():
+    run, params = _decided_world()
+    out = run.customers.set_index("customer_id")
+    # 'vip': high value, low risk, but 0.3 x 0.2 x 1,800 of margin = 108 > 10: a contact
+    # pays, so it is in the campaign (not left in VIP care at no campaign cost)
+    assert out.loc["vip", "action"] == "Retain - automated offer"
+    # 'steady': 0.01 x 0.2 x 1,800 = 3.6 < 10: VIP care, outside the campaign
+    assert out.loc["steady", "action"] == "Nurture / VIP care"
+    # 'falling': high value, high risk: personal outreach although 0.6 x 0.2 x 50 = 6 < 10,
+    # so the campaign carries its negative incremental profit rather than hiding it
+    assert out.loc["falling", "action"] == "Retain - personal outreach"
+    assert out.loc["falling", "incremental_profit"] == pytest.approx(0.6 * 0.2 * 50 - 10)
+    retain = out.index[out["action"].str.startswith(S.RETAIN_PREFIX)]
+    assert set(retain) == set(out.index[out["in_campaign"]]) == {"vip", "risky", "falling"}
+    assert run.retention["campaign_size"] == 3
+    assert run.retention["campaign_cost"] == pytest.approx(3 * (params.contact_cost
+                                                                + params.offer_cost))
+    assert run.retention["targeted_by_profit"] == 2           # vip and risky pay for themselves
+    assert run.retention["campaign_high_risk"] == 2           # risky and falling
+    # one period for every number: 12 months (the assumed value window) for all
+    period = run.retention["decision_period_days"]
+    assert period == run.retention["value_window_days"]
+    assert out.loc["small", "ordinary_profit"] == pytest.approx(
+        out.loc["small", "expected_profit"] * period / 90)
+    assert (out.loc[~out["in_campaign"], "incremental_profit"] == 0).all()
+    acts = run.actions.set_index("action")
+    assert acts["customers"].sum() == len(out)
+    assert acts["total_profit"].sum() == pytest.approx(run.retention["total_profit"])
+    assert acts["incremental_profit"].sum() == pytest.approx(
+        run.retention["expected_incremental_profit"])
+    assert acts["action_cost"].sum() == pytest.approx(run.retention["campaign_cost"])
+    assert (acts["ordinary_profit"] + acts["incremental_profit"]).sum() == pytest.approx(
+        run.retention["ordinary_profit"] + run.retention["expected_incremental_profit"])
+
+
+def test_the_campaign_file_is_the_retain_actions(tmp_path):
+    run, _ = _decided_world()
+    run.customers.assign(churn_probability=0.5, reasons="=HYPERLINK(\"x\")").to_parquet(
+        tmp_path / "customers.parquet", index=False)
+    S.write_strategy(run, tmp_path)
+    campaign = pd.read_csv(tmp_path / "strategy" / "campaign.csv")
+    retain = run.customers[run.customers["action"].str.startswith(S.RETAIN_PREFIX)]
+    assert sorted(campaign["customer_id"]) == sorted(retain["customer_id"])
+    assert list(campaign.columns) == list(S.CAMPAIGN_COLUMNS)
+    assert campaign["incremental_profit"].is_monotonic_decreasing
+    assert not campaign["reasons"].str.startswith("=").any()      # neutralised for spreadsheets
+
+
+def test_the_policy_reads_as_sentences():
+    table = S.policy_table().set_index("action")["conditions"]
+    assert table[S.PHASEOUT_REVIEW] == "on the phase-out list (every guardrail passed)"
+    assert table[S.WIN_BACK] == "lifecycle stage lapsed or lost and value tier high"
+    assert table[S.SERVE_LOW_COST] == ("value tier low and not profitable at the current "
+                                       "cost to serve")
+    assert not table.str.contains(r"\bin True\b|\[|_").any()

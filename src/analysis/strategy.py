@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.config import DAYS_PER_MONTH, StrategyParams
+from analysis.data import write_csv
 from analysis.features import build_features
 from analysis.models import prepare_matrix
 from analysis.segments import (
@@ -50,7 +51,13 @@ __all__ = [
     "WIN_BACK",
     "StrategyParams",
     "StrategyRun",
+    "action_summary",
     "assign_actions",
+    "CAMPAIGN_COLUMNS",
+    "campaign_list",
+    "campaign_summary",
+    "decision_table",
+    "describe_condition",
     "churn_risk_band",
     "decide",
     "decide_snapshot",
@@ -107,11 +114,11 @@ DEFAULT_POLICY: list[dict] = [
     {"action": RETAIN_PERSONAL, "value_tier": [TIER_HIGH], "churn_risk": ["high"],
      "lifecycle_stage": list(ACTIVE_STAGES),
      "why": "high value, high risk of churning"},
-    {"action": NURTURE, "value_tier": [TIER_HIGH], "churn_risk": ["low"],
-     "why": "high value, low risk"},
     {"action": RETAIN_AUTOMATED, "retention_profitable": [True],
      "why": "a retention contact is expected to pay for itself (churn risk x effect x "
             "value if retained > contact and offer cost)"},
+    {"action": NURTURE, "value_tier": [TIER_HIGH], "churn_risk": ["low"],
+     "why": "high value, low risk, a retention contact would not pay for itself"},
     {"action": GROW, "value_tier": [TIER_LOW, TIER_MID], "potential": [True],
      "why": "predicted value well above current value, or rising and broad interest"},
     {"action": NO_ACTION_LAPSED, "lifecycle_stage": list(WIN_BACK_STAGES),
@@ -493,12 +500,30 @@ def assign_actions(decisions: pd.DataFrame, *, policy: list[dict] | None = None
                          "action": action.fillna("Maintain"), "action_reason": why})
 
 
+#: How a policy condition on a yes/no decision column reads (``None``: the column's name).
+CONDITION_WORDS = {
+    "phaseout_candidate": "on the phase-out list (every guardrail passed)",
+    "retention_profitable": "a retention contact is expected to pay for itself",
+    "potential": "growth potential",
+    "profitable": "profitable at the current cost to serve",
+}
+
+
+def describe_condition(column: str, allowed: list) -> str:
+    """One policy condition in words: ``churn risk high``, ``lifecycle stage lapsed or
+    lost``, ``growth potential``, ``not profitable at the current cost to serve``."""
+    if all(isinstance(v, (bool, np.bool_)) for v in allowed) and len(allowed) == 1:
+        words = CONDITION_WORDS.get(column, column.replace("_", " "))
+        return words if allowed[0] else f"not {words}"
+    return f"{column.replace('_', ' ')} {' or '.join(map(str, allowed))}"
+
+
 def policy_table(policy: list[dict] | None = None) -> pd.DataFrame:
-    """The policy as a readable table: action, conditions, why."""
+    """The policy as a readable table: action, conditions (in words), why."""
     rows = []
     for row in policy or DEFAULT_POLICY:
-        cond = "; ".join(f"{k} in {', '.join(map(str, v))}" for k, v in row.items()
-                         if k not in {"action", "why"}) or "everyone else"
+        cond = " and ".join(describe_condition(k, v) for k, v in row.items()
+                            if k not in {"action", "why"}) or "everyone else"
         rows.append({"action": row["action"], "conditions": cond, "why": row.get("why", "")})
     return pd.DataFrame(rows)
 
@@ -759,8 +784,8 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         "retention_profitable": targeting["targeted"],
         "phaseout_candidate": review["phaseout_candidate"]})
     return _assemble(c, econ, targeting, retention, review, decisions, params=params,
-                     attributes=attributes, protected=protected, previous=previous,
-                     effect=effect, uplift=uplift)
+                     horizon_days=horizon_days, attributes=attributes, protected=protected,
+                     previous=previous, effect=effect, uplift=uplift)
 
 
 def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_model, *,
@@ -800,7 +825,23 @@ def write_strategy(run: StrategyRun, out_dir) -> dict:
     keep = [c for c in customers.columns if c not in run.customers.columns or c == "customer_id"]
     merged = customers[keep].merge(run.customers, on="customer_id", how="left")
     written.update(save_customers(out_dir, merged))
+    written["campaign"] = write_csv(folder / "campaign.csv", campaign_list(merged))
     return written
+
+
+#: The columns of ``strategy/campaign.csv``, the retention campaign as people use it.
+CAMPAIGN_COLUMNS = ("customer_id", "action", "action_reason", "churn_probability",
+                    "reasons", "expected_uplift", "incremental_profit")
+
+
+def campaign_list(customers: pd.DataFrame) -> pd.DataFrame:
+    """The retention campaign: exactly the customers whose action is a retention contact,
+    best expected incremental profit first, with why (the policy's reason and, where
+    the churn model gave them, the customer's own risk reasons)."""
+    rows = customers[customers["action"].str.startswith(RETAIN_PREFIX)]
+    columns = [c for c in CAMPAIGN_COLUMNS if c in rows]
+    return (rows[columns].sort_values("incremental_profit", ascending=False, kind="stable")
+            .reset_index(drop=True))
 
 
 def read_strategy(out_dir) -> StrategyRun:
@@ -868,16 +909,17 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
         "retention_profitable": targeting["targeted"],
         "phaseout_candidate": review["phaseout_candidate"]})
     return _assemble(c, econ, targeting, retention, review, decisions, params=params,
-                     attributes=attributes, protected=protected, previous=previous)
+                     horizon_days=horizon_days, attributes=attributes, protected=protected,
+                     previous=previous)
 
 
 def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, retention: dict,
               review: pd.DataFrame, decisions: pd.DataFrame, *, params: StrategyParams,
-              attributes: pd.DataFrame | None, protected: tuple[str, ...],
+              horizon_days: int, attributes: pd.DataFrame | None, protected: tuple[str, ...],
               previous: pd.DataFrame | None, effect: pd.DataFrame | None = None,
               uplift: pd.DataFrame | None = None) -> StrategyRun:
-    """The shared end of both strategy steps: actions from the policy, warnings, the
-    customer table, the summary per action, the profit curve and the fairness audit."""
+    """The shared end of both strategy steps: actions from the policy, the decision table,
+    warnings, the summary per action, the profit curve and the fairness audit."""
     actions = assign_actions(decisions, policy=params.policy)
     alerts = early_warnings(c, params=params, previous=previous)
     out = (c[["customer_id"]].merge(econ, on="customer_id")
@@ -887,13 +929,17 @@ def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, rete
                   on="customer_id")
            .merge(actions, on="customer_id")
            .assign(potential=decisions["potential"].to_numpy(),
+                   churn_risk=decisions["churn_risk"].to_numpy(),
                    alerts=lambda d: d["customer_id"].map(
                        alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
+    out = decision_table(out, horizon_days=horizon_days,
+                         period_days=int(retention["value_window_days"]), params=params)
+    retention = campaign_summary(out, retention, targeted=int(targeting["targeted"].sum()))
     curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
         columns={"rank": "depth"})
     fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
                 if attributes is not None and protected else pd.DataFrame())
-    return StrategyRun(customers=out, actions=_action_summary(out, c, params),
+    return StrategyRun(customers=out, actions=action_summary(out, c),
                        retention=retention, profit_curve=curve,
                        retention_effect=effect if effect is not None else pd.DataFrame(),
                        margin_uplift=uplift if uplift is not None else pd.DataFrame(),
@@ -901,20 +947,74 @@ def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, rete
                        fairness=fairness)
 
 
-def _action_summary(out: pd.DataFrame, customers: pd.DataFrame,
-                    params: StrategyParams) -> pd.DataFrame:
-    """Customers, revenue, cost and expected benefit per action."""
+def decision_table(out: pd.DataFrame, *, horizon_days: int, period_days: int,
+                   params: StrategyParams) -> pd.DataFrame:
+    """Add what each customer's one action costs and is expected to bring, over one period.
+
+    The period is the retention contact's value window (``period_days``: the window the
+    campaign was measured over, or ``retention_value_months``), so that a contact's extra
+    profit and everyone's ordinary profit add up. Ordinary profit is the horizon's
+    ``expected_profit`` at the same rate over the period. Only retention contacts (the
+    actions starting with :data:`RETAIN_PREFIX`) have an estimated effect: their
+    ``expected_uplift`` is the extra margin a contact is expected to bring and their
+    ``incremental_profit`` that less the contact and offer cost (which can be negative:
+    a policy may contact customers whose contact does not pay, such as personal outreach);
+    every other action is valued at its ordinary profit and adds nothing.
+
+    Returns
+    -------
+    DataFrame
+        ``out`` with ``in_campaign``, ``action_cost``, ``expected_uplift``,
+        ``ordinary_profit``, ``incremental_profit``, ``total_profit``.
+    """
+    contact = out["action"].str.startswith(RETAIN_PREFIX).to_numpy()
+    cost = params.contact_cost + params.offer_cost
+    gain = out["retention_gain"].fillna(-cost).to_numpy()
+    ordinary = out["expected_profit"].to_numpy() * period_days / horizon_days
+    incremental = np.where(contact, gain, 0.0)
+    return out.assign(in_campaign=contact, action_cost=np.where(contact, cost, 0.0),
+                      expected_uplift=np.where(contact, gain + cost, 0.0),
+                      ordinary_profit=ordinary, incremental_profit=incremental,
+                      total_profit=ordinary + incremental, decision_period_days=period_days)
+
+
+def campaign_summary(out: pd.DataFrame, retention: dict, *, targeted: int) -> dict:
+    """The retention summary of the campaign the decision table holds (its Retain rows).
+
+    ``targeted`` is the depth the profit curve chose; the campaign is the customers whose
+    action is a retention contact: those targeted, less those another action took first
+    (phase-out review), plus those a policy row contacts regardless (personal outreach).
+    """
+    r = dict(retention)
+    in_campaign = out["in_campaign"].to_numpy()
+    size = int(in_campaign.sum())
+    cost = float(out.loc[in_campaign, "action_cost"].sum())
+    margin = float(out.loc[in_campaign, "expected_uplift"].sum())
+    rate = out.loc[in_campaign, "margin_rate_used"].replace(0, np.nan)
+    profit = float(out.loc[in_campaign, "incremental_profit"].sum())
+    r.update(campaign_size=size, campaign_cost=cost, expected_margin_saved=margin,
+             expected_revenue_saved=float((out.loc[in_campaign, "expected_uplift"] / rate)
+                                          .fillna(0.0).sum()),
+             expected_incremental_profit=profit, max_expected_profit=profit,
+             roi=(margin - cost) / cost if cost else 0.0,
+             targeted_by_profit=targeted,
+             campaign_high_risk=int((out.loc[in_campaign, "churn_risk"] == RISK_BANDS[0]).sum()),
+             decision_period_days=int(out["decision_period_days"].iloc[0]) if len(out) else 0,
+             ordinary_profit=float(out["ordinary_profit"].sum()),
+             total_profit=float(out["total_profit"].sum()))
+    return r
+
+
+def action_summary(out: pd.DataFrame, customers: pd.DataFrame) -> pd.DataFrame:
+    """Per action of the decision table: customers, last year's revenue, the action's cost,
+    and the ordinary, incremental and total expected profit over the decision period;
+    the rows add up to the run's totals (``retention["total_profit"]``)."""
     spend = customers.set_index("customer_id")["spend_365d"]
-    retained = out["action"].str.startswith(RETAIN_PREFIX).to_numpy()
-    return (out.assign(spend_365d=out["customer_id"].map(spend),
-                       campaign_cost=np.where(retained,
-                                              params.contact_cost + params.offer_cost, 0.0),
-                       benefit=np.where(retained, out["retention_gain"].fillna(0.0),
-                                        out["expected_profit"]))
+    return (out.assign(spend_365d=out["customer_id"].map(spend))
             .groupby("action")
             .agg(customers=("customer_id", "size"), revenue_12m=("spend_365d", "sum"),
-                 expected_revenue=("expected_revenue", "sum"),
-                 cost_to_serve=("cost_to_serve", "sum"),
-                 campaign_cost=("campaign_cost", "sum"),
-                 expected_benefit=("benefit", "sum"))
+                 action_cost=("action_cost", "sum"),
+                 ordinary_profit=("ordinary_profit", "sum"),
+                 incremental_profit=("incremental_profit", "sum"),
+                 total_profit=("total_profit", "sum"))
             .sort_values("customers", ascending=False).reset_index())
