@@ -8,6 +8,7 @@ function counts as much as one at the top.
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,36 @@ def test_the_graph_sees_every_kind_of_import(tmp_path):
         ("pkg.d", {"pkg.c"})]
     assert edges["pkg.b"] == [("pkg.c", 2, False)]
     assert find_cycles(_graph(edges)) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+#: The most lines of code a notebook holds outside its ``parameters`` cell: the
+#: executive pages show what :mod:`analysis.narrative` builds, the others call the steps.
+EXECUTIVE_LIMIT, OTHER_LIMIT = 80, 40
+
+
+def code_lines(path: Path) -> int:
+    """Non-blank, non-comment lines of the code cells, the parameters cell left out."""
+
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return sum(1 for c in cells if c["cell_type"] == "code"
+               and "parameters" not in c.get("metadata", {}).get("tags", [])
+               for line in "".join(c["source"]).splitlines()
+               if line.strip() and not line.strip().startswith("#"))
+
+
+def test_code_lines_are_counted_without_comments_blanks_or_parameters(tmp_path):
+
+    nb = {"cells": [
+        {"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "a = 1\nb = 2"},
+        {"cell_type": "markdown", "metadata": {}, "source": "# heading\ntext"},
+        {"cell_type": "code", "metadata": {}, "source": ["# comment\n", "x = 1\n", "\n",
+                                                          "show(x)"]}]}
+    (tmp_path / "n.ipynb").write_text(json.dumps(nb))
+    assert code_lines(tmp_path / "n.ipynb") == 2
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebooks_are_thin(path):
+    limit = EXECUTIVE_LIMIT if "executive" in path.stem else OTHER_LIMIT
+    assert code_lines(path) <= limit, f"{path.name}: {code_lines(path)} lines of code"

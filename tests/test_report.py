@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import cli, data
+from analysis import cli, data, narrative, strategy
 from analysis.errors import DataContractError, PipelineError
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
 
@@ -200,11 +200,45 @@ def test_run_writes_customers_and_metrics(good_run):
     assert "roc_auc" in churn[churn["chosen"]] and "mae" in value[value["chosen"]]
     assert {"model", "logistic", "blend"} <= set(churn["selection"])
     assert (models / "logistic.json").is_file()
-    # the customer link of the report resolves to the published CSV
     page = (result.report_dir / "index.html").read_text()
     assert "Churn risk comes from" in page and "Spend forecasts come from" in page
-    href = re.search(r'href="([^"]*customers\.csv)"', page).group(1)
-    assert (result.report_dir / href).resolve() == (result.processed_dir / "customers.csv").resolve()
+
+
+@pytest.mark.e2e
+def test_the_page_answers_first_and_its_lists_travel_with_it(good_run):
+    _, _, result, _ = good_run
+    page = (result.report_dir / "index.html").read_text()
+    assert page.index("The bottom line") < page.index("1. Key numbers")
+    # every link resolves to a file inside the report folder (it can be shared as a folder)
+    hrefs = re.findall(r'href="([^"]+)"', page)
+    assert any(h.startswith("lists/") for h in hrefs)
+    for href in hrefs:
+        target = (result.report_dir / href).resolve()
+        assert target.is_relative_to(result.report_dir.resolve()) and target.is_file(), href
+    # one list per action, exactly that action's customers; the campaign file is the
+    # Retain actions
+    decided = pd.read_parquet(result.processed_dir / "strategy" / "customers.parquet")
+    for action, rows in decided.groupby("action"):
+        listed = pd.read_csv(result.report_dir / "lists" / narrative.list_name(action),
+                             dtype={"customer_id": str})
+        assert sorted(listed["customer_id"]) == sorted(rows["customer_id"]), action
+        assert set(listed["action"]) == {action}
+    campaign = pd.read_csv(result.processed_dir / "strategy" / "campaign.csv",
+                           dtype={"customer_id": str})
+    retain = decided[decided["action"].str.startswith(strategy.RETAIN_PREFIX)]
+    assert sorted(campaign["customer_id"]) == sorted(retain["customer_id"])
+    alerts = pd.read_csv(result.report_dir / "lists" / "alerts.csv", dtype={"customer_id": str})
+    assert {"customer_id", "rule", "detail", "action"} <= set(alerts.columns) and len(alerts)
+    # the bottom line quotes the decision table's totals, which add up
+    bottom = re.search(r'<div class="bottom-line">(.*?)</div>', page, re.S).group(1)
+    retention = json.loads((result.processed_dir / "strategy" / "retention.json").read_text())
+    total, incremental = decided["total_profit"].sum(), decided["incremental_profit"].sum()
+    assert total == pytest.approx(decided["ordinary_profit"].sum() + incremental)
+    assert retention["campaign_size"] == len(retain) == len(campaign)
+    for figure in (f"{total:,.0f}", f"{decided['ordinary_profit'].sum():,.0f}",
+                   f"{incremental:,.0f}", f"{len(retain):,}",
+                   f"{retention['campaign_cost']:,.0f}"):
+        assert figure in bottom, figure
 
 
 @pytest.mark.e2e

@@ -45,16 +45,26 @@ from analysis.features import (
     LABEL_COLUMNS,
     build_features,
     build_snapshots,
+    connect,
     data_start,
     honest_cutoffs,
+    resolve_as_of,
+    resolve_horizon_days,
 )
 from analysis.monitor import feature_drift
-from analysis.segments import ACTIVE_STAGES, assign_lifecycle, save_customers
+from analysis.segments import (
+    ACTIVE_STAGES,
+    assign_lifecycle,
+    lifecycle_thresholds,
+    save_customers,
+)
 
 __all__ = [
     "CHURN_CANDIDATES",
     "METHOD_NAMES",
     "VALUE_CANDIDATES",
+    "churn_step",
+    "describe_training",
     "ChurnModel",
     "blend_probability",
     "candidate_contributions",
@@ -1502,3 +1512,45 @@ def data_fingerprint(processed_dir: str | Path) -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
+               versions: dict[str, str] | None = None) -> ModelRun | None:
+    """The models step of an order-log run: resolve the scoring date and the horizon
+    (once; both are recorded in ``models.json`` for every later step), fit and judge the
+    churn and value models out of time (:func:`fit_and_evaluate`) and write them.
+
+    When the data is too short for a supervised model, the reason and the label-free
+    fallback are written instead (:func:`write_skipped_models`) and None is returned;
+    :func:`skipped_reason` and :func:`label_free_fallback` read them back.
+    """
+    a = config.analysis
+    con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
+    scoring_date = resolve_as_of(con, as_of=as_of or a.as_of)
+    horizon = resolve_horizon_days(con, horizon_days=a.horizon_days, cutoff=scoring_date,
+                                   step_days=a.cutoff_step_days)
+    try:
+        run = fit_and_evaluate(con, as_of=scoring_date, horizon_days=horizon,
+                               n_cutoffs=a.n_cutoffs, step_days=a.cutoff_step_days,
+                               exclude=config.protected + config.pii, seed=config.seed,
+                               device=a.device, lifecycle=lifecycle_thresholds(a))
+    except InsufficientDataError as exc:
+        write_skipped_models(processed_dir, reason=str(exc), horizon_days=horizon,
+                             as_of=scoring_date,
+                             history_days=(scoring_date - data_start(con)).days, con=con)
+        return None
+    write_model_run(run, processed_dir, fingerprint=data_fingerprint(processed_dir),
+                    versions=versions or {})
+    return run
+
+
+def describe_training(run: ModelRun) -> str:
+    """How the run's models were trained, stopped, chosen, judged and scored, in one
+    sentence (plain text: its values are dates, counts and a method name)."""
+    s, c = run.sizes, run.cutoffs
+    return (f"Horizon {run.horizon_days} days. Trained on cutoffs {', '.join(c['train'])} "
+            f"({s['train']:,} customer snapshots), stopped early and calibrated "
+            f"({run.churn.calibration_['method']}) on {s['valid_tune']:,} customers at "
+            f"{c['valid']}, the scoring method chosen on the other {s['valid_choose']:,} "
+            f"customers there, judged on {c['eval']} ({s['eval']:,} customers), scored at "
+            f"{c['score']}.")

@@ -28,6 +28,7 @@ from analysis.segments import (
 
 __all__ = [
     "PALETTE",
+    "close",
     "TIER_COLORS",
     "describe_figure",
     "plot_beeswarm",
@@ -63,6 +64,12 @@ def set_theme() -> None:
                   rc={"figure.dpi": 96, "savefig.dpi": 96, "axes.titleweight": "bold",
                       "axes.titlesize": 12, "axes.spines.right": False,
                       "axes.spines.top": False, "figure.autolayout": True})
+
+
+def close(fig: Figure) -> None:
+    """Forget a shown chart (pyplot keeps every open figure, and a notebook shows those
+    still open at the end of a cell)."""
+    plt.close(fig)
 
 
 def describe_figure(fig: Figure) -> str:

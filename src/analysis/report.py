@@ -5,8 +5,9 @@ into place only when every notebook succeeded; ``reports/latest`` is switched la
 failed run keeps its notebooks (and their HTML, showing the error) under
 ``reports/failed/<run_id>/`` and leaves the last good report untouched.
 
-The module also holds the small helpers the notebooks use to write sentences whose
-numbers and names come from the data, HTML-escaped.
+The HTML pieces the notebooks write with (sentences whose numbers and names come from
+the data, tables, cards) live in :mod:`analysis.markup`; they are re-exported here for
+the notebooks that use them as ``report.paragraph`` and so on.
 """
 
 from __future__ import annotations
@@ -32,9 +33,17 @@ from pathlib import Path
 import nbformat
 
 from analysis.config import Config, load_config
-from analysis.data import absent_input_sentence
 from analysis.errors import PipelineError
+from analysis.markup import (
+    absent_note,
+    heading,
+    html_table,
+    kpi_cards,
+    link_list,
+    paragraph,
+)
 from analysis.monitor import append_history, run_kpis
+from analysis.narrative import LISTS_DIR, write_lists
 
 __all__ = [
     "NOTEBOOKS",
@@ -154,6 +163,9 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
     try:
         for i, name in enumerate(notebooks, start=1):
             log(f"run {run_id}: stage {i}/{len(notebooks)} {name} ...")
+            if name == notebooks[-1]:
+                # the lists travel with the report, and the executive page links them
+                write_lists(tmp_processed, tmp_report / LISTS_DIR)
             start = time.perf_counter()
             with KernelMemory() as memory:
                 _execute(notebooks_dir / name, tmp_report / "notebooks" / name, params,
@@ -243,61 +255,6 @@ def notebook_title(nb: nbformat.NotebookNode) -> str:
     return ""
 
 
-def paragraph(template: str, /, **values: object) -> str:
-    """An HTML paragraph with every value HTML-escaped.
-
-    ``template`` is the project's own text with ``str.format`` fields; values (names of
-    segments, categories, numbers) are formatted, then escaped.
-    """
-    safe = {}
-    for key, value in values.items():
-        safe[key] = _Escaped(value)
-    return "<p>" + template.format(**safe) + "</p>"
-
-
-def absent_note(name: str, config: Config) -> str:
-    """The one plain paragraph that stands in for a section needing the optional input
-    ``name`` when the data lacks it (:data:`analysis.data.OPTIONAL_INPUTS`)."""
-    return paragraph("{sentence}", sentence=absent_input_sentence(
-        name, margin_rate=config.strategy.margin_rate,
-        retention_rate=config.strategy.retention_rate))
-
-
-def html_table(frame, *, formats: dict[str, str] | None = None,
-               labels: dict[str, str] | None = None, index: bool = False) -> str:
-    """A frame as an HTML table with every cell and header escaped, numbers formatted.
-
-    ``formats`` maps columns to format specs (``".1%"``, ``",.0f"``); ``labels`` renames
-    columns for readers. Numeric columns (not booleans) get the class ``number``, which
-    the executive template aligns right; text columns stay left-aligned. (pandas' own
-    ``to_html(escape=True)`` leaves headers raw and cannot class a column's cells.)
-    """
-    import pandas as pd
-
-    formats = formats or {}
-    shown = frame.reset_index() if index else frame
-
-    def cell(value: object, spec: str | None) -> str:
-        if value is None or (isinstance(value, float) and value != value):
-            return ""
-        if spec:
-            return html.escape(format(value, spec))
-        if isinstance(value, float):
-            return html.escape(f"{value:,.2f}")
-        return html.escape(str(value))
-
-    columns = [shown.iloc[:, i] for i in range(shown.shape[1])]
-    classes = [' class="number"' if pd.api.types.is_numeric_dtype(col)
-               and not pd.api.types.is_bool_dtype(col) else "" for col in columns]
-    head = "".join(f"<th{k}>{html.escape(str((labels or {}).get(col.name, col.name)))}</th>"
-                   for col, k in zip(columns, classes))
-    cells = [[cell(v, formats.get(col.name)) for v in col.tolist()] for col in columns]
-    rows = "".join("<tr>" + "".join(f"<td{k}>{v}</td>" for k, v in zip(classes, row))
-                   + "</tr>\n" for row in zip(*cells))
-    return (f'<table class="table">\n<thead><tr>{head}</tr></thead>\n'
-            f"<tbody>\n{rows}</tbody>\n</table>")
-
-
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries a run depends on."""
     out = {"python": platform.python_version()}
@@ -308,16 +265,6 @@ def library_versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class _Escaped:
-    """Formats a value as the wrapped value would, then HTML-escapes the text."""
-
-    def __init__(self, value: object):
-        self.value = value
-
-    def __format__(self, spec: str) -> str:
-        return html.escape(format(self.value, spec))
 
 
 def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: Path,
@@ -630,23 +577,3 @@ def _project_notebooks() -> Path:
 
 if sys.platform == "win32":  # pragma: no cover
     raise ImportError("the pipeline runner needs a POSIX system (fcntl, symlinks)")
-
-
-def kpi_cards(items: list[tuple[str, str]]) -> str:
-    """Key numbers as HTML cards; ``items`` are (formatted value, label), both escaped."""
-    cards = "".join(f'<div class="kpi"><div class="value">{html.escape(v)}</div>'
-                    f'<div class="label">{html.escape(label)}</div></div>'
-                    for v, label in items)
-    return f'<div class="kpis">{cards}</div>'
-
-
-def heading(text: str, level: int = 2) -> str:
-    """An HTML heading with the text escaped."""
-    return f"<h{level}>{html.escape(text)}</h{level}>"
-
-
-def link_list(links: list[tuple[str, str]]) -> str:
-    """An HTML list of (label, relative href) links, both escaped."""
-    items = "".join(f'<li><a href="{html.escape(href, quote=True)}">{html.escape(label)}</a></li>'
-                    for label, href in links)
-    return f"<ul>{items}</ul>"

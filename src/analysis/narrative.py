@@ -1,0 +1,1125 @@
+"""The executive page: every number, table, chart and sentence of it, read from a run.
+
+The executive notebooks call one function per section and display what it returns:
+a list of *blocks*, each an HTML string (escaped by :func:`analysis.report.paragraph`
+and :func:`analysis.report.html_table`) or a chart (:mod:`analysis.plots`). Nothing here
+computes a model or a decision: it reads what the steps wrote to the run's folder
+(:func:`load_page`) and puts it into words.
+
+Terms:
+
+* *bottom line*: the three or four sentences above everything (:func:`bottom_line`),
+  whose numbers are the decision table's totals (:func:`bottom_line_numbers`);
+* *decision period*: the one period over which the decision table values every action
+  (``strategy/retention.json``'s ``decision_period_days``);
+* *lists*: one CSV per action and one of early warnings, written into the published
+  report folder (:func:`write_lists`) so that they travel with the page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from IPython.display import HTML, display
+from matplotlib.figure import Figure
+
+from analysis import (
+    data,
+    explain,
+    features,
+    models,
+    monitor,
+    plots,
+    segments,
+    snapshot,
+    strategy,
+)
+from analysis.config import Config, load_config
+from analysis.markup import absent_note, heading, html_table, kpi_cards, link_list, paragraph
+
+__all__ = [
+    "LISTS_DIR",
+    "Page",
+    "actions",
+    "bottom_line",
+    "bottom_line_numbers",
+    "changes",
+    "churn",
+    "data_and_assumptions",
+    "for_analysts",
+    "key_numbers",
+    "lists",
+    "list_name",
+    "load_page",
+    "money",
+    "phaseout",
+    "portfolio",
+    "show",
+    "title",
+    "trust",
+    "value",
+    "write_lists",
+]
+
+#: The folder of the lists, inside the published report folder.
+LISTS_DIR = "lists"
+
+#: The columns of an action list (those the run has), in this order.
+LIST_COLUMNS = ("customer_id", "action", "action_reason", "reasons", "churn_probability",
+                "lifecycle_stage", "value_tier", "segment", "top_channel", "predicted_value",
+                "expected_next_order", "predicted_clv", "incremental_profit")
+
+#: The customer columns the executive page reads (a large base's table has dozens more).
+PAGE_COLUMNS = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name",
+                "frequency", "spend_90d", "spend_365d", "churn_probability", "predicted_value",
+                "reasons", "action", "expected_revenue", "cost_to_serve", "expected_profit",
+                "phaseout_candidate", "phaseout_reasons", "spend_last_horizon",
+                # snapshot mode
+                "churn", "revenue_month", "remaining_value", "remaining_months",
+                "tenure_months"]
+
+Block = str | Figure
+
+
+@dataclass
+class Page:
+    """What the executive page reads from one run."""
+
+    config: Config
+    run_id: str
+    processed_dir: Path
+    report_dir: Path
+    previous_processed_dir: Path | None
+    processed_href: str
+    quality: dict
+    profile: Any                      # segments.CustomerProfile
+    customers: pd.DataFrame
+    decisions: strategy.StrategyRun
+    horizon: int
+    skipped: str | None
+    fallback: dict | None
+    inputs: dict[str, bool]
+    run: Any = None                   # models.ModelRun or snapshot.SnapshotRun
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def snapshot(self) -> bool:
+        return self.config.mode == "snapshot"
+
+    @property
+    def currency(self) -> str:
+        report = getattr(self.config, "report", None)
+        return getattr(report, "currency", "") or ""
+
+    @property
+    def active(self) -> pd.Series:
+        """Customers still buying: new or active (the population churn risk is about,
+        with 'at risk' in order-log mode: past their rhythm but not yet lapsed)."""
+        stages = ((segments.STAGE_NEW, segments.STAGE_ACTIVE) if self.snapshot
+                  else segments.ACTIVE_STAGES)
+        return self.customers["lifecycle_stage"].isin(stages)
+
+    @property
+    def risk_known(self) -> bool:
+        return bool(self.customers["churn_probability"].notna().any())
+
+    @property
+    def at_risk(self) -> pd.Series:
+        """Active customers with a churn probability of ``high_risk`` or more."""
+        return (self.customers["churn_probability"] >= self.config.strategy.high_risk) \
+            & self.active
+
+
+def load_page(config_path: str | Path, processed_dir: str | Path, *, run_id: str,
+              report_dir: str | Path, previous_processed_dir: str | Path = "",
+              processed_href: str = "") -> Page:
+    """Read a run's folder for the executive page (the notebook's parameters)."""
+    config = load_config(config_path)
+    processed_dir = Path(processed_dir)
+    snap = config.mode == "snapshot"
+    skipped = models.skipped_reason(processed_dir)
+    if snap:
+        run = None if skipped else snapshot.read_snapshot_run(processed_dir)
+    else:
+        run = None if skipped else models.read_model_run(processed_dir, tables=(
+            "evaluation", "churn_metrics", "churn_metrics_active", "value_metrics", "drift",
+            "churn_drivers"))
+    return Page(
+        config=config, run_id=run_id, processed_dir=processed_dir,
+        report_dir=Path(report_dir),
+        previous_processed_dir=Path(previous_processed_dir) if previous_processed_dir else None,
+        processed_href=processed_href,
+        quality=json.loads((processed_dir / "data_quality.json").read_text()),
+        profile=segments.read_profile(processed_dir, with_customers=False),
+        customers=segments.read_customers(processed_dir, PAGE_COLUMNS),
+        decisions=strategy.read_strategy(processed_dir),
+        horizon=models.read_horizon(processed_dir), skipped=skipped,
+        fallback=models.label_free_fallback(processed_dir),
+        inputs=data.available_inputs(processed_dir), run=run)
+
+
+def show(blocks: list[Block]) -> None:
+    """Display the blocks in order in a notebook (HTML as HTML, charts as images); a chart
+    is closed once shown, so that it is not shown twice."""
+    for block in blocks:
+        if isinstance(block, Figure):
+            display(block)
+            plots.close(block)
+        else:
+            display(HTML(block))
+
+
+def money(value: float, page: Page, *, decimals: int = 0) -> str:
+    """A money figure with the config's currency (``report.currency``), if any:
+    ``"EUR 12,345"``, or ``"12,345"`` without one."""
+    text = f"{value:,.{decimals}f}"
+    return f"{page.currency} {text}" if page.currency else text
+
+
+# --------------------------------------------------------------------------- the top
+
+
+def title(page: Page) -> list[Block]:
+    """The page's heading and what the situation is."""
+    if page.snapshot:
+        intro = paragraph("Subscription customers as exported on {date}: one row per customer "
+                          "with a churn flag. Run {run}.", date=page.profile.as_of.isoformat(),
+                          run=page.run_id)
+    else:
+        intro = paragraph("Situation on {date}, from every record before that day. Run {run}.",
+                          date=page.profile.as_of.isoformat(), run=page.run_id)
+    return [heading(f"Customer strategy report: {page.config.name}", 1), intro]
+
+
+def bottom_line_numbers(page: Page) -> dict:
+    """The numbers of the bottom line, each read from the decision table or the profile.
+
+    Returns
+    -------
+    dict
+        ``active``, ``at_risk``, ``revenue_at_risk`` (their last-12-month revenue),
+        ``revenue_12m``, ``period_days``, ``campaign`` (customers in the retention
+        campaign), ``campaign_high_risk``, ``campaign_cost``, ``incremental_profit``,
+        ``roi``, ``ordinary_profit``, ``total_profit``, ``actions`` (customers per action),
+        ``changes`` (KPI deltas against the previous run, or None).
+    """
+    c, r = page.customers, page.decisions.retention
+    acts = page.decisions.actions.set_index("action")
+    at_risk = page.at_risk
+    changes = None
+    if page.previous_processed_dir is not None:
+        changes = monitor.kpi_deltas(monitor.run_kpis(page.processed_dir),
+                                     monitor.run_kpis(page.previous_processed_dir))
+    return {"active": int(page.active.sum()), "at_risk": int(at_risk.sum()),
+            "revenue_at_risk": float(c.loc[at_risk, "spend_365d"].sum()),
+            "revenue_12m": float(c["spend_365d"].sum()),
+            "period_days": int(r.get("decision_period_days", 0)),
+            "campaign": int(r["campaign_size"]), "campaign_high_risk":
+                int(r.get("campaign_high_risk", 0)),
+            "campaign_cost": float(r["campaign_cost"]),
+            "incremental_profit": float(acts["incremental_profit"].sum()),
+            "roi": float(r["roi"]), "ordinary_profit": float(acts["ordinary_profit"].sum()),
+            "total_profit": float(acts["total_profit"].sum()),
+            "actions": acts["customers"].astype(int).to_dict(), "changes": changes}
+
+
+def bottom_line(page: Page) -> list[Block]:
+    """Three or four sentences above everything: who and how much is at risk, what to do
+    (with counts, cost, extra profit and ROI), what the plan is worth in total, and what
+    changed since the last run."""
+    n = bottom_line_numbers(page)
+    m = lambda v: money(v, page)    # noqa: E731
+    period = f"the next {n['period_days']} days"
+    sentences = []
+    if page.risk_known:
+        sentences.append(
+            f"<b>{n['at_risk']:,} of {n['active']:,} active customers are likely to stop "
+            f"buying</b> in the next {page.horizon} days; they spent {m(n['revenue_at_risk'])} "
+            f"in the last 12 months ({_share(n['revenue_at_risk'], n['revenue_12m'])} of all "
+            "revenue).")
+    else:
+        sentences.append(f"Churn risk is not estimated in this run ({page.skipped}); "
+                         f"{n['active']:,} customers are active.")
+    others = [f"{k:,} {strategy_words(a)}" for a, k in n["actions"].items()
+              if not a.startswith(strategy.RETAIN_PREFIX) and a in _LISTED and k]
+    if n["campaign"]:
+        sentences.append(
+            f"<b>Recommended: a retention campaign to {n['campaign']:,} customers</b> "
+            f"({n['campaign_high_risk']:,} of them at high churn risk), costing "
+            f"{m(n['campaign_cost'])} and expected to bring {m(n['incremental_profit'])} of "
+            f"extra profit over {period} after its cost (ROI {n['roi']:.0%})"
+            + (f"; also {_join(others)}." if others else "."))
+    else:
+        sentences.append("No retention contact is expected to pay for itself, so no campaign "
+                         "is recommended" + (f"; {_join(others)}." if others else "."))
+    sentences.append(
+        f"Following the plan, expected profit over {period} is {m(n['total_profit'])}: "
+        f"{m(n['ordinary_profit'])} from ordinary business and {m(n['incremental_profit'])} "
+        "extra from the actions.")
+    sentences.append(_change_sentence(n["changes"], page))
+    return [heading("The bottom line", 2),
+            '<div class="bottom-line"><p>' + " ".join(sentences) + "</p></div>"]
+
+
+#: The actions the bottom line names besides the campaign (a policy's own actions with
+#: these names are named too).
+_LISTED = (strategy.WIN_BACK, strategy.PHASEOUT_REVIEW, strategy.GROW)
+
+
+def strategy_words(action: str) -> str:
+    """How the bottom line names the customers of an action."""
+    return {strategy.WIN_BACK: "lapsed high-value customers to win back",
+            strategy.PHASEOUT_REVIEW: "customers for a phase-out review",
+            strategy.GROW: "customers to develop"}.get(action, f"for '{action}'")
+
+
+def _change_sentence(changes: pd.DataFrame | None, page: Page) -> str:
+    if changes is None or not len(changes):
+        return ("This is the first run with this configuration; from the next one on, this "
+                "line says what changed.")
+    d = changes.set_index("kpi")
+    parts = []
+    for kpi, words, is_money in (("active_customers", "active customers", False),
+                                 ("revenue_12m", "revenue over 12 months", True),
+                                 ("at_risk_customers", "customers likely to churn", False)):
+        if kpi in d.index and pd.notna(d.loc[kpi, "change"]):
+            v = float(d.loc[kpi, "change"])
+            amount = money(abs(v), page) if is_money else f"{abs(v):,.0f}"
+            parts.append(f"{words} {'up' if v > 0 else 'down' if v < 0 else 'unchanged'}"
+                         + (f" {amount}" if v else ""))
+    return ("Since the previous run: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1] \
+        if items else ""
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.0%}" if whole else "n/a"
+
+
+def key_numbers(page: Page) -> list[Block]:
+    """Section 1: the key numbers as cards."""
+    c, h, r = page.customers, page.horizon, page.decisions.retention
+    m = lambda v: money(v, page)    # noqa: E731
+    at_risk, known = page.at_risk, page.risk_known
+    period = r.get("decision_period_days", h)
+    total = float(page.decisions.actions["total_profit"].sum())
+    if page.snapshot:
+        churned = c["churn"].fillna(False).astype(bool)
+        cards = [
+            (f"{len(c):,}", "customers in the export"),
+            (f"{page.active.sum():,}", "current customers"),
+            (f"{churned.mean():.1%}", "left in the last period (the churn flag)"),
+            (m(c.loc[page.active, "revenue_month"].sum()),
+             "recurring revenue per month, current customers"),
+            (m(c["predicted_value"].sum()), f"expected revenue, next {h} days"),
+            (f"{at_risk.sum():,}" if page.run else "not estimated",
+             "current customers likely to leave (50 %+ per period)"),
+            (m(c.loc[at_risk, "spend_365d"].sum()) if page.run else "not estimated",
+             "yearly recurring revenue of those customers"),
+            (m(c["remaining_value"].sum()) if page.run else "not estimated",
+             "expected remaining value of current customers (discounted)"),
+            (m(total), f"expected profit with the recommended actions, next {period} days")]
+        out = [heading("1. Key numbers"), kpi_cards(cards)]
+        if page.skipped:
+            out.append(paragraph("There is too little data for a churn model in this run, so "
+                                 "churn risk and remaining value are not estimated: {reason}.",
+                                 reason=page.skipped))
+        return out
+    top20 = page.profile.pareto.loc[
+        page.profile.pareto["customer_share"].sub(0.2).abs().idxmin(), "value_share"]
+    cards = [
+        (f"{len(c):,}", "customers with a purchase"),
+        (f"{page.active.sum():,}", "active customers (new, active or past their rhythm)"),
+        (m(c["spend_365d"].sum()), "revenue, last 12 months"),
+        (m(c["predicted_value"].sum()), f"predicted revenue, next {h} days"
+         + ("" if known else " (recent spending rate)")),
+        (f"{at_risk.sum():,}" if known else "not estimated",
+         f"active customers likely to churn ({page.config.strategy.high_risk:.0%}+ chance of "
+         f"no order in {h} days)"),
+        (m(c.loc[at_risk, "spend_365d"].sum()) if known else "not estimated",
+         "last-12-month revenue of those customers"),
+        (f"{top20:.0%}", "of revenue from the top 20 % of customers"),
+        (m(total), f"expected profit with the recommended actions, next {period} days"),
+    ]
+    out = [heading("1. Key numbers"), kpi_cards(cards), paragraph(
+        "Churn means no order in the next {h} days. Customers likely to churn are counted "
+        "among those still active (new, active or past their usual rhythm), not those already "
+        "lapsed or lost; revenue at risk is what they spent in the last 12 months.", h=h)]
+    if page.skipped and page.fallback:
+        out.append(paragraph(
+            "There is too little labelled history for a trained model ({reason}), so churn "
+            "risk and predicted revenue come from a statistical model of each customer's "
+            "purchase rhythm ({method}), which needs no labels; section 8 says how well it did.",
+            reason=page.skipped, method=page.fallback["method"]))
+    elif page.skipped:
+        out.append(paragraph(
+            "There is too little data for the churn and value models in this run, so churn "
+            "risk is not estimated and value forecasts continue each customer's recent "
+            "spending rate (last 12 months, or all the history when shorter): {reason}.",
+            reason=page.skipped))
+    return out
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def changes(page: Page) -> list[Block]:
+    """Section 2: what changed since the last run, and how an earlier run turned out."""
+    out: list[Block] = [heading("2. What changed since the last run")]
+    c, prev = page.customers, page.previous_processed_dir
+    if prev is not None:
+        before, now = monitor.run_kpis(prev), monitor.run_kpis(page.processed_dir)
+        if not page.snapshot:
+            out.append(paragraph("Compared with the previous successful run (situation on {d}):",
+                                 d=before["as_of"]))
+        out.append(html_table(monitor.kpi_deltas(now, before), formats={
+            "previous": ",.3g", "current": ",.3g", "change": "+,.3g", "change_share": "+.1%"},
+            labels={"kpi": "Measure", "previous": "Previous run", "current": "This run",
+                    "change": "Change", "change_share": "Change (%)"}))
+        old = segments.read_customers(prev, ["customer_id", "value_tier", "segment"])
+        out += [paragraph("Value-tier migration: rows are the tier in the previous run, "
+                          "columns the tier now."),
+                html_table(monitor.migration_matrix(old, c, column="value_tier").reset_index())]
+        if page.snapshot:
+            return out
+        segs = monitor.migration_matrix(old, c, column="segment")
+        moved = int(segs.to_numpy().sum()
+                    - sum(segs.loc[s, s] for s in segs.index if s in segs.columns))
+        out += [paragraph("{m:,} customers changed RFM segment (or arrived or left) since the "
+                          "previous run.", m=moved), html_table(segs.reset_index())]
+        prev_alerts = prev / "strategy" / "alerts.parquet"
+        fresh = monitor.new_alerts(pd.read_parquet(prev_alerts) if prev_alerts.is_file()
+                                   else None, page.decisions.alerts)
+        out.append(paragraph("{n:,} new early warnings since the previous run ({rules}).",
+                             n=len(fresh), rules=", ".join(
+                                 f"{k}: {v:,}" for k, v in fresh["rule"].value_counts().items())
+                             or "none"))
+    elif page.snapshot:
+        out.append(paragraph("This is the first successful run with this configuration: there "
+                             "is nothing to compare with yet."))
+    else:
+        out.append(paragraph(
+            "This is the first successful run with this configuration: there is nothing to "
+            "compare with yet. From the next run on, this section shows the changes in the key "
+            "numbers, who moved between tiers and segments, and new alerts."))
+    if page.snapshot:
+        return out
+    history = monitor.read_history(page.processed_dir.parent / "history.parquet")
+    if len(history) >= 2:
+        out.append(plots.plot_history(history))
+    out += _turned_out(page, history)
+    return out
+
+
+def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
+    """How the latest earlier run whose horizon has passed turned out."""
+    root, h = page.processed_dir.parent, page.horizon
+    if not len(history):
+        return []
+    done = history[pd.to_datetime(history["as_of"]) + pd.Timedelta(days=h)
+                   <= pd.Timestamp(page.profile.as_of)]
+    done = done[[(root / r / "customers.parquet").is_file() for r in done["run_id"]]]
+    done = done[[segments.read_customers(root / r, ["churn_probability"])["churn_probability"]
+                 .notna().any() for r in done["run_id"]]] if len(done) else done
+    if not len(done):
+        return []
+    earlier = done.sort_values("as_of").iloc[-1]
+    con = features.connect(page.processed_dir,
+                           memory_limit=page.config.analysis.duckdb_memory_limit)
+    actual = features.build_features(con, cutoff=pd.Timestamp(earlier["as_of"]).date(),
+                                     horizon_days=h)
+    past = segments.read_customers(root / earlier["run_id"],
+                                   ["customer_id", "churn_probability", "predicted_value"])
+    real = monitor.realized_outcomes(past, actual)
+    return [paragraph(
+        "How the run of {d} turned out, now that its {h} days have passed: it expected {pc:.0%} "
+        "of its {n:,} customers to churn and {oc:.0%} did (AUC {auc:.3f}, Brier {b:.3f}); it "
+        "predicted {pt} of revenue and {at} came in (error per customer {mae}).",
+        d=earlier["as_of"], h=h, pc=real["predicted_churn_rate"], n=real["customers"],
+        oc=real["observed_churn_rate"], auc=real["churn_auc"], b=real["brier"],
+        pt=money(real["predicted_total"], page), at=money(real["actual_total"], page),
+        mae=money(real["value_mae"], page, decimals=1))]
+
+
+def portfolio(page: Page) -> list[Block]:
+    """Section 3: who brings the value (tiers, segments, behaviour groups, lifecycle; in
+    snapshot mode tenure bands and survival)."""
+    if page.snapshot:
+        return _snapshot_portfolio(page)
+    profile, inputs = page.profile, page.inputs
+    high = profile.tiers.set_index("value_tier").loc[segments.TIER_HIGH]
+    top20 = profile.pareto.loc[profile.pareto["customer_share"].sub(0.2).abs().idxmin(),
+                               "value_share"]
+    out: list[Block] = [heading("3. Portfolio: who brings the value"), paragraph(
+        "{n:,} high-value customers ({cs:.0%} of all) bring {vs:.0%} of revenue to date; the top "
+        "20 % bring {t:.0%}.", n=int(high["n_customers"]), cs=high["customer_share"],
+        vs=high["value_share"], t=top20),
+        plots.plot_pareto(profile.pareto), plots.plot_tiers(profile.tiers)]
+    lead = profile.segments.iloc[0]
+    buying = [f"buying mostly {{{c}}}" if i == 0 else f"through {{{c}}}" for i, c in enumerate(
+        c for c, n in (("cats", "category"), ("chans", "channel")) if inputs[n])]
+    if lead.get("described", True):
+        out.append(paragraph(
+            "The largest segment by value is <b>{name}</b>: {cs:.0%} of customers and {vs:.0%} "
+            "of revenue" + (", " + " ".join(buying) if buying else "") + ".",
+            name=lead["segment"], cs=lead["customer_share"], vs=lead["value_share"],
+            cats=lead.get("top_categories"), chans=lead.get("top_channels")))
+    out += [absent_note(name, page.config) for name in ("category", "channel")
+            if not inputs[name]]
+    out.append(plots.plot_segments(profile.segments))
+    columns = ["segment", "n_customers", "customer_share", "value_share", "mean_value",
+               "median_recency_days"] + (["top_categories"] if inputs["category"] else [])
+    out.append(html_table(profile.segments[columns], formats={
+        "customer_share": ".1%", "value_share": ".1%", "mean_value": ",.0f", "n_customers": ",",
+        "median_recency_days": ",.0f"}, labels={
+        "segment": "Segment", "n_customers": "Customers", "customer_share": "% of customers",
+        "value_share": "% of revenue", "mean_value": "Revenue per customer",
+        "median_recency_days": "Days since last order (median)",
+        "top_categories": "Main categories"}))
+    share = profile.lifecycle.set_index("lifecycle_stage")["share"]
+    out += [heading("Behaviour groups and lifecycle", 3),
+            paragraph("Customers fall into {k} behaviour groups:", k=len(profile.clusters)),
+            html_table(profile.clusters[["cluster_name", "description", "n_customers", "share"]],
+                       formats={"share": ".0%", "n_customers": ","},
+                       labels={"cluster_name": "Group", "description": "Description",
+                               "n_customers": "Customers", "share": "Share"}),
+            paragraph("{a:.0%} of customers are active or new, {r:.0%} are past their usual "
+                      "rhythm, {l:.0%} have lapsed and {x:.0%} are lost.",
+                      a=share[segments.STAGE_ACTIVE] + share[segments.STAGE_NEW],
+                      r=share[segments.STAGE_AT_RISK], l=share[segments.STAGE_LAPSED],
+                      x=share[segments.STAGE_LOST]),
+            plots.plot_lifecycle(profile.lifecycle), plots.plot_cohort_heatmap(profile.cohorts)]
+    return out
+
+
+def _snapshot_portfolio(page: Page) -> list[Block]:
+    profile, c = page.profile, page.customers
+    high = profile.tiers.set_index("value_tier").loc[segments.TIER_HIGH]
+    cohorts = profile.cohorts
+    worst = cohorts.loc[cohorts["churn_rate"].idxmax()]
+    by = page.config.snapshot.survival_by
+    by = by if by and by in c else None
+    churned = c["churn"].fillna(False).astype(bool)
+    km = snapshot.kaplan_meier(c["tenure_months"], churned, by=c[by] if by else None)
+    medians = km.groupby("group", sort=False)["median_tenure"].first()
+    return [
+        heading("3. Portfolio: who brings the value"),
+        paragraph("This data has one row per customer and no orders, so there are no "
+                  "purchase-based segments (RFM), rhythms or order cohorts: value tiers are by "
+                  "recurring revenue, segments are behaviour groups over the numeric columns, "
+                  "and cohorts are tenure bands."),
+        paragraph("{n:,} high-value customers ({cs:.0%} of all) bring {vs:.0%} of the recurring "
+                  "revenue.", n=int(high["n_customers"]), cs=high["customer_share"],
+                  vs=high["value_share"]),
+        plots.plot_pareto(profile.pareto, value_label="recurring revenue"),
+        html_table(profile.clusters[["cluster_name", "description", "n_customers", "share"]],
+                   formats={"share": ".0%", "n_customers": ","},
+                   labels={"cluster_name": "Group", "description": "Description",
+                           "n_customers": "Customers", "share": "Share"}),
+        paragraph("Churn is highest among customers with {band} of tenure: {rate:.0%} of them "
+                  "left.", band=worst["tenure_band"], rate=worst["churn_rate"]),
+        plots.plot_tenure_cohorts(cohorts),
+        paragraph("Survival over tenure (Kaplan-Meier: customers who left count as events, "
+                  "current customers as still running){by}. {m}",
+                  by=f", by {by}" if by else "",
+                  m="; ".join(f"{g}: half gone after {t:.0f} months" if t == t
+                              else f"{g}: more than half still with us"
+                              for g, t in medians.items())),
+        plots.plot_survival(km)]
+
+
+def churn(page: Page) -> list[Block]:
+    """Section 4: who is at risk and why."""
+    c, at_risk = page.customers, page.at_risk
+    out: list[Block] = [heading("4. Churn: who is at risk and why")]
+    if not page.risk_known or (page.snapshot and page.run is None):
+        return out + [paragraph("Churn risk is not estimated in this run: {reason}.",
+                                reason=page.skipped)]
+    if page.snapshot:
+        drivers = explain.global_drivers(page.run.churn_shap, page.run.score_features)
+        out.append(paragraph(
+            "{n:,} current customers ({share:.0%}) are more likely than not to leave within a "
+            "period. The main drivers are: {d}.", n=int(at_risk.sum()),
+            share=at_risk.sum() / max(page.active.sum(), 1), d=_drivers(drivers)))
+        out.append(plots.plot_drivers(drivers, top=10))
+        base, leave, value_col = c[page.active], "Likely to leave", "remaining_value"
+    else:
+        out.append(paragraph(
+            "{n:,} active customers ({share:.0%} of all) are likely to churn in the next {h} "
+            "days.", n=int(at_risk.sum()), share=at_risk.mean(), h=page.horizon))
+        if page.run is not None:
+            out += [paragraph("What moves churn risk most: {d}.",
+                              d=_drivers(page.run.churn_drivers)),
+                    plots.plot_drivers(page.run.churn_drivers, top=10)]
+        else:
+            out.append(paragraph(
+                "Without a trained model the risk follows each customer's own purchase "
+                "rhythm: how long since the last purchase, against how often they used to buy."))
+        base, leave, value_col = c, "Likely to churn", "spend_365d"
+    by_segment = (base.assign(revenue_at_risk=c["spend_365d"].where(at_risk, 0.0),
+                              at_risk=at_risk)
+                  .groupby("segment").agg(customers=("customer_id", "size"),
+                                          likely=("at_risk", "sum"),
+                                          mean_churn_probability=("churn_probability", "mean"),
+                                          revenue_at_risk=("revenue_at_risk", "sum"))
+                  .sort_values("revenue_at_risk", ascending=False).reset_index())
+    out.append(html_table(by_segment, formats={
+        "customers": ",", "likely": ",", "mean_churn_probability": ".0%",
+        "revenue_at_risk": ",.0f"}, labels={
+        "segment": "Segment", "customers": "Customers", "likely": leave,
+        "mean_churn_probability": "Mean churn chance",
+        "revenue_at_risk": _money_label("Revenue at risk (last 12 months)", page)}))
+    valuable = c[at_risk].sort_values(value_col, ascending=False).head(8)
+    spend = "revenue_month" if page.snapshot else "spend_365d"
+    out += [paragraph("The most valuable customers likely to churn, with the reasons behind "
+                      "their risk (every one of them, with their action, is in the lists "
+                      "below):"),
+            html_table(valuable[["customer_id", "segment", spend, "churn_probability",
+                                 "reasons"]].merge(
+                page.decisions.customers[["customer_id", "action"]], on="customer_id",
+                how="left"),
+                formats={spend: ",.0f", "churn_probability": ".0%"},
+                labels={"customer_id": "Customer", "segment": "Segment",
+                        spend: _money_label("Monthly revenue" if page.snapshot
+                                            else "Spend, last 12 months", page),
+                        "churn_probability": "Churn chance", "reasons": "Why",
+                        "action": "Action"})]
+    return out
+
+
+def _drivers(drivers: pd.DataFrame) -> str:
+    top = drivers.head(5)
+    return "; ".join(f"{label} ({d})" if d else label
+                     for label, d in zip(top["label"], top["direction"], strict=True))
+
+
+def _money_label(label: str, page: Page) -> str:
+    return f"{label}, {page.currency}" if page.currency else label
+
+
+def value(page: Page) -> list[Block]:
+    """Section 5: what customers will bring."""
+    c, h = page.customers, page.horizon
+    out: list[Block] = [heading("5. Value: what customers will bring")]
+    if page.snapshot:
+        if page.run is None:
+            return out + [paragraph("The remaining value needs a churn model, which this run "
+                                    "does not have: {reason}.", reason=page.skipped)]
+        p = page.config.snapshot
+        by_tier = (c[page.active].groupby("value_tier").agg(
+            customers=("customer_id", "size"), monthly=("revenue_month", "sum"),
+            months=("remaining_months", "mean"), remaining=("remaining_value", "sum"))
+            .reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index())
+        return out + [paragraph(
+            "Each current customer's expected remaining value is their monthly recurring "
+            "revenue times the months they are expected to stay: with a churn chance p per "
+            "{per:g}-month period, a share (1 - p) stays each period; months are discounted at "
+            "{d:.0%} a year and counted for at most {y:g} years. Together: {total}, {hs:.0%} of "
+            "it from the high-value tier.", per=p.churn_period_months, d=p.discount_rate,
+            y=p.max_years, total=money(by_tier["remaining"].sum(), page),
+            hs=by_tier.set_index("value_tier").loc[segments.TIER_HIGH, "remaining"]
+            / by_tier["remaining"].sum()),
+            html_table(by_tier, formats={"customers": ",", "monthly": ",.0f",
+                                         "months": ",.1f", "remaining": ",.0f"},
+                       labels={"value_tier": "Value tier", "customers": "Current customers",
+                               "monthly": _money_label("Monthly revenue", page),
+                               "months": "Expected months still to come (mean)",
+                               "remaining": _money_label("Expected remaining value", page)})]
+    by_tier = (c.groupby("value_tier").agg(customers=("customer_id", "size"),
+                                           predicted=("predicted_value", "sum"))
+               .reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index())
+    who = ("the model expects" if page.run else "the purchase-rhythm model expects"
+           if page.fallback else "the recent rate of spending suggests")
+    low = c["value_tier"].eq(segments.TIER_LOW)
+    threshold = c.loc[c["value_tier"].eq(segments.TIER_MID), "predicted_value"].median()
+    growth = low & (c["predicted_value"] >= threshold)
+    return out + [
+        paragraph("Over the next {h} days {who} {total} of revenue from today's customers; "
+                  "{hs:.0%} of it from the high-value tier.", h=h, who=who,
+                  total=money(c["predicted_value"].sum(), page),
+                  hs=by_tier.set_index("value_tier").loc[segments.TIER_HIGH, "predicted"]
+                  / by_tier["predicted"].sum()),
+        html_table(by_tier, formats={"customers": ",", "predicted": ",.0f"},
+                   labels={"value_tier": "Value tier", "customers": "Customers",
+                           "predicted": _money_label(f"Predicted revenue, next {h} days",
+                                                     page)}),
+        paragraph("{n:,} low-value customers are predicted to spend at least as much as the "
+                  "typical mid-value customer ({t}) over the next {h} days.",
+                  n=int(growth.sum()), t=money(threshold, page), h=h)]
+
+
+def actions(page: Page) -> list[Block]:
+    """Section 6: the decision table per action, the campaign and why its targets are who
+    they are, the segment x action view, and the policy in words."""
+    d, r, cfg = page.decisions, page.decisions.retention, page.config
+    period = r.get("decision_period_days", page.horizon)
+    if r.get("method") == "measured" and len(d.margin_uplift):
+        u = d.margin_uplift.set_index("group").loc["all"]
+        how = paragraph(
+            "A contact was valued with the past randomized campaign: contacted customers brought "
+            "extra margin worth {uplift:.1%} of what they were expected to bring over the "
+            "{window} days after it, compared with customers not contacted (95 % interval {lo:.1%} "
+            "to {hi:.1%}), so a contact is worth that share of a customer's expected margin over "
+            "{window} days, less its cost. That is why the campaign favours valuable customers: "
+            "the measured effect is a share of what a customer brings, whatever their churn "
+            "risk.", uplift=r["uplift_rate_used"], window=r["value_window_days"],
+            lo=u["ci_low"], hi=u["ci_high"])
+    else:
+        rate = r.get("retention_rate_used") or 0.0
+        how = paragraph(
+            data.absent_input_sentence("campaign", retention_rate=rate)
+            + " Each kept customer is worth {months} months of margin, so a contact pays where "
+            "churn risk x {rate:.0%} x that margin exceeds its cost.",
+            months=cfg.strategy.retention_value_months, rate=rate)
+    out: list[Block] = [heading("6. Recommended actions"), paragraph(
+        "Every customer gets exactly one action from the policy below. The retention campaign is "
+        "the {n:,} customers whose action is a retention contact ({hr:,} of them at high churn "
+        "risk; {t:,} chosen because a contact is expected to pay for itself, the peak of the "
+        "curve below): it costs {cost}, is expected to bring {margin} of extra margin and "
+        "{profit} of extra profit after its cost over the next {p} days (ROI {roi:.0%}).",
+        n=r["campaign_size"], hr=r.get("campaign_high_risk", 0),
+        t=r.get("targeted_by_profit", r["campaign_size"]), cost=money(r["campaign_cost"], page),
+        margin=money(r["expected_margin_saved"], page),
+        profit=money(r.get("expected_incremental_profit", r["max_expected_profit"]), page),
+        p=period, roi=r["roi"]), how]
+    out += [absent_note(name, cfg) for name in ("margin", "channel")
+            if not page.inputs.get(name, True)]
+    acts = d.actions
+    total = acts[["customers", "revenue_12m", "action_cost", "ordinary_profit",
+                  "incremental_profit", "total_profit"]].sum()
+    table = pd.concat([acts, pd.DataFrame([{"action": "Total", **total.to_dict()}])],
+                      ignore_index=True)
+    out += [paragraph("Per action, over the next {p} days: ordinary profit is what the "
+                      "customers are expected to bring less the cost to serve them; extra "
+                      "profit is what the action adds after its own cost (only retention "
+                      "contacts have an estimated effect); they add up to the total.", p=period),
+            html_table(table, formats={c: ",.0f" for c in table.columns if c != "action"},
+                       labels={"action": "Action", "customers": "Customers",
+                               "revenue_12m": _money_label("Revenue, last 12 months", page),
+                               "action_cost": _money_label("Cost of the action", page),
+                               "ordinary_profit": _money_label("Ordinary profit", page),
+                               "incremental_profit": _money_label("Extra profit", page),
+                               "total_profit": _money_label("Total profit", page)}),
+            plots.plot_profit_curve(d.profit_curve, r.get("targeted_by_profit",
+                                                          r["campaign_size"]))]
+    if len(d.margin_uplift):
+        out.append(html_table(d.margin_uplift, formats={
+            "n_treated": ",", "n_control": ",", "margin_treated": ",.1f",
+            "margin_control": ",.1f", "uplift": ",.2f", "uplift_rate": ".1%", "ci_low": ".1%",
+            "ci_high": ".1%"}, labels={
+            "group": "Value tier", "n_treated": "Contacted", "n_control": "Not contacted",
+            "margin_treated": "Margin per customer (contacted)",
+            "margin_control": "Margin per customer (not contacted)",
+            "uplift": "Extra margin per contact (adjusted)",
+            "uplift_rate": "Share of expected margin added", "ci_low": "95 % interval from",
+            "ci_high": "to"}))
+    if len(d.retention_effect):
+        out.append(html_table(d.retention_effect, formats={
+            "n_treated": ",", "n_control": ",", "churn_treated": ".1%", "churn_control": ".1%",
+            "retention_rate": ".1%", "ci_low": ".1%", "ci_high": ".1%"}, labels={
+            "group": "Value tier", "n_treated": "Contacted", "n_control": "Not contacted",
+            "churn_treated": "Churned (contacted)", "churn_control": "Churned (not contacted)",
+            "retention_rate": "Would-be churners kept", "ci_low": "95 % interval from",
+            "ci_high": "to"}))
+    out += [paragraph("Who gets which action, by segment (customers):"),
+            html_table(segment_by_action(page).reset_index(),
+                       formats={c: "," for c in acts["action"]}),
+            paragraph("The policy: rows are tried in order and the first that matches names the "
+                      "customer's action."),
+            html_table(strategy.policy_table(cfg.strategy.policy), labels={
+                "action": "Action", "conditions": "When", "why": "Why"})]
+    return out
+
+
+def segment_by_action(page: Page) -> pd.DataFrame:
+    """Customers per segment (rows) and action (columns)."""
+    joined = page.customers[["customer_id", "segment"]].merge(
+        page.decisions.customers[["customer_id", "action"]], on="customer_id")
+    table = pd.crosstab(joined["segment"], joined["action"])
+    table.columns.name = None
+    return table.rename_axis("Segment")
+
+
+def phaseout(page: Page) -> list[Block]:
+    """Section 7: the phase-out review with its guardrails, and the fairness audit."""
+    d, cfg = page.decisions, page.config
+    listed = d.customers[d.customers["phaseout_candidate"]]
+    g = d.guardrails
+    single = int(g["customers_remaining"].iloc[0])
+    out: list[Block] = [heading("7. Phase-out review")]
+    if page.snapshot:
+        out.append(paragraph(
+            "{n:,} customers are proposed for a phase-out review (a list for a person to decide "
+            "on, never an automatic termination). Without an order history, 'unprofitable over "
+            "time' means that the customer's lifetime average margin is below the monthly cost "
+            "to serve. On a single snapshot {single:,} customers look unprofitable.",
+            n=len(listed), single=single))
+    else:
+        out.append(paragraph(
+            "{n:,} customers are proposed for a phase-out review: a list with reasons for a "
+            "person to decide on, never an automatic termination. They bring {rev} of expected "
+            "revenue over the next {h} days and cost {cost} more to serve than they bring in "
+            "margin. On a single snapshot {single:,} customers look unprofitable; requiring it "
+            "over {k} periods, low potential, tenure and no recent complaint keeps {kept:,} of "
+            "them off the list.", n=len(listed), rev=money(listed["expected_revenue"].sum(), page),
+            h=page.horizon, cost=money(-listed["expected_profit"].sum() + 0.0, page),
+            single=single, k=cfg.strategy.phaseout_periods, kept=single - len(listed)))
+        if not page.inputs["interactions"]:
+            out.append(absent_note("interactions", cfg))
+    out.append(html_table(g, formats={"customers_remaining": ",", "kept_off": ","}, labels={
+        "step": "Guardrail", "customers_remaining": "Customers still on the list",
+        "kept_off": "Kept off by this step"}))
+    if not page.snapshot:
+        out.append(html_table(listed[["customer_id", "expected_profit", "phaseout_reasons"]]
+                              .head(10), formats={"expected_profit": ",.2f"},
+                              labels={"customer_id": "Customer",
+                                      "expected_profit": _money_label("Expected profit", page),
+                                      "phaseout_reasons": "Reasons"}))
+    return out + _fairness(page)
+
+
+def _fairness(page: Page) -> list[Block]:
+    cfg, audit = page.config, page.decisions.fairness
+    if not page.snapshot and not page.inputs["customers"]:
+        return [absent_note("customers", cfg)]
+    if not cfg.protected:
+        return [paragraph("No protected attributes are named in the configuration, so there is "
+                          "no fairness audit by group.")]
+    if not len(audit):
+        return []
+    out: list[Block] = [paragraph(
+        "Fairness audit: protected attributes ({attrs}) are not used by any model or rule. "
+        "Comparing each group's rate of every action with everyone else's, a disparity is "
+        "flagged when the ratio is outside {lo:.2f}-{hi:.2f} and significant after correcting "
+        "for the number of comparisons.", attrs=", ".join(cfg.protected),
+        lo=cfg.strategy.fairness_ratio, hi=1 / cfg.strategy.fairness_ratio)]
+    flagged, rest = strategy.fairness_summary(audit, min_group=cfg.strategy.fairness_min_group)
+    if len(flagged):
+        out.append(html_table(
+            flagged[["attribute", "group", "action", "n_group", "rate", "rate_others", "ratio"]],
+            formats={"n_group": ",", "rate": ".2%", "rate_others": ".2%", "ratio": ".2f"},
+            labels={"attribute": "Attribute", "group": "Group", "action": "Action",
+                    "n_group": "Customers", "rate": "Rate in group",
+                    "rate_others": "Rate in others", "ratio": "Ratio"}))
+    return out + [paragraph("{rest}", rest=rest)]
+
+
+def trust(page: Page) -> list[Block]:
+    """Section 8: how well the models did, out of time (or out of fold), on the customers
+    the decisions are about."""
+    out: list[Block] = [heading("8. How much to trust this")]
+    out += _snapshot_trust(page) if page.snapshot else _order_log_trust(page)
+    profile = page.profile
+    small = (profile.segments[~profile.segments["described"]] if "described" in profile.segments
+             else profile.segments.iloc[:0])
+    if len(small):
+        out.append(paragraph(
+            "{n} segment(s) have fewer than {m} customers ({names}): they are counted, but not "
+            "described, as any average over so few customers would be noise.", n=len(small),
+            m=page.config.analysis.min_segment_customers,
+            names=", ".join(small["segment"].astype(str))))
+    return out
+
+
+def _snapshot_trust(page: Page) -> list[Block]:
+    run = page.run
+    if run is None:
+        return [paragraph("No model was trained: {reason}. The numbers that would need one are "
+                          "left out rather than guessed.", reason=page.skipped)]
+    churn_m = run.churn_metrics.set_index("method")
+    return [paragraph(
+        "The churn model was tested by {k}-fold cross-validation: each customer was scored by a "
+        "model that never saw them. {choice} The best single-column rule ({f}) reaches "
+        "{rule:.3f}. Its average calibration error is {ece:.1%}. Enough data for this: {n:,} "
+        "customers, of whom {pos:,} left.", k=run.folds,
+        choice=models.describe_choice(run.chosen, churn_m, candidates=models.CHURN_CANDIDATES),
+        rule=churn_m.loc["rule", "roc_auc"],
+        f=explain.FEATURE_LABELS.get(run.rule_feature, run.rule_feature),
+        ece=churn_m.loc[run.chosen, "ece"], n=len(run.evaluation),
+        pos=int(run.evaluation["churned"].sum())),
+        plots.plot_gain_curves(run.evaluation, target="churned",
+                               methods=["model", "logistic", "blend", "rule"], prefix="churn_"),
+        plots.plot_calibration(models.calibration_table(run.evaluation["churned"],
+                                                        run.evaluation[f"churn_{run.chosen}"]))]
+
+
+def _order_log_trust(page: Page) -> list[Block]:
+    run, fallback, h = page.run, page.fallback, page.horizon
+    if run is None and fallback and fallback.get("check"):
+        chk = fallback["check"]
+        return [paragraph(
+            "No model could be trained ({reason}), so customers were scored by {method}, a model "
+            "of each customer's purchase rhythm that needs no labels. Checked the one way this "
+            "history allows, fitted on the data before {cut} and compared with what {n:,} "
+            "customers did in the next {h} days: it told churners from stayers with an AUC of "
+            "{auc} (1 is perfect, 0.5 is chance) and a Brier score of {b:.3f}; its revenue "
+            "forecast was off by {mae:,.1f} per customer on average, against {lp:,.1f} for 'next "
+            "period = last period', and it predicted {pt} where {at} happened.",
+            reason=page.skipped, method=fallback["method"], cut=chk["cutoff"], n=chk["n"], h=h,
+            auc="n/a" if chk["churn_auc"] is None else f"{chk['churn_auc']:.3f}",
+            b=chk["brier"], mae=chk["value_mae"], lp=chk["value_mae_last_period"],
+            pt=money(chk["total_predicted"], page), at=money(chk["total_actual"], page))]
+    if run is None and fallback:
+        return [paragraph(
+            "No model could be trained ({reason}), so customers were scored by {method}, which "
+            "needs no labels; the history is too short to check it ({why}).",
+            reason=page.skipped, method=fallback["method"],
+            why=fallback.get("check_skipped", ""))]
+    if run is None:
+        return [paragraph(
+            "No model was trained: {reason}. The numbers that would need one (churn risk, model "
+            "accuracy, calibration, drift) are left out rather than guessed; they appear once "
+            "the data covers enough history and customers.", reason=page.skipped)]
+    churn_m = (run.churn_metrics if run.churn_metrics_active is None
+               else run.churn_metrics_active).set_index("method")
+    value_m = run.value_metrics.set_index("method")
+    tested = models.active_rows(run.evaluation)
+    ev = run.cutoffs["eval"]
+    population = (f"the {len(tested):,} customers still active on {ev}"
+                  if len(tested) < len(run.evaluation) else None)
+    out: list[Block] = [paragraph(
+        "The models were tested on customers as they were on {ev}, using only what was known "
+        "then, and compared with what they actually did in the next {h} days; churn risk is "
+        "judged on the customers still active then, as lapsed and lost customers are easy to "
+        "call and are the win-back population. {choice} The purchase-rhythm model reaches "
+        "{bg:.3f} and a simple recency-frequency-spend rule {rfm:.3f}. When it says a customer "
+        "has a 70 % chance of churning, the observed rate is close to that: its average "
+        "calibration error is {ece:.1%}.", ev=ev, h=h,
+        choice=models.describe_choice(run.churn_chosen, churn_m,
+                                      candidates=models.CHURN_CANDIDATES, population=population),
+        bg=churn_m.loc["bgnbd", "roc_auc"], rfm=churn_m.loc["rfm", "roc_auc"],
+        ece=churn_m.loc[run.churn_chosen, "ece"]),
+        paragraph("{choice} It predicted {pred} in total where {act} happened.",
+                  choice=models.describe_choice(run.value_chosen, value_m,
+                                                candidates=models.VALUE_CANDIDATES,
+                                                kind="value"),
+                  pred=money(value_m.loc[run.value_chosen, "total_predicted"], page),
+                  act=money(value_m.loc[run.value_chosen, "total_actual"], page)),
+        plots.plot_gain_curves(tested, target="churned",
+                               methods=["model", "logistic", "blend", "bgnbd", "rfm"],
+                               prefix="churn_"),
+        plots.plot_calibration(models.calibration_table(tested["churned"],
+                                                        tested[f"churn_{run.churn_chosen}"]))]
+    groups = models.metrics_by_group(tested, by="frequency", churn_method=run.churn_chosen,
+                                     value_method=run.value_chosen)
+    one = groups.set_index("group")
+    if "1 purchase day" in one.index:
+        out.append(paragraph(
+            "Trust it least for customers who have bought on a single day ({n:,} in the test): "
+            "they have no rhythm of their own yet; the churn AUC for them is {auc:.2f}.",
+            n=int(one.loc["1 purchase day", "n"]), auc=one.loc["1 purchase day", "churn_auc"]))
+    out.append(html_table(groups, formats={
+        "n": ",", "churn_rate": ".0%", "churn_auc": ".3f", "value_mae": ",.1f",
+        "value_mae_last_period": ",.1f"}, labels={
+        "group": "History", "n": "Customers", "churn_rate": "Churned", "churn_auc": "Churn AUC",
+        "value_mae": "Value error (forecast used)",
+        "value_mae_last_period": "Value error (last period)"}))
+    if run.drift is not None and len(run.drift):
+        shifted = run.drift[run.drift["level"] != "stable"]
+        out.append(paragraph(
+            "Data drift between the training snapshots and today: {n} of {m} features moved "
+            "noticeably{who}.", n=len(shifted), m=len(run.drift),
+            who=(": " + ", ".join(explain.FEATURE_LABELS.get(f, f) for f in shifted["feature"]))
+            if len(shifted) else ""))
+    out.append(paragraph(
+        "Enough data for this: the models learned from {n_train:,} customer snapshots and were "
+        "tested on {n_eval:,} customers; {n_active:,} of them were still active, and {pos:,} of "
+        "those churned.", n_train=run.sizes["train"], n_eval=len(run.evaluation),
+        n_active=len(tested), pos=int(tested["churned"].sum())))
+    return out
+
+
+#: The strategy parameters as the assumptions table names them: (name, unit, meaning).
+ASSUMPTION_WORDS = {
+    "margin_rate": ("Margin rate", "share of revenue",
+                    "kept as margin where the data has no margin"),
+    "cost_per_order": ("Cost per order", "money", "to serve one order (other channels)"),
+    "cost_per_order_by_channel": ("Cost per order by channel", "money",
+                                  "to serve one order through each channel"),
+    "cost_per_complaint": ("Cost per complaint", "money", "to handle one complaint"),
+    "cost_per_account_year": ("Cost per account", "money a year", "to keep an account open"),
+    "contact_cost": ("Cost of a retention contact", "money", "per customer contacted"),
+    "offer_cost": ("Cost of the retention offer", "money", "per customer contacted"),
+    "retention_rate": ("Would-be churners kept by a contact", "share",
+                       "assumed when the data has no past campaign"),
+    "retention_value_months": ("Worth of a kept customer", "months of margin",
+                               "when the data has no past campaign"),
+    "high_risk": ("High churn risk from", "probability",
+                  "'likely to churn' and the high-risk band"),
+    "growth_ratio": ("Growth potential from", "times last period's value",
+                     "predicted value over past value"),
+    "phaseout_periods": ("Phase-out: unprofitable periods", "periods",
+                         "in a row before a review is proposed"),
+    "phaseout_max_tenure_days": ("Phase-out: longest tenure", "days",
+                                 "longer-standing customers are kept off the list"),
+    "phaseout_large_loss": ("Phase-out: large loss", "money per period",
+                            "above which tenure does not keep a customer off"),
+    "phaseout_min_loss": ("Phase-out: smallest loss", "money per period",
+                          "smaller forecast losses are noise, not a reason"),
+    "phaseout_complaint_days": ("Phase-out: after a complaint", "days",
+                                "no review this soon after a complaint"),
+    "warning_gap_multiple": ("Warning: overdue at", "times the usual gap",
+                             "no order for this long"),
+    "warning_spend_drop": ("Warning: spend drop of", "share", "last 90 days against the 90 before"),
+    "warning_satisfaction": ("Warning: satisfaction at or below", "score", "last survey answer"),
+    "warning_churn": ("Warning: churn risk at or above", "probability", ""),
+    "warning_churn_rise": ("Warning: churn risk risen by", "points of probability",
+                           "since the previous run"),
+    "fairness_ratio": ("Fairness: flag a rate ratio below", "ratio",
+                       "or above its inverse (the four-fifths rule)"),
+    "fairness_p_value": ("Fairness: significance", "p-value", "after correcting for many tests"),
+    "fairness_min_group": ("Fairness: smallest group judged", "customers",
+                           "smaller groups are listed, not tested"),
+}
+
+
+def assumptions(page: Page) -> pd.DataFrame:
+    """Every assumption of the run as a labelled table: name, value, unit, meaning."""
+    cfg = page.config
+    unit = lambda u: u.replace("money", page.currency or "money")   # noqa: E731
+    if page.snapshot:
+        p = cfg.snapshot
+        rows = [("Export date", page.profile.as_of.isoformat(), "date", "the data's situation"),
+                ("Churn label: value meaning 'left'", p.churn_positive, "", ""),
+                ("Churn label period", p.churn_period_months, "months", ""),
+                ("Tenure unit", p.tenure_unit, "", ""),
+                ("Recurring revenue per", p.revenue_period, "", ""),
+                ("Discount rate", p.discount_rate, "share a year", "for the remaining value"),
+                ("Remaining value counted for at most", p.max_years, "years", "")]
+    else:
+        a = cfg.analysis
+        rows = [("Scoring date", page.profile.as_of.isoformat(), "date",
+                 "every record before this day is used"),
+                ("Lifecycle: at risk beyond", a.lifecycle_at_risk_gap_multiple,
+                 "times the own rhythm", "without an order"),
+                ("Lifecycle: lapsed beyond", a.lifecycle_lapsed_gap_multiple,
+                 "times the own rhythm", "without an order"),
+                ("Lifecycle: new within", a.lifecycle_new_days, "days",
+                 "of the first purchase")]
+    rows += [("Value tiers", ", ".join(f"{s:.0%}" for s in cfg.analysis.tier_shares),
+              "share of value", "held by the high and the mid tier"),
+             ("Protected attributes", ", ".join(cfg.protected) or "none", "",
+              "never used in a decision; audited for fairness")]
+    for key, raw in cfg.strategy.table().itertuples(index=False):
+        name, u, meaning = ASSUMPTION_WORDS.get(key, (key.replace("_", " "), "", ""))
+        shown = (", ".join(f"{k} {v:g}" for k, v in raw.items()) if isinstance(raw, dict)
+                 else raw)
+        rows.append((name, shown, unit(u), meaning))
+    return pd.DataFrame(rows, columns=["assumption", "value", "unit", "meaning"]).astype(
+        {"value": "object"})
+
+
+def data_and_assumptions(page: Page) -> list[Block]:
+    """Section 9: what was read and set aside, what the data lacks, and every assumption."""
+    out: list[Block] = [heading("9. Data quality and assumptions")]
+    for t in page.quality["tables"]:
+        out.append(paragraph("{table}: {read:,} rows read, {ok:,} used, {bad:,} set aside with "
+                             "a reason (see the quarantine files).", table=t["table"],
+                             read=t["rows_read"], ok=t["rows_processed"],
+                             bad=t["rows_quarantined"]))
+    if page.snapshot:
+        missing = [m for m in page.quality.get("missing", []) if m["n_missing"] > 0]
+        if missing:
+            out.append(paragraph("Blank values (counted as missing, not guessed): {m}.", m=", ".join(
+                f"{m['column']} {m['n_missing']:,}" for m in missing)))
+        types = page.run.types if page.run is not None else snapshot.feature_types(
+            pd.read_parquet(page.processed_dir / "clean" / "customers.parquet"),
+            exclude=page.config.protected + page.config.pii)
+        out += [paragraph("How each column of the export is used:"),
+                html_table(types[["column", "kind", "reason", "n_blank"]],
+                           formats={"n_blank": ","},
+                           labels={"column": "Column", "kind": "Used as", "reason": "Why",
+                                   "n_blank": "Blank"})]
+    else:
+        absent = [name for name, present in page.inputs.items() if not present]
+        if absent:
+            out.append(paragraph("What the data did not include, and what that means here:"))
+            out += [absent_note(name, page.config) for name in absent]
+    return out + [paragraph("The assumptions of this run (set in the configuration):"),
+                  html_table(assumptions(page), labels={
+                      "assumption": "Assumption", "value": "Value", "unit": "Unit",
+                      "meaning": "Meaning"})]
+
+
+def for_analysts(page: Page) -> list[Block]:
+    """Links to the analyst notebooks (inside the report folder) and where the full
+    customer table is."""
+    pages = ([("Data quality", "01_data_quality"), ("Churn model", "snapshot_02_churn_model"),
+              ("Portfolio and value", "snapshot_03_portfolio"),
+              ("Strategy", "snapshot_05_strategy")] if page.snapshot else
+             [("Data quality", "01_data_quality"), ("Customer profile", "02_customer_profile"),
+              ("Churn model", "03_churn_model"), ("Value model", "04_value_model"),
+              ("Strategy", "05_strategy")])
+    return [heading("For analysts"),
+            link_list([(f"{name} notebook (with code)", f"notebooks/{stem}.html")
+                       for name, stem in pages]),
+            paragraph("The full customer table (every column, one row per customer) is "
+                      "customers.csv in the run's data folder, {where}.",
+                      where=page.processed_href or "beside the report")]
+
+
+# --------------------------------------------------------------------------- lists
+
+
+def list_name(action: str) -> str:
+    """The file name of an action's list: ``"Retain - personal outreach"`` ->
+    ``"retain-personal-outreach.csv"``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", action.lower()).strip("-") or "action"
+    return f"{slug}.csv"
+
+
+def write_lists(processed_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """One CSV per action (its customers, best expected extra profit first, then highest
+    churn risk) and ``alerts.csv`` (every early warning with the rule that fired and the
+    customer's action), written for spreadsheets (:func:`analysis.data.write_csv`).
+
+    Returns
+    -------
+    dict
+        File name -> rows.
+    """
+    processed_dir, out_dir = Path(processed_dir), Path(out_dir)
+    decided = strategy.read_strategy(processed_dir)
+    customers = segments.read_customers(processed_dir, [
+        c for c in LIST_COLUMNS if c not in {"action", "action_reason", "incremental_profit"}])
+    table = customers.merge(decided.customers[["customer_id", "action", "action_reason",
+                                               "incremental_profit"]], on="customer_id")
+    columns = [c for c in LIST_COLUMNS if c in table]
+    written = {}
+    for action, rows in table.groupby("action", sort=True):
+        rows = rows.sort_values(["incremental_profit", "churn_probability"],
+                                ascending=False, kind="stable")[columns]
+        data.write_csv(out_dir / list_name(str(action)), rows)
+        written[list_name(str(action))] = len(rows)
+    alerts = decided.alerts.merge(table[["customer_id", "action"]], on="customer_id",
+                                  how="left")
+    data.write_csv(out_dir / "alerts.csv", alerts)
+    written["alerts.csv"] = len(alerts)
+    return written
+
+
+def lists(page: Page) -> list[Block]:
+    """Links to the lists in the report folder, with what each holds."""
+    folder = page.report_dir / LISTS_DIR
+    acts = page.decisions.actions.set_index("action")["customers"]
+    items = [(f"{action}: {n:,} customers", f"{LISTS_DIR}/{list_name(action)}")
+             for action, n in acts.items() if (folder / list_name(action)).is_file()]
+    alerts = page.decisions.alerts
+    if (folder / "alerts.csv").is_file():
+        items.append((f"Early warnings: {len(alerts):,} on {alerts['customer_id'].nunique():,} "
+                      f"customers ({', '.join(f'{k} {v:,}' for k, v in alerts['rule'].value_counts().items())})",
+                      f"{LISTS_DIR}/alerts.csv"))
+    if not items:
+        return []
+    return [heading("Lists to act on", 3),
+            paragraph("One file per action, with each customer's reasons, churn chance, "
+                      "expected value and expected extra profit (open in a spreadsheet):"),
+            link_list(items)]
