@@ -146,3 +146,23 @@ def test_probability_of_no_purchase_matches_simulated_customers():
     # a brand-new customer (no repeat, T = 0): (alpha / (alpha + t)) ** r
     assert model.probability_no_purchase(holdout, 0, 0, 0) == pytest.approx(
         (4.0 / 17.0) ** 0.5)
+
+
+def test_median_time_to_next_purchase_is_where_the_chance_of_a_purchase_reaches_half():
+    from analysis.clv import BetaGeoModel
+
+    bg = BetaGeoModel()
+    bg.params_ = {"r": 0.25, "alpha": 4.0, "a": 0.8, "b": 2.5}
+    x, tx, T = np.array([0, 3, 10, 2]), np.array([0, 30, 38, 2]), np.array([40, 40, 40, 40])
+    h = bg.median_time_to_next_purchase(x, tx, T)
+    alive = bg.probability_alive(x, tx, T)
+    for i in range(len(x)):
+        if alive[i] > 0.5:
+            p_buy = 1 - bg.probability_no_purchase(h[i], x[i], tx[i], T[i])
+            assert p_buy == pytest.approx(0.5, abs=1e-9)
+            # a week earlier it was less likely than not
+            assert 1 - bg.probability_no_purchase(max(h[i] - 1, 0), x[i], tx[i], T[i]) < 0.5
+        else:
+            assert np.isnan(h[i])
+    assert np.isnan(h[3]) and not np.isnan(h[2])   # long gone vs bought recently and often
+    assert h[2] < h[1]                              # the more frequent buyer is sooner

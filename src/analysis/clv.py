@@ -198,6 +198,21 @@ class BetaGeoModel:
         quiet_if_alive = ((alpha + t) / (alpha + t + h)) ** (r + x)
         return 1.0 - self.probability_alive(frequency, recency, T) * (1.0 - quiet_if_alive)
 
+    def median_time_to_next_purchase(self, frequency, recency, T) -> np.ndarray:
+        """The time after T by which the customer has more likely than not bought again
+        (same unit as T); NaN when P(alive) is 1/2 or less (never more likely than not).
+
+        From :meth:`probability_no_purchase`: P(a purchase in (T, T + h]) = P(alive) x
+        (1 - ((alpha + T) / (alpha + T + h)) ** (r + x)) = 1/2 solves to
+        h = (alpha + T) * (k ** -1 - 1) with k = (1 - 1 / (2 P(alive))) ** (1 / (r + x)).
+        """
+        r, alpha, a, b = self._check()
+        x, t = np.asarray(frequency, dtype=float), np.asarray(T, dtype=float)
+        alive = self.probability_alive(frequency, recency, T)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.where(alive > 0.5, (1 - 0.5 / alive) ** (1 / (r + x)), np.nan)
+            return np.where(k > 0, (alpha + t) * (1 / k - 1), np.nan)
+
     def expected_purchases_new(self, horizon) -> np.ndarray:
         """Expected purchases in (0, horizon] of a newly acquired customer."""
         r, alpha, a, b = self._check()
