@@ -585,9 +585,8 @@ def _walk(model: type[BaseModel], loc: tuple) -> tuple[list, Any]:
         elif get_origin(current) is dict:
             current = get_args(current)[1]
         elif get_origin(current) in (tuple, list) and isinstance(part, int):
-            args = get_args(current)
-            current = args[0] if len(args) == 2 and args[1] is Ellipsis or len(args) == 1 \
-                else (args[part] if part < len(args) else None)
+            args = [a for a in get_args(current) if a is not Ellipsis]
+            current = args[min(part, len(args) - 1)]     # tuple[str, ...], list[X], (X, Y)
         else:
             break
         path.append(part)
