@@ -11,7 +11,15 @@ def test_feature_benchmark_on_a_small_world(tmp_path):
     assert report["identical"] is True
     assert 15_000 < report["lines"] < 25_000 and report["customers"] > 500
     assert report["peak_rss_mb"] > 50
-    assert json.loads((tmp_path / "features.json").read_text())["lines"] == report["lines"]
+    written = json.loads((tmp_path / "features.json").read_text())
+    assert written["lines"] == report["lines"]
+    # other tooling reads these files: the keys stay exactly these
+    assert list(written) == ["lines", "customers", "cutoff", "features", "repeats",
+                             "seconds_project", "seconds_pandas", "seconds_scan_bound",
+                             "all_seconds", "identical", "speedup_vs_pandas",
+                             "ratio_to_scan_bound", "memory_limit", "peak_rss_mb", "machine"]
+    assert set(written["all_seconds"]) == {"project", "pandas", "scan_bound"}
+    assert set(written["machine"]) == {"cpus", "python", "duckdb", "pandas", "self_rss_mb"}
 
 
 def test_results_page_is_rendered_from_the_json_files(tmp_path):

@@ -122,3 +122,142 @@ def test_every_yaml_example_in_the_readme_is_a_valid_config(tmp_path):
             for name, value in (raw.get(key) or {}).items():
                 got = getattr(getattr(config, key), name)
                 assert got == value or tuple(got) == tuple(value), (key, name)
+
+
+# --------------------------------------------------------------------------- every key checked
+
+
+def _minimal(**extra):
+    return {"tables": {"transactions": "tx.csv"}, **extra}
+
+
+@pytest.mark.parametrize("raw, where, unknown", [
+    (_minimal(analysiss={}), None, "analysiss"),
+    (_minimal(source="elsewhere.yaml"), None, "source"),
+    ({"tables": {"transactions": {"path": "tx.csv", "delimiter": ";"}}}, "tables.transactions",
+     "delimiter"),
+    ({"tables": {"transactions": {"path": "tx.csv", "columns": {"revenue": "x"}}}},
+     "tables.transactions.columns", "revenue"),
+    (_minimal(cleaning={"dedup": "auto"}), "cleaning", "dedup"),
+    (_minimal(analysis={"horizon": 90}), "analysis", "horizon"),
+    (_minimal(strategy={"margin": 0.3}), "strategy", "margin"),
+    (_minimal(snapshot={"folds": 3}), "snapshot", "folds"),
+    (_minimal(output={"processed": "p"}), "output", "processed"),
+], ids=["top", "source", "table", "columns", "cleaning", "analysis", "strategy", "snapshot",
+        "output"])
+def test_every_unknown_key_at_every_level_is_refused_naming_its_place(tmp_path, raw, where,
+                                                                       unknown):
+    from analysis.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path, source=tmp_path / "c.yaml")
+    assert err.value.key == where
+    message = str(err.value)
+    assert f"unknown key(s) {unknown}" in message and "; valid: " in message
+    assert str(tmp_path / "c.yaml") in message
+    if unknown == "source":      # set by the loader, never by the file
+        assert "valid: analysis, cleaning, mode, name, output, pii, protected, seed," in message
+
+
+def test_unknown_keys_are_all_named_with_the_closest_valid_one(tmp_path):
+    from analysis.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(_minimal(strategy={"margin": 0.3, "contact": 1, "zzz": 2}),
+                     base_dir=tmp_path)
+    message = str(err.value)
+    assert "unknown key(s) contact, margin, zzz" in message
+    assert "did you mean contact_cost, margin_rate?" in message
+    # and an unknown key is reported before a bad value elsewhere
+    with pytest.raises(ConfigError, match="unknown key.*horizon"):
+        parse_config(_minimal(mode="retail", analysis={"horizon": 9}), base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("section, key, value, choices", [
+    ("cleaning", "dedupe", "sometimes", "auto, always, never"),
+    ("analysis", "device", "gpu", "cpu, cuda"),
+    ("snapshot", "tenure_unit", "decades", "days, weeks, months, years"),
+    ("snapshot", "revenue_period", "fortnight", "day, week, month, quarter, year"),
+])
+def test_a_bad_choice_lists_the_choices_and_names_the_key(tmp_path, section, key, value,
+                                                          choices):
+    from analysis.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(_minimal(**{section: {key: value}}), base_dir=tmp_path)
+    assert err.value.key == f"{section}.{key}"
+    assert str(err.value).endswith(f"{value!r} is not one of: {choices}")
+    with pytest.raises(ConfigError) as err:
+        parse_config({"tables": {"transactions": {"path": "x", "format": "json"}}},
+                     base_dir=tmp_path)
+    assert err.value.key == "tables.transactions.format"
+    assert "'json' is not one of: auto, csv, parquet, excel" in str(err.value)
+
+
+@pytest.mark.parametrize("raw, key, fragment", [
+    (_minimal(seed="abc"), "seed", "bad value 'abc': expected a whole number"),
+    (_minimal(analysis={"n_cutoffs": 2.5}), "analysis.n_cutoffs", "expected a whole number"),
+    (_minimal(analysis={"horizon_days": "abc"}), "analysis.horizon_days",
+     "positive number of days or 'auto'"),
+    (_minimal(analysis={"horizon_days": 0}), "analysis.horizon_days", "positive number"),
+    (_minimal(analysis={"tier_shares": [0.5, 0.2, 0.1]}), "analysis.tier_shares",
+     "needs two shares"),
+    (_minimal(analysis={"as_of": "yesterday"}), "analysis.as_of", "a date such as"),
+    (_minimal(strategy={"margin_rate": "high"}), "strategy.margin_rate", "expected a number"),
+    (_minimal(strategy={"cost_per_order_by_channel": {"web": "x"}}),
+     "strategy.cost_per_order_by_channel.web", "bad value 'x'"),
+    (_minimal(strategy={"policy": [{"when": 1}]}), "strategy.policy", "with an 'action'"),
+    (_minimal(snapshot={"cv_folds": 1}), "snapshot.cv_folds", "at least 2 folds"),
+    (_minimal(analysis=[1]), "analysis", "expected a mapping"),
+    ({"tables": {"transactions": {"sep": ";"}}}, "tables.transactions", "needs a 'path'"),
+    ({"tables": {"orders": "x.csv"}}, "tables", "unknown table 'orders'; valid: transactions"),
+    ({"tables": {}}, "tables", "needs a 'tables' mapping"),
+    ({"mode": "snapshot", "tables": {"transactions": "x"}}, "tables",
+     "mode 'snapshot' needs a 'customers' table"),
+    ({"tables": {"transactions": {"path": "x", "names": ["a", ["b"]]}}},
+     "tables.transactions.names[1]", "expected text"),
+])
+def test_a_bad_value_names_the_key_the_value_and_the_rule(tmp_path, raw, key, fragment):
+    from analysis.config import parse_config
+
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, base_dir=tmp_path)
+    assert err.value.key == key
+    assert fragment in str(err.value)
+
+
+def test_values_are_coerced_as_yaml_writes_them(tmp_path):
+    from analysis.config import parse_config
+
+    cfg = parse_config(_minimal(
+        name=2024, seed="7", protected=None, pii=["email"], analysis=None,
+        cleaning={"min_date": "2000-01-01"}, output={"processed_dir": "p"},
+        snapshot={"churn_positive": True, "cv_folds": "3"},
+        strategy={"margin_rate": 1, "cost_per_order_by_channel": {"web": 2}}),
+        base_dir=tmp_path)
+    assert cfg.name == "2024" and cfg.seed == 7 and cfg.protected == () and cfg.pii == ("email",)
+    assert str(cfg.cleaning.min_date) == "2000-01-01"
+    assert cfg.snapshot.churn_positive == "yes" and cfg.snapshot.cv_folds == 3
+    assert cfg.strategy.margin_rate == 1.0 and isinstance(cfg.strategy.margin_rate, float)
+    assert cfg.strategy.cost_per_order_by_channel == {"web": 2.0}
+    assert cfg.output.processed_dir == (tmp_path / "p").resolve()
+    assert cfg.source is None and cfg.analysis.horizon_days == 90
+    # the parameter groups are values: immutable, and usable without a file
+    with pytest.raises(ValueError):
+        cfg.strategy.margin_rate = 0.5
+    snap = cfg.snapshot.model_copy(update={"discount_rate": 0.0})
+    assert snap.discount_rate == 0.0 and cfg.snapshot.discount_rate == 0.1
+    assert list(cfg.strategy.table()["parameter"])[:2] == ["margin_rate", "cost_per_order"]
+
+
+def test_to_dict_round_trips_through_json_and_the_parser(tmp_path):
+    import json
+
+    from analysis.config import parse_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["tables"]["transactions"]["path"] == str(cfg.tables["transactions"].path)
+    assert data["analysis"]["tier_shares"] == list(cfg.analysis.tier_shares)
+    again = parse_config({k: v for k, v in data.items() if k != "source"}, base_dir=tmp_path)
+    assert again.to_dict() == {**data, "source": None}

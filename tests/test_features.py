@@ -213,16 +213,16 @@ def test_demo_churn_label_agrees_with_ground_truth_dropout(small_demo):
 
 
 def test_pandas_reference_implementation_agrees_on_the_demo_world(small_demo):
-    from analysis.bench import _same_features, pandas_features
+    from bench.reference import pandas_features, same_features
 
     lines = pd.read_parquet(small_demo / "transactions.parquet")
     cutoff = dt.date(2025, 7, 1)
     ours = F.build_features(F.connect({"transactions": lines}), cutoff=cutoff)
     theirs = pandas_features(lines, cutoff=cutoff)
     assert list(theirs.columns) == list(ours.columns)
-    assert _same_features(ours, theirs)
+    assert same_features(ours, theirs)
     # and it would notice a difference
-    assert not _same_features(ours, theirs.assign(gap_std_days=theirs["gap_std_days"] * 1.01))
+    assert not same_features(ours, theirs.assign(gap_std_days=theirs["gap_std_days"] * 1.01))
 
 
 def test_sampled_snapshots_keep_a_deterministic_share_of_whole_customers():

@@ -3,12 +3,20 @@
 ``features`` times the project's DuckDB feature build against an idiomatic pandas
 implementation of the same features (whose results must be identical) and against a
 floor (reading the needed columns plus one ``np.bincount`` aggregation), on demo data
-of a given number of order lines.
+of a given number of order lines. The pandas implementation is a reference, not part
+of the package: it lives beside the benchmark results in ``bench/reference.py`` of the
+source checkout, where the tests import it too.
+
+``cdnow`` trains the project's models with the model step's own functions
+(:func:`analysis.models.fit_churn_candidates`, :func:`analysis.models.split_validation`)
+on the CDNOW calibration period and judges them, with BG/NBD + Gamma-Gamma, on the
+holdout.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import resource
 import statistics
@@ -24,95 +32,40 @@ import pyarrow.parquet as pq
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.config import load_config, memory_bytes
 from analysis.demo import DemoWorld, write_demo
-from analysis.features import WINDOWS_DAYS, build_features, build_snapshots, connect
+from analysis.errors import AnalysisError
+from analysis.features import build_features, build_snapshots, connect
 from analysis.models import (
-    ChurnModel,
-    LogisticChurn,
     ValueModel,
     bgnbd_baseline,
+    candidate_probabilities,
     categories_of,
     feature_columns,
+    fit_churn_candidates,
     normalized_gini,
     prepare_matrix,
     rfm_lookup,
+    split_validation,
 )
 from analysis.report import run_pipeline
 from analysis.segments import ACTIVE_STAGES
 
-__all__ = ["bench_cdnow", "bench_features", "bench_strategy", "pandas_features",
-           "render_results"]
+__all__ = ["bench_cdnow", "bench_features", "bench_strategy", "render_results"]
 
 LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
 BENCH_CUTOFF = dt.date(2025, 7, 1)
+#: The pandas reference of the feature build, in the source checkout (not installed).
+REFERENCE = Path(__file__).resolve().parents[2] / "bench" / "reference.py"
 
 
-def pandas_features(tx: pd.DataFrame, *, cutoff: dt.date) -> pd.DataFrame:
-    """The transaction features of :func:`analysis.features.build_features`, in pandas.
-
-    The reference implementation for the benchmark and the tests: idiomatic pandas
-    (boolean masks, groupby aggregations), same definitions, same output columns.
-    """
-    c = pd.Timestamp(cutoff)
-    hist = tx[tx["order_date"] < c]
-    if "order_id" in hist:
-        hist = hist.assign(order_key=hist["order_id"])
-    else:
-        hist = hist.assign(order_key=hist["customer_id"] + "|"
-                           + hist["order_date"].dt.strftime("%Y-%m-%d"))
-    done = hist[hist["status"] == "completed"]
-    buy = done[done["amount"] >= 0]
-    g = buy.groupby("customer_id")
-    out = pd.DataFrame({
-        "recency_days": (c - g["order_date"].max()).dt.days,
-        "frequency": g["order_date"].nunique(),
-        "n_orders": g["order_key"].nunique(),
-    })
-    net = done.groupby("customer_id").agg(monetary_total=("amount", "sum"),
-                                          margin_total=("margin", "sum"))
-    out["monetary_total"] = net["monetary_total"]
-    out["tenure_days"] = (c - g["order_date"].min()).dt.days
-    orders = buy.groupby(["customer_id", "order_key"])["amount"].sum().groupby(level=0)
-    out["monetary_mean_order"] = orders.mean()
-    out["monetary_max_order"] = orders.max()
-    out["margin_total"] = net["margin_total"]
-    out["margin_rate"] = out["margin_total"] / out["monetary_total"].replace(0, np.nan)
-    days = buy[["customer_id", "order_date"]].drop_duplicates().sort_values(
-        ["customer_id", "order_date"])
-    gap = days.groupby("customer_id")["order_date"].diff().dt.days
-    gaps = gap.groupby(days["customer_id"])
-    out["gap_mean_days"] = gaps.mean()
-    out["gap_median_days"] = gaps.median()
-    out["gap_std_days"] = gaps.std()
-    out["recency_vs_gap"] = out["recency_days"] / out["gap_median_days"].replace(0, np.nan)
-    for w in WINDOWS_DAYS:
-        recent = done[done["order_date"] >= c - pd.Timedelta(days=w)]
-        before = done[(done["order_date"] < c - pd.Timedelta(days=w))
-                      & (done["order_date"] >= c - pd.Timedelta(days=2 * w))]
-        out[f"orders_{w}d"] = (recent[recent["amount"] >= 0].groupby("customer_id")["order_key"]
-                               .nunique().reindex(out.index, fill_value=0))
-        spend = recent.groupby("customer_id")["amount"].sum().reindex(out.index, fill_value=0.0)
-        prev = before.groupby("customer_id")["amount"].sum().reindex(out.index, fill_value=0.0)
-        a, b = spend.clip(lower=0), prev.clip(lower=0)
-        out[f"spend_{w}d"] = spend
-        out[f"trend_{w}d"] = ((a - b) / (a + b).replace(0, np.nan)).fillna(0.0)
-    out["cancel_rate"] = hist["status"].eq("cancelled").groupby(hist["customer_id"]).mean()
-    out["return_rate"] = (hist["status"].eq("returned") | hist["amount"].lt(0)).groupby(
-        hist["customer_id"]).mean()
-    out["cutoff_month"] = c.month
-    by_cat = buy.groupby(["customer_id", "category"])["amount"].sum().round(6).reset_index()
-    by_cat = by_cat.sort_values(["customer_id", "amount", "category"],
-                                ascending=[True, False, True])
-    top = by_cat.groupby("customer_id")
-    out["n_categories"] = top.size()
-    out["top_category"] = top["category"].first()
-    by_ch = buy.groupby(["customer_id", "channel"])["order_key"].nunique().rename("n")
-    by_ch = by_ch.reset_index().sort_values(["customer_id", "n", "channel"],
-                                            ascending=[True, False, True])
-    ch = by_ch.groupby("customer_id")
-    out["n_channels"] = ch.size()
-    out["top_channel"] = ch["channel"].first()
-    out["top_channel_share"] = ch["n"].first() / ch["n"].sum()
-    return out.reset_index().sort_values("customer_id", ignore_index=True)
+def _load_reference():
+    """``bench/reference.py`` of the source checkout, as a module."""
+    if not REFERENCE.is_file():
+        raise AnalysisError(f"the feature benchmark compares with the pandas reference in "
+                            f"{REFERENCE}, which only a source checkout has")
+    spec = importlib.util.spec_from_file_location("bench_reference", REFERENCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
@@ -137,6 +90,7 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
               flush=True)
         for extra in ("customers", "interactions", "campaign"):
             (data_dir / f"{extra}.parquet").unlink(missing_ok=True)
+    reference = _load_reference()
     meta = pq.ParquetFile(tx_path).metadata
     n_lines = meta.num_rows
 
@@ -146,7 +100,7 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
 
     def with_pandas() -> pd.DataFrame:
         tx = pd.read_parquet(tx_path)
-        return pandas_features(tx, cutoff=BENCH_CUTOFF)
+        return reference.pandas_features(tx, cutoff=BENCH_CUTOFF)
 
     def scan_bound() -> np.ndarray:
         table = pq.read_table(tx_path, columns=["customer_id", "order_date", "amount",
@@ -165,7 +119,7 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
             start = time.perf_counter()
             results[name] = fn()
             timings[name].append(time.perf_counter() - start)
-    identical = _same_features(results["project"], results["pandas"])
+    identical = reference.same_features(results["project"], results["pandas"])
     median = {k: statistics.median(v) for k, v in timings.items()}
     report = {
         "lines": int(n_lines),
@@ -186,16 +140,6 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
     }
     (out / "features.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _same_features(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    try:
-        pd.testing.assert_frame_equal(a.reset_index(drop=True), b[a.columns].reset_index(
-            drop=True), check_dtype=False, check_exact=False, rtol=1e-9, atol=1e-9)
-    except (AssertionError, KeyError) as exc:
-        print(f"results differ: {exc}", file=sys.stderr)
-        return False
-    return True
 
 
 def _peak_rss_of_project_build(data_dir: Path, *, memory_limit: str | None = None) -> float:
@@ -375,7 +319,8 @@ def bench_cdnow(*, data_dir: str | Path, out: str | Path, seed: int = 42) -> dic
     on the 1/10 sample, to compare with the published parameters). The project's models
     may use only calibration data: they are trained on a 91-day horizon at inner cutoffs
     every 14 days from mid-February (the latest, 1997-07-02, whose labels end on
-    1997-10-01, is the early-stopping cutoff), and their spend and transaction
+    1997-10-01, is the validation cutoff: as in the model step, half of its customers
+    stop the models early and calibrate the churn model), and their spend and transaction
     predictions are scaled by 273/91 for the 39-week holdout (rankings are unaffected
     by the scale). A 91-day horizon with ten snapshots beat 120-, 150- and 182-day
     horizons with fewer snapshots in a comparison on these data.
@@ -426,14 +371,20 @@ def bench_cdnow(*, data_dir: str | Path, out: str | Path, seed: int = 42) -> dic
     cats = categories_of(train, cols)
     xt, xv, xs = (prepare_matrix(f, cols, cats) for f in (train, valid, score))
     scale = CDNOW_HOLDOUT_DAYS / CDNOW_INNER_HORIZON_DAYS
-    churn = ChurnModel(seed=seed).fit(xt, train["churned"], xv, valid["churned"])
-    spend = ValueModel(seed=seed).fit(xt, train["future_spend"], xv, valid["future_spend"])
-    count = ValueModel(seed=seed).fit(xt, train["future_orders"], xv, valid["future_orders"])
+    # trained as the model step trains them (analysis.models.fit_and_evaluate): the churn
+    # candidates by its own function, the value models stopped early on the same half of
+    # the validation cutoff's customers
+    churn, logistic, _ = fit_churn_candidates(xt, train["churned"], xv, valid["churned"],
+                                              seed=seed)
+    tune, _ = split_validation(valid["churned"], seed=seed)
+    spend, count = (ValueModel(seed=seed).fit(xt, train[target], xv.iloc[tune],
+                                              valid[target].iloc[tune])
+                    for target in ("future_spend", "future_orders"))
+    probabilities = candidate_probabilities(churn, logistic, xs)
     methods["model"] = {"transactions": count.predict(xs) * scale,
                         "spend": spend.predict(xs) * scale,
-                        "churn": churn.predict_proba(xs)}
-    logistic = LogisticChurn().fit(xt, train["churned"])
-    methods["logistic"] = {"churn": logistic.predict_proba(xs)}
+                        "churn": probabilities["model"]}
+    methods["logistic"] = {"churn": probabilities["logistic"]}
     methods["rfm"] = {"transactions": rfm_lookup(train, score, target="future_orders") * scale,
                       "spend": rfm_lookup(train, score, target="future_spend") * scale,
                       "churn": rfm_lookup(train, score, target="churned")}

@@ -3,20 +3,34 @@
 A config maps a dataset onto the input contract (file, format, column names, date
 format, separators) and holds every analysis parameter, with documented defaults.
 Paths in a config are relative to the config file.
+
+Every parameter group is a pydantic model: unknown keys are refused (``extra="forbid"``),
+option strings are ``Literal`` choices, and a bad value fails with the config file, the
+key, the rule and the valid values (:class:`~analysis.errors.ConfigError`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
+import difflib
 import os
 import re
-from dataclasses import dataclass, field
+import types
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pandas as pd
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from analysis.errors import ConfigError
 
@@ -31,6 +45,8 @@ __all__ = [
     "StrategyParams",
     "TableSpec",
     "load_config",
+    "memory_bytes",
+    "parse_config",
 ]
 
 Mode = Literal["transactions", "snapshot"]
@@ -55,9 +71,23 @@ TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "campaign": (("customer_id", "campaign_date", "treated"), ()),
 }
 
+_MEMORY_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT])(i?)B", re.I)
 
-@dataclass(frozen=True)
-class TableSpec:
+
+def _problem(message: str, *, field: str | None = None) -> PydanticCustomError:
+    """A validation failure whose message is shown as is; ``field`` names the key below
+    the validated object when the failure is about one of its keys."""
+    return PydanticCustomError("config", "{message}", {"message": message, "field": field})
+
+
+class _Params(BaseModel):
+    """A parameter group: immutable, unknown keys refused, a number taken as text where
+    text is expected (a column named ``2024``, a churn flag ``1``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+class TableSpec(_Params):
     """Where one input table lives and how its columns map onto the contract.
 
     ``columns`` maps contract names to the file's column names; contract columns
@@ -75,7 +105,20 @@ class TableSpec:
     decimal: str = "."
     thousands: str | None = None
     sheet: str | int | None = None
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _relative_to_the_config(cls, value: Any, info: ValidationInfo) -> Any:
+        base_dir = (info.context or {}).get("base_dir")
+        if base_dir is None or not isinstance(value, str | Path):
+            return value
+        return _resolve(value, base_dir)
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _no_columns(cls, value: Any) -> Any:
+        return {} if value is None else value
 
     @property
     def resolved_format(self) -> str:
@@ -89,8 +132,7 @@ class TableSpec:
         return "csv"
 
 
-@dataclass(frozen=True)
-class CleaningParams:
+class CleaningParams(_Params):
     """Cleaning rules.
 
     dedupe : ``auto`` removes exact duplicate lines only when the table has an
@@ -105,8 +147,7 @@ class CleaningParams:
     min_date: dt.date = dt.date(1990, 1, 1)
 
 
-@dataclass(frozen=True)
-class AnalysisParams:
+class AnalysisParams(_Params):
     """Analysis parameters.
 
     as_of : the scoring date; history is every record strictly before it. Default:
@@ -142,6 +183,41 @@ class AnalysisParams:
     min_segment_customers: int = 30
     device: Literal["cpu", "cuda"] = "cpu"
 
+    @field_validator("horizon_days", mode="before")
+    @classmethod
+    def _days_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _problem("must be a positive number of days or 'auto'")
+        return value
+
+    @field_validator("tier_shares", mode="before")
+    @classmethod
+    def _two_shares(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise _problem("needs two shares (high, mid) in (0, 1) that sum below 1")
+        return value
+
+    @field_validator("tier_shares")
+    @classmethod
+    def _room_for_low(cls, value: tuple[float, float]) -> tuple[float, float]:
+        high, mid = value
+        if not (0 < high < 1 and 0 <= mid < 1 and high + mid < 1):
+            raise _problem("needs two shares (high, mid) in (0, 1) that sum below 1")
+        return value
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _a_memory_size(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY_SIZE.fullmatch(value.strip()):
+            raise _problem(f"{value!r} is not a memory size such as '2GB'")
+        return value
+
     @property
     def duckdb_memory_limit(self) -> str | None:
         """DuckDB's share of :attr:`memory_limit` (half), as DuckDB reads it (MB)."""
@@ -152,15 +228,14 @@ class AnalysisParams:
 
 def memory_bytes(size: str) -> int:
     """``"4GB"`` -> 4_000_000_000, ``"4GiB"`` -> 4 * 2**30 (DuckDB's reading of sizes)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT])(i?)B", str(size).strip(), re.I)
+    m = _MEMORY_SIZE.fullmatch(str(size).strip())
     if m is None:
         raise ValueError(f"{size!r} is not a memory size such as '2GB'")
     power = "KMGT".index(m.group(2).upper()) + 1
     return int(float(m.group(1)) * ((1024 if m.group(3) else 1000) ** power))
 
 
-@dataclass(frozen=True)
-class SnapshotParams:
+class SnapshotParams(_Params):
     """Snapshot (subscription) mode: how to read the customers table's label, tenure and
     revenue (config section ``snapshot``).
 
@@ -188,6 +263,20 @@ class SnapshotParams:
     cv_folds: int = 5
     new_months: float = 6.0
 
+    @field_validator("churn_positive", mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, value: Any) -> Any:
+        if isinstance(value, bool):        # YAML reads a bare Yes/No as a boolean
+            return "yes" if value else "no"
+        return value
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _two_folds(cls, value: int) -> int:
+        if value < 2:
+            raise _problem("needs at least 2 folds")
+        return value
+
     @property
     def tenure_months_per_unit(self) -> float:
         return {"days": 1 / DAYS_PER_MONTH, "weeks": 12 / 52.18, "months": 1.0,
@@ -199,8 +288,7 @@ class SnapshotParams:
                 "year": 1 / 12}[self.revenue_period]
 
 
-@dataclass(frozen=True)
-class StrategyParams:
+class StrategyParams(_Params):
     """Every assumption of the strategy step, with its unit (config section ``strategy``).
 
     margin_rate : share of revenue kept as margin when the data has no margin.
@@ -229,11 +317,13 @@ class StrategyParams:
     fairness_ratio, fairness_p_value : four-fifths rule, with a significance test.
     fairness_min_group : a protected group with fewer customers is too small to judge:
         it is listed, not tested.
+    policy : the action policy table (rows tried in order, each with an ``action``);
+        default: :data:`analysis.strategy.DEFAULT_POLICY`.
     """
 
     margin_rate: float = 0.30
     cost_per_order: float = 2.0
-    cost_per_order_by_channel: dict = field(default_factory=lambda: {
+    cost_per_order_by_channel: dict[str, float] = Field(default_factory=lambda: {
         "online": 1.5, "store": 6.0, "phone": 9.0, "marketplace": 3.0})
     cost_per_complaint: float = 15.0
     cost_per_account_year: float = 4.0
@@ -256,18 +346,30 @@ class StrategyParams:
     fairness_ratio: float = 0.8
     fairness_p_value: float = 0.01
     fairness_min_group: int = 30
-    policy: list | None = None
+    policy: list[dict[str, Any]] | None = None
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _rows_with_an_action(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, list) or not all(
+                isinstance(row, dict) and "action" in row for row in value)):
+            raise _problem(f"bad value {value!r}: the policy is a list of rows, each with "
+                           "an 'action'")
+        return value
 
     def table(self) -> pd.DataFrame:
         """Every parameter as a (parameter, value) table for the report."""
-        rows = [(k, v) for k, v in dataclasses.asdict(self).items() if k != "policy"]
+        rows = [(name, getattr(self, name)) for name in type(self).model_fields
+                if name != "policy"]
         return pd.DataFrame(rows, columns=["parameter", "value"]).astype({"value": "object"})
 
 
-@dataclass(frozen=True)
-class OutputParams:
+class OutputParams(_Params):
     """Where a run writes, and how customer ids appear there.
 
+    processed_dir, reports_dir : default ``data/processed`` and ``reports`` under the
+        project (the folder holding ``pyproject.toml`` above the config, else the
+        config's folder).
     pseudonymize_ids : replace every customer id, in everything a run writes (processed
         tables, quarantine files, customer CSV, reports), by a keyed hash
         (HMAC-SHA256): stable across runs, not reversible without the key. Whoever holds
@@ -280,13 +382,41 @@ class OutputParams:
     pseudonymize_ids: bool = False
     pseudonym_key_env: str = "CSL_PSEUDONYM_KEY"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_folders(cls, data: Any, info: ValidationInfo) -> Any:
+        base_dir = (info.context or {}).get("base_dir")
+        if base_dir is None or not isinstance(data, dict):
+            return data
+        root = _project_root(base_dir)
+        data = dict(data)
+        for key, default in (("processed_dir", root / "data" / "processed"),
+                             ("reports_dir", root / "reports")):
+            value = data.get(key)
+            data[key] = default if value is None else _resolve(value, base_dir)
+        if data.get("pseudonym_key_env") is None:
+            data.pop("pseudonym_key_env", None)
+        return data
 
-@dataclass(frozen=True)
-class Config:
+    @model_validator(mode="after")
+    def _key_is_set(self, info: ValidationInfo) -> OutputParams:
+        # checked when a config is loaded, not when a test builds the object
+        if info.context and self.pseudonymize_ids and not os.environ.get(
+                self.pseudonym_key_env):
+            raise _problem(f"pseudonymize_ids is on but the environment variable "
+                           f"{self.pseudonym_key_env} holding the key is not set",
+                           field="pseudonymize_ids")
+        return self
+
+
+_SECTIONS = ("cleaning", "analysis", "strategy", "snapshot", "output")
+
+
+class Config(_Params):
     """A complete run configuration."""
 
     name: str
-    mode: Mode
+    mode: Mode = "transactions"
     tables: dict[str, TableSpec]
     output: OutputParams
     source: Path | None = None
@@ -295,12 +425,55 @@ class Config:
     pii: tuple[str, ...] = ()
     cleaning: CleaningParams = CleaningParams()
     analysis: AnalysisParams = AnalysisParams()
-    strategy: StrategyParams = field(default_factory=StrategyParams)
+    strategy: StrategyParams = Field(default_factory=StrategyParams)
     snapshot: SnapshotParams = SnapshotParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, data: Any, info: ValidationInfo) -> Any:
+        """What a YAML file may leave out: empty sections, the name, the output folders;
+        ``source`` is where the file is, never a key in it."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for key in (*_SECTIONS, "protected", "pii"):
+            if key in data and data[key] is None:
+                del data[key]
+        if info.context is not None:
+            if "source" in data:
+                raise _problem(_unknown_keys({"source"}, _input_keys(cls)))
+            source = info.context.get("source")
+            data["source"] = None if source is None else Path(source).resolve()
+            if not data.get("name"):
+                data["name"] = Path(source).stem if source else "run"
+            data.setdefault("output", {})
+        tables = data.get("tables")
+        if not isinstance(tables, dict) or not tables:
+            raise _problem("needs a 'tables' mapping with at least one table", field="tables")
+        for name in tables:
+            if name not in TABLE_CONTRACTS:
+                raise _problem(f"unknown table '{name}'; valid: {', '.join(TABLE_CONTRACTS)}",
+                               field="tables")
+        data["tables"] = {name: {"path": spec} if isinstance(spec, str | Path) else spec
+                          for name, spec in tables.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _tables_fit_the_mode(self) -> Config:
+        required = "transactions" if self.mode == "transactions" else "customers"
+        if required not in self.tables:
+            raise _problem(f"mode '{self.mode}' needs a '{required}' table", field="tables")
+        for name, spec in self.tables.items():
+            contract = sum(TABLE_CONTRACTS[name], ())
+            unknown = set(spec.columns) - set(contract)
+            if unknown:
+                raise _problem(_unknown_keys(unknown, contract),
+                               field=f"tables.{name}.columns")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view, for metrics files and reports."""
-        return _jsonable(dataclasses.asdict(self))
+        return self.model_dump(mode="json")
 
 
 def load_config(path: str | Path) -> Config:
@@ -326,185 +499,138 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
-    """Build a :class:`Config` from an already-parsed mapping."""
-    ctx = _Ctx(source)
-    ctx.known(raw, "", {"name", "mode", "seed", "tables", "protected", "pii", "cleaning",
-                        "analysis", "strategy", "snapshot", "output"})
-    mode = ctx.choice(raw.get("mode", "transactions"), Mode, "mode")
-    tables_raw = raw.get("tables")
-    if not isinstance(tables_raw, dict) or not tables_raw:
-        raise ConfigError("needs a 'tables' mapping with at least one table", path=source,
-                          key="tables")
-    tables = {}
-    for table_name, spec in tables_raw.items():
-        if table_name not in TABLE_CONTRACTS:
-            raise ConfigError(f"unknown table '{table_name}'; valid: "
-                              f"{', '.join(TABLE_CONTRACTS)}", path=source, key="tables")
-        tables[table_name] = _parse_table(spec, base_dir, ctx, f"tables.{table_name}")
-    required_table = "transactions" if mode == "transactions" else "customers"
-    if required_table not in tables:
-        raise ConfigError(f"mode '{mode}' needs a '{required_table}' table", path=source,
-                          key="tables")
+    """Build a :class:`Config` from an already-parsed mapping.
 
-    cleaning = _parse_dataclass(CleaningParams, raw.get("cleaning") or {}, ctx, "cleaning")
-    analysis = _parse_dataclass(AnalysisParams, raw.get("analysis") or {}, ctx, "analysis")
-    strategy = _parse_dataclass(StrategyParams, raw.get("strategy") or {}, ctx, "strategy")
-    snapshot = _parse_dataclass(SnapshotParams, raw.get("snapshot") or {}, ctx, "snapshot")
-    if snapshot.cv_folds < 2:
-        raise ConfigError("needs at least 2 folds", path=source, key="snapshot.cv_folds")
-    if analysis.horizon_days != "auto" and int(analysis.horizon_days) < 1:
-        raise ConfigError("must be a positive number of days or 'auto'", path=source,
-                          key="analysis.horizon_days")
-    if analysis.memory_limit is not None and not re.fullmatch(
-            r"\d+(\.\d+)?\s*([KMGT]i?B)", str(analysis.memory_limit).strip(), re.I):
-        raise ConfigError(f"{analysis.memory_limit!r} is not a memory size such as '2GB'",
-                          path=source, key="analysis.memory_limit")
-    high, mid = analysis.tier_shares
-    if not (0 < high < 1 and 0 <= mid < 1 and high + mid < 1):
-        raise ConfigError("needs two shares (high, mid) in (0, 1) that sum below 1",
-                          path=source, key="analysis.tier_shares")
+    Relative paths are taken relative to ``base_dir``; ``source`` is the file the mapping
+    came from (named in errors).
 
-    out_raw = raw.get("output") or {}
-    ctx.known(out_raw, "output", {"processed_dir", "reports_dir", "pseudonymize_ids",
-                                  "pseudonym_key_env"})
-    project_root = _project_root(base_dir)
-    output = OutputParams(
-        processed_dir=_resolve(out_raw.get("processed_dir"), base_dir,
-                               project_root / "data" / "processed"),
-        reports_dir=_resolve(out_raw.get("reports_dir"), base_dir, project_root / "reports"),
-        pseudonymize_ids=bool(out_raw.get("pseudonymize_ids", False)),
-        pseudonym_key_env=str(out_raw.get("pseudonym_key_env") or "CSL_PSEUDONYM_KEY"),
-    )
-    if output.pseudonymize_ids and not os.environ.get(output.pseudonym_key_env):
-        raise ConfigError(f"pseudonymize_ids is on but the environment variable "
-                          f"{output.pseudonym_key_env} holding the key is not set",
-                          path=source, key="output.pseudonymize_ids")
-    return Config(
-        name=str(raw.get("name") or (source.stem if source else "run")),
-        mode=mode,
-        tables=tables,
-        output=output,
-        source=None if source is None else Path(source).resolve(),
-        seed=int(raw.get("seed", 42)),
-        protected=tuple(str(c) for c in raw.get("protected") or ()),
-        pii=tuple(str(c) for c in raw.get("pii") or ()),
-        cleaning=cleaning,
-        analysis=analysis,
-        strategy=strategy,
-        snapshot=snapshot,
-    )
+    Raises
+    ------
+    ConfigError
+        Naming the file, the key, the rule and the valid values of the first problem
+        found (unknown keys first, as they often explain the rest).
+    """
+    try:
+        return Config.model_validate(raw, context={"base_dir": Path(base_dir),
+                                                   "source": source})
+    except ValidationError as exc:
+        raise _config_error(exc, source) from None
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-class _Ctx:
-    def __init__(self, source: Path | None):
-        self.source = source
+def _config_error(exc: ValidationError, source: Path | None) -> ConfigError:
+    """The first problem of a failed validation as one :class:`ConfigError`.
 
-    def known(self, mapping: Any, where: str, valid: set[str]) -> None:
-        if not isinstance(mapping, dict):
-            raise ConfigError("expected a mapping", path=self.source, key=where or None)
-        unknown = sorted(set(mapping) - valid)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(map(str, unknown))}; valid: "
-                              f"{', '.join(sorted(valid))}", path=self.source,
-                              key=where or None)
-
-    def choice(self, value: Any, literal: Any, key: str) -> Any:
-        valid = get_args(literal)
-        if value not in valid:
-            raise ConfigError(f"{value!r} is not one of: {', '.join(map(str, valid))}",
-                              path=self.source, key=key)
-        return value
-
-
-def _parse_table(spec: Any, base_dir: Path, ctx: _Ctx, key: str) -> TableSpec:
-    if isinstance(spec, str):
-        spec = {"path": spec}
-    valid = {f.name for f in dataclasses.fields(TableSpec)}
-    ctx.known(spec, key, valid)
-    if "path" not in spec:
-        raise ConfigError("needs a 'path'", path=ctx.source, key=key)
-    fmt = ctx.choice(spec.get("format", "auto"), FileFormat, f"{key}.format")
-    columns = spec.get("columns") or {}
-    ctx.known(columns, f"{key}.columns", set(sum(TABLE_CONTRACTS[key.split(".")[1]], ())))
-    names = spec.get("names")
-    return TableSpec(
-        path=_resolve(spec["path"], base_dir, None),
-        format=fmt,
-        sep=str(spec.get("sep", ",")),
-        header=bool(spec.get("header", True)),
-        names=None if names is None else tuple(str(n) for n in names),
-        encoding=str(spec.get("encoding", "utf-8")),
-        date_format=spec.get("date_format"),
-        decimal=str(spec.get("decimal", ".")),
-        thousands=spec.get("thousands"),
-        sheet=spec.get("sheet"),
-        columns={str(k): str(v) for k, v in columns.items()},
-    )
+    The messages are those a person needs: unknown keys with the valid ones (and the
+    closest match), a choice with the valid choices, a bad value with what was expected.
+    """
+    errors = exc.errors(include_url=False)
+    first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+    path, annotation = _walk(Config, first["loc"])
+    key = _key(path)
+    kind, ctx, value = first["type"], first.get("ctx") or {}, first.get("input")
+    if kind == "extra_forbidden":
+        parent = path[:-1]
+        unknown = {str(e["loc"][len(parent)]) for e in errors if e["type"] == kind
+                   and _walk(Config, e["loc"])[0][:-1] == parent}
+        valid = _input_keys(_walk(Config, tuple(parent))[1])
+        return ConfigError(_unknown_keys(unknown, valid), path=source, key=_key(parent))
+    if kind == "config":
+        field = ctx.get("field")
+        key = ".".join(filter(None, [key, field])) or None
+        return ConfigError(str(ctx["message"]), path=source, key=key)
+    if kind == "literal_error":
+        choices = get_args(annotation) or re.findall(r"'([^']*)'", ctx.get("expected", ""))
+        return ConfigError(f"{value!r} is not one of: {', '.join(map(str, choices))}",
+                           path=source, key=key)
+    if kind == "missing":
+        return ConfigError(f"needs a '{path[-1]}'", path=source, key=_key(path[:-1]))
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return ConfigError("expected a mapping", path=source, key=key)
+    reason = _REASONS.get(kind) or (first["msg"][:1].lower() + first["msg"][1:])
+    return ConfigError(f"bad value {value!r}: {reason}", path=source, key=key)
 
 
-def _parse_dataclass(cls: type, raw: Any, ctx: _Ctx, key: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    ctx.known(raw, key, set(fields))
-    defaults = cls()
-    values = {}
-    for name, value in raw.items():
-        default = getattr(defaults, name)
-        try:
-            values[name] = _coerce_like(value, default, name)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad value {value!r}: {exc}", path=ctx.source,
-                              key=f"{key}.{name}") from exc
-        if name == "dedupe":
-            ctx.choice(value, Dedupe, f"{key}.{name}")
-        if name == "device":
-            ctx.choice(value, Literal["cpu", "cuda"], f"{key}.{name}")
-        if name == "tenure_unit":
-            ctx.choice(value, Literal["days", "weeks", "months", "years"], f"{key}.{name}")
-        if name == "revenue_period":
-            ctx.choice(value, Literal["day", "week", "month", "quarter", "year"],
-                       f"{key}.{name}")
-    return cls(**values)
+_REASONS = {
+    "int_parsing": "expected a whole number", "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number", "float_type": "expected a number",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "date_parsing": "expected a date such as 2024-01-31",
+    "date_from_datetime_parsing": "expected a date such as 2024-01-31",
+    "date_from_datetime_inexact": "expected a date such as 2024-01-31",
+    "date_type": "expected a date such as 2024-01-31",
+    "string_type": "expected text", "path_type": "expected a path",
+    "tuple_type": "expected a list", "list_type": "expected a list",
+}
 
 
-def _coerce_like(value: Any, default: Any, name: str) -> Any:
-    if value is None:
-        return None
-    if isinstance(default, str) and isinstance(value, bool):
-        return "yes" if value else "no"        # YAML reads a bare Yes/No as a boolean
-    if name == "horizon_days":
-        return "auto" if value == "auto" else int(value)
-    if isinstance(default, dt.date) or name == "as_of":
-        if isinstance(value, dt.date):
-            return value
-        return dt.date.fromisoformat(str(value))
-    if isinstance(default, bool):
-        return bool(value)
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    if isinstance(default, tuple):
-        return tuple(float(v) for v in value)
-    if isinstance(default, dict):
-        return {str(k): float(v) for k, v in dict(value).items()}
-    if name == "policy":
-        if not isinstance(value, list) or not all(isinstance(r, dict) and "action" in r
-                                                  for r in value):
-            raise ValueError("the policy is a list of rows, each with an 'action'")
-        return [dict(r) for r in value]
-    return value
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[list, Any]:
+    """The config path named by a pydantic error location, and the type found there.
+
+    Pydantic adds tags to a location (a union member's name, ``[key]``) that are no key
+    of the config: the walk stops where the type has no further keys.
+    """
+    path: list = []
+    current: Any = model
+    for part in loc:
+        current = _strip_optional(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                path.append(part)      # an unknown key
+                return path, None
+            current = current.model_fields[part].annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        elif get_origin(current) in (tuple, list) and isinstance(part, int):
+            args = [a for a in get_args(current) if a is not Ellipsis]
+            current = args[min(part, len(args) - 1)]     # tuple[str, ...], list[X], (X, Y)
+        else:
+            break
+        path.append(part)
+    return path, _strip_optional(current)
 
 
-def _resolve(value: Any, base_dir: Path, default: Path | None) -> Path:
-    if value is None:
-        if default is None:
-            raise ValueError("path required")
-        return default
+def _strip_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``; ``Annotated[X, ...]`` -> ``X``; anything else as is."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _key(path: list) -> str | None:
+    """``['tables', 'transactions', 'names', 0]`` -> ``tables.transactions.names[0]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{part}"
+    return out or None
+
+
+def _input_keys(model: Any) -> list[str]:
+    """The keys a config may set on a parameter group (``source`` is set by the loader)."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return sorted(name for name in model.model_fields if not (model is Config
+                                                              and name == "source"))
+
+
+def _unknown_keys(unknown: set, valid) -> str:
+    """``unknown key(s) horizon (did you mean horizon_days?); valid: as_of, ...``."""
+    names = sorted(map(str, unknown))
+    hints = sorted({m for n in names for m in difflib.get_close_matches(n, list(valid), n=1)})
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return f"unknown key(s) {', '.join(names)}{hint}; valid: {', '.join(sorted(valid))}"
+
+
+def _resolve(value: Any, base_dir: Path) -> Path:
     p = Path(str(value)).expanduser()
-    return p if p.is_absolute() else (base_dir / p).resolve()
+    return p if p.is_absolute() else (Path(base_dir) / p).resolve()
 
 
 def _project_root(base_dir: Path) -> Path:
@@ -513,15 +639,3 @@ def _project_root(base_dir: Path) -> Path:
         if (candidate / "pyproject.toml").is_file():
             return candidate
     return base_dir
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return value

@@ -19,7 +19,7 @@ There is no order log, so no recency, rhythm or RFM. Instead:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -478,8 +478,8 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
     alive = ~churned.to_numpy()
     # expected months paid within the horizon: the same survival sum, undiscounted
     within, _ = remaining_value(np.nan_to_num(prob, nan=0.0), c["revenue_month"],
-                                params=replace(p, discount_rate=0.0,
-                                               max_years=horizon_months / 12))
+                                params=p.model_copy(update={
+                                    "discount_rate": 0.0, "max_years": horizon_months / 12}))
     expected_months = np.where(np.isnan(prob), horizon_months, within)
     c["predicted_value"] = np.where(alive, c["revenue_month"] * expected_months, 0.0)
     c["remaining_months"] = np.where(alive & ~np.isnan(prob), months, np.nan)
