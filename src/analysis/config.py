@@ -41,6 +41,7 @@ __all__ = [
     "CleaningParams",
     "Config",
     "OutputParams",
+    "ReportParams",
     "SnapshotParams",
     "StrategyParams",
     "TableSpec",
@@ -409,7 +410,18 @@ class OutputParams(_Params):
         return self
 
 
-_SECTIONS = ("cleaning", "analysis", "strategy", "snapshot", "output")
+class ReportParams(_Params):
+    """How the executive page writes its figures (config section ``report``).
+
+    currency : the currency of every money figure (``"EUR"``, ``"$"``, ``"GBP"``), shown
+        before it; empty (the default): figures are shown without a currency, as the data
+        has none.
+    """
+
+    currency: str = Field(default="", max_length=12)
+
+
+_SECTIONS = ("cleaning", "analysis", "strategy", "snapshot", "output", "report")
 
 
 class Config(_Params):
@@ -427,6 +439,7 @@ class Config(_Params):
     analysis: AnalysisParams = AnalysisParams()
     strategy: StrategyParams = Field(default_factory=StrategyParams)
     snapshot: SnapshotParams = SnapshotParams()
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="before")
     @classmethod

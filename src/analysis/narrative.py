@@ -113,8 +113,7 @@ class Page:
 
     @property
     def currency(self) -> str:
-        report = getattr(self.config, "report", None)
-        return getattr(report, "currency", "") or ""
+        return self.config.report.currency
 
     @property
     def active(self) -> pd.Series:
