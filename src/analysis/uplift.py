@@ -446,7 +446,9 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
             propensity=rows.loc[mask, "propensity"], groups=rows.loc[mask, "customer_id"])
 
     t_held = rows.loc[held, "treated"].to_numpy()
-    if train.any() and t_held.any() and (~t_held).any():
+    t_train = rows.loc[train, "treated"].to_numpy()
+    enough = min(int(t_train.sum()), int((~t_train).sum())) >= 2 * UpliftLearner().n_folds
+    if enough and t_held.any() and (~t_held).any():
         early = fit(train)
         Xh = X[held]
         # the pooled effect ranks by expected margin (its rate is one number)
@@ -460,6 +462,9 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
                           window_days=int(window_days), model_fit=early.summary())
         curves = pd.concat([qini_curve(s, t_held, y_held).assign(ranking=name)
                             for name, s in scores.items()], ignore_index=True)
+    t_all = rows["treated"].to_numpy()
+    if min(int(t_all.sum()), int((~t_all).sum())) < 2 * UpliftLearner().n_folds:
+        return None
     model = fit(np.ones(len(rows), dtype=bool))
     return UpliftResult(model=model, columns=columns, categories=categories,
                         evaluation=evaluation, dates=dates, curves=curves)
