@@ -166,3 +166,27 @@ def test_median_time_to_next_purchase_is_where_the_chance_of_a_purchase_reaches_
             assert np.isnan(h[i])
     assert np.isnan(h[3]) and not np.isnan(h[2])   # long gone vs bought recently and often
     assert h[2] < h[1]                              # the more frequent buyer is sooner
+
+
+def test_lifetime_outlook_dates_the_next_order_and_values_the_next_year(small_demo):
+    from analysis import models
+
+    tx = pd.read_parquet(small_demo / "transactions.parquet")
+    as_of = (tx["order_date"].max() + pd.Timedelta(days=1)).date()
+    ids = pd.Series(sorted(tx["customer_id"].unique()) + ["never-seen"])
+    out = models.lifetime_outlook(tx, as_of=as_of, customers=ids).set_index("customer_id")
+    assert list(out.index) == list(ids)
+    assert pd.isna(out.loc["never-seen", "expected_next_order"])
+    dated = out["expected_next_order"].dropna()
+    assert len(dated) and (dated > pd.Timestamp(as_of)).all()
+    assert (dated <= pd.Timestamp(as_of) + pd.Timedelta(days=7 * 104 + 7)).all()
+    # customers who bought often and lately come back sooner and are worth more than
+    # those long gone
+    summary = rfm_summary(tx, calibration_end=as_of)
+    recent = summary[(summary["frequency"] >= 5) & (summary["T"] - summary["recency"] < 8)]
+    gone = summary[(summary["frequency"] >= 1) & (summary["T"] - summary["recency"] > 80)]
+    assert len(recent) >= 10 and len(gone) >= 10
+    wait = (out["expected_next_order"] - pd.Timestamp(as_of)).dt.days
+    assert wait.reindex(recent.index).median() < wait.reindex(gone.index).fillna(10**6).median()
+    assert out["predicted_clv"].reindex(recent.index).median() > \
+        5 * out["predicted_clv"].reindex(gone.index).median()

@@ -156,7 +156,7 @@ def test_every_unknown_key_at_every_level_is_refused_naming_its_place(tmp_path, 
     assert f"unknown key(s) {unknown}" in message and "; valid: " in message
     assert str(tmp_path / "c.yaml") in message
     if unknown == "source":      # set by the loader, never by the file
-        assert "valid: analysis, cleaning, mode, name, output, pii, protected, seed," in message
+        assert "valid: analysis, cleaning, mode, name, output, pii, protected, report, seed," in message
 
 
 def test_unknown_keys_are_all_named_with_the_closest_valid_one(tmp_path):

@@ -391,3 +391,19 @@ def test_the_policy_reads_as_sentences():
     assert table[S.SERVE_LOW_COST] == ("value tier low and not profitable at the current "
                                        "cost to serve")
     assert not table.str.contains(r"\bin True\b|\[|_").any()
+
+
+def test_learned_uplift_values_each_contact_by_its_own_incremental_margin():
+    c = pd.DataFrame({"customer_id": list("abc"), "churn_probability": [0.9, 0.1, 0.5],
+                      "spend_365d": [0.0, 0.0, 0.0], "predicted_value": [300.0, 100.0, 600.0]})
+    econ = pd.DataFrame({"margin_rate_used": [0.5] * 3})
+    # b gains most although its expected margin is the smallest
+    frame, summary = S.retention_targeting(c, econ, params=P, uplift_rate=0.1,
+                                           window_days=180, horizon_days=90,
+                                           uplift_per_customer=np.array([5.0, 40.0, 25.0]))
+    assert frame["value_if_retained"].tolist() == pytest.approx([300, 100, 600])
+    assert frame["retention_gain"].tolist() == pytest.approx([-5, 30, 15])
+    assert frame["rank"].tolist() == [3, 1, 2]
+    assert frame["targeted"].tolist() == [False, True, True]
+    assert summary["method"] == "learned" and summary["campaign_size"] == 2
+    assert summary["expected_margin_saved"] == pytest.approx(65)

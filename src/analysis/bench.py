@@ -563,6 +563,8 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     uplift = pd.read_parquet(uplift_path) if uplift_path.is_file() else pd.DataFrame()
     overall = (uplift.set_index("group").loc["all"] if len(uplift) and "all" in set(uplift["group"])
                else None)
+    # the uplift learner's out-of-time judgement on the latest campaign (observed outcomes)
+    judged = (retention.get("uplift_model") or {}).get("evaluation") or {}
     return {
         "campaign_size": n,
         "retention_method": retention.get("method"),
@@ -590,6 +592,9 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
                                                != 0)).sum()),
         "fairness_flags": [f"{r.attribute}={r.group}: {r.action} (ratio {r.ratio:.2f})"
                            for r in flags.itertuples()],
+        "qini_auuc": ({k: judged["auuc"].get(k) for k in ("model", "pooled", "churn")}
+                      if judged.get("auuc") else None),
+        "uplift_ranking_winner": judged.get("winner"),
     }
 
 

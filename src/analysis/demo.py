@@ -15,10 +15,19 @@ The process (all times in days, vectorised over customers):
 - **Channels** — each order goes through a channel (the customer's preferred one most of
   the time); cost to serve differs by channel (``world.json``).
 - **Protected attributes** — gender and age band are drawn independently of everything.
-- **Retention campaign** — 270 days before the end of the data, half of the customers
-  who signed up before it are contacted at random; for those still active, the contact
-  lowers the remaining dropout hazard by a heterogeneous share ``treatment_effect``
-  (larger for store and phone customers and for unhappy ones).
+- **Retention campaigns** — monthly randomised campaigns over the last year of the data
+  (``n_campaigns`` dates, ``campaign_every_days`` apart, the first
+  ``campaign_days_before_end`` days before the end). A persistent control group
+  (``control_share`` of all customers, drawn once, independently of everything) is never
+  contacted. Every other customer is given, at random and once, one campaign month (a
+  customer gets at most one retention offer a year); they are contacted that month if
+  they signed up at least 30 days before it. Each campaign's table rows are its contacted
+  customers (``treated``) and the control group's eligible members (not treated): both
+  are random samples of the customers eligible that month, so each campaign is a
+  randomised experiment; the control rows of one customer recur month after month. For
+  a customer still active, the contact lowers the remaining dropout hazard by a
+  heterogeneous share ``treatment_effect`` (larger for store and phone customers and for
+  unhappy ones). ``n_campaigns=1`` gives the single-campaign world.
 
 The ground truth (true rates, dropout dates, treatment effects, and every order in the
 365 days after the data ends) goes to ``ground_truth/``, which the pipeline never reads.
@@ -69,8 +78,10 @@ class DemoWorld:
     gg_gamma: float = 30.0
     seasonality: float = 0.35
     cancel_share: float = 0.03
-    campaign_days_before_end: int = 270
-    campaign_treated_share: float = 0.5
+    n_campaigns: int = 12                           # monthly randomised retention campaigns
+    campaign_every_days: int = 30
+    campaign_days_before_end: int = 360             # the first campaign
+    control_share: float = 0.2                      # persistent control group, never contacted
 
     @property
     def as_of(self) -> dt.date:
@@ -78,7 +89,14 @@ class DemoWorld:
 
     @property
     def campaign_date(self) -> dt.date:
+        """The first campaign's date."""
         return self.end - dt.timedelta(days=self.campaign_days_before_end)
+
+    @property
+    def campaign_dates(self) -> list[dt.date]:
+        """Every campaign's date, oldest first."""
+        return [self.campaign_date + dt.timedelta(days=k * self.campaign_every_days)
+                for k in range(self.n_campaigns)]
 
 
 def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
@@ -120,16 +138,20 @@ def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
     complained = first_complaint < signup + base_life
     death = np.where(complained, first_complaint + after, signup + base_life)
 
-    # --- randomized retention campaign with a heterogeneous effect: a contact made while
+    # --- randomized retention campaigns with a heterogeneous effect: a contact made while
     # the customer is still active lowers their remaining dropout hazard by `effect`
-    # (for an exponential lifetime: the remaining life is stretched by 1 / (1 - effect))
-    t_campaign = float((world.campaign_date - world.start).days)
-    eligible = signup < t_campaign - 30
-    treated = eligible & (rng.random(n) < world.campaign_treated_share)
+    # (for an exponential lifetime: the remaining life is stretched by 1 / (1 - effect)).
+    # A persistent control group is never contacted; everyone else is given one campaign
+    # month at random and contacted then if signed up 30 days before it.
+    t_campaigns = np.array([float((d - world.start).days) for d in world.campaign_dates])
+    control = rng.random(n) < world.control_share
+    month = rng.integers(0, world.n_campaigns, n)
+    t_contact = t_campaigns[month]
+    treated = ~control & (signup < t_contact - 30)
     effect = np.clip(0.20 + 0.30 * np.isin(pref_channel, [1, 2]) + 0.20 * (satisfaction < 0)
                      + rng.normal(0, 0.05, n), 0.0, 0.85)
-    saved = treated & (death >= t_campaign)
-    death = np.where(saved, t_campaign + (death - t_campaign) / (1 - effect), death)
+    saved = treated & (death >= t_contact)
+    death = np.where(saved, t_contact + (death - t_contact) / (1 - effect), death)
 
     # --- orders: first on signup day, then a seasonal Poisson process until dropout
     life_end = np.minimum(death, t_stop)
@@ -212,11 +234,14 @@ def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
         "age_band": np.asarray(AGE_BANDS, dtype=object)[rng.choice(6, n, p=(.1, .22, .22, .19,
                                                                            .15, .12))],
     })
-    campaign = pd.DataFrame({
-        "customer_id": ids[eligible],
-        "campaign_date": pd.Timestamp(world.campaign_date),
-        "treated": treated[eligible],
-    })
+    rows = []
+    for k, (t_k, date) in enumerate(zip(t_campaigns, world.campaign_dates, strict=True)):
+        contacted = treated & (month == k)
+        held_out = control & (signup < t_k - 30)
+        rows.append(pd.DataFrame({"customer_id": ids[contacted | held_out],
+                                  "campaign_date": pd.Timestamp(date),
+                                  "treated": contacted[contacted | held_out]}))
+    campaign = pd.concat(rows, ignore_index=True)
     as_of = float((world.as_of - world.start).days)
     truth = pd.DataFrame({
         "customer_id": ids,
@@ -233,8 +258,11 @@ def generate_demo(world: DemoWorld) -> dict[str, pd.DataFrame]:
         "dropout_date": _to_dates(world.start, np.floor(np.minimum(death, t_stop + 36_500))
                                   .astype(np.int64)),
         "alive_at_as_of": death >= as_of,
+        "control_group": control,
         "treated": treated,
-        "treatment_effect": effect,
+        "contact_date": pd.Series(_to_dates(world.start, t_contact.astype(np.int64))).where(
+            treated),
+        "treatment_effect": effect,          # the hazard share a contact takes off
         "saved_by_campaign": saved,          # contacted while still active
         "preferred_channel": np.asarray(CHANNELS, dtype=object)[pref_channel],
     })
@@ -273,6 +301,7 @@ def write_demo(out_dir: str | Path, *, n_customers: int = 20_000, seed: int = 42
         written[name] = path
     meta = {k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in asdict(world).items()}
     meta.update(as_of=world.as_of.isoformat(), campaign_date=world.campaign_date.isoformat(),
+                campaign_dates=[d.isoformat() for d in world.campaign_dates],
                 categories=dict(zip(CATEGORIES, CATEGORY_MARGIN, strict=True)),
                 channel_cost_per_order=CHANNEL_COST_PER_ORDER,
                 rows={k: len(v) for k, v in frames.items()})

@@ -64,6 +64,7 @@ __all__ = [
     "METHOD_NAMES",
     "VALUE_CANDIDATES",
     "churn_step",
+    "lifetime_outlook",
     "describe_training",
     "ChurnModel",
     "blend_probability",
@@ -505,6 +506,41 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
                           "expected_spend": purchases * spend}, index=customers.index)
     return frame, {"bgnbd": bg.params_, "bgnbd_loglik": bg.loglik_,
                    "gamma_gamma": gg.params_}
+
+
+#: The period of the predicted lifetime value in the customer table (months) and its
+#: monthly discount rate.
+CLV_MONTHS, CLV_MONTHLY_DISCOUNT = 12, 0.01
+
+
+def lifetime_outlook(lines, *, as_of: dt.date, customers: pd.Series,
+                     summary: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per customer, from BG/NBD + Gamma-Gamma fitted on the history before ``as_of``:
+    ``expected_next_order`` (the date by which the customer has more likely than not
+    ordered again; empty when that is never more likely than not, see
+    :meth:`analysis.clv.BetaGeoModel.median_time_to_next_purchase`, or further than two
+    years away) and ``predicted_clv`` (expected spend over the next :data:`CLV_MONTHS`
+    months, discounted :data:`CLV_MONTHLY_DISCOUNT` a month). Both are NaN/NaT for
+    everyone when the models cannot be fitted (too few repeat customers).
+    """
+    ids = pd.Series(customers).astype(str).reset_index(drop=True)
+    empty = pd.DataFrame({"customer_id": ids, "expected_next_order": pd.NaT,
+                          "predicted_clv": np.nan})
+    if summary is None:
+        summary = rfm_summary(lines, calibration_end=as_of)
+    try:
+        bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
+        gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
+    except ValueError:
+        return empty
+    s = summary.reindex(ids)
+    weeks = bg.median_time_to_next_purchase(s["frequency"], s["recency"], s["T"])
+    weeks = np.where(weeks <= 104, weeks, np.nan)
+    next_order = pd.Timestamp(as_of) + pd.to_timedelta(np.ceil(weeks * 7), unit="D")
+    clv = gg.customer_lifetime_value(bg, s["frequency"], s["recency"], s["T"],
+                                     s["monetary_value"], months=CLV_MONTHS,
+                                     monthly_discount_rate=CLV_MONTHLY_DISCOUNT)
+    return empty.assign(expected_next_order=next_order, predicted_clv=np.asarray(clv))
 
 
 # --------------------------------------------------------------------------- calibration
@@ -1111,7 +1147,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         "predicted_value": predicted_value,
         "churn_reasons": reason_codes(churn_shap, score_features).to_numpy(),
         "value_reasons": value_reasons,
-    })
+    }).merge(lifetime_outlook(con, as_of=as_of, customers=score_features["customer_id"]),
+             on="customer_id", how="left")
     churn_drivers = global_drivers(churn_shap, score_X)
     value_drivers = global_drivers(value_shap, score_X)
     n_score = len(score_features)
@@ -1406,7 +1443,9 @@ def fit_without_labels(con, *, as_of: dt.date, horizon_days: int
         "predicted_value": scored["expected_spend"].to_numpy(),
         "churn_reasons": reasons,
         "value_reasons": [f"{e:.1f} purchases expected in the next {horizon_days} days"
-                          for e in scored["expected_purchases"].to_numpy()]})
+                          for e in scored["expected_purchases"].to_numpy()]}).merge(
+        lifetime_outlook(con, as_of=as_of, customers=pd.Series(summary.index),
+                         summary=summary), on="customer_id", how="left")
     return scores, {"method": LABEL_FREE_METHOD, "params": params,
                     **_check_without_labels(con, as_of=as_of, horizon_days=horizon_days)}
 
@@ -1459,13 +1498,13 @@ def read_horizon(out_dir: str | Path) -> int:
 
 
 def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
-    """Add ``churn_probability``, ``predicted_value``, ``reasons`` (why the churn risk is
-    what it is) and ``value_reasons`` to the run's ``customers.parquet`` / ``.csv``."""
+    """Add the scores (``churn_probability``, ``predicted_value``, ``reasons`` (why the
+    churn risk is what it is), ``value_reasons``, ``expected_next_order``,
+    ``predicted_clv``) to the run's ``customers.parquet`` / ``.csv``."""
     out_dir = Path(out_dir)
     customers = pd.read_parquet(out_dir / "customers.parquet")
-    customers = customers.drop(columns=[c for c in ("churn_probability", "predicted_value",
-                                                     "reasons", "value_reasons")
-                                        if c in customers])
+    incoming = set(scores.columns.drop("customer_id")) | {"reasons"}
+    customers = customers.drop(columns=[c for c in customers if c in incoming])
     merged = customers.merge(
         scores.rename(columns={"churn_reasons": "reasons"}), on="customer_id", how="left")
     save_customers(out_dir, merged)

@@ -81,7 +81,7 @@ PAGE_COLUMNS = ["customer_id", "segment", "value_tier", "lifecycle_stage", "clus
                 "phaseout_candidate", "phaseout_reasons", "spend_last_horizon",
                 # snapshot mode
                 "churn", "revenue_month", "remaining_value", "remaining_months",
-                "tenure_months"]
+                "tenure_months", "expected_next_order", "predicted_clv"]
 
 Block = str | Figure
 
@@ -652,7 +652,27 @@ def value(page: Page) -> list[Block]:
                                                      page)}),
         paragraph("{n:,} low-value customers are predicted to spend at least as much as the "
                   "typical mid-value customer ({t}) over the next {h} days.",
-                  n=int(growth.sum()), t=money(threshold, page), h=h)]
+                  n=int(growth.sum()), t=money(threshold, page), h=h)] + _outlook(page)
+
+
+def _outlook(page: Page) -> list[Block]:
+    """The per-customer next-order date and lifetime value, where the run has them."""
+    c = page.customers
+    if "predicted_clv" not in c or not c["predicted_clv"].notna().any():
+        return []
+    dated = c["expected_next_order"].notna()
+    soon = dated & (c["expected_next_order"] <= pd.Timestamp(page.profile.as_of)
+                    + pd.Timedelta(days=page.horizon))
+    return [paragraph(
+        "Each customer's expected date of next order and lifetime value are in the lists and "
+        "the customer table, from a model of each customer's purchase rhythm and basket "
+        "size: the lifetime value is the expected spend over the next {m} months (discounted "
+        "{d:.0%} a month), {total} in all; the date is when the customer has more likely than "
+        "not ordered again. {soon:,} customers are expected to order within the next {h} days; "
+        "{never:,} are not expected to order again within two years.",
+        m=models.CLV_MONTHS, d=models.CLV_MONTHLY_DISCOUNT,
+        total=money(c["predicted_clv"].sum(), page), soon=int(soon.sum()), h=page.horizon,
+        never=int((~dated).sum()))]
 
 
 def actions(page: Page) -> list[Block]:
@@ -667,10 +687,11 @@ def actions(page: Page) -> list[Block]:
             "extra margin worth {uplift:.1%} of what they were expected to bring over the "
             "{window} days after it, compared with customers not contacted (95 % interval {lo:.1%} "
             "to {hi:.1%}), so a contact is worth that share of a customer's expected margin over "
-            "{window} days, less its cost. That is why the campaign favours valuable customers: "
-            "the measured effect is a share of what a customer brings, whatever their churn "
-            "risk.", uplift=r["uplift_rate_used"], window=r["value_window_days"],
-            lo=u["ci_low"], hi=u["ci_high"])
+            "{window} days, less its cost.{why}", uplift=r["uplift_rate_used"],
+            window=r["value_window_days"], lo=u["ci_low"], hi=u["ci_high"],
+            why="" if (r.get("uplift_model") or {}).get("used") else (
+                " That is why the campaign favours valuable customers: the measured effect is "
+                "a share of what a customer brings, whatever their churn risk."))
     else:
         rate = r.get("retention_rate_used") or 0.0
         how = paragraph(
@@ -678,6 +699,9 @@ def actions(page: Page) -> list[Block]:
             + " Each kept customer is worth {months} months of margin, so a contact pays where "
             "churn risk x {rate:.0%} x that margin exceeds its cost.",
             months=cfg.strategy.retention_value_months, rate=rate)
+    learned = _learned_sentence(r.get("uplift_model"), page)
+    if learned:
+        how += learned
     out: list[Block] = [heading("6. Recommended actions"), paragraph(
         "Every customer gets exactly one action from the policy below. The retention campaign is "
         "the {n:,} customers whose action is a retention contact ({hr:,} of them at high churn "
@@ -736,6 +760,41 @@ def actions(page: Page) -> list[Block]:
             html_table(strategy.policy_table(cfg.strategy.policy), labels={
                 "action": "Action", "conditions": "When", "why": "Why"})]
     return out
+
+
+RANKINGS = {"model": "the learned gain of each customer",
+            "pooled": "expected margin (one effect for everyone)", "churn": "churn risk"}
+
+
+def _learned_sentence(summary: dict | None, page: Page) -> str:
+    """What the uplift learner found on the company's own campaigns, and whether the
+    campaign uses it (``retention["uplift_model"]``); "" when there was nothing to learn."""
+    if not summary:
+        return ""
+    ev = summary.get("evaluation") or {}
+    auuc = ev.get("auuc") or {}
+    out = []
+    if auuc:
+        ranks = "; ".join(f"ranking by {RANKINGS.get(k, k)}: {money(v, page, decimals=2)}"
+                          for k, v in auuc.items())
+        out.append(paragraph(
+            "Who gains most from a contact was learned from the earlier campaigns with a "
+            "control group and checked on the latest one, {latest} ({nt:,} contacted, {nc:,} "
+            "not), which the learner never saw. Extra margin per contacted customer above "
+            "contacting at random (the area under the Qini curve): {ranks}. Best: ranking by "
+            "{winner}.", latest=ev.get("latest_campaign", "the latest campaign"),
+            nt=ev.get("n_treated", 0), nc=ev.get("n_control", 0), ranks=ranks,
+            winner=RANKINGS.get(ev.get("winner"), ev.get("winner"))))
+    fit = summary.get("fit") or {}
+    if summary.get("used"):
+        out.append(paragraph(
+            "The campaign values each contact by the customer's learned gain: the learner's "
+            "differences between customers, kept at {w:.0%} of their size (the share the "
+            "evidence supports; 0 % would be one effect for everyone).",
+            w=fit.get("shrinkage_weight", 0.0)))
+    elif summary.get("why"):
+        out.append(paragraph("The learned gain is not used: {why}.", why=summary["why"]))
+    return "".join(out)
 
 
 def segment_by_action(page: Page) -> pd.DataFrame:

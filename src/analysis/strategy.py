@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -18,9 +19,9 @@ import pandas as pd
 from scipy import stats
 
 from analysis.config import DAYS_PER_MONTH, StrategyParams
-from analysis.data import write_csv
-from analysis.features import build_features
-from analysis.models import prepare_matrix
+from analysis.data import read_columns, write_csv
+from analysis.features import build_features, connect, resolve_as_of
+from analysis.models import prepare_matrix, read_horizon, read_model_run, skipped_reason
 from analysis.segments import (
     ACTIVE_STAGES,
     STAGE_ACTIVE,
@@ -31,8 +32,10 @@ from analysis.segments import (
     TIER_LOW,
     TIER_MID,
     WIN_BACK_STAGES,
+    read_customers,
     save_customers,
 )
+from analysis.uplift import learn_uplift
 
 __all__ = [
     "ADVERSE_ACTIONS",
@@ -74,6 +77,7 @@ __all__ = [
     "period_profits",
     "phaseout_review",
     "retention_targeting",
+    "strategy_step",
 ]
 
 #: The actions of the default policy. A policy's actions whose name starts with
@@ -321,7 +325,8 @@ def _ols_last(X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
                         params: StrategyParams, retention_rate: pd.Series | float | None = None,
                         uplift_rate: float | None = None, window_days: int = 365,
-                        horizon_days: int = 90, eligible: pd.Series | None = None
+                        horizon_days: int = 90, eligible: pd.Series | None = None,
+                        uplift_per_customer: pd.Series | np.ndarray | None = None
                         ) -> tuple[pd.DataFrame, dict]:
     """Expected gain of a retention contact per customer, and the most profitable depth.
 
@@ -334,7 +339,10 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
       margin rate) and the saved share is the measured uplift rate;
     * assumed (no campaign data): value if retained = ``retention_value_months`` of the
       run-rate margin (last 12 months' spend x margin rate) and the saved share is
-      P(churn) x ``retention_rate``.
+      P(churn) x ``retention_rate``;
+    * learned (``uplift_per_customer``, from :mod:`analysis.uplift`, aligned with
+      ``customers``): each customer's own incremental margin over ``window_days`` replaces
+      the measured rate x value; the value at stake is as in the measured case.
 
     Only ``eligible`` customers (default: all) can be targeted. Customers are ranked by
     gain; the chosen depth maximises the cumulative expected profit (the EMP idea of
@@ -348,7 +356,14 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
         ``expected_margin_saved``, ``max_expected_profit``, ``roi``.
     """
     rate_used = economics["margin_rate_used"].to_numpy()
-    if uplift_rate is not None:
+    if uplift_per_customer is not None:
+        revenue = (customers["predicted_value"].clip(lower=0) * window_days / horizon_days
+                   ).to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            saved_share = np.where(revenue * rate_used > 0, np.asarray(
+                uplift_per_customer, dtype=float) / (revenue * rate_used), 0.0)
+        method = "learned"
+    elif uplift_rate is not None:
         revenue = (customers["predicted_value"].clip(lower=0) * window_days / horizon_days
                    ).to_numpy()
         saved_share = np.full(len(customers), float(uplift_rate))
@@ -363,7 +378,8 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
         method = "assumed"
     value = revenue * rate_used
     cost = params.contact_cost + params.offer_cost
-    gain = saved_share * value - cost
+    gain = (np.asarray(uplift_per_customer, dtype=float) if uplift_per_customer is not None
+            else saved_share * value) - cost
     gain = np.where(np.isnan(gain), -np.inf, gain)    # unknown risk: never targeted
     if eligible is not None:
         gain = np.where(np.asarray(eligible, dtype=bool), gain, -np.inf)
@@ -383,7 +399,7 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
                           "targeted": rank <= depth})
     chosen = frame["targeted"].to_numpy()
     revenue_saved = float((saved_share * revenue)[chosen].sum())
-    margin_saved = float((saved_share * value)[chosen].sum())
+    margin_saved = float((gain + cost)[chosen].sum())
     total_cost = depth * cost
     summary = {"method": method, "campaign_size": depth, "campaign_cost": total_cost,
                "expected_revenue_saved": revenue_saved,
@@ -718,7 +734,8 @@ class StrategyRun:
 def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt.date,
            horizon_days: int, params: StrategyParams, campaign: pd.DataFrame | None = None,
            attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
-           previous: pd.DataFrame | None = None, value_model=None) -> StrategyRun:
+           previous: pd.DataFrame | None = None, value_model=None,
+           churn_model=None) -> StrategyRun:
     """Economics, retention targeting, phase-out review, actions, warnings and audit.
 
     ``customers`` is the scored customer table (profile + ``churn_probability`` +
@@ -729,6 +746,15 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     expected margin (:func:`estimate_margin_uplift`), which then values each contact.
     ``attributes`` holds the protected attributes, used only by the audit; ``previous``
     the previous run's customers (for the rising-risk warning).
+
+    With two or more campaign dates whose outcome windows (one horizon) have closed,
+    each contact is valued by the customer's own uplift (:func:`_learned_uplift`):
+    an :class:`analysis.uplift.UpliftLearner` fitted on those campaigns, shrunk to the
+    pooled effect, scaled to the measured value window, and judged out of time on the
+    latest campaign against the pooled-effect ranking and (with ``churn_model``, the
+    run's :class:`analysis.models.ChurnModel`) the churn-risk ranking; the judgement is
+    ``retention["uplift_model"]``. The pooled effect is measured on the first campaign,
+    which has the longest observed window.
     """
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
@@ -741,8 +767,10 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     effect, uplift = pd.DataFrame(), pd.DataFrame()
     rate: pd.Series | float = params.retention_rate
     uplift_rate, window = None, 365
+    all_campaigns = campaign
     if campaign is not None and len(campaign):
         when = pd.Timestamp(campaign["campaign_date"].min()).date()
+        campaign = campaign[pd.to_datetime(campaign["campaign_date"]).dt.date == when]
         # outcome: the longest fully observed window after the campaign (up to a year: a
         # retention contact pays off over months, not weeks), among the customers active
         # within one horizon before it (those it could keep)
@@ -768,6 +796,18 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     targeting, retention = retention_targeting(
         c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
         window_days=window, horizon_days=horizon_days, eligible=active)
+    if uplift_rate is not None and all_campaigns["campaign_date"].nunique() >= 2:
+        depth_share = retention["campaign_size"] / max(int(active.sum()), 1)
+        learned, summary = _learned_uplift(
+            con, c, econ, all_campaigns, as_of=as_of, horizon_days=horizon_days,
+            window=window, pooled=uplift.set_index("group").loc["all"], params=params,
+            protected=protected, value_model=value_model, churn_model=churn_model,
+            depth_share=depth_share)
+        if learned is not None:
+            targeting, retention = retention_targeting(
+                c, econ, params=params, uplift_rate=uplift_rate, window_days=window,
+                horizon_days=horizon_days, eligible=active, uplift_per_customer=learned)
+        retention["uplift_model"] = summary
     retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
     retention["uplift_rate_used"] = uplift_rate
     retention["value_window_days"] = window if uplift_rate is not None else \
@@ -786,6 +826,85 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     return _assemble(c, econ, targeting, retention, review, decisions, params=params,
                      horizon_days=horizon_days, attributes=attributes, protected=protected,
                      previous=previous, effect=effect, uplift=uplift)
+
+
+def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None,
+                  previous_processed_dir: str | Path = "") -> StrategyRun:
+    """The strategy step of an order-log run: read what the earlier steps wrote (the
+    scored customers, the models, the horizon; the campaign and the protected attributes
+    from the cleaned inputs, when the data has them), :func:`decide`, and write the
+    decisions (:func:`write_strategy`)."""
+    processed_dir = Path(processed_dir)
+    con = connect(processed_dir, memory_limit=config.analysis.duckdb_memory_limit)
+    run = None if skipped_reason(processed_dir) else read_model_run(processed_dir, tables=())
+    clean = processed_dir / "clean"
+    campaign = (pd.read_parquet(clean / "campaign.parquet")
+                if (clean / "campaign.parquet").is_file() else None)
+    attributes = (read_columns(clean / "customers.parquet", ["customer_id", *config.protected])
+                  if (clean / "customers.parquet").is_file() else None)
+    previous = (read_customers(previous_processed_dir, ["customer_id", "churn_probability"])
+                if previous_processed_dir else None)
+    decisions = decide(con, read_customers(processed_dir, DECISION_COLUMNS),
+                       as_of=resolve_as_of(con, as_of=as_of or config.analysis.as_of),
+                       horizon_days=read_horizon(processed_dir), params=config.strategy,
+                       campaign=campaign, attributes=attributes, protected=config.protected,
+                       previous=previous, value_model=run.value if run else None,
+                       churn_model=run.churn if run else None)
+    write_strategy(decisions, processed_dir)
+    return decisions
+
+
+def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.DataFrame,
+                    campaign: pd.DataFrame, *, as_of: dt.date, horizon_days: int, window: int,
+                    pooled: pd.Series, params: StrategyParams, protected: tuple[str, ...],
+                    value_model, churn_model, depth_share: float
+                    ) -> tuple[np.ndarray | None, dict]:
+    """Each customer's incremental margin of a contact over the value window, learned from
+    the campaigns (:func:`analysis.uplift.learn_uplift`, one horizon of outcome), and the
+    out-of-time judgement of its ranking.
+
+    The learner's uplift over one horizon is scaled to the value window by one number:
+    the pooled uplift per customer measured over that window (``pooled["uplift"]``, the
+    first campaign) over the learner's pooled uplift per customer over one horizon; i.e.
+    a customer's share of the pooled effect is assumed the same over both windows.
+    Customers the learner cannot score get the pooled value. Returns ``(None, summary)``
+    when the learner cannot be used (fewer than two closed campaigns, no positive pooled
+    effect to scale by); the summary says why.
+    """
+    def baselines(rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        rate = (rows["margin_rate"].clip(0, 1) if "margin_rate" in rows
+                else pd.Series(np.nan, rows.index)).fillna(params.margin_rate)
+        out = {"pooled": np.clip(value_model.predict(prepare_matrix(
+            rows, value_model.features_, value_model.categories_)), 0, None) * rate.to_numpy()}
+        if churn_model is not None:
+            out["churn"] = churn_model.predict_proba(prepare_matrix(
+                rows, churn_model.features_, churn_model.categories_))
+        return out
+
+    result = learn_uplift(con, campaign, as_of=as_of, horizon_days=horizon_days,
+                          window_days=horizon_days, margin_rate=params.margin_rate,
+                          exclude_attributes=protected, depth_share=depth_share,
+                          baselines=baselines)
+    if result is None:
+        return None, {"used": False, "why": "fewer than two campaigns with a closed "
+                      f"{horizon_days}-day outcome window and both arms"}
+    summary = {"used": False, "campaigns": [d.isoformat() for d in result.dates],
+               "fit": result.model.summary(), "evaluation": result.evaluation}
+    per_horizon = result.model.mean_pooled_uplift_
+    if not (per_horizon > 0 and float(pooled["uplift"]) > 0):
+        summary["why"] = "no positive pooled effect to scale the learned uplift by"
+        return None, summary
+    scale = float(pooled["uplift"]) / per_horizon
+    now = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
+                         exclude_attributes=protected)
+    tau = result.predict(now).set_axis(now["customer_id"].to_numpy())
+    value = (c["predicted_value"].clip(lower=0) * window / horizon_days
+             * econ["margin_rate_used"]).to_numpy()
+    learned = c["customer_id"].map(tau * scale).to_numpy(dtype=float)
+    learned = np.where(np.isnan(learned), float(pooled["uplift_rate"]) * value, learned)
+    summary.update(used=True, scale_to_value_window=round(scale, 4),
+                   winner=(result.evaluation or {}).get("winner"))
+    return learned, summary
 
 
 def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_model, *,

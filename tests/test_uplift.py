@@ -1,0 +1,137 @@
+"""The uplift learner, the Qini curve and AUUC, and the demo's monthly campaigns."""
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.demo import DemoWorld, generate_demo
+from analysis.uplift import (
+    UpliftLearner,
+    auuc,
+    compare_rankings,
+    full_window_dates,
+    qini_curve,
+    uplift_at_depth,
+)
+
+
+def _campaigns(rate: np.ndarray, *, n: int, x: np.ndarray, seed: int):
+    """Randomised rows: baseline margin 40 + 40 x0, noise sd 25, a contact adds
+    ``rate`` x the baseline; a quarter are contacted."""
+    rng = np.random.default_rng(seed)
+    baseline = 40 + 40 * x[:, 0]
+    t = rng.random(n) < 0.25
+    y = baseline + t * rate * baseline + rng.normal(0, 25, n)
+    return t, y, rate * baseline
+
+
+@pytest.fixture(scope="module")
+def planted():
+    n = 8_000
+    x = np.random.default_rng(0).random((n, 4))
+    het = np.where(x[:, 1] > 0.5, 0.6, 0.0)           # half gain 60 %, half nothing
+    t, y, tau = _campaigns(het, n=n, x=x, seed=1)
+    model = UpliftLearner(random_state=0).fit(x, t, y)
+    t0, y0, tau0 = _campaigns(np.full(n, 0.3), n=n, x=x, seed=2)   # same mean, no spread
+    flat = UpliftLearner(random_state=0).fit(x, t0, y0)
+    return x, tau, model, tau0, flat
+
+
+def test_the_learner_recovers_a_planted_heterogeneous_effect(planted):
+    x, tau, model, _, _ = planted
+    est = model.predict(x)
+    assert model.weight_ > 0.5                                  # heterogeneity identified
+    assert stats.spearmanr(est, tau).statistic > 0.5
+    top = est >= np.quantile(est, 2 / 3)
+    bottom = est <= np.quantile(est, 1 / 3)
+    # the planted groups differ by 0.6 x a baseline of 40..80: the top third by estimate
+    # must hold far more true uplift than the bottom third
+    assert tau[top].mean() > tau[bottom].mean() + 0.5 * (tau[tau > 0].mean() - 0.0)
+
+
+def test_without_heterogeneity_it_shrinks_to_the_pooled_effect(planted):
+    x, _, model, _, flat = planted
+    assert abs(flat.pooled_rate_ - 0.3) < 0.1
+    assert flat.weight_ < model.weight_
+    # the per-customer uplift rate hardly spreads once shrunk: a fraction of the spread
+    # of the heterogeneous case, and of its own unshrunk spread
+    rate_het = model.predict(x) / model.predict_baseline(x)
+    rate_flat = flat.predict(x) / flat.predict_baseline(x)
+    rate_raw = flat.predict_unshrunk(x) / flat.predict_baseline(x)
+    assert rate_flat.std() < 0.25 * rate_het.std()
+    assert rate_flat.std() < 0.5 * rate_raw.std()
+
+
+def test_qini_curve_and_auuc_on_a_hand_computed_example():
+    score = [4, 3, 2, 1]
+    treated = [True, False, True, False]
+    outcome = [10.0, 2.0, 6.0, 4.0]
+    curve = qini_curve(score, treated, outcome)
+    # top k: treated sum less control sum x n_treated / n_control, over the 2 treated
+    np.testing.assert_allclose(curve["qini"], [0, 5, 4, 6, 5])
+    assert curve["qini"].iloc[-1] == pytest.approx(np.mean([10, 6]) - np.mean([2, 4]))
+    # mean of (5 - 1.25, 4 - 2.5, 6 - 3.75, 5 - 5)
+    assert auuc(curve) == pytest.approx(1.875)
+    assert auuc(qini_curve([1, 2, 3, 4], treated, outcome)) < auuc(curve)
+    assert uplift_at_depth(score, treated, outcome, share=0.5) == pytest.approx(8.0)
+    result = compare_rankings({"good": np.array(score), "bad": -np.array(score)},
+                              treated, outcome, depth_share=0.5)
+    assert result["winner"] == "good" and result["n_treated"] == 2
+
+
+def test_full_window_dates_need_both_arms_and_a_closed_window():
+    campaign = pd.DataFrame({
+        "customer_id": ["a", "b", "a", "b", "a"],
+        "campaign_date": pd.to_datetime(["2025-01-01", "2025-01-01", "2025-02-01",
+                                         "2025-02-01", "2025-03-01"]),
+        "treated": [True, False, True, False, True]})
+    assert full_window_dates(campaign, as_of=dt.date(2025, 5, 5), window_days=90) == [
+        dt.date(2025, 1, 1), dt.date(2025, 2, 1)]        # March: no control row
+    assert full_window_dates(campaign, as_of=dt.date(2025, 4, 15), window_days=90) == [
+        dt.date(2025, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    world = DemoWorld(n_customers=5_000, seed=5)
+    return world, generate_demo(world)
+
+
+def test_demo_has_monthly_campaigns_with_a_persistent_random_control(demo):
+    world, frames = demo
+    campaign, truth, tx = frames["campaign"], frames["truth_customers"], frames["transactions"]
+    dates = sorted(campaign["campaign_date"].unique())
+    assert len(dates) == 12
+    gaps = np.diff(dates).astype("timedelta64[D]").astype(int)
+    assert set(gaps) == {30}
+    assert pd.Timestamp(world.as_of) - dates[0] <= pd.Timedelta(days=366)
+    # the control group: about 20 %, never contacted, present in every campaign
+    assert 0.17 < truth["control_group"].mean() < 0.23
+    control = set(truth.loc[truth["control_group"], "customer_id"])
+    assert not control & set(campaign.loc[campaign["treated"], "customer_id"])
+    assert campaign.loc[~campaign["treated"], "customer_id"].isin(control).all()
+    # nobody is contacted twice
+    assert not campaign.loc[campaign["treated"], "customer_id"].duplicated().any()
+    # randomised within each campaign: contacted and control balanced on spend in the
+    # year before (standardised difference over all campaign rows, ~0.02 standard error)
+    rows = []
+    for date in dates:
+        part = campaign[campaign["campaign_date"] == date]
+        before = tx[(tx["order_date"] < date) & (tx["order_date"] >= date - pd.Timedelta(
+            days=365))].groupby("customer_id")["amount"].sum()
+        rows.append(part.assign(spend=part["customer_id"].map(before).fillna(0.0)))
+    rows = pd.concat(rows)
+    t, c = rows.loc[rows["treated"], "spend"], rows.loc[~rows["treated"], "spend"]
+    smd = (t.mean() - c.mean()) / np.sqrt((t.var() + c.var()) / 2)
+    assert abs(smd) < 0.1
+    assert 0.15 < rows["treated"].mean() < 0.4
+
+
+def test_demo_keeps_a_single_campaign_world():
+    frames = generate_demo(DemoWorld(n_customers=800, seed=3, n_campaigns=1))
+    campaign = frames["campaign"]
+    assert campaign["campaign_date"].nunique() == 1
+    assert campaign["treated"].any() and (~campaign["treated"]).any()
