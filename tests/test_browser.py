@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import pandas as pd
 import pytest
@@ -237,3 +238,32 @@ def test_no_personal_data_and_no_real_customer_id_in_any_output(planted_run):
         for col in frame.columns:
             if frame[col].dtype == object or str(frame[col].dtype).startswith(("str", "string")):
                 assert not frame[col].astype(str).str.contains("@mail.example").any(), (path, col)
+
+
+def test_the_first_screen_holds_the_bottom_line_and_every_link_stays_inside(planted_run,
+                                                                            browser):
+    """At 1400 x 900 the bottom line is on the first screen, whole; every link of the page
+    points to a file inside the report folder (the lists travel with it)."""
+    browser.set_window_size(1400, 900)
+    try:
+        browser.get(planted_run.index_html.resolve().as_uri())
+        height = browser.execute_script("return window.innerHeight")
+        box = browser.execute_script(
+            "const r = document.querySelector('.bottom-line').getBoundingClientRect();"
+            "return [r.top, r.bottom, r.height];")
+        assert 0 <= box[0] and box[1] <= height and box[2] > 40, (box, height)
+        text = browser.execute_script(
+            "return document.querySelector('.bottom-line').innerText")
+        assert "retention campaign" in text or "no campaign" in text
+        shot = planted_run.index_html.with_name("first-screen.png")
+        assert browser.save_screenshot(str(shot))
+        hrefs = browser.execute_script(
+            "return Array.from(document.links).map(a => a.href)")
+    finally:
+        browser.set_window_size(1200, 1000)
+    root = planted_run.report_dir.resolve()
+    assert any("/lists/" in h for h in hrefs)
+    for href in hrefs:
+        assert href.startswith("file://"), href
+        target = Path(unquote(href[len("file://"):].split("#")[0]))
+        assert target.resolve().is_relative_to(root) and target.is_file(), href

@@ -48,6 +48,7 @@ from analysis.models import (
 )
 from analysis.report import run_pipeline
 from analysis.segments import ACTIVE_STAGES
+from analysis.strategy import RETAIN_PREFIX
 
 __all__ = ["bench_cdnow", "bench_features", "bench_strategy", "render_results"]
 
@@ -496,8 +497,16 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     scored = pd.read_parquet(processed_dir / "customers.parquet")
     truth = pd.read_parquet(data / "ground_truth" / "customers.parquet")
     future = pd.read_parquet(data / "ground_truth" / "future_orders.parquet")
+    in_campaign = (decided["in_campaign"] if "in_campaign" in decided
+                   else decided["targeted"]).astype(bool)
+    campaign_file = processed_dir / "strategy" / "campaign.csv"
+    campaign_ids = (set(pd.read_csv(campaign_file, dtype={"customer_id": str})["customer_id"])
+                    if campaign_file.is_file() else None)
+    retain_ids = set(decided.loc[decided["action"].str.startswith(RETAIN_PREFIX),
+                                 "customer_id"].astype(str))
+    decided = decided.assign(targeted=in_campaign)
     d = (decided[["customer_id", "targeted", "phaseout_candidate", "margin_rate_used",
-                  "retention_gain"]]
+                  "retention_gain", "value_if_retained"]]
          .merge(scored[["customer_id", "churn_probability", "lifecycle_stage"]],
                 on="customer_id")
          .merge(truth, on="customer_id", how="left"))
@@ -529,6 +538,11 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     by_churn = np.argsort(-np.where(active, d["churn_probability"].to_numpy(), -1.0),
                           kind="stable")[:n]
     churn_ranking = float(true_gain[by_churn].sum()) if n else 0.0
+    # one effect for everyone: the pooled rate x each customer's expected margin ranks by
+    # expected margin alone
+    by_margin = np.argsort(-np.where(active, d["value_if_retained"].fillna(-1.0).to_numpy(),
+                                     -1.0), kind="stable")[:n]
+    pooled_ranking = float(true_gain[by_margin].sum()) if n else 0.0
     # the run's own ranking at the depth that would have been best (known only with the
     # ground truth): separates what the ranking loses from what the chosen depth loses
     gain = d["retention_gain"].to_numpy(dtype=float)
@@ -578,6 +592,9 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
         "profit_capture_vs_oracle": round(ours / oracle_p, 4) if oracle_p else None,
         "profit_capture_churn_ranking": round(churn_ranking / oracle_p, 4) if oracle_p
         else None,
+        "profit_capture_pooled_ranking": round(pooled_ranking / oracle_p, 4) if oracle_p
+        else None,
+        "campaign_matches_actions": campaign_ids == retain_ids,
         "oracle_campaign_size": int((expected_gain > 0).sum()),
         "best_depth_for_ranking": best_depth,
         "profit_capture_at_best_depth": round(float(along.max()) / oracle_p, 4)

@@ -680,7 +680,7 @@ def actions(page: Page) -> list[Block]:
     they are, the segment x action view, and the policy in words."""
     d, r, cfg = page.decisions, page.decisions.retention, page.config
     period = r.get("decision_period_days", page.horizon)
-    if r.get("method") == "measured" and len(d.margin_uplift):
+    if r.get("method") in ("measured", "learned") and len(d.margin_uplift):
         u = d.margin_uplift.set_index("group").loc["all"]
         how = paragraph(
             "A contact was valued with the past randomized campaign: contacted customers brought "
@@ -786,12 +786,17 @@ def _learned_sentence(summary: dict | None, page: Page) -> str:
             nt=ev.get("n_treated", 0), nc=ev.get("n_control", 0), ranks=ranks,
             winner=RANKINGS.get(ev.get("winner"), ev.get("winner"))))
     fit = summary.get("fit") or {}
-    if summary.get("used"):
+    weight = float(fit.get("shrinkage_weight") or 0.0)
+    if summary.get("used") and weight > 0:
         out.append(paragraph(
             "The campaign values each contact by the customer's learned gain: the learner's "
             "differences between customers, kept at {w:.0%} of their size (the share the "
-            "evidence supports; 0 % would be one effect for everyone).",
-            w=fit.get("shrinkage_weight", 0.0)))
+            "evidence supports; 0 % would be one effect for everyone).", w=weight))
+    elif summary.get("used"):
+        out.append(paragraph(
+            "The campaigns do not show differences between customers beyond what they are "
+            "expected to bring, so each contact is valued by one effect for everyone, a share "
+            "of the customer's expected margin."))
     elif summary.get("why"):
         out.append(paragraph("The learned gain is not used: {why}.", why=summary["why"]))
     return "".join(out)
