@@ -63,3 +63,27 @@ def test_run_kpis_quote_the_methods_that_scored(tmp_path):
     (tmp_path / "models.json").write_text(json.dumps(models))
     kpis = M.run_kpis(tmp_path)
     assert kpis["churn_auc"] == 0.80 and kpis["value_mae"] == 5.0
+
+
+def test_monthly_trend_counts_buyers_revenue_and_churn_by_hand():
+    import datetime as dt
+
+    from analysis.features import connect
+
+    lines = pd.DataFrame({
+        "customer_id": ["a", "a", "b", "b", "c"],
+        "order_date": pd.to_datetime(["2024-03-01", "2024-12-20", "2024-06-01",
+                                      "2024-07-01", "2024-11-15"]),
+        "amount": [100.0, 50.0, 30.0, -10.0, 80.0]})
+    con = connect({"transactions": lines})
+    trend = M.monthly_trend(con, as_of=dt.date(2025, 1, 1), horizon_days=60, months=2)
+    last = trend.iloc[-1]
+    assert last["as_of"] == dt.date(2025, 1, 1)
+    assert last["buying_customers"] == 3                  # a, b, c bought within the year
+    assert last["revenue_12m"] == pytest.approx(100 + 50 + 30 - 10 + 80)
+    # the year before 2024-11-02 (60 days back): a and b bought; a bought again after, b
+    # did not (its return is not a purchase); c first bought after it
+    assert last["churn_rate"] == pytest.approx(0.5)
+    # the top 20 % of 3 buyers is 1 customer: a, with 150 of 250
+    assert last["top20_revenue_share"] == pytest.approx(150 / 250)
+    assert trend.iloc[0]["as_of"] < last["as_of"]

@@ -8,16 +8,19 @@ previous successful one (``reports/latest`` before the switch).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH, read_customers
 
-__all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "new_alerts",
+__all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "monthly_trend",
+           "new_alerts",
            "population_stability", "read_history", "realized_outcomes", "run_kpis"]
 
 
@@ -31,7 +34,8 @@ def run_kpis(processed_dir: str | Path) -> dict:
         ``top20_revenue_share``, ``predicted_value``, ``at_risk_customers``,
         ``revenue_at_risk``, ``high_value_customers``, ``complaint_rate`` (share of
         customers with a complaint in the last 90 days), ``churn_auc`` and ``value_mae``
-        (of the methods that scored the customers),
+        (of the methods that scored the customers; the AUC on the customers active at the
+        evaluation cutoff),
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
     folder = Path(processed_dir)
@@ -57,7 +61,10 @@ def run_kpis(processed_dir: str | Path) -> dict:
         m = json.loads(models.read_text())
         # the method that scored the customers (runs before the choice: XGBoost)
         if "churn" in m:
-            out["churn_auc"] = m["churn"][m["churn"].get("chosen", "model")]["roc_auc"]
+            # on the customers still active at the evaluation cutoff, those churn risk is
+            # about (runs before that: everyone)
+            judged = m.get("churn_active", m["churn"])
+            out["churn_auc"] = judged[m["churn"].get("chosen", "model")]["roc_auc"]
         if "value" in m:
             out["value_mae"] = m["value"][m["value"].get("chosen", "model")]["mae"]
     if "phaseout_candidate" in c:
@@ -193,3 +200,60 @@ def realized_outcomes(previous_customers: pd.DataFrame, actual: pd.DataFrame) ->
     out["churn_auc"] = float(roc_auc_score(y, d["churn_probability"])) if len(set(y)) == 2 \
         else float("nan")
     return out
+
+
+def monthly_trend(con, *, as_of: dt.date, horizon_days: int, months: int = 13
+                  ) -> pd.DataFrame:
+    """Key numbers at each of the ``months`` monthly dates up to ``as_of``, from the order
+    log alone (so that a first run already has a trend).
+
+    At each date m: ``buying_customers`` (a purchase in the 365 days before m),
+    ``revenue_12m`` (completed net amount in those days, as the customer table's
+    ``spend_365d``), ``top20_revenue_share`` (of that revenue, the share of the 20 % of
+    buying customers who spent most) and ``churn_rate``: of the customers with a purchase
+    in the year before m - ``horizon_days``, the share with none from then to m (the churn
+    of the horizon that ended at m, so every point is fully observed).
+
+    Returns
+    -------
+    DataFrame
+        ``as_of`` (date) and the four numbers, oldest first.
+    """
+    h = int(horizon_days)
+    cuts = [as_of - dt.timedelta(days=round(k * DAYS_PER_MONTH)) for k in range(months)][::-1]
+    values = ", ".join(f"(DATE '{c.isoformat()}')" for c in cuts)
+    sql = f"""
+    WITH daily AS (
+        SELECT customer_id, order_date, SUM(amount) AS amount,
+               BOOL_OR(amount >= 0) AS purchase
+        FROM lines
+        WHERE status = 'completed' AND order_date < DATE '{as_of.isoformat()}'
+          AND order_date >= DATE '{cuts[0].isoformat()}' - INTERVAL {365 + h} DAY
+        GROUP BY customer_id, order_date
+    ), cuts AS (SELECT * FROM (VALUES {values}) t(m)),
+    per AS (
+        SELECT c.m, d.customer_id,
+               SUM(d.amount) FILTER (WHERE d.order_date >= c.m - INTERVAL 365 DAY) AS rev12,
+               BOOL_OR(d.purchase AND d.order_date >= c.m - INTERVAL 365 DAY)    AS buying,
+               BOOL_OR(d.purchase AND d.order_date < c.m - INTERVAL {h} DAY
+                       AND d.order_date >= c.m - INTERVAL {365 + h} DAY)          AS base,
+               BOOL_OR(d.purchase AND d.order_date >= c.m - INTERVAL {h} DAY)     AS recent
+        FROM cuts c JOIN daily d
+          ON d.order_date < c.m AND d.order_date >= c.m - INTERVAL {365 + h} DAY
+        GROUP BY c.m, d.customer_id
+    ), ranked AS (
+        SELECT m, rev12, ROW_NUMBER() OVER (PARTITION BY m ORDER BY rev12 DESC) AS rn,
+               COUNT(*) OVER (PARTITION BY m) AS n
+        FROM per WHERE buying
+    )
+    SELECT p.m AS as_of,
+           COUNT(*) FILTER (WHERE p.buying)                          AS buying_customers,
+           COALESCE(SUM(p.rev12), 0)                                 AS revenue_12m,
+           AVG(CASE WHEN p.recent THEN 0.0 ELSE 1.0 END) FILTER (WHERE p.base) AS churn_rate,
+           (SELECT SUM(r.rev12) FILTER (WHERE r.rn <= ROUND(0.2 * r.n)) / NULLIF(SUM(r.rev12), 0)
+            FROM ranked r WHERE r.m = p.m)                           AS top20_revenue_share
+    FROM per p GROUP BY p.m ORDER BY p.m"""
+    out = con.execute(sql).df()
+    out["as_of"] = pd.to_datetime(out["as_of"]).dt.date
+    return out[["as_of", "buying_customers", "revenue_12m", "top20_revenue_share",
+                "churn_rate"]]

@@ -379,10 +379,11 @@ def changes(page: Page) -> list[Block]:
         if not page.snapshot:
             out.append(paragraph("Compared with the previous successful run (situation on {d}):",
                                  d=before["as_of"]))
-        out.append(html_table(monitor.kpi_deltas(now, before), formats={
-            "previous": ",.3g", "current": ",.3g", "change": "+,.3g", "change_share": "+.1%"},
-            labels={"kpi": "Measure", "previous": "Previous run", "current": "This run",
-                    "change": "Change", "change_share": "Change (%)"}))
+        out.append(html_table(_kpi_table(monitor.kpi_deltas(now, before), page),
+                              formats={"change_share": "+.1%"},
+                              labels={"kpi": "Measure", "previous": "Previous run",
+                                      "current": "This run", "change": "Change",
+                                      "change_share": "Change (%)"}))
         old = segments.read_customers(prev, ["customer_id", "value_tier", "segment"])
         out += [paragraph("Value-tier migration: rows are the tier in the previous run, "
                           "columns the tier now."),
@@ -411,11 +412,70 @@ def changes(page: Page) -> list[Block]:
             "numbers, who moved between tiers and segments, and new alerts."))
     if page.snapshot:
         return out
+    out += _trend(page)
     history = monitor.read_history(page.processed_dir.parent / "history.parquet")
     if len(history) >= 2:
         out.append(plots.plot_history(history))
     out += _turned_out(page, history)
     return out
+
+
+#: The run KPIs (:func:`analysis.monitor.run_kpis`) in words, with how to show them.
+KPI_WORDS = {
+    "customers": ("Customers with a purchase", "{:,.0f}"),
+    "active_customers": ("Active customers", "{:,.0f}"),
+    "revenue_12m": ("Revenue, last 12 months", "money"),
+    "top20_revenue_share": ("Revenue share of the top 20 % of customers, last 12 months",
+                            "{:.1%}"),
+    "high_value_customers": ("High-value customers", "{:,.0f}"),
+    "complaint_rate": ("Customers with a complaint in 90 days", "{:.1%}"),
+    "predicted_value": ("Predicted revenue over the horizon", "money"),
+    "at_risk_customers": ("Active customers likely to churn", "{:,.0f}"),
+    "revenue_at_risk": ("Their revenue, last 12 months", "money"),
+    "churn_auc": ("Churn model accuracy (AUC, active customers)", "{:.3f}"),
+    "value_mae": ("Spend forecast error per customer", "money"),
+    "phaseout_customers": ("Proposed for a phase-out review", "{:,.0f}"),
+    "campaign_profit": ("Extra profit of the retention campaign", "money"),
+}
+
+
+def _kpi_table(deltas: pd.DataFrame, page: Page) -> pd.DataFrame:
+    """The KPI changes with their names in words and each value in its own format."""
+    rows = []
+    for r in deltas.itertuples():
+        label, fmt = KPI_WORDS.get(r.kpi, (r.kpi.replace("_", " "), "{:,.3g}"))
+
+        def show(v, sign=False, fmt=fmt):
+            if fmt == "money":
+                text = money(abs(v) if sign else v, page)
+                return (("+" if v >= 0 else "-") + text) if sign else text
+            return (fmt.replace("{:", "{:+") if sign else fmt).format(v)
+        rows.append({"kpi": label, "previous": show(r.previous), "current": show(r.current),
+                     "change": show(r.change, sign=True), "change_share": r.change_share})
+    return pd.DataFrame(rows, columns=["kpi", "previous", "current", "change",
+                                       "change_share"])
+
+
+def _trend(page: Page) -> list[Block]:
+    """The key numbers month by month over the last year, from the order log."""
+    con = features.connect(page.processed_dir,
+                           memory_limit=page.config.analysis.duckdb_memory_limit)
+    trend = monitor.monthly_trend(con, as_of=page.profile.as_of, horizon_days=page.horizon)
+    if len(trend) < 2:
+        return []
+    first, last = trend.iloc[0], trend.iloc[-1]
+    return [paragraph(
+        "Over the last 12 months (to {end}, against {start}): revenue over the previous 12 "
+        "months went from {r0} to {r1} ({rc:+.0%}); buying customers from {b0:,} to {b1:,}"
+        + ("; the share of the year's buyers who made no purchase in the following {h} days "
+           "from {c0:.0%} to {c1:.0%}." if pd.notna(first["churn_rate"])
+           and pd.notna(last["churn_rate"]) else "."),
+        end=last["as_of"].isoformat(), start=first["as_of"].isoformat(),
+        r0=money(first["revenue_12m"], page), r1=money(last["revenue_12m"], page),
+        rc=(last["revenue_12m"] / first["revenue_12m"] - 1) if first["revenue_12m"] else 0.0,
+        b0=int(first["buying_customers"]), b1=int(last["buying_customers"]), h=page.horizon,
+        c0=first["churn_rate"], c1=last["churn_rate"]),
+        plots.plot_trend(trend)]
 
 
 def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
@@ -1173,7 +1233,8 @@ def lists(page: Page) -> list[Block]:
     """Links to the lists in the report folder, with what each holds."""
     folder = page.report_dir / LISTS_DIR
     acts = page.decisions.actions.set_index("action")["customers"]
-    items = [(f"{action}: {n:,} customers", f"{LISTS_DIR}/{list_name(action)}")
+    items = [(f"{action}: {n:,} customer{'s' if n != 1 else ''}",
+              f"{LISTS_DIR}/{list_name(action)}")
              for action, n in acts.items() if (folder / list_name(action)).is_file()]
     alerts = page.decisions.alerts
     if (folder / "alerts.csv").is_file():

@@ -48,6 +48,7 @@ __all__ = [
     "plot_survival",
     "plot_tenure_cohorts",
     "plot_tiers",
+    "plot_trend",
     "set_theme",
 ]
 
@@ -382,4 +383,27 @@ def plot_tenure_cohorts(cohorts: pd.DataFrame, ax=None) -> Figure:
     ax.yaxis.set_major_formatter(mticker.PercentFormatter(1.0))
     ax.set_ylabel("churned")
     ax.set_title("Churn by tenure (customers per band on top)")
+    return fig
+
+
+#: The panels of :func:`plot_trend`: column, title, axis format.
+TREND_PANELS = (("buying_customers", "Buying customers (a purchase in 12 months)", "{x:,.0f}"),
+                ("revenue_12m", "Revenue over the previous 12 months", "{x:,.0f}"),
+                ("churn_rate", "Churn: no purchase in the horizon", "{x:.0%}"),
+                ("top20_revenue_share", "Revenue share of the top 20 % of buyers", "{x:.0%}"))
+
+
+def plot_trend(trend: pd.DataFrame) -> Figure:
+    """The key numbers month by month (:func:`analysis.monitor.monthly_trend`), one small
+    panel each, titled in words."""
+    fig, axes = plt.subplots(1, len(TREND_PANELS), figsize=(12, 2.8), squeeze=False,
+                             FigureClass=_Chart)
+    x = pd.to_datetime(trend["as_of"])
+    for ax, (col, title, fmt) in zip(axes[0], TREND_PANELS, strict=True):
+        ax.plot(x, trend[col], marker="o", markersize=3, color=PALETTE[0])
+        ax.set_title(title, fontsize=9)
+        ax.yaxis.set_major_formatter(mticker.StrMethodFormatter(fmt))
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle("The last 12 months, month by month")
     return fig
