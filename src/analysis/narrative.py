@@ -412,7 +412,7 @@ def changes(page: Page) -> list[Block]:
             "numbers, who moved between tiers and segments, and new alerts."))
     if page.snapshot:
         return out
-    out += _trend(page)
+    out += _trend(page) + _movement(page)
     history = monitor.read_history(page.processed_dir.parent / "history.parquet")
     if len(history) >= 2:
         out.append(plots.plot_history(history))
@@ -476,6 +476,41 @@ def _trend(page: Page) -> list[Block]:
         b0=int(first["buying_customers"]), b1=int(last["buying_customers"]), h=page.horizon,
         c0=first["churn_rate"], c1=last["churn_rate"]),
         plots.plot_trend(trend)]
+
+
+def lifecycle_movement(page: Page) -> pd.DataFrame | None:
+    """Customers by lifecycle stage at the evaluation cutoff (rows, one horizon ago) and
+    now (columns); customers new since then in the row ``new since then (or not scored)``. None
+    without a trained model (the evaluation cutoff's stages come from it)."""
+    if page.run is None or "lifecycle_stage" not in page.run.evaluation:
+        return None
+    then = page.run.evaluation[["customer_id", "lifecycle_stage"]]
+    now = page.customers[["customer_id", "lifecycle_stage"]]
+    joined = now.merge(then, on="customer_id", how="left", suffixes=("", "_then"))
+    joined["lifecycle_stage_then"] = joined["lifecycle_stage_then"].fillna(
+        "new since then (or not scored)")
+    order = [*segments.LIFECYCLE_STAGES, "new since then (or not scored)"]
+    table = pd.crosstab(joined["lifecycle_stage_then"], joined["lifecycle_stage"])
+    table = table.reindex(index=[s for s in order if s in table.index],
+                          columns=[s for s in order if s in table.columns])
+    table.columns.name = None
+    return table.rename_axis("Stage then")
+
+
+def _movement(page: Page) -> list[Block]:
+    table = lifecycle_movement(page)
+    if table is None or not len(table):
+        return []
+    cut = page.run.cutoffs["eval"]
+    active = list(segments.ACTIVE_STAGES)
+    was = table.reindex(index=active).fillna(0)
+    lapsed = int(was[[c for c in table.columns if c not in active]].to_numpy().sum())
+    return [paragraph(
+        "Movement between lifecycle stages since {cut} ({h} days ago): of the {n:,} customers "
+        "active then, {lapsed:,} have since lapsed or been lost. Rows are the stage then, "
+        "columns the stage now (customers):", cut=cut, h=page.horizon,
+        n=int(was.to_numpy().sum()), lapsed=lapsed),
+        html_table(table.reset_index(), formats={c: "," for c in table.columns})]
 
 
 def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
