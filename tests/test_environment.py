@@ -46,6 +46,8 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in ci and "make test" in readme and "make report" in readme
     makefile = (ROOT / "Makefile").read_text()
     assert "--frozen" in makefile  # the lock file is honoured
+    # and compiled once: each notebook kernel would compile its imports again otherwise
+    assert "--compile-bytecode" in makefile
 
 
 def test_notebooks_are_thin_and_committed_without_outputs():
