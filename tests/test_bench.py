@@ -37,3 +37,21 @@ def test_results_page_is_rendered_from_the_json_files(tmp_path):
             in page)
     assert "1,234 customers" in page and "**2.0**" in page
     assert "--lines 2000000" in page
+
+
+def test_strategy_results_of_several_seeds_are_one_table_with_their_mean(tmp_path):
+    for seed, capture, flags in ((1, 0.70, []), (2, 0.90, ["gender=f: x (ratio 0.5)"])):
+        (tmp_path / f"strategy-20k-seed{seed}.json").write_text(json.dumps({
+            "customers": 20_000, "seed": seed, "campaign_size": 1000 * seed,
+            "campaign_matches_actions": True, "retention_method": "learned",
+            "profit_capture_vs_oracle": capture, "profit_capture_pooled_ranking": 0.5,
+            "profit_capture_churn_ranking": -0.2, "profit_capture_at_best_depth": 0.95,
+            "qini_auuc": {"model": 1.0 * seed, "pooled": 0.5, "churn": -1.0},
+            "phaseout_count": 4, "phaseout_true_value_top_half": 0, "fairness_flags": flags,
+            "seconds_pipeline": 100.0}))
+    page = render_results(tmp_path)
+    assert "(20,000 customers, seeds 1, 2)" in page
+    assert "| measure | seed 1 | seed 2 | mean |" in page
+    assert "| 70.0% | 90.0% | 80.0% |" in page
+    assert "| campaign file = the Retain actions | True | True | all |" in page
+    assert "| 1.00 | 2.00 | 1.50 |" in page and "| fairness flags | 0 | 1 | 0.5 |" in page

@@ -174,6 +174,62 @@ def _machine() -> dict:
             "self_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+#: The rows of the strategy table: (label, key or function of a result, format).
+_STRATEGY_ROWS = (
+    ("campaign size (the Retain actions)", "campaign_size", "{:,.0f}"),
+    ("campaign file = the Retain actions", "campaign_matches_actions", "{}"),
+    ("how a contact is valued", "retention_method", "{}"),
+    ("profit capture vs the oracle of probabilities, at the depth the run chose",
+     "profit_capture_vs_oracle", "{:.1%}"),
+    ("... same size, ranked by one effect for everyone (expected margin)",
+     "profit_capture_pooled_ranking", "{:.1%}"),
+    ("... same size, ranked by churn probability", "profit_capture_churn_ranking", "{:.1%}"),
+    ("... the run's ranking at its best depth (known only with the ground truth)",
+     "profit_capture_at_best_depth", "{:.1%}"),
+    ("latest campaign: AUUC of the learned ranking (margin per contact above random)",
+     lambda r: (r.get("qini_auuc") or {}).get("model"), "{:.2f}"),
+    ("... of the pooled-effect ranking", lambda r: (r.get("qini_auuc") or {}).get("pooled"),
+     "{:.2f}"),
+    ("... of the churn ranking", lambda r: (r.get("qini_auuc") or {}).get("churn"), "{:.2f}"),
+    ("phase-out list", "phaseout_count", "{:,.0f}"),
+    ("... of whom in the top half by true future profit", "phaseout_true_value_top_half",
+     "{:,.0f}"),
+    ("fairness flags", lambda r: len(r.get("fairness_flags", [])), "{:,.0f}"),
+    ("pipeline seconds", "seconds_pipeline", "{:,.0f}"),
+)
+
+
+def _strategy_markdown(results: list[dict]) -> list[str]:
+    """One table for the strategy benchmark at one size: a column per seed and, for the
+    numeric rows, their mean."""
+    def value(r, key):
+        return key(r) if callable(key) else r.get(key)
+
+    seeds = [r["seed"] for r in results]
+    lines = [f"## Strategy on the demo world ({results[0]['customers']:,} customers, seeds "
+             f"{', '.join(map(str, seeds))})", "",
+             "Retention targeting valued on realised outcomes from the ground truth (a contact "
+             "stretches a live customer's remaining lifetime by 1 / (1 - true effect); value = "
+             "margin of the extra days alive within a year, minus the contact and offer cost). "
+             "The AUUCs are the run's own out-of-time judgement on the latest campaign.", "",
+             "| measure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for label, key, fmt in _STRATEGY_ROWS:
+        values = [value(r, key) for r in results]
+        cells = ["" if v is None else fmt.format(v) for v in values]
+        numeric = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        mean_fmt = "{:,.1f}" if fmt == "{:,.0f}" else fmt     # a mean count has a decimal
+        mean = mean_fmt.format(statistics.fmean(numeric)) if len(numeric) == len(values) \
+            else ""
+        if isinstance(values[0], bool):
+            mean = "all" if all(values) else f"{sum(map(bool, values))} of {len(values)}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+    return lines + ["", "Reproduce: `python -m analysis bench strategy --customers "
+                    f"{results[0]['customers']} --seed S --out bench/out/strategy-S` and copy "
+                    "each `strategy.json` to `bench/results/strategy-"
+                    f"{round(results[0]['customers'] / 1000)}k-seedS.json`.", ""]
+
+
 def render_results(results_dir: str | Path) -> str:
     """``bench/RESULTS.md`` from the JSON result files in ``results_dir``."""
     results_dir = Path(results_dir)
@@ -220,46 +276,10 @@ def render_results(results_dir: str | Path) -> str:
                   "python -m analysis bench results", "```", ""]
     for extra in sorted(results_dir.glob("*.md")):
         lines += [extra.read_text().rstrip(), ""]
-    for path in sorted(results_dir.glob("strategy*.json")):
-        r = json.loads(path.read_text())
-        lines += [f"## Strategy on the demo world ({r['customers']:,} customers, seed "
-                  f"{r['seed']})", "",
-                  "Retention targeting valued on realised outcomes from the ground truth (a "
-                  "contact stretches a live customer's remaining lifetime by 1 / (1 - true "
-                  "effect); value = margin of the extra days alive within a year, minus the "
-                  "contact and offer cost):", "",
-                  "| measure | value |", "|---|---:|",
-                  *([f"| contact value measured on the past campaign: share of expected "
-                     f"margin added over {r['value_window_days']} days (95 % interval) | "
-                     f"{r['uplift_rate_used']:.1%} ({r['uplift_ci'][0]:.1%} to "
-                     f"{r['uplift_ci'][1]:.1%}) |"] if r.get("uplift_rate_used") is not None
-                    and r.get("uplift_ci") else []),
-                  f"| campaign size chosen by expected profit | {r['campaign_size']:,} |",
-                  f"| true profit of that campaign | {r['profit_targeted']:,.0f} |",
-                  f"| oracle of probabilities (true state, current hazard, effect): "
-                  f"{r['oracle_campaign_size']:,} customers, true profit | "
-                  f"{r['profit_oracle_of_probabilities']:,.0f} |",
-                  f"| perfect foresight (knows who drops): "
-                  f"{r['perfect_foresight_campaign_size']:,} customers, true profit | "
-                  f"{r['profit_oracle']:,.0f} |",
-                  f"| profit capture vs the oracle of probabilities | "
-                  f"{r['profit_capture_vs_oracle']:.1%} |",
-                  *([f"| ... the same ranking at its best depth ({r['best_depth_for_ranking']:,}"
-                     f" customers, known only with the ground truth) | "
-                     f"{r['profit_capture_at_best_depth']:.1%} |"]
-                    if r.get("profit_capture_at_best_depth") is not None else []),
-                  f"| same size, ranked by churn probability alone | "
-                  f"{r['profit_capture_churn_ranking']:.1%} |",
-                  f"| customers on the phase-out review list | {r['phaseout_count']:,} |",
-                  f"| ... of whom in the top half by true future profit | "
-                  f"{r['phaseout_true_value_top_half']:,} |",
-                  *([f"| ... of whom in the top half by true expected profit (rates, "
-                     f"hazard, channel) | {r['phaseout_expected_value_top_half']:,} |"]
-                    if "phaseout_expected_value_top_half" in r else []),
-                  f"| fairness flags | {len(r['fairness_flags'])} |", "",
-                  f"Reproduce: `python -m analysis bench strategy --customers {r['customers']} "
-                  f"--seed {r['seed']} --out bench/out/strategy` and copy "
-                  f"`strategy.json` to `bench/results/`.", ""]
+    strategies = [json.loads(p.read_text()) for p in sorted(results_dir.glob("strategy*.json"))]
+    for size in sorted({r["customers"] for r in strategies}):
+        lines += _strategy_markdown(sorted((r for r in strategies if r["customers"] == size),
+                                           key=lambda r: r["seed"]))
     for path in sorted(results_dir.glob("e2e-*.json")):
         m = json.loads(path.read_text())
         stages = m["stage_seconds"]

@@ -590,7 +590,7 @@ def portfolio(page: Page) -> list[Block]:
                       a=share[segments.STAGE_ACTIVE] + share[segments.STAGE_NEW],
                       r=share[segments.STAGE_AT_RISK], l=share[segments.STAGE_LAPSED],
                       x=share[segments.STAGE_LOST]),
-            plots.plot_lifecycle(profile.lifecycle), plots.plot_cohort_heatmap(profile.cohorts)]
+            plots.plot_lifecycle(profile.lifecycle)]
     return out
 
 
