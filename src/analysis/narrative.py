@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 from IPython.display import HTML, display
 from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score
 
 from analysis import (
     data,
@@ -1066,6 +1067,7 @@ def _order_log_trust(page: Page) -> list[Block]:
                                prefix="churn_"),
         plots.plot_calibration(models.calibration_table(tested["churned"],
                                                         tested[f"churn_{run.churn_chosen}"]))]
+    out += _win_back_accuracy(page)
     groups = models.metrics_by_group(tested, by="frequency", churn_method=run.churn_chosen,
                                      value_method=run.value_chosen)
     one = groups.set_index("group")
@@ -1137,6 +1139,27 @@ ASSUMPTION_WORDS = {
     "fairness_min_group": ("Fairness: smallest group judged", "customers",
                            "smaller groups are listed, not tested"),
 }
+
+
+def _win_back_accuracy(page: Page) -> list[Block]:
+    """The win-back population's own estimate: how well the scoring method's chance of
+    ordering again (one minus the churn probability) told, among the customers lapsed or
+    lost at the evaluation cutoff, who came back."""
+    run = page.run
+    ev = run.evaluation
+    if "lifecycle_stage" not in ev:
+        return []
+    gone = ev[ev["lifecycle_stage"].isin(segments.WIN_BACK_STAGES)]
+    back = 1 - gone["churned"].astype(float)
+    if len(gone) < 50 or back.sum() < 10 or (1 - back).sum() < 10:
+        return []
+    chance = 1 - gone[f"churn_{run.churn_chosen}"]
+    return [paragraph(
+        "The win-back population is judged on its own: of the {n:,} customers already lapsed "
+        "or lost on {ev}, {r:.1%} ordered again within {h} days, against {p:.1%} expected; "
+        "the chance of ordering again told who would with an AUC of {auc:.3f}.",
+        n=len(gone), ev=run.cutoffs["eval"], r=back.mean(), p=chance.mean(), h=page.horizon,
+        auc=roc_auc_score(back, chance))]
 
 
 def assumptions(page: Page) -> pd.DataFrame:
