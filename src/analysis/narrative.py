@@ -236,7 +236,13 @@ def bottom_line(page: Page) -> list[Block]:
     m = lambda v: money(v, page)    # noqa: E731
     period = f"the next {n['period_days']} days"
     sentences = []
-    if page.risk_known:
+    if page.risk_known and page.snapshot:
+        sentences.append(
+            f"<b>{n['at_risk']:,} of {n['active']:,} current customers are likely to leave</b> "
+            f"within a {page.config.snapshot.churn_period_months:g}-month period; they bring "
+            f"{m(n['revenue_at_risk'])} a year in recurring revenue "
+            f"({_share(n['revenue_at_risk'], n['revenue_12m'])} of all).")
+    elif page.risk_known:
         sentences.append(
             f"<b>{n['at_risk']:,} of {n['active']:,} active customers are likely to stop "
             f"buying</b> in the next {page.horizon} days; they spent {m(n['revenue_at_risk'])} "
@@ -809,8 +815,9 @@ def actions(page: Page) -> list[Block]:
         margin=money(r["expected_margin_saved"], page),
         profit=money(r.get("expected_incremental_profit", r["max_expected_profit"]), page),
         p=period, roi=r["roi"]), how]
-    out += [absent_note(name, cfg) for name in ("margin", "channel")
-            if not page.inputs.get(name, True)]
+    if not page.snapshot:
+        out += [absent_note(name, cfg) for name in ("margin", "channel")
+                if not page.inputs.get(name, True)]
     acts = d.actions
     total = acts[["customers", "revenue_12m", "action_cost", "ordinary_profit",
                   "incremental_profit", "total_profit"]].sum()
