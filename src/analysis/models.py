@@ -56,6 +56,7 @@ from analysis.segments import (
     ACTIVE_STAGES,
     assign_lifecycle,
     lifecycle_thresholds,
+    read_scoring_date,
     save_customers,
 )
 
@@ -1555,8 +1556,9 @@ def data_fingerprint(processed_dir: str | Path) -> str:
 
 def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
                versions: dict[str, str] | None = None) -> ModelRun | None:
-    """The models step of an order-log run: resolve the scoring date and the horizon
-    (once; both are recorded in ``models.json`` for every later step), fit and judge the
+    """The models step of an order-log run: read the scoring date the profile step
+    recorded, resolve the horizon (once; it is recorded in ``models.json`` for every later
+    step), fit and judge the
     churn and value models out of time (:func:`fit_and_evaluate`) and write them.
 
     When the data is too short for a supervised model, the reason and the label-free
@@ -1565,7 +1567,7 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
     """
     a = config.analysis
     con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
-    scoring_date = resolve_as_of(con, as_of=as_of or a.as_of)
+    scoring_date = read_scoring_date(processed_dir) or resolve_as_of(con, as_of=as_of or a.as_of)
     horizon = resolve_horizon_days(con, horizon_days=a.horizon_days, cutoff=scoring_date,
                                    step_days=a.cutoff_step_days)
     try:

@@ -48,6 +48,7 @@ __all__ = [
     "profile_customers",
     "read_customers",
     "read_profile",
+    "read_scoring_date",
     "save_customers",
     "rfm_scores",
     "segment_profile",
@@ -586,6 +587,14 @@ def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Pa
                                       lambda tmp: ordered.to_parquet(tmp, index=False)),
         "customers_csv": write_csv(out_dir / "customers.csv", ordered),
     }
+
+
+def read_scoring_date(out_dir: str | Path) -> dt.date | None:
+    """The scoring date the profile step resolved and recorded (``profile.json``), which
+    every later step of the run reads; None before the profile step has run."""
+    path = Path(out_dir) / "profile.json"
+    return dt.date.fromisoformat(json.loads(path.read_text())["as_of"]) if path.is_file() \
+        else None
 
 
 def read_profile(out_dir: str | Path, *, with_customers: bool = True) -> CustomerProfile:

@@ -33,6 +33,7 @@ from analysis.segments import (
     TIER_MID,
     WIN_BACK_STAGES,
     read_customers,
+    read_scoring_date,
     save_customers,
 )
 from analysis.uplift import learn_uplift
@@ -845,7 +846,8 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
     previous = (read_customers(previous_processed_dir, ["customer_id", "churn_probability"])
                 if previous_processed_dir else None)
     decisions = decide(con, read_customers(processed_dir, DECISION_COLUMNS),
-                       as_of=resolve_as_of(con, as_of=as_of or config.analysis.as_of),
+                       as_of=read_scoring_date(processed_dir)
+                       or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
                        horizon_days=read_horizon(processed_dir), params=config.strategy,
                        campaign=campaign, attributes=attributes, protected=config.protected,
                        previous=previous, value_model=run.value if run else None,
