@@ -63,6 +63,7 @@ from analysis.segments import (
 __all__ = [
     "CHURN_CANDIDATES",
     "METHOD_NAMES",
+    "PLAIN_METHOD_NAMES",
     "VALUE_CANDIDATES",
     "churn_step",
     "lifetime_outlook",
@@ -600,6 +601,17 @@ METHOD_NAMES = {"model": "the XGBoost model", "logistic": "a logistic regression
                 "rule": "the best single-column rule"}
 
 
+#: The same methods in words for the executive page, where method names stay out.
+PLAIN_METHOD_NAMES = {"model": "the machine-learning model",
+                      "logistic": "a simpler weighted-score model",
+                      "blend": "the average of those two",
+                      "rfm": "a lookup by recency, frequency and spend",
+                      "bgnbd": "a model of each customer's purchase rhythm",
+                      "bgnbd_gg": "a model of each customer's purchase rhythm and basket size",
+                      "last_period": "'next period = last period'",
+                      "rule": "the best single-column rule"}
+
+
 def blend_probability(p_model, p_logistic) -> np.ndarray:
     """The blend: the mean of the XGBoost and the logistic probability. Fixed weights, so
     that nothing is fitted on the data that judges it."""
@@ -692,7 +704,8 @@ def _mark_choice(table: pd.DataFrame, score: str, tie_break: str) -> pd.DataFram
 
 
 def describe_choice(chosen: str, metrics: pd.DataFrame, *, candidates: tuple[str, ...],
-                    kind: str = "churn", population: str | None = None) -> str:
+                    kind: str = "churn", population: str | None = None,
+                    names: dict[str, str] | None = None) -> str:
     """One plain sentence for executives: which method scores the customers, and how it
     compared with the other candidates on customers it never saw.
 
@@ -700,8 +713,10 @@ def describe_choice(chosen: str, metrics: pd.DataFrame, *, candidates: tuple[str
     ``value_metrics`` with ``set_index("method")``); churn is compared by AUC, value by
     the average error per customer (``mae``). ``population`` names the customers the
     metrics are about (e.g. "the 1,234 customers still active on 2024-01-01"); without
-    it, "customers".
+    it, "customers". ``names`` names the methods (default :data:`METHOD_NAMES`; the
+    executive page passes :data:`PLAIN_METHOD_NAMES`).
     """
+    names = METHOD_NAMES if names is None else names
     kinds = {"churn": ("Churn risk comes from", "churn", "roc_auc",
                        "separates churners from stayers with an AUC of {:.3f} (1 is "
                        "perfect, 0.5 is chance)", "{:.3f}"),
@@ -710,14 +725,14 @@ def describe_choice(chosen: str, metrics: pd.DataFrame, *, candidates: tuple[str
     if kind not in kinds:
         raise ValueError(f"kind must be one of {sorted(kinds)}, not {kind!r}")
     lead, predicted, measure, result, other = kinds[kind]
-    others = [f"{other.format(metrics.loc[m, measure])} for {METHOD_NAMES.get(m, m)}"
+    others = [f"{other.format(metrics.loc[m, measure])} for {names.get(m, m)}"
               for m in candidates if m != chosen and m in metrics.index]
     against = (", against " + (" and ".join(others) if len(others) < 3 else
                                ", ".join(others[:-1]) + " and " + others[-1])) if others else ""
     score = result.format(metrics.loc[chosen, measure])
     tested = (f"tested on {population}, whom it never saw" if population else
               "tested on customers it never saw")
-    return (f"{lead} {METHOD_NAMES.get(chosen, chosen)}, which predicted {predicted} best "
+    return (f"{lead} {names.get(chosen, chosen)}, which predicted {predicted} best "
             f"of the {len(candidates)} methods tried on customers held out from training; "
             f"{tested}, it {score}{against}.")
 

@@ -364,7 +364,7 @@ def key_numbers(page: Page) -> list[Block]:
             "There is too little labelled history for a trained model ({reason}), so churn "
             "risk and predicted revenue come from a statistical model of each customer's "
             "purchase rhythm ({method}), which needs no labels; section 8 says how well it did.",
-            reason=page.skipped, method=page.fallback["method"]))
+            reason=page.skipped, method=_plain_method(page.fallback["method"])))
     elif page.skipped:
         out.append(paragraph(
             "There is too little data for the churn and value models in this run, so churn "
@@ -696,6 +696,12 @@ def churn(page: Page) -> list[Block]:
     return out
 
 
+def _plain_method(name: str) -> str:
+    """A method named in models.json, in the executive page's words."""
+    return (models.PLAIN_METHOD_NAMES["bgnbd_gg"] if name == models.LABEL_FREE_METHOD
+            else name)
+
+
 def _drivers(drivers: pd.DataFrame) -> str:
     top = drivers.head(5)
     return "; ".join(f"{label} ({d})" if d else label
@@ -1006,7 +1012,8 @@ def _snapshot_trust(page: Page) -> list[Block]:
         "model that never saw them. {choice} The best single-column rule ({f}) reaches "
         "{rule:.3f}. Its average calibration error is {ece:.1%}. Enough data for this: {n:,} "
         "customers, of whom {pos:,} left.", k=run.folds,
-        choice=models.describe_choice(run.chosen, churn_m, candidates=models.CHURN_CANDIDATES),
+        choice=models.describe_choice(run.chosen, churn_m, candidates=models.CHURN_CANDIDATES,
+                                      names=models.PLAIN_METHOD_NAMES),
         rule=churn_m.loc["rule", "roc_auc"],
         f=explain.FEATURE_LABELS.get(run.rule_feature, run.rule_feature),
         ece=churn_m.loc[run.chosen, "ece"], n=len(run.evaluation),
@@ -1029,7 +1036,8 @@ def _order_log_trust(page: Page) -> list[Block]:
             "{auc} (1 is perfect, 0.5 is chance) and a Brier score of {b:.3f}; its revenue "
             "forecast was off by {mae:,.1f} per customer on average, against {lp:,.1f} for 'next "
             "period = last period', and it predicted {pt} where {at} happened.",
-            reason=page.skipped, method=fallback["method"], cut=chk["cutoff"], n=chk["n"], h=h,
+            reason=page.skipped, method=_plain_method(fallback["method"]), cut=chk["cutoff"],
+            n=chk["n"], h=h,
             auc="n/a" if chk["churn_auc"] is None else f"{chk['churn_auc']:.3f}",
             b=chk["brier"], mae=chk["value_mae"], lp=chk["value_mae_last_period"],
             pt=money(chk["total_predicted"], page), at=money(chk["total_actual"], page))]
@@ -1037,7 +1045,7 @@ def _order_log_trust(page: Page) -> list[Block]:
         return [paragraph(
             "No model could be trained ({reason}), so customers were scored by {method}, which "
             "needs no labels; the history is too short to check it ({why}).",
-            reason=page.skipped, method=fallback["method"],
+            reason=page.skipped, method=_plain_method(fallback["method"]),
             why=fallback.get("check_skipped", ""))]
     if run is None:
         return [paragraph(
@@ -1055,18 +1063,20 @@ def _order_log_trust(page: Page) -> list[Block]:
         "The models were tested on customers as they were on {ev}, using only what was known "
         "then, and compared with what they actually did in the next {h} days; churn risk is "
         "judged on the customers still active then, as lapsed and lost customers are easy to "
-        "call and are the win-back population. {choice} The purchase-rhythm model reaches "
-        "{bg:.3f} and a simple recency-frequency-spend rule {rfm:.3f}. When it says a customer "
-        "has a 70 % chance of churning, the observed rate is close to that: its average "
+        "call and are the win-back population. {choice} A model of each customer's purchase "
+        "rhythm reaches {bg:.3f} and a lookup by recency, frequency and spend {rfm:.3f}. "
+        "When it says a customer has a 70 % chance of churning, the observed rate is close "
+        "to that: its average "
         "calibration error is {ece:.1%}.", ev=ev, h=h,
         choice=models.describe_choice(run.churn_chosen, churn_m,
-                                      candidates=models.CHURN_CANDIDATES, population=population),
+                                      candidates=models.CHURN_CANDIDATES, population=population,
+                                      names=models.PLAIN_METHOD_NAMES),
         bg=churn_m.loc["bgnbd", "roc_auc"], rfm=churn_m.loc["rfm", "roc_auc"],
         ece=churn_m.loc[run.churn_chosen, "ece"]),
         paragraph("{choice} It predicted {pred} in total where {act} happened.",
                   choice=models.describe_choice(run.value_chosen, value_m,
                                                 candidates=models.VALUE_CANDIDATES,
-                                                kind="value"),
+                                                kind="value", names=models.PLAIN_METHOD_NAMES),
                   pred=money(value_m.loc[run.value_chosen, "total_predicted"], page),
                   act=money(value_m.loc[run.value_chosen, "total_actual"], page)),
         plots.plot_gain_curves(tested, target="churned",
@@ -1216,7 +1226,8 @@ def data_and_assumptions(page: Page) -> list[Block]:
     if page.snapshot:
         missing = [m for m in page.quality.get("missing", []) if m["n_missing"] > 0]
         if missing:
-            out.append(paragraph("Blank values (counted as missing, not guessed): {m}.", m=", ".join(
+            out.append(paragraph("Blank values (counted as missing, not guessed): {m}.",
+                                 m=", ".join(
                 f"{m['column']} {m['n_missing']:,}" for m in missing)))
         types = page.run.types if page.run is not None else snapshot.feature_types(
             pd.read_parquet(page.processed_dir / "clean" / "customers.parquet"),
@@ -1302,9 +1313,10 @@ def lists(page: Page) -> list[Block]:
               f"{LISTS_DIR}/{list_name(action)}")
              for action, n in acts.items() if (folder / list_name(action)).is_file()]
     alerts = page.decisions.alerts
+    rules = alerts["rule"].value_counts()
     if (folder / "alerts.csv").is_file():
         items.append((f"Early warnings: {len(alerts):,} on {alerts['customer_id'].nunique():,} "
-                      f"customers ({', '.join(f'{k} {v:,}' for k, v in alerts['rule'].value_counts().items())})",
+                      f"customers ({', '.join(f'{k} {v:,}' for k, v in rules.items())})",
                       f"{LISTS_DIR}/alerts.csv"))
     if not items:
         return []
