@@ -868,8 +868,12 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.Da
     The learner's uplift over one horizon is scaled to the value window by one number:
     the pooled uplift per customer measured over that window (``pooled["uplift"]``, the
     first campaign) over the learner's pooled uplift per customer over one horizon; i.e.
-    a customer's share of the pooled effect is assumed the same over both windows.
-    Customers the learner cannot score get the pooled value. Returns ``(None, summary)``
+    a customer's share of the pooled effect is assumed the same over both windows. Each
+    customer's value is the pooled effect on the run's own expected margin (the value
+    model's, as the pooled ranking has it) plus the learner's shrunk departure from the
+    pooled effect (:meth:`analysis.uplift.UpliftResult.heterogeneity`): with no
+    identified heterogeneity it is the pooled value exactly. Customers the learner
+    cannot score get the pooled value. Returns ``(None, summary)``
     when the learner cannot be used (fewer than two closed campaigns, no positive pooled
     effect to scale by); the summary says why.
     """
@@ -899,11 +903,13 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.Da
     scale = float(pooled["uplift"]) / per_horizon
     now = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
                          exclude_attributes=protected)
-    tau = result.predict(now).set_axis(now["customer_id"].to_numpy())
+    # the pooled effect on the run's own expected margin (what the pooled ranking uses),
+    # plus the differences between customers the evidence supports
+    extra = result.heterogeneity(now).set_axis(now["customer_id"].to_numpy())
     value = (c["predicted_value"].clip(lower=0) * window / horizon_days
              * econ["margin_rate_used"]).to_numpy()
-    learned = c["customer_id"].map(tau * scale).to_numpy(dtype=float)
-    learned = np.where(np.isnan(learned), float(pooled["uplift_rate"]) * value, learned)
+    differences = c["customer_id"].map(extra * scale).fillna(0.0).to_numpy(dtype=float)
+    learned = float(pooled["uplift_rate"]) * value + differences
     summary.update(used=True, scale_to_value_window=round(scale, 4),
                    winner=(result.evaluation or {}).get("winner"))
     return learned, summary

@@ -257,6 +257,12 @@ class UpliftLearner:
         pooled = self.pooled_rate_ * self.predict_baseline(X)
         return pooled + self.weight_ * (self.predict_unshrunk(X) - pooled)
 
+    def predict_heterogeneity(self, X: np.ndarray) -> np.ndarray:
+        """The part of each row's uplift kept beyond the pooled effect:
+        ``weight x (S - r B)`` (0 everywhere when the weight is 0)."""
+        pooled = self.pooled_rate_ * self.predict_baseline(X)
+        return self.weight_ * (self.predict_unshrunk(X) - pooled)
+
     def summary(self) -> dict:
         """The fitted numbers, for a run's JSON."""
         self._check()
@@ -390,6 +396,12 @@ class UpliftResult:
     evaluation: dict | None
     dates: list[dt.date]
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def heterogeneity(self, features: pd.DataFrame) -> pd.Series:
+        """What the learner adds to the pooled effect, over the outcome window, by the rows
+        of ``features`` (:meth:`UpliftLearner.predict_heterogeneity`)."""
+        return pd.Series(self.model.predict_heterogeneity(uplift_matrix(
+            features, self.columns, self.categories)), index=features.index)
 
     def predict(self, features: pd.DataFrame) -> pd.Series:
         """Shrunk uplift over the outcome window, by the rows of ``features``."""
