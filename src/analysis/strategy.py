@@ -437,8 +437,13 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
     now = e["expected_profit"] < 0
     all_periods = now & (h[k] < 0).all(axis=1)
     loss = -e["expected_profit"]
-    low_potential = ~c["potential"].astype(bool) & (c["trend_180d"] <= 0)
-    tenure_ok = (c["tenure_days"] < params.phaseout_max_tenure_days) | (
+    # a snapshot has no spending trend (then potential alone decides) and counts tenure
+    # in months
+    rising = c["trend_180d"] > 0 if "trend_180d" in c else pd.Series(False, c.index)
+    low_potential = ~c["potential"].astype(bool) & ~rising
+    tenure = (c["tenure_days"] if "tenure_days" in c
+              else c["tenure_months"] * DAYS_PER_MONTH)
+    tenure_ok = (tenure < params.phaseout_max_tenure_days) | (
         loss > params.phaseout_large_loss)
     days = c["days_since_complaint"] if "days_since_complaint" in c else pd.Series(np.nan,
                                                                                    c.index)
@@ -451,7 +456,7 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
          f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
          f"{params.phaseout_complaint_days} days") if cand else ""
         for cand, p, row, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
-                                       c["predicted_value"], c["tenure_days"], strict=True)]
+                                       c["predicted_value"], tenure, strict=True)]
     return pd.DataFrame({"customer_id": c["customer_id"], "unprofitable_now": now,
                          "unprofitable_all_periods": all_periods, "material_loss": material,
                          "low_potential": low_potential, "tenure_ok": tenure_ok,
@@ -1012,7 +1017,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     tenure_m = c["tenure_months"].fillna(0)
     potential = active & c["value_tier"].isin([TIER_LOW, TIER_MID]) & (
         risk < 0.5 * params.high_risk) & (tenure_m >= 12)
-    c = c.assign(potential=potential, trend_180d=0.0, tenure_days=tenure_m * DAYS_PER_MONTH)
+    c = c.assign(potential=potential)
     targeting, retention = retention_targeting(c, econ, params=params,
                                                retention_rate=params.retention_rate,
                                                eligible=active)
@@ -1025,7 +1030,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     history = pd.DataFrame({"customer_id": c["customer_id"],
                             **{f"profit_p{k}": (lifetime_margin - monthly_cost).fillna(0.0)
                                for k in range(1, params.phaseout_periods + 1)}})
-    review = phaseout_review(c.assign(days_since_complaint=np.nan), econ, history,
+    review = phaseout_review(c, econ, history,
                              params=params)
     review["phaseout_candidate"] &= active.to_numpy()
     decisions = pd.DataFrame({
