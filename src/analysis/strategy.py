@@ -439,8 +439,8 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
     loss = -e["expected_profit"]
     # a snapshot has no spending trend (then potential alone decides) and counts tenure
     # in months
-    rising = c["trend_180d"] > 0 if "trend_180d" in c else pd.Series(False, c.index)
-    low_potential = ~c["potential"].astype(bool) & ~rising
+    flat = c["trend_180d"] <= 0 if "trend_180d" in c else pd.Series(True, c.index)
+    low_potential = ~c["potential"].astype(bool) & flat
     tenure = (c["tenure_days"] if "tenure_days" in c
               else c["tenure_months"] * DAYS_PER_MONTH)
     tenure_ok = (tenure < params.phaseout_max_tenure_days) | (
