@@ -650,7 +650,7 @@ def churn(page: Page) -> list[Block]:
             "{n:,} current customers ({share:.0%}) are more likely than not to leave within a "
             "period. The main drivers are: {d}.", n=int(at_risk.sum()),
             share=at_risk.sum() / max(page.active.sum(), 1), d=_drivers(drivers)))
-        out.append(plots.plot_drivers(drivers, top=10))
+        out.append(plots.plot_drivers(drivers, top=10, **_DRIVER_WORDS))
         base, leave, value_col = c[page.active], "Likely to leave", "remaining_value"
     else:
         out.append(paragraph(
@@ -659,7 +659,8 @@ def churn(page: Page) -> list[Block]:
         if page.run is not None:
             out += [paragraph("What moves churn risk most: {d}.",
                               d=_drivers(page.run.churn_drivers)),
-                    plots.plot_drivers(page.run.churn_drivers, top=10)]
+                    plots.plot_drivers(page.run.churn_drivers, top=10,
+                                      **_DRIVER_WORDS)]
         else:
             out.append(paragraph(
                 "Without a trained model the risk follows each customer's own purchase "
@@ -700,6 +701,11 @@ def _plain_method(name: str) -> str:
     """A method named in models.json, in the executive page's words."""
     return (models.PLAIN_METHOD_NAMES["bgnbd_gg"] if name == models.LABEL_FREE_METHOD
             else name)
+
+
+#: The driver chart's words on the executive page.
+_DRIVER_WORDS = {"title": "What moves churn risk most",
+                 "xlabel": "share of the model's explanation (%)"}
 
 
 def _drivers(drivers: pd.DataFrame) -> str:
@@ -1019,7 +1025,8 @@ def _snapshot_trust(page: Page) -> list[Block]:
         ece=churn_m.loc[run.chosen, "ece"], n=len(run.evaluation),
         pos=int(run.evaluation["churned"].sum())),
         plots.plot_gain_curves(run.evaluation, target="churned",
-                               methods=["model", "logistic", "blend", "rule"], prefix="churn_"),
+                               methods=["model", "logistic", "blend", "rule"], prefix="churn_",
+                               names=models.PLAIN_METHOD_NAMES),
         plots.plot_calibration(models.calibration_table(run.evaluation["churned"],
                                                         run.evaluation[f"churn_{run.chosen}"]))]
 
@@ -1081,7 +1088,7 @@ def _order_log_trust(page: Page) -> list[Block]:
                   act=money(value_m.loc[run.value_chosen, "total_actual"], page)),
         plots.plot_gain_curves(tested, target="churned",
                                methods=["model", "logistic", "blend", "bgnbd", "rfm"],
-                               prefix="churn_"),
+                               prefix="churn_", names=models.PLAIN_METHOD_NAMES),
         plots.plot_calibration(models.calibration_table(tested["churned"],
                                                         tested[f"churn_{run.churn_chosen}"]))]
     out += _win_back_accuracy(page)

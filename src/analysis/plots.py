@@ -129,7 +129,8 @@ def plot_tiers(tiers: pd.DataFrame, ax=None) -> Figure:
     ax.invert_yaxis()
     ax.set_xlabel("%")
     ax.set_title("Value tiers: customers against the value they bring")
-    ax.legend(frameon=False, loc="lower right")
+    # below the axes, where no bar can be under it
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
     return fig
 
 
@@ -146,7 +147,8 @@ def plot_segments(profile: pd.DataFrame, *, top: int = 12, ax=None) -> Figure:
     ax.invert_yaxis()
     ax.set_xlabel("%")
     ax.set_title("Segments: size against value")
-    ax.legend(frameon=False, loc="lower right")
+    # below the axes, where no bar can be under it
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
     return fig
 
 
@@ -210,9 +212,17 @@ METHOD_NAMES = {"model": "XGBoost model", "model_uncalibrated": "model (uncalibr
                 "last_period": "last period repeats"}
 
 
+#: Line styles of the methods on one chart, so that they can be told apart in grey too.
+LINE_STYLES = ("-", "--", "-.", (0, (1, 1)), (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "x")
+
+
 def plot_gain_curves(evaluation: pd.DataFrame, *, target: str, methods: list[str],
-                     prefix: str, ax=None) -> Figure:
-    """Cumulative share of ``target`` captured when customers are ranked by each method."""
+                     prefix: str, ax=None, names: dict[str, str] | None = None) -> Figure:
+    """Cumulative share of ``target`` captured when customers are ranked by each method,
+    each with its own colour, line style and marker; ``names`` names the methods
+    (default :data:`analysis.models.METHOD_NAMES`)."""
+    names = METHOD_NAMES if names is None else names
     fig, ax = _axes(ax, (7, 3.8))
     actual = evaluation[target].clip(lower=0).to_numpy(dtype=float)
     total = actual.sum()
@@ -220,7 +230,9 @@ def plot_gain_curves(evaluation: pd.DataFrame, *, target: str, methods: list[str
     for i, method in enumerate(methods):
         order = np.argsort(-evaluation[f"{prefix}{method}"].to_numpy(), kind="stable")
         ax.plot(x, np.cumsum(actual[order]) / total * 100, lw=2 if method == "model" else 1.3,
-                color=PALETTE[i], label=METHOD_NAMES.get(method, method))
+                color=PALETTE[i], ls=LINE_STYLES[i % len(LINE_STYLES)],
+                marker=MARKERS[i % len(MARKERS)], markevery=max(len(x) // 8, 1),
+                markersize=4, label=names.get(method, method))
     best = np.cumsum(np.sort(actual)[::-1]) / total * 100
     ax.plot(x, best, color=PALETTE[5], ls=":", lw=1, label="perfect ranking")
     ax.plot([0, 100], [0, 100], color=PALETTE[5], ls="--", lw=1, label="random")
@@ -245,14 +257,16 @@ def plot_calibration(table: pd.DataFrame, ax=None) -> Figure:
     return fig
 
 
-def plot_drivers(drivers: pd.DataFrame, *, top: int = 12, ax=None) -> Figure:
+def plot_drivers(drivers: pd.DataFrame, *, top: int = 12, ax=None,
+                 title: str = "What drives the prediction",
+                 xlabel: str = "share of the explanation (mean |SHAP|, %)") -> Figure:
     """Global drivers (:func:`analysis.explain.global_drivers`) as horizontal bars."""
     d = drivers.head(top)
     fig, ax = _axes(ax, (7, 0.34 * len(d) + 1.2))
     ax.barh(d["label"], d["share"] * 100, color=PALETTE[0])
     ax.invert_yaxis()
-    ax.set_xlabel("share of the explanation (mean |SHAP|, %)")
-    ax.set_title("What drives the prediction")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
     return fig
 
 
