@@ -809,6 +809,15 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
             window=window, pooled=uplift.set_index("group").loc["all"], params=params,
             protected=protected, value_model=value_model, churn_model=churn_model,
             depth_share=depth_share)
+        winner = (summary.get("evaluation") or {}).get("winner")
+        if learned is not None and winner not in (None, "model"):
+            # judged out of time, the learned ranking lost to a simpler one: it is not
+            # used, and the run says so
+            learned = None
+            summary.update(used=False, why=(
+                "on the latest campaign, which it never saw, it ranked customers less well "
+                f"than {'one effect for everyone' if winner == 'pooled' else 'churn risk'}; "
+                "each contact is valued by the effect measured for everyone"))
         if learned is not None:
             targeting, retention = retention_targeting(
                 c, econ, params=params, uplift_rate=uplift_rate, window_days=window,
