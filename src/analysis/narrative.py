@@ -225,7 +225,22 @@ def bottom_line_numbers(page: Page) -> dict:
             "incremental_profit": float(acts["incremental_profit"].sum()),
             "roi": float(r["roi"]), "ordinary_profit": float(acts["ordinary_profit"].sum()),
             "total_profit": float(acts["total_profit"].sum()),
-            "actions": acts["customers"].astype(int).to_dict(), "changes": changes}
+            "actions": acts["customers"].astype(int).to_dict(), "changes": changes,
+            "campaign_range": campaign_range(page)}
+
+
+def campaign_range(page: Page) -> tuple[float, float] | None:
+    """The campaign's extra profit at the two ends of the measured effect's 95 % interval
+    (the extra margin scales with the effect; the cost does not), or None when the effect
+    was assumed rather than measured."""
+    d, r = page.decisions, page.decisions.retention
+    if r.get("method") not in ("measured", "learned") or not len(d.margin_uplift) \
+            or not r.get("uplift_rate_used"):
+        return None
+    u = d.margin_uplift.set_index("group").loc["all"]
+    margin, cost = float(r["expected_margin_saved"]), float(r["campaign_cost"])
+    scale = margin / float(r["uplift_rate_used"])
+    return (float(u["ci_low"]) * scale - cost, float(u["ci_high"]) * scale - cost)
 
 
 def bottom_line(page: Page) -> list[Block]:
@@ -259,6 +274,7 @@ def bottom_line(page: Page) -> list[Block]:
             f"({n['campaign_high_risk']:,} of them at high churn risk), costing "
             f"{m(n['campaign_cost'])} and expected to bring {m(n['incremental_profit'])} of "
             f"extra profit over {period} after its cost (ROI {n['roi']:.0%})"
+            + _range_words(n["campaign_range"], m)
             + (f"; also {_join(others)}." if others else "."))
     else:
         sentences.append("No retention contact is expected to pay for itself, so no campaign "
@@ -275,6 +291,18 @@ def bottom_line(page: Page) -> list[Block]:
 #: The actions the bottom line names besides the campaign (a policy's own actions with
 #: these names are named too).
 _LISTED = (strategy.WIN_BACK, strategy.PHASEOUT_REVIEW, strategy.GROW)
+
+
+def _range_words(bounds: tuple[float, float] | None, m) -> str:
+    """How sure the campaign's return is, in words, from :func:`campaign_range`."""
+    if bounds is None:
+        return ""
+    low, high = bounds
+    if low >= 0:
+        return f" (between {m(low)} and {m(high)} with 95 % confidence)"
+    return (f" — <b>uncertain</b>: the measured effect of a contact could be nil, and at the "
+            f"low end of its 95 % interval the campaign would lose {m(-low)} "
+            f"(at the high end it would bring {m(high)})")
 
 
 def strategy_words(action: str) -> str:

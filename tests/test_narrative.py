@@ -1,0 +1,59 @@
+"""The executive page's pieces that are arithmetic or wording, on hand-built inputs (the
+whole page is checked on real runs in test_report.py and test_browser.py)."""
+
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from analysis import narrative as N
+
+
+def page(currency="", **retention):
+    uplift = pd.DataFrame([{"group": "all", "uplift_rate": 0.10, "ci_low": -0.02,
+                            "ci_high": 0.22}])
+    decisions = SimpleNamespace(retention=retention, margin_uplift=uplift)
+    config = SimpleNamespace(report=SimpleNamespace(currency=currency))
+    return SimpleNamespace(decisions=decisions, config=config, currency=currency)
+
+
+def test_the_campaigns_return_at_both_ends_of_the_measured_effect():
+    p = page(method="measured", uplift_rate_used=0.10, expected_margin_saved=1_000.0,
+             campaign_cost=300.0)
+    # the extra margin scales with the effect (1,000 at 10 %), the cost does not
+    assert N.campaign_range(p) == pytest.approx((-0.02 * 10_000 - 300, 0.22 * 10_000 - 300))
+    words = N._range_words(N.campaign_range(p), lambda v: f"EUR {v:,.0f}")
+    assert "uncertain" in words and "lose EUR 500" in words and "bring EUR 1,900" in words
+    sure = N._range_words((100.0, 900.0), lambda v: f"{v:,.0f}")
+    assert sure == " (between 100 and 900 with 95 % confidence)"
+    assert N.campaign_range(page(method="assumed", uplift_rate_used=None)) is None
+
+
+def test_money_carries_the_configured_currency():
+    assert N.money(1234.5, SimpleNamespace(currency="EUR")) == "EUR 1,234"
+    assert N.money(1234.5, SimpleNamespace(currency="")) == "1,234"
+    assert N.money(-3.25, SimpleNamespace(currency="$"), decimals=1) == "$ -3.2"
+
+
+def test_run_to_run_changes_read_in_words_with_their_own_formats():
+    deltas = pd.DataFrame([
+        {"kpi": "revenue_12m", "previous": 1000.0, "current": 900.0, "change": -100.0,
+         "change_share": -0.1},
+        {"kpi": "top20_revenue_share", "previous": 0.5, "current": 0.55, "change": 0.05,
+         "change_share": 0.1},
+        {"kpi": "some_new_kpi", "previous": 2.0, "current": 3.0, "change": 1.0,
+         "change_share": 0.5}])
+    table = N._kpi_table(deltas, SimpleNamespace(currency="EUR")).set_index("kpi")
+    row = table.loc["Revenue, last 12 months"]
+    assert (row["previous"], row["current"], row["change"]) == ("EUR 1,000", "EUR 900",
+                                                                "-EUR 100")
+    share = table.loc["Revenue share of the top 20 % of customers, last 12 months"]
+    assert (share["current"], share["change"]) == ("55.0%", "+5.0%")
+    assert table.loc["some new kpi", "change"] == "+1"
+
+
+def test_list_names_are_safe_file_names():
+    assert N.list_name("Retain - personal outreach") == "retain-personal-outreach.csv"
+    assert N.list_name("Nurture / VIP care") == "nurture-vip-care.csv"
+    assert N.list_name("../../etc <b>") == "etc-b.csv"
+    assert N.list_name("***") == "action.csv"
