@@ -180,3 +180,17 @@ def test_customer_csv_neutralises_formulas_and_parquet_keeps_them(tmp_path):
     assert cells["predicted_value"].tolist() == ["-5.0", "1.5", "0.0", "2.0", "-0.25", "3.0", "4.0"]
     back = pd.read_parquet(written["customers"])
     pd.testing.assert_frame_equal(back, customers)                 # Parquet: values as given
+
+
+def test_behaviour_group_names_use_only_words_that_set_a_group_apart():
+    from analysis.segments import _describe_cluster
+
+    overall = pd.Series({"frequency": 4.0, "monetary_mean_order": 50.0, "recency_days": 100.0,
+                         "tenure_days": 500.0})
+    typical_basket = pd.Series({"frequency": 2.0, "monetary_mean_order": 48.0,
+                                "recency_days": 40.0, "tenure_days": 200.0})
+    name, sentence = _describe_cluster(typical_basket, overall)
+    assert name == "Infrequent, newer, recent" and "basket" not in name
+    big = pd.Series({"frequency": 8.0, "monetary_mean_order": 90.0, "recency_days": 200.0,
+                     "tenure_days": 520.0})
+    assert _describe_cluster(big, overall)[0] == "Frequent, high-basket, lapsing"

@@ -418,13 +418,16 @@ def _describe_cluster(med: pd.Series, overall: pd.Series) -> tuple[str, str]:
 
     freq = "Frequent" if rel("frequency") >= 1.5 else ("Occasional" if rel("frequency") >= 0.75
                                                        else "Infrequent")
+    # a word only where the group differs from everyone (a typical basket or tenure
+    # says nothing, and three "mid-basket" groups could not be told apart)
     basket = ("high-basket" if rel("monetary_mean_order") >= 1.3 else
-              "low-basket" if rel("monetary_mean_order") <= 0.75 else "mid-basket")
+              "low-basket" if rel("monetary_mean_order") <= 0.75 else "")
     recency = ("recent" if rel("recency_days") <= 0.6 else
                "lapsing" if rel("recency_days") >= 1.6 else "steady")
     tenure = "long-standing" if rel("tenure_days") >= 1.3 else (
         "newer" if rel("tenure_days") <= 0.7 else "established")
-    name = f"{freq}, {basket}, {recency}"
+    name = ", ".join(w for w in (freq, basket, "" if tenure == "established" else tenure,
+                                 recency) if w)
     sentence = (f"{tenure} customers with a median of {med.get('frequency', np.nan):.0f} "
                 f"purchase days, {med.get('monetary_mean_order', np.nan):,.0f} per order, "
                 f"last purchase {med.get('recency_days', np.nan):.0f} days ago")
