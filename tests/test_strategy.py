@@ -407,3 +407,34 @@ def test_learned_uplift_values_each_contact_by_its_own_incremental_margin():
     assert frame["targeted"].tolist() == [False, True, True]
     assert summary["method"] == "learned" and summary["campaign_size"] == 2
     assert summary["expected_margin_saved"] == pytest.approx(65)
+
+
+def test_the_effect_is_measured_over_the_longest_window_enough_campaigns_share():
+    as_of = dt.date(2026, 1, 1)
+    monthly = pd.DataFrame({"campaign_date": [as_of - dt.timedelta(days=30 * k)
+                                              for k in range(1, 13)]})
+    window, dates = S.measurement_window(monthly, as_of=as_of, horizon_days=90)
+    # 365 days have passed for none of them, 270 for four (360, 330, 300, 270 days ago)
+    assert window == 270 and len(dates) == 4 and max(dates) == as_of - dt.timedelta(days=270)
+    one = monthly.head(1).assign(campaign_date=as_of - dt.timedelta(days=200))
+    assert S.measurement_window(one, as_of=as_of, horizon_days=90) == (
+        200, [as_of - dt.timedelta(days=200)])
+    two = monthly.tail(2)      # 330 and 360 days ago: too few to pool, the earliest alone
+    assert S.measurement_window(two, as_of=as_of, horizon_days=90) == (
+        360, [as_of - dt.timedelta(days=360)])
+
+
+def test_a_customer_in_several_campaigns_is_one_cluster():
+    rng = np.random.default_rng(3)
+    n = 400
+    X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
+    y = X @ [1.0, 2.0, 0.5] + rng.normal(size=n)
+    _, se_independent = S._ols_last(X, y)
+    # the same rows twice, as if every customer were in two campaigns: HC1 would halve
+    # the error by counting each customer twice; clustering by customer does not
+    ids = np.arange(n)
+    _, se_doubled_hc1 = S._ols_last(np.vstack([X, X]), np.concatenate([y, y]))
+    _, se_clustered = S._ols_last(np.vstack([X, X]), np.concatenate([y, y]),
+                                  clusters=np.concatenate([ids, ids]))
+    assert se_doubled_hc1 < 0.75 * se_independent
+    assert se_clustered == pytest.approx(se_independent, rel=0.05)

@@ -825,11 +825,14 @@ def actions(page: Page) -> list[Block]:
     if r.get("method") in ("measured", "learned") and len(d.margin_uplift):
         u = d.margin_uplift.set_index("group").loc["all"]
         how = paragraph(
-            "A contact was valued with the past randomized campaign: contacted customers brought "
+            "A contact was valued with {which}: contacted customers brought "
             "extra margin worth {uplift:.1%} of what they were expected to bring over the "
             "{window} days after it, compared with customers not contacted (95 % interval {lo:.1%} "
             "to {hi:.1%}), so a contact is worth that share of a customer's expected margin over "
             "{window} days, less its cost.{why}", uplift=r["uplift_rate_used"],
+            which=("the past randomized campaign" if len(r.get("effect_campaigns", [])) < 2
+                   else f"the {len(r['effect_campaigns'])} past randomized campaigns whose "
+                   f"{r['value_window_days']} days have passed, pooled"),
             window=r["value_window_days"], lo=u["ci_low"], hi=u["ci_high"],
             why="" if (r.get("uplift_model") or {}).get("used") else (
                 " That is why the campaign favours valuable customers: the measured effect is "

@@ -66,6 +66,7 @@ __all__ = [
     "decide",
     "decide_snapshot",
     "guardrail_effects",
+    "measurement_window",
     "policy_table",
     "read_strategy",
     "write_strategy",
@@ -240,7 +241,8 @@ def estimate_retention_effect(campaign: pd.DataFrame, outcomes: pd.DataFrame, *,
         ``group``, ``n_treated``, ``n_control``, ``churn_treated``, ``churn_control``,
         ``retention_rate``, ``ci_low``, ``ci_high``.
     """
-    df = campaign[["customer_id", "treated"]].merge(outcomes, on="customer_id")
+    keys = [k for k in ("customer_id", "campaign_date") if k in outcomes and k in campaign]
+    df = campaign[[*keys, "treated"]].merge(outcomes, on=keys)
     df["treated"] = df["treated"].astype(bool)
     rng = np.random.default_rng(seed)
     groups = [("all", df)]
@@ -300,7 +302,8 @@ def estimate_margin_uplift(frame: pd.DataFrame, *, by: str | None = None,
         X = np.column_stack([np.ones(len(part)), base]
                             + [part[c].fillna(0).to_numpy(dtype=float) for c in covariates]
                             + [t.astype(float)])
-        effect, se = _ols_last(X, y)
+        effect, se = _ols_last(X, y, clusters=part["customer_id"].to_numpy()
+                               if "customer_id" in part else None)
         scale = float(base.mean())
         if not np.isfinite(effect) or scale <= 0:
             continue
@@ -312,14 +315,23 @@ def estimate_margin_uplift(frame: pd.DataFrame, *, by: str | None = None,
     return pd.DataFrame(rows)
 
 
-def _ols_last(X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Least-squares coefficient of the last column of ``X`` and its HC1 standard error."""
+def _ols_last(X: np.ndarray, y: np.ndarray, *, clusters: np.ndarray | None = None
+              ) -> tuple[float, float]:
+    """Least-squares coefficient of the last column of ``X`` and its robust standard
+    error: HC1, or clustered by ``clusters`` (a customer in several campaigns' rows, such
+    as a persistent control group, is one cluster: its rows are not independent)."""
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ beta
     bread = np.linalg.pinv(X.T @ X)
-    meat = (X * resid[:, None] ** 2).T @ X
     n, k = X.shape
-    cov = bread @ meat @ bread * n / max(n - k, 1)
+    if clusters is not None and len(pd.unique(clusters)) < n:
+        scores = pd.DataFrame(X * resid[:, None]).groupby(clusters).sum().to_numpy()
+        g = len(scores)
+        meat = scores.T @ scores * (g / max(g - 1, 1)) * ((n - 1) / max(n - k, 1))
+        cov = bread @ meat @ bread
+    else:
+        meat = (X * resid[:, None] ** 2).T @ X
+        cov = bread @ meat @ bread * n / max(n - k, 1)
     return float(beta[-1]), float(np.sqrt(max(cov[-1, -1], 0.0)))
 
 
@@ -772,20 +784,26 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
 
     effect, uplift = pd.DataFrame(), pd.DataFrame()
     rate: pd.Series | float = params.retention_rate
-    uplift_rate, window = None, 365
+    uplift_rate, window, dates = None, 365, []
     all_campaigns = campaign
     if campaign is not None and len(campaign):
-        when = pd.Timestamp(campaign["campaign_date"].min()).date()
-        campaign = campaign[pd.to_datetime(campaign["campaign_date"]).dt.date == when]
-        # outcome: the longest fully observed window after the campaign (up to a year: a
-        # retention contact pays off over months, not weeks), among the customers active
-        # within one horizon before it (those it could keep)
-        window = max(min(365, (as_of - when).days), horizon_days)
-        at_campaign = build_features(con, cutoff=when, horizon_days=window)
-        reachable = at_campaign[at_campaign["recency_days"] <= horizon_days].merge(
-            c[["customer_id", "value_tier"]], on="customer_id", how="left")
+        # outcome: a window fully observed after the campaigns measured (as long as the
+        # data allows, up to a year: a retention contact pays off over months, not
+        # weeks), among the customers active within one horizon before each campaign
+        # (those it could keep); several campaigns are pooled (measurement_window)
+        window, dates = measurement_window(campaign, as_of=as_of, horizon_days=horizon_days)
+        parts = []
+        for when in dates:
+            at_campaign = build_features(con, cutoff=when, horizon_days=window)
+            parts.append(at_campaign[at_campaign["recency_days"] <= horizon_days].merge(
+                c[["customer_id", "value_tier"]], on="customer_id", how="left").assign(
+                campaign_date=when))
+        on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date
+        campaign = campaign[on_dates.isin(dates)].assign(campaign_date=on_dates)
+        reachable = pd.concat(parts, ignore_index=True)
         effect = estimate_retention_effect(
-            campaign, reachable[["customer_id", "churned", "value_tier"]], by="value_tier")
+            campaign, reachable[["customer_id", "campaign_date", "churned", "value_tier"]],
+            by="value_tier")
         if len(effect) and "all" in set(effect["group"]):
             rate = max(float(effect.set_index("group").loc["all", "retention_rate"]), 0.0)
         if value_model is not None:
@@ -828,6 +846,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     retention["value_window_days"] = window if uplift_rate is not None else \
         int(params.retention_value_months * DAYS_PER_MONTH)
     retention["eligible_customers"] = int(active.sum())
+    retention["effect_campaigns"] = [d.isoformat() for d in dates]
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
                              periods=params.phaseout_periods, params=params)
     review = phaseout_review(c, econ, history, params=params)
@@ -929,11 +948,41 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.Da
     return learned, summary
 
 
+#: Outcome windows a campaign effect is measured over, longest first (days); the
+#: horizon is always a candidate.
+MEASUREMENT_WINDOWS = (365, 270, 180)
+#: The fewest campaigns a window must cover to be preferred to a longer one.
+MIN_POOLED_CAMPAIGNS = 3
+
+
+def measurement_window(campaign: pd.DataFrame, *, as_of: dt.date, horizon_days: int
+                       ) -> tuple[int, list[dt.date]]:
+    """The outcome window to measure the contact effect over, and the campaigns pooled.
+
+    One campaign: the longest fully observed window after it, up to a year (at least the
+    horizon). Several: the longest of :data:`MEASUREMENT_WINDOWS` (and the horizon) that
+    is fully observed for at least :data:`MIN_POOLED_CAMPAIGNS` of them, pooling those
+    campaigns: a year after one campaign of a few hundred contacts cannot tell a small
+    effect from none, a shorter window after several can. When no window covers that
+    many, the earliest campaign alone, as for one.
+    """
+    dates = sorted(set(pd.to_datetime(campaign["campaign_date"]).dt.date))
+    for window in (*MEASUREMENT_WINDOWS, horizon_days):
+        if window < horizon_days:
+            continue
+        closed = [d for d in dates if (as_of - d).days >= window]
+        if len(closed) >= MIN_POOLED_CAMPAIGNS:
+            return window, closed
+    first = dates[0]
+    return max(min(365, (as_of - first).days), horizon_days), [first]
+
+
 def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_model, *,
                       window: int, horizon_days: int, params: StrategyParams) -> pd.DataFrame:
     """Per reachable customer at the campaign date: ``treated``, the margin realised in
     the window after it, the margin the value model expected then, and last year's."""
-    r = reachable.merge(campaign[["customer_id", "treated"]], on="customer_id")
+    keys = [k for k in ("customer_id", "campaign_date") if k in reachable and k in campaign]
+    r = reachable.merge(campaign[[*keys, "treated"]], on=keys)
     rate = (r["margin_rate"].clip(0, 1) if "margin_rate" in r
             else pd.Series(np.nan, r.index)).fillna(params.margin_rate)
     X = prepare_matrix(r, value_model.features_, value_model.categories_)
