@@ -1573,8 +1573,8 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
                versions: dict[str, str] | None = None) -> ModelRun | None:
     """The models step of an order-log run: read the scoring date the profile step
     recorded, resolve the horizon (once; it is recorded in ``models.json`` for every later
-    step), fit and judge the
-    churn and value models out of time (:func:`fit_and_evaluate`) and write them.
+    step), fit and judge the churn and value models out of time
+    (:func:`fit_and_evaluate`) and write them.
 
     When the data is too short for a supervised model, the reason and the label-free
     fallback are written instead (:func:`write_skipped_models`) and None is returned;

@@ -274,7 +274,9 @@ def bottom_line(page: Page) -> list[Block]:
             f"({n['campaign_high_risk']:,} of them at high churn risk), costing "
             f"{m(n['campaign_cost'])} and expected to bring {m(n['incremental_profit'])} of "
             f"extra profit over {period} after its cost (ROI {n['roi']:.0%})"
-            + _range_words(n["campaign_range"], m)
+            + (_range_words(n["campaign_range"], m) if n["campaign_range"] else
+               " — an assumed effect: the data has no past campaign with a control group "
+               "to measure what a contact does")
             + (f"; also {_join(others)}." if others else "."))
     else:
         sentences.append("No retention contact is expected to pay for itself, so no campaign "

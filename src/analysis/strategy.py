@@ -10,6 +10,7 @@ report can print both. Protected attributes never enter a decision; they are onl
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -534,7 +535,7 @@ def assign_actions(decisions: pd.DataFrame, *, policy: list[dict] | None = None
                          "action": action.fillna("Maintain"), "action_reason": why})
 
 
-#: How a policy condition on a yes/no decision column reads (``None``: the column's name).
+#: How a policy condition on a yes/no decision column reads (other columns: their name).
 CONDITION_WORDS = {
     "phaseout_candidate": "on the phase-out list (every guardrail passed)",
     "retention_profitable": "a retention contact is expected to pay for itself",
@@ -997,9 +998,6 @@ def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_mod
 
 def write_strategy(run: StrategyRun, out_dir) -> dict:
     """Strategy tables under ``strategy/`` and the decisions merged into customers.*."""
-    import json
-    from pathlib import Path
-
     out_dir = Path(out_dir)
     folder = out_dir / "strategy"
     folder.mkdir(parents=True, exist_ok=True)
@@ -1036,9 +1034,6 @@ def campaign_list(customers: pd.DataFrame) -> pd.DataFrame:
 
 def read_strategy(out_dir) -> StrategyRun:
     """Read back what :func:`write_strategy` wrote."""
-    import json
-    from pathlib import Path
-
     folder = Path(out_dir) / "strategy"
     frames = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in ("actions", "profit_curve", "retention_effect", "margin_uplift",
