@@ -11,6 +11,7 @@ from analysis import features as F
 from analysis import models as M
 from analysis.demo import DemoWorld, generate_demo
 from analysis.errors import InsufficientDataError
+from analysis.store import RunStore
 
 
 # --------------------------------------------------------------------------- metrics
@@ -93,14 +94,17 @@ def test_accuracy_by_group_needs_enough_of_each_class():
 
 def test_skipped_models_leave_risk_unknown_and_say_why(tmp_path):
     customers = pd.DataFrame({"customer_id": ["a", "b"], "spend_365d": [365.0, -10.0]})
-    customers.to_parquet(tmp_path / "customers.parquet")
+    RunStore(tmp_path).write_profile_table(customers)
     out = M.write_skipped_models(tmp_path, reason="the data is too short", horizon_days=90,
                                  as_of=dt.date(2026, 1, 1), history_days=180)
     # 365 spent over the 180 days of data -> 182.5 over 90 days; refunds floor at 0
     assert out["predicted_value"].tolist() == pytest.approx([182.5, 0.0])
     assert out["churn_probability"].isna().all()
     assert M.skipped_reason(tmp_path) == "the data is too short"
-    assert M.read_horizon(tmp_path) == 90
+    assert RunStore(tmp_path).horizon_days() == 90
+    # the scores are the models step's own table, read back joined to the profile
+    back = RunStore(tmp_path).read_customers(["customer_id", "predicted_value"])
+    assert back["predicted_value"].tolist() == pytest.approx([182.5, 0.0])
     with pytest.raises(InsufficientDataError, match="too short"):
         M.read_model_run(tmp_path)
 

@@ -398,7 +398,8 @@ def test_a_short_three_column_log_is_scored_without_labels_and_says_what_it_lack
     result = run_pipeline(config, run_id="short", log=lambda line: None)
     models_json = json.loads((result.processed_dir / "models.json").read_text())
     assert "too short" in models_json["skipped"]
-    assert not (result.processed_dir / "models").exists()
+    # no model was fitted: the models step wrote its scores table and nothing else
+    assert [p.name for p in (result.processed_dir / "models").iterdir()] == ["scores.parquet"]
     # BG/NBD + Gamma-Gamma need no labels: every customer has a risk and a value
     fallback = models_json["fallback"]
     assert fallback["method"] == "BG/NBD + Gamma-Gamma"

@@ -8,6 +8,7 @@ import pytest
 from analysis import features as F
 from analysis import segments as S
 from analysis.config import AnalysisParams
+from analysis.store import RunStore
 
 
 def frame(**cols):
@@ -151,35 +152,13 @@ def test_profile_customers_on_demo_world(small_demo, tmp_path):
     written = S.write_profile(profile, tmp_path)
     back = S.read_profile(tmp_path)
     pd.testing.assert_frame_equal(back.customers, c, check_dtype=False)
-    assert written["customers_csv"].is_file()
+    assert written["customers"] == RunStore(tmp_path).profile_table
     summary_only = S.read_profile(tmp_path, with_customers=False)
     assert summary_only.customers is None
     pd.testing.assert_frame_equal(summary_only.tiers, back.tiers)
     # a reader can take a few columns; columns the table does not have are left out
-    few = S.read_customers(tmp_path, ["customer_id", "value_tier", "no_such_column"])
+    few = RunStore(tmp_path).read_customers(["customer_id", "value_tier", "no_such_column"])
     assert list(few.columns) == ["customer_id", "value_tier"] and len(few) == len(c)
-
-
-def test_customer_csv_neutralises_formulas_and_parquet_keeps_them(tmp_path):
-    import csv
-
-    ids = ['=HYPERLINK("http://x","click")', "+SUM(1+1)*cmd|' /C calc'!A0", "-2+3",
-           "@SUM(1)", "\tx", "\rx", "c7"]
-    customers = pd.DataFrame({
-        "customer_id": ids,
-        "segment": pd.Categorical(["Champions", "-12", "@risk", "Loyal", "=1", "a", "b"]),
-        "predicted_value": [-5.0, 1.5, 0.0, 2.0, -0.25, 3.0, 4.0],
-        "reasons": ["-12", "spent 5", "", "+3 orders", "x", "=cmd", "ok"]})
-    written = S.save_customers(tmp_path, customers)
-    with open(written["customers_csv"], newline="", encoding="utf-8") as handle:
-        header, *rows = list(csv.reader(handle))
-    cells = pd.DataFrame(rows, columns=header)
-    assert cells["customer_id"].tolist() == ["'" + i for i in ids[:-1]] + ["c7"]
-    assert cells["segment"].tolist() == ["Champions", "'-12", "'@risk", "Loyal", "'=1", "a", "b"]
-    assert cells["reasons"].tolist() == ["'-12", "spent 5", "", "'+3 orders", "x", "'=cmd", "ok"]
-    assert cells["predicted_value"].tolist() == ["-5.0", "1.5", "0.0", "2.0", "-0.25", "3.0", "4.0"]
-    back = pd.read_parquet(written["customers"])
-    pd.testing.assert_frame_equal(back, customers)                 # Parquet: values as given
 
 
 def test_behaviour_group_names_use_only_words_that_set_a_group_apart():

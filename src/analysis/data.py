@@ -44,6 +44,7 @@ __all__ = [
     "load_dataset",
     "load_table",
     "neutralise_csv_cells",
+    "quality_step",
     "quality_summary",
     "read_columns",
     "write_atomically",
@@ -405,6 +406,16 @@ def available_inputs(processed_dir: str | Path) -> dict[str, bool]:
             given.add("margin")
     return {name: table in columns and (column is None or column in columns[table])
             for name, (table, column, _) in OPTIONAL_INPUTS.items()}
+
+
+def quality_step(config: Config, processed_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The data-quality step (both modes): load, validate and clean every input the
+    config names (:func:`load_dataset`), write the cleaned tables, the quarantine files
+    and ``data_quality.json`` into the run folder (:func:`write_processed`), and return
+    the summary (:func:`quality_summary`)."""
+    dataset = load_dataset(config)
+    write_processed(dataset, processed_dir)
+    return quality_summary(dataset)
 
 
 def absent_input_sentence(name: str, **values: object) -> str:

@@ -56,9 +56,8 @@ from analysis.segments import (
     ACTIVE_STAGES,
     assign_lifecycle,
     lifecycle_thresholds,
-    read_scoring_date,
-    save_customers,
 )
+from analysis.store import RunStore
 
 __all__ = [
     "CHURN_CANDIDATES",
@@ -79,7 +78,6 @@ __all__ = [
     "describe_choice",
     "value_selection",
     "ModelRun",
-    "attach_scores",
     "data_fingerprint",
     "fit_and_evaluate",
     "honest_cutoffs",
@@ -100,7 +98,6 @@ __all__ = [
     "prepare_matrix",
     "rfm_lookup",
     "value_metrics",
-    "read_horizon",
     "skipped_reason",
     "fit_without_labels",
     "label_free_fallback",
@@ -1393,8 +1390,8 @@ def write_skipped_models(out_dir: str | Path, *, reason: str, horizon_days: int,
     churn probability is left unknown (missing), so no decision uses a made-up risk.
     """
     out_dir = Path(out_dir)
-    customers = pd.read_parquet(out_dir / "customers.parquet",
-                                columns=["customer_id", "spend_365d"])
+    store = RunStore(out_dir)
+    customers = store.read_customers(["customer_id", "spend_365d"])
     window = max(min(365, int(history_days)), 1)
     scores = pd.DataFrame({
         "customer_id": customers["customer_id"],
@@ -1412,7 +1409,8 @@ def write_skipped_models(out_dir: str | Path, *, reason: str, horizon_days: int,
         else:
             scores = customers[["customer_id"]].merge(fitted, on="customer_id", how="left")
     (out_dir / "models.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    return attach_scores(out_dir, scores)
+    store.write_scores(scores)
+    return scores
 
 
 #: The method that scores customers when there are too few labelled cutoffs.
@@ -1508,25 +1506,6 @@ def label_free_fallback(out_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()).get("fallback") if path.is_file() else None
 
 
-def read_horizon(out_dir: str | Path) -> int:
-    """The run's label horizon in days (with or without models)."""
-    return int(json.loads((Path(out_dir) / "models.json").read_text())["horizon_days"])
-
-
-def attach_scores(out_dir: str | Path, scores: pd.DataFrame) -> pd.DataFrame:
-    """Add the scores (``churn_probability``, ``predicted_value``, ``reasons`` (why the
-    churn risk is what it is), ``value_reasons``, ``expected_next_order``,
-    ``predicted_clv``) to the run's ``customers.parquet`` / ``.csv``."""
-    out_dir = Path(out_dir)
-    customers = pd.read_parquet(out_dir / "customers.parquet")
-    incoming = set(scores.columns.drop("customer_id")) | {"reasons"}
-    customers = customers.drop(columns=[c for c in customers if c in incoming])
-    merged = customers.merge(
-        scores.rename(columns={"churn_reasons": "reasons"}), on="customer_id", how="left")
-    save_customers(out_dir, merged)
-    return merged
-
-
 def metrics_by_group(evaluation: pd.DataFrame, *, by: str = "frequency",
                      min_class: int = 10, churn_method: str = "model",
                      value_method: str = "model") -> pd.DataFrame:
@@ -1582,7 +1561,8 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
     """
     a = config.analysis
     con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
-    scoring_date = read_scoring_date(processed_dir) or resolve_as_of(con, as_of=as_of or a.as_of)
+    scoring_date = (RunStore(processed_dir).scoring_date()
+                    or resolve_as_of(con, as_of=as_of or a.as_of))
     horizon = resolve_horizon_days(con, horizon_days=a.horizon_days, cutoff=scoring_date,
                                    step_days=a.cutoff_step_days)
     try:

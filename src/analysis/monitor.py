@@ -17,7 +17,8 @@ import pandas as pd
 
 from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
-from analysis.segments import ACTIVE_STAGES, TIER_HIGH, read_customers
+from analysis.segments import ACTIVE_STAGES, TIER_HIGH
+from analysis.store import RunStore
 
 __all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "monthly_trend",
            "new_alerts",
@@ -39,7 +40,7 @@ def run_kpis(processed_dir: str | Path) -> dict:
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
     folder = Path(processed_dir)
-    c = read_customers(folder, ["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
+    c = RunStore(folder).read_customers(["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
                                 "churn_probability", "predicted_value", "phaseout_candidate"])
     profile = json.loads((folder / "profile.json").read_text())
     active = c["lifecycle_stage"].isin(ACTIVE_STAGES)

@@ -42,6 +42,7 @@ from analysis import (
 )
 from analysis.config import Config, load_config
 from analysis.markup import absent_note, heading, html_table, kpi_cards, link_list, paragraph
+from analysis.store import RunStore
 
 __all__ = [
     "LISTS_DIR",
@@ -156,9 +157,9 @@ def load_page(config_path: str | Path, processed_dir: str | Path, *, run_id: str
         processed_href=processed_href,
         quality=json.loads((processed_dir / "data_quality.json").read_text()),
         profile=segments.read_profile(processed_dir, with_customers=False),
-        customers=segments.read_customers(processed_dir, PAGE_COLUMNS),
+        customers=RunStore(processed_dir).read_customers(PAGE_COLUMNS),
         decisions=strategy.read_strategy(processed_dir),
-        horizon=models.read_horizon(processed_dir), skipped=skipped,
+        horizon=RunStore(processed_dir).horizon_days(), skipped=skipped,
         fallback=models.label_free_fallback(processed_dir),
         inputs=data.available_inputs(processed_dir), run=run)
 
@@ -421,7 +422,7 @@ def changes(page: Page) -> list[Block]:
                               labels={"kpi": "Measure", "previous": "Previous run",
                                       "current": "This run", "change": "Change",
                                       "change_share": "Change (%)"}))
-        old = segments.read_customers(prev, ["customer_id", "value_tier", "segment"])
+        old = RunStore(prev).read_customers(["customer_id", "value_tier", "segment"])
         out += [paragraph("Value-tier migration: rows are the tier in the previous run, "
                           "columns the tier now."),
                 html_table(monitor.migration_matrix(old, c, column="value_tier").reset_index())]
@@ -558,7 +559,7 @@ def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
     done = history[pd.to_datetime(history["as_of"]) + pd.Timedelta(days=h)
                    <= pd.Timestamp(page.profile.as_of)]
     done = done[[(root / r / "customers.parquet").is_file() for r in done["run_id"]]]
-    done = done[[segments.read_customers(root / r, ["churn_probability"])["churn_probability"]
+    done = done[[RunStore(root / r).read_customers(["churn_probability"])["churn_probability"]
                  .notna().any() for r in done["run_id"]]] if len(done) else done
     if not len(done):
         return []
@@ -567,8 +568,8 @@ def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
                            memory_limit=page.config.analysis.duckdb_memory_limit)
     actual = features.build_features(con, cutoff=pd.Timestamp(earlier["as_of"]).date(),
                                      horizon_days=h)
-    past = segments.read_customers(root / earlier["run_id"],
-                                   ["customer_id", "churn_probability", "predicted_value"])
+    past = RunStore(root / earlier["run_id"]).read_customers(
+        ["customer_id", "churn_probability", "predicted_value"])
     real = monitor.realized_outcomes(past, actual)
     return [paragraph(
         "How the run of {d} turned out, now that its {h} days have passed: it expected {pc:.0%} "
@@ -1327,7 +1328,7 @@ def write_lists(processed_dir: str | Path, out_dir: str | Path) -> dict[str, int
     """
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
     decided = strategy.read_strategy(processed_dir)
-    customers = segments.read_customers(processed_dir, [
+    customers = RunStore(processed_dir).read_customers([
         c for c in LIST_COLUMNS if c not in {"action", "action_reason", "incremental_profit"}])
     table = customers.merge(decided.customers[["customer_id", "action", "action_reason",
                                                "incremental_profit"]], on="customer_id")

@@ -44,6 +44,7 @@ from analysis.markup import (
 )
 from analysis.monitor import append_history, run_kpis
 from analysis.narrative import LISTS_DIR, write_lists
+from analysis.store import RunStore
 
 __all__ = [
     "NOTEBOOKS",
@@ -164,6 +165,8 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
         for i, name in enumerate(notebooks, start=1):
             log(f"run {run_id}: stage {i}/{len(notebooks)} {name} ...")
             if name == notebooks[-1]:
+                # every step has written its table: the customer table people read, once
+                RunStore(tmp_processed).export_customers()
                 # the lists travel with the report, and the executive page links them
                 write_lists(tmp_processed, tmp_report / LISTS_DIR)
             start = time.perf_counter()
@@ -313,7 +316,8 @@ def _replace_paths(notebook: Path, replacements: dict[str, str]) -> None:
 def _scoring_date(processed: Path) -> str:
     """The run's scoring date (ISO), as the profile step recorded it; "" if it did not."""
     with contextlib.suppress(OSError, ValueError, KeyError):
-        return str(json.loads((processed / "profile.json").read_text())["as_of"])
+        date = RunStore(processed).scoring_date()
+        return date.isoformat() if date else ""
     return ""
 
 

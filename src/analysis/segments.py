@@ -18,17 +18,16 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
-from analysis.config import AnalysisParams
-from analysis.data import read_columns, write_atomically, write_csv
+from analysis.config import AnalysisParams, Config
 from analysis.errors import InsufficientDataError
 from analysis.explain import FEATURE_LABELS
-from analysis.features import build_features
+from analysis.features import build_features, connect, resolve_as_of
+from analysis.store import RunStore
 
 __all__ = [
     "ACTIVE_STAGES",
     "CLUSTER_FEATURES",
     "CustomerProfile",
-    "ACTIVE_STAGES",
     "LIFECYCLE_STAGES",
     "RFM_SEGMENTS",
     "STAGE_ACTIVE",
@@ -46,10 +45,8 @@ __all__ = [
     "cohort_matrix",
     "pareto_curve",
     "profile_customers",
-    "read_customers",
+    "profile_step",
     "read_profile",
-    "read_scoring_date",
-    "save_customers",
     "rfm_scores",
     "segment_profile",
     "tier_summary_of",
@@ -526,6 +523,22 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
     )
 
 
+def profile_step(config: Config, processed_dir: str | Path, *, as_of: str | None = None
+                 ) -> CustomerProfile:
+    """The profile step of an order-log run: resolve the scoring date (``as_of``, else the
+    config's, else the day after the last order) once, profile every customer at it from
+    the cleaned inputs (:func:`profile_customers`, protected and personal attributes left
+    out) and write the profile (:func:`write_profile`), which records the scoring date
+    for every later step."""
+    a = config.analysis
+    con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
+    scoring_date = resolve_as_of(con, as_of=as_of or a.as_of)
+    profile = profile_customers(con, as_of=scoring_date, params=a, seed=config.seed,
+                                exclude_attributes=config.protected + config.pii)
+    write_profile(profile, processed_dir)
+    return profile
+
+
 def tier_summary_of(customers: pd.DataFrame, *, value_col: str = "monetary_total"
                     ) -> pd.DataFrame:
     """Customers, value and shares per value tier (high, mid, low)."""
@@ -549,7 +562,8 @@ def lifecycle_counts(customers: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``customers.parquet`` / ``.csv``, the summary frames and ``profile.json``.
+    """Write the profile step's customer table (:class:`analysis.store.RunStore`), the
+    summary frames and ``profile.json`` (with the scoring date every later step reads).
 
     Returns
     -------
@@ -558,7 +572,7 @@ def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Pa
     """
     out_dir = Path(out_dir)
     (out_dir / "segments").mkdir(parents=True, exist_ok=True)
-    written = save_customers(out_dir, profile.customers)
+    written = {"customers": RunStore(out_dir).write_profile_table(profile.customers)}
     for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto"):
         path = out_dir / "segments" / f"{name}.parquet"
         getattr(profile, name).to_parquet(path, index=False)
@@ -566,38 +580,6 @@ def write_profile(profile: CustomerProfile, out_dir: str | Path) -> dict[str, Pa
     written["profile"] = out_dir / "profile.json"
     written["profile"].write_text(json.dumps(profile.summary(), indent=2))
     return written
-
-
-#: Columns shown first in the run's customer table (the DESIGN's contract first).
-CUSTOMER_COLUMNS_FIRST = ("customer_id", "segment", "value_tier", "lifecycle_stage",
-                          "churn_probability", "predicted_value", "action", "reasons")
-
-
-def save_customers(out_dir: str | Path, customers: pd.DataFrame) -> dict[str, Path]:
-    """Write the run's customer table as ``customers.parquet`` and ``customers.csv``
-    (atomically), with :data:`CUSTOMER_COLUMNS_FIRST` first; in the CSV, text that a
-    spreadsheet would run as a formula is neutralised (:func:`analysis.data.write_csv`),
-    the Parquet file keeps the values as they are.
-
-    The profile step creates it; the model and strategy steps add their columns through
-    this function too.
-    """
-    out_dir = Path(out_dir)
-    first = [c for c in CUSTOMER_COLUMNS_FIRST if c in customers]
-    ordered = customers[first + [c for c in customers.columns if c not in first]]
-    return {
-        "customers": write_atomically(out_dir / "customers.parquet",
-                                      lambda tmp: ordered.to_parquet(tmp, index=False)),
-        "customers_csv": write_csv(out_dir / "customers.csv", ordered),
-    }
-
-
-def read_scoring_date(out_dir: str | Path) -> dt.date | None:
-    """The scoring date the profile step resolved and recorded (``profile.json``), which
-    every later step of the run reads; None before the profile step has run."""
-    path = Path(out_dir) / "profile.json"
-    return dt.date.fromisoformat(json.loads(path.read_text())["as_of"]) if path.is_file() \
-        else None
 
 
 def read_profile(out_dir: str | Path, *, with_customers: bool = True) -> CustomerProfile:
@@ -608,14 +590,6 @@ def read_profile(out_dir: str | Path, *, with_customers: bool = True) -> Custome
     summary = json.loads((out_dir / "profile.json").read_text())
     frames = {name: pd.read_parquet(out_dir / "segments" / f"{name}.parquet")
               for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto")}
-    customers = read_customers(out_dir) if with_customers else None
+    customers = RunStore(out_dir).read_customers() if with_customers else None
     return CustomerProfile(as_of=dt.date.fromisoformat(summary["as_of"]),
                            customers=customers, **frames)
-
-
-def read_customers(out_dir: str | Path, columns: list[str] | tuple[str, ...] | None = None
-                   ) -> pd.DataFrame:
-    """The run's customer table (``customers.parquet``); with ``columns``, only those of
-    them it has (memory: a large base's table has dozens of columns, long texts among
-    them)."""
-    return read_columns(Path(out_dir) / "customers.parquet", columns)

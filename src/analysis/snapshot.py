@@ -18,6 +18,7 @@ There is no order log, so no recency, rhythm or RFM. Instead:
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,17 +53,21 @@ from analysis.segments import (
     segment_profile,
     tier_summary_of,
     value_tiers,
+    write_profile,
 )
 
 __all__ = [
     "SnapshotRun",
     "feature_types",
     "fit_churn_cv",
+    "horizon_days",
     "kaplan_meier",
+    "model_step",
     "one_feature_rule",
     "profile_snapshot",
     "read_snapshot_run",
     "remaining_value",
+    "scoring_date",
     "snapshot_matrix",
     "tenure_cohorts",
     "write_snapshot_run",
@@ -499,8 +504,54 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
 
 
 def _horizon_months(config: Config) -> float:
+    return horizon_days(config) / DAYS_PER_MONTH
+
+
+#: The horizon of a snapshot run when the config says ``auto`` (days): a snapshot has
+#: no purchase rhythm to suggest one.
+DEFAULT_HORIZON_DAYS = 90
+
+
+def horizon_days(config: Config) -> int:
+    """The snapshot run's horizon: the config's, or :data:`DEFAULT_HORIZON_DAYS`."""
     h = config.analysis.horizon_days
-    return (90 if h == "auto" else int(h)) / DAYS_PER_MONTH
+    return DEFAULT_HORIZON_DAYS if h == "auto" else int(h)
+
+
+def scoring_date(config: Config, as_of: str | dt.date | None = None) -> dt.date:
+    """The date of the export: ``as_of``, else the config's, else today."""
+    if as_of:
+        return as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(as_of)
+    return config.analysis.as_of or dt.date.today()
+
+
+def model_step(config: Config, processed_dir: str | Path, *,
+               as_of: str | dt.date | None = None, versions: dict | None = None
+               ) -> tuple[SnapshotRun | None, CustomerProfile]:
+    """The models and profile step of a snapshot run: fit and judge the churn model by
+    k-fold cross-validation on the cleaned customer table (:func:`fit_churn_cv`) and
+    write it (:func:`write_snapshot_run`), then profile the customers with its scores
+    (:func:`profile_snapshot`) and write the profile (which records the scoring date).
+
+    When there are too few customers or churners for a model, the reason is recorded and
+    the customers are profiled without a churn probability (missing, so no decision uses
+    a made-up risk); the run is then None.
+    """
+    date, horizon = scoring_date(config, as_of), horizon_days(config)
+    clean = pd.read_parquet(Path(processed_dir) / "clean" / "customers.parquet")
+    try:
+        run = fit_churn_cv(clean, params=config.snapshot, exclude=config.protected + config.pii,
+                           seed=config.seed, device=config.analysis.device)
+    except InsufficientDataError as exc:
+        (Path(processed_dir) / "models.json").write_text(json.dumps(
+            {"mode": "snapshot", "skipped": str(exc), "horizon_days": horizon}, indent=2))
+        profile = profile_snapshot(clean, config=config, as_of=date)
+        write_profile(profile, processed_dir)
+        return None, profile
+    write_snapshot_run(run, processed_dir, horizon_days=horizon, versions=versions)
+    profile = profile_snapshot(clean, config=config, as_of=date, scores=run.scores)
+    write_profile(profile, processed_dir)
+    return run, profile
 
 
 # --------------------------------------------------------------------------- files

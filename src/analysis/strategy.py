@@ -22,7 +22,7 @@ from scipy import stats
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
 from analysis.features import build_features, connect, resolve_as_of
-from analysis.models import prepare_matrix, read_horizon, read_model_run, skipped_reason
+from analysis.models import prepare_matrix, read_model_run, skipped_reason
 from analysis.segments import (
     ACTIVE_STAGES,
     STAGE_ACTIVE,
@@ -33,10 +33,8 @@ from analysis.segments import (
     TIER_LOW,
     TIER_MID,
     WIN_BACK_STAGES,
-    read_customers,
-    read_scoring_date,
-    save_customers,
 )
+from analysis.store import RunStore
 from analysis.uplift import learn_uplift
 
 __all__ = [
@@ -865,27 +863,36 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
 
 def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None,
                   previous_processed_dir: str | Path = "") -> StrategyRun:
-    """The strategy step of an order-log run: read what the earlier steps wrote (the
-    scored customers, the models, the horizon; the campaign and the protected attributes
-    from the cleaned inputs, when the data has them), :func:`decide`, and write the
-    decisions (:func:`write_strategy`)."""
+    """The strategy step, for either mode: read what the earlier steps wrote (the scored
+    customers, the horizon; for an order log also the models and the scoring date; the
+    campaign and the protected attributes from the cleaned inputs, when the data has
+    them), decide (:func:`decide` for an order log, :func:`decide_snapshot` for a
+    snapshot), and write the decisions (:func:`write_strategy`)."""
     processed_dir = Path(processed_dir)
-    con = connect(processed_dir, memory_limit=config.analysis.duckdb_memory_limit)
-    run = None if skipped_reason(processed_dir) else read_model_run(processed_dir, tables=())
+    store = RunStore(processed_dir)
     clean = processed_dir / "clean"
-    campaign = (pd.read_parquet(clean / "campaign.parquet")
-                if (clean / "campaign.parquet").is_file() else None)
     attributes = (read_columns(clean / "customers.parquet", ["customer_id", *config.protected])
                   if (clean / "customers.parquet").is_file() else None)
-    previous = (read_customers(previous_processed_dir, ["customer_id", "churn_probability"])
-                if previous_processed_dir else None)
-    decisions = decide(con, read_customers(processed_dir, DECISION_COLUMNS),
-                       as_of=read_scoring_date(processed_dir)
-                       or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
-                       horizon_days=read_horizon(processed_dir), params=config.strategy,
-                       campaign=campaign, attributes=attributes, protected=config.protected,
-                       previous=previous, value_model=run.value if run else None,
-                       churn_model=run.churn if run else None)
+    previous = (RunStore(previous_processed_dir).read_customers(
+        ["customer_id", "churn_probability"]) if previous_processed_dir else None)
+    if config.mode == "snapshot":
+        decisions = decide_snapshot(store.read_customers(), horizon_days=store.horizon_days(),
+                                    params=config.strategy, attributes=attributes,
+                                    protected=config.protected, previous=previous)
+    else:
+        con = connect(processed_dir, memory_limit=config.analysis.duckdb_memory_limit)
+        run = None if skipped_reason(processed_dir) else read_model_run(processed_dir,
+                                                                         tables=())
+        campaign = (pd.read_parquet(clean / "campaign.parquet")
+                    if (clean / "campaign.parquet").is_file() else None)
+        decisions = decide(con, store.read_customers(DECISION_COLUMNS),
+                           as_of=store.scoring_date()
+                           or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
+                           horizon_days=store.horizon_days(), params=config.strategy,
+                           campaign=campaign, attributes=attributes,
+                           protected=config.protected, previous=previous,
+                           value_model=run.value if run else None,
+                           churn_model=run.churn if run else None)
     write_strategy(decisions, processed_dir)
     return decisions
 
@@ -997,23 +1004,23 @@ def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_mod
 
 
 def write_strategy(run: StrategyRun, out_dir) -> dict:
-    """Strategy tables under ``strategy/`` and the decisions merged into customers.*."""
+    """Strategy tables under ``strategy/`` (``customers.parquet`` among them: the
+    decisions per customer, the run store's decisions table) and the retention campaign
+    as people use it (``campaign.csv``)."""
     out_dir = Path(out_dir)
     folder = out_dir / "strategy"
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for name in ("actions", "profit_curve", "retention_effect", "margin_uplift", "guardrails",
-                 "alerts", "fairness", "customers"):
+                 "alerts", "fairness"):
         frame = getattr(run, name)
         path = folder / f"{name}.parquet"
         frame.to_parquet(path, index=False)
         written[name] = path
+    written["customers"] = RunStore(out_dir).write_decisions(run.customers)
     (folder / "retention.json").write_text(json.dumps(run.retention, indent=2))
-    customers = pd.read_parquet(out_dir / "customers.parquet")
-    keep = [c for c in customers.columns if c not in run.customers.columns or c == "customer_id"]
-    merged = customers[keep].merge(run.customers, on="customer_id", how="left")
-    written.update(save_customers(out_dir, merged))
-    written["campaign"] = write_csv(folder / "campaign.csv", campaign_list(merged))
+    written["campaign"] = write_csv(folder / "campaign.csv", campaign_list(
+        RunStore(out_dir).read_customers(CAMPAIGN_COLUMNS)))
     return written
 
 

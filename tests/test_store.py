@@ -1,0 +1,100 @@
+"""The run store: each step's table written once, joined on read, exported at the end."""
+import csv
+import datetime as dt
+import json
+
+import pandas as pd
+import pytest
+
+from analysis.store import RunStore
+
+
+def _three_steps(folder):
+    store = RunStore(folder)
+    store.write_profile_table(pd.DataFrame({
+        "customer_id": ["c3", "c1", "c2"], "recency_days": [5, 50, 500],
+        "segment": ["Loyal", "New", "Lost"], "churn_probability": [0.9, 0.9, 0.9]}))
+    # the scores cover two of the three customers, in another order, and say why in
+    # churn_reasons (shown as reasons)
+    store.write_scores(pd.DataFrame({
+        "customer_id": ["c2", "c3"], "churn_probability": [0.8, 0.1],
+        "churn_reasons": ["no order for 500 days", "orders often"]}))
+    store.write_decisions(pd.DataFrame({
+        "customer_id": ["c1", "c2", "c3"], "action": ["Nurture", "Win back", "Nurture"]}))
+    return store
+
+
+def test_read_customers_joins_the_steps_tables_later_step_wins(tmp_path):
+    store = _three_steps(tmp_path)
+    out = store.read_customers()
+    # the profile's customers in the profile's order; the contract's columns first
+    assert out["customer_id"].tolist() == ["c3", "c1", "c2"]
+    assert list(out.columns) == ["customer_id", "segment", "churn_probability", "action",
+                                 "reasons", "recency_days"]
+    # the scores replace the profile's churn_probability; a customer without a score
+    # has none (not the profile's stale value)
+    assert out["churn_probability"].tolist()[0] == 0.1
+    assert pd.isna(out["churn_probability"].iloc[1])
+    assert out["churn_probability"].iloc[2] == 0.8
+    assert out["reasons"].fillna("").tolist() == ["orders often", "", "no order for 500 days"]
+    assert out["action"].tolist() == ["Nurture", "Nurture", "Win back"]
+    few = store.read_customers(["action", "customer_id", "no_such_column"])
+    assert list(few.columns) == ["action", "customer_id"]
+    assert store.customer_columns() == list(out.columns)
+
+
+def test_no_step_rewrites_an_earlier_steps_table(tmp_path):
+    store = _three_steps(tmp_path)
+    before = store.profile_table.read_bytes()
+    store.export_customers()
+    store.read_customers()
+    assert store.profile_table.read_bytes() == before
+    assert "action" not in pd.read_parquet(store.profile_table)
+
+
+def test_export_is_the_join_and_a_run_before_the_store_reads_its_export(tmp_path):
+    store = _three_steps(tmp_path / "new")
+    written = store.export_customers()
+    pd.testing.assert_frame_equal(pd.read_parquet(written["customers"]),
+                                  store.read_customers())
+    old = RunStore(tmp_path / "old")
+    old.folder.mkdir()
+    pd.read_parquet(written["customers"]).to_parquet(old.export, index=False)
+    assert old.read_customers(["customer_id", "action"])["action"].tolist() == [
+        "Nurture", "Nurture", "Win back"]
+    with pytest.raises(FileNotFoundError, match="profile step"):
+        RunStore(tmp_path / "empty").read_customers()
+
+
+def test_scoring_date_and_horizon_are_read_from_what_the_steps_recorded(tmp_path):
+    store = RunStore(tmp_path)
+    assert store.scoring_date() is None and store.horizon_days() is None
+    (tmp_path / "profile.json").write_text(json.dumps({"as_of": "2026-03-01"}))
+    (tmp_path / "models.json").write_text(json.dumps({"horizon_days": 120}))
+    assert store.scoring_date() == dt.date(2026, 3, 1) and store.horizon_days() == 120
+
+
+def test_customer_csv_neutralises_formulas_and_parquet_keeps_them(tmp_path):
+
+
+    ids = ['=HYPERLINK("http://x","click")', "+SUM(1+1)*cmd|' /C calc'!A0", "-2+3",
+           "@SUM(1)", "\tx", "\rx", "c7"]
+    customers = pd.DataFrame({
+        "customer_id": ids,
+        "segment": pd.Categorical(["Champions", "-12", "@risk", "Loyal", "=1", "a", "b"]),
+        "predicted_value": [-5.0, 1.5, 0.0, 2.0, -0.25, 3.0, 4.0],
+        "reasons": ["-12", "spent 5", "", "+3 orders", "x", "=cmd", "ok"]})
+    store = RunStore(tmp_path)
+    store.write_profile_table(customers)
+    written = store.export_customers()
+    with open(written["customers_csv"], newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    cells = pd.DataFrame(rows, columns=header)
+    assert cells["customer_id"].tolist() == ["'" + i for i in ids[:-1]] + ["c7"]
+    assert cells["segment"].tolist() == ["Champions", "'-12", "'@risk", "Loyal", "'=1", "a", "b"]
+    assert cells["reasons"].tolist() == ["'-12", "spent 5", "", "'+3 orders", "x", "'=cmd", "ok"]
+    assert cells["predicted_value"].tolist() == ["-5.0", "1.5", "0.0", "2.0", "-0.25", "3.0", "4.0"]
+    back = pd.read_parquet(written["customers"])
+    pd.testing.assert_frame_equal(back, customers)                 # Parquet: values as given
+
+
