@@ -12,6 +12,7 @@ import yaml
 from analysis import cli, data, narrative, strategy
 from analysis.errors import DataContractError, PipelineError
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
+from analysis.store import RunStore
 
 from .conftest import SHIPPED, require_cdnow, shipped_config, write_config, write_yaml
 
@@ -202,6 +203,12 @@ def test_run_writes_customers_and_metrics(good_run):
     assert (models / "logistic.json").is_file()
     page = (result.report_dir / "index.html").read_text()
     assert "Churn risk comes from" in page and "Spend forecasts come from" in page
+    # each step wrote its own table once; the export is their join
+    store = RunStore(result.processed_dir)
+    profile = pd.read_parquet(store.profile_table)
+    assert not {"churn_probability", "predicted_value", "action"} & set(profile.columns)
+    assert "action" not in pd.read_parquet(store.scores_table)
+    pd.testing.assert_frame_equal(pd.read_parquet(store.export), store.read_customers())
 
 
 @pytest.mark.e2e

@@ -607,8 +607,9 @@ def portfolio(page: Page) -> list[Block]:
     out += [absent_note(name, page.config) for name in ("category", "channel")
             if not inputs[name]]
     out.append(plots.plot_segments(profile.segments))
-    columns = ["segment", "n_customers", "customer_share", "value_share", "mean_value",
-               "median_recency_days"] + (["top_categories"] if inputs["category"] else [])
+    columns = [c for c in ["segment", "n_customers", "customer_share", "value_share",
+                           "mean_value", "median_recency_days"] if c in profile.segments] + (
+        ["top_categories"] if inputs["category"] else [])
     out.append(html_table(profile.segments[columns], formats={
         "customer_share": ".1%", "value_share": ".1%", "mean_value": ",.0f", "n_customers": ",",
         "median_recency_days": ",.0f"}, labels={

@@ -353,19 +353,23 @@ def segment_profile(customers: pd.DataFrame, *, by: str,
     DataFrame
         One row per segment, largest value share first: ``segment``, ``n_customers``,
         ``customer_share``, ``value_share``, ``margin_share`` (if margin known),
-        ``mean_value``, ``median_recency_days``, ``median_frequency``, ``churn_rate``
+        ``mean_value``, ``median_recency_days`` and ``median_frequency`` (when the
+        customers have them: an order log's), ``churn_rate``
         (observed, when labels are present) or ``mean_churn_probability``,
         ``top_categories`` and ``top_channels`` (the three most common, with shares),
         ``described``.
     """
     df = customers
     total_value = df[value_col].clip(lower=0).sum()
+    # recency and frequency come from an order log; a snapshot has neither, and its
+    # segments say nothing about them rather than a made-up value
+    orders = {f"median_{col}": (col, "median") for col in ("recency_days", "frequency")
+              if col in df}
     agg = df.groupby(by, observed=True).agg(
         n_customers=("customer_id", "size"),
         value=(value_col, lambda s: s.clip(lower=0).sum()),
         mean_value=(value_col, "mean"),
-        median_recency_days=("recency_days", "median"),
-        median_frequency=("frequency", "median"),
+        **orders,
     )
     agg["customer_share"] = agg["n_customers"] / len(df)
     agg["value_share"] = agg["value"] / total_value if total_value > 0 else 0.0

@@ -495,8 +495,7 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
     c = c[first + [col for col in c.columns if col not in first]]
     return CustomerProfile(
         as_of=as_of, customers=c,
-        segments=segment_profile(c.assign(recency_days=np.nan, frequency=np.nan),
-                                 by="segment", value_col="revenue_month",
+        segments=segment_profile(c, by="segment", value_col="revenue_month",
                                  min_customers=config.analysis.min_segment_customers),
         tiers=tier_summary_of(c, value_col="revenue_month"),
         lifecycle=lifecycle_counts(c), clusters=clusters,
