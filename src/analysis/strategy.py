@@ -38,7 +38,6 @@ from analysis.store import RunStore
 from analysis.uplift import learn_uplift
 
 __all__ = [
-    "ADVERSE_ACTIONS",
     "DECISION_COLUMNS",
     "DEFAULT_POLICY",
     "RISK_BANDS",
@@ -93,8 +92,6 @@ NO_ACTION_LAPSED = "No action - lapsed"
 SERVE_LOW_COST = "Serve at low cost"
 MAINTAIN = "Maintain"
 RETAIN_PREFIX = "Retain"
-#: The actions that reduce what a customer gets (the executive report audits these).
-ADVERSE_ACTIONS = (PHASEOUT_REVIEW, SERVE_LOW_COST)
 
 #: The churn-risk bands of the decisions (``churn_risk``): ``high`` from ``high_risk``
 #: on, ``low`` below it, ``unknown`` without a churn probability. Words distinct from
