@@ -46,7 +46,7 @@ def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
     import subprocess
     import sys
 
-    from analysis.report import KernelMemory
+    from analysis.memory import KernelMemory
 
     hold = "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096]); import time; time.sleep(1)"
     with KernelMemory() as memory:
@@ -61,7 +61,7 @@ def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
-from analysis.report import _claimed
+from analysis.publish import claimed as _claimed
 folders = [Path(p) for p in sys.argv[1:]]
 with _claimed(*folders):
     for folder in folders:
@@ -76,7 +76,8 @@ def test_a_run_removes_the_temporary_folders_of_dead_runs_but_not_of_live_ones(t
     import subprocess
     import sys
 
-    from analysis.report import _claimed, _remove_stale_temporaries
+    from analysis.publish import claimed as _claimed
+    from analysis.publish import remove_stale_temporaries as _remove_stale_temporaries
 
     processed, reports = tmp_path / "processed", tmp_path / "reports"
     dead = subprocess.Popen([sys.executable, "-c", KILLED_RUN,

@@ -5,6 +5,8 @@ into place only when every notebook succeeded; ``reports/latest`` is switched la
 failed run keeps its notebooks (and their HTML, showing the error) under
 ``reports/failed/<run_id>/`` and leaves the last good report untouched.
 
+The folders of a run while it runs, and how they are published, are
+:mod:`analysis.publish`; the peak memory of each stage's kernel, :mod:`analysis.memory`.
 The HTML pieces the notebooks write with (sentences whose numbers and names come from
 the data, tables, cards) live in :mod:`analysis.markup`; they are re-exported here for
 the notebooks that use them as ``report.paragraph`` and so on.
@@ -14,19 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
-import html
 import importlib.metadata
 import json
 import os
 import resource
 import platform
-import shutil
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +40,19 @@ from analysis.markup import (
     link_list,
     paragraph,
 )
+from analysis.memory import KernelMemory, peak_rss_mb
 from analysis.monitor import append_history, run_kpis
 from analysis.narrative import LISTS_DIR, write_lists
+from analysis.publish import (
+    check_run_id,
+    claimed,
+    keep_failed,
+    point_latest,
+    previous_run,
+    publish_lock,
+    remove_stale_temporaries,
+    swap_into_place,
+)
 from analysis.store import RunStore
 
 __all__ = [
@@ -124,15 +133,15 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
         kept under ``reports/failed/<run_id>/``.
     """
     run_id = run_id or default_run_id()
-    _check_run_id(run_id)
+    check_run_id(run_id)
     config = load_config(config_path)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
-    _remove_stale_temporaries(processed_root, reports_root,
+    remove_stale_temporaries(processed_root, reports_root,
                               log=lambda line: log(f"run {run_id}: {line}"))
     token = f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
     tmp_processed, tmp_report = processed_root / token, reports_root / token
-    with _claimed(tmp_processed, tmp_report):
+    with claimed(tmp_processed, tmp_report):
         tmp_processed.mkdir(parents=True)
         (tmp_report / "notebooks").mkdir(parents=True)
         return _build_and_publish(config, config_path, run_id=run_id, as_of=as_of,
@@ -145,7 +154,7 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
                        tmp_report: Path, log: Callable[[str], None]) -> RunResult:
     """Run the notebooks into the run's temporary folders, then move them into place."""
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
-    previous = _previous_run(reports_root, processed_root, run_id, config.mode)
+    previous = previous_run(reports_root, processed_root, run_id, config.mode)
     params = {
         "config_path": str(Path(config_path).resolve()),
         "run_id": run_id,
@@ -198,12 +207,12 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
     except PipelineError:
         raise
     except BaseException:
-        _keep_failed(tmp_report, tmp_processed, reports_root, processed_root, run_id)
+        keep_failed(tmp_report, tmp_processed, reports_root, processed_root, run_id)
         raise
-    with _lock(reports_root):
-        processed_dir = _swap_into_place(tmp_processed, processed_root / run_id)
-        report_dir = _swap_into_place(tmp_report, reports_root / run_id)
-        _point_latest(reports_root, run_id)
+    with publish_lock(reports_root):
+        processed_dir = swap_into_place(tmp_processed, processed_root / run_id)
+        report_dir = swap_into_place(tmp_report, reports_root / run_id)
+        point_latest(reports_root, run_id)
         append_history(processed_root / "history.parquet",
                        {"run_id": run_id, "finished_at": dt.datetime.now(dt.UTC).isoformat(
                            timespec="seconds"), **run_kpis(processed_dir)})
@@ -282,7 +291,7 @@ def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: 
     except PapermillExecutionError as exc:
         with contextlib.suppress(Exception):
             render_notebook(output, output.with_suffix(".html"), executive=False)
-        kept = _keep_failed(tmp_report, Path(params["processed_dir"]), reports_root,
+        kept = keep_failed(tmp_report, Path(params["processed_dir"]), reports_root,
                             processed_root, run_id)
         cell = exc.cell_index
         raise PipelineError(
@@ -321,82 +330,6 @@ def _scoring_date(processed: Path) -> str:
     return ""
 
 
-def _keep_failed(tmp_report: Path, tmp_processed: Path, reports_root: Path,
-                 processed_root: Path, run_id: str) -> Path:
-    failed = reports_root / "failed" / run_id
-    failed.parent.mkdir(parents=True, exist_ok=True)
-    if failed.exists():
-        shutil.rmtree(failed)
-    if tmp_report.exists():
-        tmp_report.rename(failed)
-    if tmp_processed.exists():
-        shutil.rmtree(tmp_processed, ignore_errors=True)
-    return failed
-
-
-def _peak_rss_mb(who: int) -> float:
-    """Peak resident memory in MiB: of this process (``resource.RUSAGE_SELF``) or of the
-    largest of its finished children, the notebook kernels (``RUSAGE_CHILDREN``)."""
-    return round(resource.getrusage(who).ru_maxrss / 1024, 1)      # Linux: kilobytes
-
-
-class KernelMemory:
-    """The peak resident memory (MiB) of the processes this process starts while the
-    block runs: a notebook stage's kernel.
-
-    The largest ``VmHWM`` (each process's own high-water mark, kept by Linux) read every
-    ``interval`` seconds while they run, which misses at most what a process added in
-    its last ``interval``. Only for a process too short to be read does it fall back to
-    the rise of ``ru_maxrss`` over this process's children, which is less faithful: a
-    child's ``ru_maxrss`` starts from its parent's resident size at the fork, so a large
-    parent (a test process running the pipeline in-process) makes it read high.
-    """
-
-    def __init__(self, interval: float = 0.2):
-        self.interval = interval
-        self._sampled = 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> KernelMemory:
-        self._before = _peak_rss_mb(resource.RUSAGE_CHILDREN)
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        after = _peak_rss_mb(resource.RUSAGE_CHILDREN)
-        self.peak_mib = (round(self._sampled, 1) if self._sampled
-                         else after if after > self._before else 0.0)
-
-    def _watch(self) -> None:
-        me = str(os.getpid())
-        while not self._stop.wait(self.interval):
-            for pid in _children(me):
-                self._sampled = max(self._sampled, _high_water_mib(pid))
-
-
-def _children(ppid: str) -> list[str]:
-    """Ids of the running processes whose parent is ``ppid`` (Linux ``/proc``)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError):
-            # the command name (field 2) is in parentheses and may hold spaces
-            if stat.read_text().rpartition(")")[2].split()[1] == ppid:
-                out.append(stat.parent.name)
-    return out
-
-
-def _high_water_mib(pid: str) -> float:
-    """A process's peak resident memory so far (``VmHWM``), in MiB; 0 when gone."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict,
                    stage_seconds: dict[str, float],
                    stage_peak_mb: dict[str, float] | None = None) -> None:
@@ -408,9 +341,9 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
                      "stage_seconds": stage_seconds,
                      # memory in MiB: the peak of each stage's own kernel (see
                      # KernelMemory), and of the process that ran them
-                     "stage_peak_rss_mb": stage_peak_mb or {},
+                     "stagepeak_rss_mb": stage_peak_mb or {},
                      "stage_peak_per_kernel": True,
-                     "runner_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+                     "runnerpeak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
                      "memory_limit": config.analysis.memory_limit,
                      "versions": library_versions()}
     for name in ("data_quality", "profile", "models"):
@@ -419,153 +352,6 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
             metrics[name] = json.loads(path.read_text())
     path = processed / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, default=str))
-
-
-def _swap_into_place(tmp: Path, final: Path) -> Path:
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _point_latest(reports_root: Path, run_id: str) -> None:
-    latest = reports_root / "latest"
-    tmp = reports_root / f".latest-{uuid.uuid4().hex[:8]}"
-    os.symlink(run_id, tmp)
-    if latest.exists() and not latest.is_symlink():
-        shutil.rmtree(latest)
-    os.replace(tmp, latest)
-
-
-@contextlib.contextmanager
-def _claimed(*folders: Path) -> Iterator[None]:
-    """Mark ``folders``, a live run's temporary folders, as in use while the block runs.
-
-    Each gets a lock file beside it (``<folder>.lock``) that this run holds locked
-    (``flock``) until the block ends, and then removes; the kernel drops the lock when
-    the process dies, however it dies, which is how :func:`_remove_stale_temporaries`
-    tells a dead run's folders from a live one's. The lock is taken before the file gets
-    its name, so no cleaner ever finds a live run's lock file unlocked.
-    """
-    held: list[tuple[Path, int]] = []
-    try:
-        for folder in folders:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            fresh = folder.with_name(f".claim-{uuid.uuid4().hex}")
-            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                os.rename(fresh, _lock_file(folder))
-            except BaseException:
-                os.close(fd)
-                fresh.unlink(missing_ok=True)
-                raise
-            held.append((_lock_file(folder), fd))
-        yield
-    finally:
-        for lock, fd in held:
-            lock.unlink(missing_ok=True)
-            os.close(fd)
-
-
-def _remove_stale_temporaries(processed_root: Path, reports_root: Path, *,
-                              log: Callable[[str], None] = print) -> list[Path]:
-    """Remove the temporary folders (``.tmp-*``) that runs which died (killed, out of
-    memory, machine stopped) left in the output folders, with their lock files.
-
-    A folder is stale when no process holds its lock file (:func:`_claimed`): a run
-    that is still going, in this process or another, holds it, and its folders are left
-    alone. Runs under the publish lock, so it never overlaps a run moving its folders
-    into place. Logs one line naming what it removed.
-
-    Returns
-    -------
-    list of Path
-        The folders removed.
-    """
-    removed = []
-    with _lock(reports_root):
-        for root in dict.fromkeys([processed_root, reports_root]):
-            if not root.is_dir():
-                continue
-            names = sorted({p.name.removesuffix(".lock") for p in root.glob(".tmp-*")})
-            for name in names:
-                folder = root / name
-                with _unless_held(_lock_file(folder)) as stale:
-                    if not stale:
-                        continue
-                    if folder.is_dir() and not folder.is_symlink():
-                        shutil.rmtree(folder, ignore_errors=True)
-                        removed.append(folder)
-                    _lock_file(folder).unlink(missing_ok=True)
-    if removed:
-        log(f"removed {len(removed)} temporary folder(s) of runs that did not finish: "
-            + ", ".join(str(p) for p in removed))
-    return removed
-
-
-@contextlib.contextmanager
-def _unless_held(lock: Path) -> Iterator[bool]:
-    """True (and the lock held for the block) when no process holds ``lock``, or it is
-    missing; False when a live run holds it."""
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except FileNotFoundError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
-def _lock_file(folder: Path) -> Path:
-    return folder.with_name(folder.name + ".lock")
-
-
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".publish.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _previous_run(reports_root: Path, processed_root: Path, run_id: str,
-                  mode: str = "transactions") -> Path | None:
-    """The processed folder of the last successful run (what reports/latest points at),
-    when it was a run of the same mode (a snapshot run is no baseline for an order-log
-    run sharing the output folders, nor the reverse)."""
-    latest = reports_root / "latest"
-    if not latest.is_symlink():
-        return None
-    previous = os.readlink(latest)
-    folder = processed_root / previous
-    if previous == run_id or not (folder / "customers.parquet").is_file():
-        return None
-    metrics = folder / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("mode", mode) != mode:
-        return None
-    return folder
-
-
-def _check_run_id(run_id: str) -> None:
-    if not run_id or not all(c.isalnum() or c in "-_." for c in run_id) or run_id.startswith(
-            ".") or run_id in {"latest", "failed"}:
-        raise PipelineError(f"run id {run_id!r} must be letters, digits, '-', '_' or '.', "
-                            f"not start with '.', and not be 'latest' or 'failed'")
 
 
 def _project_notebooks() -> Path:

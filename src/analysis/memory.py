@@ -1,0 +1,75 @@
+"""Peak memory of a run's processes, as Linux keeps it: of this process, and of each
+notebook kernel a stage starts (:class:`KernelMemory`), recorded in ``metrics.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import threading
+from pathlib import Path
+
+__all__ = ["KernelMemory", "peak_rss_mb"]
+
+
+def peak_rss_mb(who: int) -> float:
+    """Peak resident memory in MiB: of this process (``resource.RUSAGE_SELF``) or of the
+    largest of its finished children, the notebook kernels (``RUSAGE_CHILDREN``)."""
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)      # Linux: kilobytes
+
+
+class KernelMemory:
+    """The peak resident memory (MiB) of the processes this process starts while the
+    block runs: a notebook stage's kernel.
+
+    The largest ``VmHWM`` (each process's own high-water mark, kept by Linux) read every
+    ``interval`` seconds while they run, which misses at most what a process added in
+    its last ``interval``. Only for a process too short to be read does it fall back to
+    the rise of ``ru_maxrss`` over this process's children, which is less faithful: a
+    child's ``ru_maxrss`` starts from its parent's resident size at the fork, so a large
+    parent (a test process running the pipeline in-process) makes it read high.
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self._sampled = 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> KernelMemory:
+        self._before = peak_rss_mb(resource.RUSAGE_CHILDREN)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        after = peak_rss_mb(resource.RUSAGE_CHILDREN)
+        self.peak_mib = (round(self._sampled, 1) if self._sampled
+                         else after if after > self._before else 0.0)
+
+    def _watch(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(self.interval):
+            for pid in _children(me):
+                self._sampled = max(self._sampled, _high_water_mib(pid))
+
+
+def _children(ppid: str) -> list[str]:
+    """Ids of the running processes whose parent is ``ppid`` (Linux ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            # the command name (field 2) is in parentheses and may hold spaces
+            if stat.read_text().rpartition(")")[2].split()[1] == ppid:
+                out.append(stat.parent.name)
+    return out
+
+
+def _high_water_mib(pid: str) -> float:
+    """A process's peak resident memory so far (``VmHWM``), in MiB; 0 when gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
