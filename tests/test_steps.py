@@ -75,3 +75,43 @@ def test_snapshot_steps_share_the_strategy_step(tmp_path):
         profile.customers["churn_probability"].reset_index(drop=True))
     assert json.loads((folder / "models.json").read_text())["mode"] == "snapshot"
     assert set(decisions.customers["customer_id"]) == set(joined["customer_id"])
+
+
+def test_reasons_for_listed_customers_are_exactly_those_of_a_full_run(small_demo, tmp_path):
+    """With ``reasons_for: listed`` the models step explains a sample only, and the
+    strategy step gives every customer a person reads about the same reasons a run that
+    explains everyone gives them."""
+    from .conftest import write_config
+
+    def run(name, reasons_for):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = load_config(write_config(folder, {
+            "transactions": {"path": str(small_demo / "transactions.parquet")},
+            "customers": {"path": str(small_demo / "customers.parquet")},
+            "interactions": {"path": str(small_demo / "interactions.parquet")},
+            "campaign": {"path": str(small_demo / "campaign.parquet")},
+        }, protected=["gender", "age_band"],
+            analysis={"horizon_days": 90, "reasons_for": reasons_for, "reasons_sample": 150}))
+        out = folder / "run"
+        data.quality_step(config, out)
+        segments.profile_step(config, out)
+        models.churn_step(config, out)
+        strategy.strategy_step(config, out)
+        return RunStore(out)
+
+    full, listed = run("full", "all"), run("listed", "listed")
+    columns = ["customer_id", "action", "alerts", "churn_probability", "predicted_value",
+               "reasons"]
+    a, b = full.read_customers(columns), listed.read_customers(columns)
+    pd.testing.assert_frame_equal(a.drop(columns="reasons"), b.drop(columns="reasons"))
+    assert a["reasons"].notna().all()
+    need = strategy.needs_reasons(b)
+    assert need.sum() > 200 and (~need).sum() > 200
+    # the customers a person reads about: the same reasons as when everyone is explained
+    pd.testing.assert_series_equal(b.loc[need, "reasons"], a.loc[need, "reasons"])
+    # the others: only the sample's, at most 150
+    others = b.loc[~need, "reasons"]
+    assert 0 < others.notna().sum() <= 150
+    assert models.read_model_run(listed.folder, tables=()).sizes["explained"] == 150
+    assert len(pd.read_parquet(listed.folder / "models" / "churn_shap.parquet")) == 150

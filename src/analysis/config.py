@@ -36,6 +36,7 @@ from analysis.errors import ConfigError
 
 __all__ = [
     "DAYS_PER_MONTH",
+    "REASONS_FOR_ALL_MAX",
     "TABLE_CONTRACTS",
     "AnalysisParams",
     "CleaningParams",
@@ -148,6 +149,11 @@ class CleaningParams(_Params):
     min_date: dt.date = dt.date(1990, 1, 1)
 
 
+#: Up to this many customers, ``reasons_for: auto`` explains every customer on a CPU: at
+#: about a millisecond of TreeSHAP per customer and model, a few minutes at most.
+REASONS_FOR_ALL_MAX = 200_000
+
+
 class AnalysisParams(_Params):
     """Analysis parameters.
 
@@ -168,6 +174,13 @@ class AnalysisParams(_Params):
         (no averages, medians or main categories: they would be noise).
     device : ``cuda`` trains the models and computes SHAP values on an NVIDIA GPU (needs
         the CUDA build of XGBoost: ``make gpu``); ``cpu`` is the tested default.
+    reasons_for : which customers get their own reasons in words (exact SHAP values):
+        ``all``; ``listed``: those a person reads about (every customer on a retention,
+        win-back, phase-out review or growth list, with an early warning, or among the
+        100 highest churn probabilities or predicted values) plus a fixed random sample
+        of ``reasons_sample`` customers, from which the global drivers come; anyone
+        else's on demand (:func:`analysis.models.explain_customers`). ``auto``: ``all``
+        on a GPU or for at most :data:`REASONS_FOR_ALL_MAX` customers, else ``listed``.
     """
 
     as_of: dt.date | None = None
@@ -183,6 +196,15 @@ class AnalysisParams(_Params):
     memory_limit: str | None = None
     min_segment_customers: int = 30
     device: Literal["cpu", "cuda"] = "cpu"
+    reasons_for: Literal["auto", "all", "listed"] = "auto"
+    reasons_sample: int = Field(20_000, ge=1)
+
+    def reasons_sample_for(self, n_customers: int) -> int | None:
+        """How many customers the models step explains (a sample's size), or None for
+        every customer: :attr:`reasons_for` resolved for a base of ``n_customers``."""
+        every = self.reasons_for == "all" or (self.reasons_for == "auto" and (
+            self.device == "cuda" or n_customers <= REASONS_FOR_ALL_MAX))
+        return None if every else self.reasons_sample
 
     @field_validator("horizon_days", mode="before")
     @classmethod

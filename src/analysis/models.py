@@ -67,6 +67,7 @@ __all__ = [
     "churn_step",
     "lifetime_outlook",
     "describe_training",
+    "explain_customers",
     "ChurnModel",
     "blend_probability",
     "candidate_contributions",
@@ -1011,7 +1012,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
                      min_customers: int = 200, max_train_rows: int = 300_000,
                      max_baseline_rows: int = 100_000,
-                     lifecycle: dict | None = None) -> ModelRun:
+                     lifecycle: dict | None = None,
+                     reasons_sample: int | None = None) -> ModelRun:
     """Train on rolling-origin snapshots, choose the scoring methods on the validation
     cutoff, judge every method out of time, score at ``as_of``.
 
@@ -1041,6 +1043,14 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     lifecycle_thresholds`; its defaults when None). The churn method is chosen on the
     active customers of the choosing half, and every churn method is judged both on
     everyone (``churn_metrics``) and on the active customers (``churn_metrics_active``).
+
+    **Whose reasons.** With ``reasons_sample`` None every scored customer gets reason
+    codes. With a number, and more customers than that, the exact SHAP values (and the
+    global drivers, the SHAP tables and ``score_features``) are computed on a fixed
+    random sample of that many customers only; the other customers' reasons are left
+    missing for the strategy step to fill in for the customers a person reads about
+    (:func:`explain_customers`). Explanations, not training, bound the time of a large
+    run.
 
     At ``as_of`` the chosen methods give ``churn_probability`` and ``predicted_value``
     (BG/NBD + Gamma-Gamma refitted on all history before ``as_of`` when chosen). Churn
@@ -1149,23 +1159,30 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     score_X = prepare_matrix(score_features, columns, cats)
     drift = feature_drift(X.pop("train"), score_X)
     churn_chosen, value_chosen = chosen_method(churn_choice), chosen_method(value_choice)
-    churn_shap = candidate_contributions(churn_chosen, churn, logistic, score_X)
-    value_shap = value.contributions(score_X)
+    n_score = len(score_features)
+    rows = (np.arange(n_score) if reasons_sample is None or n_score <= reasons_sample
+            else np.sort(np.random.default_rng(seed).choice(n_score, reasons_sample,
+                                                            replace=False)))
+    explained_X, explained = score_X.iloc[rows], score_features.iloc[rows]
+    churn_shap = candidate_contributions(churn_chosen, churn, logistic, explained_X)
+    value_shap = value.contributions(explained_X)
     predicted_value, value_reasons = _score_value(
         value_chosen, con, model=value, X=score_X, features=score_features, train=train,
-        as_of=as_of, horizon_days=horizon_days, shap=value_shap)
+        as_of=as_of, horizon_days=horizon_days, shap=value_shap, rows=rows)
+    churn_reasons = np.full(n_score, None, dtype=object)
+    churn_reasons[rows] = reason_codes(churn_shap, explained).to_numpy()
     scores = pd.DataFrame({
         "customer_id": score_features["customer_id"].to_numpy(),
         "churn_probability": candidate_probabilities(churn, logistic, score_X)[churn_chosen],
         "predicted_value": predicted_value,
-        "churn_reasons": reason_codes(churn_shap, score_features).to_numpy(),
+        "churn_reasons": churn_reasons,
         "value_reasons": value_reasons,
     }).merge(lifetime_outlook(con, as_of=as_of, customers=score_features["customer_id"]),
              on="customer_id", how="left")
-    churn_drivers = global_drivers(churn_shap, score_X)
-    value_drivers = global_drivers(value_shap, score_X)
-    n_score = len(score_features)
-    del score_features
+    churn_drivers = global_drivers(churn_shap, explained_X)
+    value_drivers = global_drivers(value_shap, explained_X)
+    score_X = explained_X.reset_index(drop=True)
+    del score_features, explained
     return ModelRun(
         horizon_days=horizon_days,
         cutoffs={"train": [c.isoformat() for c in train_cuts], "valid": valid_cut.isoformat(),
@@ -1182,7 +1199,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                "valid_tune": n_tune, "valid_choose": n_valid - n_tune,
                "valid_choose_active": int(churn_choice["n"].iloc[0]),
                "eval": n_test, "eval_active": int(churn_active["n"].iloc[0]),
-               "score": n_score, "features": len(columns)},
+               "score": n_score, "features": len(columns), "explained": len(rows)},
     )
 
 
@@ -1256,10 +1273,15 @@ def candidate_contributions(method: str, churn: ChurnModel, logistic: LogisticCh
 
 def _score_value(method: str, con, *, model: ValueModel, X: pd.DataFrame,
                  features: pd.DataFrame, train: pd.DataFrame, as_of: dt.date,
-                 horizon_days: int, shap: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method."""
+                 horizon_days: int, shap: pd.DataFrame, rows: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method; the
+    XGBoost model's reasons come from ``shap``, the SHAP values of the customers at
+    positions ``rows`` (missing for the others)."""
     if method == "model":
-        return model.predict(X), reason_codes(shap, features).to_numpy()
+        reasons = np.full(len(X), None, dtype=object)
+        reasons[rows] = reason_codes(shap, features.iloc[rows]).to_numpy()
+        return model.predict(X), reasons
     if method == "last_period":
         spend = features["spend_last_horizon"].clip(lower=0).to_numpy(dtype=float)
         return spend, np.array([f"spent {v:,.0f} in the last {horizon_days} days; "
@@ -1569,7 +1591,9 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
         run = fit_and_evaluate(con, as_of=scoring_date, horizon_days=horizon,
                                n_cutoffs=a.n_cutoffs, step_days=a.cutoff_step_days,
                                exclude=config.protected + config.pii, seed=config.seed,
-                               device=a.device, lifecycle=lifecycle_thresholds(a))
+                               device=a.device, lifecycle=lifecycle_thresholds(a),
+                               reasons_sample=a.reasons_sample_for(
+                                   RunStore(processed_dir).n_customers()))
     except InsufficientDataError as exc:
         write_skipped_models(processed_dir, reason=str(exc), horizon_days=horizon,
                              as_of=scoring_date,
@@ -1578,6 +1602,29 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
     write_model_run(run, processed_dir, fingerprint=data_fingerprint(processed_dir),
                     versions=versions or {})
     return run
+
+
+def explain_customers(run: ModelRun, features: pd.DataFrame) -> pd.DataFrame:
+    """Reasons in words for the customers of ``features`` (their features at the scoring
+    date, as :func:`analysis.features.build_features` gives them with the run's
+    horizon), exactly as the models step gives them: the chosen churn method's SHAP
+    values, and the XGBoost value model's when it is the one that scores.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``churn_reasons`` and, when the value model scores,
+        ``value_reasons``.
+    """
+    X = prepare_matrix(features, run.churn.features_, run.churn.categories_)
+    out = pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
+                        "churn_reasons": reason_codes(candidate_contributions(
+                            run.churn_chosen, run.churn, run.logistic, X),
+                            features).to_numpy()})
+    if run.value_chosen == "model":
+        Xv = prepare_matrix(features, run.value.features_, run.value.categories_)
+        out["value_reasons"] = reason_codes(run.value.contributions(Xv), features).to_numpy()
+    return out
 
 
 def describe_training(run: ModelRun) -> str:

@@ -1365,4 +1365,19 @@ def lists(page: Page) -> list[Block]:
     return [heading("Lists to act on", 3),
             paragraph("One file per action, with each customer's reasons, churn chance, "
                       "expected value and expected extra profit (open in a spreadsheet):"),
-            link_list(items)]
+            link_list(items), *_whose_reasons(page)]
+
+
+def _whose_reasons(page: Page) -> list[Block]:
+    """Which customers carry their own reasons in words, when not all of them do."""
+    sizes = getattr(page.run, "sizes", None) or {}
+    if sizes.get("explained", sizes.get("score", 0)) >= sizes.get("score", 0):
+        return []
+    n = int(page.customers["reasons"].notna().sum()) if "reasons" in page.customers else 0
+    return [paragraph(
+        "Reasons in words are given for {n:,} of the {total:,} customers: everyone a person "
+        "reads about (the retention, win-back and phase-out review lists, early warnings, the "
+        "{top} highest churn chances and values) and a random sample of {sample:,}, which "
+        "also gives the overall drivers; any other customer's reasons are computed on "
+        "request.",
+        n=n, top=strategy.TOP_OF_TABLE, sample=sizes["explained"], total=sizes["score"])]

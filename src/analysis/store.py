@@ -165,6 +165,11 @@ class RunStore:
         return {"customers": _write_parquet(self.export, table),
                 "customers_csv": write_csv(self.export_csv, table)}
 
+    def n_customers(self) -> int:
+        """How many customers the profile step profiled (from the table's metadata)."""
+        parts = self._parts()
+        return pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
+
     def scoring_date(self) -> dt.date | None:
         """The scoring date the profile step resolved and recorded (``profile.json``);
         None before the profile step has run."""

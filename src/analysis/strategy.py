@@ -22,7 +22,7 @@ from scipy import stats
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
 from analysis.features import build_features, connect, resolve_as_of
-from analysis.models import prepare_matrix, read_model_run, skipped_reason
+from analysis.models import explain_customers, prepare_matrix, read_model_run, skipped_reason
 from analysis.segments import (
     ACTIVE_STAGES,
     STAGE_ACTIVE,
@@ -48,6 +48,7 @@ __all__ = [
     "PHASEOUT_REVIEW",
     "RETAIN_AUTOMATED",
     "RETAIN_PERSONAL",
+    "ACTIONS_WITH_REASONS",
     "RETAIN_PREFIX",
     "SERVE_LOW_COST",
     "WIN_BACK",
@@ -78,6 +79,7 @@ __all__ = [
     "phaseout_review",
     "retention_targeting",
     "strategy_step",
+    "needs_reasons",
 ]
 
 #: The actions of the default policy. A policy's actions whose name starts with
@@ -92,6 +94,13 @@ NO_ACTION_LAPSED = "No action - lapsed"
 SERVE_LOW_COST = "Serve at low cost"
 MAINTAIN = "Maintain"
 RETAIN_PREFIX = "Retain"
+
+#: Actions whose customers a person reads about one by one, each with their reasons
+#: (with the customers under an early warning and :data:`TOP_OF_TABLE`).
+ACTIONS_WITH_REASONS = (RETAIN_PERSONAL, RETAIN_AUTOMATED, WIN_BACK, PHASEOUT_REVIEW)
+#: The customers at the top of a table: the highest churn probabilities and the highest
+#: predicted values, this many of each.
+TOP_OF_TABLE = 100
 
 #: The churn-risk bands of the decisions (``churn_risk``): ``high`` from ``high_risk``
 #: on, ``low`` below it, ``unknown`` without a churn probability. Words distinct from
@@ -890,8 +899,46 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                            protected=config.protected, previous=previous,
                            value_model=run.value if run else None,
                            churn_model=run.churn if run else None)
+        if run is not None and run.sizes.get("explained", run.sizes["score"]) < run.sizes["score"]:
+            decisions.customers = _explain_listed(
+                con, decisions.customers, store, run,
+                exclude=config.protected + config.pii)
     write_strategy(decisions, processed_dir)
     return decisions
+
+
+def needs_reasons(customers: pd.DataFrame) -> pd.Series:
+    """True for the customers a person reads about one by one: an action of
+    :data:`ACTIONS_WITH_REASONS`, an early warning (``alerts``), or among the
+    :data:`TOP_OF_TABLE` highest churn probabilities or predicted values."""
+    listed = customers["action"].isin(ACTIONS_WITH_REASONS)
+    if "alerts" in customers:
+        listed |= customers["alerts"].fillna("").ne("")
+    for column in ("churn_probability", "predicted_value"):
+        if column in customers:
+            listed.loc[customers[column].nlargest(TOP_OF_TABLE).index] = True
+    return listed
+
+
+def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store: RunStore,
+                    run, *, exclude: tuple[str, ...]) -> pd.DataFrame:
+    """The decisions with ``reasons`` and ``value_reasons`` for every customer who
+    :func:`needs_reasons` (exact, :func:`analysis.models.explain_customers`), when the
+    models step explained only a sample; the sample's reasons are kept."""
+    scored = store.read_customers(["customer_id", "churn_probability", "predicted_value",
+                                   "reasons", "value_reasons"])
+    both = decided[["customer_id", "action", "alerts"]].merge(scored, on="customer_id",
+                                                              how="left")
+    ids = both.loc[needs_reasons(both) & both["reasons"].isna(), "customer_id"]
+    features = build_features(con, cutoff=dt.date.fromisoformat(run.cutoffs["score"]),
+                              horizon_days=run.horizon_days, labels=False,
+                              exclude_attributes=exclude)
+    features = features[features["customer_id"].isin(set(ids))].reset_index(drop=True)
+    found = explain_customers(run, features).rename(columns={"churn_reasons": "reasons"})
+    out = both[["customer_id", "reasons", "value_reasons"]].set_index("customer_id")
+    out.update(found.set_index("customer_id"))
+    return decided.drop(columns=["reasons", "value_reasons"], errors="ignore").merge(
+        out.reset_index(), on="customer_id", how="left")
 
 
 def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.DataFrame,
