@@ -341,9 +341,9 @@ def _write_metrics(processed: Path, config: Config, *, run_id: str, params: dict
                      "stage_seconds": stage_seconds,
                      # memory in MiB: the peak of each stage's own kernel (see
                      # KernelMemory), and of the process that ran them
-                     "stagepeak_rss_mb": stage_peak_mb or {},
+                     "stage_peak_rss_mb": stage_peak_mb or {},
                      "stage_peak_per_kernel": True,
-                     "runnerpeak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
+                     "runner_peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
                      "memory_limit": config.analysis.memory_limit,
                      "versions": library_versions()}
     for name in ("data_quality", "profile", "models"):
