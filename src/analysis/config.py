@@ -311,6 +311,9 @@ class StrategyParams(_Params):
     phaseout_min_loss : the forecast loss per horizon must exceed this (currency): a
         customer near break-even is not put up for phase-out over forecast noise.
     phaseout_complaint_days : no phase-out review within this many days of a complaint.
+    phaseout_confidence : how sure it must be that the customer's orders lose money: the
+        upper end of this two-sided interval of their mean profit per order (from at
+        least two orders) must be below zero.
     warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn,
     warning_churn_rise : early-warning thresholds (times own gap; share of spend lost;
         score at or below; churn probability at or above; rise of the churn probability
@@ -339,6 +342,7 @@ class StrategyParams(_Params):
     phaseout_large_loss: float = 25.0
     phaseout_min_loss: float = 2.5
     phaseout_complaint_days: int = 90
+    phaseout_confidence: float = 0.95
     warning_gap_multiple: float = 2.0
     warning_spend_drop: float = 0.5
     warning_satisfaction: float = 2.0
@@ -348,6 +352,14 @@ class StrategyParams(_Params):
     fairness_p_value: float = 0.01
     fairness_min_group: int = 30
     policy: list[dict[str, Any]] | None = None
+
+    @field_validator("phaseout_confidence")
+    @classmethod
+    def _a_probability(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise _problem(f"bad value {value!r}: a confidence is between 0 and 1 (0.95 is "
+                           "a 95 % interval)")
+        return value
 
     @field_validator("policy", mode="before")
     @classmethod

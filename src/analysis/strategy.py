@@ -77,6 +77,7 @@ __all__ = [
     "estimate_retention_effect",
     "fairness_audit",
     "fairness_summary",
+    "order_profits",
     "period_profits",
     "phaseout_review",
     "retention_targeting",
@@ -115,7 +116,8 @@ def churn_risk_band(probability: pd.Series, *, high_risk: float) -> np.ndarray:
 #: column (see :func:`assign_actions`); a row without conditions matches everyone.
 DEFAULT_POLICY: list[dict] = [
     {"action": PHASEOUT_REVIEW, "phaseout_candidate": [True],
-     "why": "unprofitable over several periods, low potential, guardrails passed"},
+     "why": "unprofitable over several periods, every order losing money beyond chance, "
+            "low potential, guardrails passed"},
     {"action": WIN_BACK, "lifecycle_stage": list(WIN_BACK_STAGES), "value_tier": [TIER_HIGH],
      "why": "lapsed customers with high past value"},
     {"action": RETAIN_PERSONAL, "value_tier": [TIER_HIGH], "churn_risk": ["high"],
@@ -213,6 +215,33 @@ def period_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date, horizon_da
     )
     SELECT customer_id, {", ".join(cols)} FROM orders GROUP BY customer_id"""
     return con.execute(sql).df()
+
+
+def order_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
+                  params: StrategyParams) -> pd.DataFrame:
+    """Each customer's profit per order over their whole history before ``as_of`` (margin,
+    or revenue x margin rate, less the cost of the order's own channel): how sure it is
+    that their orders lose money.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``n_orders_profit`` (completed orders), ``order_profit_mean``
+        and ``order_profit_se`` (its standard error; NaN with one order).
+    """
+    case = _channel_cost_sql("MIN(channel)", params)
+    return con.execute(f"""
+    WITH orders AS (
+        SELECT customer_id, order_key,
+               SUM(COALESCE(margin, amount * {float(params.margin_rate)})) - {case}
+                 AS order_profit
+        FROM lines
+        WHERE status = 'completed' AND order_date < DATE '{as_of}'
+        GROUP BY customer_id, order_key
+    )
+    SELECT customer_id, COUNT(*) AS n_orders_profit, AVG(order_profit) AS order_profit_mean,
+           STDDEV_SAMP(order_profit) / SQRT(COUNT(*)) AS order_profit_se
+    FROM orders GROUP BY customer_id""").df()
 
 
 def _channel_cost_sql(column: str, params: StrategyParams) -> str:
@@ -432,21 +461,33 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
 
     A customer is a candidate only when all hold: unprofitable in the forecast
     (``expected_profit < 0``) *and* in each of the K previous periods; a material
-    forecast loss (above ``phaseout_min_loss``); low potential
-    (not ``potential`` and a non-rising 180-day trend); tenure below the threshold
-    unless the expected loss is large; no complaint in the last N days.
+    forecast loss (above ``phaseout_min_loss``); where ``history`` has each customer's
+    profit per order (:func:`order_profits`), their orders lose money beyond chance: at
+    least two orders, and the upper end of the ``phaseout_confidence`` interval of their
+    mean profit per order below zero (a customer whose orders pay for themselves, or
+    who has shown too few of them to tell, may be served at lower cost but is not put up
+    for phase-out); low potential (not ``potential`` and a non-rising 180-day trend);
+    tenure below the threshold unless the expected loss is large; no complaint in the
+    last N days.
 
     Returns
     -------
     DataFrame
         ``customer_id``, ``unprofitable_now``, ``unprofitable_all_periods``,
-        ``material_loss``, ``low_potential``, ``tenure_ok``, ``no_recent_complaint``,
-        ``phaseout_candidate``, ``phaseout_reasons``.
+        ``material_loss``, ``order_loss_sure``, ``low_potential``, ``tenure_ok``,
+        ``no_recent_complaint``, ``phaseout_candidate``, ``phaseout_reasons``.
     """
     c = customers.reset_index(drop=True)
     e = economics.reset_index(drop=True)
-    h = c[["customer_id"]].merge(history, on="customer_id", how="left").fillna(0.0)
     k = [f"profit_p{i}" for i in range(1, params.phaseout_periods + 1)]
+    h = c[["customer_id"]].merge(history, on="customer_id", how="left")
+    h[k] = h[k].fillna(0.0)
+    z = stats.norm.ppf(0.5 + params.phaseout_confidence / 2)
+    if "order_profit_mean" in h:
+        upper = h["order_profit_mean"] + z * h["order_profit_se"]
+        order_loss = (h["n_orders_profit"].fillna(0) >= 2) & (upper < 0).fillna(False)
+    else:                                   # no orders to judge by (a snapshot)
+        upper, order_loss = pd.Series(np.nan, c.index), pd.Series(True, c.index)
     now = e["expected_profit"] < 0
     all_periods = now & (h[k] < 0).all(axis=1)
     loss = -e["expected_profit"]
@@ -462,16 +503,22 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
                                                                                    c.index)
     no_complaint = days.isna() | (days > params.phaseout_complaint_days)
     material = loss > params.phaseout_min_loss
-    candidate = all_periods & material & low_potential & tenure_ok & no_complaint
+    candidate = (all_periods & material & order_loss.to_numpy() & low_potential & tenure_ok
+                 & no_complaint)
+    mean = h["order_profit_mean"] if "order_profit_mean" in h else pd.Series(np.nan, c.index)
     reasons = [
         (f"expected profit {p:,.2f} over the horizon; unprofitable in each of the last "
          f"{params.phaseout_periods} periods ({', '.join(f'{v:,.2f}' for v in row)}); "
-         f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
+         + (f"{m:,.2f} per order on average, at best {u:,.2f} "
+            f"({params.phaseout_confidence:.0%} interval); " if np.isfinite(u) else "")
+         + f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
          f"{params.phaseout_complaint_days} days") if cand else ""
-        for cand, p, row, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
-                                       c["predicted_value"], tenure, strict=True)]
+        for cand, p, row, m, u, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
+                                             mean, upper, c["predicted_value"], tenure,
+                                             strict=True)]
     return pd.DataFrame({"customer_id": c["customer_id"], "unprofitable_now": now,
                          "unprofitable_all_periods": all_periods, "material_loss": material,
+                         "order_loss_sure": order_loss.to_numpy(),
                          "low_potential": low_potential, "tenure_ok": tenure_ok,
                          "no_recent_complaint": no_complaint,
                          "phaseout_candidate": candidate, "phaseout_reasons": reasons})
@@ -489,12 +536,16 @@ def guardrail_effects(review: pd.DataFrame) -> pd.DataFrame:
              ("... and over time (each previous period, or the lifetime average)",
               "unprofitable_all_periods"),
              ("... and a forecast loss above the minimum", "material_loss"),
+             ("... and orders that lose money beyond chance (at least two, the upper end "
+              "of the interval of their profit per order below zero)", "order_loss_sure"),
              ("... and low potential", "low_potential"),
              ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
              ("... and no recent complaint", "no_recent_complaint")]
     mask = pd.Series(True, index=review.index)
     rows, previous = [], None
     for label, col in steps:
+        if col not in review:
+            continue
         mask = mask & review[col].astype(bool)
         n = int(mask.sum())
         rows.append({"step": label, "customers_remaining": n,
@@ -849,7 +900,8 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     retention["eligible_customers"] = int(active.sum())
     retention["effect_campaigns"] = [d.isoformat() for d in dates]
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
-                             periods=params.phaseout_periods, params=params)
+                             periods=params.phaseout_periods, params=params).merge(
+        order_profits(con, as_of=as_of, params=params), on="customer_id", how="outer")
     review = phaseout_review(c, econ, history, params=params)
     decisions = pd.DataFrame({
         "customer_id": c["customer_id"], "value_tier": c["value_tier"],
