@@ -6,6 +6,7 @@ import pytest
 
 from analysis import features as F
 from analysis import strategy as S
+from analysis.uplift import last_coefficient
 
 P = S.StrategyParams()
 
@@ -467,12 +468,12 @@ def test_a_customer_in_several_campaigns_is_one_cluster():
     n = 400
     X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
     y = X @ [1.0, 2.0, 0.5] + rng.normal(size=n)
-    _, se_independent = S._ols_last(X, y)
+    _, se_independent = last_coefficient(X, y)
     # the same rows twice, as if every customer were in two campaigns: HC1 would halve
     # the error by counting each customer twice; clustering by customer does not
     ids = np.arange(n)
-    _, se_doubled_hc1 = S._ols_last(np.vstack([X, X]), np.concatenate([y, y]))
-    _, se_clustered = S._ols_last(np.vstack([X, X]), np.concatenate([y, y]),
+    _, se_doubled_hc1 = last_coefficient(np.vstack([X, X]), np.concatenate([y, y]))
+    _, se_clustered = last_coefficient(np.vstack([X, X]), np.concatenate([y, y]),
                                   clusters=np.concatenate([ids, ids]))
     assert se_doubled_hc1 < 0.75 * se_independent
     assert se_clustered == pytest.approx(se_independent, rel=0.05)

@@ -300,7 +300,9 @@ class StrategyParams(_Params):
     cost_per_account_year : fixed yearly cost of keeping an account.
     contact_cost, offer_cost : cost of one retention contact and of the offer it carries.
     retention_rate : P(a would-be churner stays | contacted) when no campaign data exists.
-    retention_value_months : months of run-rate margin a retained customer is worth.
+    retention_value_months : months over which a retention contact is valued: with
+        campaigns to measure it on, the extra margin a lowered dropout hazard brings over
+        them; without, a retained customer is worth that many months of run-rate margin.
     high_risk : churn probability from which the risk is "high".
     growth_ratio : predicted value over last period's value from which a customer has
         "potential".
