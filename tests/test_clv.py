@@ -190,3 +190,44 @@ def test_lifetime_outlook_dates_the_next_order_and_values_the_next_year(small_de
     assert wait.reindex(recent.index).median() < wait.reindex(gone.index).fillna(10**6).median()
     assert out["predicted_clv"].reindex(recent.index).median() > \
         5 * out["predicted_clv"].reindex(gone.index).median()
+
+
+def test_expected_alive_time_by_hand():
+    from analysis.clv import expected_alive_time
+
+    got = expected_alive_time(np.array([0.0, 0.01, 1e-15, 0.02]), np.array([365, 100, 365, 0]))
+    assert got[0] == 365                                    # no hazard: the whole window
+    assert got[1] == pytest.approx((1 - np.exp(-1.0)) / 0.01)
+    assert got[2] == pytest.approx(365)                     # no loss of digits near 0
+    assert got[3] == 0
+
+
+def test_rates_if_alive_are_the_posterior_means_of_an_active_customer():
+    bg = BetaGeoModel()
+    bg.params_ = {"r": 0.5, "alpha": 4.0, "a": 0.8, "b": 2.5}
+    rate, hazard = bg.rates_if_alive([0, 3], [0, 15], [10, 20])
+    # rate (r + x) / (alpha + T), dropout share a / (a + b + x) of each purchase
+    assert rate.tolist() == pytest.approx([0.5 / 14, 3.5 / 24])
+    assert hazard.tolist() == pytest.approx([0.5 / 14 * 0.8 / 3.3, 3.5 / 24 * 0.8 / 6.3])
+    # the lifetime of a customer buying at rate lambda who drops out after each purchase
+    # with probability p is exponential with hazard lambda p (a geometric sum of gaps)
+    rng = np.random.default_rng(0)
+    lam, p = 0.5, 0.2
+    lives = [rng.exponential(1 / lam, rng.geometric(p)).sum() for _ in range(20_000)]
+    assert np.mean(lives) == pytest.approx(1 / (lam * p), rel=0.03)
+    assert np.mean(np.array(lives) > 10) == pytest.approx(np.exp(-lam * p * 10), abs=0.01)
+
+
+def test_bgnbd_on_a_sample_of_a_large_base_is_close_and_repeatable():
+    from analysis.clv import fit_bgnbd
+
+    params = {"r": 0.5, "alpha": 4.0, "a": 0.8, "b": 2.5}
+    lives = simulate_bgnbd(12_000, params, weeks=39.0, seed=7)
+    summary = pd.DataFrame({"frequency": [float(len(t)) for t in lives],
+                            "recency": [t.max() if len(t) else 0.0 for t in lives],
+                            "T": 39.0})
+    full = fit_bgnbd(summary).params_
+    sample = fit_bgnbd(summary, max_customers=6_000).params_
+    assert sample == fit_bgnbd(summary, max_customers=6_000).params_
+    for name in params:
+        assert sample[name] == pytest.approx(full[name], rel=0.25), name

@@ -57,3 +57,22 @@ def test_list_names_are_safe_file_names():
     assert N.list_name("Nurture / VIP care") == "nurture-vip-care.csv"
     assert N.list_name("../../etc <b>") == "etc-b.csv"
     assert N.list_name("***") == "action.csv"
+
+
+def test_the_campaigns_return_with_the_hazard_effect_uses_the_margin_at_both_ends():
+    # the strategy step computed the campaign's extra margin at both ends of the effect's
+    # interval (not a straight line in the effect); the cost is the same at both ends
+    p = page(method="measured", uplift_rate_used=0.10, expected_margin_saved=1_000.0,
+             campaign_cost=300.0, expected_margin_saved_range=[250.0, 2_100.0])
+    assert N.campaign_range(p) == pytest.approx((250.0 - 300.0, 2_100.0 - 300.0))
+
+
+def test_the_hazard_effect_in_plain_words():
+    fit = {"effect": 0.42, "ci_low": 0.15, "ci_high": 0.69, "n_campaigns": 10,
+           "window_days": 361, "value_window_days": 365}
+    words = N.hazard_effect_sentence(fit)
+    assert "the 10 past randomized campaigns" in words and "up to 361 days" in words
+    assert "42% less likely to stop" in words and "(95 % interval 15% to 69%)" in words
+    assert "over the next 365 days" in words and "could be nil" not in words
+    unsure = N.hazard_effect_sentence({**fit, "ci_low": -0.1, "n_campaigns": 1})
+    assert "the past randomized campaign," in unsure and "it could be nil" in unsure

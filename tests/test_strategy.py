@@ -6,6 +6,7 @@ import pytest
 
 from analysis import features as F
 from analysis import strategy as S
+from analysis.uplift import last_coefficient
 
 P = S.StrategyParams()
 
@@ -141,7 +142,8 @@ def review_frame(**over):
     row = {"customer_id": "x", "potential": False, "trend_180d": -0.5, "tenure_days": 300,
            "days_since_complaint": np.nan, "predicted_value": 5.0}
     econ = {"expected_profit": -10.0}
-    hist = {"customer_id": "x", "profit_p1": -1.0, "profit_p2": -2.0, "profit_p3": -3.0}
+    hist = {"customer_id": "x", "profit_p1": -1.0, "profit_p2": -2.0, "profit_p3": -3.0,
+            "n_orders_profit": 10, "order_profit_mean": -3.0, "order_profit_se": 1.0}
     for k, v in over.items():
         (econ if k in econ else hist if k in hist else row)[k] = v
     return pd.DataFrame([row]), pd.DataFrame([econ]), pd.DataFrame([hist])
@@ -157,6 +159,10 @@ def review_frame(**over):
     ({"tenure_days": 2000}, False),                 # long-standing, small loss
     ({"tenure_days": 2000, "expected_profit": -80.0}, True),   # ... unless the loss is large
     ({"days_since_complaint": 20.0}, False),        # resolve the complaint first
+    # each order loses 3 +- 1.96 x 1: the interval ends at -1.04, below zero
+    ({"order_profit_se": 1.6}, False),              # -3 + 1.96 x 1.6 > 0: could be chance
+    ({"order_profit_mean": 0.5}, False),            # orders pay for themselves
+    ({"n_orders_profit": 1, "order_profit_se": np.nan}, False),   # one order: cannot tell
 ])
 def test_each_phaseout_guardrail(change, candidate):
     c, e, h = review_frame(**change)
@@ -165,17 +171,50 @@ def test_each_phaseout_guardrail(change, candidate):
     assert bool(out["phaseout_reasons"].iloc[0]) == candidate
 
 
+def test_the_order_loss_guardrail_by_hand():
+    c, e, h = review_frame(order_profit_mean=-2.0, order_profit_se=1.0)
+    # 95 %: -2 + 1.96 = -0.04 < 0, listed; 99 %: -2 + 2.58 > 0, not
+    assert S.phaseout_review(c, e, h, params=P)["phaseout_candidate"].item()
+    strict = S.StrategyParams(phaseout_confidence=0.99)
+    out = S.phaseout_review(c, e, h, params=strict)
+    assert not out["phaseout_candidate"].item() and not out["order_loss_sure"].item()
+    reason = S.phaseout_review(c, e, h, params=P)["phaseout_reasons"].item()
+    assert "-2.00 per order on average, at best -0.04 (95% interval)" in reason
+    # without orders to judge by (a snapshot's history) the guardrail does not apply
+    plain = h.drop(columns=["n_orders_profit", "order_profit_mean", "order_profit_se"])
+    assert S.phaseout_review(c, e, plain, params=P)["phaseout_candidate"].item()
+
+
+def test_order_profits_by_hand():
+    tx = pd.DataFrame({"customer_id": ["a", "a", "a", "b"], "order_id": ["1", "2", "3", "4"],
+                       "order_date": pd.to_datetime(["2024-01-05", "2024-02-10", "2024-03-20",
+                                                     "2024-03-01"]),
+                       "amount": [50.0, 10.0, 100.0, 20.0], "margin": [8.0, 1.0, 12.0, 5.0],
+                       "status": "completed", "channel": ["phone", "online", "phone", "web"]})
+    out = S.order_profits(F.connect({"transactions": tx}), as_of=dt.date(2024, 4, 1),
+                          params=P).set_index("customer_id")
+    profit = np.array([8 - 9.0, 1 - 1.5, 12 - 9.0])     # each order less its channel's cost
+    assert out.loc["a", "n_orders_profit"] == 3
+    assert out.loc["a", "order_profit_mean"] == pytest.approx(profit.mean())
+    assert out.loc["a", "order_profit_se"] == pytest.approx(profit.std(ddof=1) / np.sqrt(3))
+    assert out.loc["b", "order_profit_mean"] == pytest.approx(5 - 2.0)   # unlisted channel
+    assert np.isnan(out.loc["b", "order_profit_se"])
+
+
 def test_guardrail_effects_count_who_each_step_keeps_off():
     review = pd.DataFrame({
         "unprofitable_now": [True, True, True, True, False],
         "unprofitable_all_periods": [True, True, True, False, False],
         "material_loss": [True, True, True, True, True],
+        "order_loss_sure": [True, True, True, True, False],
         "low_potential": [True, True, False, True, True],
         "tenure_ok": [True, True, True, True, True],
         "no_recent_complaint": [True, False, True, True, True]})
     g = S.guardrail_effects(review)
-    assert g["customers_remaining"].tolist() == [4, 3, 3, 2, 2, 1]
-    assert g["kept_off"].tolist() == [0, 1, 0, 1, 0, 1]
+    assert g["customers_remaining"].tolist() == [4, 3, 3, 3, 2, 2, 1]
+    assert g["kept_off"].tolist() == [0, 1, 0, 0, 1, 0, 1]
+    # a review without the order guardrail (a snapshot) has one step fewer
+    assert len(S.guardrail_effects(review.drop(columns="order_loss_sure"))) == 6
 
 
 def test_period_profits_from_history():
@@ -429,12 +468,12 @@ def test_a_customer_in_several_campaigns_is_one_cluster():
     n = 400
     X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
     y = X @ [1.0, 2.0, 0.5] + rng.normal(size=n)
-    _, se_independent = S._ols_last(X, y)
+    _, se_independent = last_coefficient(X, y)
     # the same rows twice, as if every customer were in two campaigns: HC1 would halve
     # the error by counting each customer twice; clustering by customer does not
     ids = np.arange(n)
-    _, se_doubled_hc1 = S._ols_last(np.vstack([X, X]), np.concatenate([y, y]))
-    _, se_clustered = S._ols_last(np.vstack([X, X]), np.concatenate([y, y]),
+    _, se_doubled_hc1 = last_coefficient(np.vstack([X, X]), np.concatenate([y, y]))
+    _, se_clustered = last_coefficient(np.vstack([X, X]), np.concatenate([y, y]),
                                   clusters=np.concatenate([ids, ids]))
     assert se_doubled_hc1 < 0.75 * se_independent
     assert se_clustered == pytest.approx(se_independent, rel=0.05)

@@ -7,12 +7,17 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from analysis import features as F
 from analysis.demo import DemoWorld, generate_demo
 from analysis.uplift import (
+    HAZARD_ROW_COLUMNS,
     UpliftLearner,
     auuc,
     compare_rankings,
+    contact_value,
+    estimate_hazard_effect,
     full_window_dates,
+    hazard_effect_rows,
     qini_curve,
     uplift_at_depth,
 )
@@ -135,3 +140,87 @@ def test_demo_keeps_a_single_campaign_world():
     campaign = frames["campaign"]
     assert campaign["campaign_date"].nunique() == 1
     assert campaign["treated"].any() and (~campaign["treated"]).any()
+
+
+def test_a_contacts_value_by_hand():
+    from analysis.clv import expected_alive_time as alive
+
+    expected_margin = np.array([100.0, 100.0, 0.0, 50.0, 100.0])
+    hazard = np.array([0.0, 0.01, 0.01, np.nan, 0.002])
+    got = contact_value(expected_margin, hazard, effect=0.5, horizon_days=90, window_days=365)
+    # 100 of margin over 90 days at hazard 0.01: a margin rate of 100 / A(0.01, 90) while
+    # active; the contact halves the hazard, adding A(0.005, 365) - A(0.01, 365) days of it
+    by_hand = 100 * (((1 - np.exp(-0.005 * 365)) / 0.005 - (1 - np.exp(-3.65)) / 0.01)
+                     / ((1 - np.exp(-0.9)) / 0.01))
+    assert got[1] == pytest.approx(by_hand)
+    assert got[0] == 0            # would stay anyway: nothing to gain
+    assert got[2] == 0            # nothing expected from them (gone): nothing to gain
+    assert got[3] == 0            # no hazard estimate: not valued
+    assert 0 < got[4] < got[1]    # a lower risk of leaving, less to gain
+    assert got[4] == pytest.approx(100 * (alive(0.001, 365) - alive(0.002, 365))
+                                   / alive(0.002, 90))
+    # no effect, no value; the value grows with the effect
+    assert contact_value(expected_margin, hazard, effect=0.0, horizon_days=90,
+                         window_days=365).tolist() == [0.0] * 5
+    assert (contact_value(expected_margin, hazard, effect=0.6, horizon_days=90,
+                          window_days=365)[[1, 4]] > got[[1, 4]]).all()
+
+
+def _hazard_rows(effect: float, *, n: int, seed: int) -> pd.DataFrame:
+    """Campaign rows from the story :func:`estimate_hazard_effect` assumes: each customer
+    is active with probability p_alive, buys on Poisson days at their rate while active
+    and stays an exponential time; a contact (a quarter, at random) takes ``effect`` off
+    the hazard. Three campaigns, followed 360, 240 and 120 days."""
+    rng = np.random.default_rng(seed)
+    window = rng.choice([360, 240, 120], n)
+    p_alive = rng.uniform(0.4, 1.0, n)
+    rate = rng.gamma(2.0, 0.02, n)
+    hazard = rng.gamma(1.5, 0.003 / 1.5, n)
+    treated = rng.random(n) < 0.25
+    alive = rng.random(n) < p_alive
+    life = rng.exponential(1 / (hazard * np.where(treated, 1 - effect, 1.0)))
+    days = rng.poisson(rate * np.minimum(life, window)) * alive
+    return pd.DataFrame({"customer_id": np.arange(n), "campaign_date": window,
+                         "treated": treated, "propensity": 0.25, "window_days": window,
+                         "p_alive": p_alive, "purchase_rate": rate, "hazard": hazard,
+                         "purchase_days": days.astype(float)})
+
+
+def test_the_hazard_effect_is_recovered_from_purchase_days():
+    fit = estimate_hazard_effect(_hazard_rows(0.4, n=60_000, seed=1))
+    assert fit["converged"] and fit["n_campaigns"] == 3 and fit["window_days"] == 360
+    assert fit["ci_low"] < 0.4 < fit["ci_high"]
+    assert abs(fit["effect"] - 0.4) < 0.12 and fit["se"] < 0.06
+    none = estimate_hazard_effect(_hazard_rows(0.0, n=60_000, seed=2))
+    assert none["ci_low"] < 0 < none["ci_high"]
+    assert estimate_hazard_effect(_hazard_rows(0.4, n=60, seed=3).assign(treated=False)) \
+        is None
+
+
+def test_hazard_effect_rows_are_the_active_customers_with_their_own_window():
+    rng = np.random.default_rng(4)
+    days = pd.date_range("2024-01-01", "2024-12-31")
+    ids = [f"c{i:02d}" for i in range(40)]
+    tx = pd.DataFrame({"customer_id": np.repeat(ids, 12),
+                       "order_date": rng.choice(days, 480),
+                       "amount": 20.0, "status": "completed"})
+    # c00 stops buying in March: not active at the June campaign
+    tx = tx[~((tx["customer_id"] == "c00") & (tx["order_date"] >= "2024-03-01"))]
+    campaign = pd.DataFrame({"customer_id": ids, "campaign_date": pd.Timestamp("2024-06-01"),
+                             "treated": np.arange(40) % 4 == 0})
+    rows = hazard_effect_rows(F.connect({"transactions": tx}), campaign,
+                              as_of=dt.date(2025, 1, 1), horizon_days=60, window_days=120)
+    assert list(rows.columns) == list(HAZARD_ROW_COLUMNS)
+    assert "c00" not in set(rows["customer_id"]) and len(rows) >= 30
+    assert (rows["window_days"] == 120).all()
+    assert rows["propensity"].iloc[0] == pytest.approx(rows["treated"].mean())
+    window = tx[(tx["order_date"] >= "2024-06-01") & (tx["order_date"] < "2024-09-29")]
+    expected = window.groupby("customer_id")["order_date"].nunique()
+    got = rows.set_index("customer_id")["purchase_days"]
+    assert got.to_dict() == pytest.approx(expected.reindex(got.index, fill_value=0).to_dict())
+    assert (rows["hazard"] > 0).all() and rows["p_alive"].between(0, 1).all()
+    # a campaign whose first horizon has not closed yet gives no rows
+    late = campaign.assign(campaign_date=pd.Timestamp("2024-12-01"))
+    assert hazard_effect_rows(F.connect({"transactions": tx}), late,
+                              as_of=dt.date(2025, 1, 1), horizon_days=60,
+                              window_days=120).empty

@@ -179,6 +179,9 @@ _STRATEGY_ROWS = (
     ("campaign size (the Retain actions)", "campaign_size", "{:,.0f}"),
     ("campaign file = the Retain actions", "campaign_matches_actions", "{}"),
     ("how a contact is valued", "retention_method", "{}"),
+    ("measured share of the dropout hazard a contact takes off",
+     lambda r: (r.get("hazard_effect") or {}).get("effect"), "{:.1%}"),
+    ("... its standard error", lambda r: (r.get("hazard_effect") or {}).get("se"), "{:.1%}"),
     ("profit capture vs the oracle of probabilities, at the depth the run chose",
      "profit_capture_vs_oracle", "{:.1%}"),
     ("... same size, ranked by one effect for everyone (expected margin)",
@@ -186,7 +189,7 @@ _STRATEGY_ROWS = (
     ("... same size, ranked by churn probability", "profit_capture_churn_ranking", "{:.1%}"),
     ("... the run's ranking at its best depth (known only with the ground truth)",
      "profit_capture_at_best_depth", "{:.1%}"),
-    ("latest campaign: AUUC of the learned ranking (margin per contact above random)",
+    ("latest campaigns: AUUC of the learned ranking (margin per contact above random)",
      lambda r: (r.get("qini_auuc") or {}).get("model"), "{:.2f}"),
     ("... of the pooled-effect ranking", lambda r: (r.get("qini_auuc") or {}).get("pooled"),
      "{:.2f}"),
@@ -211,7 +214,8 @@ def _strategy_markdown(results: list[dict]) -> list[str]:
              "Retention targeting valued on realised outcomes from the ground truth (a contact "
              "stretches a live customer's remaining lifetime by 1 / (1 - true effect); value = "
              "margin of the extra days alive within a year, minus the contact and offer cost). "
-             "The AUUCs are the run's own out-of-time judgement on the latest campaign.", "",
+             "The AUUCs are the run's own out-of-time judgement on the latest campaigns "
+             "(averaged over the two latest since the judgement holds out two).", "",
              "| measure | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
              "|---|" + "---:|" * (len(seeds) + 1)]
     for label, key, fmt in _STRATEGY_ROWS:
@@ -597,8 +601,9 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
     uplift = pd.read_parquet(uplift_path) if uplift_path.is_file() else pd.DataFrame()
     overall = (uplift.set_index("group").loc["all"] if len(uplift) and "all" in set(uplift["group"])
                else None)
-    # the uplift learner's out-of-time judgement on the latest campaign (observed outcomes)
+    # the uplift learner's out-of-time judgement on the latest campaigns (observed outcomes)
     judged = (retention.get("uplift_model") or {}).get("evaluation") or {}
+    hazard = retention.get("hazard_effect") or {}
     return {
         "campaign_size": n,
         "retention_method": retention.get("method"),
@@ -606,6 +611,8 @@ def evaluate_strategy(processed_dir: Path, data: Path, params, world) -> dict:
         "uplift_ci": ([round(float(overall["ci_low"]), 4), round(float(overall["ci_high"]), 4)]
                       if overall is not None else None),
         "value_window_days": retention.get("value_window_days"),
+        "hazard_effect": ({k: hazard[k] for k in ("effect", "se", "ci_low", "ci_high",
+                                                  "n_campaigns")} if hazard else None),
         "profit_oracle": round(oracle, 2),
         "profit_targeted": round(ours, 2),
         "profit_churn_ranking": round(churn_ranking, 2),

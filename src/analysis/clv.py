@@ -20,7 +20,8 @@ from scipy import optimize, special
 
 from analysis.config import DAYS_PER_MONTH
 
-__all__ = ["BetaGeoModel", "GammaGammaModel", "rfm_summary"]
+__all__ = ["BetaGeoModel", "GammaGammaModel", "expected_alive_time", "fit_bgnbd",
+           "rfm_summary"]
 
 
 def rfm_summary(transactions, *, calibration_end: dt.date,
@@ -198,6 +199,21 @@ class BetaGeoModel:
         quiet_if_alive = ((alpha + t) / (alpha + t + h)) ** (r + x)
         return 1.0 - self.probability_alive(frequency, recency, T) * (1.0 - quiet_if_alive)
 
+    def rates_if_alive(self, frequency, recency, T) -> tuple[np.ndarray, np.ndarray]:
+        """Purchase rate and dropout hazard of a customer who is still active, per time
+        unit: ``(E[lambda | alive], E[lambda p | alive])``.
+
+        Given activity at T, the purchase rate is Gamma(r + x, alpha + T) and the dropout
+        probability Beta(a, b + x), independently. A customer drops out after each
+        purchase with probability p, so the remaining lifetime is a geometric number of
+        Exp(lambda) gaps: exactly Exp(lambda p). Its hazard is taken at the posterior
+        means, E[lambda] E[p] = (r + x) / (alpha + T) x a / (a + b + x).
+        """
+        r, alpha, a, b = self._check()
+        x, t = np.asarray(frequency, dtype=float), np.asarray(T, dtype=float)
+        rate = (r + x) / (alpha + t)
+        return rate, rate * a / (a + b + x)
+
     def median_time_to_next_purchase(self, frequency, recency, T) -> np.ndarray:
         """The time after T by which the customer has more likely than not bought again
         (same unit as T); NaN when P(alive) is 1/2 or less (never more likely than not).
@@ -221,6 +237,35 @@ class BetaGeoModel:
         a_safe = a if abs(a - 1) > 1e-9 else 1 + 1e-9
         return (a + b - 1) / (a_safe - 1) * (1 - (alpha / (alpha + h)) ** r
                                          * special.hyp2f1(r, b, a + b - 1, z))
+
+
+def fit_bgnbd(summary: pd.DataFrame, *, max_customers: int | None = None) -> BetaGeoModel:
+    """BG/NBD fitted on an :func:`rfm_summary`, on at most ``max_customers`` of its rows
+    (evenly spaced, so the same data gives the same fit): four population parameters need
+    tens of thousands of customers, not millions, and the fit's time grows with the rows.
+
+    Raises
+    ------
+    ValueError
+        When BG/NBD cannot be fitted (too few repeat customers).
+    """
+    rows = summary
+    if max_customers is not None and len(summary) > max_customers:
+        rows = summary.iloc[np.linspace(0, len(summary) - 1, max_customers).round().astype(int)]
+    return BetaGeoModel().fit(rows["frequency"], rows["recency"], rows["T"])
+
+
+def expected_alive_time(hazard, window) -> np.ndarray:
+    """Expected time alive within ``window`` of a customer alive now whose remaining
+    lifetime is exponential with ``hazard`` (same time unit): ``(1 - exp(-h w)) / h``,
+    and ``w`` when the hazard is 0."""
+    h = np.asarray(hazard, dtype=float)
+    w = np.asarray(window, dtype=float)
+    hw = h * w
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # -expm1(-hw) / hw is 1 - hw / 2 + ... : exact near 0, where 1 - exp loses digits
+        share = np.where(hw > 1e-12, -np.expm1(-hw) / np.where(hw > 1e-12, hw, 1.0), 1.0)
+    return w * share
 
 
 @dataclass

@@ -322,7 +322,9 @@ class StrategyParams(_Params):
     cost_per_account_year : fixed yearly cost of keeping an account.
     contact_cost, offer_cost : cost of one retention contact and of the offer it carries.
     retention_rate : P(a would-be churner stays | contacted) when no campaign data exists.
-    retention_value_months : months of run-rate margin a retained customer is worth.
+    retention_value_months : months over which a retention contact is valued: with
+        campaigns to measure it on, the extra margin a lowered dropout hazard brings over
+        them; without, a retained customer is worth that many months of run-rate margin.
     high_risk : churn probability from which the risk is "high".
     growth_ratio : predicted value over last period's value from which a customer has
         "potential".
@@ -333,6 +335,9 @@ class StrategyParams(_Params):
     phaseout_min_loss : the forecast loss per horizon must exceed this (currency): a
         customer near break-even is not put up for phase-out over forecast noise.
     phaseout_complaint_days : no phase-out review within this many days of a complaint.
+    phaseout_confidence : how sure it must be that the customer's orders lose money: the
+        upper end of this two-sided interval of their mean profit per order (from at
+        least two orders) must be below zero.
     warning_gap_multiple, warning_spend_drop, warning_satisfaction, warning_churn,
     warning_churn_rise : early-warning thresholds (times own gap; share of spend lost;
         score at or below; churn probability at or above; rise of the churn probability
@@ -361,6 +366,7 @@ class StrategyParams(_Params):
     phaseout_large_loss: float = 25.0
     phaseout_min_loss: float = 2.5
     phaseout_complaint_days: int = 90
+    phaseout_confidence: float = 0.95
     warning_gap_multiple: float = 2.0
     warning_spend_drop: float = 0.5
     warning_satisfaction: float = 2.0
@@ -370,6 +376,14 @@ class StrategyParams(_Params):
     fairness_p_value: float = 0.01
     fairness_min_group: int = 30
     policy: list[dict[str, Any]] | None = None
+
+    @field_validator("phaseout_confidence")
+    @classmethod
+    def _a_probability(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise _problem(f"bad value {value!r}: a confidence is between 0 and 1 (0.95 is "
+                           "a 95 % interval)")
+        return value
 
     @field_validator("policy", mode="before")
     @classmethod

@@ -232,11 +232,18 @@ def bottom_line_numbers(page: Page) -> dict:
 
 def campaign_range(page: Page) -> tuple[float, float] | None:
     """The campaign's extra profit at the two ends of the measured effect's 95 % interval
-    (the extra margin scales with the effect; the cost does not), or None when the effect
-    was assumed rather than measured."""
+    (the extra margin at each end, less the cost, which does not change), or None when
+    the effect was assumed rather than measured. With the hazard effect the strategy step
+    computed the margin at both ends (``expected_margin_saved_range``); otherwise the
+    extra margin scales with the measured uplift rate."""
     d, r = page.decisions, page.decisions.retention
-    if r.get("method") not in ("measured", "learned") or not len(d.margin_uplift) \
-            or not r.get("uplift_rate_used"):
+    if r.get("method") not in ("measured", "learned"):
+        return None
+    if r.get("expected_margin_saved_range"):
+        low, high = r["expected_margin_saved_range"]
+        cost = float(r["campaign_cost"])
+        return (float(low) - cost, float(high) - cost)
+    if not len(d.margin_uplift) or not r.get("uplift_rate_used"):
         return None
     u = d.margin_uplift.set_index("group").loc["all"]
     margin, cost = float(r["expected_margin_saved"]), float(r["campaign_cost"])
@@ -826,7 +833,9 @@ def actions(page: Page) -> list[Block]:
     they are, the segment x action view, and the policy in words."""
     d, r, cfg = page.decisions, page.decisions.retention, page.config
     period = r.get("decision_period_days", page.horizon)
-    if r.get("method") in ("measured", "learned") and len(d.margin_uplift):
+    if r.get("method") in ("measured", "learned") and r.get("hazard_effect"):
+        how = paragraph(hazard_effect_sentence(r["hazard_effect"]))
+    elif r.get("method") in ("measured", "learned") and len(d.margin_uplift):
         u = d.margin_uplift.set_index("group").loc["all"]
         how = paragraph(
             "A contact was valued with {which}: contacted customers brought "
@@ -912,8 +921,28 @@ def actions(page: Page) -> list[Block]:
     return out
 
 
+def hazard_effect_sentence(fit: dict) -> str:
+    """How a contact is valued when its effect was measured as a lowered chance of
+    stopping (``retention["hazard_effect"]``, :func:`analysis.uplift.
+    estimate_hazard_effect`), in plain words with the numbers."""
+    n = int(fit["n_campaigns"])
+    which = ("the past randomized campaign" if n == 1 else
+             f"the {n} past randomized campaigns")
+    low, high = float(fit["ci_low"]), float(fit["ci_high"])
+    window = int(fit["value_window_days"])
+    return (
+        f"A contact was valued with {which}, each followed for as long as the data allows "
+        f"(up to {int(fit['window_days'])} days): customers who were contacted kept buying "
+        f"longer than those who were not, as if a contact made a customer who still buys "
+        f"{float(fit['effect']):.0%} less likely to stop at any time (95 % interval "
+        f"{low:.0%} to {high:.0%}" + ("; it could be nil" if low <= 0 else "") + "). "
+        f"A contact is worth the margin of that longer expected stay over the next {window} "
+        "days, less its cost: most for a valuable customer at a real risk of stopping within "
+        "that time, little for one who has already stopped or who would stay anyway.")
+
+
 RANKINGS = {"model": "the learned gain of each customer",
-            "pooled": "expected margin (one effect for everyone)", "churn": "churn risk"}
+            "pooled": "the measured effect for everyone", "churn": "churn risk"}
 
 
 def _learned_sentence(summary: dict | None, page: Page) -> str:
@@ -927,12 +956,15 @@ def _learned_sentence(summary: dict | None, page: Page) -> str:
     if auuc:
         ranks = "; ".join(f"ranking by {RANKINGS.get(k, k)}: {money(v, page, decimals=2)}"
                           for k, v in auuc.items())
+        held = ev.get("held_out_campaigns") or [ev.get("latest_campaign", "")]
         out.append(paragraph(
             "Who gains most from a contact was learned from the earlier campaigns with a "
-            "control group and checked on the latest one, {latest} ({nt:,} contacted, {nc:,} "
-            "not), which the learner never saw. Extra margin per contacted customer above "
-            "contacting at random (the area under the Qini curve): {ranks}. Best: ranking by "
-            "{winner}.", latest=ev.get("latest_campaign", "the latest campaign"),
+            "control group and checked on {which} ({nt:,} contacted, {nc:,} not), which the "
+            "learner never saw. Extra margin per contacted customer above contacting at "
+            "random (the area under the Qini curve{avg}): {ranks}. Best: ranking by "
+            "{winner}.", which=(f"the latest one, {held[0]}" if len(held) == 1 else
+                                f"the {len(held)} latest ones, {_join(held)}"),
+            avg="" if len(held) == 1 else ", averaged over them",
             nt=ev.get("n_treated", 0), nc=ev.get("n_control", 0), ranks=ranks,
             winner=RANKINGS.get(ev.get("winner"), ev.get("winner"))))
     fit = summary.get("fit") or {}
@@ -944,9 +976,8 @@ def _learned_sentence(summary: dict | None, page: Page) -> str:
             "evidence supports; 0 % would be one effect for everyone).", w=weight))
     elif summary.get("used"):
         out.append(paragraph(
-            "The campaigns do not show differences between customers beyond what they are "
-            "expected to bring, so each contact is valued by one effect for everyone, a share "
-            "of the customer's expected margin."))
+            "The campaigns do not show differences between customers beyond what the "
+            "measured effect for everyone gives them, so each contact is valued by it."))
     elif summary.get("why"):
         out.append(paragraph("The learned gain is not used: {why}.", why=summary["why"]))
     return "".join(out)

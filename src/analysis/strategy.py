@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.clv import fit_bgnbd, rfm_summary
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
 from analysis.features import build_features, connect, resolve_as_of
@@ -35,7 +36,14 @@ from analysis.segments import (
     WIN_BACK_STAGES,
 )
 from analysis.store import RunStore
-from analysis.uplift import learn_uplift
+from analysis.uplift import (
+    BGNBD_FIT_CUSTOMERS,
+    contact_value,
+    estimate_hazard_effect,
+    hazard_effect_rows,
+    last_coefficient,
+    learn_uplift,
+)
 
 __all__ = [
     "DECISION_COLUMNS",
@@ -75,6 +83,7 @@ __all__ = [
     "estimate_retention_effect",
     "fairness_audit",
     "fairness_summary",
+    "order_profits",
     "period_profits",
     "phaseout_review",
     "retention_targeting",
@@ -119,7 +128,8 @@ def churn_risk_band(probability: pd.Series, *, high_risk: float) -> np.ndarray:
 #: column (see :func:`assign_actions`); a row without conditions matches everyone.
 DEFAULT_POLICY: list[dict] = [
     {"action": PHASEOUT_REVIEW, "phaseout_candidate": [True],
-     "why": "unprofitable over several periods, low potential, guardrails passed"},
+     "why": "unprofitable over several periods, every order losing money beyond chance, "
+            "low potential, guardrails passed"},
     {"action": WIN_BACK, "lifecycle_stage": list(WIN_BACK_STAGES), "value_tier": [TIER_HIGH],
      "why": "lapsed customers with high past value"},
     {"action": RETAIN_PERSONAL, "value_tier": [TIER_HIGH], "churn_risk": ["high"],
@@ -219,6 +229,33 @@ def period_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date, horizon_da
     return con.execute(sql).df()
 
 
+def order_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
+                  params: StrategyParams) -> pd.DataFrame:
+    """Each customer's profit per order over their whole history before ``as_of`` (margin,
+    or revenue x margin rate, less the cost of the order's own channel): how sure it is
+    that their orders lose money.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``n_orders_profit`` (completed orders), ``order_profit_mean``
+        and ``order_profit_se`` (its standard error; NaN with one order).
+    """
+    case = _channel_cost_sql("MIN(channel)", params)
+    return con.execute(f"""
+    WITH orders AS (
+        SELECT customer_id, order_key,
+               SUM(COALESCE(margin, amount * {float(params.margin_rate)})) - {case}
+                 AS order_profit
+        FROM lines
+        WHERE status = 'completed' AND order_date < DATE '{as_of}'
+        GROUP BY customer_id, order_key
+    )
+    SELECT customer_id, COUNT(*) AS n_orders_profit, AVG(order_profit) AS order_profit_mean,
+           STDDEV_SAMP(order_profit) / SQRT(COUNT(*)) AS order_profit_se
+    FROM orders GROUP BY customer_id""").df()
+
+
 def _channel_cost_sql(column: str, params: StrategyParams) -> str:
     """SQL for the cost to serve one order through the channel in ``column``."""
     whens = " ".join(f"WHEN {column} = '{name.replace(chr(39), chr(39) * 2)}' THEN {float(cost)}"
@@ -307,7 +344,7 @@ def estimate_margin_uplift(frame: pd.DataFrame, *, by: str | None = None,
         X = np.column_stack([np.ones(len(part)), base]
                             + [part[c].fillna(0).to_numpy(dtype=float) for c in covariates]
                             + [t.astype(float)])
-        effect, se = _ols_last(X, y, clusters=part["customer_id"].to_numpy()
+        effect, se = last_coefficient(X, y, clusters=part["customer_id"].to_numpy()
                                if "customer_id" in part else None)
         scale = float(base.mean())
         if not np.isfinite(effect) or scale <= 0:
@@ -320,32 +357,12 @@ def estimate_margin_uplift(frame: pd.DataFrame, *, by: str | None = None,
     return pd.DataFrame(rows)
 
 
-def _ols_last(X: np.ndarray, y: np.ndarray, *, clusters: np.ndarray | None = None
-              ) -> tuple[float, float]:
-    """Least-squares coefficient of the last column of ``X`` and its robust standard
-    error: HC1, or clustered by ``clusters`` (a customer in several campaigns' rows, such
-    as a persistent control group, is one cluster: its rows are not independent)."""
-    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
-    resid = y - X @ beta
-    bread = np.linalg.pinv(X.T @ X)
-    n, k = X.shape
-    if clusters is not None and len(pd.unique(clusters)) < n:
-        scores = pd.DataFrame(X * resid[:, None]).groupby(clusters).sum().to_numpy()
-        g = len(scores)
-        meat = scores.T @ scores * (g / max(g - 1, 1)) * ((n - 1) / max(n - k, 1))
-        cov = bread @ meat @ bread
-    else:
-        meat = (X * resid[:, None] ** 2).T @ X
-        cov = bread @ meat @ bread * n / max(n - k, 1)
-    return float(beta[-1]), float(np.sqrt(max(cov[-1, -1], 0.0)))
-
-
 def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
                         params: StrategyParams, retention_rate: pd.Series | float | None = None,
                         uplift_rate: float | None = None, window_days: int = 365,
                         horizon_days: int = 90, eligible: pd.Series | None = None,
-                        uplift_per_customer: pd.Series | np.ndarray | None = None
-                        ) -> tuple[pd.DataFrame, dict]:
+                        uplift_per_customer: pd.Series | np.ndarray | None = None,
+                        method: str | None = None) -> tuple[pd.DataFrame, dict]:
     """Expected gain of a retention contact per customer, and the most profitable depth.
 
     Two ways to value a contact, both ``gain = saved share x value if retained - contact
@@ -358,9 +375,11 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
     * assumed (no campaign data): value if retained = ``retention_value_months`` of the
       run-rate margin (last 12 months' spend x margin rate) and the saved share is
       P(churn) x ``retention_rate``;
-    * learned (``uplift_per_customer``, from :mod:`analysis.uplift`, aligned with
-      ``customers``): each customer's own incremental margin over ``window_days`` replaces
-      the measured rate x value; the value at stake is as in the measured case.
+    * per customer (``uplift_per_customer``, aligned with ``customers``): each customer's
+      own incremental margin over ``window_days`` replaces the rate x value, the value at
+      stake being as in the measured case; ``method`` names where it comes from
+      (default ``"learned"``; the measured hazard effect of :func:`decide` gives
+      ``"measured"``).
 
     Only ``eligible`` customers (default: all) can be targeted. Customers are ranked by
     gain; the chosen depth maximises the cumulative expected profit (the EMP idea of
@@ -380,7 +399,7 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
         with np.errstate(divide="ignore", invalid="ignore"):
             saved_share = np.where(revenue * rate_used > 0, np.asarray(
                 uplift_per_customer, dtype=float) / (revenue * rate_used), 0.0)
-        method = "learned"
+        method = method or "learned"
     elif uplift_rate is not None:
         revenue = (customers["predicted_value"].clip(lower=0) * window_days / horizon_days
                    ).to_numpy()
@@ -436,21 +455,33 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
 
     A customer is a candidate only when all hold: unprofitable in the forecast
     (``expected_profit < 0``) *and* in each of the K previous periods; a material
-    forecast loss (above ``phaseout_min_loss``); low potential
-    (not ``potential`` and a non-rising 180-day trend); tenure below the threshold
-    unless the expected loss is large; no complaint in the last N days.
+    forecast loss (above ``phaseout_min_loss``); where ``history`` has each customer's
+    profit per order (:func:`order_profits`), their orders lose money beyond chance: at
+    least two orders, and the upper end of the ``phaseout_confidence`` interval of their
+    mean profit per order below zero (a customer whose orders pay for themselves, or
+    who has shown too few of them to tell, may be served at lower cost but is not put up
+    for phase-out); low potential (not ``potential`` and a non-rising 180-day trend);
+    tenure below the threshold unless the expected loss is large; no complaint in the
+    last N days.
 
     Returns
     -------
     DataFrame
         ``customer_id``, ``unprofitable_now``, ``unprofitable_all_periods``,
-        ``material_loss``, ``low_potential``, ``tenure_ok``, ``no_recent_complaint``,
-        ``phaseout_candidate``, ``phaseout_reasons``.
+        ``material_loss``, ``order_loss_sure``, ``low_potential``, ``tenure_ok``,
+        ``no_recent_complaint``, ``phaseout_candidate``, ``phaseout_reasons``.
     """
     c = customers.reset_index(drop=True)
     e = economics.reset_index(drop=True)
-    h = c[["customer_id"]].merge(history, on="customer_id", how="left").fillna(0.0)
     k = [f"profit_p{i}" for i in range(1, params.phaseout_periods + 1)]
+    h = c[["customer_id"]].merge(history, on="customer_id", how="left")
+    h[k] = h[k].fillna(0.0)
+    z = stats.norm.ppf(0.5 + params.phaseout_confidence / 2)
+    if "order_profit_mean" in h:
+        upper = h["order_profit_mean"] + z * h["order_profit_se"]
+        order_loss = (h["n_orders_profit"].fillna(0) >= 2) & (upper < 0).fillna(False)
+    else:                                   # no orders to judge by (a snapshot)
+        upper, order_loss = pd.Series(np.nan, c.index), pd.Series(True, c.index)
     now = e["expected_profit"] < 0
     all_periods = now & (h[k] < 0).all(axis=1)
     loss = -e["expected_profit"]
@@ -466,16 +497,22 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
                                                                                    c.index)
     no_complaint = days.isna() | (days > params.phaseout_complaint_days)
     material = loss > params.phaseout_min_loss
-    candidate = all_periods & material & low_potential & tenure_ok & no_complaint
+    candidate = (all_periods & material & order_loss.to_numpy() & low_potential & tenure_ok
+                 & no_complaint)
+    mean = h["order_profit_mean"] if "order_profit_mean" in h else pd.Series(np.nan, c.index)
     reasons = [
         (f"expected profit {p:,.2f} over the horizon; unprofitable in each of the last "
          f"{params.phaseout_periods} periods ({', '.join(f'{v:,.2f}' for v in row)}); "
-         f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
+         + (f"{m:,.2f} per order on average, at best {u:,.2f} "
+            f"({params.phaseout_confidence:.0%} interval); " if np.isfinite(u) else "")
+         + f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
          f"{params.phaseout_complaint_days} days") if cand else ""
-        for cand, p, row, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
-                                       c["predicted_value"], tenure, strict=True)]
+        for cand, p, row, m, u, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
+                                             mean, upper, c["predicted_value"], tenure,
+                                             strict=True)]
     return pd.DataFrame({"customer_id": c["customer_id"], "unprofitable_now": now,
                          "unprofitable_all_periods": all_periods, "material_loss": material,
+                         "order_loss_sure": order_loss.to_numpy(),
                          "low_potential": low_potential, "tenure_ok": tenure_ok,
                          "no_recent_complaint": no_complaint,
                          "phaseout_candidate": candidate, "phaseout_reasons": reasons})
@@ -493,12 +530,16 @@ def guardrail_effects(review: pd.DataFrame) -> pd.DataFrame:
              ("... and over time (each previous period, or the lifetime average)",
               "unprofitable_all_periods"),
              ("... and a forecast loss above the minimum", "material_loss"),
+             ("... and orders that lose money beyond chance (at least two, the upper end "
+              "of the interval of their profit per order below zero)", "order_loss_sure"),
              ("... and low potential", "low_potential"),
              ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
              ("... and no recent complaint", "no_recent_complaint")]
     mask = pd.Series(True, index=review.index)
     rows, previous = [], None
     for label, col in steps:
+        if col not in review:
+            continue
         mask = mask & review[col].astype(bool)
         n = int(mask.sum())
         rows.append({"step": label, "customers_remaining": n,
@@ -763,21 +804,26 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
 
     ``customers`` is the scored customer table (profile + ``churn_probability`` +
     ``predicted_value``). ``campaign`` (customer_id, campaign_date, treated), when
-    given, replaces the assumed retention rate by effects measured on it: the relative
-    drop in churn per value tier (reported) and, with ``value_model`` (the run's
-    :class:`analysis.models.ValueModel`), the extra margin per contact relative to the
-    expected margin (:func:`estimate_margin_uplift`), which then values each contact.
+    given, replaces the assumed retention rate by effects measured on it: the share of
+    the dropout hazard a contact takes off (:func:`analysis.uplift.estimate_hazard_effect`,
+    ``retention["hazard_effect"]``), which values each contact over the value window of
+    ``retention_value_months`` by the customer's expected margin and dropout hazard
+    (:func:`_hazard_contact_value`); and, for the report, the relative drop in churn per
+    value tier and, with ``value_model`` (the run's :class:`analysis.models.ValueModel`),
+    the extra margin per contact relative to the expected margin per value tier over the
+    longest window enough campaigns completed (:func:`estimate_margin_uplift`,
+    :func:`measurement_window`), which values each contact when BG/NBD cannot be fitted.
     ``attributes`` holds the protected attributes, used only by the audit; ``previous``
     the previous run's customers (for the rising-risk warning).
 
     With two or more campaign dates whose outcome windows (one horizon) have closed,
-    each contact is valued by the customer's own uplift (:func:`_learned_uplift`):
+    each contact may be valued by the customer's own uplift (:func:`_learned_uplift`):
     an :class:`analysis.uplift.UpliftLearner` fitted on those campaigns, shrunk to the
-    pooled effect, scaled to the measured value window, and judged out of time on the
-    latest campaign against the pooled-effect ranking and (with ``churn_model``, the
-    run's :class:`analysis.models.ChurnModel`) the churn-risk ranking; the judgement is
-    ``retention["uplift_model"]``. The pooled effect is measured on the first campaign,
-    which has the longest observed window.
+    pooled effect, added to the measured effect's value, and judged out of time on the
+    two latest campaigns against the measured effect's ranking and (with
+    ``churn_model``, the run's :class:`analysis.models.ChurnModel`) the churn-risk
+    ranking; it is used only when it wins, and the judgement is
+    ``retention["uplift_model"]``.
     """
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
@@ -822,38 +868,60 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
                                   0.0)
     # every customer still active can be contacted; the expected profit decides who is
     active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
-    targeting, retention = retention_targeting(
-        c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
-        window_days=window, horizon_days=horizon_days, eligible=active)
-    if uplift_rate is not None and all_campaigns["campaign_date"].nunique() >= 2:
+    contact = (_hazard_contact_value(con, c, econ, all_campaigns, as_of=as_of,
+                                     horizon_days=horizon_days, params=params)
+               if all_campaigns is not None and len(all_campaigns) else None)
+    if contact is not None:
+        # each contact valued by the measured hazard effect over the stated value window
+        window = contact["window_days"]
+        targeting, retention = retention_targeting(
+            c, econ, params=params, window_days=window, horizon_days=horizon_days,
+            eligible=active, uplift_per_customer=contact["value"], method="measured")
+        base_value, to_window = contact["value"], contact["to_window"]
+    else:
+        targeting, retention = retention_targeting(
+            c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
+            window_days=window, horizon_days=horizon_days, eligible=active)
+        base_value, to_window = None, None
+        if uplift_rate is not None:
+            base_value = targeting["value_if_retained"].to_numpy() * uplift_rate
+    if base_value is not None and value_model is not None \
+            and all_campaigns["campaign_date"].nunique() >= 2:
         depth_share = retention["campaign_size"] / max(int(active.sum()), 1)
         learned, summary = _learned_uplift(
-            con, c, econ, all_campaigns, as_of=as_of, horizon_days=horizon_days,
-            window=window, pooled=uplift.set_index("group").loc["all"], params=params,
-            protected=protected, value_model=value_model, churn_model=churn_model,
-            depth_share=depth_share)
+            con, c, all_campaigns, as_of=as_of, horizon_days=horizon_days, window=window,
+            base_value=base_value, to_window=to_window, contact=contact,
+            pooled=uplift.set_index("group").loc["all"] if uplift_rate is not None else None,
+            uplift_rate=uplift_rate, params=params, protected=protected,
+            value_model=value_model, churn_model=churn_model, depth_share=depth_share)
         winner = (summary.get("evaluation") or {}).get("winner")
         if learned is not None and winner not in (None, "model"):
             # judged out of time, the learned ranking lost to a simpler one: it is not
             # used, and the run says so
             learned = None
+            n_held = len((summary.get("evaluation") or {}).get("held_out_campaigns") or [1])
             summary.update(used=False, why=(
-                "on the latest campaign, which it never saw, it ranked customers less well "
-                f"than {'one effect for everyone' if winner == 'pooled' else 'churn risk'}; "
+                f"on the {'latest campaign' if n_held == 1 else f'{n_held} latest campaigns'}"
+                ", which it never saw, it ranked customers less well than "
+                f"{'one effect for everyone' if winner == 'pooled' else 'churn risk'}; "
                 "each contact is valued by the effect measured for everyone"))
         if learned is not None:
             targeting, retention = retention_targeting(
                 c, econ, params=params, uplift_rate=uplift_rate, window_days=window,
                 horizon_days=horizon_days, eligible=active, uplift_per_customer=learned)
         retention["uplift_model"] = summary
+    if contact is not None:
+        retention["hazard_effect"] = contact["fit"]
     retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
     retention["uplift_rate_used"] = uplift_rate
-    retention["value_window_days"] = window if uplift_rate is not None else \
+    retention["value_window_days"] = window if (uplift_rate is not None
+                                                or contact is not None) else \
         int(params.retention_value_months * DAYS_PER_MONTH)
     retention["eligible_customers"] = int(active.sum())
     retention["effect_campaigns"] = [d.isoformat() for d in dates]
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
-                             periods=params.phaseout_periods, params=params)
+                             periods=params.phaseout_periods, params=params).merge(
+        order_profits(con, as_of=as_of, params=params), on="customer_id", how="outer")
     review = phaseout_review(c, econ, history, params=params)
     decisions = pd.DataFrame({
         "customer_id": c["customer_id"], "value_tier": c["value_tier"],
@@ -862,9 +930,19 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         "profitable": econ["expected_profit"] >= 0,
         "retention_profitable": targeting["targeted"],
         "phaseout_candidate": review["phaseout_candidate"]})
-    return _assemble(c, econ, targeting, retention, review, decisions, params=params,
-                     horizon_days=horizon_days, attributes=attributes, protected=protected,
-                     previous=previous, effect=effect, uplift=uplift)
+    run = _assemble(c, econ, targeting, retention, review, decisions, params=params,
+                    horizon_days=horizon_days, attributes=attributes, protected=protected,
+                    previous=previous, effect=effect, uplift=uplift)
+    if contact is not None:
+        # the campaign's extra margin at both ends of the effect's 95 % interval (not a
+        # straight line in the effect: a lowered hazard stretches the remaining lifetime)
+        inside = run.customers["in_campaign"].to_numpy()
+        now = float(run.customers.loc[inside, "expected_uplift"].sum())
+        base = contact["value"][inside].sum()
+        run.retention["expected_margin_saved_range"] = [
+            now - base + float(contact["value_at"](e)[inside].sum())
+            for e in (max(contact["fit"]["ci_low"], 0.0), contact["fit"]["ci_high"])]
+    return run
 
 
 def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None,
@@ -941,32 +1019,100 @@ def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store
         out.reset_index(), on="customer_id", how="left")
 
 
-def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.DataFrame,
-                    campaign: pd.DataFrame, *, as_of: dt.date, horizon_days: int, window: int,
-                    pooled: pd.Series, params: StrategyParams, protected: tuple[str, ...],
-                    value_model, churn_model, depth_share: float
-                    ) -> tuple[np.ndarray | None, dict]:
+def _hazard_contact_value(con: duckdb.DuckDBPyConnection, c: pd.DataFrame,
+                          econ: pd.DataFrame, campaign: pd.DataFrame, *, as_of: dt.date,
+                          horizon_days: int, params: StrategyParams) -> dict | None:
+    """Each customer's expected extra margin of a contact, from the hazard effect measured
+    on the campaigns (:func:`analysis.uplift.estimate_hazard_effect`, every campaign whose
+    first horizon has closed, each over as long a window as the data has, up to the value
+    window) and each customer's dropout hazard now (BG/NBD fitted at ``as_of``, on at most
+    :data:`analysis.uplift.BGNBD_FIT_CUSTOMERS` customers), over the
+    value window of ``retention_value_months`` (:func:`analysis.uplift.contact_value`).
+
+    Returns None when BG/NBD cannot be fitted or the campaigns have too few rows; else
+    ``value`` (per customer of ``c``, at the measured effect, 0 below zero), ``value_at``
+    (the same at another effect), ``to_window`` (the active customers' extra margin of a
+    contact over the window over that over one horizon), ``hazard_rows``
+    (:func:`analysis.uplift.hazard_effect_rows`), ``window_days`` and
+    ``fit`` (the estimate, :func:`estimate_hazard_effect`, with the BG/NBD parameters).
+    """
+    window = int(params.retention_value_months * DAYS_PER_MONTH)
+    rows = hazard_effect_rows(con, campaign, as_of=as_of, horizon_days=horizon_days,
+                              window_days=window)
+    fit = estimate_hazard_effect(rows) if len(rows) else None
+    if fit is None:
+        return None
+    summary = rfm_summary(con, calibration_end=as_of)
+    try:
+        bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
+    except ValueError:
+        return None
+    s = summary.reindex(c["customer_id"].astype(str))
+    _, hazard = bg.rates_if_alive(s["frequency"], s["recency"], s["T"])
+    hazard = np.asarray(hazard, dtype=float) / 7.0
+    expected_margin = econ["expected_margin"].to_numpy(dtype=float)
+
+    def value_at(effect: float, *, over: int = window) -> np.ndarray:
+        return contact_value(expected_margin, hazard, effect=max(effect, 0.0),
+                             horizon_days=horizon_days, window_days=over)
+
+    effect = max(fit["effect"], 0.0)
+    # the extra margin of a contact over the window against that over one horizon, for
+    # the customers who can be contacted (carries the learner's one-horizon departures)
+    active = c["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy()
+    over_horizon = value_at(max(effect, 1e-3), over=horizon_days)[active].sum()
+    to_window = (value_at(max(effect, 1e-3))[active].sum() / over_horizon
+                 if over_horizon > 0 else 0.0)
+    fit = {**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in fit.items()},
+           "value_window_days": window,
+           "hazard_params": {k: round(v, 6) for k, v in bg.params_.items()}}
+    return {"value": value_at(effect), "value_at": value_at, "to_window": float(to_window),
+            "hazard_rows": rows, "window_days": window, "fit": fit}
+
+
+def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: pd.DataFrame,
+                    *, as_of: dt.date, horizon_days: int, window: int, base_value: np.ndarray,
+                    to_window: float | None, contact: dict | None,
+                    pooled: pd.Series | None, uplift_rate: float | None,
+                    params: StrategyParams, protected: tuple[str, ...], value_model,
+                    churn_model, depth_share: float) -> tuple[np.ndarray | None, dict]:
     """Each customer's incremental margin of a contact over the value window, learned from
     the campaigns (:func:`analysis.uplift.learn_uplift`, one horizon of outcome), and the
-    out-of-time judgement of its ranking.
+    out-of-time judgement of its ranking on the latest campaigns.
 
-    The learner's uplift over one horizon is scaled to the value window by one number:
-    the pooled uplift per customer measured over that window (``pooled["uplift"]``, the
-    first campaign) over the learner's pooled uplift per customer over one horizon; i.e.
-    a customer's share of the pooled effect is assumed the same over both windows. Each
-    customer's value is the pooled effect on the run's own expected margin (the value
-    model's, as the pooled ranking has it) plus the learner's shrunk departure from the
-    pooled effect (:meth:`analysis.uplift.UpliftResult.heterogeneity`): with no
-    identified heterogeneity it is the pooled value exactly. Customers the learner
-    cannot score get the pooled value. Returns ``(None, summary)``
-    when the learner cannot be used (fewer than two closed campaigns, no positive pooled
-    effect to scale by); the summary says why.
+    Each customer's value is the run's own valuation without the learner (``base_value``:
+    the measured hazard effect's :func:`analysis.uplift.contact_value`, or the pooled
+    margin uplift rate x expected margin) plus the learner's shrunk departure from the
+    pooled effect (:meth:`analysis.uplift.UpliftResult.heterogeneity`), which is over one
+    horizon: it is carried to the value window by one number, the ratio of the contacts'
+    extra margin over the window to that over one horizon (``to_window``: of the measured
+    hazard effect, or without one, the pooled uplift over the measurement window over the
+    learner's pooled uplift over one horizon). With no identified heterogeneity the
+    value is ``base_value`` exactly; customers the learner cannot score keep it. In the
+    judgement the pooled ranking is the same valuation at each held-out campaign over one
+    horizon, and the learned one that plus the departure. Returns ``(None, summary)``
+    when the learner cannot be used; the summary says why.
     """
+    hazard_then = None
+    if contact is not None:
+        rows = contact["hazard_rows"]
+        hazard_then = pd.Series(rows["hazard"].to_numpy(), index=pd.MultiIndex.from_arrays(
+            [rows["customer_id"].astype(str), pd.to_datetime(rows["campaign_date"])]))
+
     def baselines(rows: pd.DataFrame) -> dict[str, np.ndarray]:
         rate = (rows["margin_rate"].clip(0, 1) if "margin_rate" in rows
                 else pd.Series(np.nan, rows.index)).fillna(params.margin_rate)
-        out = {"pooled": np.clip(value_model.predict(prepare_matrix(
-            rows, value_model.features_, value_model.categories_)), 0, None) * rate.to_numpy()}
+        margin = np.clip(value_model.predict(prepare_matrix(
+            rows, value_model.features_, value_model.categories_)), 0, None) * rate.to_numpy()
+        if hazard_then is not None:
+            keys = pd.MultiIndex.from_arrays([rows["customer_id"].astype(str),
+                                              pd.to_datetime(rows["campaign_date"])])
+            out = {"pooled": contact_value(
+                margin, hazard_then.reindex(keys).to_numpy(),
+                effect=max(contact["fit"]["effect"], 0.0), horizon_days=horizon_days,
+                window_days=horizon_days)}
+        else:
+            out = {"pooled": margin * (uplift_rate or 0.0)}
         if churn_model is not None:
             out["churn"] = churn_model.predict_proba(prepare_matrix(
                 rows, churn_model.features_, churn_model.categories_))
@@ -981,21 +1127,18 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, econ: pd.Da
                       f"{horizon_days}-day outcome window and both arms"}
     summary = {"used": False, "campaigns": [d.isoformat() for d in result.dates],
                "fit": result.model.summary(), "evaluation": result.evaluation}
-    per_horizon = result.model.mean_pooled_uplift_
-    if not (per_horizon > 0 and float(pooled["uplift"]) > 0):
-        summary["why"] = "no positive pooled effect to scale the learned uplift by"
-        return None, summary
-    scale = float(pooled["uplift"]) / per_horizon
+    if to_window is None:
+        per_horizon = result.model.mean_pooled_uplift_
+        if not (pooled is not None and per_horizon > 0 and float(pooled["uplift"]) > 0):
+            summary["why"] = "no positive pooled effect to scale the learned uplift by"
+            return None, summary
+        to_window = float(pooled["uplift"]) / per_horizon
     now = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
                          exclude_attributes=protected)
-    # the pooled effect on the run's own expected margin (what the pooled ranking uses),
-    # plus the differences between customers the evidence supports
     extra = result.heterogeneity(now).set_axis(now["customer_id"].to_numpy())
-    value = (c["predicted_value"].clip(lower=0) * window / horizon_days
-             * econ["margin_rate_used"]).to_numpy()
-    differences = c["customer_id"].map(extra * scale).fillna(0.0).to_numpy(dtype=float)
-    learned = float(pooled["uplift_rate"]) * value + differences
-    summary.update(used=True, scale_to_value_window=round(scale, 4),
+    differences = c["customer_id"].map(extra).fillna(0.0).to_numpy(dtype=float)
+    learned = np.asarray(base_value, dtype=float) + differences * to_window
+    summary.update(used=True, scale_to_value_window=round(float(to_window), 4),
                    winner=(result.evaluation or {}).get("winner"))
     return learned, summary
 

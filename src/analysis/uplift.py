@@ -54,6 +54,17 @@ AUUC (normalised)
 uplift at depth
     Mean outcome of the treated less that of the controls among the top share of a
     ranking.
+hazard effect
+    What a contact does, as one number that does not depend on how long one looks: the
+    share ``e`` of a still-active customer's dropout hazard it takes off. In BG/NBD terms
+    (:meth:`analysis.clv.BetaGeoModel.rates_if_alive`) an active customer buys at rate
+    ``lambda`` and stays for an exponential time with hazard ``h``; a contact lowers ``h``
+    to ``h (1 - e)``, so over a window ``w`` it adds ``P(alive) lambda [A(h (1 - e), w) -
+    A(h, w)]`` purchase days, with ``A`` the expected time alive
+    (:func:`analysis.clv.expected_alive_time`), and the same stretch of margin
+    (:func:`contact_value`). A contact is worth little to a customer who is gone, and
+    little to one who would stay anyway; most to a valuable one at a real risk of
+    leaving within the window.
 """
 
 from __future__ import annotations
@@ -66,16 +77,23 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from analysis.clv import expected_alive_time, fit_bgnbd, rfm_summary
 from analysis.features import build_features
 from analysis.models import categories_of, feature_columns, prepare_matrix
 
 __all__ = [
+    "BGNBD_FIT_CUSTOMERS",
+    "HAZARD_ROW_COLUMNS",
     "UpliftLearner",
     "UpliftResult",
     "auuc",
     "campaign_outcomes",
     "compare_rankings",
+    "contact_value",
+    "estimate_hazard_effect",
     "full_window_dates",
+    "hazard_effect_rows",
+    "last_coefficient",
     "learn_uplift",
     "qini_curve",
     "uplift_at_depth",
@@ -274,6 +292,26 @@ class UpliftLearner:
                 "n_rows": self.n_rows_, "n_treated": self.n_treated_}
 
 
+def last_coefficient(X: np.ndarray, y: np.ndarray, *, clusters: np.ndarray | None = None
+                     ) -> tuple[float, float]:
+    """Least-squares coefficient of the last column of ``X`` and its robust standard
+    error: HC1, or clustered by ``clusters`` (a customer in several campaigns' rows, such
+    as a persistent control group, is one cluster: its rows are not independent)."""
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ beta
+    bread = np.linalg.pinv(X.T @ X)
+    n, k = X.shape
+    if clusters is not None and len(pd.unique(clusters)) < n:
+        scores = pd.DataFrame(X * resid[:, None]).groupby(clusters).sum().to_numpy()
+        g = len(scores)
+        meat = scores.T @ scores * (g / max(g - 1, 1)) * ((n - 1) / max(n - k, 1))
+        cov = bread @ meat @ bread
+    else:
+        meat = (X * resid[:, None] ** 2).T @ X
+        cov = bread @ meat @ bread * n / max(n - k, 1)
+    return float(beta[-1]), float(np.sqrt(max(cov[-1, -1], 0.0)))
+
+
 def _ols_coef(X: np.ndarray, y: np.ndarray, j: int) -> tuple[float, float]:
     """Least-squares coefficient ``j`` and its HC1 standard error (NaN if not
     identified)."""
@@ -383,10 +421,13 @@ class UpliftResult:
     ----------
     model : the learner fitted on every campaign with a full outcome window.
     columns, categories : its input columns and text levels (for :func:`uplift_matrix`).
-    evaluation : out-of-time comparison on the latest campaign (:func:`compare_rankings`
-        plus ``latest_campaign``, ``train_campaigns``, ``window_days``), or None when
-        no earlier campaign's window closes before it.
-    curves : the Qini curve of each ranking on the latest campaign (``ranking`` column).
+    evaluation : out-of-time comparison on the held-out campaigns (the keys of
+        :func:`compare_rankings`, AUUC and uplift at depth averaged over them, plus
+        ``auuc_by_campaign``, ``latest_campaign``, ``held_out_campaigns``,
+        ``train_campaigns``, ``window_days``), or None when no earlier campaign's window
+        closes before them.
+    curves : the Qini curve of each ranking on each held-out campaign (``ranking``,
+        ``campaign_date`` columns).
     dates : the campaign dates the model was fitted on.
     """
 
@@ -413,21 +454,29 @@ class UpliftResult:
 def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
                  as_of: dt.date, horizon_days: int, window_days: int, margin_rate: float,
                  exclude_attributes: tuple[str, ...] = (), depth_share: float = 0.2,
-                 baselines=None, learner: Literal["x", "t"] = "x", seed: int = 0
-                 ) -> UpliftResult | None:
+                 baselines=None, learner: Literal["x", "t"] = "x", seed: int = 0,
+                 n_held_out: int = 2) -> UpliftResult | None:
     """Learn per-customer uplift from the campaigns and judge it out of time.
 
-    The latest campaign whose window closes by ``as_of`` is held out; the learner is
-    fitted on the campaigns whose windows close by its date (no outcome overlaps it),
-    and its ranking is compared on it with the pooled-effect ranking and any
-    ``baselines``. The returned model is then refitted on every full-window campaign.
+    The ``n_held_out`` latest campaigns whose windows close by ``as_of`` are held out
+    (one when there are too few campaigns to train on otherwise); the learner is fitted
+    on the campaigns whose windows close by the first of them (no outcome overlaps
+    them), and its ranking is compared on each of them with the pooled-effect ranking and
+    any ``baselines``; the winner has the largest AUUC averaged over the held-out
+    campaigns (one campaign of a few hundred contacts is a noisy judge; on a tie, the
+    simpler ranking). The returned
+    model is then refitted on every full-window campaign.
 
     Parameters
     ----------
-    baselines : optional function of the latest campaign's rows (features at its date)
-        returning ``{name: score}`` rankings to compare with, e.g. churn probability;
-        ``"pooled"`` in it replaces the default pooled ranking (by the learner's
-        baseline: the pooled rate is one number, so it ranks by expected margin).
+    baselines : optional function of a held-out campaign's rows (features at its date,
+        with ``campaign_date``) returning ``{name: score}`` rankings to compare with, e.g.
+        churn probability. A ``"pooled"`` score in it is the pooled uplift per customer
+        over the outcome window (the run's own valuation without the learner); it
+        replaces the default (the learner's baseline: one rate for everyone ranks by
+        expected margin), and the learned
+        ranking is then that score plus the learner's shrunk departure from the pooled
+        effect (:meth:`UpliftLearner.predict_heterogeneity`), as the run composes it.
     depth_share : the share of the campaign at which ``uplift_at_depth`` is read.
 
     Returns
@@ -447,9 +496,7 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
     categories = categories_of(rows, columns)
     X = uplift_matrix(rows, columns, categories)
     day = rows["campaign_date"].dt.date.to_numpy()
-    latest = dates[-1]
-    train = day + dt.timedelta(days=window_days) <= latest
-    held = day == latest
+    window = dt.timedelta(days=window_days)
     evaluation, curves = None, pd.DataFrame()
 
     def fit(mask: np.ndarray) -> UpliftLearner:
@@ -457,26 +504,216 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
             X[mask], rows.loc[mask, "treated"], rows.loc[mask, "outcome"],
             propensity=rows.loc[mask, "propensity"], groups=rows.loc[mask, "customer_id"])
 
-    t_held = rows.loc[held, "treated"].to_numpy()
-    t_train = rows.loc[train, "treated"].to_numpy()
-    enough = min(int(t_train.sum()), int((~t_train).sum())) >= 2 * UpliftLearner().n_folds
-    if enough and t_held.any() and (~t_held).any():
+    def enough(mask: np.ndarray) -> bool:
+        t = rows.loc[mask, "treated"].to_numpy()
+        return min(int(t.sum()), int((~t).sum())) >= 2 * UpliftLearner().n_folds
+
+    held_dates: list[dt.date] = []
+    for k in range(min(n_held_out, len(dates) - 1), 0, -1):
+        if enough(day + window <= dates[-k]):
+            held_dates = dates[-k:]
+            break
+    judged = [d for d in held_dates
+              if rows.loc[day == d, "treated"].any() and (~rows.loc[day == d, "treated"]).any()]
+    if judged:
+        train = day + window <= held_dates[0]
         early = fit(train)
-        Xh = X[held]
-        # the pooled effect ranks by expected margin (its rate is one number)
-        scores = {"model": early.predict(Xh), "pooled": early.predict_baseline(Xh)}
-        if baselines is not None:
-            scores.update(baselines(rows[held].reset_index(drop=True)))
-        y_held = rows.loc[held, "outcome"].to_numpy()
-        evaluation = compare_rankings(scores, t_held, y_held, depth_share=depth_share)
-        evaluation.update(latest_campaign=latest.isoformat(),
-                          train_campaigns=sorted({d.isoformat() for d in day[train]}),
-                          window_days=int(window_days), model_fit=early.summary())
-        curves = pd.concat([qini_curve(s, t_held, y_held).assign(ranking=name)
-                            for name, s in scores.items()], ignore_index=True)
-    t_all = rows["treated"].to_numpy()
-    if min(int(t_all.sum()), int((~t_all).sum())) < 2 * UpliftLearner().n_folds:
+        results, parts = [], []
+        for date in judged:
+            held = day == date
+            Xh = X[held]
+            # the pooled effect ranks by expected margin (its rate is one number)
+            scores = {"model": early.predict(Xh), "pooled": early.predict_baseline(Xh)}
+            if baselines is not None:
+                given = baselines(rows[held].reset_index(drop=True))
+                if "pooled" in given:
+                    scores["model"] = (np.asarray(given["pooled"], dtype=float)
+                                       + early.predict_heterogeneity(Xh))
+                scores.update(given)
+            t_held = rows.loc[held, "treated"].to_numpy()
+            y_held = rows.loc[held, "outcome"].to_numpy()
+            results.append(compare_rankings(scores, t_held, y_held, depth_share=depth_share))
+            parts += [qini_curve(s, t_held, y_held).assign(ranking=name,
+                                                           campaign_date=date.isoformat())
+                      for name, s in scores.items()]
+        names = list(results[0]["auuc"])
+        area = {k: float(np.mean([r["auuc"][k] for r in results])) for k in names}
+        at_depth = {k: [r["uplift_at_depth"][k] for r in results
+                        if r["uplift_at_depth"][k] is not None] for k in names}
+        evaluation = {
+            "auuc": {k: round(v, 4) for k, v in area.items()},
+            "uplift_at_depth": {k: (round(float(np.mean(v)), 4) if v else None)
+                                for k, v in at_depth.items()},
+            # a tie (no heterogeneity kept) goes to the simpler ranking
+            "winner": max(area, key=lambda k: (area[k], k != "model")),
+            "depth_share": round(float(depth_share), 4),
+            "n_treated": int(sum(r["n_treated"] for r in results)),
+            "n_control": int(sum(r["n_control"] for r in results)),
+            "auuc_by_campaign": {d.isoformat(): r["auuc"] for d, r in zip(judged, results,
+                                                                            strict=True)},
+            "latest_campaign": judged[-1].isoformat(),
+            "held_out_campaigns": [d.isoformat() for d in judged],
+            "train_campaigns": sorted({d.isoformat() for d in day[train]}),
+            "window_days": int(window_days), "model_fit": early.summary()}
+        curves = pd.concat(parts, ignore_index=True)
+    if not enough(np.ones(len(rows), dtype=bool)):
         return None
     model = fit(np.ones(len(rows), dtype=bool))
     return UpliftResult(model=model, columns=columns, categories=categories,
                         evaluation=evaluation, dates=dates, curves=curves)
+
+
+# --------------------------------------------------------------------------- the hazard effect
+
+
+def contact_value(expected_margin, hazard, *, effect: float, horizon_days: int,
+                  window_days: int) -> np.ndarray:
+    """Expected extra margin over ``window_days`` of a contact that takes the share
+    ``effect`` off each customer's dropout hazard (module docstring, "hazard effect").
+
+    A customer active now with hazard ``h`` (per day) brings margin at some rate ``m``
+    while active, so that over the horizon ``expected_margin = P(alive) m A(h, H)``. The
+    contact adds ``P(alive) m [A(h (1 - e), W) - A(h, W)]`` over the window ``W``, i.e.
+    ``expected_margin x [A(h (1 - e), W) - A(h, W)] / A(h, H)``: the customer's own
+    expected margin supplies how much is at stake (whether they are still there and how
+    much they bring), the hazard how much of it a lowered hazard keeps.
+
+    Parameters
+    ----------
+    expected_margin : expected margin over ``horizon_days`` without a contact.
+    hazard : dropout hazard per day if still active (NaN: no estimate, value 0).
+    effect : the share of the hazard a contact takes off (at most 1).
+
+    Returns
+    -------
+    ndarray
+        The extra margin per customer (0 where the margin or the hazard is unknown).
+    """
+    h = np.asarray(hazard, dtype=float)
+    em = np.clip(np.asarray(expected_margin, dtype=float), 0, None)
+    e = min(float(effect), 1.0)
+    gained = expected_alive_time(h * (1 - e), window_days) - expected_alive_time(h, window_days)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = em * gained / expected_alive_time(h, horizon_days)
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+#: The most customers BG/NBD's population parameters are fitted on
+#: (:func:`analysis.clv.fit_bgnbd`); every customer gets their own posterior.
+BGNBD_FIT_CUSTOMERS = 50_000
+#: The columns of :func:`hazard_effect_rows`.
+HAZARD_ROW_COLUMNS = ("customer_id", "campaign_date", "treated", "propensity", "window_days",
+                      "p_alive", "purchase_rate", "hazard", "purchase_days")
+
+
+def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
+                       as_of: dt.date, horizon_days: int, window_days: int) -> pd.DataFrame:
+    """One row per customer active at each campaign (a purchase within one horizon before
+    it) whose first horizon after it has closed by ``as_of``: the contact, and what
+    BG/NBD, fitted on the history before the campaign date, expected of the customer.
+
+    Each campaign's outcome window is as long as the data allows, up to ``window_days``:
+    a contact changes the hazard, so its effect grows with the window, and the early
+    campaigns with long windows carry most of the evidence. Purchases are purchase days
+    (completed lines with a non-negative amount, one a day), as BG/NBD counts them.
+
+    Returns
+    -------
+    DataFrame
+        ``customer_id``, ``campaign_date``, ``treated`` (bool), ``propensity`` (the
+        campaign's treated share among these rows), ``window_days`` (the outcome window),
+        ``p_alive``, ``purchase_rate`` and ``hazard`` (per day, if active), and
+        ``purchase_days`` (in the window).
+    """
+    days = pd.to_datetime(campaign["campaign_date"]).dt.date
+    parts = []
+    for date in full_window_dates(campaign, as_of=as_of, window_days=horizon_days):
+        window = min(int(window_days), (as_of - date).days)
+        summary = rfm_summary(con, calibration_end=date)
+        try:
+            bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
+        except ValueError:
+            continue
+        seen = con.execute(f"""
+            WITH days AS (
+                SELECT DISTINCT customer_id, CAST(order_date AS DATE) AS day FROM lines
+                WHERE status = 'completed' AND amount >= 0
+                  AND order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}')
+            SELECT customer_id,
+                   date_diff('day', MAX(day) FILTER (WHERE day < DATE '{date.isoformat()}'),
+                             DATE '{date.isoformat()}') AS recency_days,
+                   COUNT(*) FILTER (WHERE day >= DATE '{date.isoformat()}') AS purchase_days
+            FROM days GROUP BY customer_id""").df()
+        seen["customer_id"] = seen["customer_id"].astype(str)
+        active = seen[seen["recency_days"] <= horizon_days].merge(
+            campaign.loc[days == date, ["customer_id", "treated"]].astype(
+                {"customer_id": str}), on="customer_id")
+        if active.empty:
+            continue
+        s = summary.reindex(active["customer_id"])
+        x, tx, T = (s[c].to_numpy(dtype=float) for c in ("frequency", "recency", "T"))
+        rate, hazard = bg.rates_if_alive(x, tx, T)
+        treated = active["treated"].astype(bool).to_numpy()
+        parts.append(pd.DataFrame({
+            "customer_id": active["customer_id"].to_numpy(),
+            "campaign_date": pd.Timestamp(date), "treated": treated,
+            "propensity": float(treated.mean()), "window_days": window,
+            "p_alive": bg.probability_alive(x, tx, T), "purchase_rate": rate / 7.0,
+            "hazard": hazard / 7.0,
+            "purchase_days": active["purchase_days"].to_numpy(dtype=float)}))
+    return (pd.concat(parts, ignore_index=True) if parts
+            else pd.DataFrame(columns=list(HAZARD_ROW_COLUMNS)))
+
+
+def estimate_hazard_effect(rows: pd.DataFrame, *, max_iter: int = 100,
+                           tol: float = 1e-5) -> dict | None:
+    """The share of the dropout hazard a contact takes off, from randomised campaigns.
+
+    ``rows`` as :func:`hazard_effect_rows`. A contact lowering the hazard by ``e`` adds
+    ``P(alive) lambda [A(h (1 - e), w) - A(h, w)]`` purchase days over each row's window
+    (module docstring), nearly ``e`` times ``x(e) = P(alive) lambda [A(h (1 - e), w) -
+    A(h, w)] / e``. The purchase days are regressed on ``1``, the expected purchase days
+    without a contact ``m = P(alive) lambda A(h, w)`` (which takes out most of the
+    differences between customers: CUPED) and ``(T - propensity) x(e)``, weighted by
+    ``1 / (1 + m)`` (a count's variance grows with its mean, as a Poisson count's; the 1
+    keeps customers expected to buy almost nothing from dominating); ``e`` is the fixed
+    point of the last coefficient. Its standard error is clustered by customer (the
+    control group recurs from campaign to campaign).
+
+    Returns
+    -------
+    dict or None
+        ``effect`` (the coefficient: can be negative), ``se``, ``ci_low``, ``ci_high``
+        (95 %), ``n_rows``, ``n_treated``, ``n_control``, ``n_campaigns``,
+        ``window_days`` (the longest outcome window), ``converged``; None with fewer than
+        30 contacted or 30 control rows.
+    """
+    t = rows["treated"].astype(bool).to_numpy()
+    if t.sum() < 30 or (~t).sum() < 30:
+        return None
+    y = rows["purchase_days"].to_numpy(dtype=float)
+    w = rows["window_days"].to_numpy(dtype=float)
+    h = rows["hazard"].to_numpy(dtype=float)
+    scale = (rows["p_alive"] * rows["purchase_rate"]).to_numpy(dtype=float)
+    base = scale * expected_alive_time(h, w)
+    d = t - rows["propensity"].to_numpy(dtype=float)
+    clusters = rows["customer_id"].to_numpy()
+    root_weight = 1.0 / np.sqrt(1.0 + base)
+    effect, se, converged = 0.3, float("nan"), False
+    for _ in range(max_iter):
+        e = min(max(effect, 1e-3), 0.99)
+        x = scale * (expected_alive_time(h * (1 - e), w) - expected_alive_time(h, w)) / e
+        X = np.column_stack([np.ones(len(y)), base, d * x])
+        new, se = last_coefficient(X * root_weight[:, None], y * root_weight,
+                                   clusters=clusters)
+        if not np.isfinite(new):
+            break
+        converged = abs(min(max(new, 1e-3), 0.99) - e) < tol
+        effect = new
+        if converged:
+            break
+    return {"effect": float(effect), "se": float(se),
+            "ci_low": float(effect - 1.96 * se), "ci_high": float(effect + 1.96 * se),
+            "n_rows": int(len(y)), "n_treated": int(t.sum()), "n_control": int((~t).sum()),
+            "n_campaigns": int(rows["campaign_date"].nunique()),
+            "window_days": int(w.max()), "converged": bool(converged)}
