@@ -27,16 +27,17 @@ def test_order_log_steps_in_order_each_write_their_own_table_once(demo_config, t
     assert (folder / "clean" / "transactions.parquet").is_file()
 
     profile = segments.profile_step(config, folder)
-    assert store.scoring_date() == profile.as_of
+    # the scoring date and the horizon are resolved once, by the first step, and recorded
+    assert store.scoring_date() == profile.as_of and store.horizon_days() == 90
     profiled = _digest(store.profile_table)
     assert "churn_probability" not in pd.read_parquet(store.profile_table)
 
     run = models.churn_step(config, folder)
     assert run is not None
-    # the models step read the scoring date the profile step recorded, and recorded the
-    # horizon for the steps after it
+    # the models step read the scoring date and the horizon the profile step recorded,
+    # and scored the customers on the profile's own features
     assert run.cutoffs["score"] == profile.as_of.isoformat()
-    assert store.horizon_days() == run.horizon_days == 90
+    assert run.horizon_days == 90 and run.sizes["score"] == len(profile.customers)
     scored = _digest(store.scores_table)
 
     decisions = strategy.strategy_step(config, folder)

@@ -1013,7 +1013,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      min_customers: int = 200, max_train_rows: int = 300_000,
                      max_baseline_rows: int = 100_000,
                      lifecycle: dict | None = None,
-                     reasons_sample: int | None = None) -> ModelRun:
+                     reasons_sample: int | None = None,
+                     score_features: pd.DataFrame | None = None) -> ModelRun:
     """Train on rolling-origin snapshots, choose the scoring methods on the validation
     cutoff, judge every method out of time, score at ``as_of``.
 
@@ -1043,6 +1044,11 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     lifecycle_thresholds`; its defaults when None). The churn method is chosen on the
     active customers of the choosing half, and every churn method is judged both on
     everyone (``churn_metrics``) and on the active customers (``churn_metrics_active``).
+
+    ``score_features``: the customers' features at ``as_of`` when the caller has them
+    (the profile step's table: :func:`analysis.features.build_features` with this
+    horizon, no labels, the same exclusions, one row per customer sorted by id), else
+    they are built here.
 
     **Whose reasons.** With ``reasons_sample`` None every scored customer gets reason
     codes. With a number, and more customers than that, the exact SHAP values (and the
@@ -1154,8 +1160,9 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                                                      evaluation[f"value_{method}"])}
                   for method in ("model", "last_period", "rfm", "bgnbd_gg")]
 
-    score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
-                                    exclude_attributes=exclude)
+    if score_features is None:
+        score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days,
+                                        labels=False, exclude_attributes=exclude)
     score_X = prepare_matrix(score_features, columns, cats)
     drift = feature_drift(X.pop("train"), score_X)
     churn_chosen, value_chosen = chosen_method(churn_choice), chosen_method(value_choice)
@@ -1583,17 +1590,21 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
     """
     a = config.analysis
     con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
-    scoring_date = (RunStore(processed_dir).scoring_date()
-                    or resolve_as_of(con, as_of=as_of or a.as_of))
-    horizon = resolve_horizon_days(con, horizon_days=a.horizon_days, cutoff=scoring_date,
-                                   step_days=a.cutoff_step_days)
+    store = RunStore(processed_dir)
+    scoring_date = store.scoring_date() or resolve_as_of(con, as_of=as_of or a.as_of)
+    horizon = store.horizon_days() or resolve_horizon_days(
+        con, horizon_days=a.horizon_days, cutoff=scoring_date, step_days=a.cutoff_step_days)
+    # the profile step built the features at the scoring date with this horizon: read
+    # them rather than building them again
+    profiled = (store.read_profile_table() if store.profile_table.is_file()
+                and store.horizon_days() == horizon else None)
     try:
         run = fit_and_evaluate(con, as_of=scoring_date, horizon_days=horizon,
                                n_cutoffs=a.n_cutoffs, step_days=a.cutoff_step_days,
                                exclude=config.protected + config.pii, seed=config.seed,
                                device=a.device, lifecycle=lifecycle_thresholds(a),
-                               reasons_sample=a.reasons_sample_for(
-                                   RunStore(processed_dir).n_customers()))
+                               reasons_sample=a.reasons_sample_for(store.n_customers()),
+                               score_features=profiled)
     except InsufficientDataError as exc:
         write_skipped_models(processed_dir, reason=str(exc), horizon_days=horizon,
                              as_of=scoring_date,

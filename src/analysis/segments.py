@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from analysis.config import AnalysisParams, Config
 from analysis.errors import InsufficientDataError
 from analysis.explain import FEATURE_LABELS
-from analysis.features import build_features, connect, resolve_as_of
+from analysis.features import build_features, connect, resolve_as_of, resolve_horizon_days
 from analysis.store import RunStore
 
 __all__ = [
@@ -474,6 +474,7 @@ class CustomerProfile:
     clusters: pd.DataFrame
     cohorts: pd.DataFrame
     pareto: pd.DataFrame
+    horizon_days: int | None = None
 
     def summary(self) -> dict:
         """Headline counts, JSON-friendly."""
@@ -487,18 +488,24 @@ class CustomerProfile:
             "tiers": {r.value_tier: int(r.n_customers) for r in self.tiers.itertuples()},
             "lifecycle": {r.lifecycle_stage: int(r.n_customers)
                           for r in self.lifecycle.itertuples()},
+            **({} if self.horizon_days is None else {"horizon_days": int(self.horizon_days)}),
         }
 
 
 def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
                       params: AnalysisParams, seed: int = 42,
-                      exclude_attributes: tuple[str, ...] = ()) -> CustomerProfile:
+                      exclude_attributes: tuple[str, ...] = (),
+                      horizon_days: int | None = None) -> CustomerProfile:
     """Features at ``as_of`` and every segmentation of them.
 
     Value tiers are by ``monetary_total`` (history before ``as_of``) and the shares in
-    ``params.tier_shares``; lifecycle thresholds come from ``params``.
+    ``params.tier_shares``; lifecycle thresholds come from ``params``. With the run's
+    ``horizon_days`` the features are exactly those the models score the customers on
+    (:func:`analysis.features.build_features` with that horizon, no labels), so the
+    models step reads them rather than building them again.
     """
-    feats = build_features(con, cutoff=as_of, exclude_attributes=exclude_attributes)
+    feats = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
+                           exclude_attributes=exclude_attributes)
     if len(feats) < params.min_customers:
         raise InsufficientDataError(
             f"{len(feats):,} customer(s) with a purchase before {as_of}: a customer strategy "
@@ -518,7 +525,7 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
     tier_summary = tier_summary_of(customers)
     lifecycle = lifecycle_counts(customers)
     return CustomerProfile(
-        as_of=as_of, customers=customers,
+        as_of=as_of, customers=customers, horizon_days=horizon_days,
         segments=segment_profile(customers, by="segment",
                                  min_customers=params.min_segment_customers),
         tiers=tier_summary, lifecycle=lifecycle, clusters=clusters,
@@ -530,15 +537,19 @@ def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
 def profile_step(config: Config, processed_dir: str | Path, *, as_of: str | None = None
                  ) -> CustomerProfile:
     """The profile step of an order-log run: resolve the scoring date (``as_of``, else the
-    config's, else the day after the last order) once, profile every customer at it from
-    the cleaned inputs (:func:`profile_customers`, protected and personal attributes left
-    out) and write the profile (:func:`write_profile`), which records the scoring date
-    for every later step."""
+    config's, else the day after the last order) and the horizon
+    (:func:`analysis.features.resolve_horizon_days`) once, profile every customer at that
+    date from the cleaned inputs (:func:`profile_customers`, protected and personal
+    attributes left out) and write the profile (:func:`write_profile`), which records
+    both for every later step."""
     a = config.analysis
     con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
     scoring_date = resolve_as_of(con, as_of=as_of or a.as_of)
+    horizon = resolve_horizon_days(con, horizon_days=a.horizon_days, cutoff=scoring_date,
+                                   step_days=a.cutoff_step_days)
     profile = profile_customers(con, as_of=scoring_date, params=a, seed=config.seed,
-                                exclude_attributes=config.protected + config.pii)
+                                exclude_attributes=config.protected + config.pii,
+                                horizon_days=horizon)
     write_profile(profile, processed_dir)
     return profile
 
@@ -596,4 +607,5 @@ def read_profile(out_dir: str | Path, *, with_customers: bool = True) -> Custome
               for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto")}
     customers = RunStore(out_dir).read_customers() if with_customers else None
     return CustomerProfile(as_of=dt.date.fromisoformat(summary["as_of"]),
-                           customers=customers, **frames)
+                           customers=customers, horizon_days=summary.get("horizon_days"),
+                           **frames)

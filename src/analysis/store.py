@@ -178,11 +178,18 @@ class RunStore:
                 if path.is_file() else None)
 
     def horizon_days(self) -> int | None:
-        """The horizon the models step resolved and recorded (``models.json``); None
-        before it has run."""
-        path = self.folder / "models.json"
-        return (int(json.loads(path.read_text())["horizon_days"]) if path.is_file()
-                else None)
+        """The horizon the run resolved and recorded: by the profile step of an order-log
+        run (``profile.json``), else by the models step (``models.json``); None before."""
+        for name in ("profile.json", "models.json"):
+            path = self.folder / name
+            if path.is_file() and "horizon_days" in (recorded := json.loads(path.read_text())):
+                return int(recorded["horizon_days"])
+        return None
+
+    def read_profile_table(self) -> pd.DataFrame:
+        """The profile step's table as it wrote it (features at the scoring date and the
+        segments)."""
+        return pd.read_parquet(self.profile_table)
 
 
 def _ordered(columns: list[str]) -> list[str]:

@@ -1008,9 +1008,12 @@ def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store
     both = decided[["customer_id", "action", "alerts"]].merge(scored, on="customer_id",
                                                               how="left")
     ids = both.loc[needs_reasons(both) & both["reasons"].isna(), "customer_id"]
-    features = build_features(con, cutoff=dt.date.fromisoformat(run.cutoffs["score"]),
-                              horizon_days=run.horizon_days, labels=False,
-                              exclude_attributes=exclude)
+    # the profile step's features are the scoring features when it used the run's horizon
+    features = (store.read_profile_table() if store.horizon_days() == run.horizon_days
+                and store.profile_table.is_file() else
+                build_features(con, cutoff=dt.date.fromisoformat(run.cutoffs["score"]),
+                               horizon_days=run.horizon_days, labels=False,
+                               exclude_attributes=exclude))
     features = features[features["customer_id"].isin(set(ids))].reset_index(drop=True)
     found = explain_customers(run, features).rename(columns={"churn_reasons": "reasons"})
     out = both[["customer_id", "reasons", "value_reasons"]].set_index("customer_id")
