@@ -902,7 +902,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
             n_held = len((summary.get("evaluation") or {}).get("held_out_campaigns") or [1])
             summary.update(used=False, why=(
                 f"on the {'latest campaign' if n_held == 1 else f'{n_held} latest campaigns'}"
-                ", which it never saw, it ranked customers less well than "
+                ", which it never saw, it ranked customers no better than "
                 f"{'one effect for everyone' if winner == 'pooled' else 'churn risk'}; "
                 "each contact is valued by the effect measured for everyone"))
         if learned is not None:
