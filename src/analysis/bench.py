@@ -289,12 +289,14 @@ class StepProfile:
 
 
 #: What the stage breakdown times inside each stage: (module, attribute, label); a
-#: class's method is ``Class.method``. Steps nest where they call each other.
+#: class's method is ``Class.method``. Steps nest where they call each other; a step
+#: the code measured does not have (older or newer code) is left out.
 _STAGE_STEPS = {
     "01_data_quality": [
         ("analysis.data", "load_table", None), ("analysis.data", "_read_chunks", "read chunk"),
         ("analysis.data", "_map_columns", None), ("analysis.data", "_parse", None),
         ("analysis.data", "_validate", None), ("analysis.data", "_duplicates", None),
+        ("analysis.data", "_judge_rows", None), ("analysis.data", "_set_aside_again", None),
         ("analysis.data", "_quarantine_frame", None),
         ("analysis.data", "write_processed", None),
         ("analysis.data", "write_atomically", None),
@@ -312,6 +314,7 @@ _STAGE_STEPS = {
         ("analysis.models", "resolve_horizon_days", None),
         ("analysis.models", "fit_and_evaluate", None),
         ("analysis.models", "build_snapshots", None),
+        ("analysis.models", "snapshots_by_cutoff", "snapshots_by_cutoff (every cutoff)"),
         ("analysis.features", "build_features", "build_features (one cutoff)"),
         ("analysis.models", "build_features", "build_features (scoring date)"),
         ("analysis.models", "prepare_matrix", None),
@@ -350,9 +353,11 @@ def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) 
             from analysis import data, features, models, segments
         for module, attr, label in _STAGE_STEPS[stage]:
             owner = importlib.import_module(module)
-            for part in attr.split(".")[:-1]:
-                owner = getattr(owner, part)
-            profile.wrap(owner, attr.split(".")[-1], label or attr)
+            *path, name = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part, None)
+            if owner is not None and hasattr(owner, name):
+                profile.wrap(owner, name, label or attr)
         config = load_config(config_path)
         if stage == "01_data_quality":
             dataset = data.load_dataset(config)
