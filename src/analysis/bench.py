@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from analysis import data, features, models, segments
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.config import load_config, memory_bytes
 from analysis.demo import DemoWorld, write_demo
@@ -349,8 +350,6 @@ def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) 
 
     profile = StepProfile()
     with profile, profile.step(stage):
-        with profile.step("imports"):
-            from analysis import data, features, models, segments
         for module, attr, label in _STAGE_STEPS[stage]:
             owner = importlib.import_module(module)
             *path, name = attr.split(".")
