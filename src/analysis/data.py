@@ -233,22 +233,42 @@ def _set_aside_again(spec: TableSpec, judged: pd.Series, *, table: str, config: 
     """The quarantine rows of the rows :func:`_judge_rows` set aside, with their original
     values: the file is read again, in the same chunks, for the chunks that hold them."""
     wanted = np.sort(judged.index.to_numpy())
-    out, n_read = [], 0
-    for raw in _read_chunks(spec, chunk_rows):
-        if raw.empty:
-            continue
-        start, n_read = n_read, n_read + len(raw)
-        rows = wanted[(wanted >= start) & (wanted < n_read)]
-        if not len(rows):
-            continue
-        raw.index = pd.RangeIndex(start, n_read)
+    out = []
+    for raw in _chunks_holding(spec, chunk_rows, wanted):
+        rows = wanted[(wanted >= raw.index[0]) & (wanted <= raw.index[-1])]
         mapped, _ = _map_columns(raw, spec, table=table, pii=config.pii)
         rules = pd.Series(pd.NA, index=raw.index, dtype="object")
         rules.loc[rows] = judged.loc[rows].to_numpy()
         out.append(_set_aside(raw, mapped, rules, rules.notna(), config=config))
-        if n_read > wanted[-1]:
-            break
     return out
+
+
+def _chunks_holding(spec: TableSpec, chunk_rows: int, rows: np.ndarray
+                    ) -> Iterator[pd.DataFrame]:
+    """The chunks of :func:`_read_chunks` (the same rows, the same values) that hold any
+    of ``rows`` (0-based file rows, sorted), indexed by file row - 1. A Parquet file's
+    other chunks are skipped without being converted; the reading stops after the last
+    row asked for."""
+    if not len(rows):
+        return
+    if spec.resolved_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        chunks = ((len(b), lambda b=b: pa.Table.from_batches([b]).to_pandas())
+                  for b in pq.ParquetFile(spec.path).iter_batches(batch_size=chunk_rows))
+    else:
+        chunks = ((len(f), lambda f=f: f) for f in _read_chunks(spec, chunk_rows))
+    start = 0
+    for n, frame in chunks:
+        end = start + n
+        if n and np.any((rows >= start) & (rows < end)):
+            raw = frame()
+            raw.index = pd.RangeIndex(start, end)
+            yield raw
+        if end > rows[-1]:
+            return
+        start = end
 
 
 def pseudonymize(ids: pd.Series, *, key: str) -> pd.Series:
@@ -436,7 +456,7 @@ def _read_chunks(spec: TableSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
             if source.metadata.num_rows == 0:
                 yield source.schema_arrow.empty_table().to_pandas()
             for batch in source.iter_batches(batch_size=chunk_rows):
-                yield pa.Table.from_batches([batch]).to_pandas()
+                yield pa.Table.from_batches([batch]).to_pandas()   # as _chunks_holding
         elif fmt == "excel":
             frame = pd.read_excel(path, sheet_name=spec.sheet or 0, dtype=str,
                                   header=0 if spec.header else None,
@@ -804,13 +824,12 @@ WHERE broken IS NOT NULL
 #: -0.0 equals 0.0), or, in a customer table, of the id. Rows sharing a hash of the key
 #: are the candidates, compared in full.
 REPEATED_ROWS = """
-WITH ok AS (
-    SELECT file_row, {key} FROM parsed WHERE ({first_broken}) IS NULL
-), shared AS (
-    SELECT hash({key}) AS h FROM ok GROUP BY h HAVING COUNT(*) > 1
+WITH shared AS (
+    SELECT hash({key}) AS h FROM parsed WHERE ({first_broken}) IS NULL
+    GROUP BY h HAVING COUNT(*) > 1
 )
-SELECT file_row FROM ok
-WHERE hash({key}) IN (SELECT h FROM shared)
+SELECT file_row FROM parsed
+WHERE ({first_broken}) IS NULL AND hash({key}) IN (SELECT h FROM shared)
 QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY file_row) > 1
 """
 
