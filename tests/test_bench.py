@@ -55,3 +55,54 @@ def test_strategy_results_of_several_seeds_are_one_table_with_their_mean(tmp_pat
     assert "| 70.0% | 90.0% | 80.0% |" in page
     assert "| campaign file = the Retain actions | True | True | all |" in page
     assert "| 1.00 | 2.00 | 1.50 |" in page and "| fairness flags | 0 | 1 | 0.5 |" in page
+
+
+def test_step_profile_times_nested_steps_and_their_peak_memory():
+    import numpy as np
+
+    from analysis.bench import StepProfile
+
+    class Work:
+        @staticmethod
+        def allocate(n_mb):
+            block = np.ones(n_mb * 2**20 // 8)        # touched: resident
+            return float(block.sum())
+
+        def inner(self):
+            return [self.allocate(200) for _ in range(2)]
+
+    profile = StepProfile()
+    with profile, profile.step("stage"):
+        profile.wrap(Work, "allocate")
+        profile.wrap(Work, "inner", "two allocations")
+        Work().inner()
+        Work.allocate(1)
+    assert isinstance(Work.__dict__["allocate"], staticmethod)     # put back as it was
+    assert Work.allocate.__qualname__.endswith("Work.allocate")
+    rows = {r["step"]: r for r in profile.table()}
+    assert list(rows) == ["stage", "stage > two allocations",
+                          "stage > two allocations > allocate", "stage > allocate"]
+    assert rows["stage > two allocations > allocate"]["calls"] == 2
+    assert rows["stage > allocate"]["calls"] == 1
+    # a step's peak holds its own allocation; its parent's, its children's
+    assert rows["stage > two allocations > allocate"]["peak_rss_mb"] >= 200
+    assert rows["stage"]["peak_rss_mb"] >= rows["stage > two allocations"]["peak_rss_mb"] >= 200
+    assert rows["stage"]["seconds"] >= rows["stage > two allocations"]["seconds"]
+
+
+def test_stage_breakdown_is_rendered_with_nested_steps_and_shares(tmp_path):
+    (tmp_path / "stages-3m-main.json").write_text(json.dumps({
+        "lines": 2_983_893, "customers": 172_000, "label": "main", "memory_limit": "6GB",
+        "stages": {"03_churn_model": {
+            "seconds": 400.0, "peak_rss_mb": 1071, "load_average_before": 2.5,
+            "load_average_after": 3.0, "steps": [
+                {"step": "03_churn_model", "calls": 1, "seconds": 400.0, "peak_rss_mb": 1071},
+                {"step": "03_churn_model > fit_and_evaluate", "calls": 1, "seconds": 398.0,
+                 "peak_rss_mb": 1071},
+                {"step": "03_churn_model > fit_and_evaluate > SHAP (TreeSHAP)", "calls": 2,
+                 "seconds": 180.7, "peak_rss_mb": 743}]}}}))
+    page = render_results(tmp_path)
+    assert "### 03_churn_model: 2,983,893 lines, 172,000 customers (main)" in page
+    assert "| fit_and_evaluate | 1 | 398.00 | 100% | 1,071 |" in page
+    assert "| &nbsp;&nbsp;&nbsp;&nbsp;SHAP (TreeSHAP) | 2 | 180.70 | 45% | 743 |" in page
+    assert "load average 2.5 before, 3.0 after" in page

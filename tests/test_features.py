@@ -272,3 +272,75 @@ def test_auto_horizon_is_the_longest_that_leaves_training_cutoffs(history_days, 
             _, _, longer = F.honest_cutoffs(as_of=as_of, horizon_days=h + 30, n_train=3,
                                             step_days=30, first_date=first)
             assert len(longer) < 3
+
+
+# --------------------------------------------------------------------------- one pass
+
+
+def test_orders_spanning_days_count_what_each_cutoff_saw():
+    """Orders whose lines fall on several days: a cutoff between those days sees the
+    order as its lines before the cutoff have it (dated by its first day, a purchase
+    from its first purchase line on, its channel the first of those lines' channels),
+    and an order without an order id counts but is not counted as a future order."""
+    lines = tx([
+        ("P", "A", "2024-01-10", 10.0, "completed", "x", "store", 2.0),
+        ("P", "A", "2024-01-20", 5.0, "completed", "y", "online", 1.0),
+        ("P", "A", "2024-02-05", -3.0, "completed", "x", "online", -1.0),  # a later refund
+        ("Q", "A", "2024-01-15", 7.0, "cancelled", "y", "phone", 1.0),
+        ("Q", "A", "2024-01-25", 20.0, "completed", "y", "phone", 4.0),   # bought later
+        ("R", "A", "2024-01-18", 8.0, "completed", "x", "store", 2.0),
+        (None, "B", "2024-01-12", 4.0, "completed", "x", "store", 1.0),
+        (None, "B", "2024-01-22", 6.0, "completed", "y", "store", 1.0),
+        ("S", "B", "2024-01-30", 9.0, "completed", "y", "online", 2.0),
+    ])
+    cutoffs = [dt.date(2024, 1, 16), dt.date(2024, 1, 21), dt.date(2024, 2, 1)]
+    con = F.connect({"transactions": lines})
+    got = F.build_snapshots(con, cutoffs=cutoffs, horizon_days=10)
+    cols = ["frequency", "n_orders", "monetary_total", "monetary_max_order",
+            "gap_median_days", "recency_days", "cancel_rate", "top_channel",
+            "top_channel_share", "churned", "future_spend", "future_orders",
+            "spend_last_horizon"]
+    expected = pd.DataFrame([
+        # A before 01-16: P is 10 so far; Q is a cancelled line, not yet a purchase
+        ("A", "2024-01-16", 1, 1, 10.0, 10.0, np.nan, 6, 0.5, "store", 1.0, 0, 33.0, 3, 10.0),
+        ("B", "2024-01-16", 1, 1, 4.0, 4.0, np.nan, 4, 0.0, "store", 1.0, 0, 6.0, 0, 4.0),
+        # P is 15 and now 'online' (its second day brought an earlier-named channel)
+        ("A", "2024-01-21", 2, 2, 23.0, 15.0, 8.0, 3, 0.25, "online", 0.5, 0, 20.0, 1, 13.0),
+        ("B", "2024-01-21", 1, 1, 4.0, 4.0, np.nan, 9, 0.0, "store", 1.0, 0, 15.0, 1, 4.0),
+        # Q became a purchase on 01-25, dated 01-15: a purchase day between two others
+        ("A", "2024-02-01", 3, 3, 43.0, 20.0, 4.0, 14, 0.2, "online", 1 / 3, 1, -3.0, 0, 20.0),
+        ("B", "2024-02-01", 2, 2, 19.0, 10.0, 18.0, 2, 0.0, "online", 0.5, 1, 0.0, 0, 15.0),
+    ], columns=["customer_id", "cutoff", *cols]).assign(cutoff=lambda d: pd.to_datetime(d["cutoff"]))
+    pd.testing.assert_frame_equal(got[["customer_id", "cutoff", *cols]], expected,
+                                  check_dtype=False, check_exact=False, atol=1e-12)
+    # one pass over every cutoff is the same as one build per cutoff
+    for c in cutoffs:
+        pd.testing.assert_frame_equal(
+            got[got["cutoff"] == pd.Timestamp(c)].drop(columns="cutoff").reset_index(drop=True),
+            F.build_features(con, cutoff=c, horizon_days=10))
+
+
+def test_snapshots_in_ranges_of_customers_match_the_pandas_reference(small_demo, monkeypatch):
+    """Built in several ranges of customer ids (a few thousand lines each), every
+    cutoff's features still equal the pandas reference's, and sampled cutoffs keep the
+    same customers, with the same values, as a build of that cutoff alone."""
+    from bench.reference import pandas_features, same_features
+
+    lines = pd.read_parquet(small_demo / "transactions.parquet")
+    monkeypatch.setattr(F, "LINES_PER_PASS", len(lines) // 5)
+    con = F.connect({"transactions": lines})
+    assert len(F._customer_ranges(con, len(lines))) >= 5
+    cutoffs = [dt.date(2025, 1, 1), dt.date(2025, 4, 1), dt.date(2025, 7, 1)]
+    shares = {dt.date(2025, 4, 1): 0.3}
+    frames = F.snapshots_by_cutoff(con, cutoffs=cutoffs, horizon_days=60, sample_share=shares)
+    assert list(frames) == cutoffs
+    for c in (cutoffs[0], cutoffs[2]):
+        ours = frames[c]
+        assert ours["customer_id"].is_monotonic_increasing and ours["customer_id"].is_unique
+        theirs = pandas_features(lines, cutoff=c)
+        assert same_features(ours[list(theirs.columns)], theirs)
+    sampled = frames[cutoffs[1]]
+    alone = F.build_features(con, cutoff=cutoffs[1], horizon_days=60, sample_share=0.3)
+    pd.testing.assert_frame_equal(sampled, alone, check_exact=False, rtol=1e-12)
+    full = F.build_features(con, cutoff=cutoffs[1], horizon_days=60)
+    assert 0.2 * len(full) < len(sampled) < 0.4 * len(full)

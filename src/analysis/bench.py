@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from analysis import data, features, models, segments
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.config import load_config, memory_bytes
 from analysis.demo import DemoWorld, write_demo
@@ -50,7 +52,8 @@ from analysis.report import run_pipeline
 from analysis.segments import ACTIVE_STAGES
 from analysis.strategy import RETAIN_PREFIX
 
-__all__ = ["bench_cdnow", "bench_features", "bench_strategy", "render_results"]
+__all__ = ["StepProfile", "bench_cdnow", "bench_features", "bench_stages", "bench_strategy",
+           "render_results"]
 
 LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
 BENCH_CUTOFF = dt.date(2025, 7, 1)
@@ -164,7 +167,6 @@ def _peak_rss_of_project_build(data_dir: Path, *, memory_limit: str | None = Non
 
 
 def _machine() -> dict:
-    import os
     import platform
 
     import duckdb
@@ -172,6 +174,301 @@ def _machine() -> dict:
     return {"cpus": os.cpu_count(), "python": platform.python_version(),
             "duckdb": duckdb.__version__, "pandas": pd.__version__,
             "self_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+# --------------------------------------------------------------------------- stage breakdown
+
+
+def _vm_kib(field: str) -> int:
+    import re
+
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
+
+
+def _reset_peak() -> None:
+    """Reset the process's peak resident memory (VmHWM) to its current size (Linux)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+class StepProfile:
+    """Wall time and peak resident memory of named steps, nested, aggregated by path.
+
+    :meth:`wrap` replaces a function (a module attribute or a class's method) by a timed
+    copy of itself until the profile closes, so that a step of the package is measured
+    where it runs, without the package knowing; :meth:`step` times a block. A step's
+    peak memory is read from the kernel (``VmHWM``, reset when the step starts), so it
+    misses nothing between samples; a step's peak includes its children's.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+        self._stack: list[list] = []        # [path, start, peak so far (KiB)]
+        self._patches: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> StepProfile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, original in reversed(self._patches):
+            setattr(owner, name, original)
+        self._patches.clear()
+
+    def _enter(self, label: str) -> None:
+        if self._stack:
+            parent = self._stack[-1]
+            parent[2] = max(parent[2], _vm_kib("VmHWM"))
+        _reset_peak()
+        path = f"{self._stack[-1][0]} > {label}" if self._stack else label
+        self.rows.setdefault(path, {"step": path, "calls": 0, "seconds": 0.0,
+                                    "peak_rss_mb": 0.0})     # in the order steps start
+        self._stack.append([path, time.perf_counter(), 0])
+
+    def _leave(self) -> None:
+        path, start, peak = self._stack.pop()
+        seconds = time.perf_counter() - start
+        peak = max(peak, _vm_kib("VmHWM"))
+        if self._stack:
+            self._stack[-1][2] = max(self._stack[-1][2], peak)
+        row = self.rows[path]
+        row["calls"] += 1
+        row["seconds"] += seconds
+        row["peak_rss_mb"] = max(row["peak_rss_mb"], round(peak / 1024, 1))
+
+    def step(self, label: str):
+        """A context manager timing the block as ``label``."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def block():
+            self._enter(label)
+            try:
+                yield
+            finally:
+                self._leave()
+        return block()
+
+    def wrap(self, owner: object, name: str, label: str | None = None) -> None:
+        """Time every call of ``owner.name`` (a generator: each item it yields) as
+        ``label`` (default: ``name``) until the profile closes."""
+        import functools
+        import inspect
+
+        original = inspect.getattr_static(owner, name)
+        function = getattr(owner, name)
+        label = label or name
+        if inspect.isgeneratorfunction(function):
+            @functools.wraps(function)
+            def timed(*args, **kwargs):
+                items = function(*args, **kwargs)
+                while True:
+                    self._enter(label)
+                    try:
+                        item = next(items)
+                    except StopIteration:
+                        return
+                    finally:
+                        self._leave()
+                    yield item
+        else:
+            @functools.wraps(function)
+            def timed(*args, **kwargs):
+                self._enter(label)
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    self._leave()
+        if isinstance(original, staticmethod):
+            timed = staticmethod(timed)
+        self._patches.append((owner, name, original))
+        setattr(owner, name, timed)
+
+    def table(self) -> list[dict]:
+        """The steps in the order they first started, times rounded."""
+        return [{**r, "seconds": round(r["seconds"], 2)} for r in self.rows.values()]
+
+
+#: What the stage breakdown times inside each stage: (module, attribute, label); a
+#: class's method is ``Class.method``. Steps nest where they call each other; a step
+#: the code measured does not have (older or newer code) is left out.
+_STAGE_STEPS = {
+    "01_data_quality": [
+        ("analysis.data", "load_table", None), ("analysis.data", "_read_chunks", "read chunk"),
+        ("analysis.data", "_map_columns", None), ("analysis.data", "_parse", None),
+        ("analysis.data", "_validate", None), ("analysis.data", "_duplicates", None),
+        ("analysis.data", "_judge_rows", None), ("analysis.data", "_set_aside_again", None),
+        ("analysis.data", "_quarantine_frame", None),
+        ("analysis.data", "write_processed", None),
+        ("analysis.data", "write_atomically", None),
+        ("analysis.data", "quality_summary", None),
+        ("analysis.data", "_transaction_measures", None),
+        ("analysis.data", "_monthly", None),
+    ],
+    "02_customer_profile": [
+        ("analysis.segments", "build_features", "build_features (scoring date)"),
+        ("analysis.segments", "assign_lifecycle", None),
+        ("analysis.segments", "cluster_customers", None),
+        ("analysis.segments", "write_profile", None),
+    ],
+    "03_churn_model": [
+        ("analysis.models", "resolve_horizon_days", None),
+        ("analysis.models", "fit_and_evaluate", None),
+        ("analysis.models", "build_snapshots", None),
+        ("analysis.models", "snapshots_by_cutoff", "snapshots_by_cutoff (every cutoff)"),
+        ("analysis.features", "build_features", "build_features (one cutoff)"),
+        ("analysis.models", "build_features", "build_features (scoring date)"),
+        ("analysis.models", "prepare_matrix", None),
+        ("analysis.models", "assign_lifecycle", None),
+        ("analysis.models", "fit_churn_candidates", None),
+        ("analysis.models", "_Booster._train", "XGBoost training"),
+        ("analysis.models", "ChurnModel.fit", "ChurnModel.fit"),
+        ("analysis.models", "choose_calibration", "calibration"),
+        ("analysis.models", "LogisticChurn.fit", None),
+        ("analysis.models", "ValueModel.fit", None),
+        ("analysis.models", "bgnbd_baseline", None),
+        ("analysis.models", "rfm_summary", None),
+        ("analysis.models", "_Booster._margin", "XGBoost prediction"),
+        ("analysis.models", "rfm_lookup", None),
+        ("analysis.models", "churn_metrics_table", "evaluation metrics"),
+        ("analysis.models", "feature_drift", None),
+        ("analysis.models", "_Booster.contributions", "SHAP (TreeSHAP)"),
+        ("analysis.models", "LogisticChurn.contributions", "SHAP (logistic)"),
+        ("analysis.models", "reason_codes", None),
+        ("analysis.models", "lifetime_outlook", None),
+        ("analysis.models", "global_drivers", None),
+        ("analysis.models", "write_model_run", "writing"),
+        ("analysis.models", "data_fingerprint", None),
+    ],
+}
+
+
+def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) -> None:
+    """Run one stage of a run as its notebook does, under a :class:`StepProfile`, in this
+    (fresh) process; write its steps to ``out_json``."""
+    import importlib
+
+    profile = StepProfile()
+    with profile, profile.step(stage):
+        for module, attr, label in _STAGE_STEPS[stage]:
+            owner = importlib.import_module(module)
+            *path, name = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part, None)
+            if owner is not None and hasattr(owner, name):
+                profile.wrap(owner, name, label or attr)
+        config = load_config(config_path)
+        if stage == "01_data_quality":
+            dataset = data.load_dataset(config)
+            data.write_processed(dataset, processed_dir)
+            with profile.step("quality_summary (the notebook's)"):
+                data.quality_summary(dataset)
+            data.available_inputs(processed_dir)
+        elif stage == "02_customer_profile":
+            con = features.connect(processed_dir,
+                                   memory_limit=config.analysis.duckdb_memory_limit)
+            as_of = features.resolve_as_of(con, as_of=config.analysis.as_of)
+            found = segments.profile_customers(
+                con, as_of=as_of, params=config.analysis, seed=config.seed,
+                exclude_attributes=config.protected + config.pii)
+            segments.write_profile(found, processed_dir)
+        else:
+            models.churn_step(config, processed_dir, versions={})
+    Path(out_json).write_text(json.dumps(profile.table(), indent=2))
+
+
+def bench_stages(*, lines: int, out: str | Path, data_dir: str | Path | None = None,
+                 seed: int = 42, memory_limit: str = "6GB",
+                 stages: tuple[str, ...] = tuple(_STAGE_STEPS), label: str = "") -> dict:
+    """Where the time and memory of a run's stages go, step by step.
+
+    Generates (or reuses) the demo world with about ``lines`` order lines and all its
+    tables, then runs the data-quality, profile and churn-model stages as their notebooks
+    do, each in a fresh process (as each notebook has its own kernel), with the steps of
+    :data:`_STAGE_STEPS` timed where they run (:class:`StepProfile`): seconds, calls and
+    peak resident memory per step, nested. ``label`` names the code measured (a branch,
+    a commit) in the results. Writes ``OUT/stages.json``.
+    """
+    import yaml
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir).resolve() if data_dir else out / f"data-{lines}"
+    if not (data_dir / "transactions.parquet").is_file():
+        write_demo(data_dir, n_customers=max(1, round(lines / LINES_PER_CUSTOMER)), seed=seed)
+    config = out / "stages-config.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": f"bench-stages-{lines}", "seed": seed,
+        "tables": {name: {"path": str(data_dir / f"{name}.parquet")}
+                   for name in ("transactions", "customers", "interactions", "campaign")},
+        "protected": ["gender", "age_band"],
+        "analysis": {"memory_limit": memory_limit},
+        "output": {"processed_dir": str(out / "processed"), "reports_dir": str(out / "reports")},
+    }))
+    processed = out / "processed" / "stages"
+    processed.mkdir(parents=True, exist_ok=True)
+    ids = pq.read_table(data_dir / "transactions.parquet", columns=["customer_id"])
+    report = {"lines": int(ids.num_rows),
+              "customers": int(len(ids.column("customer_id").unique())),
+              "label": label, "memory_limit": memory_limit, "stages": {}}
+    del ids
+    for stage in stages:
+        steps_file = out / f"steps-{stage}.json"
+        code = (f"from analysis.bench import _run_stage; _run_stage({stage!r}, "
+                f"{str(config)!r}, {str(processed)!r}, {str(steps_file)!r})")
+        load = os.getloadavg()[0]
+        with open(out / f"steps-{stage}.log", "w") as log:      # DuckDB's progress bars
+            done = subprocess.run([sys.executable, "-c", code], stdout=log, stderr=log)
+        if done.returncode:
+            raise AnalysisError(f"stage {stage} failed: see {out / f'steps-{stage}.log'}")
+        steps = json.loads(steps_file.read_text())
+        whole = next(s for s in steps if s["step"] == stage)
+        report["stages"][stage] = {"seconds": whole["seconds"],
+                                   "peak_rss_mb": whole["peak_rss_mb"],
+                                   "load_average_before": round(load, 2),
+                                   "load_average_after": round(os.getloadavg()[0], 2),
+                                   "steps": steps}
+        print(f"{stage}: {whole['seconds']:.1f} s, peak {whole['peak_rss_mb']:,.0f} MiB",
+              flush=True)
+    report["machine"] = _machine()
+    (out / "stages.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _stages_markdown(results: list[dict]) -> list[str]:
+    """One table per stage and measurement of :func:`bench_stages`: each step's seconds,
+    calls, share of its stage and peak memory, nested steps indented under the step that
+    calls them."""
+    lines = ["## Where the time goes inside the stages", "",
+             "`python -m analysis bench stages`: the data-quality, profile and churn-model "
+             "stages run as their notebooks run them, each in a fresh process, with the "
+             "package's steps timed where they run (seconds summed over calls; a step's "
+             "time includes the steps indented under it). Peak memory is the process's "
+             "(VmHWM, reset when the step starts). The machine is shared: the load average "
+             "(runnable processes, 2 cores) is noted before and after each stage.", ""]
+    for r in results:
+        for stage, found in r["stages"].items():
+            lines += [f"### {stage}: {r['lines']:,} lines, {r['customers']:,} customers"
+                      + (f" ({r['label']})" if r.get("label") else ""), "",
+                      f"{found['seconds']:.1f} s, peak {found['peak_rss_mb']:,.0f} MiB; "
+                      f"load average {found.get('load_average_before', 0):.1f} before, "
+                      f"{found.get('load_average_after', 0):.1f} after; memory budget "
+                      f"`{r.get('memory_limit')}`.", "",
+                      "| step | calls | seconds | share of stage | peak MiB |",
+                      "|---|---:|---:|---:|---:|"]
+            for step in found["steps"]:
+                parts = step["step"].split(" > ")
+                if len(parts) < 2:
+                    continue
+                name = "&nbsp;&nbsp;" * 2 * (len(parts) - 2) + parts[-1]
+                share = step["seconds"] / found["seconds"] if found["seconds"] else 0
+                lines.append(f"| {name} | {step['calls']} | {step['seconds']:.2f} | "
+                             f"{share:.0%} | {step['peak_rss_mb']:,.0f} |")
+            lines.append("")
+    return lines + ["Reproduce: `python -m analysis bench stages --lines N --label L --out "
+                    "bench/out/stages-N` (`--stage` for one stage; the later stages read the "
+                    "earlier ones' output) and copy `stages.json` to "
+                    "`bench/results/stages-<N>m-<label>.json`.", ""]
 
 
 #: The rows of the strategy table: (label, key or function of a result, format).
@@ -280,6 +577,10 @@ def render_results(results_dir: str | Path) -> str:
                   "python -m analysis bench results", "```", ""]
     for extra in sorted(results_dir.glob("*.md")):
         lines += [extra.read_text().rstrip(), ""]
+    stages = sorted((json.loads(p.read_text()) for p in results_dir.glob("stages-*.json")),
+                    key=lambda r: (r["lines"], r.get("label", "")))
+    if stages:
+        lines += _stages_markdown(stages)
     strategies = [json.loads(p.read_text()) for p in sorted(results_dir.glob("strategy*.json"))]
     for size in sorted({r["customers"] for r in strategies}):
         lines += _strategy_markdown(sorted((r for r in strategies if r["customers"] == size),

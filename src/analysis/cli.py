@@ -115,6 +115,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="DuckDB memory limit for the project's build, e.g. 1GB (spills to "
                         "disk beyond it)")
     p.set_defaults(func=_bench_features)
+    p = bench_sub.add_parser("stages", help="per-step seconds and memory inside the stages",
+                             description="Generate (or reuse) the demo world of about LINES "
+                                         "order lines and run the data-quality, profile and "
+                                         "churn-model stages as their notebooks do, each in a "
+                                         "fresh process, timing the steps inside them; writes "
+                                         "OUT/stages.json.")
+    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder with (or for) the demo data; default OUT/data-LINES")
+    p.add_argument("--memory-limit", default="6GB",
+                   help="the run's memory budget per stage (analysis.memory_limit)")
+    p.add_argument("--stage", action="append", default=None,
+                   choices=["01_data_quality", "02_customer_profile", "03_churn_model"],
+                   help="only this stage (repeat for several; the later stages need the "
+                        "earlier ones' output in OUT); default: all three")
+    p.add_argument("--label", default="", help="what was measured (a branch, a commit)")
+    p.set_defaults(func=_bench_stages)
     p = bench_sub.add_parser("cdnow", help="CDNOW holdout: models vs BG/NBD + Gamma-Gamma",
                              description="Calibration 1997-01..09, holdout 1997-10..1998-06; "
                                          "writes OUT/cdnow.json and OUT/cdnow.md.")
@@ -246,6 +264,15 @@ def _bench_features(args: argparse.Namespace) -> int:
                             data_dir=args.data, memory_limit=args.memory_limit)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     return 0 if report["identical"] else 1
+
+
+def _bench_stages(args: argparse.Namespace) -> int:
+    from analysis.bench import bench_stages
+
+    bench_stages(lines=args.lines, out=args.out, data_dir=args.data,
+                 memory_limit=args.memory_limit, label=args.label,
+                 **({"stages": tuple(args.stage)} if args.stage else {}))
+    return 0
 
 
 def _bench_cdnow(args: argparse.Namespace) -> int:

@@ -2,8 +2,9 @@
 
 Flow per table: read the file as the config says (values kept as text where the format
 allows, so nothing is lost to a guess) → map the user's columns onto the contract's names
-→ parse (ids, dates, amounts, statuses) → validate row rules with a pandera schema →
-clean (duplicates) → split into processed rows and quarantined rows, each quarantined
+→ parse (ids, dates, amounts, statuses), chunk by chunk → judge the parsed rows against
+the row rules and find repeated rows, in set-based DuckDB queries over the whole file
+(:data:`ROW_RULES`) → split into processed rows and quarantined rows, each quarantined
 row with the rule it broke. Every row read ends up in exactly one of the two.
 
 A problem that makes a whole file unusable (missing file, empty file, missing required
@@ -27,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pa
-from pandera.errors import SchemaErrors
 
 from analysis.config import TABLE_CONTRACTS, Config, TableSpec
 from analysis.errors import DataContractError
@@ -149,10 +148,13 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
                today: dt.date | None = None, chunk_rows: int = CHUNK_ROWS) -> CleanTable:
     """Read one table, map it onto the contract, validate and clean it.
 
-    The file is read ``chunk_rows`` rows at a time and each chunk is mapped, parsed,
-    validated and split on its own, so the memory a load needs is bounded by one chunk
-    plus the processed rows kept; duplicates are found across chunks (exact copies by
-    two independent 64-bit row hashes, customer ids by value).
+    The file is read ``chunk_rows`` rows at a time and each chunk is mapped and parsed
+    on its own (rows that do not parse are set aside with their values), so the memory
+    a load needs is bounded by one chunk plus the parsed rows kept. The parsed rows of
+    the whole file are then judged at once, by DuckDB: the row rules of
+    :data:`ROW_RULES` and the copies of earlier rows (:func:`_judge_rows`); the few
+    rows set aside there get their original values from a second read of the chunks
+    that hold them.
 
     Returns
     -------
@@ -162,9 +164,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     """
     today = today or dt.date.today()
     parts, quarantines, notes = [], [], []
-    seen = _SeenRows()
     n_read, columns, given = 0, [], ()
-    pii = {_normalise_name(p) for p in config.pii}
     for raw in _read_chunks(spec, chunk_rows):
         columns = list(raw.columns)
         if raw.empty:
@@ -181,75 +181,95 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
         notes = notes or chunk_notes
         given = tuple(mapped.columns)
         parsed, rules = _parse(mapped, spec, table=table, config=config)
-        rules = rules.combine_first(_validate(parsed, table=table, config=config, today=today))
-        rules = rules.combine_first(_duplicates(parsed, rules, table=table, config=config,
-                                                seen=seen))
         bad = rules.notna()
-        quarantine = _quarantine_frame(raw, mapped, rules, bad)
-        quarantine = quarantine.drop(columns=[f"raw:{c}" for c in raw.columns
-                                              if _normalise_name(c) in pii])  # PII never kept
-        data = parsed.loc[~bad.to_numpy()]
-        if config.output.pseudonymize_ids:
-            key = os.environ[config.output.pseudonym_key_env]
-            data = data.assign(customer_id=pseudonymize(data["customer_id"], key=key))
-            # the quarantine keeps the raw values: pseudonymize the id column among them
-            source = next((c for c in raw.columns if "customer_id" in mapped
-                           and raw[c].equals(mapped["customer_id"])), None)
-            if source is not None and f"raw:{source}" in quarantine:
-                quarantine[f"raw:{source}"] = pseudonymize(
-                    quarantine[f"raw:{source}"].astype("string").str.strip(), key=key)
-        parts.append(data)
-        quarantines.append(quarantine)
+        quarantines.append(_set_aside(raw, mapped, rules, bad, config=config))
+        parts.append(parsed.loc[~bad.to_numpy()])
         del raw, mapped, parsed, rules
     if n_read == 0:
         raise DataContractError(file=spec.path, rule="no_rows",
                                 message="the file has a header but no data rows",
                                 examples=columns)
-    if config.output.pseudonymize_ids:
-        notes.append("customer ids are pseudonymized (output.pseudonymize_ids)")
     data = parts[0] if len(parts) == 1 else pd.concat(parts)
     del parts
+    judged = _judge_rows(data, table=table, config=config, today=today)
+    if len(judged):
+        quarantines.extend(_set_aside_again(spec, judged, table=table, config=config,
+                                            chunk_rows=chunk_rows))
+        data = data.drop(index=judged.index)
+    if config.output.pseudonymize_ids:
+        key = os.environ[config.output.pseudonym_key_env]
+        data = data.assign(customer_id=pseudonymize(data["customer_id"], key=key))
+        notes.append("customer ids are pseudonymized (output.pseudonymize_ids)")
     quarantine = quarantines[0] if len(quarantines) == 1 else pd.concat(
         [q for q in quarantines if len(q)] or quarantines[:1], ignore_index=True)
+    if len(judged):       # rows set aside after parsing join those set aside while parsing
+        quarantine = quarantine.sort_values("source_row", kind="stable", ignore_index=True)
     return CleanTable(name=table, file=spec.path, data=data.reset_index(drop=True),
                       quarantine=quarantine, n_read=n_read, notes=tuple(notes),
                       given=given)
 
 
-class _SeenRows:
-    """What earlier chunks of a table held, for duplicates across chunks: the customer
-    ids (by value) and two independent 64-bit hashes of each processed row (an exact
-    copy matches both; two different rows matching both has odds of about 1e-29 per
-    pair)."""
+def _set_aside(raw: pd.DataFrame, mapped: pd.DataFrame, rules: pd.Series, bad: pd.Series,
+               *, config: Config) -> pd.DataFrame:
+    """The quarantine rows of one chunk: the rows ``bad`` marks, with their rule, detail
+    and original values (never a PII column's; the id column pseudonymized when the
+    config says so)."""
+    pii = {_normalise_name(p) for p in config.pii}
+    quarantine = _quarantine_frame(raw, mapped, rules, bad)
+    quarantine = quarantine.drop(columns=[f"raw:{c}" for c in raw.columns
+                                          if _normalise_name(c) in pii])  # PII never kept
+    if config.output.pseudonymize_ids:
+        key = os.environ[config.output.pseudonym_key_env]
+        # the quarantine keeps the raw values: pseudonymize the id column among them
+        source = next((c for c in raw.columns if "customer_id" in mapped
+                       and raw[c].equals(mapped["customer_id"])), None)
+        if source is not None and f"raw:{source}" in quarantine:
+            quarantine[f"raw:{source}"] = pseudonymize(
+                quarantine[f"raw:{source}"].astype("string").str.strip(), key=key)
+    return quarantine
 
-    _KEY2 = "csl-dup-check-02"      # hash_pandas_object's hash_key: 16 characters
 
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.h1 = np.empty(0, dtype=np.uint64)
-        self.h2 = np.empty(0, dtype=np.uint64)
+def _set_aside_again(spec: TableSpec, judged: pd.Series, *, table: str, config: Config,
+                     chunk_rows: int) -> list[pd.DataFrame]:
+    """The quarantine rows of the rows :func:`_judge_rows` set aside, with their original
+    values: the file is read again, in the same chunks, for the chunks that hold them."""
+    wanted = np.sort(judged.index.to_numpy())
+    out = []
+    for raw in _chunks_holding(spec, chunk_rows, wanted):
+        rows = wanted[(wanted >= raw.index[0]) & (wanted <= raw.index[-1])]
+        mapped, _ = _map_columns(raw, spec, table=table, pii=config.pii)
+        rules = pd.Series(pd.NA, index=raw.index, dtype="object")
+        rules.loc[rows] = judged.loc[rows].to_numpy()
+        out.append(_set_aside(raw, mapped, rules, rules.notna(), config=config))
+    return out
 
-    def repeated_ids(self, ids: pd.Series) -> pd.Series:
-        """Ids seen in an earlier chunk or earlier in this one; remembers them."""
-        before = ids.isin(self.ids).to_numpy() | ids.duplicated(keep="first").to_numpy()
-        self.ids.update(ids.dropna().tolist())
-        return pd.Series(before, index=ids.index)
 
-    def repeated_rows(self, frame: pd.DataFrame) -> pd.Series:
-        """Rows equal to one in an earlier chunk or earlier in this one; remembers them."""
-        h1 = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-        h2 = pd.util.hash_pandas_object(frame, index=False, hash_key=self._KEY2).to_numpy()
-        within = pd.DataFrame({"a": h1, "b": h2}).duplicated(keep="first").to_numpy()
-        earlier = np.zeros(len(frame), dtype=bool)
-        if len(self.h1):
-            lo = np.searchsorted(self.h1, h1, side="left")
-            hi = np.searchsorted(self.h1, h1, side="right")
-            for i in np.flatnonzero(hi > lo):               # rare: equal first hashes
-                earlier[i] = bool((self.h2[lo[i]:hi[i]] == h2[i]).any())
-        order = np.argsort(np.concatenate([self.h1, h1[~within]]), kind="stable")
-        self.h1 = np.concatenate([self.h1, h1[~within]])[order]
-        self.h2 = np.concatenate([self.h2, h2[~within]])[order]
-        return pd.Series(within | earlier, index=frame.index)
+def _chunks_holding(spec: TableSpec, chunk_rows: int, rows: np.ndarray
+                    ) -> Iterator[pd.DataFrame]:
+    """The chunks of :func:`_read_chunks` (the same rows, the same values) that hold any
+    of ``rows`` (0-based file rows, sorted), indexed by file row - 1. A Parquet file's
+    other chunks are skipped without being converted; the reading stops after the last
+    row asked for."""
+    if not len(rows):
+        return
+    if spec.resolved_format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        chunks = ((len(b), lambda b=b: pa.Table.from_batches([b]).to_pandas())
+                  for b in pq.ParquetFile(spec.path).iter_batches(batch_size=chunk_rows))
+    else:
+        chunks = ((len(f), lambda f=f: f) for f in _read_chunks(spec, chunk_rows))
+    start = 0
+    for n, frame in chunks:
+        end = start + n
+        if n and np.any((rows >= start) & (rows < end)):
+            raw = frame()
+            raw.index = pd.RangeIndex(start, end)
+            yield raw
+        if end > rows[-1]:
+            return
+        start = end
 
 
 def pseudonymize(ids: pd.Series, *, key: str) -> pd.Series:
@@ -447,7 +467,7 @@ def _read_chunks(spec: TableSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
             if source.metadata.num_rows == 0:
                 yield source.schema_arrow.empty_table().to_pandas()
             for batch in source.iter_batches(batch_size=chunk_rows):
-                yield pa.Table.from_batches([batch]).to_pandas()
+                yield pa.Table.from_batches([batch]).to_pandas()   # as _chunks_holding
         elif fmt == "excel":
             frame = pd.read_excel(path, sheet_name=spec.sheet or 0, dtype=str,
                                   header=0 if spec.header else None,
@@ -756,93 +776,139 @@ def _describe(values: pd.Series, template: str):
     return lambda mask: [template.format(v=v) for v in values[mask].astype("object")]
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- row rules
+
+#: The row rules a parsed row is judged by, per table, in the order they apply (a row
+#: that breaks several is set aside for the first): (rule, column, the SQL condition
+#: under which the row breaks it). A rule on a column the table lacks does not apply.
+#: A value missing in a column that may be empty passes; ``missing_value`` (a required
+#: value missing) cannot happen after parsing, which sets such rows aside as
+#: ``missing_date``, ``missing_amount`` and so on, and is kept as the contract's
+#: statement. ``{today}``, ``{min_date}`` and ``{max_abs_amount}`` come from the run.
+ROW_RULES: dict[str, list[tuple[str, str, str]]] = {
+    "transactions": [
+        ("missing_value", "customer_id", "customer_id IS NULL"),
+        ("missing_customer_id", "customer_id", "length(customer_id) = 0"),
+        ("missing_value", "order_date", "order_date IS NULL"),
+        ("date_in_future", "order_date", "order_date > {today}"),
+        ("date_too_old", "order_date", "order_date < {min_date}"),
+        ("missing_value", "amount", "amount IS NULL"),
+        ("non_finite_amount", "amount", "isinf(amount)"),
+        ("amount_out_of_range", "amount", "abs(amount) > {max_abs_amount}"),
+        ("negative_quantity", "quantity", "quantity < 0"),
+        ("non_finite_margin", "margin", "isinf(margin)"),
+        ("unknown_status", "status", "status NOT IN ('completed', 'cancelled', 'returned')"),
+    ],
+    "campaign": [
+        ("missing_value", "customer_id", "customer_id IS NULL"),
+        ("missing_customer_id", "customer_id", "length(customer_id) = 0"),
+        ("missing_value", "campaign_date", "campaign_date IS NULL"),
+        ("date_in_future", "campaign_date", "campaign_date > {today}"),
+        ("date_too_old", "campaign_date", "campaign_date < {min_date}"),
+    ],
+    "customers": [
+        ("missing_value", "customer_id", "customer_id IS NULL"),
+        ("missing_customer_id", "customer_id", "length(customer_id) = 0"),
+        ("date_in_future", "signup_date", "signup_date > {today}"),
+        ("date_too_old", "signup_date", "signup_date < {min_date}"),
+    ],
+    "interactions": [
+        ("missing_value", "customer_id", "customer_id IS NULL"),
+        ("missing_customer_id", "customer_id", "length(customer_id) = 0"),
+        ("missing_value", "date", "date IS NULL"),
+        ("date_in_future", "date", "date > {today}"),
+        ("date_too_old", "date", "date < {min_date}"),
+        ("non_finite_score", "score", "isinf(score)"),
+    ],
+}
+
+#: Judges every parsed row of a table at once: the first row rule it breaks (an index
+#: into the table's rules), for the rows that break one.
+BROKEN_RULES = """
+SELECT file_row, broken
+FROM (SELECT file_row, {first_broken} AS broken FROM parsed)
+WHERE broken IS NOT NULL
+"""
+
+#: The rows that repeat an earlier row (by file order) among the rows that break no
+#: rule: copies of every parsed value (``key``; a missing value equals a missing value,
+#: -0.0 equals 0.0), or, in a customer table, of the id. Rows sharing a hash of the key
+#: are the candidates, compared in full.
+REPEATED_ROWS = """
+WITH shared AS (
+    SELECT hash({key}) AS h FROM parsed WHERE ({first_broken}) IS NULL
+    GROUP BY h HAVING COUNT(*) > 1
+)
+SELECT file_row FROM parsed
+WHERE ({first_broken}) IS NULL AND hash({key}) IN (SELECT h FROM shared)
+QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY file_row) > 1
+"""
 
 
-def _schema(table: str, config: Config, today: dt.date) -> pa.DataFrameSchema:
-    """The contract's row rules for one table, as a pandera schema.
+def _judge_rows(data: pd.DataFrame, *, table: str, config: Config,
+                today: dt.date) -> pd.Series:
+    """The rows of ``data`` (parsed rows of the whole file, indexed by file row - 1) set
+    aside after parsing: those breaking a rule of :data:`ROW_RULES` and those repeating
+    an earlier row (``duplicate_customer``: an id seen before, in a customer table;
+    elsewhere ``duplicate_row``, an exact copy, where ``cleaning.dedupe`` removes
+    them), judged by DuckDB over all rows at once.
 
-    Each check's name is the quarantine rule it stands for.
+    Returns
+    -------
+    Series
+        ``rule<TAB>detail`` per row set aside, indexed like ``data``, in file order.
     """
+    import duckdb
+
+    rules = [r for r in ROW_RULES[table] if r[1] in data.columns]
     c = config.cleaning
-    min_date = pd.Timestamp(c.min_date)
-    max_date = pd.Timestamp(today)
-
-    def date_checks() -> list[pa.Check]:
-        return [
-            pa.Check(lambda s: s <= max_date, name="date_in_future"),
-            pa.Check(lambda s: s >= min_date, name="date_too_old"),
-        ]
-
-    text = pa.Column("str", pa.Check(lambda s: s.str.len() > 0, name="missing_customer_id"),
-                     nullable=False)
-    if table == "transactions":
-        columns = {
-            "customer_id": text,
-            "order_date": pa.Column("datetime64[ns]", date_checks(), nullable=False),
-            "amount": pa.Column("float64", [
-                pa.Check(lambda s: np.isfinite(s), name="non_finite_amount"),
-                pa.Check(lambda s: s.abs() <= c.max_abs_amount, name="amount_out_of_range"),
-            ], nullable=False),
-            "quantity": pa.Column("float64", pa.Check(lambda s: s >= 0, name="negative_quantity"),
-                                  nullable=True, required=False),
-            "margin": pa.Column("float64", pa.Check(lambda s: np.isfinite(s),
-                                                    name="non_finite_margin"),
-                                nullable=True, required=False),
-            "status": pa.Column("str", pa.Check.isin(["completed", "cancelled", "returned"],
-                                                      name="unknown_status"),
-                                required=False),
-        }
-    elif table == "campaign":
-        columns = {
-            "customer_id": text,
-            "campaign_date": pa.Column("datetime64[ns]", date_checks(), nullable=False),
-        }
-    elif table == "customers":
-        columns = {
-            "customer_id": text,
-            "signup_date": pa.Column("datetime64[ns]", date_checks(),
-                                     nullable=True, required=False),
-        }
-    else:
-        columns = {
-            "customer_id": text,
-            "date": pa.Column("datetime64[ns]", date_checks(), nullable=False),
-            "score": pa.Column("float64", pa.Check(lambda s: np.isfinite(s),
-                                                   name="non_finite_score"),
-                               nullable=True, required=False),
-        }
-    return pa.DataFrameSchema(columns, strict=False, coerce=False)
-
-
-def _validate(df: pd.DataFrame, *, table: str, config: Config, today: dt.date) -> pd.Series:
-    """Row rules from the pandera schema, as a per-row 'rule<TAB>detail' series."""
-    rules = pd.Series(pd.NA, index=df.index, dtype="object")
+    values = {"today": f"TIMESTAMP '{pd.Timestamp(today)}'",
+              "min_date": f"TIMESTAMP '{pd.Timestamp(c.min_date)}'",
+              "max_abs_amount": f"CAST('{float(c.max_abs_amount)!r}' AS DOUBLE)"}
+    first_broken = ("CASE " + " ".join(f"WHEN {cond.format(**values)} THEN {i}"
+                                       for i, (_, _, cond) in enumerate(rules)) + " END")
+    key = _repeat_key(data, table=table, config=config)
+    con = duckdb.connect()
     try:
-        _schema(table, config, today).validate(df, lazy=True)
-    except SchemaErrors as err:
-        cases = err.failure_cases
-        row_cases = cases[cases["index"].notna()]
-        schema_level = cases[cases["index"].isna() & (cases["check"] != "not_nullable")]
-        if len(schema_level):
-            first = schema_level.iloc[0]
-            raise DataContractError(file=config.tables[table].path, rule=str(first["check"]),
-                                    column=str(first["column"]),
-                                    message=f"column {first['column']!r} does not meet the "
-                                            f"contract: {first['check']}",
-                                    examples=schema_level["failure_case"].tolist()) from err
-        for check, group in row_cases.groupby("check", sort=False):
-            rule = "missing_value" if check == "not_nullable" else str(check).split(":")[0]
-            idx = group["index"].astype(df.index.dtype).to_numpy()
-            mask = pd.Series(False, index=df.index)
-            mask.loc[idx] = True
-            detail = group.assign(d=lambda g: g["column"].astype(str) + "="
-                                  + g["failure_case"].map(_case_text)).set_index("index")["d"]
-            detail = detail[~detail.index.duplicated()]
-            full = pd.Series("", index=df.index, dtype="object")
-            full.loc[detail.index.astype(df.index.dtype)] = detail.to_numpy()
-            rules = _flag(rules, mask, rule, full)
-    return rules
+        con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
+        if config.analysis.duckdb_memory_limit:
+            con.execute(f"SET memory_limit = '{config.analysis.duckdb_memory_limit}'")
+        con.register("parsed", data.assign(file_row=data.index.to_numpy()))
+        broken = con.execute(BROKEN_RULES.format(first_broken=first_broken)).fetchnumpy()
+        repeated = np.empty(0, dtype=np.int64)
+        if key:
+            cols = ", ".join(_ident(col) for col in key)
+            repeated = con.execute(REPEATED_ROWS.format(
+                first_broken=first_broken, key=cols)).fetchnumpy()["file_row"]
+    finally:
+        con.close()
+    out = []
+    for i, (rule, column, _) in enumerate(rules):
+        rows = broken["file_row"][broken["broken"] == i]
+        if len(rows):
+            out.append(pd.Series([f"{rule}\t{column}={_case_text(v)}"
+                                  for v in data.loc[rows, column].astype("object")],
+                                 index=rows, dtype="object"))
+    if len(repeated):
+        if table == "customers":
+            text = [f"duplicate_customer\tcustomer_id={v!r} seen before"
+                    for v in data.loc[repeated, "customer_id"].astype("object")]
+        else:
+            text = "duplicate_row\texact copy of an earlier row"
+        out.append(pd.Series(text, index=repeated, dtype="object"))
+    if not out:
+        return pd.Series(dtype="object", index=pd.Index([], dtype=data.index.dtype))
+    return pd.concat(out).sort_index()
+
+
+def _repeat_key(data: pd.DataFrame, *, table: str, config: Config) -> list[str]:
+    """The columns two rows must share to be duplicates (none: no duplicates removed)."""
+    if table == "customers":
+        return ["customer_id"]
+    policy = config.cleaning.dedupe
+    if policy == "never" or (policy == "auto" and "order_id" not in data):
+        return []
+    return list(data.columns)
 
 
 def _case_text(value) -> str:
@@ -852,20 +918,8 @@ def _case_text(value) -> str:
     return str(value)
 
 
-def _duplicates(df: pd.DataFrame, rules: pd.Series, *, table: str, config: Config,
-                seen: _SeenRows | None = None) -> pd.Series:
-    seen = seen or _SeenRows()
-    out = pd.Series(pd.NA, index=df.index, dtype="object")
-    ok = rules.isna()
-    if table == "customers":
-        dup = seen.repeated_ids(df["customer_id"].where(ok)) & ok
-        return _flag(out, dup, "duplicate_customer",
-                     _describe(df["customer_id"], "customer_id={v!r} seen before"))
-    policy = config.cleaning.dedupe
-    if policy == "never" or (policy == "auto" and "order_id" not in df):
-        return out
-    dup = seen.repeated_rows(df[ok.to_numpy()]).reindex(df.index, fill_value=False)
-    return _flag(out, dup, "duplicate_row", "exact copy of an earlier row")
+def _ident(name: str) -> str:
+    return '"' + str(name).replace('"', '""') + '"'
 
 
 # --------------------------------------------------------------------------- outputs

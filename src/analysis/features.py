@@ -12,7 +12,9 @@ Definitions (``c`` is the cutoff, ``H`` the horizon in days):
   net sums over completed lines (refunds included); per-order mean and maximum are over
   purchase orders.
 - An *order* is an ``order_id``; without order ids, the lines of one customer on one day
-  (the literature's "same-day purchases merged into one transaction").
+  (the literature's "same-day purchases merged into one transaction"). An order is dated
+  by its first line; before a cutoff that falls between its lines' days, an order is
+  what its lines before the cutoff make it.
 
 Core columns, one row per customer with a purchase before ``c``:
 
@@ -26,9 +28,12 @@ churned            1 when there is no purchase in ``[c, c + H)``, else 0
 future_spend       sum of ``amount`` over completed lines in ``[c, c + H)``
 =================  ===========================================================
 
-Each query below is one concern, named after what it computes; :func:`build_features`
-joins them in one DuckDB statement. Lines are rolled up to orders once (``ORDERS``) and
-most per-customer measures come from one pass over the orders (``ACTIVITY``).
+Each query below is one concern, named after what it computes. The order log is read
+once per call, whatever the number of cutoffs (:func:`snapshots_by_cutoff`): the lines
+are rolled up to orders (``ORDERS``) and category spend (``CATEGORY_SPEND``), and every
+cutoff is computed from those in one DuckDB statement that joins the concerns; most
+per-customer measures come from one pass over the orders (``ACTIVITY``). A large log is
+taken in ranges of customer ids (:data:`LINES_PER_PASS` lines each), one after the other.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ __all__ = [
     "honest_cutoffs",
     "resolve_as_of",
     "resolve_horizon_days",
+    "snapshots_by_cutoff",
     "suggest_horizon_days",
 ]
 
@@ -64,6 +70,14 @@ LABEL_COLUMNS = ("churned", "future_spend", "future_margin", "future_orders", "d
 WINDOWS_DAYS = (30, 90, 180, 365)
 
 # --------------------------------------------------------------------------- the queries
+#
+# One pass over the order log serves every cutoff of a call. The lines are read once into
+# orders (``ORDERS``; the rare orders spanning several days also by day, ``ORDER_DAYS``)
+# and purchase spend per category between cutoffs (``CATEGORY_SPEND``). Order units (an
+# order of one day, or one day of a longer order), the purchase days (``PURCHASE_DAYS``)
+# and each order's channel (``CHANNEL_CHANGES``) follow from those. Every cutoff's
+# features are then computed from these compact tables in one statement: a unit counts
+# for a cutoff when it is dated before it, which is what "history" means line by line.
 
 # Lines as the queries see them: the contract's columns plus an order key.
 _LINES = """
@@ -78,123 +92,265 @@ SELECT customer_id,
 FROM tx_raw
 """
 
-HISTORY = "SELECT * FROM lines WHERE order_date < DATE '{cutoff}'"
+# What a set of an order's lines adds up to (the lines of the order, or of one of its
+# days), kept narrow: the tables hold one row per order.
+_ORDER_SUMS = """
+       COALESCE(bool_or(status = 'completed' AND amount >= 0), FALSE)     AS purchase,
+       SUM(amount) FILTER (WHERE status = 'completed' AND amount >= 0)    AS purchase_value,
+       SUM(amount) FILTER (WHERE status = 'completed')                    AS net_amount,
+       SUM(margin) FILTER (WHERE status = 'completed')                    AS net_margin,
+       MIN(channel) FILTER (WHERE status = 'completed' AND amount >= 0)   AS channel,
+       COALESCE(bool_or(status = 'completed'), FALSE)                    AS completed,
+       CAST(COUNT(*) AS INTEGER)                                          AS n_lines,
+       CAST(COUNT(*) FILTER (WHERE status = 'cancelled') AS INTEGER)      AS n_cancelled,
+       CAST(COUNT(*) FILTER (WHERE status = 'returned' OR amount < 0) AS INTEGER)
+                                                                          AS n_returned"""
 
-# One row per order (customer, order key) before the cutoff: the roll-up every other
-# concern starts from, so that the lines are grouped once.
+# One row per order (customer, order key): the one grouping of the lines by order, over
+# the lines any cutoff of the call sees (``end``: the last cutoff plus the horizon). An
+# order's date is its first day; nearly every order has all its lines on that day
+# (``one_day``; always without order ids, where an order is a customer's lines on one
+# day). ``keyed``: the order has an order key (orders without one are not counted as
+# future orders). The key itself is not kept.
 ORDERS = """
-SELECT customer_id, order_key,
-       MIN(order_date)                                                     AS order_date,
-       COUNT(*) FILTER (WHERE status = 'completed' AND amount >= 0) > 0    AS is_purchase,
-       SUM(amount) FILTER (WHERE status = 'completed' AND amount >= 0)     AS purchase_value,
-       COALESCE(SUM(amount) FILTER (WHERE status = 'completed'), 0)        AS net_amount,
-       SUM(margin) FILTER (WHERE status = 'completed')                     AS net_margin,
-       MIN(channel) FILTER (WHERE status = 'completed' AND amount >= 0)    AS channel,
-       COUNT(*)                                                            AS n_lines,
-       COUNT(*) FILTER (WHERE status = 'cancelled')                        AS n_cancelled,
-       COUNT(*) FILTER (WHERE status = 'returned' OR amount < 0)           AS n_returned
-FROM history
+SELECT customer_id,
+       MIN(order_date) AS order_date,
+       MIN(order_date) = MAX(order_date) AS one_day,
+       bool_or(order_key IS NOT NULL) AS keyed,""" + _ORDER_SUMS + """
+FROM lines
+WHERE order_date < DATE '{end}' {customers}
 GROUP BY customer_id, order_key
 """
 
-# Recency, frequency, monetary, tenure, activity windows and rates, in one pass.
-ACTIVITY = """
-SELECT customer_id,
-       DATE_DIFF('day', MAX(order_date) FILTER (WHERE is_purchase), DATE '{cutoff}')
-                                                                  AS recency_days,
-       COUNT(DISTINCT order_date) FILTER (WHERE is_purchase)     AS frequency,
-       COUNT(*) FILTER (WHERE is_purchase)                       AS n_orders,
-       SUM(net_amount)                                           AS monetary_total,
-       DATE_DIFF('day', MIN(order_date) FILTER (WHERE is_purchase), DATE '{cutoff}')
-                                                                  AS tenure_days,
-       AVG(purchase_value) FILTER (WHERE is_purchase)            AS monetary_mean_order,
-       MAX(purchase_value) FILTER (WHERE is_purchase)            AS monetary_max_order,
-       SUM(net_margin)                                           AS margin_total,
-       SUM(net_margin) / NULLIF(SUM(net_amount), 0)              AS margin_rate,
-       {windows}
-       SUM(n_cancelled) / SUM(n_lines)                           AS cancel_rate,
-       SUM(n_returned) / SUM(n_lines)                            AS return_rate
-FROM orders
-GROUP BY customer_id
-HAVING COUNT(*) FILTER (WHERE is_purchase) > 0
+# The orders whose lines span several days, one row per day: a cutoff between those days
+# sees only the days before it. Read only when there are such orders.
+ORDER_DAYS = """
+SELECT lines.customer_id, lines.order_key, lines.order_date,""" + _ORDER_SUMS + """
+FROM lines
+SEMI JOIN (SELECT customer_id, order_key FROM lines
+           WHERE order_date < DATE '{end}' {customers}
+           GROUP BY customer_id, order_key HAVING MIN(order_date) < MAX(order_date)) m
+     ON lines.customer_id = m.customer_id AND lines.order_key IS NOT DISTINCT FROM m.order_key
+WHERE lines.order_date < DATE '{end}' {customers}
+GROUP BY lines.customer_id, lines.order_key, lines.order_date
 """
 
-# Activity in the last w days and in the w days before them (rendered per window).
-WINDOW = """COUNT(*) FILTER (WHERE is_purchase AND order_date >= DATE '{cutoff}' - {w})
+# Order units: one row per order and day, with what the order is on the unit's day when
+# only the days up to it are known. ``first_date`` is the order's date; ``first_purchase``
+# marks the unit from which the order is a purchase (its first purchase line);
+# ``order_value`` is the order's purchase value up to the unit; ``order_key`` is kept
+# for the orders of several days only (``one_day`` orders are one unit each).
+ORDER_UNITS = """
+SELECT customer_id, CAST(NULL AS VARCHAR) AS order_key, one_day, keyed, order_date,
+       order_date AS first_date, purchase, purchase AS first_purchase, purchase_value,
+       CASE WHEN purchase THEN purchase_value END AS order_value,
+       net_amount, net_margin, completed, n_lines, n_cancelled, n_returned
+FROM orders_all
+WHERE one_day
+"""
+ORDER_DAY_UNITS = """
+SELECT customer_id, CAST(order_key AS VARCHAR), FALSE, order_key IS NOT NULL, order_date,
+       MIN(order_date) OVER whole_order                                   AS first_date,
+       purchase,
+       purchase AND NOT COALESCE(bool_or(purchase) OVER before_day, FALSE) AS first_purchase,
+       purchase_value,
+       CASE WHEN bool_or(purchase) OVER up_to_day
+            THEN SUM(purchase_value) OVER up_to_day END                   AS order_value,
+       net_amount, net_margin, completed, n_lines, n_cancelled, n_returned
+FROM order_days
+WINDOW whole_order AS (PARTITION BY customer_id, order_key),
+       up_to_day AS (PARTITION BY customer_id, order_key ORDER BY order_date
+                     ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
+       before_day AS (PARTITION BY customer_id, order_key ORDER BY order_date
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+"""
+
+# A purchase order's channel is the first of its purchase lines' channels (alphabetically):
+# +1 for that channel from the order's first purchase day; an order spanning several days
+# moves to an earlier-named channel when a later day brings one (-1 for the old, +1 for
+# the new). Summed up to a cutoff: purchase orders per channel.
+CHANNEL_CHANGES = """
+SELECT customer_id, order_date, channel, 1 AS delta
+FROM orders_all
+WHERE one_day AND purchase
+"""
+CHANNEL_DAY_CHANGES = """
+WITH state AS (
+    SELECT customer_id, order_key, order_date,
+           bool_or(purchase) OVER up_to_day AS is_purchase,
+           MIN(channel) OVER up_to_day AS channel
+    FROM order_days
+    WINDOW up_to_day AS (PARTITION BY customer_id, order_key ORDER BY order_date
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+), moves AS (
+    SELECT *, LAG(is_purchase, 1, FALSE) OVER day_before AS was_purchase,
+              LAG(channel) OVER day_before AS was_channel
+    FROM state
+    WINDOW day_before AS (PARTITION BY customer_id, order_key ORDER BY order_date)
+)
+SELECT customer_id, order_date, channel, 1 AS delta FROM moves
+WHERE is_purchase AND (NOT was_purchase OR channel IS DISTINCT FROM was_channel)
+UNION ALL
+SELECT customer_id, order_date, was_channel, -1 FROM moves
+WHERE is_purchase AND was_purchase AND channel IS DISTINCT FROM was_channel
+"""
+
+# Distinct purchase days (the dates of purchase orders), each counted from ``counts_from``
+# (the day its first order became a purchase: the day itself, unless an order's purchase
+# lines came on a later day), with the gap to the customer's previous purchase day.
+# ``late`` marks the customers with a day counted from later than itself: before some
+# cutoffs their gaps are not a prefix of this sequence and are recomputed (``LATE_GAPS``).
+PURCHASE_DAYS = """
+WITH days AS (
+    SELECT customer_id, first_date AS day, MIN(order_date) AS counts_from
+    FROM order_units WHERE first_purchase
+    GROUP BY customer_id, first_date
+)
+SELECT customer_id, day, counts_from,
+       DATE_DIFF('day', LAG(day) OVER by_day, day) AS gap_days,
+       {late} AS late
+FROM days
+WINDOW by_day AS (PARTITION BY customer_id ORDER BY day)
+"""
+
+# Purchase spend per customer and category between consecutive cutoffs: ``bucket`` is
+# the index of the first cutoff that a line is history for.
+CATEGORY_SPEND = """
+SELECT customer_id, category, {bucket} AS bucket, SUM(amount) AS spend
+FROM lines
+WHERE status = 'completed' AND amount >= 0 AND order_date < DATE '{last_cutoff}' {customers}
+GROUP BY customer_id, category, bucket
+"""
+
+# Revenue of completed lines per day (of every customer), for the seasonality of any
+# cutoff.
+DAILY = """
+SELECT order_date, SUM(amount) AS revenue
+FROM lines
+WHERE status = 'completed' AND order_date < DATE '{end}'
+GROUP BY order_date
+"""
+
+# The customers of the sampled snapshots: those with an order before the cutoff whose
+# id, salted with the cutoff, hashes below the cutoff's threshold (``keep_below``). The
+# other cutoffs keep everyone (see :func:`_at_cutoffs`).
+SAMPLED_CUSTOMERS = """
+SELECT c.customer_id, k.cutoff, k.k
+FROM (SELECT customer_id, MIN(order_date) AS first_date FROM orders_all
+      GROUP BY customer_id) c
+JOIN cutoffs k ON c.first_date < k.cutoff
+WHERE hash(c.customer_id || CAST(k.cutoff AS VARCHAR)) % 1000000 < k.keep_below
+"""
+
+# Recency, frequency, monetary, tenure, activity windows and rates: every snapshot
+# customer's order units before the cutoff, in one pass. An order counts as a purchase
+# from its first purchase unit on, dated by its first day.
+ACTIVITY = """
+SELECT u.cutoff, u.customer_id,
+       DATE_DIFF('day', MAX(u.first_date) FILTER (WHERE u.first_purchase), u.cutoff)
+                                                                  AS recency_days,
+       COUNT(*) FILTER (WHERE u.first_purchase)                  AS n_orders,
+       SUM(COALESCE(u.net_amount, 0))                            AS monetary_total,
+       DATE_DIFF('day', MIN(u.first_date) FILTER (WHERE u.first_purchase), u.cutoff)
+                                                                  AS tenure_days,
+       SUM(u.purchase_value) FILTER (WHERE u.purchase)
+           / COUNT(*) FILTER (WHERE u.first_purchase)            AS monetary_mean_order,
+       MAX(u.order_value)                                        AS monetary_max_order,
+       SUM(u.net_margin)                                         AS margin_total,
+       SUM(u.net_margin) / NULLIF(SUM(COALESCE(u.net_amount, 0)), 0) AS margin_rate,
+       {windows}
+       SUM(u.n_cancelled) / SUM(u.n_lines)                       AS cancel_rate,
+       SUM(u.n_returned) / SUM(u.n_lines)                        AS return_rate
+FROM {units} u
+WHERE u.order_date < u.cutoff
+GROUP BY u.cutoff, u.customer_id
+HAVING COUNT(*) FILTER (WHERE u.first_purchase) > 0
+"""
+
+# Activity in the last w days and in the w days before them (rendered per window), by
+# the orders' dates.
+WINDOW = """COUNT(*) FILTER (WHERE u.first_purchase AND u.first_date >= u.cutoff - {w})
                                                                   AS orders_{w}d,
-       COALESCE(SUM(net_amount) FILTER (WHERE order_date >= DATE '{cutoff}' - {w}), 0)
+       COALESCE(SUM(u.net_amount) FILTER (WHERE u.first_date >= u.cutoff - {w}), 0)
                                                                   AS spend_{w}d,
-       COALESCE(SUM(net_amount) FILTER (WHERE order_date <  DATE '{cutoff}' - {w}
-                                          AND order_date >= DATE '{cutoff}' - {w2}), 0)
+       COALESCE(SUM(u.net_amount) FILTER (WHERE u.first_date <  u.cutoff - {w}
+                                            AND u.first_date >= u.cutoff - {w2}), 0)
                                                                   AS spend_prev_{w}d,
        """
 
+# Frequency and the gaps between purchase days before the cutoff: the days counted
+# before it, and their gaps, a prefix of the customer's sequence.
 GAPS = """
-WITH days AS (
-    SELECT DISTINCT customer_id, order_date FROM orders WHERE is_purchase
-), gaps AS (
-    SELECT customer_id,
-           DATE_DIFF('day', LAG(order_date) OVER (PARTITION BY customer_id ORDER BY order_date),
-                     order_date) AS gap_days
-    FROM days
-)
-SELECT customer_id,
-       AVG(gap_days)          AS gap_mean_days,
-       MEDIAN(gap_days)       AS gap_median_days,
-       STDDEV_SAMP(gap_days)  AS gap_std_days
-FROM gaps
-GROUP BY customer_id
+SELECT d.cutoff, d.customer_id,
+       COUNT(*)                 AS frequency,
+       AVG(d.gap_days)          AS gap_mean_days,
+       MEDIAN(d.gap_days)       AS gap_median_days,
+       STDDEV_SAMP(d.gap_days)  AS gap_std_days
+FROM {days} d
+WHERE d.counts_from < d.cutoff AND NOT d.late
+GROUP BY d.cutoff, d.customer_id
+"""
+
+# The same for the ``late`` customers, recomputed per cutoff.
+LATE_GAPS = """
+SELECT cutoff, customer_id, COUNT(*), AVG(gap_days), MEDIAN(gap_days),
+       STDDEV_SAMP(gap_days)
+FROM (SELECT d.cutoff, d.customer_id,
+             DATE_DIFF('day', LAG(d.day) OVER (PARTITION BY d.cutoff, d.customer_id
+                                               ORDER BY d.day), d.day) AS gap_days
+      FROM {days} d
+      WHERE d.counts_from < d.cutoff AND d.late)
+GROUP BY cutoff, customer_id
 """
 
 CATEGORIES = """
 WITH by_cat AS (
-    SELECT customer_id, category, SUM(amount) AS spend
-    FROM history WHERE status = 'completed' AND amount >= 0
-    GROUP BY customer_id, category
-), ranked AS (
-    SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY ROUND(spend, 6) DESC, category) AS rk,
-           COUNT(*) OVER (PARTITION BY customer_id) AS n_categories
-    FROM by_cat
+    SELECT c.cutoff, c.customer_id, c.category, SUM(c.spend) AS spend
+    FROM {spend} c
+    WHERE c.bucket <= c.k
+    GROUP BY c.cutoff, c.customer_id, c.category
 )
-SELECT customer_id, n_categories, category AS top_category
-FROM ranked WHERE rk = 1
+SELECT cutoff, customer_id, COUNT(*) AS n_categories,
+       FIRST(category ORDER BY ROUND(spend, 6) DESC, category) AS top_category
+FROM by_cat
+GROUP BY cutoff, customer_id
 """
 
 CHANNELS = """
 WITH by_channel AS (
-    SELECT customer_id, channel, COUNT(*) AS n
-    FROM orders WHERE is_purchase
-    GROUP BY customer_id, channel
-), ranked AS (
-    SELECT *, ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY n DESC, channel) AS rk,
-           COUNT(*) OVER (PARTITION BY customer_id) AS n_channels,
-           SUM(n) OVER (PARTITION BY customer_id) AS total
-    FROM by_channel
+    SELECT c.cutoff, c.customer_id, c.channel, SUM(c.delta) AS n
+    FROM {changes} c
+    WHERE c.order_date < c.cutoff
+    GROUP BY c.cutoff, c.customer_id, c.channel
+    HAVING SUM(c.delta) > 0
 )
-SELECT customer_id, n_channels, channel AS top_channel, n / total AS top_channel_share
-FROM ranked WHERE rk = 1
+SELECT cutoff, customer_id, COUNT(*) AS n_channels,
+       FIRST(channel ORDER BY n DESC, channel) AS top_channel,
+       MAX(n) / SUM(n) AS top_channel_share
+FROM by_channel
+GROUP BY cutoff, customer_id
 """
 
 INTERACTIONS = """
-SELECT customer_id,
+SELECT i.cutoff, i.customer_id,
        COUNT(*) FILTER (WHERE type = 'complaint')                        AS n_complaints,
        COUNT(*) FILTER (WHERE type = 'complaint'
-                        AND date >= DATE '{cutoff}' - 90)               AS complaints_90d,
-       DATE_DIFF('day', MAX(date) FILTER (WHERE type = 'complaint'), DATE '{cutoff}')
+                        AND i.date >= i.cutoff - 90)                    AS complaints_90d,
+       DATE_DIFF('day', MAX(i.date) FILTER (WHERE type = 'complaint'), i.cutoff)
                                                                          AS days_since_complaint,
        COUNT(*) FILTER (WHERE type = 'complaint' AND {unresolved})      AS n_unresolved_complaints,
        COUNT(*) FILTER (WHERE type = 'ticket')                           AS n_tickets,
-       ARG_MAX(score, date) FILTER (WHERE type = 'survey' AND score IS NOT NULL)
+       ARG_MAX(score, i.date) FILTER (WHERE type = 'survey' AND score IS NOT NULL)
                                                                          AS satisfaction_last,
        AVG(score) FILTER (WHERE type = 'survey')                         AS satisfaction_mean
-FROM interactions_raw
-WHERE CAST(date AS DATE) < DATE '{cutoff}'
-GROUP BY customer_id
+FROM {interactions} i
+WHERE CAST(i.date AS DATE) < i.cutoff
+GROUP BY i.cutoff, i.customer_id
 """
 
 ATTRIBUTES = """
 SELECT customer_id,
-       DATE_DIFF('day', CAST(signup_date AS DATE), DATE '{cutoff}') AS days_since_signup
+       {signup} AS signup_day
        {attribute_columns}
 FROM customers_raw
 """
@@ -202,47 +358,34 @@ FROM customers_raw
 # Seasonality of the coming horizon, from history only: revenue in the same calendar
 # window one year earlier, relative to that year's average per window of the same length.
 SEASON = """
-SELECT CASE WHEN MIN(order_date) <= DATE '{cutoff}' - 365 THEN
-       COALESCE(SUM(amount) FILTER (WHERE order_date >= DATE '{cutoff}' - 365
-                                      AND order_date <  DATE '{cutoff}' - 365 + {horizon}), 0)
-       / NULLIF(SUM(amount) FILTER (WHERE order_date >= DATE '{cutoff}' - 365
-                                      AND order_date < DATE '{cutoff}') * {horizon} / 365.0, 0)
+SELECT k.cutoff,
+       CASE WHEN MIN(d.order_date) <= k.cutoff - 365 THEN
+       COALESCE(SUM(d.revenue) FILTER (WHERE d.order_date >= k.cutoff - 365
+                                         AND d.order_date <  k.cutoff - 365 + {horizon}), 0)
+       / NULLIF(SUM(d.revenue) FILTER (WHERE d.order_date >= k.cutoff - 365
+                                         AND d.order_date < k.cutoff) * {horizon} / 365.0, 0)
        END AS season_index   -- unknown without a full year of history
-FROM lines
-WHERE status = 'completed' AND order_date < DATE '{cutoff}'
+FROM cutoffs k
+LEFT JOIN daily d ON d.order_date < k.cutoff
+GROUP BY k.cutoff
 """
 
+# Labels over the horizon after the cutoff, and spend over the horizon before it, from
+# the completed lines (the units that have some).
 LABELS = """
-WITH horizon AS (
-    SELECT * FROM lines
-    WHERE order_date >= DATE '{cutoff}' AND order_date < DATE '{cutoff}' + {horizon}
-      AND status = 'completed'
-), before AS (
-    SELECT customer_id, SUM(amount) AS spend_before
-    FROM lines
-    WHERE order_date >= DATE '{cutoff}' - {horizon} AND order_date < DATE '{cutoff}'
-      AND status = 'completed'
-    GROUP BY customer_id
-), ahead AS (
-    SELECT customer_id,
-           COUNT(*) FILTER (WHERE amount >= 0)                     AS n_purchase_lines,
-           COUNT(DISTINCT order_key) FILTER (WHERE amount >= 0)    AS future_orders,
-           SUM(amount)                                             AS future_spend,
-           SUM(margin)                                             AS future_margin
-    FROM horizon GROUP BY customer_id
-)
-SELECT b.customer_id,
-       CASE WHEN COALESCE(a.n_purchase_lines, 0) = 0 THEN 1 ELSE 0 END AS churned,
-       COALESCE(a.future_spend, 0)   AS future_spend,
-       COALESCE(a.future_margin, 0)  AS future_margin,
-       COALESCE(a.future_orders, 0)  AS future_orders,
-       CASE WHEN COALESCE(p.spend_before, 0) > 0
-                 AND COALESCE(a.future_spend, 0) < 0.5 * p.spend_before THEN 1 ELSE 0 END
-                                     AS declined,
-       COALESCE(p.spend_before, 0)   AS spend_last_horizon
-FROM activity b
-LEFT JOIN ahead a USING (customer_id)
-LEFT JOIN before p USING (customer_id)
+SELECT u.cutoff, u.customer_id,
+       bool_or(u.purchase) FILTER (WHERE u.order_date >= u.cutoff)    AS bought,
+       SUM(u.net_amount) FILTER (WHERE u.order_date >= u.cutoff)       AS future_spend,
+       SUM(u.net_margin) FILTER (WHERE u.order_date >= u.cutoff)       AS future_margin,
+       COUNT(*) FILTER (WHERE u.order_date >= u.cutoff AND u.purchase
+                          AND u.one_day AND u.keyed)
+       + COUNT(DISTINCT u.order_key) FILTER (WHERE u.order_date >= u.cutoff AND u.purchase)
+                                                                        AS future_orders,
+       SUM(u.net_amount) FILTER (WHERE u.order_date < u.cutoff)        AS spend_before
+FROM {units} u
+WHERE u.completed
+  AND u.order_date >= u.cutoff - {horizon} AND u.order_date < u.cutoff + {horizon}
+GROUP BY u.cutoff, u.customer_id
 """
 
 
@@ -353,101 +496,274 @@ def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
         baseline).
     """
     cutoff = _as_date(cutoff)
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    fmt = {"cutoff": cutoff.isoformat()}
-    windows = "".join(WINDOW.format(w=w, w2=2 * w, **fmt) for w in WINDOWS_DAYS)
-    history = HISTORY.format(**fmt)
-    if sample_share is not None and sample_share < 1:
-        threshold = int(max(sample_share, 0.0) * 1_000_000)
-        history += (f" AND hash(customer_id || '{cutoff.isoformat()}') % 1000000 "
-                    f"< {threshold}")
-    ctes = [("history", history), ("orders", ORDERS.format(**fmt)),
-            ("activity", ACTIVITY.format(windows=windows, **fmt)),
-            ("gaps", GAPS.format(**fmt)), ("categories", CATEGORIES.format(**fmt)),
-            ("channels", CHANNELS.format(**fmt))]
-    select = ["a.customer_id", "a.recency_days", "a.frequency", "a.n_orders",
-              "a.monetary_total", "a.tenure_days", "a.monetary_mean_order",
-              "a.monetary_max_order", "a.margin_total", "a.margin_rate",
-              "gaps.gap_mean_days", "gaps.gap_median_days", "gaps.gap_std_days",
-              "a.recency_days / NULLIF(gaps.gap_median_days, 0) AS recency_vs_gap"]
-    joins = ["LEFT JOIN gaps USING (customer_id)"]
-    for w in WINDOWS_DAYS:
-        now, prev = f"GREATEST(a.spend_{w}d, 0)", f"GREATEST(a.spend_prev_{w}d, 0)"
-        select += [f"a.orders_{w}d", f"a.spend_{w}d",
-                   f"COALESCE(({now} - {prev}) / NULLIF({now} + {prev}, 0), 0) AS trend_{w}d"]
-    select += ["a.cancel_rate", "a.return_rate",
-               f"{cutoff.month} AS cutoff_month",
-               "categories.n_categories",
-               "categories.top_category", "channels.n_channels", "channels.top_channel",
-               "channels.top_channel_share"]
-    joins += ["LEFT JOIN categories USING (customer_id)",
-              "LEFT JOIN channels USING (customer_id)"]
-    if "interactions_raw" in views:
-        cols = {r[0] for r in con.execute("DESCRIBE interactions_raw").fetchall()}
-        unresolved = "resolved = FALSE" if "resolved" in cols else "FALSE"
-        if "score" not in cols:
-            raise ValueError("interactions need a 'score' column (may be empty)")
-        ctes.append(("inter", INTERACTIONS.format(unresolved=unresolved, **fmt)))
-        select += ["COALESCE(inter.n_complaints, 0) AS n_complaints",
-                   "COALESCE(inter.complaints_90d, 0) AS complaints_90d",
-                   "inter.days_since_complaint",
-                   "COALESCE(inter.n_unresolved_complaints, 0) AS n_unresolved_complaints",
-                   "COALESCE(inter.n_tickets, 0) AS n_tickets",
-                   "inter.satisfaction_last", "inter.satisfaction_mean"]
-        joins.append("LEFT JOIN inter USING (customer_id)")
-    if "customers_raw" in views:
-        cols = [r[0] for r in con.execute("DESCRIBE customers_raw").fetchall()]
-        excluded = {c.casefold() for c in exclude_attributes}
-        attrs = [c for c in cols if c not in {"customer_id", "signup_date"}
-                 and c.casefold() not in excluded]
-        attr_sql = "".join(f", {_ident(c)}" for c in attrs)
-        signup = "signup_date" in cols
-        sql = ATTRIBUTES if signup else ATTRIBUTES.replace(
-            "DATE_DIFF('day', CAST(signup_date AS DATE), DATE '{cutoff}')", "CAST(NULL AS DOUBLE)")
-        ctes.append(("attrs", sql.format(attribute_columns=attr_sql, **fmt)))
-        select.append("attrs.days_since_signup")
-        select += [f"attrs.{_ident(c)}" for c in attrs]
-        joins.append("LEFT JOIN attrs USING (customer_id)")
-    if horizon_days is not None:
-        ctes.append(("season", SEASON.format(horizon=int(horizon_days), **fmt)))
-        select.append("season.season_index")
-        joins.append("CROSS JOIN season")
-        ctes.append(("labels", LABELS.format(horizon=int(horizon_days), **fmt)))
-        select.append("labels.spend_last_horizon")
-        if labels:
-            select += ["labels.churned", "labels.future_spend", "labels.future_margin",
-                       "labels.future_orders", "labels.declined"]
-        joins.append("LEFT JOIN labels USING (customer_id)")
-    sql = ("WITH " + ",\n".join(
-        f"{name} AS {'MATERIALIZED ' if name == 'orders' else ''}({body})"
-        for name, body in ctes)
-        + "\nSELECT " + ",\n       ".join(select) + "\nFROM activity a\n" + "\n".join(joins)
-        + "\nORDER BY a.customer_id")
-    frame = con.execute(sql).df()
-    tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
-    absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
-              "category": ["n_categories", "top_category"],
-              "channel": ["n_channels", "top_channel", "top_channel_share"]}
-    drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
-    return _tidy(frame.drop(columns=[c for c in drop if c in frame]))
+    frames = snapshots_by_cutoff(con, cutoffs=[cutoff], horizon_days=horizon_days,
+                                 labels=labels, exclude_attributes=exclude_attributes,
+                                 sample_share=sample_share)
+    return frames[cutoff]
 
 
 def build_snapshots(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
                     horizon_days: int, exclude_attributes: tuple[str, ...] = (),
-                    sample_share: float | None = None) -> pd.DataFrame:
-    """Features and labels at several cutoffs, stacked (rolling origin); with
-    ``sample_share``, about that share of the customers at each cutoff.
+                    sample_share: float | Mapping[dt.date, float | None] | None = None
+                    ) -> pd.DataFrame:
+    """Features and labels at several cutoffs, stacked (rolling origin), built in one
+    pass over the order log (:func:`snapshots_by_cutoff`); with ``sample_share``, about
+    that share of the customers at each cutoff (or at the cutoffs a mapping names).
 
     Returns
     -------
     DataFrame
         The columns of :func:`build_features` with labels, plus ``cutoff``.
     """
-    frames = [build_features(con, cutoff=c, horizon_days=horizon_days,
-                             exclude_attributes=exclude_attributes,
-                             sample_share=sample_share).assign(cutoff=pd.Timestamp(c))
-              for c in sorted(cutoffs)]
-    return pd.concat(frames, ignore_index=True)
+    frames = snapshots_by_cutoff(con, cutoffs=cutoffs, horizon_days=horizon_days,
+                                 exclude_attributes=exclude_attributes,
+                                 sample_share=sample_share)
+    return pd.concat([f.assign(cutoff=pd.Timestamp(c)) for c, f in frames.items()],
+                     ignore_index=True)
+
+
+def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
+                        horizon_days: int | None = None, labels: bool = True,
+                        exclude_attributes: tuple[str, ...] = (),
+                        sample_share: float | Mapping[dt.date, float | None] | None = None
+                        ) -> dict[dt.date, pd.DataFrame]:
+    """The features of :func:`build_features` at every cutoff, from one pass over the
+    order log.
+
+    The lines are read once, into orders (``ORDERS``) and purchase spend per category
+    between cutoffs (``CATEGORY_SPEND``); every cutoff is then computed from those
+    compact tables, in one statement, never from the lines again. The result is the same
+    as one :func:`build_features` per cutoff. A log of more than :data:`LINES_PER_PASS`
+    lines is taken in ranges of customer ids, one after the other, so that the order
+    tables of one range at a time are in memory (a log sorted by customer, as exports
+    often are, is then still read about once; an unsorted one once per range).
+
+    Parameters
+    ----------
+    cutoffs : the cutoffs (in any order; a cutoff given twice is built once).
+    horizon_days, labels, exclude_attributes : as in :func:`build_features`.
+    sample_share : one share for every cutoff, or a share per cutoff (a cutoff it does
+        not name, or names with None, keeps every customer).
+
+    Returns
+    -------
+    dict of DataFrame
+        Cutoff → the frame :func:`build_features` returns at it, in cutoff order.
+    """
+    cutoffs = sorted({_as_date(c) for c in cutoffs})
+    if not cutoffs:
+        raise ValueError("snapshots need at least one cutoff")
+    if not isinstance(sample_share, Mapping):
+        sample_share = dict.fromkeys(cutoffs, sample_share)
+    shares = {_as_date(c): s for c, s in sample_share.items()}
+    keep_below = [None if shares.get(c) is None or shares[c] >= 1
+                  else int(max(shares[c], 0.0) * 1_000_000) for c in cutoffs]
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
+    tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
+    con.register("_cutoffs_df", pd.DataFrame({
+        "cutoff": pd.to_datetime(cutoffs), "k": range(len(cutoffs)),
+        "keep_below": pd.array(keep_below, dtype="Int64")}))
+    end = (cutoffs[-1] + dt.timedelta(days=horizon_days or 0)).isoformat()
+    ranges = _customer_ranges(con, con.execute("SELECT COUNT(*) FROM lines").fetchone()[0])
+    try:
+        con.execute("CREATE OR REPLACE TEMP VIEW cutoffs AS SELECT CAST(cutoff AS DATE) "
+                    "AS cutoff, k, keep_below FROM _cutoffs_df")
+        con.execute("CREATE OR REPLACE TEMP TABLE daily AS " + DAILY.format(end=end))
+        for i, customers in enumerate(ranges):
+            tables = _OrderTables(con, cutoffs, end=end, customers=customers)
+            try:
+                # each range's rows are kept as a table and read once the order tables
+                # are gone, so that the frame never shares memory with them
+                con.execute(("CREATE OR REPLACE TEMP TABLE snapshot_features AS " if i == 0
+                             else "INSERT INTO snapshot_features ") + _snapshot_sql(
+                    con, views=views, cutoffs=cutoffs,
+                    sampled=[k is not None for k in keep_below], horizon_days=horizon_days,
+                    labels=labels, exclude_attributes=exclude_attributes,
+                    late=tables.multi_day))
+            finally:
+                tables.drop()
+        # the ranges come in id order; with several cutoffs the rows are put in cutoff order
+        frame = con.execute("SELECT * FROM snapshot_features" + (
+            " ORDER BY cutoff, customer_id" if len(ranges) > 1 and len(cutoffs) > 1
+            else "")).df()
+    finally:
+        for statement in ("DROP TABLE IF EXISTS snapshot_features", "DROP TABLE IF EXISTS daily",
+                          "DROP VIEW IF EXISTS cutoffs"):
+            con.execute(statement)
+        con.unregister("_cutoffs_df")
+    absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
+              "category": ["n_categories", "top_category"],
+              "channel": ["n_channels", "top_channel", "top_channel_share"]}
+    drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
+    frame = _tidy(frame.drop(columns=[c for c in drop if c in frame]))
+    days = frame.pop("cutoff").to_numpy()
+    if len(cutoffs) == 1:
+        return {cutoffs[0]: frame}
+    bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(days.dtype),
+                             side="left").tolist() + [len(frame)]
+    return {c: frame.iloc[bounds[i]:bounds[i + 1]].reset_index(drop=True)
+            for i, c in enumerate(cutoffs)}
+
+
+#: Lines per pass of :func:`snapshots_by_cutoff`: a larger log is split into ranges of
+#: customer ids of about this many lines, built one after the other, so that the order
+#: tables of one range at a time are in memory (about 0.2 GB per million lines).
+LINES_PER_PASS = 4_000_000
+
+
+def _customer_ranges(con: duckdb.DuckDBPyConnection, n_lines: int) -> list[str]:
+    """SQL conditions on ``customer_id`` splitting the log into ranges of about
+    :data:`LINES_PER_PASS` lines (bounds from a fixed sample of the lines); one empty
+    condition for a log that fits one pass."""
+    n_parts = math.ceil(n_lines / LINES_PER_PASS)
+    if n_parts <= 1:
+        return [""]
+    sample = sorted(r[0] for r in con.execute(
+        "SELECT customer_id FROM lines WHERE customer_id IS NOT NULL "
+        "USING SAMPLE reservoir(20000 ROWS) REPEATABLE (42)").fetchall())
+    bounds = sorted({sample[len(sample) * i // n_parts] for i in range(1, n_parts)})
+    if not bounds:
+        return [""]
+    first, *middle, last = [None, *bounds, None]
+    edges = list(zip([first, *middle], [*middle, last], strict=True))
+    return ([f" AND customer_id < '{_sql_text(edges[0][1])}'"]
+            + [f" AND customer_id >= '{_sql_text(lo)}' AND customer_id < '{_sql_text(hi)}'"
+               for lo, hi in edges[1:-1]]
+            + [f" AND (customer_id >= '{_sql_text(edges[-1][0])}' OR customer_id IS NULL)"])
+
+
+class _OrderTables:
+    """The one pass over the lines of the customers ``customers`` selects (an SQL
+    condition, see :func:`_customer_ranges`), as temporary tables and views of the
+    connection: ``orders_all``, ``order_days`` (only the orders spanning several days),
+    the order units, purchase days, channel changes and category spend; :meth:`drop`
+    removes them."""
+
+    TABLES = ("orders_all", "order_days", "purchase_days", "category_spend")
+    VIEWS = ("order_units", "channel_changes")
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, cutoffs: list[dt.date], *,
+                 end: str, customers: str) -> None:
+        self.con = con
+        con.execute("CREATE OR REPLACE TEMP TABLE orders_all AS "
+                    + ORDERS.format(end=end, customers=customers))
+        self.multi_day = bool(con.execute(
+            "SELECT COUNT(*) FROM orders_all WHERE NOT one_day").fetchone()[0])
+        units, changes = ORDER_UNITS, CHANNEL_CHANGES
+        if self.multi_day:
+            con.execute("CREATE OR REPLACE TEMP TABLE order_days AS "
+                        + ORDER_DAYS.format(end=end, customers=customers))
+            units += f"UNION ALL SELECT * FROM ({ORDER_DAY_UNITS})"
+            changes += f"UNION ALL SELECT * FROM ({CHANNEL_DAY_CHANGES})"
+        con.execute("CREATE OR REPLACE TEMP VIEW order_units AS " + units)
+        con.execute("CREATE OR REPLACE TEMP VIEW channel_changes AS " + changes)
+        late = ("bool_or(counts_from > day) OVER (PARTITION BY customer_id)"
+                if self.multi_day else "FALSE")
+        con.execute("CREATE OR REPLACE TEMP TABLE purchase_days AS "
+                    + PURCHASE_DAYS.format(late=late))
+        bucket = ("CASE " + " ".join(f"WHEN order_date < DATE '{c.isoformat()}' THEN {k}"
+                                     for k, c in enumerate(cutoffs)) + " END"
+                  if len(cutoffs) > 1 else "0")
+        con.execute("CREATE OR REPLACE TEMP TABLE category_spend AS " + CATEGORY_SPEND.format(
+            bucket=bucket, last_cutoff=cutoffs[-1].isoformat(), customers=customers))
+
+    def drop(self) -> None:
+        for name in self.VIEWS:
+            self.con.execute(f"DROP VIEW IF EXISTS {name}")
+        for name in self.TABLES:
+            self.con.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+def _at_cutoffs(table: str, cutoffs: list[dt.date], sampled: list[bool]) -> str:
+    """``table``'s rows paired with every cutoff whose snapshot holds their customer, as
+    columns ``cutoff`` and ``k`` (its index) beside the table's: a cutoff that keeps every
+    customer pairs with every row (the query's condition on dates does the rest); the
+    sampled cutoffs pair with their customers' rows (``sampled_customers``)."""
+    parts = [f"SELECT DATE '{c.isoformat()}' AS cutoff, {k} AS k, t.* FROM {table} t"
+             for k, (c, s) in enumerate(zip(cutoffs, sampled, strict=True)) if not s]
+    if any(sampled):
+        parts.append(f"SELECT s.cutoff, s.k, t.* FROM {table} t "
+                     f"JOIN sampled_customers s USING (customer_id)")
+    return "(" + "\n UNION ALL ".join(parts) + ")"
+
+
+def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
+                  cutoffs: list[dt.date], sampled: list[bool], horizon_days: int | None,
+                  labels: bool, exclude_attributes: tuple[str, ...], late: bool) -> str:
+    """The statement computing every cutoff's features from the order tables."""
+    windows = "".join(WINDOW.format(w=w, w2=2 * w) for w in WINDOWS_DAYS)
+    units, days = (_at_cutoffs(t, cutoffs, sampled) for t in ("order_units", "purchase_days"))
+    ctes = [("sampled_customers", SAMPLED_CUSTOMERS)] if any(sampled) else []
+    ctes += [("activity", ACTIVITY.format(windows=windows, units=units)),
+             ("gaps", GAPS.format(days=days) + (
+                 f"UNION ALL SELECT * FROM ({LATE_GAPS.format(days=days)})" if late else "")),
+             ("categories", CATEGORIES.format(
+                 spend=_at_cutoffs("category_spend", cutoffs, sampled))),
+             ("channels", CHANNELS.format(
+                 changes=_at_cutoffs("channel_changes", cutoffs, sampled)))]
+    key = "USING (cutoff, customer_id)"
+    select = ["a.cutoff", "a.customer_id", "a.recency_days", "gaps.frequency", "a.n_orders",
+              "a.monetary_total", "a.tenure_days", "a.monetary_mean_order",
+              "a.monetary_max_order", "a.margin_total", "a.margin_rate",
+              "gaps.gap_mean_days", "gaps.gap_median_days", "gaps.gap_std_days",
+              "a.recency_days / NULLIF(gaps.gap_median_days, 0) AS recency_vs_gap"]
+    joins = [f"LEFT JOIN gaps {key}"]
+    for w in WINDOWS_DAYS:
+        now, prev = f"GREATEST(a.spend_{w}d, 0)", f"GREATEST(a.spend_prev_{w}d, 0)"
+        select += [f"a.orders_{w}d", f"a.spend_{w}d",
+                   f"COALESCE(({now} - {prev}) / NULLIF({now} + {prev}, 0), 0) AS trend_{w}d"]
+    select += ["a.cancel_rate", "a.return_rate", "month(a.cutoff) AS cutoff_month",
+               "categories.n_categories",
+               "categories.top_category", "channels.n_channels", "channels.top_channel",
+               "channels.top_channel_share"]
+    joins += [f"LEFT JOIN categories {key}", f"LEFT JOIN channels {key}"]
+    if "interactions_raw" in views:
+        cols = {r[0] for r in con.execute("DESCRIBE interactions_raw").fetchall()}
+        unresolved = "resolved = FALSE" if "resolved" in cols else "FALSE"
+        if "score" not in cols:
+            raise ValueError("interactions need a 'score' column (may be empty)")
+        ctes.append(("inter", INTERACTIONS.format(
+            unresolved=unresolved,
+            interactions=_at_cutoffs("interactions_raw", cutoffs, sampled))))
+        select += ["COALESCE(inter.n_complaints, 0) AS n_complaints",
+                   "COALESCE(inter.complaints_90d, 0) AS complaints_90d",
+                   "inter.days_since_complaint",
+                   "COALESCE(inter.n_unresolved_complaints, 0) AS n_unresolved_complaints",
+                   "COALESCE(inter.n_tickets, 0) AS n_tickets",
+                   "inter.satisfaction_last", "inter.satisfaction_mean"]
+        joins.append(f"LEFT JOIN inter {key}")
+    if "customers_raw" in views:
+        cols = [r[0] for r in con.execute("DESCRIBE customers_raw").fetchall()]
+        excluded = {c.casefold() for c in exclude_attributes}
+        attrs = [c for c in cols if c not in {"customer_id", "signup_date"}
+                 and c.casefold() not in excluded]
+        signup = "signup_date" in cols
+        ctes.append(("attrs", ATTRIBUTES.format(
+            signup="CAST(signup_date AS DATE)" if signup else "CAST(NULL AS DATE)",
+            attribute_columns="".join(f", {_ident(c)}" for c in attrs))))
+        select.append("DATE_DIFF('day', attrs.signup_day, a.cutoff)"
+                      + ("" if signup else "::DOUBLE") + " AS days_since_signup")
+        select += [f"attrs.{_ident(c)}" for c in attrs]
+        joins.append("LEFT JOIN attrs USING (customer_id)")
+    if horizon_days is not None:
+        ctes.append(("season", SEASON.format(horizon=int(horizon_days))))
+        select.append("season.season_index")
+        joins.append("LEFT JOIN season USING (cutoff)")
+        ctes.append(("labels", LABELS.format(horizon=int(horizon_days), units=units)))
+        select.append("COALESCE(labels.spend_before, 0) AS spend_last_horizon")
+        if labels:
+            select += [
+                "CASE WHEN COALESCE(labels.bought, FALSE) THEN 0 ELSE 1 END AS churned",
+                "COALESCE(labels.future_spend, 0) AS future_spend",
+                "COALESCE(labels.future_margin, 0) AS future_margin",
+                "COALESCE(labels.future_orders, 0) AS future_orders",
+                "CASE WHEN COALESCE(labels.spend_before, 0) > 0 AND "
+                "COALESCE(labels.future_spend, 0) < 0.5 * labels.spend_before "
+                "THEN 1 ELSE 0 END AS declined"]
+        joins.append(f"LEFT JOIN labels {key}")
+    return ("WITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes)
+            + "\nSELECT " + ",\n       ".join(select) + "\nFROM activity a\n" + "\n".join(joins)
+            + "\nORDER BY a.cutoff, a.customer_id")
 
 
 def data_start(con: duckdb.DuckDBPyConnection) -> dt.date:

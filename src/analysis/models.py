@@ -44,12 +44,12 @@ from analysis.explain import global_drivers, reason_codes
 from analysis.features import (
     LABEL_COLUMNS,
     build_features,
-    build_snapshots,
     connect,
     data_start,
     honest_cutoffs,
     resolve_as_of,
     resolve_horizon_days,
+    snapshots_by_cutoff,
 )
 from analysis.monitor import feature_drift
 from analysis.segments import (
@@ -1088,15 +1088,24 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     n_known = con.execute("SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date "
                           f"< DATE '{eval_cut.isoformat()}'").fetchone()[0]
     share = max_train_rows / max(n_known * len(train_cuts), 1)
-    # memory: each snapshot is built on its own (no stacked copy to split), and once the
+    # every snapshot, and the features at the scoring date, from one pass over the log;
+    # memory: each snapshot is its own frame (no stacked copy to split), and once the
     # model matrices exist only the columns the evaluation needs are kept
-    valid = build_snapshots(con, cutoffs=[valid_cut], horizon_days=horizon_days,
-                            exclude_attributes=exclude)
-    test = build_snapshots(con, cutoffs=[eval_cut], horizon_days=horizon_days,
-                           exclude_attributes=exclude)
-    train = build_snapshots(con, cutoffs=train_cuts, horizon_days=horizon_days,
-                            exclude_attributes=exclude,
-                            sample_share=1.1 * share if share < 0.9 else None)
+    # (the scoring date's too, unless the caller has them: the profile step's table)
+    frames = snapshots_by_cutoff(
+        con, cutoffs=[*train_cuts, valid_cut, eval_cut,
+                      *([as_of] if score_features is None else [])],
+        horizon_days=horizon_days, exclude_attributes=exclude,
+        sample_share=dict.fromkeys(train_cuts, 1.1 * share if share < 0.9 else None))
+    valid = frames.pop(valid_cut).assign(cutoff=pd.Timestamp(valid_cut))
+    test = frames.pop(eval_cut).assign(cutoff=pd.Timestamp(eval_cut))
+    if score_features is None:
+        score_features = frames.pop(as_of)       # as build_features(labels=False) has it
+        score_features = score_features.drop(
+            columns=[c for c in LABEL_COLUMNS if c in score_features])
+    train = pd.concat([frames.pop(c).assign(cutoff=pd.Timestamp(c)) for c in sorted(train_cuts)],
+                      ignore_index=True)
+    del frames
     for name, frame in (("training", train), ("validation", valid), ("evaluation", test)):
         n_pos = int(frame["churned"].sum())
         if len(frame) < min_customers or n_pos < 20 or len(frame) - n_pos < 20:
@@ -1160,9 +1169,6 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                                                      evaluation[f"value_{method}"])}
                   for method in ("model", "last_period", "rfm", "bgnbd_gg")]
 
-    if score_features is None:
-        score_features = build_features(con, cutoff=as_of, horizon_days=horizon_days,
-                                        labels=False, exclude_attributes=exclude)
     score_X = prepare_matrix(score_features, columns, cats)
     drift = feature_drift(X.pop("train"), score_X)
     churn_chosen, value_chosen = chosen_method(churn_choice), chosen_method(value_choice)
