@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from analysis import data, features, models, segments
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.config import load_config, memory_bytes
 from analysis.demo import DemoWorld, write_demo
@@ -59,6 +58,8 @@ LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
 BENCH_CUTOFF = dt.date(2025, 7, 1)
 #: The pandas reference of the feature build, in the source checkout (not installed).
 REFERENCE = Path(__file__).resolve().parents[2] / "bench" / "reference.py"
+#: The notebooks the stage breakdown runs, in the source checkout.
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def _load_reference():
@@ -344,10 +345,21 @@ _STAGE_STEPS = {
 
 
 def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) -> None:
-    """Run one stage of a run as its notebook does, under a :class:`StepProfile`, in this
-    (fresh) process; write its steps to ``out_json``."""
+    """Run one stage's notebook (its code cells, with a run's parameters) under a
+    :class:`StepProfile`, in this (fresh) process; write its steps to ``out_json``.
+
+    Each code cell is a step (named by its first line); the package's steps of
+    :data:`_STAGE_STEPS` are timed inside them. Displays go to standard output."""
     import importlib
 
+    import matplotlib
+
+    matplotlib.use("Agg")
+    notebook = json.loads((NOTEBOOKS / f"{stage}.ipynb").read_text())
+    run = Path(processed_dir)
+    params = {"config_path": str(config_path), "run_id": run.name, "as_of": None,
+              "processed_dir": str(run), "report_dir": str(run.parent / "report"),
+              "processed_href": str(run), "previous_processed_dir": ""}
     profile = StepProfile()
     with profile, profile.step(stage):
         for module, attr, label in _STAGE_STEPS[stage]:
@@ -357,23 +369,19 @@ def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) 
                 owner = getattr(owner, part, None)
             if owner is not None and hasattr(owner, name):
                 profile.wrap(owner, name, label or attr)
-        config = load_config(config_path)
-        if stage == "01_data_quality":
-            dataset = data.load_dataset(config)
-            data.write_processed(dataset, processed_dir)
-            with profile.step("quality_summary (the notebook's)"):
-                data.quality_summary(dataset)
-            data.available_inputs(processed_dir)
-        elif stage == "02_customer_profile":
-            con = features.connect(processed_dir,
-                                   memory_limit=config.analysis.duckdb_memory_limit)
-            as_of = features.resolve_as_of(con, as_of=config.analysis.as_of)
-            found = segments.profile_customers(
-                con, as_of=as_of, params=config.analysis, seed=config.seed,
-                exclude_attributes=config.protected + config.pii)
-            segments.write_profile(found, processed_dir)
-        else:
-            models.churn_step(config, processed_dir, versions={})
+        namespace: dict = {}
+        cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+        for i, cell in enumerate(cells, start=1):
+            source = "".join(cell["source"])
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                exec(compile(source, f"{stage} cell {i}", "exec"), namespace)  # noqa: S102
+                namespace.update(params)
+                continue
+            first = next((line for line in source.splitlines()
+                          if line.strip() and not line.startswith("#")), "")
+            with profile.step(f"cell {i}: {first.strip()[:48]}"):
+                exec(compile(source, f"{stage} cell {i}", "exec"), namespace)  # noqa: S102
+            matplotlib.pyplot.close("all")
     Path(out_json).write_text(json.dumps(profile.table(), indent=2))
 
 
