@@ -334,10 +334,13 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
+def write_processed(dataset: Dataset, out_dir: str | Path, *,
+                    summary: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
     """Write cleaned tables (``clean/<table>.parquet``), quarantine files
     (``quarantine/<table>.csv``, with :func:`write_csv`: text a spreadsheet would run as
-    a formula is neutralised) and the quality summary (``data_quality.json``).
+    a formula is neutralised) and the quality summary (``data_quality.json``):
+    ``summary``, the :func:`quality_summary` of ``dataset`` when the caller has it
+    (computed here otherwise).
 
     Every file is written to a temporary name and moved into place, so a reader never
     sees a half-written file.
@@ -359,7 +362,7 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
         qpath = out_dir / "quarantine" / f"{name}.csv"
         write_csv(qpath, table.quarantine)
         written[f"quarantine_{name}"] = qpath
-    summary = quality_summary(dataset)
+    summary = quality_summary(dataset) if summary is None else summary
     qpath = out_dir / "data_quality.json"
     payload = {k: json.loads(v.to_json(orient="records")) for k, v in summary.items()}
     write_atomically(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
