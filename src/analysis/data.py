@@ -192,7 +192,10 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     if len(judged):
         quarantines.extend(_set_aside_again(spec, judged, table=table, config=config,
                                             chunk_rows=chunk_rows))
-        parts = [p.drop(index=p.index.intersection(judged.index)) for p in parts]
+        for i, part in enumerate(parts):       # one chunk copied at a time, if at all
+            hit = part.index.intersection(judged.index)
+            if len(hit):
+                parts[i] = part.drop(index=hit)
     data = parts[0] if len(parts) == 1 else pd.concat(parts)
     del parts
     if config.output.pseudonymize_ids:
