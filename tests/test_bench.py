@@ -90,19 +90,33 @@ def test_step_profile_times_nested_steps_and_their_peak_memory():
     assert rows["stage"]["seconds"] >= rows["stage > two allocations"]["seconds"]
 
 
-def test_stage_breakdown_is_rendered_with_nested_steps_and_shares(tmp_path):
-    (tmp_path / "stages-3m-main.json").write_text(json.dumps({
-        "lines": 2_983_893, "customers": 172_000, "label": "main", "memory_limit": "6GB",
-        "stages": {"03_churn_model": {
-            "seconds": 400.0, "peak_rss_mb": 1071, "load_average_before": 2.5,
-            "load_average_after": 3.0, "steps": [
-                {"step": "03_churn_model", "calls": 1, "seconds": 400.0, "peak_rss_mb": 1071},
-                {"step": "03_churn_model > fit_and_evaluate", "calls": 1, "seconds": 398.0,
-                 "peak_rss_mb": 1071},
-                {"step": "03_churn_model > fit_and_evaluate > SHAP (TreeSHAP)", "calls": 2,
-                 "seconds": 180.7, "peak_rss_mb": 743}]}}}))
+def test_stage_breakdown_is_rendered_side_by_side_with_nested_steps(tmp_path):
+    def result(label, steps, seconds):
+        return {"lines": 2_983_893, "customers": 172_000, "label": label,
+                "memory_limit": "6GB", "stages": {"03_churn_model": {
+                    "seconds": seconds, "peak_rss_mb": 1071, "load_average_before": 2.5,
+                    "load_average_after": 3.0, "steps": [
+                        {"step": "03_churn_model", "calls": 1, "seconds": seconds,
+                         "peak_rss_mb": 1071}, *steps]}}}
+
+    cell = "03_churn_model > cell 3: config = load_config(config_path)"
+    (tmp_path / "stages-3m-main.json").write_text(json.dumps(result("main", [
+        {"step": cell, "calls": 1, "seconds": 399.0, "peak_rss_mb": 1071},
+        {"step": f"{cell} > fit_and_evaluate", "calls": 1, "seconds": 398.0,
+         "peak_rss_mb": 1071},
+        {"step": f"{cell} > fit_and_evaluate > build_snapshots", "calls": 3,
+         "seconds": 39.3, "peak_rss_mb": 976}], 400.0)))
+    (tmp_path / "stages-3m-speed.json").write_text(json.dumps(result("speed", [
+        {"step": "03_churn_model > cell 3: config = load_config(config_path)", "calls": 1,
+         "seconds": 370.0, "peak_rss_mb": 1000},
+        {"step": f"{cell} > fit_and_evaluate", "calls": 1, "seconds": 369.0,
+         "peak_rss_mb": 1000},
+        {"step": f"{cell} > fit_and_evaluate > snapshots_by_cutoff", "calls": 1,
+         "seconds": 11.5, "peak_rss_mb": 900}], 371.0)))
     page = render_results(tmp_path)
-    assert "### 03_churn_model: 2,983,893 lines, 172,000 customers (main)" in page
-    assert "| fit_and_evaluate | 1 | 398.00 | 100% | 1,071 |" in page
-    assert "| &nbsp;&nbsp;&nbsp;&nbsp;SHAP (TreeSHAP) | 2 | 180.70 | 45% | 743 |" in page
-    assert "load average 2.5 before, 3.0 after" in page
+    assert "### 03_churn_model: 2,983,893 lines, 172,000 customers" in page
+    assert "- main: 400.0 s, peak 1,071 MiB; load average 2.5 before, 3.0 after" in page
+    assert "| step | main: calls | s | peak MiB | speed: calls | s | peak MiB |" in page
+    assert "| fit_and_evaluate | 1 | 398.00 | 1,071 | 1 | 369.00 | 1,000 |" in page
+    assert "| &nbsp;&nbsp;&nbsp;&nbsp;build_snapshots | 3 | 39.30 | 976 |  |  |  |" in page
+    assert "| &nbsp;&nbsp;&nbsp;&nbsp;snapshots_by_cutoff |  |  |  | 1 | 11.50 | 900 |" in page

@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from analysis import data, features, models, segments
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.config import load_config, memory_bytes
 from analysis.demo import DemoWorld, write_demo
@@ -59,6 +58,8 @@ LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
 BENCH_CUTOFF = dt.date(2025, 7, 1)
 #: The pandas reference of the feature build, in the source checkout (not installed).
 REFERENCE = Path(__file__).resolve().parents[2] / "bench" / "reference.py"
+#: The notebooks the stage breakdown runs, in the source checkout.
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 def _load_reference():
@@ -344,10 +345,21 @@ _STAGE_STEPS = {
 
 
 def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) -> None:
-    """Run one stage of a run as its notebook does, under a :class:`StepProfile`, in this
-    (fresh) process; write its steps to ``out_json``."""
+    """Run one stage's notebook (its code cells, with a run's parameters) under a
+    :class:`StepProfile`, in this (fresh) process; write its steps to ``out_json``.
+
+    Each code cell is a step (named by its first line); the package's steps of
+    :data:`_STAGE_STEPS` are timed inside them. Displays go to standard output."""
     import importlib
 
+    import matplotlib
+
+    matplotlib.use("Agg")
+    notebook = json.loads((NOTEBOOKS / f"{stage}.ipynb").read_text())
+    run = Path(processed_dir)
+    params = {"config_path": str(config_path), "run_id": run.name, "as_of": None,
+              "processed_dir": str(run), "report_dir": str(run.parent / "report"),
+              "processed_href": str(run), "previous_processed_dir": ""}
     profile = StepProfile()
     with profile, profile.step(stage):
         for module, attr, label in _STAGE_STEPS[stage]:
@@ -357,23 +369,19 @@ def _run_stage(stage: str, config_path: str, processed_dir: str, out_json: str) 
                 owner = getattr(owner, part, None)
             if owner is not None and hasattr(owner, name):
                 profile.wrap(owner, name, label or attr)
-        config = load_config(config_path)
-        if stage == "01_data_quality":
-            dataset = data.load_dataset(config)
-            data.write_processed(dataset, processed_dir)
-            with profile.step("quality_summary (the notebook's)"):
-                data.quality_summary(dataset)
-            data.available_inputs(processed_dir)
-        elif stage == "02_customer_profile":
-            con = features.connect(processed_dir,
-                                   memory_limit=config.analysis.duckdb_memory_limit)
-            as_of = features.resolve_as_of(con, as_of=config.analysis.as_of)
-            found = segments.profile_customers(
-                con, as_of=as_of, params=config.analysis, seed=config.seed,
-                exclude_attributes=config.protected + config.pii)
-            segments.write_profile(found, processed_dir)
-        else:
-            models.churn_step(config, processed_dir, versions={})
+        namespace: dict = {}
+        cells = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+        for i, cell in enumerate(cells, start=1):
+            source = "".join(cell["source"])
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                exec(compile(source, f"{stage} cell {i}", "exec"), namespace)  # noqa: S102
+                namespace.update(params)
+                continue
+            first = next((line for line in source.splitlines()
+                          if line.strip() and not line.startswith("#")), "")
+            with profile.step(f"cell {i}: {first.strip()[:48]}"):
+                exec(compile(source, f"{stage} cell {i}", "exec"), namespace)  # noqa: S102
+            matplotlib.pyplot.close("all")
     Path(out_json).write_text(json.dumps(profile.table(), indent=2))
 
 
@@ -436,39 +444,64 @@ def bench_stages(*, lines: int, out: str | Path, data_dir: str | Path | None = N
 
 
 def _stages_markdown(results: list[dict]) -> list[str]:
-    """One table per stage and measurement of :func:`bench_stages`: each step's seconds,
-    calls, share of its stage and peak memory, nested steps indented under the step that
-    calls them."""
+    """The measurements of :func:`bench_stages`, one table per stage and size: each
+    step's seconds and peak memory under each label (the code measured) side by side,
+    nested steps indented under the step that calls them; a step one version does not
+    have is blank in its columns. Notebook cells are steps too: a step is named by its
+    path below the cell, so that the same package step lines up across versions."""
     lines = ["## Where the time goes inside the stages", "",
              "`python -m analysis bench stages`: the data-quality, profile and churn-model "
-             "stages run as their notebooks run them, each in a fresh process, with the "
+             "notebooks run cell by cell, each stage in a fresh process, with the "
              "package's steps timed where they run (seconds summed over calls; a step's "
-             "time includes the steps indented under it). Peak memory is the process's "
-             "(VmHWM, reset when the step starts). The machine is shared: the load average "
-             "(runnable processes, 2 cores) is noted before and after each stage.", ""]
+             "time includes the steps indented under it; `cell N` rows are the notebook's "
+             "cells, package steps and all). Peak memory is the process's (VmHWM, reset "
+             "when the step starts). The machine is shared by other work: the load "
+             "average (runnable processes on its 2 cores) before and after each stage is "
+             "given, and seconds measured under a higher load are longer.", ""]
+    groups: dict[tuple[int, str], list[dict]] = {}
     for r in results:
-        for stage, found in r["stages"].items():
-            lines += [f"### {stage}: {r['lines']:,} lines, {r['customers']:,} customers"
-                      + (f" ({r['label']})" if r.get("label") else ""), "",
-                      f"{found['seconds']:.1f} s, peak {found['peak_rss_mb']:,.0f} MiB; "
-                      f"load average {found.get('load_average_before', 0):.1f} before, "
-                      f"{found.get('load_average_after', 0):.1f} after; memory budget "
-                      f"`{r.get('memory_limit')}`.", "",
-                      "| step | calls | seconds | share of stage | peak MiB |",
-                      "|---|---:|---:|---:|---:|"]
-            for step in found["steps"]:
-                parts = step["step"].split(" > ")
-                if len(parts) < 2:
-                    continue
-                name = "&nbsp;&nbsp;" * 2 * (len(parts) - 2) + parts[-1]
-                share = step["seconds"] / found["seconds"] if found["seconds"] else 0
-                lines.append(f"| {name} | {step['calls']} | {step['seconds']:.2f} | "
-                             f"{share:.0%} | {step['peak_rss_mb']:,.0f} |")
-            lines.append("")
+        for stage in r["stages"]:
+            groups.setdefault((r["lines"], stage), []).append(r)
+    for (n_lines, stage), runs in sorted(groups.items()):
+        labels = [r.get("label") or f"run {i + 1}" for i, r in enumerate(runs)]
+        steps: dict[str, dict[str, dict]] = {}
+        for label, r in zip(labels, runs, strict=True):
+            for step in r["stages"][stage]["steps"]:
+                steps.setdefault(_step_key(step["step"]), {})[label] = step
+        lines += [f"### {stage}: {n_lines:,} lines, {runs[0]['customers']:,} customers", ""]
+        for label, r in zip(labels, runs, strict=True):
+            found = r["stages"][stage]
+            lines.append(f"- {label}: {found['seconds']:.1f} s, peak "
+                         f"{found['peak_rss_mb']:,.0f} MiB; load average "
+                         f"{found.get('load_average_before', 0):.1f} before, "
+                         f"{found.get('load_average_after', 0):.1f} after; budget "
+                         f"`{r.get('memory_limit')}`")
+        lines += ["", "| step | " + " | ".join(f"{lb}: calls | s | peak MiB"
+                                                 for lb in labels) + " |",
+                  "|---|" + "---:|---:|---:|" * len(labels)]
+        for key, by_label in steps.items():
+            depth = key.count(" > ")
+            name = ("&nbsp;&nbsp;" * 2 * depth + key.split(" > ")[-1]) if key else "**stage**"
+            cells = [f"{by_label[lb]['calls']} | {by_label[lb]['seconds']:.2f} | "
+                     f"{by_label[lb]['peak_rss_mb']:,.0f}" if lb in by_label else " |  | "
+                     for lb in labels]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines + ["Reproduce: `python -m analysis bench stages --lines N --label L --out "
-                    "bench/out/stages-N` (`--stage` for one stage; the later stages read the "
-                    "earlier ones' output) and copy `stages.json` to "
-                    "`bench/results/stages-<N>m-<label>.json`.", ""]
+                    "bench/out/stages-N` (`--data` to reuse a demo world, `--stage` for one "
+                    "stage; the later stages read the earlier ones' output), then copy "
+                    "`stages.json` to `bench/results/stages-<size>-<label>.json`; the "
+                    "\"before\" runs put the package of that commit first on `PYTHONPATH`.",
+                    ""]
+
+
+def _step_key(path: str) -> str:
+    """A step's path without the stage and without the notebook cell it ran in (the cell
+    itself keeps its name)."""
+    parts = path.split(" > ")[1:]
+    if len(parts) > 1 and parts[0].startswith("cell "):
+        parts = parts[1:]
+    return " > ".join(parts)
 
 
 #: The rows of the strategy table: (label, key or function of a result, format).

@@ -212,8 +212,8 @@ def _validate(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     dataset = load_dataset(config)
     out = args.out or config.output.processed_dir / f"validate-{default_run_id()}"
-    written = write_processed(dataset, out)
     summary = quality_summary(dataset)
+    written = write_processed(dataset, out, summary=summary)
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.max_colwidth", 80):
         for row in summary["tables"].itertuples():

@@ -189,13 +189,16 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
         raise DataContractError(file=spec.path, rule="no_rows",
                                 message="the file has a header but no data rows",
                                 examples=columns)
-    data = parts[0] if len(parts) == 1 else pd.concat(parts)
-    del parts
-    judged = _judge_rows(data, table=table, config=config, today=today)
+    judged = _judge_rows(parts, table=table, config=config, today=today)
     if len(judged):
         quarantines.extend(_set_aside_again(spec, judged, table=table, config=config,
                                             chunk_rows=chunk_rows))
-        data = data.drop(index=judged.index)
+        for i, part in enumerate(parts):       # one chunk copied at a time, if at all
+            hit = part.index.intersection(judged.index)
+            if len(hit):
+                parts[i] = part.drop(index=hit)
+    data = parts[0] if len(parts) == 1 else pd.concat(parts)
+    del parts
     if config.output.pseudonymize_ids:
         key = os.environ[config.output.pseudonym_key_env]
         data = data.assign(customer_id=pseudonymize(data["customer_id"], key=key))
@@ -335,10 +338,13 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
+def write_processed(dataset: Dataset, out_dir: str | Path, *,
+                    summary: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
     """Write cleaned tables (``clean/<table>.parquet``), quarantine files
     (``quarantine/<table>.csv``, with :func:`write_csv`: text a spreadsheet would run as
-    a formula is neutralised) and the quality summary (``data_quality.json``).
+    a formula is neutralised) and the quality summary (``data_quality.json``):
+    ``summary``, the :func:`quality_summary` of ``dataset`` when the caller has it
+    (computed here otherwise).
 
     Every file is written to a temporary name and moved into place, so a reader never
     sees a half-written file.
@@ -360,7 +366,7 @@ def write_processed(dataset: Dataset, out_dir: str | Path) -> dict[str, Path]:
         qpath = out_dir / "quarantine" / f"{name}.csv"
         write_csv(qpath, table.quarantine)
         written[f"quarantine_{name}"] = qpath
-    summary = quality_summary(dataset)
+    summary = quality_summary(dataset) if summary is None else summary
     qpath = out_dir / "data_quality.json"
     payload = {k: json.loads(v.to_json(orient="records")) for k, v in summary.items()}
     write_atomically(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
@@ -434,8 +440,9 @@ def quality_step(config: Config, processed_dir: str | Path) -> dict[str, pd.Data
     and ``data_quality.json`` into the run folder (:func:`write_processed`), and return
     the summary (:func:`quality_summary`)."""
     dataset = load_dataset(config)
-    write_processed(dataset, processed_dir)
-    return quality_summary(dataset)
+    summary = quality_summary(dataset)          # once: write_processed records it too
+    write_processed(dataset, processed_dir, summary=summary)
+    return summary
 
 
 def absent_input_sentence(name: str, **values: object) -> str:
@@ -845,35 +852,42 @@ QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY file_row) > 1
 """
 
 
-def _judge_rows(data: pd.DataFrame, *, table: str, config: Config,
+def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
                 today: dt.date) -> pd.Series:
-    """The rows of ``data`` (parsed rows of the whole file, indexed by file row - 1) set
-    aside after parsing: those breaking a rule of :data:`ROW_RULES` and those repeating
-    an earlier row (``duplicate_customer``: an id seen before, in a customer table;
-    elsewhere ``duplicate_row``, an exact copy, where ``cleaning.dedupe`` removes
-    them), judged by DuckDB over all rows at once.
+    """The parsed rows (``parts``: the parsed rows of the whole file, chunk by chunk,
+    indexed by file row - 1) set aside after parsing: those breaking a rule of
+    :data:`ROW_RULES` and those repeating an earlier row (``duplicate_customer``: an id
+    seen before, in a customer table; elsewhere ``duplicate_row``, an exact copy, where
+    ``cleaning.dedupe`` removes them), judged by DuckDB over all rows at once. The parts
+    are handed to DuckDB as they are (Arrow, no copy of the file's values).
 
     Returns
     -------
     Series
-        ``rule<TAB>detail`` per row set aside, indexed like ``data``, in file order.
+        ``rule<TAB>detail`` per row set aside, indexed by file row - 1, in file order.
     """
     import duckdb
+    import pyarrow as pa
 
-    rules = [r for r in ROW_RULES[table] if r[1] in data.columns]
+    columns = list(parts[0].columns)
+    rules = [r for r in ROW_RULES[table] if r[1] in columns]
     c = config.cleaning
     values = {"today": f"TIMESTAMP '{pd.Timestamp(today)}'",
               "min_date": f"TIMESTAMP '{pd.Timestamp(c.min_date)}'",
               "max_abs_amount": f"CAST('{float(c.max_abs_amount)!r}' AS DOUBLE)"}
     first_broken = ("CASE " + " ".join(f"WHEN {cond.format(**values)} THEN {i}"
                                        for i, (_, _, cond) in enumerate(rules)) + " END")
-    key = _repeat_key(data, table=table, config=config)
+    key = _repeat_key(columns, table=table, config=config)
+    # a missing number is NULL here, as pandas' NaN is missing to the parse
+    parsed = pa.concat_tables([pa.Table.from_pandas(p.assign(file_row=p.index.to_numpy()),
+                                                    preserve_index=False) for p in parts],
+                              promote_options="default")
     con = duckdb.connect()
     try:
         con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
         if config.analysis.duckdb_memory_limit:
             con.execute(f"SET memory_limit = '{config.analysis.duckdb_memory_limit}'")
-        con.register("parsed", data.assign(file_row=data.index.to_numpy()))
+        con.register("parsed", parsed)
         broken = con.execute(BROKEN_RULES.format(first_broken=first_broken)).fetchnumpy()
         repeated = np.empty(0, dtype=np.int64)
         if key:
@@ -882,33 +896,36 @@ def _judge_rows(data: pd.DataFrame, *, table: str, config: Config,
                 first_broken=first_broken, key=cols)).fetchnumpy()["file_row"]
     finally:
         con.close()
+    del parsed
+    flagged = np.concatenate([broken["file_row"], repeated])
+    judged = pd.concat([p.loc[p.index.intersection(flagged)] for p in parts])
     out = []
     for i, (rule, column, _) in enumerate(rules):
         rows = broken["file_row"][broken["broken"] == i]
         if len(rows):
             out.append(pd.Series([f"{rule}\t{column}={_case_text(v)}"
-                                  for v in data.loc[rows, column].astype("object")],
+                                  for v in judged.loc[rows, column].astype("object")],
                                  index=rows, dtype="object"))
     if len(repeated):
         if table == "customers":
             text = [f"duplicate_customer\tcustomer_id={v!r} seen before"
-                    for v in data.loc[repeated, "customer_id"].astype("object")]
+                    for v in judged.loc[repeated, "customer_id"].astype("object")]
         else:
             text = "duplicate_row\texact copy of an earlier row"
         out.append(pd.Series(text, index=repeated, dtype="object"))
     if not out:
-        return pd.Series(dtype="object", index=pd.Index([], dtype=data.index.dtype))
+        return pd.Series(dtype="object", index=pd.Index([], dtype="int64"))
     return pd.concat(out).sort_index()
 
 
-def _repeat_key(data: pd.DataFrame, *, table: str, config: Config) -> list[str]:
+def _repeat_key(columns: list[str], *, table: str, config: Config) -> list[str]:
     """The columns two rows must share to be duplicates (none: no duplicates removed)."""
     if table == "customers":
         return ["customer_id"]
     policy = config.cleaning.dedupe
-    if policy == "never" or (policy == "auto" and "order_id" not in data):
+    if policy == "never" or (policy == "auto" and "order_id" not in columns):
         return []
-    return list(data.columns)
+    return list(columns)
 
 
 def _case_text(value) -> str:
