@@ -120,3 +120,8 @@ def test_stage_breakdown_is_rendered_side_by_side_with_nested_steps(tmp_path):
     assert "| fit_and_evaluate | 1 | 398.00 | 1,071 | 1 | 369.00 | 1,000 |" in page
     assert "| &nbsp;&nbsp;&nbsp;&nbsp;build_snapshots | 3 | 39.30 | 976 |  |  |  |" in page
     assert "| &nbsp;&nbsp;&nbsp;&nbsp;snapshots_by_cutoff |  |  |  | 1 | 11.50 | 900 |" in page
+    # a step only one version has sits under its parent, after its predecessor
+    rows = [line.split(" | ")[0] for line in page.splitlines() if line.startswith("| ")]
+    start = rows.index("| fit_and_evaluate")
+    assert set(rows[start + 1:start + 3]) == {"| &nbsp;&nbsp;&nbsp;&nbsp;build_snapshots",
+                                              "| &nbsp;&nbsp;&nbsp;&nbsp;snapshots_by_cutoff"}

@@ -465,10 +465,24 @@ def _stages_markdown(results: list[dict]) -> list[str]:
     for (n_lines, stage), runs in sorted(groups.items()):
         labels = [r.get("label") or f"run {i + 1}" for i, r in enumerate(runs)]
         steps: dict[str, dict[str, dict]] = {}
+        order: list[str] = []
         for label, r in zip(labels, runs, strict=True):
+            after = -1                   # a step new to this run goes after its predecessor
             for step in r["stages"][stage]["steps"]:
-                steps.setdefault(_step_key(step["step"]), {})[label] = step
+                key = _step_key(step["step"])
+                if key not in steps:
+                    order.insert(after + 1, key)
+                after = order.index(key)
+                steps.setdefault(key, {})[label] = step
+        steps = {key: steps[key] for key in order}
         lines += [f"### {stage}: {n_lines:,} lines, {runs[0]['customers']:,} customers", ""]
+        if n_lines < 10_000_000:
+            lines += [f"Measured at {n_lines / 1e6:.1f}M lines. For 20M lines, the steps that "
+                      "grow with the lines (the feature builds, the data's reading, parsing "
+                      "and rules) or with the customers scored (SHAP, predictions, reason "
+                      f"codes, BG/NBD) take about {20e6 / n_lines:.1f} times as long; the "
+                      "XGBoost training does not grow as much (its rows are capped at "
+                      "300,000 snapshots).", ""]
         for label, r in zip(labels, runs, strict=True):
             found = r["stages"][stage]
             lines.append(f"- {label}: {found['seconds']:.1f} s, peak "

@@ -30,8 +30,8 @@ future_spend       sum of ``amount`` over completed lines in ``[c, c + H)``
 
 Each query below is one concern, named after what it computes. The order log is read
 once per call, whatever the number of cutoffs (:func:`snapshots_by_cutoff`): the lines
-are rolled up to orders (``ORDERS``) and category spend (``CATEGORY_SPEND``), and every
-cutoff is computed from those in one DuckDB statement that joins the concerns; most
+are rolled up to orders (``ORDERS``) and category spend (``CATEGORY_SPEND``), each
+concern is computed for every cutoff from those, and one statement joins them; most
 per-customer measures come from one pass over the orders (``ACTIVITY``). A large log is
 taken in ranges of customer ids (:data:`LINES_PER_PASS` lines each), one after the other.
 """
@@ -76,8 +76,9 @@ WINDOWS_DAYS = (30, 90, 180, 365)
 # and purchase spend per category between cutoffs (``CATEGORY_SPEND``). Order units (an
 # order of one day, or one day of a longer order), the purchase days (``PURCHASE_DAYS``)
 # and each order's channel (``CHANNEL_CHANGES``) follow from those. Every cutoff's
-# features are then computed from these compact tables in one statement: a unit counts
-# for a cutoff when it is dated before it, which is what "history" means line by line.
+# features are then computed from these compact tables, a concern at a time: a unit
+# counts for a cutoff when it is dated before it, which is what "history" means line by
+# line.
 
 # Lines as the queries see them: the contract's columns plus an order key.
 _LINES = """
@@ -531,8 +532,8 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
     order log.
 
     The lines are read once, into orders (``ORDERS``) and purchase spend per category
-    between cutoffs (``CATEGORY_SPEND``); every cutoff is then computed from those
-    compact tables, in one statement, never from the lines again. The result is the same
+    between cutoffs (``CATEGORY_SPEND``); each concern is then computed for every cutoff
+    from those compact tables, never from the lines again. The result is the same
     as one :func:`build_features` per cutoff. A log of more than :data:`LINES_PER_PASS`
     lines is taken in ranges of customer ids, one after the other, so that the order
     tables of one range at a time are in memory (a log sorted by customer, as exports
@@ -560,62 +561,75 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
                   else int(max(shares[c], 0.0) * 1_000_000) for c in cutoffs]
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
-    con.register("_cutoffs_df", pd.DataFrame({
-        "cutoff": pd.to_datetime(cutoffs), "k": range(len(cutoffs)),
-        "keep_below": pd.array(keep_below, dtype="Int64")}))
-    end = (cutoffs[-1] + dt.timedelta(days=horizon_days or 0)).isoformat()
-    ranges = _customer_ranges(con, con.execute("SELECT COUNT(*) FROM lines").fetchone()[0])
-    try:
-        con.execute("CREATE OR REPLACE TEMP VIEW cutoffs AS SELECT CAST(cutoff AS DATE) "
-                    "AS cutoff, k, keep_below FROM _cutoffs_df")
-        con.execute("CREATE OR REPLACE TEMP TABLE daily AS " + DAILY.format(end=end))
-        for i, customers in enumerate(ranges):
-            tables = _OrderTables(con, cutoffs, end=end, customers=customers)
-            try:
-                # each range's rows are kept as a table and read once the order tables
-                # are gone, so that the frame never shares memory with them
-                con.execute(("CREATE OR REPLACE TEMP TABLE snapshot_features AS " if i == 0
-                             else "INSERT INTO snapshot_features ") + _snapshot_sql(
-                    con, views=views, cutoffs=cutoffs,
-                    sampled=[k is not None for k in keep_below], horizon_days=horizon_days,
-                    labels=labels, exclude_attributes=exclude_attributes,
-                    late=tables.multi_day))
-            finally:
-                tables.drop()
-        # the ranges come in id order; with several cutoffs the rows are put in cutoff order
-        frame = con.execute("SELECT * FROM snapshot_features" + (
-            " ORDER BY cutoff, customer_id" if len(ranges) > 1 and len(cutoffs) > 1
-            else "")).df()
-    finally:
-        for statement in ("DROP TABLE IF EXISTS snapshot_features", "DROP TABLE IF EXISTS daily",
-                          "DROP VIEW IF EXISTS cutoffs"):
-            con.execute(statement)
-        con.unregister("_cutoffs_df")
     absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
               "category": ["n_categories", "top_category"],
               "channel": ["n_channels", "top_channel", "top_channel_share"]}
     drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
-    frame = _tidy(frame.drop(columns=[c for c in drop if c in frame]))
-    days = frame.pop("cutoff").to_numpy()
-    if len(cutoffs) == 1:
-        return {cutoffs[0]: frame}
-    bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(days.dtype),
-                             side="left").tolist() + [len(frame)]
-    return {c: frame.iloc[bounds[i]:bounds[i + 1]].reset_index(drop=True)
-            for i, c in enumerate(cutoffs)}
+    # the work grows with the lines and with the customers each snapshot keeps
+    weight = sum(1.0 if k is None else k / 1_000_000 for k in keep_below)
+    n_lines = con.execute("SELECT COUNT(*) FROM lines").fetchall()[0][0]
+    ranges = _customer_ranges(con, max(1.0, weight) * n_lines)
+    pieces: dict[dt.date, list[pd.DataFrame]] = {c: [] for c in cutoffs}
+    con.register("_cutoffs_df", pd.DataFrame({
+        "cutoff": pd.to_datetime(cutoffs), "k": range(len(cutoffs)),
+        "keep_below": pd.array(keep_below, dtype="Int64")}))
+    end = (cutoffs[-1] + dt.timedelta(days=horizon_days or 0)).isoformat()
+    try:
+        con.execute("CREATE OR REPLACE TEMP VIEW cutoffs AS SELECT CAST(cutoff AS DATE) "
+                    "AS cutoff, k, keep_below FROM _cutoffs_df")
+        con.execute("CREATE OR REPLACE TEMP TABLE daily AS " + DAILY.format(end=end))
+        for customers in ranges:
+            tables = _OrderTables(con, cutoffs, end=end, customers=customers)
+            concerns, joined = _snapshot_sql(
+                con, views=views, cutoffs=cutoffs, sampled=[k is not None for k in keep_below],
+                horizon_days=horizon_days, labels=labels,
+                exclude_attributes=exclude_attributes, late=tables.multi_day)
+            try:
+                # one concern at a time (in one statement DuckDB holds all their working
+                # tables at once), then the order tables go before the concerns are
+                # joined and read, so that the frame never shares memory with them
+                for name, query in concerns:
+                    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {query}")
+                tables.drop()
+                frame = con.execute(joined).df()
+            finally:
+                tables.drop()
+                for name, _ in concerns:
+                    con.execute(f"DROP TABLE IF EXISTS {name}")
+            frame = _tidy(frame.drop(columns=[c for c in drop if c in frame]))
+            days = frame.pop("cutoff").to_numpy()
+            bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(
+                days.dtype), side="left").tolist() + [len(frame)]
+            for k, c in enumerate(cutoffs):    # rows in cutoff order, then customer id
+                pieces[c].append(frame if len(cutoffs) == 1
+                                 else frame.iloc[bounds[k]:bounds[k + 1]])
+            del frame
+    finally:
+        for statement in ("DROP TABLE IF EXISTS daily", "DROP VIEW IF EXISTS cutoffs"):
+            con.execute(statement)
+        con.unregister("_cutoffs_df")
+    out = {}
+    for c in cutoffs:       # ranges come in id order; one cutoff's pieces joined at a time
+        # (an empty piece, typed by DuckDB without rows to go by, is left out)
+        found = pieces.pop(c)
+        found = [f for f in found if len(f)] or found[:1]
+        out[c] = (found[0] if len(found) == 1 else pd.concat(found)).reset_index(drop=True)
+        del found
+    return out
 
 
-#: Lines per pass of :func:`snapshots_by_cutoff`: a larger log is split into ranges of
-#: customer ids of about this many lines, built one after the other, so that the order
-#: tables of one range at a time are in memory (about 0.2 GB per million lines).
+#: Work per pass of :func:`snapshots_by_cutoff`, in lines times snapshots (a sampled
+#: snapshot counts as its share): a larger call is split into ranges of customer ids,
+#: built one after the other, so that the order tables and the features of one range at
+#: a time are in DuckDB's memory (about 0.25 GB per million lines of a one-cutoff build).
 LINES_PER_PASS = 4_000_000
 
 
-def _customer_ranges(con: duckdb.DuckDBPyConnection, n_lines: int) -> list[str]:
+def _customer_ranges(con: duckdb.DuckDBPyConnection, work: float) -> list[str]:
     """SQL conditions on ``customer_id`` splitting the log into ranges of about
-    :data:`LINES_PER_PASS` lines (bounds from a fixed sample of the lines); one empty
-    condition for a log that fits one pass."""
-    n_parts = math.ceil(n_lines / LINES_PER_PASS)
+    :data:`LINES_PER_PASS` of ``work`` each (bounds from a fixed sample of the lines);
+    one empty condition for a call that fits one pass."""
+    n_parts = math.ceil(work / LINES_PER_PASS)
     if n_parts <= 1:
         return [""]
     sample = sorted(r[0] for r in con.execute(
@@ -648,7 +662,7 @@ class _OrderTables:
         con.execute("CREATE OR REPLACE TEMP TABLE orders_all AS "
                     + ORDERS.format(end=end, customers=customers))
         self.multi_day = bool(con.execute(
-            "SELECT COUNT(*) FROM orders_all WHERE NOT one_day").fetchone()[0])
+            "SELECT COUNT(*) FROM orders_all WHERE NOT one_day").fetchall()[0][0])
         units, changes = ORDER_UNITS, CHANNEL_CHANGES
         if self.multi_day:
             con.execute("CREATE OR REPLACE TEMP TABLE order_days AS "
@@ -689,8 +703,10 @@ def _at_cutoffs(table: str, cutoffs: list[dt.date], sampled: list[bool]) -> str:
 
 def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
                   cutoffs: list[dt.date], sampled: list[bool], horizon_days: int | None,
-                  labels: bool, exclude_attributes: tuple[str, ...], late: bool) -> str:
-    """The statement computing every cutoff's features from the order tables."""
+                  labels: bool, exclude_attributes: tuple[str, ...], late: bool
+                  ) -> tuple[list[tuple[str, str]], str]:
+    """Every cutoff's features from the order tables: the concerns, (table name, query)
+    in the order they are built, and the statement that joins them."""
     windows = "".join(WINDOW.format(w=w, w2=2 * w) for w in WINDOWS_DAYS)
     units, days = (_at_cutoffs(t, cutoffs, sampled) for t in ("order_units", "purchase_days"))
     ctes = [("sampled_customers", SAMPLED_CUSTOMERS)] if any(sampled) else []
@@ -761,9 +777,8 @@ def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
                 "COALESCE(labels.future_spend, 0) < 0.5 * labels.spend_before "
                 "THEN 1 ELSE 0 END AS declined"]
         joins.append(f"LEFT JOIN labels {key}")
-    return ("WITH " + ",\n".join(f"{name} AS ({body})" for name, body in ctes)
-            + "\nSELECT " + ",\n       ".join(select) + "\nFROM activity a\n" + "\n".join(joins)
-            + "\nORDER BY a.cutoff, a.customer_id")
+    return ctes, ("SELECT " + ",\n       ".join(select) + "\nFROM activity a\n"
+                  + "\n".join(joins) + "\nORDER BY a.cutoff, a.customer_id")
 
 
 def data_start(con: duckdb.DuckDBPyConnection) -> dt.date:
