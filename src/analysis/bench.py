@@ -341,6 +341,40 @@ _STAGE_STEPS = {
         ("analysis.models", "write_model_run", "writing"),
         ("analysis.models", "data_fingerprint", None),
     ],
+    "05_strategy": [
+        ("analysis.strategy", "strategy_step", None),
+        ("analysis.strategy", "decide", None),
+        ("analysis.strategy", "customer_economics", None),
+        ("analysis.strategy", "build_features", "build_features (campaign dates)"),
+        ("analysis.strategy", "estimate_retention_effect", None),
+        ("analysis.strategy", "estimate_margin_uplift", None),
+        ("analysis.strategy", "_campaign_margins", None),
+        ("analysis.strategy", "_hazard_contact_value", "hazard contact value"),
+        ("analysis.strategy", "hazard_effect_rows", None),
+        ("analysis.uplift", "rfm_summary", "rfm_summary (campaign dates)"),
+        ("analysis.uplift", "fit_bgnbd", "fit_bgnbd (campaign dates)"),
+        ("analysis.strategy", "estimate_hazard_effect", None),
+        ("analysis.strategy", "rfm_summary", "rfm_summary (scoring date)"),
+        ("analysis.strategy", "fit_bgnbd", "fit_bgnbd (scoring date)"),
+        ("analysis.strategy", "_learned_uplift", "learned uplift"),
+        ("analysis.strategy", "learn_uplift", None),
+        ("analysis.uplift", "campaign_outcomes", None),
+        ("analysis.uplift", "build_features", "build_features (uplift campaigns)"),
+        ("analysis.uplift", "UpliftLearner.fit", None),
+        ("analysis.uplift", "compare_rankings", None),
+        ("analysis.strategy", "retention_targeting", None),
+        ("analysis.strategy", "period_profits", None),
+        ("analysis.strategy", "order_profits", None),
+        ("analysis.strategy", "phaseout_review", None),
+        ("analysis.strategy", "_assemble", None),
+        ("analysis.strategy", "early_warnings", None),
+        ("analysis.strategy", "fairness_audit", None),
+        ("analysis.strategy", "_explain_listed", "reasons for the listed"),
+        ("analysis.strategy", "explain_customers", None),
+        ("analysis.models", "_Booster.contributions", "SHAP (TreeSHAP)"),
+        ("analysis.models", "reason_codes", None),
+        ("analysis.strategy", "write_strategy", None),
+    ],
 }
 
 
@@ -391,9 +425,9 @@ def bench_stages(*, lines: int, out: str | Path, data_dir: str | Path | None = N
     """Where the time and memory of a run's stages go, step by step.
 
     Generates (or reuses) the demo world with about ``lines`` order lines and all its
-    tables, then runs the data-quality, profile and churn-model stages as their notebooks
-    do, each in a fresh process (as each notebook has its own kernel), with the steps of
-    :data:`_STAGE_STEPS` timed where they run (:class:`StepProfile`): seconds, calls and
+    tables, then runs the data-quality, profile, churn-model and strategy stages as their
+    notebooks do, each in a fresh process (as each notebook has its own kernel), with the
+    steps of :data:`_STAGE_STEPS` timed where they run (:class:`StepProfile`): seconds, calls and
     peak resident memory per step, nested. ``label`` names the code measured (a branch,
     a commit) in the results. Writes ``OUT/stages.json``.
     """
@@ -450,7 +484,7 @@ def _stages_markdown(results: list[dict]) -> list[str]:
     have is blank in its columns. Notebook cells are steps too: a step is named by its
     path below the cell, so that the same package step lines up across versions."""
     lines = ["## Where the time goes inside the stages", "",
-             "`python -m analysis bench stages`: the data-quality, profile and churn-model "
+             "`python -m analysis bench stages`: the data-quality, profile, churn-model and strategy "
              "notebooks run cell by cell, each stage in a fresh process, with the "
              "package's steps timed where they run (seconds summed over calls; a step's "
              "time includes the steps indented under it; `cell N` rows are the notebook's "

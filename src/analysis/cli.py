@@ -117,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench_features)
     p = bench_sub.add_parser("stages", help="per-step seconds and memory inside the stages",
                              description="Generate (or reuse) the demo world of about LINES "
-                                         "order lines and run the data-quality, profile and "
-                                         "churn-model stages as their notebooks do, each in a "
+                                         "order lines and run the data-quality, profile, "
+                                         "churn-model and strategy stages as their notebooks "
+                                         "do, each in a "
                                          "fresh process, timing the steps inside them; writes "
                                          "OUT/stages.json.")
     p.add_argument("--lines", type=int, required=True, help="order lines to generate")
@@ -128,9 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit", default="6GB",
                    help="the run's memory budget per stage (analysis.memory_limit)")
     p.add_argument("--stage", action="append", default=None,
-                   choices=["01_data_quality", "02_customer_profile", "03_churn_model"],
+                   choices=["01_data_quality", "02_customer_profile", "03_churn_model",
+                            "05_strategy"],
                    help="only this stage (repeat for several; the later stages need the "
-                        "earlier ones' output in OUT); default: all three")
+                        "earlier ones' output in OUT); default: all four")
     p.add_argument("--label", default="", help="what was measured (a branch, a commit)")
     p.set_defaults(func=_bench_stages)
     p = bench_sub.add_parser("cdnow", help="CDNOW holdout: models vs BG/NBD + Gamma-Gamma",
