@@ -3,18 +3,12 @@
 A run folder (``data/processed/<run_id>/``) is written by the steps in order, and each
 step writes its own per-customer table once; no step rewrites an earlier step's table:
 
-============  ===========================  ==========================================
-step          its table                    columns
-============  ===========================  ==========================================
-profile       ``segments/customers.parquet``  point-in-time features, segment, tier,
-                                           lifecycle stage, cluster (snapshot mode:
-                                           also the churn scores it was built with)
-models        ``models/scores.parquet``    ``churn_probability``, ``predicted_value``,
-                                           ``churn_reasons`` (read back as ``reasons``),
-                                           ``value_reasons``, the lifetime outlook
-strategy      ``strategy/customers.parquet``  economics, action, reason, campaign,
-                                           incremental profit
-============  ===========================  ==========================================
+- profile, ``segments/customers.parquet``: point-in-time features, segment, tier,
+  lifecycle stage, cluster (snapshot mode: also the churn scores it was built with);
+- models, ``models/scores.parquet``: ``churn_probability``, ``predicted_value``,
+  ``churn_reasons`` (read back as ``reasons``), ``value_reasons``, the lifetime outlook;
+- strategy, ``strategy/customers.parquet``: economics, action, reason, campaign,
+  incremental profit.
 
 :meth:`RunStore.read_customers` joins them (every profiled customer, in the profile's
 order; where two tables carry a column, the later step's value is the one read), reading
@@ -31,7 +25,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -52,14 +45,14 @@ CUSTOMER_COLUMNS_FIRST = ("customer_id", "segment", "value_tier", "lifecycle_sta
 _RENAMED = {"churn_reasons": "reasons"}
 
 
-@dataclass(frozen=True)
 class RunStore:
     """One run's folder."""
 
-    folder: Path
-
     def __init__(self, folder: str | Path):
-        object.__setattr__(self, "folder", Path(folder))
+        self.folder = Path(folder)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.folder)!r})"
 
     # ------------------------------------------------------------------ paths
 
