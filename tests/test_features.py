@@ -344,3 +344,30 @@ def test_snapshots_in_ranges_of_customers_match_the_pandas_reference(small_demo,
     pd.testing.assert_frame_equal(sampled, alone, check_exact=False, rtol=1e-12)
     full = F.build_features(con, cutoff=cutoffs[1], horizon_days=60)
     assert 0.2 * len(full) < len(sampled) < 0.4 * len(full)
+
+
+def test_snapshots_of_named_customers_equal_their_rows_in_full_builds(small_demo):
+    """Given the customers of each cutoff (a campaign's, say), every snapshot holds
+    exactly those who bought before it, with the values of a full build; a cutoff not
+    named keeps everyone; naming and sampling one cutoff is refused."""
+    import numpy as np
+
+    con = F.connect({name: pd.read_parquet(small_demo / f"{name}.parquet")
+                     for name in ("transactions", "customers", "interactions")})
+    cutoffs = [dt.date(2025, 1, 1), dt.date(2025, 4, 1)]
+    full = {c: F.build_features(con, cutoff=c, horizon_days=60) for c in cutoffs}
+    rng = np.random.default_rng(1)
+    named = {c: [*rng.choice(full[c]["customer_id"].to_numpy(), 40, replace=False),
+                 "nobody-by-this-id"] for c in cutoffs}
+    for given in (named, {cutoffs[0]: named[cutoffs[0]]}):
+        frames = F.snapshots_by_cutoff(con, cutoffs=cutoffs, horizon_days=60,
+                                       customers=given)
+        for c in cutoffs:
+            expected = full[c]
+            if c in given:
+                expected = expected[expected["customer_id"].isin(given[c])]
+                assert len(expected) == 40
+            pd.testing.assert_frame_equal(frames[c], expected.reset_index(drop=True),
+                                          check_dtype=False)
+    with pytest.raises(ValueError, match="both sampled"):
+        F.snapshots_by_cutoff(con, cutoffs=cutoffs, sample_share=0.5, customers=named)

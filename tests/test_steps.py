@@ -103,16 +103,22 @@ def test_reasons_for_listed_customers_are_exactly_those_of_a_full_run(small_demo
 
     full, listed = run("full", "all"), run("listed", "listed")
     columns = ["customer_id", "action", "alerts", "churn_probability", "predicted_value",
-               "reasons"]
+               "reasons", "value_reasons"]
     a, b = full.read_customers(columns), listed.read_customers(columns)
-    pd.testing.assert_frame_equal(a.drop(columns="reasons"), b.drop(columns="reasons"))
-    assert a["reasons"].notna().all()
-    need = strategy.needs_reasons(b)
-    assert need.sum() > 200 and (~need).sum() > 200
-    # the customers a person reads about: the same reasons as when everyone is explained
-    pd.testing.assert_series_equal(b.loc[need, "reasons"], a.loc[need, "reasons"])
-    # the others: only the sample's, at most 150
-    others = b.loc[~need, "reasons"]
-    assert 0 < others.notna().sum() <= 150
+    reasons = ["reasons", "value_reasons"]
+    pd.testing.assert_frame_equal(a.drop(columns=reasons), b.drop(columns=reasons))
+    assert a[reasons].notna().all().all()
+    checks = [("reasons", strategy.needs_reasons(b))]
+    if models.read_model_run(listed.folder, tables=()).value_chosen == "model":
+        # (with BG/NBD scoring, every customer's value reason is its outlook in words)
+        checks.append(("value_reasons", strategy.needs_value_reasons(b)))
+    for column, need in checks:
+        assert need.sum() >= 100 and (~need).sum() > 200, column
+        # the customers a person reads about: the same reasons as when everyone is
+        # explained
+        pd.testing.assert_series_equal(b.loc[need, column], a.loc[need, column])
+        # the others: only the sample's, at most 150
+        others = b.loc[~need, column]
+        assert 0 < others.notna().sum() <= 150, column
     assert models.read_model_run(listed.folder, tables=()).sizes["explained"] == 150
     assert len(pd.read_parquet(listed.folder / "models" / "churn_shap.parquet")) == 150

@@ -477,3 +477,23 @@ def test_a_customer_in_several_campaigns_is_one_cluster():
                                   clusters=np.concatenate([ids, ids]))
     assert se_doubled_hc1 < 0.75 * se_independent
     assert se_clustered == pytest.approx(se_independent, rel=0.05)
+
+
+def test_who_carries_which_reasons():
+    """Churn reasons for everyone on a list or under a warning and the tops of the
+    tables; value reasons only where the case rests on value (phase-out review) and the
+    highest values."""
+    n = 400
+    rng = np.random.default_rng(3)
+    c = pd.DataFrame({
+        "customer_id": [f"c{i}" for i in range(n)],
+        "action": np.where(np.arange(n) < 50, S.RETAIN_AUTOMATED,
+                           np.where(np.arange(n) < 60, S.PHASEOUT_REVIEW, S.MAINTAIN)),
+        "alerts": np.where(np.arange(n) % 7 == 0, "overdue", ""),
+        "churn_probability": rng.random(n), "predicted_value": rng.random(n) * 100})
+    churn, value = S.needs_reasons(c), S.needs_value_reasons(c)
+    top_value = set(c["predicted_value"].nlargest(S.TOP_OF_TABLE).index)
+    top_churn = set(c["churn_probability"].nlargest(S.TOP_OF_TABLE).index)
+    assert set(c.index[value]) == top_value | set(range(50, 60))
+    assert set(c.index[churn]) == (set(range(60)) | set(range(0, n, 7)) | top_value
+                                   | top_churn)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import duckdb
@@ -233,14 +233,17 @@ GROUP BY order_date
 """
 
 # The customers of the sampled snapshots: those with an order before the cutoff whose
-# id, salted with the cutoff, hashes below the cutoff's threshold (``keep_below``). The
-# other cutoffs keep everyone (see :func:`_at_cutoffs`).
+# id, salted with the cutoff, hashes below the cutoff's threshold (``keep_below``), and
+# those a cutoff names (``chosen_customers``: customer_id, k). The other cutoffs keep
+# everyone (see :func:`_at_cutoffs`).
 SAMPLED_CUSTOMERS = """
 SELECT c.customer_id, k.cutoff, k.k
 FROM (SELECT customer_id, MIN(order_date) AS first_date FROM orders_all
       GROUP BY customer_id) c
 JOIN cutoffs k ON c.first_date < k.cutoff
 WHERE hash(c.customer_id || CAST(k.cutoff AS VARCHAR)) % 1000000 < k.keep_below
+UNION ALL
+SELECT s.customer_id, k.cutoff, k.k FROM chosen_customers s JOIN cutoffs k USING (k)
 """
 
 # Recency, frequency, monetary, tenure, activity windows and rates: every snapshot
@@ -526,7 +529,8 @@ def build_snapshots(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
 def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
                         horizon_days: int | None = None, labels: bool = True,
                         exclude_attributes: tuple[str, ...] = (),
-                        sample_share: float | Mapping[dt.date, float | None] | None = None
+                        sample_share: float | Mapping[dt.date, float | None] | None = None,
+                        customers: Mapping[dt.date, Iterable] | None = None
                         ) -> dict[dt.date, pd.DataFrame]:
     """The features of :func:`build_features` at every cutoff, from one pass over the
     order log.
@@ -545,6 +549,10 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
     horizon_days, labels, exclude_attributes : as in :func:`build_features`.
     sample_share : one share for every cutoff, or a share per cutoff (a cutoff it does
         not name, or names with None, keeps every customer).
+    customers : the only customers to build at a cutoff, per cutoff (ids; a cutoff it
+        does not name keeps every customer, or its sample): e.g. a campaign's contacts
+        and controls at its date. The lines of no other customer are read when it names
+        every cutoff. A cutoff cannot be both sampled and named.
 
     Returns
     -------
@@ -559,6 +567,17 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
     shares = {_as_date(c): s for c, s in sample_share.items()}
     keep_below = [None if shares.get(c) is None or shares[c] >= 1
                   else int(max(shares[c], 0.0) * 1_000_000) for c in cutoffs]
+    chosen = {_as_date(c): pd.unique(pd.Series(list(ids), dtype=object).dropna().astype(str))
+              for c, ids in (customers or {}).items()}
+    if unknown := set(chosen) - set(cutoffs):
+        raise ValueError(f"customers named for dates that are not cutoffs: {sorted(unknown)}")
+    if both := [c for c, k in zip(cutoffs, keep_below, strict=True)
+                if k is not None and c in chosen]:
+        raise ValueError(f"cutoffs both sampled and given their customers: {both}")
+    named = pd.DataFrame({
+        "customer_id": np.concatenate([chosen[c] for c in cutoffs if c in chosen] or [[]]),
+        "k": np.repeat([k for k, c in enumerate(cutoffs) if c in chosen],
+                       [len(chosen[c]) for c in cutoffs if c in chosen]).astype(int)})
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
     absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
@@ -566,22 +585,36 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
               "channel": ["n_channels", "top_channel", "top_channel_share"]}
     drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
     # the work grows with the lines and with the customers each snapshot keeps
-    weight = sum(1.0 if k is None else k / 1_000_000 for k in keep_below)
-    n_lines = con.execute("SELECT COUNT(*) FROM lines").fetchall()[0][0]
-    ranges = _customer_ranges(con, max(1.0, weight) * n_lines)
+    n_lines, n_customers = con.execute(
+        "SELECT COUNT(*), approx_count_distinct(customer_id) FROM lines").fetchall()[0]
+    weight = sum((len(chosen[c]) / max(n_customers, 1) if c in chosen
+                  else 1.0 if k is None else k / 1_000_000)
+                 for c, k in zip(cutoffs, keep_below, strict=True))
+    only = ""
+    if chosen and len(chosen) == len(cutoffs):
+        # no snapshot keeps anyone else: the other customers' lines are never read
+        only = " AND customer_id IN (SELECT customer_id FROM chosen_customers)"
+        n_lines = n_lines * min(1.0, named["customer_id"].nunique() / max(n_customers, 1))
+    ranges = [r + only for r in _customer_ranges(con, max(1.0, weight) * n_lines)]
     pieces: dict[dt.date, list[pd.DataFrame]] = {c: [] for c in cutoffs}
     con.register("_cutoffs_df", pd.DataFrame({
         "cutoff": pd.to_datetime(cutoffs), "k": range(len(cutoffs)),
         "keep_below": pd.array(keep_below, dtype="Int64")}))
+    con.register("_chosen_df", named)
     end = (cutoffs[-1] + dt.timedelta(days=horizon_days or 0)).isoformat()
     try:
         con.execute("CREATE OR REPLACE TEMP VIEW cutoffs AS SELECT CAST(cutoff AS DATE) "
                     "AS cutoff, k, keep_below FROM _cutoffs_df")
+        con.execute("CREATE OR REPLACE TEMP VIEW chosen_customers AS SELECT "
+                    "CAST(customer_id AS VARCHAR) AS customer_id, CAST(k AS BIGINT) AS k "
+                    "FROM _chosen_df")
         con.execute("CREATE OR REPLACE TEMP TABLE daily AS " + DAILY.format(end=end))
         for customers in ranges:
             tables = _OrderTables(con, cutoffs, end=end, customers=customers)
             concerns, joined = _snapshot_sql(
-                con, views=views, cutoffs=cutoffs, sampled=[k is not None for k in keep_below],
+                con, views=views, cutoffs=cutoffs,
+                sampled=[k is not None or c in chosen
+                         for c, k in zip(cutoffs, keep_below, strict=True)],
                 horizon_days=horizon_days, labels=labels,
                 exclude_attributes=exclude_attributes, late=tables.multi_day)
             try:
@@ -605,9 +638,11 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
                                  else frame.iloc[bounds[k]:bounds[k + 1]])
             del frame
     finally:
-        for statement in ("DROP TABLE IF EXISTS daily", "DROP VIEW IF EXISTS cutoffs"):
+        for statement in ("DROP TABLE IF EXISTS daily", "DROP VIEW IF EXISTS cutoffs",
+                          "DROP VIEW IF EXISTS chosen_customers"):
             con.execute(statement)
         con.unregister("_cutoffs_df")
+        con.unregister("_chosen_df")
     out = {}
     for c in cutoffs:       # ranges come in id order; one cutoff's pieces joined at a time
         # (an empty piece, typed by DuckDB without rows to go by, is left out)

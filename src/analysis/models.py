@@ -1621,24 +1621,26 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
     return run
 
 
-def explain_customers(run: ModelRun, features: pd.DataFrame) -> pd.DataFrame:
+def explain_customers(run: ModelRun, features: pd.DataFrame, *, churn: bool = True,
+                      value: bool = True) -> pd.DataFrame:
     """Reasons in words for the customers of ``features`` (their features at the scoring
     date, as :func:`analysis.features.build_features` gives them with the run's
     horizon), exactly as the models step gives them: the chosen churn method's SHAP
-    values, and the XGBoost value model's when it is the one that scores.
+    values (``churn``), and the XGBoost value model's when it is the one that scores
+    (``value``).
 
     Returns
     -------
     DataFrame
-        ``customer_id``, ``churn_reasons`` and, when the value model scores,
-        ``value_reasons``.
+        ``customer_id``, ``churn_reasons`` (with ``churn``) and, when the value model
+        scores, ``value_reasons`` (with ``value``).
     """
-    X = prepare_matrix(features, run.churn.features_, run.churn.categories_)
-    out = pd.DataFrame({"customer_id": features["customer_id"].to_numpy(),
-                        "churn_reasons": reason_codes(candidate_contributions(
-                            run.churn_chosen, run.churn, run.logistic, X),
-                            features).to_numpy()})
-    if run.value_chosen == "model":
+    out = pd.DataFrame({"customer_id": features["customer_id"].to_numpy()})
+    if churn:
+        X = prepare_matrix(features, run.churn.features_, run.churn.categories_)
+        out["churn_reasons"] = reason_codes(candidate_contributions(
+            run.churn_chosen, run.churn, run.logistic, X), features).to_numpy()
+    if value and run.value_chosen == "model":
         Xv = prepare_matrix(features, run.value.features_, run.value.categories_)
         out["value_reasons"] = reason_codes(run.value.contributions(Xv), features).to_numpy()
     return out

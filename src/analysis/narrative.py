@@ -1410,5 +1410,6 @@ def _whose_reasons(page: Page) -> list[Block]:
         "reads about (the retention, win-back and phase-out review lists, early warnings, the "
         "{top} highest churn chances and values) and a random sample of {sample:,}, which "
         "also gives the overall drivers; any other customer's reasons are computed on "
-        "request.",
+        "request. The reasons behind a customer's predicted value are given for the "
+        "phase-out review and the {top} highest values.",
         n=n, top=strategy.TOP_OF_TABLE, sample=sizes["explained"], total=sizes["score"])]

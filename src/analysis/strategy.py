@@ -89,6 +89,7 @@ __all__ = [
     "retention_targeting",
     "strategy_step",
     "needs_reasons",
+    "needs_value_reasons",
 ]
 
 #: The actions of the default policy. A policy's actions whose name starts with
@@ -107,6 +108,9 @@ RETAIN_PREFIX = "Retain"
 #: Actions whose customers a person reads about one by one, each with their reasons
 #: (with the customers under an early warning and :data:`TOP_OF_TABLE`).
 ACTIONS_WITH_REASONS = (RETAIN_PERSONAL, RETAIN_AUTOMATED, WIN_BACK, PHASEOUT_REVIEW)
+#: Actions whose case rests on the customer's value: their customers also carry the
+#: value model's reasons (with the :data:`TOP_OF_TABLE` highest predicted values).
+ACTIONS_WITH_VALUE_REASONS = (PHASEOUT_REVIEW,)
 #: The customers at the top of a table: the highest churn probabilities and the highest
 #: predicted values, this many of each.
 TOP_OF_TABLE = 100
@@ -986,9 +990,10 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
 
 
 def needs_reasons(customers: pd.DataFrame) -> pd.Series:
-    """True for the customers a person reads about one by one: an action of
-    :data:`ACTIONS_WITH_REASONS`, an early warning (``alerts``), or among the
-    :data:`TOP_OF_TABLE` highest churn probabilities or predicted values."""
+    """True for the customers a person reads about one by one, with why they may leave
+    (the churn model's reasons): an action of :data:`ACTIONS_WITH_REASONS`, an early
+    warning (``alerts``), or among the :data:`TOP_OF_TABLE` highest churn probabilities
+    or predicted values."""
     listed = customers["action"].isin(ACTIONS_WITH_REASONS)
     if "alerts" in customers:
         listed |= customers["alerts"].fillna("").ne("")
@@ -998,26 +1003,44 @@ def needs_reasons(customers: pd.DataFrame) -> pd.Series:
     return listed
 
 
+def needs_value_reasons(customers: pd.DataFrame) -> pd.Series:
+    """True for the customers read about for their value (the value model's reasons):
+    an action of :data:`ACTIONS_WITH_VALUE_REASONS`, or among the :data:`TOP_OF_TABLE`
+    highest predicted values. The lists of the other actions say why a customer may
+    leave, not what they are worth."""
+    listed = customers["action"].isin(ACTIONS_WITH_VALUE_REASONS)
+    if "predicted_value" in customers:
+        listed.loc[customers["predicted_value"].nlargest(TOP_OF_TABLE).index] = True
+    return listed
+
+
 def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store: RunStore,
                     run, *, exclude: tuple[str, ...]) -> pd.DataFrame:
-    """The decisions with ``reasons`` and ``value_reasons`` for every customer who
-    :func:`needs_reasons` (exact, :func:`analysis.models.explain_customers`), when the
-    models step explained only a sample; the sample's reasons are kept."""
+    """The decisions with ``reasons`` for every customer who :func:`needs_reasons` and
+    ``value_reasons`` for every one who :func:`needs_value_reasons` (exact,
+    :func:`analysis.models.explain_customers`), when the models step explained only a
+    sample; the sample's reasons are kept."""
     scored = store.read_customers(["customer_id", "churn_probability", "predicted_value",
                                    "reasons", "value_reasons"])
     both = decided[["customer_id", "action", "alerts"]].merge(scored, on="customer_id",
                                                               how="left")
-    ids = both.loc[needs_reasons(both) & both["reasons"].isna(), "customer_id"]
+    if "value_reasons" not in both:
+        both["value_reasons"] = pd.Series(pd.NA, index=both.index, dtype=object)
+    churn_ids = set(both.loc[needs_reasons(both) & both["reasons"].isna(), "customer_id"])
+    value_ids = set(both.loc[needs_value_reasons(both) & both["value_reasons"].isna(),
+                             "customer_id"])
     # the profile step's features are the scoring features when it used the run's horizon
     features = (store.read_profile_table() if store.horizon_days() == run.horizon_days
                 and store.profile_table.is_file() else
                 build_features(con, cutoff=dt.date.fromisoformat(run.cutoffs["score"]),
                                horizon_days=run.horizon_days, labels=False,
                                exclude_attributes=exclude))
-    features = features[features["customer_id"].isin(set(ids))].reset_index(drop=True)
-    found = explain_customers(run, features).rename(columns={"churn_reasons": "reasons"})
     out = both[["customer_id", "reasons", "value_reasons"]].set_index("customer_id")
-    out.update(found.set_index("customer_id"))
+    for ids, churn in ((churn_ids, True), (value_ids, False)):
+        rows = features[features["customer_id"].isin(ids)].reset_index(drop=True)
+        found = explain_customers(run, rows, churn=churn, value=not churn).rename(
+            columns={"churn_reasons": "reasons"})
+        out.update(found.set_index("customer_id"))
     return decided.drop(columns=["reasons", "value_reasons"], errors="ignore").merge(
         out.reset_index(), on="customer_id", how="left")
 
