@@ -22,7 +22,7 @@ from scipy import stats
 from analysis.clv import fit_bgnbd, rfm_summary
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
-from analysis.features import build_features, connect, resolve_as_of
+from analysis.features import build_features, connect, resolve_as_of, snapshots_by_cutoff
 from analysis.models import explain_customers, prepare_matrix, read_model_run, skipped_reason
 from analysis.segments import (
     ACTIVE_STAGES,
@@ -803,7 +803,8 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
            horizon_days: int, params: StrategyParams, campaign: pd.DataFrame | None = None,
            attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
            previous: pd.DataFrame | None = None, value_model=None,
-           churn_model=None) -> StrategyRun:
+           churn_model=None, exclude_attributes: tuple[str, ...] | None = None,
+           features: pd.DataFrame | None = None) -> StrategyRun:
     """Economics, retention targeting, phase-out review, actions, warnings and audit.
 
     ``customers`` is the scored customer table (profile + ``churn_probability`` +
@@ -827,7 +828,10 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
     two latest campaigns against the measured effect's ranking and (with
     ``churn_model``, the run's :class:`analysis.models.ChurnModel`) the churn-risk
     ranking; it is used only when it wins, and the judgement is
-    ``retention["uplift_model"]``.
+    ``retention["uplift_model"]``. The learner never sees ``exclude_attributes`` (the
+    protected attributes and PII; default ``protected``), and scores the customers on
+    ``features``, their features at ``as_of`` with the run's horizon (the profile step's
+    table; built when not given).
     """
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
@@ -847,14 +851,19 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         # weeks), among the customers active within one horizon before each campaign
         # (those it could keep); several campaigns are pooled (measurement_window)
         window, dates = measurement_window(campaign, as_of=as_of, horizon_days=horizon_days)
+        on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date
+        campaign = campaign[on_dates.isin(dates)].assign(campaign_date=on_dates)
+        # each campaign's contacts and controls at its date, in one pass over the log
+        # (only they are measured: the effect compares them)
+        at_dates = snapshots_by_cutoff(con, cutoffs=dates, horizon_days=window, customers={
+            when: campaign.loc[campaign["campaign_date"] == when, "customer_id"]
+            for when in dates})
         parts = []
-        for when in dates:
-            at_campaign = build_features(con, cutoff=when, horizon_days=window)
+        for when, at_campaign in at_dates.items():
             parts.append(at_campaign[at_campaign["recency_days"] <= horizon_days].merge(
                 c[["customer_id", "value_tier"]], on="customer_id", how="left").assign(
                 campaign_date=when))
-        on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date
-        campaign = campaign[on_dates.isin(dates)].assign(campaign_date=on_dates)
+        del at_dates
         reachable = pd.concat(parts, ignore_index=True)
         effect = estimate_retention_effect(
             campaign, reachable[["customer_id", "campaign_date", "churned", "value_tier"]],
@@ -896,8 +905,10 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
             con, c, all_campaigns, as_of=as_of, horizon_days=horizon_days, window=window,
             base_value=base_value, to_window=to_window, contact=contact,
             pooled=uplift.set_index("group").loc["all"] if uplift_rate is not None else None,
-            uplift_rate=uplift_rate, params=params, protected=protected,
-            value_model=value_model, churn_model=churn_model, depth_share=depth_share)
+            uplift_rate=uplift_rate, params=params,
+            exclude=protected if exclude_attributes is None else exclude_attributes,
+            value_model=value_model, churn_model=churn_model, depth_share=depth_share,
+            now=features)
         winner = (summary.get("evaluation") or {}).get("winner")
         if learned is not None and winner not in (None, "model"):
             # judged out of time, the learned ranking lost to a simpler one: it is not
@@ -973,6 +984,12 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                                                                          tables=())
         campaign = (pd.read_parquet(clean / "campaign.parquet")
                     if (clean / "campaign.parquet").is_file() else None)
+        exclude = config.protected + config.pii
+        # the profile step's features are the scoring features when it used the run's
+        # horizon (it always does now; a run from before it may not)
+        features = (store.read_profile_table()
+                    if run is not None and store.horizon_days() == run.horizon_days
+                    and store.profile_table.is_file() else None)
         decisions = decide(con, store.read_customers(DECISION_COLUMNS),
                            as_of=store.scoring_date()
                            or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
@@ -980,11 +997,11 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                            campaign=campaign, attributes=attributes,
                            protected=config.protected, previous=previous,
                            value_model=run.value if run else None,
-                           churn_model=run.churn if run else None)
+                           churn_model=run.churn if run else None,
+                           exclude_attributes=exclude, features=features)
         if run is not None and run.sizes.get("explained", run.sizes["score"]) < run.sizes["score"]:
             decisions.customers = _explain_listed(
-                con, decisions.customers, store, run,
-                exclude=config.protected + config.pii)
+                con, decisions.customers, store, run, features=features, exclude=exclude)
     write_strategy(decisions, processed_dir)
     return decisions
 
@@ -1015,11 +1032,13 @@ def needs_value_reasons(customers: pd.DataFrame) -> pd.Series:
 
 
 def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store: RunStore,
-                    run, *, exclude: tuple[str, ...]) -> pd.DataFrame:
+                    run, *, features: pd.DataFrame | None, exclude: tuple[str, ...]
+                    ) -> pd.DataFrame:
     """The decisions with ``reasons`` for every customer who :func:`needs_reasons` and
     ``value_reasons`` for every one who :func:`needs_value_reasons` (exact,
     :func:`analysis.models.explain_customers`), when the models step explained only a
-    sample; the sample's reasons are kept."""
+    sample; the sample's reasons are kept. ``features``: the customers' features at the
+    scoring date with the run's horizon (built when None)."""
     scored = store.read_customers(["customer_id", "churn_probability", "predicted_value",
                                    "reasons", "value_reasons"])
     both = decided[["customer_id", "action", "alerts"]].merge(scored, on="customer_id",
@@ -1029,12 +1048,10 @@ def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store
     churn_ids = set(both.loc[needs_reasons(both) & both["reasons"].isna(), "customer_id"])
     value_ids = set(both.loc[needs_value_reasons(both) & both["value_reasons"].isna(),
                              "customer_id"])
-    # the profile step's features are the scoring features when it used the run's horizon
-    features = (store.read_profile_table() if store.horizon_days() == run.horizon_days
-                and store.profile_table.is_file() else
-                build_features(con, cutoff=dt.date.fromisoformat(run.cutoffs["score"]),
-                               horizon_days=run.horizon_days, labels=False,
-                               exclude_attributes=exclude))
+    if features is None:
+        features = build_features(con, cutoff=dt.date.fromisoformat(run.cutoffs["score"]),
+                                  horizon_days=run.horizon_days, labels=False,
+                                  exclude_attributes=exclude)
     out = both[["customer_id", "reasons", "value_reasons"]].set_index("customer_id")
     for ids, churn in ((churn_ids, True), (value_ids, False)):
         rows = features[features["customer_id"].isin(ids)].reset_index(drop=True)
@@ -1100,8 +1117,9 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
                     *, as_of: dt.date, horizon_days: int, window: int, base_value: np.ndarray,
                     to_window: float | None, contact: dict | None,
                     pooled: pd.Series | None, uplift_rate: float | None,
-                    params: StrategyParams, protected: tuple[str, ...], value_model,
-                    churn_model, depth_share: float) -> tuple[np.ndarray | None, dict]:
+                    params: StrategyParams, exclude: tuple[str, ...], value_model,
+                    churn_model, depth_share: float, now: pd.DataFrame | None = None
+                    ) -> tuple[np.ndarray | None, dict]:
     """Each customer's incremental margin of a contact over the value window, learned from
     the campaigns (:func:`analysis.uplift.learn_uplift`, one horizon of outcome), and the
     out-of-time judgement of its ranking on the latest campaigns.
@@ -1146,7 +1164,7 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
 
     result = learn_uplift(con, campaign, as_of=as_of, horizon_days=horizon_days,
                           window_days=horizon_days, margin_rate=params.margin_rate,
-                          exclude_attributes=protected, depth_share=depth_share,
+                          exclude_attributes=exclude, depth_share=depth_share,
                           baselines=baselines)
     if result is None:
         return None, {"used": False, "why": "fewer than two campaigns with a closed "
@@ -1159,8 +1177,9 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
             summary["why"] = "no positive pooled effect to scale the learned uplift by"
             return None, summary
         to_window = float(pooled["uplift"]) / per_horizon
-    now = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
-                         exclude_attributes=protected)
+    if now is None:
+        now = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
+                             exclude_attributes=exclude)
     extra = result.heterogeneity(now).set_axis(now["customer_id"].to_numpy())
     differences = c["customer_id"].map(extra).fillna(0.0).to_numpy(dtype=float)
     learned = np.asarray(base_value, dtype=float) + differences * to_window

@@ -78,7 +78,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.clv import expected_alive_time, fit_bgnbd, rfm_summary
-from analysis.features import build_features
+from analysis.features import snapshots_by_cutoff
 from analysis.models import categories_of, feature_columns, prepare_matrix
 
 __all__ = [
@@ -132,11 +132,15 @@ def campaign_outcomes(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
         share among these rows) and ``outcome`` (margin in the window).
     """
     days = pd.to_datetime(campaign["campaign_date"]).dt.date
+    # each campaign's contacts and controls at its date, in one pass over the log
+    at_dates = snapshots_by_cutoff(con, cutoffs=dates, horizon_days=window_days,
+                                   exclude_attributes=exclude_attributes, customers={
+                                       date: campaign.loc[days == date, "customer_id"]
+                                       for date in dates})
     parts = []
     for date in dates:
         arm = campaign.loc[days == date, ["customer_id", "treated"]]
-        feats = build_features(con, cutoff=date, horizon_days=window_days,
-                               exclude_attributes=exclude_attributes)
+        feats = at_dates.pop(date)
         active = feats[feats["recency_days"] <= horizon_days].merge(arm, on="customer_id")
         if active.empty:
             continue
