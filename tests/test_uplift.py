@@ -15,9 +15,11 @@ from analysis.uplift import (
     auuc,
     compare_rankings,
     contact_value,
+    customer_share,
     estimate_hazard_effect,
     full_window_dates,
     hazard_effect_rows,
+    learn_uplift,
     qini_curve,
     uplift_at_depth,
 )
@@ -224,3 +226,46 @@ def test_hazard_effect_rows_are_the_active_customers_with_their_own_window():
     assert hazard_effect_rows(F.connect({"transactions": tx}), late,
                               as_of=dt.date(2025, 1, 1), horizon_days=60,
                               window_days=120).empty
+
+
+def test_customer_share_keeps_whole_customers_the_same_in_every_run():
+    ids = [f"c{i}" for i in range(5000)]
+    campaign = pd.DataFrame({
+        "customer_id": ids * 3,
+        "campaign_date": np.repeat(pd.to_datetime(["2025-01-01", "2025-02-01",
+                                                   "2025-03-01"]), 5000),
+        "treated": np.tile(np.arange(5000) % 4 == 0, 3)})
+    part = customer_share(campaign, share=0.2)
+    assert 0.17 < len(part) / len(campaign) < 0.23
+    # a kept customer keeps every campaign's row
+    assert part.groupby("customer_id").size().eq(3).all()
+    # the same customers in another run and in a subset of the campaigns
+    again = customer_share(campaign.iloc[::-1], share=0.2)
+    assert set(again["customer_id"]) == set(part["customer_id"])
+    one = customer_share(campaign[campaign["campaign_date"] == "2025-02-01"], share=0.2)
+    assert set(one["customer_id"]) == set(part["customer_id"])
+    assert customer_share(campaign, share=1.0) is campaign
+
+
+def test_the_learner_of_a_large_base_learns_from_a_fixed_share_of_whole_customers(demo):
+    """Above ``max_rows`` campaign rows the learner fits and is judged on those of a
+    fixed share of the customers: about ``max_rows`` rows, every campaign of a kept
+    customer, and the same result twice."""
+    world, frames = demo
+    con = F.connect({k: frames[k] for k in ("transactions", "customers", "interactions")})
+    kwargs = dict(as_of=world.as_of, horizon_days=90, window_days=90, margin_rate=0.3,
+                  exclude_attributes=("gender", "age_band"))
+    full = learn_uplift(con, frames["campaign"], max_rows=None, **kwargs)
+    dates = set(full.dates)
+    on_dates = frames["campaign"][pd.to_datetime(
+        frames["campaign"]["campaign_date"]).dt.date.isin(dates)]
+    cap = len(on_dates) // 3
+    part = learn_uplift(con, frames["campaign"], max_rows=cap, **kwargs)
+    again = learn_uplift(con, frames["campaign"], max_rows=cap, **kwargs)
+    assert part.dates == full.dates
+    # active customers only: fewer rows than the campaign rows kept
+    assert 0.2 * full.model.n_rows_ < part.model.n_rows_ < 0.45 * full.model.n_rows_
+    assert part.model.n_rows_ <= cap
+    assert part.evaluation["auuc"] == again.evaluation["auuc"]
+    n_held = part.evaluation["n_treated"] + part.evaluation["n_control"]
+    assert n_held < 0.45 * (full.evaluation["n_treated"] + full.evaluation["n_control"])

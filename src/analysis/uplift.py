@@ -84,12 +84,14 @@ from analysis.models import categories_of, feature_columns, prepare_matrix
 __all__ = [
     "BGNBD_FIT_CUSTOMERS",
     "HAZARD_ROW_COLUMNS",
+    "UPLIFT_ROWS",
     "UpliftLearner",
     "UpliftResult",
     "auuc",
     "campaign_outcomes",
     "compare_rankings",
     "contact_value",
+    "customer_share",
     "estimate_hazard_effect",
     "full_window_dates",
     "hazard_effect_rows",
@@ -455,11 +457,30 @@ class UpliftResult:
                          index=features.index)
 
 
+#: The most campaign rows (a customer at a campaign date) :func:`learn_uplift` learns
+#: from and judges on: beyond it, the same share of customers is kept in every campaign.
+#: A learner of depth-3 trees gains nothing from millions of rows that a few hundred
+#: thousand do not give it, and its 32 XGBoost fits grow with the rows.
+UPLIFT_ROWS = 400_000
+
+
+def customer_share(campaign: pd.DataFrame, *, share: float) -> pd.DataFrame:
+    """The rows of about ``share`` of the customers of ``campaign`` (all their rows), chosen
+    by a hash of the id: the same customers whatever the campaign or the run, so that a
+    control customer seen month after month stays in one fold."""
+    if share >= 1:
+        return campaign
+    h = pd.util.hash_pandas_object(campaign["customer_id"].astype(str), index=False,
+                                   hash_key="customer-share-1")
+    return campaign[(h.to_numpy() % 1_000_000) < int(share * 1_000_000)]
+
+
 def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
                  as_of: dt.date, horizon_days: int, window_days: int, margin_rate: float,
                  exclude_attributes: tuple[str, ...] = (), depth_share: float = 0.2,
                  baselines=None, learner: Literal["x", "t"] = "x", seed: int = 0,
-                 n_held_out: int = 2) -> UpliftResult | None:
+                 n_held_out: int = 2, max_rows: int | None = UPLIFT_ROWS
+                 ) -> UpliftResult | None:
     """Learn per-customer uplift from the campaigns and judge it out of time.
 
     The ``n_held_out`` latest campaigns whose windows close by ``as_of`` are held out
@@ -482,6 +503,9 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
         ranking is then that score plus the learner's shrunk departure from the pooled
         effect (:meth:`UpliftLearner.predict_heterogeneity`), as the run composes it.
     depth_share : the share of the campaign at which ``uplift_at_depth`` is read.
+    max_rows : with more campaign rows than this on the full-window dates, the learner
+        learns from and is judged on about this many, those of a fixed share of the
+        customers (:func:`customer_share`); None: every row.
 
     Returns
     -------
@@ -490,6 +514,9 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
     dates = full_window_dates(campaign, as_of=as_of, window_days=window_days)
     if len(dates) < 2:
         return None
+    on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date.isin(dates)
+    if max_rows is not None and on_dates.sum() > max_rows:
+        campaign = customer_share(campaign[on_dates], share=max_rows / on_dates.sum())
     rows = campaign_outcomes(con, campaign, dates=dates, window_days=window_days,
                              horizon_days=horizon_days, margin_rate=margin_rate,
                              exclude_attributes=exclude_attributes)
