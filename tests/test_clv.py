@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
+from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summaries, rfm_summary
 
 from .conftest import require_cdnow
 
@@ -100,6 +100,23 @@ def test_summary_in_sql_equals_the_pandas_one():
     assert len(got) > 300 and (got["frequency"] > 0).sum() > 100
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_index_type=False,
                                   check_names=False)
+
+
+def test_summaries_at_several_dates_from_one_pass_equal_one_summary_each():
+    from analysis.demo import DemoWorld, generate_demo
+    from analysis.features import connect
+
+    tx = generate_demo(DemoWorld(n_customers=400, seed=6))["transactions"]
+    tx.loc[tx.index[:40], "amount"] *= -1
+    con = connect({"transactions": tx})
+    ends = [dt.date(2025, 6, 1), dt.date(2024, 9, 1), dt.date(2025, 1, 1)]
+    got = dict(rfm_summaries(con, calibration_ends=ends, extra_days=60))
+    assert list(got) == sorted(ends)
+    for end in ends:
+        pd.testing.assert_frame_equal(got[end], rfm_summary(con, calibration_end=end))
+    # the table of purchase days is gone once the summaries are read
+    assert not con.execute("SELECT * FROM duckdb_tables() "
+                           "WHERE table_name = 'purchase_days_rfm'").fetchall()
 
 
 def simulate_bgnbd(n, params, *, weeks, seed):

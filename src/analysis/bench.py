@@ -352,7 +352,7 @@ _STAGE_STEPS = {
         ("analysis.strategy", "_campaign_margins", None),
         ("analysis.strategy", "_hazard_contact_value", "hazard contact value"),
         ("analysis.strategy", "hazard_effect_rows", None),
-        ("analysis.uplift", "rfm_summary", "rfm_summary (campaign dates)"),
+        ("analysis.uplift", "rfm_summaries", "rfm_summaries (campaign dates)"),
         ("analysis.uplift", "fit_bgnbd", "fit_bgnbd (campaign dates)"),
         ("analysis.strategy", "estimate_hazard_effect", None),
         ("analysis.strategy", "rfm_summary", "rfm_summary (scoring date)"),

@@ -21,7 +21,7 @@ from scipy import optimize, special
 from analysis.config import DAYS_PER_MONTH
 
 __all__ = ["BetaGeoModel", "GammaGammaModel", "expected_alive_time", "fit_bgnbd",
-           "rfm_summary"]
+           "rfm_summaries", "rfm_summary"]
 
 
 def rfm_summary(transactions, *, calibration_end: dt.date,
@@ -78,20 +78,53 @@ def rfm_summary(transactions, *, calibration_end: dt.date,
     return out
 
 
+# Purchase days: completed lines with a non-negative amount, one row per customer and
+# day, with the day's amount as an exact decimal sum (a float sum's last bits depend on
+# DuckDB's thread order, and the BG/NBD fit would differ between two runs of the same
+# data).
+PURCHASE_DAYS = """
+SELECT customer_id, order_date, SUM(CAST(amount AS DECIMAL(38, 6))) AS amount
+FROM lines
+WHERE status = 'completed' AND amount >= 0 AND order_date < DATE '{end}' {since}
+GROUP BY customer_id, order_date
+"""
+
+
+def rfm_summaries(con, *, calibration_ends: list[dt.date], time_unit_days: float = 7.0,
+                  extra_days: int = 0):
+    """:func:`rfm_summary` at each of ``calibration_ends`` (oldest first), from one pass
+    over a connection's ``lines``: the purchase days are gathered once, into the
+    temporary table ``purchase_days_rfm`` (up to ``extra_days`` after the last date, for
+    a caller who also reads what followed), and each summary is computed from it.
+
+    Yields ``(calibration_end, summary)``, one at a time (a summary of a large base is
+    large); the table is dropped when the iteration ends.
+    """
+    ends = sorted(set(calibration_ends))
+    if not ends:
+        return
+    last = (ends[-1] + dt.timedelta(days=extra_days)).isoformat()
+    con.execute("CREATE OR REPLACE TEMP TABLE purchase_days_rfm AS "
+                + PURCHASE_DAYS.format(end=last, since=""))
+    try:
+        for end in ends:
+            yield end, _rfm_summary_sql(
+                con, calibration_end=end, time_unit_days=time_unit_days, start=None,
+                days=f"SELECT * FROM purchase_days_rfm WHERE order_date < DATE "
+                     f"'{end.isoformat()}'")
+    finally:
+        con.execute("DROP TABLE IF EXISTS purchase_days_rfm")
+
+
 def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
-                     start: dt.date | None) -> pd.DataFrame:
-    """:func:`rfm_summary` over a connection's ``lines`` view, computed by DuckDB."""
+                     start: dt.date | None, days: str | None = None) -> pd.DataFrame:
+    """:func:`rfm_summary` over a connection's ``lines`` view (or the purchase days
+    ``days`` selects, as :data:`PURCHASE_DAYS`), computed by DuckDB."""
     since = f"AND order_date >= DATE '{start.isoformat()}'" if start else ""
     end = pd.Timestamp(calibration_end) - pd.Timedelta(days=1)
+    days = days or PURCHASE_DAYS.format(end=calibration_end.isoformat(), since=since)
     out = con.execute(f"""
-        WITH days AS (
-            -- exact decimal sums: a float sum's last bits depend on DuckDB's thread
-            -- order, and the BG/NBD fit would differ between two runs of the same data
-            SELECT customer_id, order_date, SUM(CAST(amount AS DECIMAL(38, 6))) AS amount
-            FROM lines
-            WHERE status = 'completed' AND amount >= 0
-              AND order_date < DATE '{calibration_end.isoformat()}' {since}
-            GROUP BY customer_id, order_date)
+        WITH days AS ({days})
         SELECT customer_id, COUNT(*) - 1 AS frequency,
                date_diff('day', MIN(order_date), MAX(order_date)) AS recency_days,
                date_diff('day', MIN(order_date), DATE '{end.date().isoformat()}') AS t_days,

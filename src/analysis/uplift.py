@@ -77,7 +77,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from analysis.clv import expected_alive_time, fit_bgnbd, rfm_summary
+from analysis.clv import expected_alive_time, fit_bgnbd, rfm_summaries
 from analysis.features import snapshots_by_cutoff
 from analysis.models import categories_of, feature_columns, prepare_matrix
 
@@ -658,23 +658,25 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
     """
     days = pd.to_datetime(campaign["campaign_date"]).dt.date
     parts = []
-    for date in full_window_dates(campaign, as_of=as_of, window_days=horizon_days):
+    # the purchase days are gathered once (rfm_summaries' table) for every campaign
+    summaries = rfm_summaries(con, calibration_ends=full_window_dates(
+        campaign, as_of=as_of, window_days=horizon_days), extra_days=int(window_days))
+    for date, summary in summaries:
         window = min(int(window_days), (as_of - date).days)
-        summary = rfm_summary(con, calibration_end=date)
         try:
             bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
         except ValueError:
             continue
         seen = con.execute(f"""
-            WITH days AS (
-                SELECT DISTINCT customer_id, CAST(order_date AS DATE) AS day FROM lines
-                WHERE status = 'completed' AND amount >= 0
-                  AND order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}')
             SELECT customer_id,
-                   date_diff('day', MAX(day) FILTER (WHERE day < DATE '{date.isoformat()}'),
+                   date_diff('day', MAX(order_date) FILTER (
+                                 WHERE order_date < DATE '{date.isoformat()}'),
                              DATE '{date.isoformat()}') AS recency_days,
-                   COUNT(*) FILTER (WHERE day >= DATE '{date.isoformat()}') AS purchase_days
-            FROM days GROUP BY customer_id""").df()
+                   COUNT(*) FILTER (WHERE order_date >= DATE '{date.isoformat()}')
+                       AS purchase_days
+            FROM purchase_days_rfm
+            WHERE order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}'
+            GROUP BY customer_id ORDER BY customer_id""").df()
         seen["customer_id"] = seen["customer_id"].astype(str)
         active = seen[seen["recency_days"] <= horizon_days].merge(
             campaign.loc[days == date, ["customer_id", "treated"]].astype(
