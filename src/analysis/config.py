@@ -175,11 +175,13 @@ class AnalysisParams(_Params):
     device : ``cuda`` trains the models and computes SHAP values on an NVIDIA GPU (needs
         the CUDA build of XGBoost: ``make gpu``); ``cpu`` is the tested default.
     reasons_for : which customers get their own reasons in words (exact SHAP values):
-        ``all``; ``listed``: those a person reads about (every customer on a retention,
-        win-back, phase-out review or growth list, with an early warning, or among the
-        100 highest churn probabilities or predicted values) plus a fixed random sample
-        of ``reasons_sample`` customers, from which the global drivers come; anyone
-        else's on demand (:func:`analysis.models.explain_customers`). ``auto``: ``all``
+        ``all``; ``listed``: those a person reads about (why they may leave: every
+        customer on a retention, win-back or phase-out review list, with an early
+        warning, or among the 100 highest churn probabilities or predicted values; what
+        drives their value: the phase-out review and the 100 highest values) plus a
+        fixed random sample of ``reasons_sample`` customers, from which the global
+        drivers come; anyone else's on demand
+        (:func:`analysis.models.explain_customers`). ``auto``: ``all``
         on a GPU or for at most :data:`REASONS_FOR_ALL_MAX` customers, else ``listed``.
     """
 
