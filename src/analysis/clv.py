@@ -20,8 +20,8 @@ from scipy import optimize, special
 
 from analysis.config import DAYS_PER_MONTH
 
-__all__ = ["BetaGeoModel", "GammaGammaModel", "expected_alive_time", "fit_bgnbd",
-           "rfm_summaries", "rfm_summary"]
+__all__ = ["BGNBD_FIT_CUSTOMERS", "BetaGeoModel", "GammaGammaModel", "expected_alive_time",
+           "fit_bgnbd", "fit_gamma_gamma", "rfm_summaries", "rfm_summary"]
 
 
 def rfm_summary(transactions, *, calibration_end: dt.date,
@@ -272,6 +272,19 @@ class BetaGeoModel:
                                          * special.hyp2f1(r, b, a + b - 1, z))
 
 
+#: The most customers the population parameters of BG/NBD and Gamma-Gamma are fitted on
+#: (:func:`fit_bgnbd`, :func:`fit_gamma_gamma`); every customer gets their own posterior.
+BGNBD_FIT_CUSTOMERS = 50_000
+
+
+def _fit_rows(summary: pd.DataFrame, max_customers: int | None) -> pd.DataFrame:
+    """At most ``max_customers`` rows of ``summary``, evenly spaced (the same data gives
+    the same rows)."""
+    if max_customers is None or len(summary) <= max_customers:
+        return summary
+    return summary.iloc[np.linspace(0, len(summary) - 1, max_customers).round().astype(int)]
+
+
 def fit_bgnbd(summary: pd.DataFrame, *, max_customers: int | None = None) -> BetaGeoModel:
     """BG/NBD fitted on an :func:`rfm_summary`, on at most ``max_customers`` of its rows
     (evenly spaced, so the same data gives the same fit): four population parameters need
@@ -282,10 +295,22 @@ def fit_bgnbd(summary: pd.DataFrame, *, max_customers: int | None = None) -> Bet
     ValueError
         When BG/NBD cannot be fitted (too few repeat customers).
     """
-    rows = summary
-    if max_customers is not None and len(summary) > max_customers:
-        rows = summary.iloc[np.linspace(0, len(summary) - 1, max_customers).round().astype(int)]
+    rows = _fit_rows(summary, max_customers)
     return BetaGeoModel().fit(rows["frequency"], rows["recency"], rows["T"])
+
+
+def fit_gamma_gamma(summary: pd.DataFrame, *, max_customers: int | None = None
+                    ) -> GammaGammaModel:
+    """Gamma-Gamma fitted on an :func:`rfm_summary`, on at most ``max_customers`` of its
+    rows (the same rows as :func:`fit_bgnbd`'s).
+
+    Raises
+    ------
+    ValueError
+        When it cannot be fitted (too few repeat customers).
+    """
+    rows = _fit_rows(summary, max_customers)
+    return GammaGammaModel().fit(rows["frequency"], rows["monetary_value"])
 
 
 def expected_alive_time(hazard, window) -> np.ndarray:

@@ -38,7 +38,12 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
+from analysis.clv import (
+    BGNBD_FIT_CUSTOMERS,
+    fit_bgnbd,
+    fit_gamma_gamma,
+    rfm_summary,
+)
 from analysis.errors import InsufficientDataError
 from analysis.explain import global_drivers, reason_codes
 from analysis.features import (
@@ -474,9 +479,12 @@ def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.n
 
 
 def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
-                   customers: pd.Series, summary: pd.DataFrame | None = None
+                   customers: pd.Series, summary: pd.DataFrame | None = None,
+                   max_customers: int | None = BGNBD_FIT_CUSTOMERS
                    ) -> tuple[pd.DataFrame, dict]:
-    """BG/NBD + Gamma-Gamma fitted on history before ``cutoff`` (weeks).
+    """BG/NBD + Gamma-Gamma fitted on history before ``cutoff`` (weeks), their population
+    parameters on at most ``max_customers`` customers (:func:`analysis.clv.fit_bgnbd`;
+    None: all), every customer scored.
 
     ``lines`` is a frame of order lines or a DuckDB connection with a ``lines`` view
     (see :func:`analysis.clv.rfm_summary`).
@@ -493,8 +501,8 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
     """
     if summary is None:
         summary = rfm_summary(lines, calibration_end=cutoff)
-    bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
-    gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
+    bg = fit_bgnbd(summary, max_customers=max_customers)
+    gg = fit_gamma_gamma(summary, max_customers=max_customers)
     s = summary.reindex(customers)
     weeks = horizon_days / 7
     purchases = bg.expected_purchases(weeks, s["frequency"], s["recency"], s["T"])
@@ -514,8 +522,10 @@ CLV_MONTHS, CLV_MONTHLY_DISCOUNT = 12, 0.01
 
 
 def lifetime_outlook(lines, *, as_of: dt.date, customers: pd.Series,
-                     summary: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per customer, from BG/NBD + Gamma-Gamma fitted on the history before ``as_of``:
+                     summary: pd.DataFrame | None = None,
+                     max_customers: int | None = BGNBD_FIT_CUSTOMERS) -> pd.DataFrame:
+    """Per customer, from BG/NBD + Gamma-Gamma fitted on the history before ``as_of`` (on
+    at most ``max_customers`` customers, as :func:`bgnbd_baseline`):
     ``expected_next_order`` (the date by which the customer has more likely than not
     ordered again; empty when that is never more likely than not, see
     :meth:`analysis.clv.BetaGeoModel.median_time_to_next_purchase`, or further than two
@@ -529,8 +539,8 @@ def lifetime_outlook(lines, *, as_of: dt.date, customers: pd.Series,
     if summary is None:
         summary = rfm_summary(lines, calibration_end=as_of)
     try:
-        bg = BetaGeoModel().fit(summary["frequency"], summary["recency"], summary["T"])
-        gg = GammaGammaModel().fit(summary["frequency"], summary["monetary_value"])
+        bg = fit_bgnbd(summary, max_customers=max_customers)
+        gg = fit_gamma_gamma(summary, max_customers=max_customers)
     except ValueError:
         return empty
     s = summary.reindex(ids)

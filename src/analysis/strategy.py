@@ -1069,7 +1069,7 @@ def _hazard_contact_value(con: duckdb.DuckDBPyConnection, c: pd.DataFrame,
     on the campaigns (:func:`analysis.uplift.estimate_hazard_effect`, every campaign whose
     first horizon has closed, each over as long a window as the data has, up to the value
     window) and each customer's dropout hazard now (BG/NBD fitted at ``as_of``, on at most
-    :data:`analysis.uplift.BGNBD_FIT_CUSTOMERS` customers), over the
+    :data:`analysis.clv.BGNBD_FIT_CUSTOMERS` customers), over the
     value window of ``retention_value_months`` (:func:`analysis.uplift.contact_value`).
 
     Returns None when BG/NBD cannot be fitted or the campaigns have too few rows; else

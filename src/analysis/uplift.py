@@ -77,7 +77,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from analysis.clv import expected_alive_time, fit_bgnbd, rfm_summaries
+from analysis.clv import BGNBD_FIT_CUSTOMERS, expected_alive_time, fit_bgnbd, rfm_summaries
 from analysis.features import snapshots_by_cutoff
 from analysis.models import categories_of, feature_columns, prepare_matrix
 
@@ -629,9 +629,6 @@ def contact_value(expected_margin, hazard, *, effect: float, horizon_days: int,
     return np.where(np.isfinite(out), out, 0.0)
 
 
-#: The most customers BG/NBD's population parameters are fitted on
-#: (:func:`analysis.clv.fit_bgnbd`); every customer gets their own posterior.
-BGNBD_FIT_CUSTOMERS = 50_000
 #: The columns of :func:`hazard_effect_rows`.
 HAZARD_ROW_COLUMNS = ("customer_id", "campaign_date", "treated", "propensity", "window_days",
                       "p_alive", "purchase_rate", "hazard", "purchase_days")
