@@ -695,20 +695,25 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
     """
     min_group = params.fairness_min_group if min_group is None else min_group
     df = actions[["customer_id", "action"]].merge(attributes, on="customer_id", how="left")
+    action_code, action_names = pd.factorize(df["action"], sort=True)
     rows = []
     for attr in protected:
         if attr not in df:
             continue
-        values = df[attr].astype("object").fillna("missing")
-        for action in sorted(df["action"].unique()):
-            is_action = df["action"].eq(action).to_numpy()
-            for group in sorted(values.unique()):
-                in_group = values.eq(group).to_numpy()
-                n_g = int(in_group.sum())
+        # customers per (action, group), counted once
+        group_code, groups = pd.factorize(df[attr].astype("object").fillna("missing"),
+                                          sort=True)
+        counts = np.zeros((len(action_names), len(groups)), dtype=np.int64)
+        np.add.at(counts, (action_code, group_code), 1)
+        for i, action in enumerate(action_names):
+            n_action = int(counts[i].sum())
+            for j, group in enumerate(groups):
+                n_g = int(counts[:, j].sum())
                 if n_g == len(df):
                     continue
                 judged = n_g >= min_group
-                a, b = int((is_action & in_group).sum()), int((is_action & ~in_group).sum())
+                a = int(counts[i, j])
+                b = n_action - a
                 rate, rate_others = a / n_g, b / (len(df) - n_g)
                 ratio = rate / rate_others if rate_others > 0 else np.inf if rate > 0 else 1.0
                 table = np.array([[a, n_g - a], [b, len(df) - n_g - b]])
@@ -717,7 +722,7 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
                      else 1.0)
                 rows.append({"attribute": attr, "group": group, "action": action,
                              "n_group": n_g, "share_of_customers": n_g / len(df),
-                             "share_of_action": a / max(int(is_action.sum()), 1),
+                             "share_of_action": a / max(n_action, 1),
                              "rate": rate, "rate_others": rate_others, "ratio": ratio,
                              "judged": judged, "p_value": p})
     out = pd.DataFrame(rows, columns=["attribute", "group", "action", "n_group",

@@ -655,42 +655,52 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
     """
     days = pd.to_datetime(campaign["campaign_date"]).dt.date
     parts = []
-    # the purchase days are gathered once (rfm_summaries' table) for every campaign
+    # the purchase days are gathered once (rfm_summaries' table) for every campaign, and
+    # each campaign's outcomes are read for its own customers only
+    con.register("_campaign_customers", pd.DataFrame({
+        "customer_id": campaign["customer_id"].astype(str).to_numpy(),
+        "campaign_date": pd.to_datetime(campaign["campaign_date"]).to_numpy()}))
     summaries = rfm_summaries(con, calibration_ends=full_window_dates(
         campaign, as_of=as_of, window_days=horizon_days), extra_days=int(window_days))
-    for date, summary in summaries:
-        window = min(int(window_days), (as_of - date).days)
-        try:
-            bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
-        except ValueError:
-            continue
-        seen = con.execute(f"""
-            SELECT customer_id,
-                   date_diff('day', MAX(order_date) FILTER (
-                                 WHERE order_date < DATE '{date.isoformat()}'),
-                             DATE '{date.isoformat()}') AS recency_days,
-                   COUNT(*) FILTER (WHERE order_date >= DATE '{date.isoformat()}')
-                       AS purchase_days
-            FROM purchase_days_rfm
-            WHERE order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}'
-            GROUP BY customer_id ORDER BY customer_id""").df()
-        seen["customer_id"] = seen["customer_id"].astype(str)
-        active = seen[seen["recency_days"] <= horizon_days].merge(
-            campaign.loc[days == date, ["customer_id", "treated"]].astype(
-                {"customer_id": str}), on="customer_id")
-        if active.empty:
-            continue
-        s = summary.reindex(active["customer_id"])
-        x, tx, T = (s[c].to_numpy(dtype=float) for c in ("frequency", "recency", "T"))
-        rate, hazard = bg.rates_if_alive(x, tx, T)
-        treated = active["treated"].astype(bool).to_numpy()
-        parts.append(pd.DataFrame({
-            "customer_id": active["customer_id"].to_numpy(),
-            "campaign_date": pd.Timestamp(date), "treated": treated,
-            "propensity": float(treated.mean()), "window_days": window,
-            "p_alive": bg.probability_alive(x, tx, T), "purchase_rate": rate / 7.0,
-            "hazard": hazard / 7.0,
-            "purchase_days": active["purchase_days"].to_numpy(dtype=float)}))
+    try:
+        for date, summary in summaries:
+            window = min(int(window_days), (as_of - date).days)
+            try:
+                bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
+            except ValueError:
+                continue
+            seen = con.execute(f"""
+                SELECT customer_id,
+                       date_diff('day', MAX(order_date) FILTER (
+                                     WHERE order_date < DATE '{date.isoformat()}'),
+                                 DATE '{date.isoformat()}') AS recency_days,
+                       COUNT(*) FILTER (WHERE order_date >= DATE '{date.isoformat()}')
+                           AS purchase_days
+                FROM purchase_days_rfm
+                SEMI JOIN (SELECT DISTINCT customer_id FROM _campaign_customers
+                           WHERE CAST(campaign_date AS DATE) = DATE '{date.isoformat()}') c
+                     USING (customer_id)
+                WHERE order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}'
+                GROUP BY customer_id ORDER BY customer_id""").df()
+            seen["customer_id"] = seen["customer_id"].astype(str)
+            active = seen[seen["recency_days"] <= horizon_days].merge(
+                campaign.loc[days == date, ["customer_id", "treated"]].astype(
+                    {"customer_id": str}), on="customer_id")
+            if active.empty:
+                continue
+            s = summary.reindex(active["customer_id"])
+            x, tx, T = (s[c].to_numpy(dtype=float) for c in ("frequency", "recency", "T"))
+            rate, hazard = bg.rates_if_alive(x, tx, T)
+            treated = active["treated"].astype(bool).to_numpy()
+            parts.append(pd.DataFrame({
+                "customer_id": active["customer_id"].to_numpy(),
+                "campaign_date": pd.Timestamp(date), "treated": treated,
+                "propensity": float(treated.mean()), "window_days": window,
+                "p_alive": bg.probability_alive(x, tx, T), "purchase_rate": rate / 7.0,
+                "hazard": hazard / 7.0,
+                "purchase_days": active["purchase_days"].to_numpy(dtype=float)}))
+    finally:
+        con.unregister("_campaign_customers")
     return (pd.concat(parts, ignore_index=True) if parts
             else pd.DataFrame(columns=list(HAZARD_ROW_COLUMNS)))
 
