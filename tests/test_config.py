@@ -83,6 +83,12 @@ def test_memory_limit_is_a_size(tmp_path):
     assert cfg.analysis.duckdb_memory_limit == "750MB"
     assert AnalysisParams(memory_limit="2GiB").duckdb_memory_limit == f"{2**30 // 10**6}MB"
     assert AnalysisParams().duckdb_memory_limit is None
+    # a query run while Python holds much of the budget gets three quarters of the rest
+    four = AnalysisParams(memory_limit="4GB")
+    assert four.duckdb_memory_left(0) == "2000MB"
+    assert four.duckdb_memory_left(3 * 10**9) == "750MB"
+    assert four.duckdb_memory_left(4 * 10**9) == "256MB"          # never below 256 MB
+    assert AnalysisParams().duckdb_memory_left(10**9) is None
     with pytest.raises(ConfigError, match="analysis.memory_limit"):
         load_config(write_config(tmp_path, {"transactions": "tx.csv"},
                                  analysis={"memory_limit": "lots"}))

@@ -250,6 +250,17 @@ class AnalysisParams(_Params):
             return None
         return f"{memory_bytes(self.memory_limit) // 2 // 10**6}MB"
 
+    def duckdb_memory_left(self, held_bytes: int) -> str | None:
+        """DuckDB's limit for a query run while Python already holds ``held_bytes``
+        (e.g. a whole parsed file): its share (:attr:`duckdb_memory_limit`), or, when
+        less is left of :attr:`memory_limit`, three quarters of what is left (at least
+        256 MB; it spills to disk beyond)."""
+        if self.memory_limit is None:
+            return None
+        budget = memory_bytes(self.memory_limit)
+        left = max((budget - held_bytes) * 3 // 4, 256 * 10**6)
+        return f"{min(budget // 2, left) // 10**6}MB"
+
 
 def memory_bytes(size: str) -> int:
     """``"4GB"`` -> 4_000_000_000, ``"4GiB"`` -> 4 * 2**30 (DuckDB's reading of sizes)."""

@@ -31,6 +31,7 @@ import pandas as pd
 
 from analysis.config import TABLE_CONTRACTS, Config, TableSpec
 from analysis.errors import DataContractError
+from analysis.memory import rss_bytes, spill_directory
 
 __all__ = [
     "OPTIONAL_INPUTS",
@@ -885,8 +886,11 @@ def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
     con = duckdb.connect()
     try:
         con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
-        if config.analysis.duckdb_memory_limit:
-            con.execute(f"SET memory_limit = '{config.analysis.duckdb_memory_limit}'")
+        # the parsed file is held by Python meanwhile: DuckDB gets what the budget leaves
+        if limit := config.analysis.duckdb_memory_left(rss_bytes()):
+            con.execute(f"SET memory_limit = '{limit}'")
+            spill = str(spill_directory()).replace("'", "''")
+            con.execute(f"SET temp_directory = '{spill}'")
         con.register("parsed", parsed)
         broken = con.execute(BROKEN_RULES.format(first_broken=first_broken)).fetchnumpy()
         repeated = np.empty(0, dtype=np.int64)

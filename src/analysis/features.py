@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
+
+from analysis.memory import spill_directory
 
 __all__ = [
     "CORE_COLUMNS",
@@ -429,8 +430,7 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
     con.execute("SET allocator_background_threads = true")
     if memory_limit:
         con.execute(f"SET memory_limit = '{_sql_text(memory_limit)}'")
-        spill = Path(tempfile.gettempdir()) / "csl-duckdb-spill"
-        con.execute(f"SET temp_directory = '{_sql_text(str(spill))}'")
+        con.execute(f"SET temp_directory = '{_sql_text(str(spill_directory()))}'")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     if isinstance(source, Mapping):

@@ -6,16 +6,32 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["KernelMemory", "peak_rss_mb"]
+__all__ = ["KernelMemory", "peak_rss_mb", "rss_bytes", "spill_directory"]
 
 
 def peak_rss_mb(who: int) -> float:
     """Peak resident memory in MiB: of this process (``resource.RUSAGE_SELF``) or of the
     largest of its finished children, the notebook kernels (``RUSAGE_CHILDREN``)."""
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)      # Linux: kilobytes
+
+
+def spill_directory() -> Path:
+    """Where DuckDB writes what does not fit its memory limit (the system's temporary
+    folder)."""
+    return Path(tempfile.gettempdir()) / "csl-duckdb-spill"
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes (Linux ``/proc``; 0 elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class KernelMemory:
