@@ -269,3 +269,22 @@ def test_the_learner_of_a_large_base_learns_from_a_fixed_share_of_whole_customer
     assert part.evaluation["auuc"] == again.evaluation["auuc"]
     n_held = part.evaluation["n_treated"] + part.evaluation["n_control"]
     assert n_held < 0.45 * (full.evaluation["n_treated"] + full.evaluation["n_control"])
+
+
+def test_a_beaten_learner_is_not_refitted_when_the_caller_will_not_use_it(demo):
+    world, frames = demo
+    con = F.connect({k: frames[k] for k in ("transactions", "customers", "interactions")})
+    kwargs = dict(as_of=world.as_of, horizon_days=90, window_days=90, margin_rate=0.3,
+                  exclude_attributes=("gender", "age_band"), max_rows=None,
+                  baselines=lambda rows: {"pooled": np.zeros(len(rows))})
+    refitted = learn_uplift(con, frames["campaign"], **kwargs)
+    judged = learn_uplift(con, frames["campaign"], refit_beaten=False, **kwargs)
+    assert judged.evaluation == refitted.evaluation
+    # this world's campaigns show no heterogeneity the learner can confirm: it ties with
+    # one effect for everyone, and the simpler ranking wins
+    assert refitted.evaluation["winner"] == "pooled"
+    # the model judged, fitted on the campaigns before the held-out ones
+    train = refitted.evaluation["train_campaigns"]
+    assert [d.isoformat() for d in judged.dates] == train
+    assert len(train) < len(refitted.dates)
+    assert judged.model.n_rows_ < refitted.model.n_rows_

@@ -915,7 +915,7 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
             value_model=value_model, churn_model=churn_model, depth_share=depth_share,
             now=features)
         winner = (summary.get("evaluation") or {}).get("winner")
-        if learned is not None and winner not in (None, "model"):
+        if winner not in (None, "model"):
             # judged out of time, the learned ranking lost to a simpler one: it is not
             # used, and the run says so
             learned = None
@@ -1140,7 +1140,8 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
     value is ``base_value`` exactly; customers the learner cannot score keep it. In the
     judgement the pooled ranking is the same valuation at each held-out campaign over one
     horizon, and the learned one that plus the departure. Returns ``(None, summary)``
-    when the learner cannot be used; the summary says why.
+    when the learner cannot be used or a simpler ranking beat it (then it is not refitted
+    on every campaign).
     """
     hazard_then = None
     if contact is not None:
@@ -1170,12 +1171,15 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
     result = learn_uplift(con, campaign, as_of=as_of, horizon_days=horizon_days,
                           window_days=horizon_days, margin_rate=params.margin_rate,
                           exclude_attributes=exclude, depth_share=depth_share,
-                          baselines=baselines)
+                          baselines=baselines, refit_beaten=False)
     if result is None:
         return None, {"used": False, "why": "fewer than two campaigns with a closed "
                       f"{horizon_days}-day outcome window and both arms"}
     summary = {"used": False, "campaigns": [d.isoformat() for d in result.dates],
                "fit": result.model.summary(), "evaluation": result.evaluation}
+    if (result.evaluation or {}).get("winner") not in (None, "model"):
+        # beaten out of time: not used (the caller says why), so not applied to anyone
+        return None, summary
     if to_window is None:
         per_horizon = result.model.mean_pooled_uplift_
         if not (pooled is not None and per_horizon > 0 and float(pooled["uplift"]) > 0):

@@ -479,8 +479,8 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
                  as_of: dt.date, horizon_days: int, window_days: int, margin_rate: float,
                  exclude_attributes: tuple[str, ...] = (), depth_share: float = 0.2,
                  baselines=None, learner: Literal["x", "t"] = "x", seed: int = 0,
-                 n_held_out: int = 2, max_rows: int | None = UPLIFT_ROWS
-                 ) -> UpliftResult | None:
+                 n_held_out: int = 2, max_rows: int | None = UPLIFT_ROWS,
+                 refit_beaten: bool = True) -> UpliftResult | None:
     """Learn per-customer uplift from the campaigns and judge it out of time.
 
     The ``n_held_out`` latest campaigns whose windows close by ``as_of`` are held out
@@ -506,6 +506,9 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
     max_rows : with more campaign rows than this on the full-window dates, the learner
         learns from and is judged on about this many, those of a fixed share of the
         customers (:func:`customer_share`); None: every row.
+    refit_beaten : False: when the judgement prefers another ranking, the model judged
+        (fitted on the training campaigns) is returned as it is, not refitted on every
+        campaign (for a caller who then does not use it).
 
     Returns
     -------
@@ -587,6 +590,10 @@ def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
             "train_campaigns": sorted({d.isoformat() for d in day[train]}),
             "window_days": int(window_days), "model_fit": early.summary()}
         curves = pd.concat(parts, ignore_index=True)
+    if evaluation is not None and evaluation["winner"] != "model" and not refit_beaten:
+        return UpliftResult(model=early, columns=columns, categories=categories,
+                            evaluation=evaluation, curves=curves,
+                            dates=[d for d in dates if d + window <= held_dates[0]])
     if not enough(np.ones(len(rows), dtype=bool)):
         return None
     model = fit(np.ones(len(rows), dtype=bool))
