@@ -1176,8 +1176,9 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
         return None, {"used": False, "why": "fewer than two campaigns with a closed "
                       f"{horizon_days}-day outcome window and both arms"}
     summary = {"used": False, "campaigns": [d.isoformat() for d in result.dates],
-               "fit": result.model.summary(), "evaluation": result.evaluation}
-    if (result.evaluation or {}).get("winner") not in (None, "model"):
+               "fit": result.model.summary(), "evaluation": result.evaluation,
+               "winner": (result.evaluation or {}).get("winner")}
+    if summary["winner"] not in (None, "model"):
         # beaten out of time: not used (the caller says why), so not applied to anyone
         return None, summary
     if to_window is None:
@@ -1192,8 +1193,7 @@ def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: p
     extra = result.heterogeneity(now).set_axis(now["customer_id"].to_numpy())
     differences = c["customer_id"].map(extra).fillna(0.0).to_numpy(dtype=float)
     learned = np.asarray(base_value, dtype=float) + differences * to_window
-    summary.update(used=True, scale_to_value_window=round(float(to_window), 4),
-                   winner=(result.evaluation or {}).get("winner"))
+    summary.update(used=True, scale_to_value_window=round(float(to_window), 4))
     return learned, summary
 
 
