@@ -288,3 +288,25 @@ def test_a_beaten_learner_is_not_refitted_when_the_caller_will_not_use_it(demo):
     assert [d.isoformat() for d in judged.dates] == train
     assert len(train) < len(refitted.dates)
     assert judged.model.n_rows_ < refitted.model.n_rows_
+
+
+def test_recent_campaign_customers_hold_everyone_active_at_each_campaign(demo):
+    """The customers features are built for at a campaign: every one of its customers
+    active at it (a purchase within one horizon before), and none without a line then."""
+    from analysis.uplift import recent_campaign_customers
+
+    world, frames = demo
+    con = F.connect({k: frames[k] for k in ("transactions", "customers", "interactions")})
+    campaign = frames["campaign"]
+    dates = sorted(pd.to_datetime(campaign["campaign_date"]).dt.date.unique())[:3]
+    found = recent_campaign_customers(con, campaign, dates=dates, horizon_days=90)
+    tx = frames["transactions"]
+    for d in dates:
+        at = set(campaign.loc[pd.to_datetime(campaign["campaign_date"]).dt.date == d,
+                              "customer_id"])
+        feats = F.build_features(con, cutoff=d, horizon_days=90)
+        active = set(feats.loc[feats["recency_days"] <= 90, "customer_id"]) & at
+        lines = tx[(tx["order_date"] < pd.Timestamp(d))
+                   & (tx["order_date"] >= pd.Timestamp(d) - pd.Timedelta(days=90))]
+        assert active <= set(found[d]) <= set(lines["customer_id"]) & at
+        assert len(active) > 100 and len(found[d]) < len(at)

@@ -43,6 +43,7 @@ from analysis.uplift import (
     hazard_effect_rows,
     last_coefficient,
     learn_uplift,
+    recent_campaign_customers,
 )
 
 __all__ = [
@@ -858,11 +859,12 @@ def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt
         window, dates = measurement_window(campaign, as_of=as_of, horizon_days=horizon_days)
         on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date
         campaign = campaign[on_dates.isin(dates)].assign(campaign_date=on_dates)
-        # each campaign's contacts and controls at its date, in one pass over the log
-        # (only they are measured: the effect compares them)
-        at_dates = snapshots_by_cutoff(con, cutoffs=dates, horizon_days=window, customers={
-            when: campaign.loc[campaign["campaign_date"] == when, "customer_id"]
-            for when in dates})
+        # each campaign's contacts and controls who may be active at its date, in one
+        # pass over the log (only they are measured: the effect compares them)
+        at_dates = snapshots_by_cutoff(
+            con, cutoffs=dates, horizon_days=window,
+            customers=recent_campaign_customers(con, campaign, dates=dates,
+                                                horizon_days=horizon_days))
         parts = []
         for when, at_campaign in at_dates.items():
             parts.append(at_campaign[at_campaign["recency_days"] <= horizon_days].merge(

@@ -98,6 +98,7 @@ __all__ = [
     "last_coefficient",
     "learn_uplift",
     "qini_curve",
+    "recent_campaign_customers",
     "uplift_at_depth",
     "uplift_matrix",
 ]
@@ -118,6 +119,32 @@ def full_window_dates(campaign: pd.DataFrame, *, as_of: dt.date, window_days: in
     return sorted(d for d in both if d + dt.timedelta(days=window_days) <= as_of)
 
 
+def recent_campaign_customers(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
+                              dates: list[dt.date], horizon_days: int
+                              ) -> dict[dt.date, np.ndarray]:
+    """Per campaign date, the ids of its customers with an order line in the
+    ``horizon_days`` before it: every customer active at the campaign (an order within
+    one horizon before it) is among them, so features need be built for them only."""
+    days = pd.to_datetime(campaign["campaign_date"]).dt.date
+    con.register("_campaign_rows", pd.DataFrame({
+        "customer_id": campaign["customer_id"].astype(str).to_numpy(),
+        "campaign_date": pd.to_datetime(days).to_numpy()}))
+    try:
+        found = con.execute(f"""
+            SELECT DISTINCT c.customer_id, CAST(c.campaign_date AS DATE) AS day
+            FROM _campaign_rows c
+            SEMI JOIN lines l ON l.customer_id = c.customer_id
+                 AND l.order_date < CAST(c.campaign_date AS DATE)
+                 AND l.order_date >= CAST(c.campaign_date AS DATE) - {int(horizon_days)}
+            WHERE CAST(c.campaign_date AS DATE) IN
+                  ({", ".join(f"DATE '{d.isoformat()}'" for d in dates) or "NULL"})
+            """).df()
+    finally:
+        con.unregister("_campaign_rows")
+    day = pd.to_datetime(found["day"]).dt.date
+    return {d: found.loc[day == d, "customer_id"].to_numpy() for d in dates}
+
+
 def campaign_outcomes(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
                       dates: list[dt.date], window_days: int, horizon_days: int,
                       margin_rate: float, exclude_attributes: tuple[str, ...] = ()
@@ -134,11 +161,12 @@ def campaign_outcomes(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
         share among these rows) and ``outcome`` (margin in the window).
     """
     days = pd.to_datetime(campaign["campaign_date"]).dt.date
-    # each campaign's contacts and controls at its date, in one pass over the log
-    at_dates = snapshots_by_cutoff(con, cutoffs=dates, horizon_days=window_days,
-                                   exclude_attributes=exclude_attributes, customers={
-                                       date: campaign.loc[days == date, "customer_id"]
-                                       for date in dates})
+    # each campaign's contacts and controls who may be active at its date, in one pass
+    # over the log
+    at_dates = snapshots_by_cutoff(
+        con, cutoffs=dates, horizon_days=window_days, exclude_attributes=exclude_attributes,
+        customers=recent_campaign_customers(con, campaign, dates=dates,
+                                            horizon_days=horizon_days))
     parts = []
     for date in dates:
         arm = campaign.loc[days == date, ["customer_id", "treated"]]
