@@ -586,7 +586,8 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
     drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
     # the work grows with the lines and with the customers each snapshot keeps
     n_lines, n_customers = con.execute(
-        "SELECT COUNT(*), approx_count_distinct(customer_id) FROM lines").fetchall()[0]
+        "SELECT COUNT(*), " + ("approx_count_distinct(customer_id)" if chosen else "1")
+        + " FROM lines").fetchall()[0]
     weight = sum((len(chosen[c]) / max(n_customers, 1) if c in chosen
                   else 1.0 if k is None else k / 1_000_000)
                  for c, k in zip(cutoffs, keep_below, strict=True))
