@@ -166,7 +166,8 @@ class AnalysisParams(_Params):
     memory_limit : the memory budget of each stage of a run, e.g. ``"4GB"``. DuckDB gets
         half of it for the feature work (:attr:`duckdb_memory_limit`; it spills to disk
         beyond); the other half is for the tables Python holds (one row per customer,
-        and the cleaned input while it is checked, read in chunks). Default: no budget
+        and the cleaned input while it is checked, read in chunks; the DuckDB judging a
+        whole parsed file gets less, :meth:`duckdb_memory_left`). Default: no budget
         (DuckDB's own limit, 80 % of the machine's memory).
     min_customers : fewer customers with a purchase than this stops the run (exit 4):
         segments, tiers and models over a handful of customers would mislead.
