@@ -180,6 +180,23 @@ def test_each_row_rule_quarantines_with_its_reason(tmp_path):
     assert q.loc[4, "raw:order_date"] == "2024-13-01"  # the original value is kept
 
 
+def test_status_and_category_text_is_cleaned_per_value_and_kept_per_row(tmp_path):
+    # the text rules run once per distinct value; each row gets its own value's result
+    table = load_csv(tmp_path, "customer_id,order_date,amount,status,category\n"
+                               "a,2024-01-01,5, Completed ,toys\n"
+                               "a,2024-01-02,5,,\n"
+                               "b,2024-01-03,5,  , Toys \n"
+                               "b,2024-01-04,-5,REFUNDED,toys\n"
+                               "c,2024-01-05,5,lost,  \n"
+                               "c,2024-01-06,5,completed,books\n")
+    assert rules_of(table) == {5: "unknown_status"}
+    assert table.data["status"].tolist() == ["completed", "completed", "completed",
+                                             "returned", "completed"]
+    assert table.data["category"].tolist() == ["toys", "unknown", "Toys", "toys", "books"]
+    assert table.quarantine.loc[0, "detail"] == "status='lost' is not one of " \
+                                                "completed/cancelled/returned"
+
+
 def test_negative_quantity_is_quarantined(tmp_path):
     table = load_csv(tmp_path, "customer_id,order_date,amount,quantity\n"
                                "a,2024-01-01,5,-1\na,2024-01-02,5,2\n")
