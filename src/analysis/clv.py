@@ -165,8 +165,10 @@ class BetaGeoModel:
         if len(x) < 10 or (x > 0).sum() < 2:
             raise ValueError("BG/NBD needs at least 10 customers, 2 with repeat purchases")
 
+        counts = np.unique(x, return_inverse=True)     # a few hundred repeat counts
+
         def nll(log_params):
-            ll = self._loglik(np.exp(log_params), x, tx, t).sum()
+            ll = self._loglik(np.exp(log_params), x, tx, t, counts).sum()
             return -ll + self.penalizer * np.sum(log_params ** 2)
 
         best = None
@@ -176,19 +178,24 @@ class BetaGeoModel:
                 best = res
         r, alpha, a, b = np.exp(best.x)
         self.params_ = {"r": float(r), "alpha": float(alpha), "a": float(a), "b": float(b)}
-        self.loglik_ = float(self._loglik(np.exp(best.x), x, tx, t).sum())
+        self.loglik_ = float(self._loglik(np.exp(best.x), x, tx, t, counts).sum())
         return self
 
     @staticmethod
-    def _loglik(params, x, tx, t):
+    def _loglik(params, x, tx, t, counts=None):
+        """Each customer's log-likelihood (the paper's equation 6). ``counts``:
+        ``np.unique(x, return_inverse=True)``; the terms that depend on the repeat count
+        alone (the special functions) are then computed once per distinct count."""
         r, alpha, a, b = params
-        a1 = special.gammaln(r + x) - special.gammaln(r) + r * np.log(alpha)
-        a2 = special.betaln(a, b + x) - special.betaln(a, b)
+        ux, at = counts if counts is not None else (x, slice(None))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_count = (special.gammaln(r + ux) - special.gammaln(r) + r * np.log(alpha)
+                         + special.betaln(a, b + ux) - special.betaln(a, b))
+            repeat = np.log(a) - np.log(np.maximum(b + ux - 1, 1e-300))
         a3 = -(r + x) * np.log(alpha + t)
         with np.errstate(divide="ignore", invalid="ignore"):
-            a4 = np.where(x > 0, np.log(a) - np.log(np.maximum(b + x - 1, 1e-300))
-                          - (r + x) * np.log(alpha + tx), -np.inf)
-        return a1 + a2 + np.logaddexp(a3, a4)
+            a4 = np.where(x > 0, repeat[at] - (r + x) * np.log(alpha + tx), -np.inf)
+        return per_count[at] + np.logaddexp(a3, a4)
 
     def _check(self):
         if not hasattr(self, "params_"):
