@@ -371,6 +371,19 @@ def demo_run(tmp_path_factory):
     return world, frames, con, run
 
 
+def test_a_large_validation_snapshot_is_sampled_and_the_evaluation_never_is(demo_run):
+    world, _, con, run = demo_run
+    capped = M.fit_and_evaluate(con, as_of=world.as_of, horizon_days=90, n_cutoffs=14,
+                                step_days=30, exclude=("gender", "age_band"), seed=1,
+                                max_valid_rows=1_000)
+    # about 1,000 of the customers known at the evaluation cutoff (fewer are known at
+    # the earlier validation cutoff), drawn before the features were built
+    assert 700 <= capped.sizes["valid"] <= 1_050 < run.sizes["valid"]
+    assert capped.sizes["eval"] == run.sizes["eval"]
+    pd.testing.assert_series_equal(capped.evaluation["customer_id"],
+                                   run.evaluation["customer_id"])
+
+
 def oracle_churn_probability(frame: pd.DataFrame, *, cutoff: dt.date, horizon: int,
                              world: DemoWorld) -> np.ndarray:
     """The best possible churn score with the ground truth's individual rates and the

@@ -1021,7 +1021,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      horizon_days: int, n_cutoffs: int, step_days: int,
                      exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
                      min_customers: int = 200, max_train_rows: int = 300_000,
-                     max_baseline_rows: int = 100_000,
+                     max_baseline_rows: int = 100_000, max_valid_rows: int = 400_000,
                      lifecycle: dict | None = None,
                      reasons_sample: int | None = None,
                      score_features: pd.DataFrame | None = None) -> ModelRun:
@@ -1031,8 +1031,10 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     Cutoffs come from :func:`honest_cutoffs`: the evaluation cutoff is never used in
     training or choosing, and no training or validation label looks past it. Training
     snapshots beyond ``max_train_rows`` rows are sampled (uniformly, fixed seed), and
-    the logistic regression is fitted on at most ``max_baseline_rows`` of them: on large
-    customer bases more rows add time, not accuracy.
+    the logistic regression is fitted on at most ``max_baseline_rows`` of them, and the
+    validation snapshot keeps about ``max_valid_rows`` customers (drawn by a hash of the
+    id, before its features are built): on large customer bases more rows add time, not
+    accuracy. The evaluation snapshot always keeps every customer.
 
     **Which method scores the customers** is chosen, not assumed. The validation
     snapshot's customers are split in two halves (random, stratified by churn, fixed
@@ -1098,6 +1100,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     n_known = con.execute("SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date "
                           f"< DATE '{eval_cut.isoformat()}'").fetchone()[0]
     share = max_train_rows / max(n_known * len(train_cuts), 1)
+    valid_share = max_valid_rows / max(n_known, 1)
     # every snapshot, and the features at the scoring date, from one pass over the log;
     # memory: each snapshot is its own frame (no stacked copy to split), and once the
     # model matrices exist only the columns the evaluation needs are kept
@@ -1106,7 +1109,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         con, cutoffs=[*train_cuts, valid_cut, eval_cut,
                       *([as_of] if score_features is None else [])],
         horizon_days=horizon_days, exclude_attributes=exclude,
-        sample_share=dict.fromkeys(train_cuts, 1.1 * share if share < 0.9 else None))
+        sample_share={**dict.fromkeys(train_cuts, 1.1 * share if share < 0.9 else None),
+                      valid_cut: valid_share if valid_share < 0.9 else None})
     valid = frames.pop(valid_cut).assign(cutoff=pd.Timestamp(valid_cut))
     test = frames.pop(eval_cut).assign(cutoff=pd.Timestamp(eval_cut))
     if score_features is None:

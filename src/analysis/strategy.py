@@ -1365,8 +1365,8 @@ def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, rete
            .merge(actions, on="customer_id")
            .assign(potential=decisions["potential"].to_numpy(),
                    churn_risk=decisions["churn_risk"].to_numpy(),
-                   alerts=lambda d: d["customer_id"].map(
-                       alerts.groupby("customer_id")["rule"].agg("; ".join)).fillna("")))
+                   alerts=lambda d: d["customer_id"].map(_rules_by_customer(alerts))
+                   .fillna("")))
     out = decision_table(out, horizon_days=horizon_days,
                          period_days=int(retention["value_window_days"]), params=params)
     retention = campaign_summary(out, retention, targeted=int(targeting["targeted"].sum()))
@@ -1380,6 +1380,19 @@ def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, rete
                        margin_uplift=uplift if uplift is not None else pd.DataFrame(),
                        guardrails=guardrail_effects(review), alerts=alerts,
                        fairness=fairness)
+
+
+def _rules_by_customer(alerts: pd.DataFrame) -> pd.Series:
+    """Each alerted customer's rules, joined by ``"; "`` in the alerts' order (a
+    customer's first rule, then "; " and the next rule for as many as it has: a few
+    vectorised joins instead of one Python join per customer)."""
+    rank = alerts.groupby("customer_id", sort=False).cumcount()
+    wide = alerts.assign(_k=rank.to_numpy()).pivot(index="customer_id", columns="_k",
+                                                   values="rule")
+    joined = wide[0] if len(wide.columns) else pd.Series(dtype=object)
+    for k in wide.columns[1:]:
+        joined = joined.where(wide[k].isna(), joined + "; " + wide[k])
+    return joined
 
 
 def decision_table(out: pd.DataFrame, *, horizon_days: int, period_days: int,

@@ -688,7 +688,8 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
         ``p_alive``, ``purchase_rate`` and ``hazard`` (per day, if active), and
         ``purchase_days`` (in the window).
     """
-    days = pd.to_datetime(campaign["campaign_date"]).dt.date
+    days = pd.to_datetime(campaign["campaign_date"]).to_numpy(dtype="datetime64[D]")
+    ids = campaign["customer_id"].astype(str)
     parts = []
     # the purchase days are gathered once (rfm_summaries' table) for every campaign, and
     # each campaign's outcomes are read for its own customers only
@@ -718,9 +719,11 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
                 WHERE order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}'
                 GROUP BY customer_id ORDER BY customer_id""").df()
             seen["customer_id"] = seen["customer_id"].astype(str)
+            on_date = days == np.datetime64(date, "D")
             active = seen[seen["recency_days"] <= horizon_days].merge(
-                campaign.loc[days == date, ["customer_id", "treated"]].astype(
-                    {"customer_id": str}), on="customer_id")
+                pd.DataFrame({"customer_id": ids[on_date].to_numpy(),
+                              "treated": campaign["treated"].to_numpy()[on_date]}),
+                on="customer_id")
             if active.empty:
                 continue
             s = summary.reindex(active["customer_id"])
