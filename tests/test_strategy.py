@@ -497,3 +497,13 @@ def test_who_carries_which_reasons():
     assert set(c.index[value]) == top_value | set(range(50, 60))
     assert set(c.index[churn]) == (set(range(60)) | set(range(0, n, 7)) | top_value
                                    | top_churn)
+
+
+def test_alert_rules_are_joined_per_customer_in_the_alerts_order():
+    rng = np.random.default_rng(3)
+    alerts = pd.DataFrame({"customer_id": rng.choice(list("abcdefg"), 40),
+                           "rule": rng.choice(["overdue", "declining", "complaint"], 40)})
+    expected = alerts.groupby("customer_id")["rule"].agg("; ".join)
+    joined = S._rules_by_customer(alerts)
+    assert joined.sort_index().to_dict() == expected.to_dict()
+    assert S._rules_by_customer(alerts.iloc[:0]).empty
