@@ -236,40 +236,40 @@ def _set_aside(raw: pd.DataFrame, mapped: pd.DataFrame, rules: pd.Series, bad: p
 def _set_aside_again(spec: TableSpec, judged: pd.Series, *, table: str, config: Config,
                      chunk_rows: int) -> list[pd.DataFrame]:
     """The quarantine rows of the rows :func:`_judge_rows` set aside, with their original
-    values: the file is read again, in the same chunks, for the chunks that hold them."""
+    values: the file is read again, in the same chunks, for the rows set aside."""
     wanted = np.sort(judged.index.to_numpy())
     out = []
-    for raw in _chunks_holding(spec, chunk_rows, wanted):
-        rows = wanted[(wanted >= raw.index[0]) & (wanted <= raw.index[-1])]
+    for raw in _rows_of_chunks(spec, chunk_rows, wanted):
         mapped, _ = _map_columns(raw, spec, table=table, pii=config.pii)
-        rules = pd.Series(pd.NA, index=raw.index, dtype="object")
-        rules.loc[rows] = judged.loc[rows].to_numpy()
+        rules = pd.Series(judged.loc[raw.index].to_numpy(), index=raw.index, dtype="object")
         out.append(_set_aside(raw, mapped, rules, rules.notna(), config=config))
     return out
 
 
-def _chunks_holding(spec: TableSpec, chunk_rows: int, rows: np.ndarray
+def _rows_of_chunks(spec: TableSpec, chunk_rows: int, rows: np.ndarray
                     ) -> Iterator[pd.DataFrame]:
-    """The chunks of :func:`_read_chunks` (the same rows, the same values) that hold any
-    of ``rows`` (0-based file rows, sorted), indexed by file row - 1. A Parquet file's
-    other chunks are skipped without being converted; the reading stops after the last
-    row asked for."""
+    """``rows`` (0-based file rows, sorted) as :func:`_read_chunks` reads them (the same
+    values), one frame per chunk that holds any, indexed by file row - 1. Of a Parquet
+    file only those rows are converted; the reading stops after the last row asked
+    for."""
     if not len(rows):
         return
     if spec.resolved_format == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        chunks = ((len(b), lambda b=b: pa.Table.from_batches([b]).to_pandas())
+        chunks = ((len(b), lambda at, b=b: pa.Table.from_batches([b]).take(at).to_pandas())
                   for b in pq.ParquetFile(spec.path).iter_batches(batch_size=chunk_rows))
     else:
-        chunks = ((len(f), lambda f=f: f) for f in _read_chunks(spec, chunk_rows))
+        chunks = ((len(f), lambda at, f=f: f.iloc[at])
+                  for f in _read_chunks(spec, chunk_rows))
     start = 0
     for n, frame in chunks:
         end = start + n
-        if n and np.any((rows >= start) & (rows < end)):
-            raw = frame()
-            raw.index = pd.RangeIndex(start, end)
+        held = rows[(rows >= start) & (rows < end)]
+        if len(held):
+            raw = frame(held - start)
+            raw.index = pd.Index(held)
             yield raw
         if end > rows[-1]:
             return
@@ -475,7 +475,7 @@ def _read_chunks(spec: TableSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
             if source.metadata.num_rows == 0:
                 yield source.schema_arrow.empty_table().to_pandas()
             for batch in source.iter_batches(batch_size=chunk_rows):
-                yield pa.Table.from_batches([batch]).to_pandas()   # as _chunks_holding
+                yield pa.Table.from_batches([batch]).to_pandas()   # as _rows_of_chunks
         elif fmt == "excel":
             frame = pd.read_excel(path, sheet_name=spec.sheet or 0, dtype=str,
                                   header=0 if spec.header else None,

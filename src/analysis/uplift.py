@@ -330,14 +330,18 @@ def last_coefficient(X: np.ndarray, y: np.ndarray, *, clusters: np.ndarray | Non
                      ) -> tuple[float, float]:
     """Least-squares coefficient of the last column of ``X`` and its robust standard
     error: HC1, or clustered by ``clusters`` (a customer in several campaigns' rows, such
-    as a persistent control group, is one cluster: its rows are not independent)."""
+    as a persistent control group, is one cluster: its rows are not independent). A
+    caller fitting repeatedly on the same rows passes ``pd.factorize(ids)[0]``: integer
+    clusters cost a fraction of text ones."""
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
     resid = y - X @ beta
     bread = np.linalg.pinv(X.T @ X)
     n, k = X.shape
-    if clusters is not None and len(pd.unique(clusters)) < n:
-        scores = pd.DataFrame(X * resid[:, None]).groupby(clusters).sum().to_numpy()
-        g = len(scores)
+    codes, groups = pd.factorize(clusters) if clusters is not None else (None, ())
+    if clusters is not None and len(groups) < n:
+        g = len(groups)
+        scores = np.column_stack([np.bincount(codes, weights=column, minlength=g)
+                                  for column in (X * resid[:, None]).T])
         meat = scores.T @ scores * (g / max(g - 1, 1)) * ((n - 1) / max(n - k, 1))
         cov = bread @ meat @ bread
     else:
@@ -775,7 +779,7 @@ def estimate_hazard_effect(rows: pd.DataFrame, *, max_iter: int = 100,
     scale = (rows["p_alive"] * rows["purchase_rate"]).to_numpy(dtype=float)
     base = scale * expected_alive_time(h, w)
     d = t - rows["propensity"].to_numpy(dtype=float)
-    clusters = rows["customer_id"].to_numpy()
+    clusters = pd.factorize(rows["customer_id"])[0]      # once, for every iteration
     root_weight = 1.0 / np.sqrt(1.0 + base)
     effect, se, converged = 0.3, float("nan"), False
     for _ in range(max_iter):
