@@ -21,7 +21,7 @@ from scipy import optimize, special
 from analysis.config import DAYS_PER_MONTH
 
 __all__ = ["BGNBD_FIT_CUSTOMERS", "BetaGeoModel", "GammaGammaModel", "expected_alive_time",
-           "fit_bgnbd", "fit_gamma_gamma", "rfm_summaries", "rfm_summary"]
+           "fit_bgnbd", "fit_gamma_gamma", "fit_positions", "rfm_summaries", "rfm_summary"]
 
 
 def rfm_summary(transactions, *, calibration_end: dt.date,
@@ -91,14 +91,16 @@ GROUP BY customer_id, order_date
 
 
 def rfm_summaries(con, *, calibration_ends: list[dt.date], time_unit_days: float = 7.0,
-                  extra_days: int = 0):
+                  extra_days: int = 0, in_duckdb: bool = False):
     """:func:`rfm_summary` at each of ``calibration_ends`` (oldest first), from one pass
     over a connection's ``lines``: the purchase days are gathered once, into the
     temporary table ``purchase_days_rfm`` (up to ``extra_days`` after the last date, for
     a caller who also reads what followed), and each summary is computed from it.
 
     Yields ``(calibration_end, summary)``, one at a time (a summary of a large base is
-    large); the table is dropped when the iteration ends.
+    large); the table is dropped when the iteration ends. With ``in_duckdb`` the summary
+    stays in DuckDB, as the temporary table ``rfm_summary_at`` (:data:`RFM_SUMMARY`'s
+    columns, in days; replaced at each date), for a caller who reads only some customers.
     """
     ends = sorted(set(calibration_ends))
     if not ends:
@@ -108,12 +110,37 @@ def rfm_summaries(con, *, calibration_ends: list[dt.date], time_unit_days: float
                 + PURCHASE_DAYS.format(end=last, since=""))
     try:
         for end in ends:
-            yield end, _rfm_summary_sql(
-                con, calibration_end=end, time_unit_days=time_unit_days, start=None,
-                days=f"SELECT * FROM purchase_days_rfm WHERE order_date < DATE "
-                     f"'{end.isoformat()}'")
+            days = f"SELECT * FROM purchase_days_rfm WHERE order_date < DATE '{end.isoformat()}'"
+            if in_duckdb:
+                con.execute("CREATE OR REPLACE TEMP TABLE rfm_summary_at AS "
+                            + RFM_SUMMARY.format(days=days, last_day=_last_day(end)))
+                yield end, "rfm_summary_at"
+            else:
+                yield end, _rfm_summary_sql(
+                    con, calibration_end=end, time_unit_days=time_unit_days, start=None,
+                    days=days)
     finally:
         con.execute("DROP TABLE IF EXISTS purchase_days_rfm")
+        con.execute("DROP TABLE IF EXISTS rfm_summary_at")
+
+
+#: Per customer, from the purchase days ``days`` selects (as :data:`PURCHASE_DAYS`)
+#: before a calibration end whose last day is ``last_day``: repeat purchases, the days
+#: from the first purchase to the last and to the last day, spend, and the first
+#: purchase's day and value; ordered by customer.
+RFM_SUMMARY = """
+WITH days AS ({days})
+SELECT customer_id, COUNT(*) - 1 AS frequency,
+       date_diff('day', MIN(order_date), MAX(order_date)) AS recency_days,
+       date_diff('day', MIN(order_date), DATE '{last_day}') AS t_days,
+       CAST(SUM(amount) AS DOUBLE) AS total,
+       CAST(arg_min(amount, order_date) AS DOUBLE) AS first_value,
+       MIN(order_date) AS first_purchase
+FROM days GROUP BY customer_id ORDER BY customer_id"""
+
+
+def _last_day(calibration_end: dt.date) -> str:
+    return (pd.Timestamp(calibration_end) - pd.Timedelta(days=1)).date().isoformat()
 
 
 def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
@@ -121,17 +148,8 @@ def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
     """:func:`rfm_summary` over a connection's ``lines`` view (or the purchase days
     ``days`` selects, as :data:`PURCHASE_DAYS`), computed by DuckDB."""
     since = f"AND order_date >= DATE '{start.isoformat()}'" if start else ""
-    end = pd.Timestamp(calibration_end) - pd.Timedelta(days=1)
     days = days or PURCHASE_DAYS.format(end=calibration_end.isoformat(), since=since)
-    out = con.execute(f"""
-        WITH days AS ({days})
-        SELECT customer_id, COUNT(*) - 1 AS frequency,
-               date_diff('day', MIN(order_date), MAX(order_date)) AS recency_days,
-               date_diff('day', MIN(order_date), DATE '{end.date().isoformat()}') AS t_days,
-               CAST(SUM(amount) AS DOUBLE) AS total,
-               CAST(arg_min(amount, order_date) AS DOUBLE) AS first_value,
-               MIN(order_date) AS first_purchase
-        FROM days GROUP BY customer_id ORDER BY customer_id""").df()
+    out = con.execute(RFM_SUMMARY.format(days=days, last_day=_last_day(calibration_end))).df()
     n = out["frequency"].astype("int64")
     return pd.DataFrame({
         "frequency": n.to_numpy(),
@@ -289,7 +307,14 @@ def _fit_rows(summary: pd.DataFrame, max_customers: int | None) -> pd.DataFrame:
     the same rows)."""
     if max_customers is None or len(summary) <= max_customers:
         return summary
-    return summary.iloc[np.linspace(0, len(summary) - 1, max_customers).round().astype(int)]
+    return summary.iloc[fit_positions(len(summary), max_customers)]
+
+
+def fit_positions(n: int, max_customers: int = BGNBD_FIT_CUSTOMERS) -> np.ndarray:
+    """The positions :func:`_fit_rows` keeps of ``n`` rows."""
+    if n <= max_customers:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_customers).round().astype(int)
 
 
 def fit_bgnbd(summary: pd.DataFrame, *, max_customers: int | None = None) -> BetaGeoModel:

@@ -77,7 +77,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from analysis.clv import BGNBD_FIT_CUSTOMERS, expected_alive_time, fit_bgnbd, rfm_summaries
+from analysis.clv import (
+    BGNBD_FIT_CUSTOMERS,
+    fit_positions,
+    expected_alive_time,
+    fit_bgnbd,
+    rfm_summaries,
+)
 from analysis.features import snapshots_by_cutoff
 from analysis.models import categories_of, feature_columns, prepare_matrix
 
@@ -695,43 +701,59 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
     days = pd.to_datetime(campaign["campaign_date"]).to_numpy(dtype="datetime64[D]")
     ids = campaign["customer_id"].astype(str)
     parts = []
-    # the purchase days are gathered once (rfm_summaries' table) for every campaign, and
-    # each campaign's outcomes are read for its own customers only
+    # the purchase days are gathered once (rfm_summaries' table) for every campaign; each
+    # date's summary stays in DuckDB, which hands over only the rows BG/NBD is fitted on
+    # (fit_bgnbd's evenly spaced customers) and the campaign's own customers, with their
+    # outcomes
     con.register("_campaign_customers", pd.DataFrame({
-        "customer_id": campaign["customer_id"].astype(str).to_numpy(),
+        "customer_id": ids.to_numpy(),
         "campaign_date": pd.to_datetime(campaign["campaign_date"]).to_numpy()}))
     summaries = rfm_summaries(con, calibration_ends=full_window_dates(
-        campaign, as_of=as_of, window_days=horizon_days), extra_days=int(window_days))
+        campaign, as_of=as_of, window_days=horizon_days), extra_days=int(window_days),
+        in_duckdb=True)
+    weeks = "s.frequency, s.recency_days / 7.0 AS recency, s.t_days / 7.0 AS T"
     try:
         for date, summary in summaries:
             window = min(int(window_days), (as_of - date).days)
+            n = con.execute(f"SELECT COUNT(*) FROM {summary}").fetchall()[0][0]
+            con.register("_fit_positions", pd.DataFrame({"i": fit_positions(n)}))
             try:
-                bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
+                bg = fit_bgnbd(con.execute(
+                    f"SELECT {weeks} FROM (SELECT *, row_number() OVER (ORDER BY "
+                    f"customer_id) - 1 AS i FROM {summary}) s SEMI JOIN _fit_positions "
+                    f"USING (i) ORDER BY i").df(), max_customers=BGNBD_FIT_CUSTOMERS)
             except ValueError:
                 continue
+            finally:
+                con.unregister("_fit_positions")
             seen = con.execute(f"""
-                SELECT customer_id,
-                       date_diff('day', MAX(order_date) FILTER (
-                                     WHERE order_date < DATE '{date.isoformat()}'),
-                                 DATE '{date.isoformat()}') AS recency_days,
-                       COUNT(*) FILTER (WHERE order_date >= DATE '{date.isoformat()}')
-                           AS purchase_days
-                FROM purchase_days_rfm
-                SEMI JOIN (SELECT DISTINCT customer_id FROM _campaign_customers
-                           WHERE CAST(campaign_date AS DATE) = DATE '{date.isoformat()}') c
-                     USING (customer_id)
-                WHERE order_date < DATE '{(date + dt.timedelta(days=window)).isoformat()}'
-                GROUP BY customer_id ORDER BY customer_id""").df()
+                SELECT o.*, {weeks}
+                FROM (SELECT customer_id,
+                             date_diff('day', MAX(order_date) FILTER (
+                                           WHERE order_date < DATE '{date.isoformat()}'),
+                                       DATE '{date.isoformat()}') AS recency_days,
+                             COUNT(*) FILTER (WHERE order_date >= DATE '{date.isoformat()}')
+                                 AS purchase_days
+                      FROM purchase_days_rfm
+                      SEMI JOIN (SELECT DISTINCT customer_id FROM _campaign_customers
+                                 WHERE CAST(campaign_date AS DATE)
+                                       = DATE '{date.isoformat()}') c
+                           USING (customer_id)
+                      WHERE order_date
+                            < DATE '{(date + dt.timedelta(days=window)).isoformat()}'
+                      GROUP BY customer_id) o
+                LEFT JOIN {summary} s USING (customer_id)
+                WHERE o.recency_days <= {int(horizon_days)}
+                ORDER BY customer_id""").df()
             seen["customer_id"] = seen["customer_id"].astype(str)
             on_date = days == np.datetime64(date, "D")
-            active = seen[seen["recency_days"] <= horizon_days].merge(
+            active = seen.merge(
                 pd.DataFrame({"customer_id": ids[on_date].to_numpy(),
                               "treated": campaign["treated"].to_numpy()[on_date]}),
                 on="customer_id")
             if active.empty:
                 continue
-            s = summary.reindex(active["customer_id"])
-            x, tx, T = (s[c].to_numpy(dtype=float) for c in ("frequency", "recency", "T"))
+            x, tx, T = (active[c].to_numpy(dtype=float) for c in ("frequency", "recency", "T"))
             rate, hazard = bg.rates_if_alive(x, tx, T)
             treated = active["treated"].astype(bool).to_numpy()
             parts.append(pd.DataFrame({
