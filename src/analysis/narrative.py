@@ -390,7 +390,7 @@ def key_numbers(page: Page) -> list[Block]:
          f"no order in {h} days)"),
         (m(c.loc[at_risk, "spend_365d"].sum()) if known else "not estimated",
          "last-12-month revenue of those customers"),
-        (f"{top20:.0%}", "of revenue from the top 20 % of customers"),
+        (f"{top20:.0%}", "of all revenue to date from the top 20 % of customers"),
         (m(total), f"expected profit with the recommended actions, next {period} days"),
     ]
     out = [heading("1. Key numbers"), kpi_cards(cards), paragraph(
