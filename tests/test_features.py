@@ -100,6 +100,18 @@ def test_minimal_contract_has_no_invented_columns():
     assert a["n_orders"] == a["frequency"] == 3  # 01-01, 01-11, 02-10 (the return's line)
 
 
+def test_a_build_leaves_the_connections_row_order_setting_as_it_was():
+    # the build lets DuckDB drop row order in its working tables; the caller's queries
+    # on the same connection keep theirs
+    con = F.connect({"transactions": HAND})
+    setting = "SELECT current_setting('preserve_insertion_order')"
+    F.build_features(con, cutoff=CUTOFF, horizon_days=30)
+    assert con.execute(setting).fetchall()[0][0] is True
+    con.execute("SET preserve_insertion_order = false")
+    F.build_features(con, cutoff=CUTOFF, horizon_days=30)
+    assert con.execute(setting).fetchall()[0][0] is False
+
+
 # --------------------------------------------------------------------------- leakage
 
 line = st.tuples(
