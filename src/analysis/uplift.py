@@ -79,9 +79,9 @@ import pandas as pd
 
 from analysis.clv import (
     BGNBD_FIT_CUSTOMERS,
-    fit_positions,
     expected_alive_time,
     fit_bgnbd,
+    fit_positions,
     rfm_summaries,
 )
 from analysis.features import snapshots_by_cutoff
