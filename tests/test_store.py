@@ -43,6 +43,21 @@ def test_read_customers_joins_the_steps_tables_later_step_wins(tmp_path):
     assert store.customer_columns() == list(out.columns)
 
 
+def test_tables_in_the_profiles_order_are_lined_up_as_a_join_would(tmp_path):
+    # the steps write the profile's customers in its order: read without a join, the
+    # table must be the join's (same rows, values, columns)
+    store = RunStore(tmp_path)
+    ids = ["c3", "c1", "c2"]
+    store.write_profile_table(pd.DataFrame({"customer_id": ids, "segment": ["a", "b", "c"]}))
+    store.write_scores(pd.DataFrame({"customer_id": ids, "churn_probability": [0.1, 0.2, 0.3]}))
+    store.write_decisions(pd.DataFrame({"customer_id": ids, "action": ["x", "y", "z"]}))
+    joined = (pd.read_parquet(store.profile_table)
+              .merge(pd.read_parquet(store.scores_table), on="customer_id")
+              .merge(pd.read_parquet(store.decisions_table), on="customer_id"))
+    out = store.read_customers(["customer_id", "segment", "churn_probability", "action"])
+    pd.testing.assert_frame_equal(out, joined[out.columns], check_dtype=False)
+
+
 def test_no_step_rewrites_an_earlier_steps_table(tmp_path):
     store = _three_steps(tmp_path)
     before = store.profile_table.read_bytes()
