@@ -267,3 +267,25 @@ def test_to_dict_round_trips_through_json_and_the_parser(tmp_path):
     assert data["analysis"]["tier_shares"] == list(cfg.analysis.tier_shares)
     again = parse_config({k: v for k, v in data.items() if k != "source"}, base_dir=tmp_path)
     assert again.to_dict() == {**data, "source": None}
+
+
+def test_a_whole_run_on_spark_stops_with_a_config_error_naming_the_key(tmp_path, small_demo):
+    """``engine: spark`` is accepted (the features command runs there) but a whole run is
+    not built on Spark yet: a clear stop (exit 2) before anything is written, never a
+    run that silently uses DuckDB."""
+    from analysis.report import run_pipeline
+
+    path = write_config(tmp_path, {"transactions": {
+        "path": str(small_demo / "transactions.parquet")}},
+        analysis={"engine": "spark"}, spark={"master": "local[2]",
+                                             "conf": {"spark.driver.memory": "1g"}})
+    config = load_config(path)
+    assert config.analysis.engine == "spark" and config.spark.master == "local[2]"
+    assert dict(config.spark.conf) == {"spark.driver.memory": "1g"}
+    with pytest.raises(ConfigError, match="analysis.engine") as stop:
+        run_pipeline(path, run_id="spark")
+    assert stop.value.exit_code == 2 and "docs/spark.md" in str(stop.value)
+    assert not (tmp_path / "reports").exists() and not (tmp_path / "processed").exists()
+    with pytest.raises(ConfigError, match="engine"):
+        load_config(write_config(tmp_path, {"transactions": {
+            "path": str(small_demo / "transactions.parquet")}}, analysis={"engine": "polars"}))

@@ -64,13 +64,15 @@ def test_hand_computed_features_and_labels():
 
 
 def test_interaction_and_attribute_features_exclude_protected():
-    inter = pd.DataFrame({
-        "customer_id": ["A", "A", "A", "B", "A"],
+    inter = pd.DataFrame({    # B answered two surveys on its last survey day: the higher
+        "customer_id": ["A", "A", "A", "B", "A", "B", "B"],
         "date": pd.to_datetime(["2023-06-01", "2024-02-15", "2024-01-01", "2024-02-01",
-                                "2024-03-02"]),
-        "type": ["complaint", "complaint", "survey", "survey", "complaint"],
-        "score": [np.nan, np.nan, 2.0, 5.0, np.nan],
-        "resolved": pd.array([True, False, pd.NA, pd.NA, False], dtype="boolean"),
+                                "2024-03-02", "2024-02-01", "2024-01-05"]),
+        "type": ["complaint", "complaint", "survey", "survey", "complaint", "survey",
+                 "survey"],
+        "score": [np.nan, np.nan, 2.0, 3.0, np.nan, 4.0, 5.0],
+        "resolved": pd.array([True, False, pd.NA, pd.NA, False, pd.NA, pd.NA],
+                             dtype="boolean"),
     })
     customers = pd.DataFrame({"customer_id": ["A", "B"], "signup_date":
                               pd.to_datetime(["2023-12-31", "2023-11-01"]),
@@ -82,7 +84,8 @@ def test_interaction_and_attribute_features_exclude_protected():
     assert got.loc["A", "complaints_90d"] == 1
     assert got.loc["A", "days_since_complaint"] == 15
     assert got.loc["A", "n_unresolved_complaints"] == 1
-    assert got.loc["A", "satisfaction_last"] == 2.0 and got.loc["B", "satisfaction_mean"] == 5.0
+    assert got.loc["A", "satisfaction_last"] == 2.0 and got.loc["B", "satisfaction_mean"] == 4.0
+    assert got.loc["B", "satisfaction_last"] == 4.0
     assert got.loc["B", "n_complaints"] == 0 and np.isnan(got.loc["B", "days_since_complaint"])
     assert got.loc["A", "days_since_signup"] == 61 and got.loc["A", "region"] == "N"
     assert "gender" not in got.columns

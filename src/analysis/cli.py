@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--horizon-days", type=int, default=None,
                    help="label horizon in days (default: the config's)")
     p.add_argument("--out", required=True, type=Path, help="output Parquet file")
+    p.add_argument("--engine", choices=("duckdb", "spark"), default=None,
+                   help="where the SQL runs (default: the config's analysis.engine); "
+                        "spark uses the config's spark section")
     p.set_defaults(func=_features)
 
     p = sub.add_parser("run", help="run the whole pipeline and publish the report",
@@ -241,11 +244,14 @@ def _validate(args: argparse.Namespace) -> int:
 def _features(args: argparse.Namespace) -> int:
     from analysis.config import load_config
     from analysis.data import load_dataset
-    from analysis.features import build_features, connect, resolve_horizon_days
+    from analysis.features import build_features, connect, connect_spark, resolve_horizon_days
 
     config = load_config(args.config)
     dataset = load_dataset(config)
-    con = connect({name: dataset.get(name) for name in dataset.tables})
+    tables = {name: dataset.get(name) for name in dataset.tables}
+    engine = args.engine or config.analysis.engine
+    con = (connect_spark(tables, master=config.spark.master, conf=config.spark.conf)
+           if engine == "spark" else connect(tables))
     horizon = args.horizon_days or resolve_horizon_days(
         con, horizon_days=config.analysis.horizon_days, cutoff=args.cutoff)
     frame = build_features(con, cutoff=args.cutoff, horizon_days=horizon,
@@ -253,7 +259,7 @@ def _features(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(args.out, index=False)
     print(f"{len(frame):,} customers x {frame.shape[1]} columns at cutoff {args.cutoff}, "
-          f"horizon {horizon} days: {args.out}")
+          f"horizon {horizon} days, on {engine}: {args.out}")
     return 0
 
 

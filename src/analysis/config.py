@@ -44,6 +44,7 @@ __all__ = [
     "OutputParams",
     "ReportParams",
     "SnapshotParams",
+    "SparkParams",
     "StrategyParams",
     "TableSpec",
     "load_config",
@@ -175,6 +176,10 @@ class AnalysisParams(_Params):
         (no averages, medians or main categories: they would be noise).
     device : ``cuda`` trains the models and computes SHAP values on an NVIDIA GPU (needs
         the CUDA build of XGBoost: ``make gpu``); ``cpu`` is the tested default.
+    engine : where the set-based work runs: ``duckdb`` (default; this machine) or
+        ``spark`` (Apache Spark, section ``spark``; needs ``make spark``). Spark runs the
+        point-in-time features (``python -m analysis features``); a whole ``run`` on
+        Spark is not built yet and stops with a config error (docs/spark.md).
     reasons_for : which customers get their own reasons in words (exact SHAP values):
         ``all``; ``listed``: those a person reads about (why they may leave: every
         customer on a retention, win-back or phase-out review list, with an early
@@ -199,6 +204,7 @@ class AnalysisParams(_Params):
     memory_limit: str | None = None
     min_segment_customers: int = 30
     device: Literal["cpu", "cuda"] = "cpu"
+    engine: Literal["duckdb", "spark"] = "duckdb"
     reasons_for: Literal["auto", "all", "listed"] = "auto"
     reasons_sample: int = Field(20_000, ge=1)
 
@@ -460,6 +466,22 @@ class OutputParams(_Params):
         return self
 
 
+class SparkParams(_Params):
+    """Apache Spark, for ``analysis.engine: spark`` (config section ``spark``).
+
+    master : where Spark runs: ``local[*]`` (default: this machine, every core),
+        ``spark://host:7077``, ``yarn``, ``k8s://...``. Where a session is already
+        active (a Databricks notebook, ``spark-submit``), that session is used and this
+        is ignored.
+    conf : Spark settings for a new session, e.g. ``spark.driver.memory: 8g``,
+        ``spark.sql.shuffle.partitions: 400`` (beneath them, the project's own:
+        :data:`analysis.engine.SPARK_DEFAULTS`).
+    """
+
+    master: str = "local[*]"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
 class ReportParams(_Params):
     """How the executive page writes its figures (config section ``report``).
 
@@ -471,7 +493,7 @@ class ReportParams(_Params):
     currency: str = Field(default="", max_length=12)
 
 
-_SECTIONS = ("cleaning", "analysis", "strategy", "snapshot", "output", "report")
+_SECTIONS = ("cleaning", "analysis", "strategy", "snapshot", "output", "report", "spark")
 
 
 class Config(_Params):
@@ -490,6 +512,7 @@ class Config(_Params):
     strategy: StrategyParams = Field(default_factory=StrategyParams)
     snapshot: SnapshotParams = SnapshotParams()
     report: ReportParams = ReportParams()
+    spark: SparkParams = Field(default_factory=SparkParams)
 
     @model_validator(mode="before")
     @classmethod

@@ -42,12 +42,18 @@ import datetime as dt
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
 import pandas as pd
 
+from analysis.engine import DuckDBEngine, SparkEngine, as_engine, spark_session
 from analysis.memory import spill_directory
+
+#: what the functions below run their SQL on: a DuckDB connection from :func:`connect`,
+#: or an engine (:func:`connect_spark`)
+Connection = duckdb.DuckDBPyConnection | DuckDBEngine | SparkEngine
 
 __all__ = [
     "CORE_COLUMNS",
@@ -55,6 +61,7 @@ __all__ = [
     "build_features",
     "build_snapshots",
     "connect",
+    "connect_spark",
     "data_end",
     "data_start",
     "fit_horizon_to_history",
@@ -238,13 +245,13 @@ GROUP BY order_date
 # those a cutoff names (``chosen_customers``: customer_id, k). The other cutoffs keep
 # everyone (see :func:`_at_cutoffs`).
 SAMPLED_CUSTOMERS = """
-SELECT c.customer_id, k.cutoff, k.k
+SELECT c.customer_id, cut.cutoff, cut.k
 FROM (SELECT customer_id, MIN(order_date) AS first_date FROM orders_all
       GROUP BY customer_id) c
-JOIN cutoffs k ON c.first_date < k.cutoff
-WHERE hash(c.customer_id || CAST(k.cutoff AS VARCHAR)) % 1000000 < k.keep_below
+JOIN cutoffs cut ON c.first_date < cut.cutoff
+WHERE {bucket} < cut.keep_below
 UNION ALL
-SELECT s.customer_id, k.cutoff, k.k FROM chosen_customers s JOIN cutoffs k USING (k)
+SELECT s.customer_id, cut.cutoff, cut.k FROM chosen_customers s JOIN cutoffs cut ON s.k = cut.k
 """
 
 # Recency, frequency, monetary, tenure, activity windows and rates: every snapshot
@@ -336,6 +343,8 @@ FROM by_channel
 GROUP BY cutoff, customer_id
 """
 
+# ``satisfaction_last``: the score of the last survey; of surveys at the same last time,
+# the highest (whichever one a scan meets first would differ from run to run).
 INTERACTIONS = """
 SELECT i.cutoff, i.customer_id,
        COUNT(*) FILTER (WHERE type = 'complaint')                        AS n_complaints,
@@ -345,7 +354,8 @@ SELECT i.cutoff, i.customer_id,
                                                                          AS days_since_complaint,
        COUNT(*) FILTER (WHERE type = 'complaint' AND {unresolved})      AS n_unresolved_complaints,
        COUNT(*) FILTER (WHERE type = 'ticket')                           AS n_tickets,
-       ARG_MAX(score, i.date) FILTER (WHERE type = 'survey' AND score IS NOT NULL)
+       ARG_MAX(score, ROW(i.date, score)) FILTER (WHERE type = 'survey'
+                                                   AND score IS NOT NULL)
                                                                          AS satisfaction_last,
        AVG(score) FILTER (WHERE type = 'survey')                         AS satisfaction_mean
 FROM {interactions} i
@@ -407,7 +417,8 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
     source : a folder of cleaned tables (``transactions.parquet`` and optionally
         ``customers.parquet``, ``interactions.parquet``; a run's ``clean/`` folder, which
         is used when given the run folder), or a mapping of table name to frame
-        (``transactions`` required).
+        (``transactions`` required; a table the features do not use, such as
+        ``campaign``, is left out).
     memory_limit : DuckDB memory limit such as ``"2GB"``; beyond it DuckDB spills to a
         folder under the system's temporary directory.
     threads : DuckDB worker threads (default: all cores).
@@ -435,7 +446,7 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
         con.execute(f"SET threads = {int(threads)}")
     if isinstance(source, Mapping):
         for name, frame in source.items():
-            if frame is not None:
+            if frame is not None and name in _RAW:     # (a campaign table is not used)
                 con.register(f"{name}_df", frame)
                 con.execute(f"CREATE VIEW {_RAW[name]} AS SELECT * FROM {name}_df")
     else:
@@ -447,23 +458,60 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
             if path.is_file():
                 con.execute(f"CREATE VIEW {view} AS SELECT * FROM "
                             f"read_parquet('{_sql_text(str(path))}')")
-    tables = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    if "tx_raw" not in tables:
+    con.execute("CREATE VIEW lines AS " + _lines_sql(DuckDBEngine(con)))
+    return con
+
+
+def connect_spark(source: str | Path | Mapping[str, pd.DataFrame], *,
+                  session: Any = None, master: str = "local[*]",
+                  conf: Mapping[str, object] | None = None) -> SparkEngine:
+    """The same views as :func:`connect`, on Apache Spark: every function of this
+    module then runs there (``analysis.engine: spark``).
+
+    Parameters
+    ----------
+    source : as in :func:`connect` (a folder of Parquet tables, which Spark reads, or
+        frames, which are handed to Spark).
+    session : a Spark session (default: the active one, e.g. a Databricks notebook's,
+        else a new one on ``master`` with ``conf``: :func:`analysis.engine.spark_session`).
+    """
+    engine = SparkEngine(session or spark_session(master, conf))
+    for name, view in _RAW.items():
+        engine.drop(view)
+    if isinstance(source, Mapping):
+        for name, frame in source.items():
+            if frame is not None and name in _RAW:
+                engine.register(_RAW[name], frame)
+    else:
+        folder = Path(source)
+        if (folder / "clean" / "transactions.parquet").is_file():
+            folder = folder / "clean"
+        for name, view in _RAW.items():
+            path = folder / f"{name}.parquet"
+            if path.exists():
+                engine.read_parquet(view, path)
+    engine.view("lines", _lines_sql(engine))
+    return engine
+
+
+def _lines_sql(engine: DuckDBEngine | SparkEngine) -> str:
+    """The query of the ``lines`` view over ``tx_raw``: the contract's columns, with the
+    defaults of the optional ones, and an order key."""
+    if "tx_raw" not in engine.views():
         raise ValueError("no transactions table to build features from")
-    columns = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
+    columns = set(engine.columns("tx_raw"))
     order_key = ("order_id" if "order_id" in columns
                  else "customer_id || '|' || CAST(CAST(order_date AS DATE) AS VARCHAR)")
-    con.execute("CREATE VIEW lines AS " + _LINES.format(
+    return _LINES.format(
         order_key=order_key,
         status="status" if "status" in columns else "'completed'",
         category="category" if "category" in columns else "'unknown'",
         channel="channel" if "channel" in columns else "'unknown'",
         margin="margin" if "margin" in columns else "CAST(NULL AS DOUBLE)",
-    ))
-    return con
+    )
 
 
-def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
+def build_features(con: Connection, *, cutoff: dt.date,
                    horizon_days: int | None = None, labels: bool = True,
                    exclude_attributes: tuple[str, ...] = (),
                    sample_share: float | None = None) -> pd.DataFrame:
@@ -506,7 +554,7 @@ def build_features(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
     return frames[cutoff]
 
 
-def build_snapshots(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
+def build_snapshots(con: Connection, *, cutoffs: list[dt.date],
                     horizon_days: int, exclude_attributes: tuple[str, ...] = (),
                     sample_share: float | Mapping[dt.date, float | None] | None = None
                     ) -> pd.DataFrame:
@@ -526,7 +574,7 @@ def build_snapshots(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
                      ignore_index=True)
 
 
-def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date],
+def snapshots_by_cutoff(con: Connection, *, cutoffs: list[dt.date],
                         horizon_days: int | None = None, labels: bool = True,
                         exclude_attributes: tuple[str, ...] = (),
                         sample_share: float | Mapping[dt.date, float | None] | None = None,
@@ -559,6 +607,7 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
     dict of DataFrame
         Cutoff → the frame :func:`build_features` returns at it, in cutoff order.
     """
+    eng = as_engine(con)
     cutoffs = sorted({_as_date(c) for c in cutoffs})
     if not cutoffs:
         raise ValueError("snapshots need at least one cutoff")
@@ -578,16 +627,16 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
         "customer_id": np.concatenate([chosen[c] for c in cutoffs if c in chosen] or [[]]),
         "k": np.repeat([k for k, c in enumerate(cutoffs) if c in chosen],
                        [len(chosen[c]) for c in cutoffs if c in chosen]).astype(int)})
-    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
-    tx_cols = {r[0] for r in con.execute("DESCRIBE tx_raw").fetchall()}
+    views = eng.views()
+    tx_cols = set(eng.columns("tx_raw"))
     absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
               "category": ["n_categories", "top_category"],
               "channel": ["n_channels", "top_channel", "top_channel_share"]}
     drop = [c for col, derived in absent.items() if col not in tx_cols for c in derived]
     # the work grows with the lines and with the customers each snapshot keeps
-    n_lines, n_customers = con.execute(
+    n_lines, n_customers = eng.rows(
         "SELECT COUNT(*), " + ("approx_count_distinct(customer_id)" if chosen else "1")
-        + " FROM lines").fetchall()[0]
+        + " FROM lines")[0]
     weight = sum((len(chosen[c]) / max(n_customers, 1) if c in chosen
                   else 1.0 if k is None else k / 1_000_000)
                  for c, k in zip(cutoffs, keep_below, strict=True))
@@ -596,60 +645,54 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
         # no snapshot keeps anyone else: the other customers' lines are never read
         only = " AND customer_id IN (SELECT customer_id FROM chosen_customers)"
         n_lines = n_lines * min(1.0, named["customer_id"].nunique() / max(n_customers, 1))
-    ranges = [r + only for r in _customer_ranges(con, max(1.0, weight) * n_lines)]
+    ranges = [r + only for r in _customer_ranges(eng, max(1.0, weight) * n_lines)]
     pieces: dict[dt.date, list[pd.DataFrame]] = {c: [] for c in cutoffs}
-    con.register("_cutoffs_df", pd.DataFrame({
+    eng.register("_cutoffs_df", pd.DataFrame({
         "cutoff": pd.to_datetime(cutoffs), "k": range(len(cutoffs)),
         "keep_below": pd.array(keep_below, dtype="Int64")}))
-    con.register("_chosen_df", named)
+    eng.register("_chosen_df", named)
     end = (cutoffs[-1] + dt.timedelta(days=horizon_days or 0)).isoformat()
     # the working tables' row order is never read (the frame is read in cutoff and id
     # order): DuckDB need not keep it, which makes the build faster (17M lines: 16.4 s ->
-    # 14.4 s, the same frame); the connection's setting is put back after
-    preserve = con.execute("SELECT current_setting('preserve_insertion_order')").fetchall()[0][0]
-    con.execute("SET preserve_insertion_order = false")
-    try:
-        con.execute("CREATE OR REPLACE TEMP VIEW cutoffs AS SELECT CAST(cutoff AS DATE) "
-                    "AS cutoff, k, keep_below FROM _cutoffs_df")
-        con.execute("CREATE OR REPLACE TEMP VIEW chosen_customers AS SELECT "
-                    "CAST(customer_id AS VARCHAR) AS customer_id, CAST(k AS BIGINT) AS k "
-                    "FROM _chosen_df")
-        con.execute("CREATE OR REPLACE TEMP TABLE daily AS " + DAILY.format(end=end))
-        for customers in ranges:
-            tables = _OrderTables(con, cutoffs, end=end, customers=customers)
-            concerns, joined = _snapshot_sql(
-                con, views=views, cutoffs=cutoffs,
-                sampled=[k is not None or c in chosen
-                         for c, k in zip(cutoffs, keep_below, strict=True)],
-                horizon_days=horizon_days, labels=labels,
-                exclude_attributes=exclude_attributes, late=tables.multi_day)
-            try:
-                # one concern at a time (in one statement DuckDB holds all their working
-                # tables at once), then the order tables go before the concerns are
-                # joined and read, so that the frame never shares memory with them
-                for name, query in concerns:
-                    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS {query}")
-                tables.drop()
-                frame = con.execute(joined).df()
-            finally:
-                tables.drop()
-                for name, _ in concerns:
-                    con.execute(f"DROP TABLE IF EXISTS {name}")
-            frame = _tidy(frame.drop(columns=[c for c in drop if c in frame]))
-            days = frame.pop("cutoff").to_numpy()
-            bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(
-                days.dtype), side="left").tolist() + [len(frame)]
-            for k, c in enumerate(cutoffs):    # rows in cutoff order, then customer id
-                pieces[c].append(frame if len(cutoffs) == 1
-                                 else frame.iloc[bounds[k]:bounds[k + 1]])
-            del frame
-    finally:
-        for statement in ("DROP TABLE IF EXISTS daily", "DROP VIEW IF EXISTS cutoffs",
-                          "DROP VIEW IF EXISTS chosen_customers"):
-            con.execute(statement)
-        con.unregister("_cutoffs_df")
-        con.unregister("_chosen_df")
-        con.execute(f"SET preserve_insertion_order = {'true' if preserve else 'false'}")
+    # 14.4 s, the same frame), within the block only
+    with eng.unordered():
+        try:
+            eng.view("cutoffs", "SELECT CAST(cutoff AS DATE) AS cutoff, k, keep_below "
+                     "FROM _cutoffs_df")
+            eng.view("chosen_customers", "SELECT CAST(customer_id AS VARCHAR) AS customer_id, "
+                     "CAST(k AS BIGINT) AS k FROM _chosen_df")
+            eng.table("daily", DAILY.format(end=end))
+            for customers in ranges:
+                tables = _OrderTables(eng, cutoffs, end=end, customers=customers)
+                concerns, joined = _snapshot_sql(
+                    eng, views=views, cutoffs=cutoffs,
+                    sampled=[k is not None or c in chosen
+                             for c, k in zip(cutoffs, keep_below, strict=True)],
+                    horizon_days=horizon_days, labels=labels,
+                    exclude_attributes=exclude_attributes, late=tables.multi_day)
+                try:
+                    # one concern at a time (in one statement DuckDB holds all their working
+                    # tables at once), then the order tables go before the concerns are
+                    # joined and read, so that the frame never shares memory with them
+                    for name, query in concerns:
+                        eng.table(name, query)
+                    tables.drop()
+                    frame = eng.frame(joined)
+                finally:
+                    tables.drop()
+                    eng.drop(*(name for name, _ in concerns))
+                frame = _tidy(frame.drop(columns=[c for c in drop if c in frame]))
+                days = frame.pop("cutoff").to_numpy()
+                bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(
+                    days.dtype), side="left").tolist() + [len(frame)]
+                for k, c in enumerate(cutoffs):    # rows in cutoff order, then customer id
+                    pieces[c].append(frame if len(cutoffs) == 1
+                                     else frame.iloc[bounds[k]:bounds[k + 1]])
+                del frame
+        finally:
+            eng.drop("daily", "cutoffs", "chosen_customers")
+            eng.unregister("_cutoffs_df")
+            eng.unregister("_chosen_df")
     out = {}
     for c in cutoffs:       # ranges come in id order; one cutoff's pieces joined at a time
         # (an empty piece, typed by DuckDB without rows to go by, is left out)
@@ -667,16 +710,18 @@ def snapshots_by_cutoff(con: duckdb.DuckDBPyConnection, *, cutoffs: list[dt.date
 LINES_PER_PASS = 4_000_000
 
 
-def _customer_ranges(con: duckdb.DuckDBPyConnection, work: float) -> list[str]:
+def _customer_ranges(con: Connection, work: float) -> list[str]:
     """SQL conditions on ``customer_id`` splitting the log into ranges of about
     :data:`LINES_PER_PASS` of ``work`` each (bounds from a fixed sample of the lines);
-    one empty condition for a call that fits one pass."""
+    one empty condition for a call that fits one pass, or for an engine that partitions
+    the work itself."""
+    eng = as_engine(con)
     n_parts = math.ceil(work / LINES_PER_PASS)
-    if n_parts <= 1:
+    if n_parts <= 1 or not eng.splits_work:
         return [""]
-    sample = sorted(r[0] for r in con.execute(
+    sample = sorted(r[0] for r in eng.rows(
         "SELECT customer_id FROM lines WHERE customer_id IS NOT NULL "
-        "USING SAMPLE reservoir(20000 ROWS) REPEATABLE (42)").fetchall())
+        "USING SAMPLE reservoir(20000 ROWS) REPEATABLE (42)"))
     bounds = sorted({sample[len(sample) * i // n_parts] for i in range(1, n_parts)})
     if not bounds:
         return [""]
@@ -698,36 +743,30 @@ class _OrderTables:
     TABLES = ("orders_all", "order_days", "purchase_days", "category_spend")
     VIEWS = ("order_units", "channel_changes")
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, cutoffs: list[dt.date], *,
+    def __init__(self, eng: DuckDBEngine | SparkEngine, cutoffs: list[dt.date], *,
                  end: str, customers: str) -> None:
-        self.con = con
-        con.execute("CREATE OR REPLACE TEMP TABLE orders_all AS "
-                    + ORDERS.format(end=end, customers=customers))
-        self.multi_day = bool(con.execute(
-            "SELECT COUNT(*) FROM orders_all WHERE NOT one_day").fetchall()[0][0])
+        self.eng = eng
+        eng.table("orders_all", ORDERS.format(end=end, customers=customers))
+        self.multi_day = bool(eng.rows(
+            "SELECT COUNT(*) FROM orders_all WHERE NOT one_day")[0][0])
         units, changes = ORDER_UNITS, CHANNEL_CHANGES
         if self.multi_day:
-            con.execute("CREATE OR REPLACE TEMP TABLE order_days AS "
-                        + ORDER_DAYS.format(end=end, customers=customers))
+            eng.table("order_days", ORDER_DAYS.format(end=end, customers=customers))
             units += f"UNION ALL SELECT * FROM ({ORDER_DAY_UNITS})"
             changes += f"UNION ALL SELECT * FROM ({CHANNEL_DAY_CHANGES})"
-        con.execute("CREATE OR REPLACE TEMP VIEW order_units AS " + units)
-        con.execute("CREATE OR REPLACE TEMP VIEW channel_changes AS " + changes)
+        eng.view("order_units", units)
+        eng.view("channel_changes", changes)
         late = ("bool_or(counts_from > day) OVER (PARTITION BY customer_id)"
                 if self.multi_day else "FALSE")
-        con.execute("CREATE OR REPLACE TEMP TABLE purchase_days AS "
-                    + PURCHASE_DAYS.format(late=late))
+        eng.table("purchase_days", PURCHASE_DAYS.format(late=late))
         bucket = ("CASE " + " ".join(f"WHEN order_date < DATE '{c.isoformat()}' THEN {k}"
                                      for k, c in enumerate(cutoffs)) + " END"
                   if len(cutoffs) > 1 else "0")
-        con.execute("CREATE OR REPLACE TEMP TABLE category_spend AS " + CATEGORY_SPEND.format(
+        eng.table("category_spend", CATEGORY_SPEND.format(
             bucket=bucket, last_cutoff=cutoffs[-1].isoformat(), customers=customers))
 
     def drop(self) -> None:
-        for name in self.VIEWS:
-            self.con.execute(f"DROP VIEW IF EXISTS {name}")
-        for name in self.TABLES:
-            self.con.execute(f"DROP TABLE IF EXISTS {name}")
+        self.eng.drop(*self.VIEWS, *self.TABLES)
 
 
 def _at_cutoffs(table: str, cutoffs: list[dt.date], sampled: list[bool]) -> str:
@@ -743,7 +782,7 @@ def _at_cutoffs(table: str, cutoffs: list[dt.date], sampled: list[bool]) -> str:
     return "(" + "\n UNION ALL ".join(parts) + ")"
 
 
-def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
+def _snapshot_sql(eng: DuckDBEngine | SparkEngine, *, views: set[str],
                   cutoffs: list[dt.date], sampled: list[bool], horizon_days: int | None,
                   labels: bool, exclude_attributes: tuple[str, ...], late: bool
                   ) -> tuple[list[tuple[str, str]], str]:
@@ -751,7 +790,9 @@ def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
     in the order they are built, and the statement that joins them."""
     windows = "".join(WINDOW.format(w=w, w2=2 * w) for w in WINDOWS_DAYS)
     units, days = (_at_cutoffs(t, cutoffs, sampled) for t in ("order_units", "purchase_days"))
-    ctes = [("sampled_customers", SAMPLED_CUSTOMERS)] if any(sampled) else []
+    bucket = eng.hash_bucket("c.customer_id || CAST(cut.cutoff AS VARCHAR)")
+    ctes = ([("sampled_customers", SAMPLED_CUSTOMERS.format(bucket=bucket))]
+            if any(sampled) else [])
     ctes += [("activity", ACTIVITY.format(windows=windows, units=units)),
              ("gaps", GAPS.format(days=days) + (
                  f"UNION ALL SELECT * FROM ({LATE_GAPS.format(days=days)})" if late else "")),
@@ -776,7 +817,7 @@ def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
                "channels.top_channel_share"]
     joins += [f"LEFT JOIN categories {key}", f"LEFT JOIN channels {key}"]
     if "interactions_raw" in views:
-        cols = {r[0] for r in con.execute("DESCRIBE interactions_raw").fetchall()}
+        cols = set(eng.columns("interactions_raw"))
         unresolved = "resolved = FALSE" if "resolved" in cols else "FALSE"
         if "score" not in cols:
             raise ValueError("interactions need a 'score' column (may be empty)")
@@ -791,7 +832,7 @@ def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
                    "inter.satisfaction_last", "inter.satisfaction_mean"]
         joins.append(f"LEFT JOIN inter {key}")
     if "customers_raw" in views:
-        cols = [r[0] for r in con.execute("DESCRIBE customers_raw").fetchall()]
+        cols = eng.columns("customers_raw")
         excluded = {c.casefold() for c in exclude_attributes}
         attrs = [c for c in cols if c not in {"customer_id", "signup_date"}
                  and c.casefold() not in excluded]
@@ -823,24 +864,24 @@ def _snapshot_sql(con: duckdb.DuckDBPyConnection, *, views: set[str],
                   + "\n".join(joins) + "\nORDER BY a.cutoff, a.customer_id")
 
 
-def data_start(con: duckdb.DuckDBPyConnection) -> dt.date:
+def data_start(con: Connection) -> dt.date:
     """The day of the first transaction."""
-    return con.execute("SELECT MIN(order_date) FROM lines").fetchone()[0]
+    return as_engine(con).rows("SELECT MIN(order_date) FROM lines")[0][0]
 
 
-def data_end(con: duckdb.DuckDBPyConnection) -> dt.date:
+def data_end(con: Connection) -> dt.date:
     """The day after the last transaction: the natural scoring date."""
-    last = con.execute("SELECT MAX(order_date) FROM lines").fetchone()[0]
+    last = as_engine(con).rows("SELECT MAX(order_date) FROM lines")[0][0]
     return last + dt.timedelta(days=1)
 
 
-def resolve_as_of(con: duckdb.DuckDBPyConnection, *, as_of: dt.date | str | None = None
+def resolve_as_of(con: Connection, *, as_of: dt.date | str | None = None
                   ) -> dt.date:
     """The scoring date: ``as_of`` when given, else the day after the last transaction."""
     return data_end(con) if as_of in (None, "") else _as_date(as_of)
 
 
-def resolve_horizon_days(con: duckdb.DuckDBPyConnection, *, horizon_days: int | str,
+def resolve_horizon_days(con: Connection, *, horizon_days: int | str,
                          cutoff: dt.date | None = None, step_days: int = 30,
                          min_train_cutoffs: int = 3) -> int:
     """The configured horizon, or, when the config says ``auto``, the longest one that
@@ -891,7 +932,7 @@ def honest_cutoffs(*, as_of: dt.date, horizon_days: int, n_train: int, step_days
     return eval_cut, valid_cut, train
 
 
-def suggest_horizon_days(con: duckdb.DuckDBPyConnection, *, quantile: float = 0.8,
+def suggest_horizon_days(con: Connection, *, quantile: float = 0.8,
                          cutoff: dt.date | None = None) -> int:
     """A churn horizon from the data's rhythm: the ``quantile`` of inter-purchase gaps.
 
@@ -906,7 +947,7 @@ def suggest_horizon_days(con: duckdb.DuckDBPyConnection, *, quantile: float = 0.
                   ORDER BY order_date), order_date) AS g FROM days)
     SELECT QUANTILE_CONT(g, {float(quantile)}) FROM gaps WHERE g IS NOT NULL
     """
-    q = con.execute(sql).fetchone()[0]
+    q = as_engine(con).rows(sql)[0][0]
     if q is None or not np.isfinite(q):
         return 90
     return int(min(max(30 * math.ceil(q / 30), 30), 365))

@@ -31,7 +31,7 @@ from pathlib import Path
 import nbformat
 
 from analysis.config import Config, load_config
-from analysis.errors import PipelineError
+from analysis.errors import ConfigError, PipelineError
 from analysis.markup import (
     absent_note,
     heading,
@@ -135,6 +135,12 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     run_id = run_id or default_run_id()
     check_run_id(run_id)
     config = load_config(config_path)
+    if config.analysis.engine != "duckdb":
+        raise ConfigError(
+            f"a whole run on engine '{config.analysis.engine}' is not built yet: Spark "
+            "builds the point-in-time features (python -m analysis features --engine "
+            "spark); run the pipeline with 'engine: duckdb' (see docs/spark.md)",
+            path=config_path, key="analysis.engine")
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
     remove_stale_temporaries(processed_root, reports_root,
