@@ -17,7 +17,7 @@ DEMO := data/raw/demo/transactions.parquet
 SNAPSHOT_DEMO := data/raw/snapshot-demo/customers.csv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: help env report report-snapshot data test lab gpu browser clean
+.PHONY: help env report report-snapshot data test lab gpu browser spark clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,8 +49,22 @@ $(SNAPSHOT_DEMO): | $(VENV)/.synced
 report-snapshot: env $(SNAPSHOT_DEMO) ## the same pipeline in snapshot (subscription) mode, on a telecom-style demo export
 	$(PY) -m analysis run --config configs/snapshot.yaml
 
-test: env browser ## run the test suite (what CI runs)
+test: env spark browser ## run the test suite (what CI runs)
 	$(PY) -m pytest
+
+# Apache Spark is optional (analysis.engine: spark): the 'spark' extra (pyspark, sqlglot;
+# about 500 MB) on top of the locked environment, and a Java runtime (17 or later) from
+# Debian when none is found. `make report` never needs it; `make test` tests it.
+spark: env ## install the optional Spark engine (pyspark, sqlglot) and Java, if missing
+	@$(PY) -c "import pyspark, sqlglot" 2>/dev/null || \
+		$(UV) sync --frozen --compile-bytecode --inexact --extra spark --python $(PYTHON)
+	@if command -v java >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing a Java runtime (Debian) for Spark"; \
+		apt-get update -qq && (apt-get install -y -qq openjdk-17-jre-headless \
+			|| apt-get install -y -qq openjdk-21-jre-headless) >/dev/null; \
+	else echo "note: no Java runtime here and none can be installed: the Spark tests" \
+		"will be skipped (install Java 17 or later)"; fi
 
 browser: ## install Debian's chromium and chromium-driver for the browser tests, if missing
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \

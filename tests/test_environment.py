@@ -34,7 +34,10 @@ def test_lock_file_covers_every_declared_dependency():
     locked = set(re.findall(r'^name = "([^"]+)"', lock, flags=re.M))
     project = pyproject()
     declared = project["project"]["dependencies"] + [
-        d for group in project["dependency-groups"].values() for d in group]
+        d for group in project["dependency-groups"].values() for d in group] + [
+        d for extra in project["project"]["optional-dependencies"].values() for d in extra]
+    assert {"pyspark", "sqlglot"} <= {re.split(r"[<>=!~ ]", d, maxsplit=1)[0] for d in
+                                      project["project"]["optional-dependencies"]["spark"]}
     for spec in declared:
         name = re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0].lower()
         assert name in locked, f"{name} is declared but not in uv.lock: run uv lock"

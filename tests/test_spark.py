@@ -11,6 +11,8 @@ counts, dates and text exactly.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +28,9 @@ from .conftest import ROOT, require_cdnow, write_config
 
 pytest.importorskip("pyspark")
 pytest.importorskip("sqlglot")
+if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+    pytest.skip("no Java runtime for Spark (make spark installs one where it can)",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +79,8 @@ def test_the_rewrites_keep_duckdbs_meaning_on_spark(session):
             expected.astype(object).where(expected.notna(), None).values.tolist(), query
     # the ties: "a" has x and y at 2.0 (x first by name), "b" skips its missing value
     assert spark.frame(queries[0])["top"].tolist() == ["x", "q", "r"]
+    # a local session gets two shuffle partitions a core, not a cluster's 200
+    assert session.conf.get("spark.sql.shuffle.partitions") == "4"
 
 
 def test_the_features_command_on_spark_writes_duckdbs_table_for_cdnow(tmp_path):
@@ -123,14 +130,21 @@ def test_snapshots_on_spark_equal_duckdbs_on_the_demo(session, tmp_path, small_d
     assert F.suggest_horizon_days(spark) == F.suggest_horizon_days(duck)
 
 
-def test_a_sampled_snapshot_on_spark_keeps_its_share_and_the_same_draw(session, small_demo):
+def test_a_sampled_snapshot_on_spark_keeps_its_share_and_the_same_draw(session, small_demo,
+                                                                      tmp_path):
     """Sampling hashes with Spark's own hash: about the share asked for, exactly the
     customers whose salted id hashes below it, each with the features the full
-    snapshot gives them."""
-    tx = pd.read_parquet(small_demo / "transactions.parquet")
-    spark = F.connect_spark({"transactions": tx}, session=session)
+    snapshot gives them. The log is read from a Parquet file of pandas' nanosecond
+    timestamps, which Spark does not read as they are."""
+    (tmp_path / "transactions.parquet").symlink_to(small_demo / "transactions.parquet")
+    spark = F.connect_spark(tmp_path, session=session)
+    types = {r[0]: r[1] for r in session.sql("DESCRIBE tx_raw").collect()}
+    assert types["order_date"].startswith("timestamp")
+    duck = F.connect(tmp_path)
+    assert F.data_end(spark) == F.data_end(duck)
     cutoff = F.data_end(spark) - dt.timedelta(days=120)
     full = F.build_features(spark, cutoff=cutoff, horizon_days=90)
+    _same(F.build_features(duck, cutoff=cutoff, horizon_days=90), full)
     part = F.build_features(spark, cutoff=cutoff, horizon_days=90, sample_share=0.3)
     assert 0.2 * len(full) < len(part) < 0.4 * len(full)
     draw = spark.rows(f"SELECT customer_id FROM (SELECT DISTINCT customer_id FROM lines "

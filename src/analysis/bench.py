@@ -147,6 +147,72 @@ def bench_features(*, lines: int, out: str | Path, repeats: int = 3,
     return report
 
 
+def bench_spark(*, lines: int, out: str | Path, data_dir: str | Path | None = None,
+                seed: int = 42, master: str = "local[*]", driver_memory: str = "4g",
+                memory_limit: str | None = None) -> dict:
+    """The features at one cutoff on Spark (local mode) against DuckDB, on the same demo
+    log of about ``lines`` order lines (generated when missing, as
+    :func:`bench_features` does).
+
+    One run of each (Spark takes minutes at 20M lines on two cores), DuckDB first.
+    Writes ``OUT/spark.json``: seconds of each build (Spark's session start apart), the
+    ratio, whether the tables are equal (floats to 1e-9 relative, as in
+    ``tests/test_spark.py``), the peak resident memory of the Spark JVM and the
+    machine's facts.
+    """
+    from analysis.engine import spark_session
+    from analysis.features import connect_spark
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir) if data_dir else out / f"data-{lines}"
+    if not (data_dir / "transactions.parquet").is_file():
+        write_demo(data_dir, n_customers=max(1, round(lines / LINES_PER_CUSTOMER)),
+                   seed=seed)
+        for extra in ("customers", "interactions", "campaign"):
+            (data_dir / f"{extra}.parquet").unlink(missing_ok=True)
+    n_lines = pq.ParquetFile(data_dir / "transactions.parquet").metadata.num_rows
+    start = time.perf_counter()
+    duck = build_features(connect(data_dir, memory_limit=memory_limit), cutoff=BENCH_CUTOFF)
+    seconds_duckdb = time.perf_counter() - start
+    start = time.perf_counter()
+    session = spark_session(master, {"spark.driver.memory": driver_memory})
+    seconds_start = time.perf_counter() - start
+    start = time.perf_counter()
+    spark = build_features(connect_spark(data_dir, session=session), cutoff=BENCH_CUTOFF)
+    seconds_spark = time.perf_counter() - start
+    jvm_pid = session.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
+    jvm_peak = _vm_kib_of(int(jvm_pid), "VmHWM") / 1024
+    cores = session.sparkContext.defaultParallelism
+    version = session.version
+    session.stop()
+    try:
+        pd.testing.assert_frame_equal(spark, duck, check_exact=False, rtol=1e-9, atol=0)
+        equal = True
+    except AssertionError:
+        equal = False
+    report = {
+        "lines": int(n_lines), "customers": int(len(duck)), "cutoff": BENCH_CUTOFF.isoformat(),
+        "features": int(duck.shape[1] - 1), "master": master, "spark_cores": int(cores),
+        "driver_memory": driver_memory, "duckdb_memory_limit": memory_limit,
+        "seconds_duckdb": round(seconds_duckdb, 2),
+        "seconds_spark_session": round(seconds_start, 2),
+        "seconds_spark": round(seconds_spark, 2),
+        "spark_over_duckdb": round(seconds_spark / seconds_duckdb, 1),
+        "equal": equal, "spark_jvm_peak_rss_mb": round(jvm_peak, 1),
+        "machine": {**_machine(), "spark": version},
+    }
+    (out / "spark.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _vm_kib_of(pid: int, field: str) -> int:
+    import re
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
+
+
 def _peak_rss_of_project_build(data_dir: Path, *, memory_limit: str | None = None) -> float:
     """Peak resident memory (MiB) of a fresh process that builds the features.
 
@@ -659,6 +725,10 @@ def render_results(results_dir: str | Path) -> str:
                   "python -m analysis bench results", "```", ""]
     for extra in sorted(results_dir.glob("*.md")):
         lines += [extra.read_text().rstrip(), ""]
+    sparks = sorted((json.loads(p.read_text()) for p in results_dir.glob("spark-*.json")),
+                    key=lambda r: r["lines"])
+    if sparks:
+        lines += _spark_markdown(sparks)
     stages = sorted((json.loads(p.read_text()) for p in results_dir.glob("stages-*.json")),
                     key=lambda r: (r["lines"], r.get("label", "")))
     if stages:
@@ -711,6 +781,31 @@ def render_results(results_dir: str | Path) -> str:
                       f"| **total** | **{sum(stages.values()):.1f}** |", ""]
         lines += [f"Reproduce: the commands at the top of `bench/{path.stem}.yaml`.", ""]
     return "\n".join(lines)
+
+
+def _spark_markdown(results: list[dict]) -> list[str]:
+    m = results[-1]["machine"]
+    return [
+        "## Spark, local mode (features at one cutoff)", "",
+        "The same feature SQL on Spark (transpiled by sqlglot, `docs/spark.md`) and on "
+        "DuckDB, one run each on the same Parquet log, DuckDB first; Spark's session "
+        "start counted apart. On one machine Spark pays for a JVM, tasks and shuffles "
+        "that DuckDB does not need: this is the price of an engine that scales out, "
+        "not a speed to compare with.", "",
+        "| lines | customers | Spark cores | DuckDB s | Spark s | Spark / DuckDB | "
+        "session start s | Spark JVM peak MiB | equal |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        *[f"| {r['lines']:,} | {r['customers']:,} | {r['spark_cores']} | "
+          f"{r['seconds_duckdb']:.1f} | {r['seconds_spark']:.1f} | "
+          f"{r['spark_over_duckdb']:.1f}x | {r['seconds_spark_session']:.1f} | "
+          f"{r['spark_jvm_peak_rss_mb']:,.0f} | {'yes' if r['equal'] else 'NO'} |"
+          for r in results],
+        "", f"Machine: {m['cpus']} cores, Spark {m['spark']}, DuckDB {m['duckdb']}.", "",
+        "Reproduce:", "", "```",
+        *[f"python -m analysis bench spark --lines {r['lines']} "
+          f"--out bench/out/spark-{round(r['lines'] / 1e6)}m" for r in results],
+        "cp bench/out/spark-*/spark.json bench/results/  # renamed spark-<N>m.json",
+        "python -m analysis bench results", "```", ""]
 
 
 CDNOW_CALIBRATION_END = dt.date(1997, 10, 1)

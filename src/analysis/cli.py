@@ -118,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="DuckDB memory limit for the project's build, e.g. 1GB (spills to "
                         "disk beyond it)")
     p.set_defaults(func=_bench_features)
+    p = bench_sub.add_parser("spark", help="feature build: Spark (local mode) vs DuckDB",
+                             description="Generate (or reuse) demo data of about LINES order "
+                                         "lines and build the features at one cutoff on "
+                                         "DuckDB and on Spark (needs `make spark`); one run "
+                                         "each, to OUT/spark.json.")
+    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder with (or for) the demo data; default OUT/data-LINES")
+    p.add_argument("--master", default="local[*]", help="Spark master (default local[*])")
+    p.add_argument("--driver-memory", default="4g", help="Spark driver memory (default 4g)")
+    p.set_defaults(func=_bench_spark)
     p = bench_sub.add_parser("stages", help="per-step seconds and memory inside the stages",
                              description="Generate (or reuse) the demo world of about LINES "
                                          "order lines and run the data-quality, profile, "
@@ -272,6 +284,17 @@ def _bench_features(args: argparse.Namespace) -> int:
                             data_dir=args.data, memory_limit=args.memory_limit)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     return 0 if report["identical"] else 1
+
+
+def _bench_spark(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.bench import bench_spark
+
+    report = bench_spark(lines=args.lines, out=args.out, data_dir=args.data,
+                         master=args.master, driver_memory=args.driver_memory)
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
+    return 0 if report["equal"] else 1
 
 
 def _bench_stages(args: argparse.Namespace) -> int:

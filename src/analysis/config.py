@@ -469,16 +469,16 @@ class OutputParams(_Params):
 class SparkParams(_Params):
     """Apache Spark, for ``analysis.engine: spark`` (config section ``spark``).
 
-    master : where Spark runs: ``local[*]`` (default: this machine, every core),
-        ``spark://host:7077``, ``yarn``, ``k8s://...``. Where a session is already
-        active (a Databricks notebook, ``spark-submit``), that session is used and this
-        is ignored.
+    master : where Spark runs: ``local[*]`` (this machine, every core),
+        ``spark://host:7077``, ``yarn``, ``k8s://...``; default: what ``spark-submit``
+        says, else ``local[*]``. Where a session is already active (a Databricks
+        notebook), that session is used and this is ignored.
     conf : Spark settings for a new session, e.g. ``spark.driver.memory: 8g``,
         ``spark.sql.shuffle.partitions: 400`` (beneath them, the project's own:
         :data:`analysis.engine.SPARK_DEFAULTS`).
     """
 
-    master: str = "local[*]"
+    master: str | None = None
     conf: dict[str, str] = Field(default_factory=dict)
 
 

@@ -112,6 +112,9 @@ class SparkEngine:
         self.session = session
         self._cached: dict[str, Any] = {}
         self._scratch: Path | None = None
+        # the data's times carry no zone: read and cut into days as DuckDB does (a
+        # session of a cluster, e.g. Databricks', may have another zone)
+        session.conf.set("spark.sql.session.timeZone", "UTC")
 
     def sql(self, query: str) -> Any:
         """The DataFrame of ``query`` (DuckDB's dialect)."""
@@ -182,8 +185,22 @@ class SparkEngine:
         yield
 
     def read_parquet(self, name: str, path: str | Path) -> None:
-        """The Parquet file or folder ``path`` as the view ``name``."""
-        self.session.read.parquet(str(path)).createOrReplaceTempView(name)
+        """The Parquet file or folder ``path`` as the view ``name``.
+
+        Spark reads no timestamps in nanoseconds (pandas' unit, in which the project's
+        own tables are written): a local file's such columns are read as their count of
+        nanoseconds and turned into timestamps of the same wall-clock time.
+        """
+        nanos = _nanosecond_columns(path)
+        if nanos:
+            self.session.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+        df = self.session.read.parquet(str(path))
+        if nanos:
+            from pyspark.sql import functions as fn
+
+            df = df.withColumns({c: fn.timestamp_micros(fn.floor(fn.col(c) / 1000))
+                                 for c in nanos})
+        df.createOrReplaceTempView(name)
 
 
 def as_engine(con: duckdb.DuckDBPyConnection | DuckDBEngine | SparkEngine
@@ -209,17 +226,24 @@ SPARK_DEFAULTS = {
 }
 
 
-def spark_session(master: str = "local[*]", conf: Mapping[str, object] | None = None,
+def spark_session(master: str | None = None, conf: Mapping[str, object] | None = None,
                   app_name: str = "customer-strategy-lab") -> Any:
-    """A Spark session for the project: the active one when there is one (on Databricks
-    or under ``spark-submit``, the cluster's), else one on ``master`` with ``conf``
-    (beneath :data:`SPARK_DEFAULTS`).
+    """A Spark session for the project: the active one when there is one (a Databricks
+    notebook's), else a new one on ``master`` (default: what ``spark-submit`` says, else
+    ``local[*]``) with ``conf`` (beneath :data:`SPARK_DEFAULTS`). On a local master the
+    shuffle partitions are twice the cores unless ``conf`` sets them.
 
     Raises
     ------
     RuntimeError
         When pyspark is not installed (``make spark`` installs it, with Java).
     """
+    import warnings
+
+    # pyspark 4.3 warns that it does not yet fully support pandas 3; the frames this
+    # project passes through Arrow are checked against DuckDB's (tests/test_spark.py)
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas",
+                            category=FutureWarning)
     try:
         from pyspark.sql import SparkSession
     except ImportError as exc:      # pragma: no cover - depends on the environment
@@ -229,17 +253,19 @@ def spark_session(master: str = "local[*]", conf: Mapping[str, object] | None = 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    builder = SparkSession.builder.master(master).appName(app_name)
-    defaults = dict(SPARK_DEFAULTS)
-    if master.startswith("local"):
-        # Spark's 200 shuffle partitions suit a cluster; on one machine each is a task
-        # of its own (CDNOW's features: 93 s with 200, 22 s with 4 on two cores)
-        defaults["spark.sql.shuffle.partitions"] = str(2 * _local_cores(master))
-    for key, value in {**defaults, **{k: str(v) for k, v in (conf or {}).items()}
-                       }.items():
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    conf = {k: str(v) for k, v in (conf or {}).items()}
+    for key, value in {**SPARK_DEFAULTS, **conf}.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
+    running_on = session.sparkContext.master
+    if running_on.startswith("local") and "spark.sql.shuffle.partitions" not in conf:
+        # Spark's 200 shuffle partitions suit a cluster; on one machine each is a task
+        # of its own (CDNOW's features: 93 s with 200, 22 s with 4 on two cores)
+        session.conf.set("spark.sql.shuffle.partitions", str(2 * _local_cores(running_on)))
     return session
 
 
@@ -299,6 +325,20 @@ def to_spark(query: str) -> str:
         return node
 
     return tree.transform(rewrite).sql(dialect="spark")
+
+
+def _nanosecond_columns(path: str | Path) -> list[str]:
+    """The columns of the local Parquet file (or folder of files) ``path`` that hold
+    timestamps in nanoseconds; none for a path this machine cannot read."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    try:
+        schema = ds.dataset(str(path), format="parquet").schema
+    except (OSError, ValueError, pa.ArrowException):
+        return []
+    return [f.name for f in schema
+            if pa.types.is_timestamp(f.type) and f.type.unit == "ns"]
 
 
 def _arrow_of(frame: pd.DataFrame) -> Any:

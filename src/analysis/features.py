@@ -463,7 +463,7 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
 
 
 def connect_spark(source: str | Path | Mapping[str, pd.DataFrame], *,
-                  session: Any = None, master: str = "local[*]",
+                  session: Any = None, master: str | None = None,
                   conf: Mapping[str, object] | None = None) -> SparkEngine:
     """The same views as :func:`connect`, on Apache Spark: every function of this
     module then runs there (``analysis.engine: spark``).
