@@ -104,8 +104,9 @@ class SparkEngine:
     #: Spark partitions the work itself (and spills); one pass takes every customer
     splits_work = False
 
-    #: frames of more rows than this go to Spark as Parquet files (in :attr:`scratch`),
-    #: not through the driver's memory
+    #: on a local master, frames of more rows than this go to Spark as Parquet files (in
+    #: :attr:`scratch`), not through the driver's memory (a cluster's executors could
+    #: not read the driver's files: there, every frame goes through the driver)
     FRAME_ROWS_IN_MEMORY = 10_000
 
     def __init__(self, session: Any) -> None:
@@ -153,12 +154,16 @@ class SparkEngine:
         return list(self.session.table(table).columns)
 
     def register(self, name: str, frame: pd.DataFrame) -> None:
-        if len(frame) <= self.FRAME_ROWS_IN_MEMORY:
+        local = self.session.sparkContext.master.startswith("local")
+        if len(frame) <= self.FRAME_ROWS_IN_MEMORY or not local:
             self.session.createDataFrame(_arrow_of(frame)).createOrReplaceTempView(name)
             return
+        import uuid
+
         import pyarrow.parquet as pq
 
-        path = self.scratch / f"{name}.parquet"
+        # a new file each time: Spark may keep a listing of a path it has read
+        path = self.scratch / f"{name}-{uuid.uuid4().hex[:8]}.parquet"
         pq.write_table(_arrow_of(frame), path)
         self.read_parquet(name, path)
 
@@ -198,7 +203,8 @@ class SparkEngine:
         if nanos:
             from pyspark.sql import functions as fn
 
-            df = df.withColumns({c: fn.timestamp_micros(fn.floor(fn.col(c) / 1000))
+            # (integer division: a double would round the nanoseconds of today's dates)
+            df = df.withColumns({c: fn.expr(f"timestamp_micros(`{c}` DIV 1000)")
                                  for c in nanos})
         df.createOrReplaceTempView(name)
 
