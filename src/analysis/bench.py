@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 from analysis.clv import BetaGeoModel, GammaGammaModel, rfm_summary
 from analysis.config import load_config, memory_bytes
 from analysis.demo import DemoWorld, write_demo
+from analysis.engine import spark_session
 from analysis.errors import AnalysisError
-from analysis.features import build_features, build_snapshots, connect
+from analysis.features import build_features, build_snapshots, connect, connect_spark
 from analysis.models import (
     ValueModel,
     bgnbd_baseline,
@@ -160,9 +161,6 @@ def bench_spark(*, lines: int, out: str | Path, data_dir: str | Path | None = No
     ``tests/test_spark.py``) and where not, the peak resident memory of the Spark JVM and the
     machine's facts.
     """
-    from analysis.engine import spark_session
-    from analysis.features import connect_spark
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir else out / f"data-{lines}"
