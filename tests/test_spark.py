@@ -152,6 +152,11 @@ def test_a_sampled_snapshot_on_spark_keeps_its_share_and_the_same_draw(session, 
                       + spark.hash_bucket(f"c.customer_id || '{cutoff}'") + " < 300000")
     drawn = {r[0] for r in draw} & set(full["customer_id"])    # (those with a purchase)
     assert sorted(part["customer_id"]) == sorted(drawn)
+    # a table the session already has (a Delta or catalog table) is read where it is
+    session.sql("SELECT * FROM tx_raw WHERE order_date < DATE '2099-01-01'"
+                ).createOrReplaceTempView("tx_raw")
+    on_session = F.connect_spark(None, session=session)
+    _same(full, F.build_features(on_session, cutoff=cutoff, horizon_days=90))
     _same(full.set_index("customer_id").loc[part["customer_id"]].reset_index(),
           part)
 

@@ -26,6 +26,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
+from analysis.errors import ConfigError
+
 __all__ = ["DuckDBEngine", "SparkEngine", "as_engine", "spark_session", "to_spark"]
 
 
@@ -244,8 +246,9 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
 
     Raises
     ------
-    RuntimeError
-        When pyspark is not installed (``make spark`` installs it, with Java).
+    ConfigError
+        When pyspark is not installed (``make spark`` installs it, with Java): the
+        command line stops with exit 2, naming ``analysis.engine``.
     """
     import warnings
 
@@ -256,9 +259,9 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     try:
         from pyspark.sql import SparkSession
     except ImportError as exc:      # pragma: no cover - depends on the environment
-        raise RuntimeError(
+        raise ConfigError(
             "engine 'spark' needs pyspark and Java 17+: run `make spark` (or "
-            "`pip install 'customer-strategy-lab[spark]'`)") from exc
+            "`pip install 'customer-strategy-lab[spark]'`)", key="analysis.engine") from exc
     active = SparkSession.getActiveSession()
     if active is not None:
         return active

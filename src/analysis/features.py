@@ -462,7 +462,7 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
     return con
 
 
-def connect_spark(source: str | Path | Mapping[str, pd.DataFrame], *,
+def connect_spark(source: str | Path | Mapping[str, pd.DataFrame] | None, *,
                   session: Any = None, master: str | None = None,
                   conf: Mapping[str, object] | None = None) -> SparkEngine:
     """The same views as :func:`connect`, on Apache Spark: every function of this
@@ -471,18 +471,22 @@ def connect_spark(source: str | Path | Mapping[str, pd.DataFrame], *,
     Parameters
     ----------
     source : as in :func:`connect` (a folder of Parquet tables, which Spark reads, or
-        frames, which are handed to Spark).
+        frames, which are handed to Spark), or None to use the temporary views
+        ``tx_raw`` (and optionally ``customers_raw``, ``interactions_raw``) already on
+        the session: e.g. a Delta or catalog table, ``spark.table("sales.orders")
+        .createOrReplaceTempView("tx_raw")``, with the contract's column names.
     session : a Spark session (default: the active one, e.g. a Databricks notebook's,
         else a new one on ``master`` with ``conf``: :func:`analysis.engine.spark_session`).
     """
     engine = SparkEngine(session or spark_session(master, conf))
-    for name, view in _RAW.items():
-        engine.drop(view)
+    if source is not None:      # (the views of an earlier source go)
+        for view in _RAW.values():
+            engine.drop(view)
     if isinstance(source, Mapping):
         for name, frame in source.items():
             if frame is not None and name in _RAW:
                 engine.register(_RAW[name], frame)
-    else:
+    elif source is not None:
         folder = Path(source)
         if (folder / "clean" / "transactions.parquet").is_file():
             folder = folder / "clean"
