@@ -276,7 +276,7 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     running_on = session.sparkContext.master
     if running_on.startswith("local") and "spark.sql.shuffle.partitions" not in conf:
         # Spark's 200 shuffle partitions suit a cluster; on one machine each is a task
-        # of its own (CDNOW's features: 93 s with 200, 22 s with 4 on two cores)
+        # of its own (CDNOW's features command: 93 s with 200, 33 s with 4 on two cores)
         session.conf.set("spark.sql.shuffle.partitions", str(2 * _local_cores(running_on)))
     return session
 
