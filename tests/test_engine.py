@@ -40,3 +40,20 @@ def test_an_engine_drops_only_what_it_made():
     assert con.execute("SELECT COUNT(*) FROM duckdb_tables() WHERE table_name = 't'"
                        ).fetchall() == [(0,)]
     assert con.execute("SELECT x FROM kept").fetchall() == [(1,)]
+
+
+def test_a_folder_of_parquet_part_files_reads_as_one_table(tmp_path):
+    """Spark writes a table as a folder of part files: connect reads it as the table."""
+    from analysis import features as F
+
+    tx = pd.DataFrame({"customer_id": ["A", "A", "B", "C"],
+                       "order_date": pd.to_datetime(["2024-01-01", "2024-02-01",
+                                                     "2024-01-15", "2024-03-01"]),
+                       "amount": [10.0, 20.0, 5.0, 7.5]})
+    (tmp_path / "parts" / "transactions.parquet").mkdir(parents=True)
+    tx.iloc[:2].to_parquet(tmp_path / "parts" / "transactions.parquet" / "part-0.parquet")
+    tx.iloc[2:].to_parquet(tmp_path / "parts" / "transactions.parquet" / "part-1.parquet")
+    got = F.build_features(F.connect(tmp_path / "parts"), cutoff="2024-04-01")
+    expected = F.build_features(F.connect({"transactions": tx}), cutoff="2024-04-01")
+    assert len(got) == 3
+    pd.testing.assert_frame_equal(got, expected)

@@ -109,11 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                                          "lines, build the features at one cutoff with the "
                                          "project (DuckDB), with pandas and with a scan "
                                          "floor; medians of REPEATS runs to OUT/features.json.")
-    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    _demo_data_arguments(p)
     p.add_argument("--repeats", type=int, default=3, help="runs per method (median)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder with (or for) the demo data; default OUT/data-LINES")
     p.add_argument("--memory-limit", default=None,
                    help="DuckDB memory limit for the project's build, e.g. 1GB (spills to "
                         "disk beyond it)")
@@ -123,10 +120,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "lines and build the features at one cutoff on "
                                          "DuckDB and on Spark (needs `make spark`); one run "
                                          "each, to OUT/spark.json.")
-    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder with (or for) the demo data; default OUT/data-LINES")
+    _demo_data_arguments(p)
     p.add_argument("--master", default="local[*]", help="Spark master (default local[*])")
     p.add_argument("--driver-memory", default="4g", help="Spark driver memory (default 4g)")
     p.set_defaults(func=_bench_spark)
@@ -137,10 +131,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "do, each in a "
                                          "fresh process, timing the steps inside them; writes "
                                          "OUT/stages.json.")
-    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--data", type=Path, default=None,
-                   help="folder with (or for) the demo data; default OUT/data-LINES")
+    _demo_data_arguments(p)
     p.add_argument("--memory-limit", default="6GB",
                    help="the run's memory budget per stage (analysis.memory_limit)")
     p.add_argument("--stage", action="append", default=None,
@@ -284,6 +275,14 @@ def _bench_features(args: argparse.Namespace) -> int:
                             data_dir=args.data, memory_limit=args.memory_limit)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
     return 0 if report["identical"] else 1
+
+
+def _demo_data_arguments(p: argparse.ArgumentParser) -> None:
+    """--lines, --out and --data of the benchmarks on generated demo logs."""
+    p.add_argument("--lines", type=int, required=True, help="order lines to generate")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--data", type=Path, default=None,
+                   help="folder with (or for) the demo data; default OUT/data-LINES")
 
 
 def _bench_spark(args: argparse.Namespace) -> int:

@@ -444,20 +444,14 @@ def connect(source: str | Path | Mapping[str, pd.DataFrame], *,
         con.execute(f"SET temp_directory = '{_sql_text(str(spill_directory()))}'")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
-    if isinstance(source, Mapping):
-        for name, frame in source.items():
-            if frame is not None and name in _RAW:     # (a campaign table is not used)
-                con.register(f"{name}_df", frame)
-                con.execute(f"CREATE VIEW {_RAW[name]} AS SELECT * FROM {name}_df")
-    else:
-        folder = Path(source)
-        if (folder / "clean" / "transactions.parquet").is_file():
-            folder = folder / "clean"
-        for name, view in _RAW.items():
-            path = folder / f"{name}.parquet"
-            if path.is_file():
-                con.execute(f"CREATE VIEW {view} AS SELECT * FROM "
-                            f"read_parquet('{_sql_text(str(path))}')")
+    for view, table in _raw_tables(source).items():
+        if isinstance(table, Path):     # (a folder: the Parquet part files Spark writes)
+            where = str(table / "**" / "*.parquet") if table.is_dir() else str(table)
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM "
+                        f"read_parquet('{_sql_text(where)}')")
+        else:
+            con.register(f"{view}_df", table)
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM {view}_df")
     con.execute("CREATE VIEW lines AS " + _lines_sql(DuckDBEngine(con)))
     return con
 
@@ -482,20 +476,28 @@ def connect_spark(source: str | Path | Mapping[str, pd.DataFrame] | None, *,
     if source is not None:      # (the views of an earlier source go)
         for view in _RAW.values():
             engine.drop(view)
-    if isinstance(source, Mapping):
-        for name, frame in source.items():
-            if frame is not None and name in _RAW:
-                engine.register(_RAW[name], frame)
-    elif source is not None:
-        folder = Path(source)
-        if (folder / "clean" / "transactions.parquet").is_file():
-            folder = folder / "clean"
-        for name, view in _RAW.items():
-            path = folder / f"{name}.parquet"
-            if path.exists():
-                engine.read_parquet(view, path)
+    for view, table in ({} if source is None else _raw_tables(source)).items():
+        if isinstance(table, Path):
+            engine.read_parquet(view, table)
+        else:
+            engine.register(view, table)
     engine.view("lines", _lines_sql(engine))
     return engine
+
+
+def _raw_tables(source: str | Path | Mapping[str, pd.DataFrame]
+                ) -> dict[str, Path | pd.DataFrame]:
+    """The input views a source gives (``tx_raw``, ``customers_raw``,
+    ``interactions_raw``): its frames, or its Parquet files (or folders of part files)
+    in a folder of cleaned tables (a run's ``clean/`` folder when given the run's)."""
+    if isinstance(source, Mapping):      # (a table the features do not use is left out)
+        return {_RAW[name]: frame for name, frame in source.items()
+                if frame is not None and name in _RAW}
+    folder = Path(source)
+    if (folder / "clean" / "transactions.parquet").exists():
+        folder = folder / "clean"
+    return {view: folder / f"{name}.parquet" for name, view in _RAW.items()
+            if (folder / f"{name}.parquet").exists()}
 
 
 def _lines_sql(engine: DuckDBEngine | SparkEngine) -> str:
