@@ -285,10 +285,12 @@ def test_to_dict_round_trips_through_json_and_the_parser(tmp_path):
     assert again.to_dict() == {**data, "source": None}
 
 
-def test_a_whole_run_on_spark_stops_with_a_config_error_naming_the_key(tmp_path, small_demo):
-    """``engine: spark`` is accepted (the features command runs there) but a whole run is
-    not built on Spark yet: a clear stop (exit 2) before anything is written, never a
-    run that silently uses DuckDB."""
+def test_a_run_on_spark_without_java_stops_with_a_config_error_naming_the_key(
+        tmp_path, small_demo, monkeypatch):
+    """``engine: spark`` and its ``spark:`` section parse; a run on Spark where no Java
+    runtime is found stops with a clear config error (exit 2, naming the key and how to
+    install) before anything is written, never a traceback from a notebook's kernel and
+    never a run that silently uses DuckDB."""
     from analysis.report import run_pipeline
 
     path = write_config(tmp_path, {"transactions": {
@@ -298,9 +300,12 @@ def test_a_whole_run_on_spark_stops_with_a_config_error_naming_the_key(tmp_path,
     config = load_config(path)
     assert config.analysis.engine == "spark" and config.spark.master == "local[2]"
     assert dict(config.spark.conf) == {"spark.driver.memory": "1g"}
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
     with pytest.raises(ConfigError, match="analysis.engine") as stop:
         run_pipeline(path, run_id="spark")
-    assert stop.value.exit_code == 2 and "docs/spark.md" in str(stop.value)
+    assert stop.value.exit_code == 2 and "make spark" in str(stop.value)
+    assert str(path) in str(stop.value)
     assert not (tmp_path / "reports").exists() and not (tmp_path / "processed").exists()
     with pytest.raises(ConfigError, match="engine"):
         load_config(write_config(tmp_path, {"transactions": {

@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import optimize, special
 
 from analysis.config import DAYS_PER_MONTH
+from analysis.engine import as_engine
 
 __all__ = ["BGNBD_FIT_CUSTOMERS", "BetaGeoModel", "GammaGammaModel", "expected_alive_time",
            "fit_bgnbd", "fit_gamma_gamma", "fit_positions", "rfm_summaries", "rfm_summary"]
@@ -91,37 +92,36 @@ GROUP BY customer_id, order_date
 
 
 def rfm_summaries(con, *, calibration_ends: list[dt.date], time_unit_days: float = 7.0,
-                  extra_days: int = 0, in_duckdb: bool = False):
+                  extra_days: int = 0, in_engine: bool = False):
     """:func:`rfm_summary` at each of ``calibration_ends`` (oldest first), from one pass
     over a connection's ``lines``: the purchase days are gathered once, into the
     temporary table ``purchase_days_rfm`` (up to ``extra_days`` after the last date, for
     a caller who also reads what followed), and each summary is computed from it.
 
     Yields ``(calibration_end, summary)``, one at a time (a summary of a large base is
-    large); the table is dropped when the iteration ends. With ``in_duckdb`` the summary
-    stays in DuckDB, as the temporary table ``rfm_summary_at`` (:data:`RFM_SUMMARY`'s
+    large); the table is dropped when the iteration ends. With ``in_engine`` the summary
+    stays in the engine (DuckDB or Spark), as the temporary table ``rfm_summary_at`` (:data:`RFM_SUMMARY`'s
     columns, in days; replaced at each date), for a caller who reads only some customers.
     """
     ends = sorted(set(calibration_ends))
     if not ends:
         return
     last = (ends[-1] + dt.timedelta(days=extra_days)).isoformat()
-    con.execute("CREATE OR REPLACE TEMP TABLE purchase_days_rfm AS "
-                + PURCHASE_DAYS.format(end=last, since=""))
+    eng = as_engine(con)
+    eng.table("purchase_days_rfm", PURCHASE_DAYS.format(end=last, since=""))
     try:
         for end in ends:
             days = f"SELECT * FROM purchase_days_rfm WHERE order_date < DATE '{end.isoformat()}'"
-            if in_duckdb:
-                con.execute("CREATE OR REPLACE TEMP TABLE rfm_summary_at AS "
-                            + RFM_SUMMARY.format(days=days, last_day=_last_day(end)))
+            if in_engine:
+                eng.table("rfm_summary_at",
+                          RFM_SUMMARY.format(days=days, last_day=_last_day(end)))
                 yield end, "rfm_summary_at"
             else:
                 yield end, _rfm_summary_sql(
-                    con, calibration_end=end, time_unit_days=time_unit_days, start=None,
+                    eng, calibration_end=end, time_unit_days=time_unit_days, start=None,
                     days=days)
     finally:
-        con.execute("DROP TABLE IF EXISTS purchase_days_rfm")
-        con.execute("DROP TABLE IF EXISTS rfm_summary_at")
+        eng.drop("purchase_days_rfm", "rfm_summary_at")
 
 
 #: Per customer, from the purchase days ``days`` selects (as :data:`PURCHASE_DAYS`)
@@ -149,7 +149,8 @@ def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
     ``days`` selects, as :data:`PURCHASE_DAYS`), computed by DuckDB."""
     since = f"AND order_date >= DATE '{start.isoformat()}'" if start else ""
     days = days or PURCHASE_DAYS.format(end=calibration_end.isoformat(), since=since)
-    out = con.execute(RFM_SUMMARY.format(days=days, last_day=_last_day(calibration_end))).df()
+    out = as_engine(con).frame(RFM_SUMMARY.format(days=days,
+                                                  last_day=_last_day(calibration_end)))
     n = out["frequency"].astype("int64")
     return pd.DataFrame({
         "frequency": n.to_numpy(),

@@ -28,7 +28,8 @@ import pandas as pd
 
 from analysis.errors import ConfigError
 
-__all__ = ["DuckDBEngine", "SparkEngine", "as_engine", "spark_session", "to_spark"]
+__all__ = ["DuckDBEngine", "SparkEngine", "as_engine", "require_spark", "spark_session",
+           "to_spark"]
 
 
 class DuckDBEngine:
@@ -247,8 +248,8 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     Raises
     ------
     ConfigError
-        When pyspark is not installed (``make spark`` installs it, with Java): the
-        command line stops with exit 2, naming ``analysis.engine``.
+        When pyspark or Java is missing (:func:`require_spark`; ``make spark`` installs
+        both): the command line stops with exit 2, naming ``analysis.engine``.
     """
     import warnings
 
@@ -256,12 +257,9 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     # project passes through Arrow are checked against DuckDB's (tests/test_spark.py)
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas",
                             category=FutureWarning)
-    try:
-        from pyspark.sql import SparkSession
-    except ImportError as exc:      # pragma: no cover - depends on the environment
-        raise ConfigError(
-            "engine 'spark' needs pyspark and Java 17+: run `make spark` (or "
-            "`pip install 'customer-strategy-lab[spark]'`)", key="analysis.engine") from exc
+    require_spark()
+    from pyspark.sql import SparkSession
+
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
@@ -281,6 +279,25 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     return session
 
 
+def require_spark(path: object = None) -> None:
+    """Stop with a :class:`ConfigError` naming ``analysis.engine`` (and the config
+    ``path``) unless pyspark can be imported and a Java runtime found (``JAVA_HOME`` or
+    ``java`` on the path): a run on Spark checks this before it writes anything."""
+    import importlib.util
+    import os
+    import shutil
+
+    hint = "run `make spark` (or `pip install 'customer-strategy-lab[spark]'` and Java 17+)"
+    if importlib.util.find_spec("pyspark") is None:
+        raise ConfigError(f"engine 'spark' needs pyspark, which is not installed: {hint}",
+                          path=path, key="analysis.engine")
+    home = os.environ.get("JAVA_HOME")
+    if not (home and (Path(home) / "bin" / "java").exists()) and shutil.which("java") is None:
+        raise ConfigError(f"engine 'spark' needs a Java runtime, and none was found "
+                          f"(no JAVA_HOME, no java on the path): {hint}",
+                          path=path, key="analysis.engine")
+
+
 def _local_cores(master: str) -> int:
     """The cores of a ``local``, ``local[N]`` or ``local[*]`` master."""
     import os
@@ -298,7 +315,7 @@ def _local_cores(master: str) -> int:
 def to_spark(query: str) -> str:
     """``query``, in DuckDB's dialect, as Spark SQL.
 
-    sqlglot translates the dialect (``DATE_DIFF``, ``FILTER``, types, ...); two
+    sqlglot translates the dialect (``DATE_DIFF``, ``FILTER``, types, ...); the
     constructs it passes through as they are, which Spark does not read, are rewritten
     here with the same meaning:
 
@@ -308,7 +325,12 @@ def to_spark(query: str) -> str:
     - ``SEMI JOIN``: Spark's ``LEFT SEMI JOIN``;
     - an unnamed ``ROW(a, b)`` (a sort key of several columns): ``STRUCT(a, b)``;
     - ``QUANTILE_CONT(x, q)``: Spark's exact ``PERCENTILE(x, q)`` (both interpolate
-      between the two nearest values).
+      between the two nearest values);
+    - ``AVG(x)``: ``AVG(CAST(x AS DOUBLE))``; DuckDB's average is a double whatever
+      ``x`` is, Spark's average of a decimal (``AVG(CASE ... THEN 1.0 ...)``) a decimal
+      rounded to a few places;
+    - ``WITH x AS [NOT] MATERIALIZED (...)``, a hint to DuckDB's planner: a plain
+      ``WITH x AS (...)`` (Spark decides itself what to compute once).
     """
     import sqlglot
     from sqlglot import exp
@@ -330,6 +352,13 @@ def to_spark(query: str) -> str:
                                                                  node.expression.copy()])
         if isinstance(node, exp.Anonymous) and node.name.upper() == "ROW":
             return exp.Anonymous(this="STRUCT", expressions=[e.copy() for e in node.expressions])
+        if isinstance(node, exp.Avg) and not (isinstance(node.this, exp.Cast)
+                                              and node.this.is_type("double")):
+            return exp.Avg(this=exp.Cast(this=node.this.copy(),
+                                         to=exp.DataType.build("DOUBLE")))
+        if isinstance(node, exp.CTE) and node.args.get("materialized") is not None:
+            node = node.copy()
+            node.set("materialized", None)
         if isinstance(node, exp.Join) and node.args.get("kind") == "SEMI" \
                 and not node.args.get("side"):
             node = node.copy()
@@ -401,13 +430,16 @@ def _pandas_of(table: Any) -> pd.DataFrame:
 
 
 def _frame_of(df: Any) -> pd.DataFrame:
-    """A Spark DataFrame as pandas, with dates as datetime64 as DuckDB's ``.df()`` gives
-    them."""
-    from pyspark.sql import types as T
+    """A Spark DataFrame as pandas, typed as DuckDB's frames are (:func:`_pandas_of`,
+    through Arrow); Spark's timestamps, which carry the session's zone (UTC), as the
+    zone-less times DuckDB gives."""
+    import pyarrow as pa
 
-    frame = df.toPandas()
-    for field in df.schema.fields:
-        if isinstance(field.dataType, T.DateType):
-            frame[field.name] = pd.to_datetime(frame[field.name]).astype("datetime64[us]")
-    return frame
-
+    table = df.toArrow()
+    for i, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type) and field.type.tz is not None:
+            table = table.set_column(i, field.name, table.column(i).cast(
+                pa.timestamp(field.type.unit)))
+        elif pa.types.is_large_string(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.string()))
+    return _pandas_of(table)

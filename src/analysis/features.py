@@ -61,6 +61,7 @@ __all__ = [
     "build_features",
     "build_snapshots",
     "connect",
+    "connect_run",
     "connect_spark",
     "data_end",
     "data_start",
@@ -483,6 +484,17 @@ def connect_spark(source: str | Path | Mapping[str, pd.DataFrame] | None, *,
             engine.register(view, table)
     engine.view("lines", _lines_sql(engine))
     return engine
+
+
+def connect_run(processed_dir: str | Path, config) -> Connection:
+    """The views of a run's cleaned tables (``processed_dir``) on the engine the config
+    names (``analysis.engine``): :func:`connect`, with the config's DuckDB memory limit,
+    or :func:`connect_spark`, with its ``spark:`` section. Every stage opens its run
+    store this way, so a whole run's set-based work follows the config."""
+    if config.analysis.engine == "spark":
+        return connect_spark(processed_dir, master=config.spark.master,
+                             conf=config.spark.conf)
+    return connect(processed_dir, memory_limit=config.analysis.duckdb_memory_limit)
 
 
 def _raw_tables(source: str | Path | Mapping[str, pd.DataFrame]

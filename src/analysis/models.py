@@ -44,12 +44,13 @@ from analysis.clv import (
     fit_gamma_gamma,
     rfm_summary,
 )
+from analysis.engine import as_engine
 from analysis.errors import InsufficientDataError
 from analysis.explain import global_drivers, reason_codes
 from analysis.features import (
     LABEL_COLUMNS,
     build_features,
-    connect,
+    connect_run,
     data_start,
     honest_cutoffs,
     resolve_as_of,
@@ -1085,7 +1086,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     InsufficientDataError
         With fewer than three usable cutoffs, or too few customers or churners.
     """
-    first = con.execute("SELECT MIN(order_date) FROM lines").fetchone()[0]
+    eng = as_engine(con)
+    first = eng.rows("SELECT MIN(order_date) FROM lines")[0][0]
     eval_cut, valid_cut, train_cuts = honest_cutoffs(
         as_of=as_of, horizon_days=horizon_days, n_train=max(n_cutoffs - 2, 1),
         step_days=step_days, first_date=first)
@@ -1097,8 +1099,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
             f"from {first} to {as_of} is too short; use a shorter horizon or more history")
     # on large bases, draw the training customers in SQL before building their features
     # (a share per cutoff), rather than building every snapshot and sampling after
-    n_known = con.execute("SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date "
-                          f"< DATE '{eval_cut.isoformat()}'").fetchone()[0]
+    n_known = eng.rows("SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date "
+                       f"< DATE '{eval_cut.isoformat()}'")[0][0]
     share = max_train_rows / max(n_known * len(train_cuts), 1)
     valid_share = max_valid_rows / max(n_known, 1)
     # every snapshot, and the features at the scoring date, from one pass over the log;
@@ -1609,7 +1611,7 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
     :func:`skipped_reason` and :func:`label_free_fallback` read them back.
     """
     a = config.analysis
-    con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
+    con = connect_run(processed_dir, config)
     store = RunStore(processed_dir)
     scoring_date = store.scoring_date() or resolve_as_of(con, as_of=as_of or a.as_of)
     horizon = store.horizon_days() or resolve_horizon_days(

@@ -17,6 +17,7 @@ import pandas as pd
 
 from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
+from analysis.engine import as_engine
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH
 from analysis.store import RunStore
 
@@ -247,15 +248,21 @@ def monthly_trend(con, *, as_of: dt.date, horizon_days: int, months: int = 13
         SELECT m, rev12, ROW_NUMBER() OVER (PARTITION BY m ORDER BY rev12 DESC) AS rn,
                COUNT(*) OVER (PARTITION BY m) AS n
         FROM per WHERE buying
+    ), top AS (
+        SELECT m, SUM(rev12) FILTER (WHERE rn <= ROUND(0.2 * n)) / NULLIF(SUM(rev12), 0)
+                    AS top20_revenue_share
+        FROM ranked GROUP BY m
+    ), kpis AS (
+        SELECT m,
+               COUNT(*) FILTER (WHERE buying)                            AS buying_customers,
+               COALESCE(SUM(rev12), 0)                                   AS revenue_12m,
+               AVG(CASE WHEN recent THEN 0.0 ELSE 1.0 END) FILTER (WHERE base) AS churn_rate
+        FROM per GROUP BY m
     )
-    SELECT p.m AS as_of,
-           COUNT(*) FILTER (WHERE p.buying)                          AS buying_customers,
-           COALESCE(SUM(p.rev12), 0)                                 AS revenue_12m,
-           AVG(CASE WHEN p.recent THEN 0.0 ELSE 1.0 END) FILTER (WHERE p.base) AS churn_rate,
-           (SELECT SUM(r.rev12) FILTER (WHERE r.rn <= ROUND(0.2 * r.n)) / NULLIF(SUM(r.rev12), 0)
-            FROM ranked r WHERE r.m = p.m)                           AS top20_revenue_share
-    FROM per p GROUP BY p.m ORDER BY p.m"""
-    out = con.execute(sql).df()
+    SELECT k.m AS as_of, k.buying_customers, k.revenue_12m, k.churn_rate,
+           t.top20_revenue_share
+    FROM kpis k LEFT JOIN top t ON t.m = k.m ORDER BY k.m"""
+    out = as_engine(con).frame(sql)
     out["as_of"] = pd.to_datetime(out["as_of"]).dt.date
     return out[["as_of", "buying_customers", "revenue_12m", "top20_revenue_share",
                 "churn_rate"]]

@@ -503,8 +503,7 @@ def _kpi_table(deltas: pd.DataFrame, page: Page) -> pd.DataFrame:
 
 def _trend(page: Page) -> list[Block]:
     """The key numbers month by month over the last year, from the order log."""
-    con = features.connect(page.processed_dir,
-                           memory_limit=page.config.analysis.duckdb_memory_limit)
+    con = features.connect_run(page.processed_dir, page.config)
     trend = monitor.monthly_trend(con, as_of=page.profile.as_of, horizon_days=page.horizon)
     if len(trend) < 2:
         return []
@@ -571,8 +570,7 @@ def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
     if not len(done):
         return []
     earlier = done.sort_values("as_of").iloc[-1]
-    con = features.connect(page.processed_dir,
-                           memory_limit=page.config.analysis.duckdb_memory_limit)
+    con = features.connect_run(page.processed_dir, page.config)
     actual = features.build_features(con, cutoff=pd.Timestamp(earlier["as_of"]).date(),
                                      horizon_days=h)
     past = RunStore(root / earlier["run_id"]).read_customers(

@@ -31,7 +31,8 @@ from pathlib import Path
 import nbformat
 
 from analysis.config import Config, load_config
-from analysis.errors import ConfigError, PipelineError
+from analysis.engine import require_spark
+from analysis.errors import PipelineError
 from analysis.markup import (
     absent_note,
     heading,
@@ -135,12 +136,8 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     run_id = run_id or default_run_id()
     check_run_id(run_id)
     config = load_config(config_path)
-    if config.analysis.engine != "duckdb":
-        raise ConfigError(
-            f"a whole run on engine '{config.analysis.engine}' is not built yet: Spark "
-            "builds the point-in-time features (python -m analysis features --engine "
-            "spark); run the pipeline with 'engine: duckdb' (see docs/spark.md)",
-            path=config_path, key="analysis.engine")
+    if config.analysis.engine == "spark":       # (before anything is written)
+        require_spark(config_path)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
     remove_stale_temporaries(processed_root, reports_root,

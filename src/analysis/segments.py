@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
@@ -19,9 +18,16 @@ from sklearn.metrics import silhouette_score
 from sklearn.preprocessing import StandardScaler
 
 from analysis.config import AnalysisParams, Config
+from analysis.engine import as_engine
 from analysis.errors import InsufficientDataError
 from analysis.explain import FEATURE_LABELS
-from analysis.features import build_features, connect, resolve_as_of, resolve_horizon_days
+from analysis.features import (
+    Connection,
+    build_features,
+    connect_run,
+    resolve_as_of,
+    resolve_horizon_days,
+)
 from analysis.store import RunStore
 
 __all__ = [
@@ -290,7 +296,7 @@ def cluster_customers(features: pd.DataFrame, *, k: int | None = None, max_k: in
     return labels, summary
 
 
-def cohort_matrix(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
+def cohort_matrix(con: Connection, *, cutoff: dt.date,
                   max_months: int = 24) -> pd.DataFrame:
     """Monthly acquisition cohorts: retention and revenue by months since first purchase.
 
@@ -327,7 +333,7 @@ def cohort_matrix(con: duckdb.DuckDBPyConnection, *, cutoff: dt.date,
     WHERE a.months_since <= {int(max_months)}
     ORDER BY a.cohort, a.months_since
     """
-    out = con.execute(sql).df()
+    out = as_engine(con).frame(sql)
     out["months_since"] = out["months_since"].astype("int64")
     out["cohort"] = pd.to_datetime(out["cohort"])
     return out
@@ -492,7 +498,7 @@ class CustomerProfile:
         }
 
 
-def profile_customers(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
+def profile_customers(con: Connection, *, as_of: dt.date,
                       params: AnalysisParams, seed: int = 42,
                       exclude_attributes: tuple[str, ...] = (),
                       horizon_days: int | None = None) -> CustomerProfile:
@@ -543,7 +549,7 @@ def profile_step(config: Config, processed_dir: str | Path, *, as_of: str | None
     attributes left out) and write the profile (:func:`write_profile`), which records
     both for every later step."""
     a = config.analysis
-    con = connect(processed_dir, memory_limit=a.duckdb_memory_limit)
+    con = connect_run(processed_dir, config)
     scoring_date = resolve_as_of(con, as_of=as_of or a.as_of)
     horizon = resolve_horizon_days(con, horizon_days=a.horizon_days, cutoff=scoring_date,
                                    step_days=a.cutoff_step_days)

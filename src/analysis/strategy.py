@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -22,7 +21,14 @@ from scipy import stats
 from analysis.clv import fit_bgnbd, rfm_summary
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
-from analysis.features import build_features, connect, resolve_as_of, snapshots_by_cutoff
+from analysis.engine import as_engine
+from analysis.features import (
+    Connection,
+    build_features,
+    connect_run,
+    resolve_as_of,
+    snapshots_by_cutoff,
+)
 from analysis.models import explain_customers, prepare_matrix, read_model_run, skipped_reason
 from analysis.segments import (
     ACTIVE_STAGES,
@@ -203,7 +209,7 @@ def customer_economics(customers: pd.DataFrame, *, horizon_days: int,
                          "expected_profit": margin - cost})
 
 
-def period_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date, horizon_days: int,
+def period_profits(con: Connection, *, as_of: dt.date, horizon_days: int,
                    periods: int, params: StrategyParams) -> pd.DataFrame:
     """Realised profit of each customer in each of the ``periods`` horizon-length
     windows before ``as_of`` (margin, or revenue x margin rate, minus orders x channel
@@ -231,10 +237,10 @@ def period_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date, horizon_da
         GROUP BY customer_id, order_key
     )
     SELECT customer_id, {", ".join(cols)} FROM orders GROUP BY customer_id"""
-    return con.execute(sql).df()
+    return as_engine(con).frame(sql)
 
 
-def order_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
+def order_profits(con: Connection, *, as_of: dt.date,
                   params: StrategyParams) -> pd.DataFrame:
     """Each customer's profit per order over their whole history before ``as_of`` (margin,
     or revenue x margin rate, less the cost of the order's own channel): how sure it is
@@ -247,7 +253,7 @@ def order_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
         and ``order_profit_se`` (its standard error; NaN with one order).
     """
     case = _channel_cost_sql("MIN(channel)", params)
-    return con.execute(f"""
+    return as_engine(con).frame(f"""
     WITH orders AS (
         SELECT customer_id, order_key,
                SUM(COALESCE(margin, amount * {float(params.margin_rate)})) - {case}
@@ -258,7 +264,7 @@ def order_profits(con: duckdb.DuckDBPyConnection, *, as_of: dt.date,
     )
     SELECT customer_id, COUNT(*) AS n_orders_profit, AVG(order_profit) AS order_profit_mean,
            STDDEV_SAMP(order_profit) / SQRT(COUNT(*)) AS order_profit_se
-    FROM orders GROUP BY customer_id""").df()
+    FROM orders GROUP BY customer_id""")
 
 
 def _channel_cost_sql(column: str, params: StrategyParams) -> str:
@@ -805,7 +811,7 @@ class StrategyRun:
     margin_uplift: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def decide(con: duckdb.DuckDBPyConnection, customers: pd.DataFrame, *, as_of: dt.date,
+def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
            horizon_days: int, params: StrategyParams, campaign: pd.DataFrame | None = None,
            attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
            previous: pd.DataFrame | None = None, value_model=None,
@@ -986,7 +992,7 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                                     params=config.strategy, attributes=attributes,
                                     protected=config.protected, previous=previous)
     else:
-        con = connect(processed_dir, memory_limit=config.analysis.duckdb_memory_limit)
+        con = connect_run(processed_dir, config)
         run = None if skipped_reason(processed_dir) else read_model_run(processed_dir,
                                                                          tables=())
         campaign = (pd.read_parquet(clean / "campaign.parquet")
@@ -1038,7 +1044,7 @@ def needs_value_reasons(customers: pd.DataFrame) -> pd.Series:
     return listed
 
 
-def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store: RunStore,
+def _explain_listed(con: Connection, decided: pd.DataFrame, store: RunStore,
                     run, *, features: pd.DataFrame | None, exclude: tuple[str, ...]
                     ) -> pd.DataFrame:
     """The decisions with ``reasons`` for every customer who :func:`needs_reasons` and
@@ -1069,7 +1075,7 @@ def _explain_listed(con: duckdb.DuckDBPyConnection, decided: pd.DataFrame, store
         out.reset_index(), on="customer_id", how="left")
 
 
-def _hazard_contact_value(con: duckdb.DuckDBPyConnection, c: pd.DataFrame,
+def _hazard_contact_value(con: Connection, c: pd.DataFrame,
                           econ: pd.DataFrame, campaign: pd.DataFrame, *, as_of: dt.date,
                           horizon_days: int, params: StrategyParams) -> dict | None:
     """Each customer's expected extra margin of a contact, from the hazard effect measured
@@ -1120,7 +1126,7 @@ def _hazard_contact_value(con: duckdb.DuckDBPyConnection, c: pd.DataFrame,
             "hazard_rows": rows, "window_days": window, "fit": fit}
 
 
-def _learned_uplift(con: duckdb.DuckDBPyConnection, c: pd.DataFrame, campaign: pd.DataFrame,
+def _learned_uplift(con: Connection, c: pd.DataFrame, campaign: pd.DataFrame,
                     *, as_of: dt.date, horizon_days: int, window: int, base_value: np.ndarray,
                     to_window: float | None, contact: dict | None,
                     pooled: pd.Series | None, uplift_rate: float | None,

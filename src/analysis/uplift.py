@@ -73,7 +73,6 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Literal
 
-import duckdb
 import numpy as np
 import pandas as pd
 
@@ -84,7 +83,8 @@ from analysis.clv import (
     fit_positions,
     rfm_summaries,
 )
-from analysis.features import snapshots_by_cutoff
+from analysis.engine import as_engine
+from analysis.features import Connection, snapshots_by_cutoff
 from analysis.models import categories_of, feature_columns, prepare_matrix
 
 __all__ = [
@@ -125,18 +125,19 @@ def full_window_dates(campaign: pd.DataFrame, *, as_of: dt.date, window_days: in
     return sorted(d for d in both if d + dt.timedelta(days=window_days) <= as_of)
 
 
-def recent_campaign_customers(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
+def recent_campaign_customers(con: Connection, campaign: pd.DataFrame, *,
                               dates: list[dt.date], horizon_days: int
                               ) -> dict[dt.date, np.ndarray]:
     """Per campaign date, the ids of its customers with an order line in the
     ``horizon_days`` before it: every customer active at the campaign (an order within
     one horizon before it) is among them, so features need be built for them only."""
     days = pd.to_datetime(campaign["campaign_date"]).dt.date
-    con.register("_campaign_rows", pd.DataFrame({
+    eng = as_engine(con)
+    eng.register("_campaign_rows", pd.DataFrame({
         "customer_id": campaign["customer_id"].astype(str).to_numpy(),
         "campaign_date": pd.to_datetime(days).to_numpy()}))
     try:
-        found = con.execute(f"""
+        found = eng.frame(f"""
             SELECT DISTINCT c.customer_id, CAST(c.campaign_date AS DATE) AS day
             FROM _campaign_rows c
             SEMI JOIN lines l ON l.customer_id = c.customer_id
@@ -144,14 +145,14 @@ def recent_campaign_customers(con: duckdb.DuckDBPyConnection, campaign: pd.DataF
                  AND l.order_date >= CAST(c.campaign_date AS DATE) - {int(horizon_days)}
             WHERE CAST(c.campaign_date AS DATE) IN
                   ({", ".join(f"DATE '{d.isoformat()}'" for d in dates) or "NULL"})
-            """).df()
+            """)
     finally:
-        con.unregister("_campaign_rows")
+        eng.unregister("_campaign_rows")
     day = pd.to_datetime(found["day"]).dt.date
     return {d: found.loc[day == d, "customer_id"].to_numpy() for d in dates}
 
 
-def campaign_outcomes(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
+def campaign_outcomes(con: Connection, campaign: pd.DataFrame, *,
                       dates: list[dt.date], window_days: int, horizon_days: int,
                       margin_rate: float, exclude_attributes: tuple[str, ...] = ()
                       ) -> pd.DataFrame:
@@ -513,7 +514,7 @@ def customer_share(campaign: pd.DataFrame, *, share: float) -> pd.DataFrame:
     return campaign[(h.to_numpy() % 1_000_000) < int(share * 1_000_000)]
 
 
-def learn_uplift(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
+def learn_uplift(con: Connection, campaign: pd.DataFrame, *,
                  as_of: dt.date, horizon_days: int, window_days: int, margin_rate: float,
                  exclude_attributes: tuple[str, ...] = (), depth_share: float = 0.2,
                  baselines=None, learner: Literal["x", "t"] = "x", seed: int = 0,
@@ -679,7 +680,7 @@ HAZARD_ROW_COLUMNS = ("customer_id", "campaign_date", "treated", "propensity", "
                       "p_alive", "purchase_rate", "hazard", "purchase_days")
 
 
-def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *,
+def hazard_effect_rows(con: Connection, campaign: pd.DataFrame, *,
                        as_of: dt.date, horizon_days: int, window_days: int) -> pd.DataFrame:
     """One row per customer active at each campaign (a purchase within one horizon before
     it) whose first horizon after it has closed by ``as_of``: the contact, and what
@@ -705,28 +706,29 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
     # date's summary stays in DuckDB, which hands over only the rows BG/NBD is fitted on
     # (fit_bgnbd's evenly spaced customers) and the campaign's own customers, with their
     # outcomes
-    con.register("_campaign_customers", pd.DataFrame({
+    eng = as_engine(con)
+    eng.register("_campaign_customers", pd.DataFrame({
         "customer_id": ids.to_numpy(),
         "campaign_date": pd.to_datetime(campaign["campaign_date"]).to_numpy()}))
-    summaries = rfm_summaries(con, calibration_ends=full_window_dates(
+    summaries = rfm_summaries(eng, calibration_ends=full_window_dates(
         campaign, as_of=as_of, window_days=horizon_days), extra_days=int(window_days),
-        in_duckdb=True)
+        in_engine=True)
     weeks = "s.frequency, s.recency_days / 7.0 AS recency, s.t_days / 7.0 AS T"
     try:
         for date, summary in summaries:
             window = min(int(window_days), (as_of - date).days)
-            n = con.execute(f"SELECT COUNT(*) FROM {summary}").fetchall()[0][0]
-            con.register("_fit_positions", pd.DataFrame({"i": fit_positions(n)}))
+            n = eng.rows(f"SELECT COUNT(*) FROM {summary}")[0][0]
+            eng.register("_fit_positions", pd.DataFrame({"i": fit_positions(n)}))
             try:
-                bg = fit_bgnbd(con.execute(
+                bg = fit_bgnbd(eng.frame(
                     f"SELECT {weeks} FROM (SELECT *, row_number() OVER (ORDER BY "
                     f"customer_id) - 1 AS i FROM {summary}) s SEMI JOIN _fit_positions "
-                    f"USING (i) ORDER BY i").df(), max_customers=BGNBD_FIT_CUSTOMERS)
+                    f"USING (i) ORDER BY i"), max_customers=BGNBD_FIT_CUSTOMERS)
             except ValueError:
                 continue
             finally:
-                con.unregister("_fit_positions")
-            seen = con.execute(f"""
+                eng.unregister("_fit_positions")
+            seen = eng.frame(f"""
                 SELECT o.*, {weeks}
                 FROM (SELECT customer_id,
                              date_diff('day', MAX(order_date) FILTER (
@@ -744,7 +746,7 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
                       GROUP BY customer_id) o
                 LEFT JOIN {summary} s USING (customer_id)
                 WHERE o.recency_days <= {int(horizon_days)}
-                ORDER BY customer_id""").df()
+                ORDER BY customer_id""")
             seen["customer_id"] = seen["customer_id"].astype(str)
             on_date = days == np.datetime64(date, "D")
             active = seen.merge(
@@ -764,7 +766,7 @@ def hazard_effect_rows(con: duckdb.DuckDBPyConnection, campaign: pd.DataFrame, *
                 "hazard": hazard / 7.0,
                 "purchase_days": active["purchase_days"].to_numpy(dtype=float)}))
     finally:
-        con.unregister("_campaign_customers")
+        eng.unregister("_campaign_customers")
     return (pd.concat(parts, ignore_index=True) if parts
             else pd.DataFrame(columns=list(HAZARD_ROW_COLUMNS)))
 
