@@ -79,6 +79,18 @@ def require_cdnow() -> Path:
     return CDNOW
 
 
+def require_spark() -> None:
+    """Skip unless pyspark (the ``spark`` extra, which ``make test`` installs) and a Java
+    runtime are here."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("pyspark") is None or importlib.util.find_spec("sqlglot") is None:
+        pytest.skip("the 'spark' extra is not installed (make spark)")
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        pytest.skip("no Java runtime for Spark (make spark installs one where it can)")
+
+
 #: A script payload planted in data values (must show as text, never run).
 SCRIPT_PAYLOAD = '<script>window.__xss = 1</script>toys'
 

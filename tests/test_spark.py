@@ -50,8 +50,8 @@ def _same(duck: pd.DataFrame, spark: pd.DataFrame) -> None:
 
 def test_the_rewrites_keep_duckdbs_meaning_on_spark(session):
     """What sqlglot leaves to us: an ordered FIRST (ties broken by the next key, missing
-    keys last), ARG_MAX over a ROW key, and a SEMI JOIN; each query gives DuckDB's rows
-    on Spark."""
+    keys last), ARG_MAX over a ROW key, a SEMI JOIN, an average of decimals and a
+    MATERIALIZED hint; each query gives DuckDB's rows on Spark."""
     rows = pd.DataFrame({"c": ["a", "a", "a", "b", "b", "c"],
                          "k": ["x", "y", "z", "p", "q", "r"],
                          "v": [2.0, 2.0, 1.0, None, 3.0, None],
@@ -68,10 +68,15 @@ def test_the_rewrites_keep_duckdbs_meaning_on_spark(session):
         "SELECT c, ARG_MAX(v, ROW(d, v)) FILTER (WHERE v IS NOT NULL) AS last "
         "FROM t GROUP BY c ORDER BY c",
         "SELECT t.c, t.k FROM t SEMI JOIN (SELECT 'b' AS c) m ON t.c = m.c ORDER BY t.k",
+        # a share from decimal literals (Spark's own AVG would round it to 5 places),
+        # through a MATERIALIZED hint
+        "WITH m AS MATERIALIZED (SELECT c, CASE WHEN v > 1.5 THEN 1.0 ELSE 0.0 END AS w "
+        "FROM t) SELECT c, AVG(w) AS share FROM m GROUP BY c ORDER BY c",
     ]
     assert "MIN_BY(K, STRUCT(" in to_spark(queries[0]).upper()
     assert "MAX_BY(V, STRUCT(D, V))" in to_spark(queries[1]).upper()
     assert "LEFT SEMI JOIN" in to_spark(queries[2]).upper()
+    assert "MATERIALIZED" not in to_spark(queries[3]).upper()
     for query in queries:
         expected = con.execute(query).df()
         got = spark.frame(query)
@@ -79,6 +84,8 @@ def test_the_rewrites_keep_duckdbs_meaning_on_spark(session):
             expected.astype(object).where(expected.notna(), None).values.tolist(), query
     # the ties: "a" has x and y at 2.0 (x first by name), "b" skips its missing value
     assert spark.frame(queries[0])["top"].tolist() == ["x", "q", "r"]
+    assert spark.frame(queries[3])["share"].tolist() == [2 / 3, 0.5, 0.0]
+    assert spark.frame(queries[3])["share"].dtype == "float64"
     # a local session gets two shuffle partitions a core, not a cluster's 200
     assert session.conf.get("spark.sql.shuffle.partitions") == "4"
 

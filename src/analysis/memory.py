@@ -36,9 +36,11 @@ def rss_bytes() -> int:
 
 class KernelMemory:
     """The peak resident memory (MiB) of the processes this process starts while the
-    block runs: a notebook stage's kernel.
+    block runs: a notebook stage's kernel, with the processes the kernel starts in turn
+    (the Java process of a local Spark session, ``analysis.engine: spark``).
 
-    The largest ``VmHWM`` (each process's own high-water mark, kept by Linux) read every
+    The largest of each child's ``VmHWM`` (its own high-water mark, kept by Linux) and
+    of the resident memory of the child and all its descendants together, read every
     ``interval`` seconds while they run, which misses at most what a process added in
     its last ``interval``. Only for a process too short to be read does it fall back to
     the rise of ``ru_maxrss`` over this process's children, which is less faithful: a
@@ -68,7 +70,8 @@ class KernelMemory:
         me = str(os.getpid())
         while not self._stop.wait(self.interval):
             for pid in _children(me):
-                self._sampled = max(self._sampled, _high_water_mib(pid))
+                self._sampled = max(self._sampled, _high_water_mib(pid),
+                                    sum(_resident_mib(p) for p in _tree(pid)))
 
 
 def _children(ppid: str) -> list[str]:
@@ -82,10 +85,28 @@ def _children(ppid: str) -> list[str]:
     return out
 
 
+def _tree(pid: str) -> list[str]:
+    """``pid`` and the ids of all its running descendants."""
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(_children(out[-1]))
+    return out
+
+
 def _high_water_mib(pid: str) -> float:
     """A process's peak resident memory so far (``VmHWM``), in MiB; 0 when gone."""
+    return _status_mib(pid, "VmHWM:")
+
+
+def _resident_mib(pid: str) -> float:
+    """A process's resident memory now (``VmRSS``), in MiB; 0 when gone."""
+    return _status_mib(pid, "VmRSS:")
+
+
+def _status_mib(pid: str, field: str) -> float:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return 0.0
