@@ -35,8 +35,9 @@ def test_an_engine_drops_only_what_it_made():
     eng.table("t", "SELECT 2 AS x")
     eng.view("v", "SELECT x + 1 AS y FROM t")
     assert eng.rows("SELECT y FROM v") == [(3,)] and "v" in eng.views()
+    assert eng.has("v") and eng.has("t") and eng.has("kept") and not eng.has("never_made")
     eng.drop("v", "t", "kept", "never_made")
-    assert "v" not in eng.views()
+    assert "v" not in eng.views() and not eng.has("v") and not eng.has("t")
     assert con.execute("SELECT COUNT(*) FROM duckdb_tables() WHERE table_name = 't'"
                        ).fetchall() == [(0,)]
     assert con.execute("SELECT x FROM kept").fetchall() == [(1,)]

@@ -490,6 +490,10 @@ def test_the_demo_config_on_spark_answers_as_on_duckdb(good_run, small_demo, tmp
     pd.testing.assert_frame_equal(profiles[1], profiles[0], check_exact=False, rtol=1e-9,
                                   atol=1e-9)
     runs = [read_model_run(r.processed_dir) for r in (duck, spark)]
+    # the evaluation snapshot (a cutoff of its own, with its labels) is the same table
+    pd.testing.assert_frame_equal(
+        *(r.evaluation[["customer_id", "lifecycle_stage", "frequency", "churned",
+                        "future_spend"]] for r in runs), check_exact=False, rtol=1e-9)
     assert [r.churn_chosen for r in runs] == [runs[0].churn_chosen] * 2
     assert [r.value_chosen for r in runs] == [runs[0].value_chosen] * 2
     for table in ("churn_metrics", "churn_metrics_active"):

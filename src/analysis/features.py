@@ -515,7 +515,7 @@ def _raw_tables(source: str | Path | Mapping[str, pd.DataFrame]
 def _lines_sql(engine: DuckDBEngine | SparkEngine) -> str:
     """The query of the ``lines`` view over ``tx_raw``: the contract's columns, with the
     defaults of the optional ones, and an order key."""
-    if "tx_raw" not in engine.views():
+    if not engine.has("tx_raw"):
         raise ValueError("no transactions table to build features from")
     columns = set(engine.columns("tx_raw"))
     order_key = ("order_id" if "order_id" in columns
@@ -645,7 +645,7 @@ def snapshots_by_cutoff(con: Connection, *, cutoffs: list[dt.date],
         "customer_id": np.concatenate([chosen[c] for c in cutoffs if c in chosen] or [[]]),
         "k": np.repeat([k for k, c in enumerate(cutoffs) if c in chosen],
                        [len(chosen[c]) for c in cutoffs if c in chosen]).astype(int)})
-    views = eng.views()
+    views = {v for v in ("customers_raw", "interactions_raw") if eng.has(v)}
     tx_cols = set(eng.columns("tx_raw"))
     absent = {"margin": ["margin_total", "margin_rate", "future_margin"],
               "category": ["n_categories", "top_category"],
