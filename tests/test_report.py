@@ -466,7 +466,8 @@ def test_every_shipped_config_is_run_end_to_end_by_a_test():
 @pytest.mark.e2e
 def test_the_demo_config_on_spark_answers_as_on_duckdb(good_run, small_demo, tmp_path_factory):
     """``configs/demo-spark.yaml`` on good_run's world, Spark in local mode: every
-    stage's set-based work runs on Spark, and the run answers as the DuckDB run does:
+    stage's set-based work runs on Spark and the boosters are trained by xgboost.spark,
+    and the run answers as the DuckDB run does:
     the same quarantine, the same features at the scoring date, churn AUC within 0.01
     and value MAE within 2 % for every method (issue #19's bounds), the same methods
     chosen and the same action for every customer (within 1 %: the features agree to
@@ -490,6 +491,9 @@ def test_the_demo_config_on_spark_answers_as_on_duckdb(good_run, small_demo, tmp
     pd.testing.assert_frame_equal(profiles[1], profiles[0], check_exact=False, rtol=1e-9,
                                   atol=1e-9)
     runs = [read_model_run(r.processed_dir) for r in (duck, spark)]
+    trained = [json.loads((r.processed_dir / "models" / f"{m}.meta.json").read_text())
+               ["trained_with"] for r in (duck, spark) for m in ("churn", "value")]
+    assert trained == ["xgboost"] * 2 + ["xgboost.spark (1 worker)"] * 2
     # the evaluation snapshot (a cutoff of its own, with its labels) is the same table
     pd.testing.assert_frame_equal(
         *(r.evaluation[["customer_id", "lifecycle_stage", "frequency", "churned",

@@ -170,6 +170,25 @@ def test_a_sampled_snapshot_on_spark_keeps_its_share_and_the_same_draw(session, 
           part)
 
 
+def test_a_large_frame_reaches_spark_as_a_file_whatever_its_name(session):
+    """Beyond FRAME_ROWS_IN_MEMORY rows a frame goes to a local Spark as a Parquet file;
+    a name starting with "_" (the project's own frames) must not make it a file Spark
+    skips as hidden (a 20,000-customer demo's campaign failed so)."""
+    from analysis.engine import SparkEngine
+
+    spark = SparkEngine(session)
+    n = SparkEngine.FRAME_ROWS_IN_MEMORY + 1
+    frame = pd.DataFrame({"customer_id": [f"C{i:07d}" for i in range(n)],
+                          "day": pd.Timestamp("2024-03-01")})
+    spark.register("_campaign_rows", frame)
+    try:
+        assert spark.rows("SELECT COUNT(*), MIN(customer_id), MAX(day) FROM _campaign_rows") \
+            == [(n, "C0000000", pd.Timestamp("2024-03-01").to_pydatetime())]
+        assert list(spark.scratch.glob("frame-campaign_rows-*.parquet"))
+    finally:
+        spark.unregister("_campaign_rows")
+
+
 def test_nanosecond_timestamps_keep_their_day_and_microsecond_on_spark(session, tmp_path):
     """pandas writes nanoseconds, which Spark does not read: the engine reads them as
     counts and converts with integer division, so that no time near midnight moves to
@@ -186,3 +205,27 @@ def test_nanosecond_timestamps_keep_their_day_and_microsecond_on_spark(session, 
                           f"read_parquet('{tmp_path / 't.parquet'}') ORDER BY n").df()
     assert got["day"].tolist() == expected["day"].tolist()
     assert [str(v) for v in got["t"]] == [str(v) for v in times]
+
+
+def test_the_boosters_trained_by_xgboost_spark_are_those_trained_here(session):
+    """``analysis.engine: spark`` trains XGBoost with its own Spark estimators: with the
+    same parameters, one worker on a local master, the trees are the ones
+    :func:`xgboost.train` grows here, categories (one missing) and a feature name
+    XGBoost refuses included."""
+    import numpy as np
+
+    from analysis.models import ChurnModel, ValueModel
+
+    rng = np.random.default_rng(0)
+    n = 3_000
+    X = pd.DataFrame({"recency": rng.normal(size=n), "spend [eur]": rng.gamma(2.0, size=n),
+                      "channel": pd.Categorical(rng.choice(["web", "store", None], n))})
+    churned = (X["recency"] + (X["channel"] == "web") + rng.normal(size=n) > 0.5).astype(int)
+    spend = X["spend [eur]"].to_numpy() * (rng.random(n) < 0.6)
+    fit, stop = slice(0, 2_000), slice(2_000, n)
+    for model, y in ((ChurnModel, churned.to_numpy()), (ValueModel, spend)):
+        here = model(seed=3).fit(X.iloc[fit], y[fit], X.iloc[stop], y[stop])
+        there = model(seed=3, spark=session).fit(X.iloc[fit], y[fit], X.iloc[stop], y[stop])
+        assert (here.trained_with_, there.trained_with_) == ("xgboost", "xgboost.spark (1 worker)")
+        assert there.best_iteration_ == here.best_iteration_ > 5
+        np.testing.assert_allclose(there._margin(X), here._margin(X), rtol=1e-6, atol=1e-6)

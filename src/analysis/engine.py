@@ -179,8 +179,10 @@ class SparkEngine:
 
         import pyarrow.parquet as pq
 
-        # a new file each time: Spark may keep a listing of a path it has read
-        path = self.scratch / f"{name}-{uuid.uuid4().hex[:8]}.parquet"
+        # a new file each time: Spark may keep a listing of a path it has read (and
+        # never a name starting with "_" or ".", which Spark skips as hidden: the
+        # project's own frames are "_campaign_rows" and the like)
+        path = self.scratch / f"frame-{name.lstrip('_.')}-{uuid.uuid4().hex[:8]}.parquet"
         pq.write_table(_arrow_of(frame), path)
         self.read_parquet(name, path)
 
@@ -280,6 +282,16 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     conf = {k: str(v) for k, v in (conf or {}).items()}
     for key, value in {**SPARK_DEFAULTS, **conf}.items():
         builder = builder.config(key, value)
+    import os
+    import sys
+
+    # on this machine, Spark's Python workers (xgboost.spark's training) run this
+    # Python, with the project's packages (pyspark reads the variable, not a setting);
+    # a cluster's workers have their own
+    local = (master or "").startswith("local") or (
+        master is None and "PYSPARK_GATEWAY_PORT" not in os.environ)   # (not spark-submit)
+    if local and not os.environ.get("PYSPARK_PYTHON"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     running_on = session.sparkContext.master

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +46,7 @@ from analysis.clv import (
     fit_gamma_gamma,
     rfm_summary,
 )
-from analysis.engine import as_engine
+from analysis.engine import SparkEngine, as_engine
 from analysis.errors import InsufficientDataError
 from analysis.explain import global_drivers, reason_codes
 from analysis.features import (
@@ -201,6 +203,9 @@ class _Booster:
     device: str = "cpu"
     seed: int = 42
     n_jobs: int | None = None
+    #: a Spark session (``analysis.engine: spark``): training then runs as XGBoost's
+    #: own Spark estimator (``xgboost.spark``) on its executors, see :meth:`_train_spark`
+    spark: Any = field(default=None, repr=False, compare=False)
 
     def _params(self, objective: dict) -> dict:
         return {"tree_method": "hist", "device": self.device, "max_depth": self.max_depth,
@@ -216,6 +221,9 @@ class _Booster:
                            enable_categorical=True, **labels)
 
     def _train(self, objective: dict, X, y, X_valid, y_valid, weight=None) -> xgb.Booster:
+        if self.spark is not None:
+            return self._train_spark(objective, X, y, X_valid, y_valid, weight)
+        self.trained_with_ = "xgboost"
         dtrain = self._dmatrix(X, label=y, weight=weight)
         dvalid = self._dmatrix(X_valid, label=y_valid)
         booster = xgb.train(self._params(objective), dtrain, num_boost_round=self.n_estimators,
@@ -223,6 +231,65 @@ class _Booster:
                             early_stopping_rounds=self.early_stopping_rounds,
                             verbose_eval=False)
         self.best_iteration_ = int(booster.best_iteration)
+        return booster
+
+    def _train_spark(self, objective: dict, X, y, X_valid, y_valid, weight=None
+                     ) -> xgb.Booster:
+        """:meth:`_train` with ``xgboost.spark``: the same parameters, early stopping on
+        the validation rows (marked by a column), categories as their codes with the
+        features' types given, so that the booster scores the matrices of
+        :func:`prepare_matrix` as a booster trained here does. One worker on a local
+        master (the same trees as :meth:`_train` then), one per core of the cluster
+        otherwise."""
+        from xgboost.spark import SparkXGBClassifier, SparkXGBRegressor
+
+        names = model_feature_names(self.features_)
+        rows = pd.concat([X, X_valid], ignore_index=True).rename(columns=names)
+        kinds = []
+        for column in rows.columns:
+            if isinstance(rows[column].dtype, pd.CategoricalDtype):
+                codes = rows[column].cat.codes.astype("float64")
+                rows[column] = codes.where(codes >= 0)
+                kinds.append("c")
+            else:
+                rows[column] = rows[column].astype("float64")
+                kinds.append("q")
+        rows["_label"] = np.concatenate([np.asarray(y, float), np.asarray(y_valid, float)])
+        rows["_valid"] = np.arange(len(rows)) >= len(X)
+        if weight is not None:
+            rows["_weight"] = np.concatenate([np.asarray(weight, float), np.ones(len(X_valid))])
+        context = self.spark.sparkContext
+        workers = 1 if context.master.startswith("local") else context.defaultParallelism
+        params = self._params(objective)
+        kw = dict(features_col=list(rows.columns[:-2 - (weight is not None)]),
+                  label_col="_label", validation_indicator_col="_valid",
+                  feature_types=kinds, num_workers=workers, n_estimators=self.n_estimators,
+                  early_stopping_rounds=self.early_stopping_rounds,
+                  max_depth=params["max_depth"], learning_rate=params["eta"],
+                  min_child_weight=params["min_child_weight"], subsample=params["subsample"],
+                  colsample_bytree=params["colsample_bytree"], reg_lambda=params["lambda"],
+                  seed=params["seed"], device=params["device"], tree_method="hist",
+                  eval_metric=params["eval_metric"])
+        if weight is not None:
+            kw["weight_col"] = "_weight"
+        # no progress lines in the notebooks (xgboost.spark logs each fit at INFO, and
+        # each round's evaluation)
+        for logger in ("XGBoost-PySpark", "SparkXGBClassifier", "SparkXGBRegressor"):
+            logging.getLogger(logger).setLevel(logging.WARNING)
+        kw["verbose"] = False
+        if params["objective"] == "binary:logistic":
+            estimator = SparkXGBClassifier(**kw)
+        else:
+            estimator = SparkXGBRegressor(objective=params["objective"], **{
+                k: v for k, v in params.items() if k.startswith("tweedie")}, **kw)
+        engine = SparkEngine(self.spark)
+        engine.register("_training_rows", rows)
+        try:
+            booster = estimator.fit(self.spark.table("_training_rows")).get_booster()
+        finally:
+            engine.unregister("_training_rows")
+        self.best_iteration_ = int(booster.best_iteration)
+        self.trained_with_ = f"xgboost.spark ({workers} worker{'s' * (workers > 1)})"
         return booster
 
     def _check(self):
@@ -263,6 +330,7 @@ class _Booster:
                                           "colsample_bytree", "reg_lambda", "device",
                                           "seed")},
                 "features": self.features_,
+                "trained_with": getattr(self, "trained_with_", "xgboost"),
                 # the names inside the booster's JSON, where a column's has characters
                 # XGBoost refuses (model_feature_names)
                 "model_feature_names": list(model_feature_names(self.features_).values()),
@@ -1142,12 +1210,15 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     test = test[["customer_id", *rfm, "churned", "future_spend", "spend_last_horizon"]].assign(
         lifecycle_stage=assign_lifecycle(test, **(lifecycle or {}))["lifecycle_stage"].to_numpy())
 
+    # on Spark, the boosters train there (xgboost.spark), with the same parameters
+    spark = eng.session if isinstance(eng, SparkEngine) else None
     churn, logistic, churn_choice = fit_churn_candidates(
         X["train"], train["churned"], X["valid"], valid["churned"], seed=seed, device=device,
+        spark=spark,
         max_logistic_rows=max_baseline_rows,
         population=valid["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy())
     tune, choose = split_validation(valid["churned"], seed=seed)     # the same halves
-    value = ValueModel(seed=seed, device=device).fit(
+    value = ValueModel(seed=seed, device=device, spark=spark).fit(
         X["train"], train["future_spend"], X["valid"].iloc[tune],
         valid["future_spend"].iloc[tune])
     held, x_held = valid.iloc[choose], X["valid"].iloc[choose]
@@ -1245,7 +1316,7 @@ def split_validation(churned, *, seed: int = 42) -> tuple[np.ndarray, np.ndarray
 def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
                          seed: int = 42, device: str = "cpu",
                          max_logistic_rows: int | None = None,
-                         population=None
+                         population=None, spark: Any = None
                          ) -> tuple[ChurnModel, LogisticChurn, pd.DataFrame]:
     """Fit the churn candidates on ``X, y`` and choose among them on later, held-out data.
 
@@ -1257,7 +1328,8 @@ def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
     boolean per validation row, restricts the choosing half to the customers the choice
     is about (those active at the validation cutoff, see :func:`fit_and_evaluate`); when
     that leaves no churner or no stayer, the whole half chooses. Nothing is refitted
-    after the choice, so the chosen method is exactly the one judged.
+    after the choice, so the chosen method is exactly the one judged. With a Spark
+    session ``spark``, XGBoost trains there (:meth:`_Booster._train_spark`).
 
     Returns
     -------
@@ -1265,7 +1337,8 @@ def fit_churn_candidates(X: pd.DataFrame, y, X_valid: pd.DataFrame, y_valid, *,
     """
     y, y_valid = np.asarray(y), np.asarray(y_valid)
     tune, choose = split_validation(y_valid, seed=seed)
-    churn = ChurnModel(seed=seed, device=device).fit(X, y, X_valid.iloc[tune], y_valid[tune])
+    churn = ChurnModel(seed=seed, device=device, spark=spark).fit(X, y, X_valid.iloc[tune],
+                                                                 y_valid[tune])
     rows = np.random.default_rng(seed).permutation(len(X))[:max_logistic_rows]
     logistic = LogisticChurn().fit(X.iloc[rows], y[rows])
     if population is not None:
