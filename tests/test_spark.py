@@ -217,12 +217,12 @@ def test_the_boosters_trained_by_xgboost_spark_are_those_trained_here(session):
     from analysis.models import ChurnModel, ValueModel
 
     rng = np.random.default_rng(0)
-    n = 3_000
+    n = 12_000      # (more rows than one Arrow batch: a batch without validation rows)
     X = pd.DataFrame({"recency": rng.normal(size=n), "spend [eur]": rng.gamma(2.0, size=n),
                       "channel": pd.Categorical(rng.choice(["web", "store", None], n))})
     churned = (X["recency"] + (X["channel"] == "web") + rng.normal(size=n) > 0.5).astype(int)
     spend = X["spend [eur]"].to_numpy() * (rng.random(n) < 0.6)
-    fit, stop = slice(0, 2_000), slice(2_000, n)
+    fit, stop = slice(0, 10_500), slice(10_500, n)
     for model, y in ((ChurnModel, churned.to_numpy()), (ValueModel, spend)):
         here = model(seed=3).fit(X.iloc[fit], y[fit], X.iloc[stop], y[stop])
         there = model(seed=3, spark=session).fit(X.iloc[fit], y[fit], X.iloc[stop], y[stop])

@@ -284,9 +284,15 @@ class _Booster:
                 k: v for k, v in params.items() if k.startswith("tweedie")}, **kw)
         engine = SparkEngine(self.spark)
         engine.register("_training_rows", rows)
+        # each partition reaches XGBoost as one batch: xgboost.spark (3.2) fails on an
+        # Arrow batch (10,000 rows by default) that holds no validation rows
+        batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
+        before = self.spark.conf.get(batch)
+        self.spark.conf.set(batch, "0")
         try:
             booster = estimator.fit(self.spark.table("_training_rows")).get_booster()
         finally:
+            self.spark.conf.set(batch, before)
             engine.unregister("_training_rows")
         self.best_iteration_ = int(booster.best_iteration)
         self.trained_with_ = f"xgboost.spark ({workers} worker{'s' * (workers > 1)})"
