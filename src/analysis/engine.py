@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import os
+import shutil
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -282,9 +286,6 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     conf = {k: str(v) for k, v in (conf or {}).items()}
     for key, value in {**SPARK_DEFAULTS, **conf}.items():
         builder = builder.config(key, value)
-    import os
-    import sys
-
     # on this machine, Spark's Python workers (xgboost.spark's training) run this
     # Python, with the project's packages (pyspark reads the variable, not a setting);
     # a cluster's workers have their own
@@ -306,10 +307,6 @@ def require_spark(path: object = None) -> None:
     """Stop with a :class:`ConfigError` naming ``analysis.engine`` (and the config
     ``path``) unless pyspark can be imported and a Java runtime found (``JAVA_HOME`` or
     ``java`` on the path): a run on Spark checks this before it writes anything."""
-    import importlib.util
-    import os
-    import shutil
-
     hint = "run `make spark` (or `pip install 'customer-strategy-lab[spark]'` and Java 17+)"
     if importlib.util.find_spec("pyspark") is None:
         raise ConfigError(f"engine 'spark' needs pyspark, which is not installed: {hint}",
@@ -323,7 +320,6 @@ def require_spark(path: object = None) -> None:
 
 def _local_cores(master: str) -> int:
     """The cores of a ``local``, ``local[N]`` or ``local[*]`` master."""
-    import os
     import re
 
     m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\s*\d+)?\])?", master.strip())
