@@ -35,8 +35,8 @@ def rfm_summary(transactions, *, calibration_end: dt.date,
     Parameters
     ----------
     transactions : contract-shaped lines (``customer_id``, ``order_date``, ``amount``),
-        or a DuckDB connection from :func:`analysis.features.connect`, whose ``lines``
-        are then summarised in SQL (large histories never enter Python as lines).
+        or a connection from :func:`analysis.features.connect` (or an engine,
+        :func:`analysis.features.connect_run`), whose ``lines`` are then summarised in SQL (large histories never enter Python as lines).
     calibration_end : the first day after the calibration period. ``T`` and ``recency``
         are measured to the calibration period's last day (``calibration_end`` minus
         one day), the convention of the literature (a customer whose first purchase is
@@ -100,8 +100,9 @@ def rfm_summaries(con, *, calibration_ends: list[dt.date], time_unit_days: float
 
     Yields ``(calibration_end, summary)``, one at a time (a summary of a large base is
     large); the table is dropped when the iteration ends. With ``in_engine`` the summary
-    stays in the engine (DuckDB or Spark), as the temporary table ``rfm_summary_at`` (:data:`RFM_SUMMARY`'s
-    columns, in days; replaced at each date), for a caller who reads only some customers.
+    stays in the engine (DuckDB or Spark), as the temporary table ``rfm_summary_at``
+    (:data:`RFM_SUMMARY`'s columns, in days; replaced at each date), for a caller who
+    reads only some customers.
     """
     ends = sorted(set(calibration_ends))
     if not ends:
@@ -146,7 +147,7 @@ def _last_day(calibration_end: dt.date) -> str:
 def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
                      start: dt.date | None, days: str | None = None) -> pd.DataFrame:
     """:func:`rfm_summary` over a connection's ``lines`` view (or the purchase days
-    ``days`` selects, as :data:`PURCHASE_DAYS`), computed by DuckDB."""
+    ``days`` selects, as :data:`PURCHASE_DAYS`), computed by its engine."""
     since = f"AND order_date >= DATE '{start.isoformat()}'" if start else ""
     days = days or PURCHASE_DAYS.format(end=calibration_end.isoformat(), since=since)
     out = as_engine(con).frame(RFM_SUMMARY.format(days=days,

@@ -245,7 +245,7 @@ class _Booster:
 
         names = model_feature_names(self.features_)
         rows = pd.concat([X, X_valid], ignore_index=True).rename(columns=names)
-        kinds = []
+        features, kinds = list(rows.columns), []
         for column in rows.columns:
             if isinstance(rows[column].dtype, pd.CategoricalDtype):
                 codes = rows[column].cat.codes.astype("float64")
@@ -261,7 +261,7 @@ class _Booster:
         context = self.spark.sparkContext
         workers = 1 if context.master.startswith("local") else context.defaultParallelism
         params = self._params(objective)
-        kw = dict(features_col=list(rows.columns[:-2 - (weight is not None)]),
+        kw = dict(features_col=features,
                   label_col="_label", validation_indicator_col="_valid",
                   feature_types=kinds, num_workers=workers, n_estimators=self.n_estimators,
                   early_stopping_rounds=self.early_stopping_rounds,

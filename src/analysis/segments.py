@@ -1,7 +1,7 @@
 """Segments the business acts on: RFM, value tiers, behavioural clusters, lifecycle, cohorts.
 
 Every function takes the per-customer feature frame of :mod:`analysis.features` (or the
-DuckDB connection, for cohorts) and returns frames; plots live in :mod:`analysis.plots`.
+connection or engine, for cohorts) and returns frames; plots live in :mod:`analysis.plots`.
 """
 
 from __future__ import annotations

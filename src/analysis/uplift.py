@@ -703,7 +703,7 @@ def hazard_effect_rows(con: Connection, campaign: pd.DataFrame, *,
     ids = campaign["customer_id"].astype(str)
     parts = []
     # the purchase days are gathered once (rfm_summaries' table) for every campaign; each
-    # date's summary stays in DuckDB, which hands over only the rows BG/NBD is fitted on
+    # date's summary stays in the engine, which hands over only the rows BG/NBD is fitted on
     # (fit_bgnbd's evenly spaced customers) and the campaign's own customers, with their
     # outcomes
     eng = as_engine(con)
