@@ -53,6 +53,7 @@ def test_html_table_marks_number_columns_for_right_alignment_and_leaves_text_lef
 def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
     import subprocess
     import sys
+    import time
 
     from analysis.memory import KernelMemory
 
@@ -70,6 +71,19 @@ def test_kernel_memory_is_the_peak_of_the_process_started_in_the_block():
     with KernelMemory() as tree:
         subprocess.run([sys.executable, "-c", parent], check=True)
     assert 200 + 50 <= tree.peak_mib < 700
+    # a process the stages share (a run's Spark driver), started before the block and
+    # outliving it, counts with the kernel, not instead of it: 200 MiB beside a 50 MiB one
+    server = subprocess.Popen([sys.executable, "-c", hold.replace("sleep(1)", "sleep(30)")])
+    try:
+        time.sleep(1.5)                             # (holding its 200 MiB)
+        with KernelMemory(shared=server.pid) as beside:
+            subprocess.run([sys.executable, "-c", parent.replace(
+                f"subprocess.run([sys.executable, '-c', {hold!r}], check=True)",
+                "import time; time.sleep(1)")], check=True)
+    finally:
+        server.kill()
+        server.wait()
+    assert 200 + 50 <= beside.peak_mib < 700
 
 
 #: A run that is killed: claims its temporary folders as run_pipeline does, says so, waits.

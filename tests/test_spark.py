@@ -11,10 +11,12 @@ DuckDB's own do between runs (README, "Reproducible"); counts, dates and text ex
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -150,6 +152,37 @@ def test_a_sampled_snapshot_on_spark_keeps_its_share_and_the_same_draw(session, 
     assert F.data_end(on_session) == F.data_end(duck)
     _same(full.set_index("customer_id").loc[part["customer_id"]].reset_index(),
           part)
+
+
+#: A stage's kernel, standing in: a session, what it finds, a cached view it leaves behind.
+STAGE = """
+import json, sys
+from analysis.engine import spark_session
+s = spark_session("local[2]")
+print(json.dumps([s.sparkContext.applicationId, sorted(t.name for t in s.catalog.listTables()),
+                  s.conf.get("spark.sql.shuffle.partitions"),
+                  s._jsparkSession.sharedState().cacheManager().isEmpty()]))
+df = s.range(10).persist()
+df.count()
+df.createOrReplaceTempView("made_by_" + sys.argv[1])
+"""
+
+
+def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own():
+    """The stages of a run on Spark, each in a process of its own, use the one driver the
+    run started (the same application), each with its own session: no view or cache of
+    the stage before, the local master's settings; the driver is gone after the run."""
+    from analysis.engine import SHARED_DRIVER, shared_spark_driver
+
+    with shared_spark_driver("local[2]") as pid:
+        assert os.environ[SHARED_DRIVER] == "1" and Path(f"/proc/{pid}").exists()
+        seen = [json.loads(subprocess.run([sys.executable, "-c", STAGE, name], check=True,
+                                          capture_output=True, text=True).stdout)
+                for name in ("first", "second")]
+    assert seen[0][0] == seen[1][0]                   # one application, one driver
+    assert seen[1][1] == [] and seen[1][3] is True    # nothing of the first stage's
+    assert seen[0][2] == seen[1][2] == "4"
+    assert not Path(f"/proc/{pid}").exists() and SHARED_DRIVER not in os.environ
 
 
 def test_a_large_frame_reaches_spark_as_a_file_whatever_its_name(session):

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ import pandas as pd
 
 from analysis.errors import ConfigError
 
-__all__ = ["DuckDBEngine", "SparkEngine", "as_engine", "require_spark", "spark_session",
-           "to_spark"]
+__all__ = ["DuckDBEngine", "SparkEngine", "as_engine", "require_spark",
+           "shared_spark_driver", "spark_session", "to_spark"]
 
 
 class DuckDBEngine:
@@ -280,26 +281,131 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
-    builder = SparkSession.builder.appName(app_name)
-    if master:
-        builder = builder.master(master)
     conf = {k: str(v) for k, v in (conf or {}).items()}
-    for key, value in {**SPARK_DEFAULTS, **conf}.items():
-        builder = builder.config(key, value)
     # on this machine, Spark's Python workers (xgboost.spark's training) run this
     # Python, with the project's packages (pyspark reads the variable, not a setting);
     # a cluster's workers have their own
+    shared = os.environ.get(SHARED_DRIVER) == "1" and "PYSPARK_GATEWAY_PORT" in os.environ
     local = (master or "").startswith("local") or (
         master is None and "PYSPARK_GATEWAY_PORT" not in os.environ)   # (not spark-submit)
-    if local and not os.environ.get("PYSPARK_PYTHON"):
+    if (local or shared) and not os.environ.get("PYSPARK_PYTHON"):
         os.environ["PYSPARK_PYTHON"] = sys.executable
-    session = builder.getOrCreate()
+    if shared:
+        settings = {**SPARK_DEFAULTS, **conf, "spark.app.name": app_name}
+        session = _shared_driver_session({**settings, "spark.master": master}
+                                         if master else settings)
+    else:
+        builder = SparkSession.builder.appName(app_name)
+        if master:
+            builder = builder.master(master)
+        for key, value in {**SPARK_DEFAULTS, **conf}.items():
+            builder = builder.config(key, value)
+        session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
     running_on = session.sparkContext.master
     if running_on.startswith("local") and "spark.sql.shuffle.partitions" not in conf:
         # Spark's 200 shuffle partitions suit a cluster; on one machine each is a task
         # of its own (CDNOW's features command: 93 s with 200, 33 s with 4 on two cores)
         session.conf.set("spark.sql.shuffle.partitions", str(2 * _local_cores(running_on)))
+    return session
+
+
+#: Set (to "1"), with pyspark's ``PYSPARK_GATEWAY_PORT`` and ``PYSPARK_GATEWAY_SECRET``,
+#: in the environment of a run's kernels while they share one Spark driver
+#: (:func:`shared_spark_driver`)
+SHARED_DRIVER = "CSL_SHARED_SPARK_DRIVER"
+
+
+@contextlib.contextmanager
+def shared_spark_driver(master: str | None = None,
+                        conf: Mapping[str, object] | None = None,
+                        app_name: str = "customer-strategy-lab") -> Iterator[int | None]:
+    """One Spark driver (a Java process) for all the kernels this process starts while
+    the block runs: a run's stages, each a notebook in a kernel of its own, then use it
+    (:func:`spark_session`) rather than each starting and warming up a Java process of
+    its own. The driver has ``master`` and ``conf`` (beneath :data:`SPARK_DEFAULTS`) and
+    is stopped when the block ends. Yields the Java process's id (the run counts its
+    memory with each stage's), or None where this process already has a driver (under
+    ``spark-submit``, whose ``--master`` and ``--conf`` then hold): the stages share that
+    one.
+
+    Each stage gets a session of its own on the shared driver (its own views and
+    settings, the caches of the stage before dropped), as it would in a Java process of
+    its own.
+    """
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        with _environment({SHARED_DRIVER: "1"}):
+            yield None
+        return
+    require_spark()
+    from pyspark import SparkConf
+    from pyspark.java_gateway import launch_gateway
+
+    settings = {**SPARK_DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()},
+                "spark.app.name": app_name, "spark.master": master or "local[*]"}
+    gateway = launch_gateway(SparkConf(loadDefaults=False).setAll(list(settings.items())))
+    shared = {"PYSPARK_GATEWAY_PORT": str(gateway.gateway_parameters.port),
+              "PYSPARK_GATEWAY_SECRET": gateway.gateway_parameters.auth_token,
+              SHARED_DRIVER: "1"}
+    # the driver's context starts (with its settings, which spark-submit passed it) while
+    # the first stages, which need no Spark, run; a stage's session waits for it
+    threading.Thread(target=_start_context, args=(gateway,), daemon=True).start()
+    try:
+        with _environment(shared):
+            yield gateway.proc.pid
+    finally:
+        with contextlib.suppress(Exception):
+            gateway.shutdown()
+        # the driver exits when its standard input closes (pyspark's gateway server)
+        gateway.proc.stdin.close()
+        try:
+            gateway.proc.wait(timeout=60)
+        except Exception:
+            gateway.proc.kill()
+            gateway.proc.wait()
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment (which its kernels inherit) while the
+    block runs; what was there before is put back."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _start_context(gateway: Any) -> None:
+    with contextlib.suppress(Exception):       # (the first stage to use it says why not)
+        gateway.jvm.org.apache.spark.SparkContext.getOrCreate()
+
+
+def _shared_driver_session(settings: Mapping[str, str]) -> Any:
+    """A new session on the run's shared Spark driver (:func:`shared_spark_driver`),
+    whose variables name it: the driver's context (started, with ``settings`` over the
+    driver's own, by the first stage that needs it), and a session of this stage's own,
+    with the caches of earlier stages (whose kernels have ended) dropped."""
+    from pyspark import SparkContext
+    from pyspark.java_gateway import launch_gateway
+    from pyspark.sql import SparkSession
+
+    gateway = launch_gateway()          # (connects to the driver the variables name)
+    jvm = gateway.jvm
+    jconf = jvm.org.apache.spark.SparkConf()        # (the driver's, as spark-submit set it)
+    for key, value in settings.items():
+        jconf.set(key, value)
+    jsc = jvm.org.apache.spark.api.java.JavaSparkContext.fromSparkContext(
+        jvm.org.apache.spark.SparkContext.getOrCreate(jconf))
+    context = SparkContext(gateway=gateway, jsc=jsc)
+    fresh = SparkSession._get_j_spark_session_class(jvm)(jsc.sc(), {})
+    session = SparkSession(context, jsparkSession=fresh)
+    session.catalog.clearCache()
     return session
 
 

@@ -46,15 +46,23 @@ class KernelMemory:
     the rise of ``ru_maxrss`` over this process's children, which is less faithful: a
     child's ``ru_maxrss`` starts from its parent's resident size at the fork, so a large
     parent (a test process running the pipeline in-process) makes it read high.
+
+    ``shared`` is the id of a process that serves the kernels and outlives each (a run's
+    shared Spark driver, :func:`analysis.engine.shared_spark_driver`): its resident
+    memory, with its descendants', is added to the kernel's, read at the same moment.
     """
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, *, shared: int | None = None):
         self.interval = interval
+        self.shared = None if shared is None else str(shared)
         self._sampled = 0.0
         self._stop = threading.Event()
 
     def __enter__(self) -> KernelMemory:
         self._before = peak_rss_mb(resource.RUSAGE_CHILDREN)
+        # (a process started before the block, e.g. a Java process a test session keeps,
+        # is not the block's)
+        self._earlier = set(_children(str(os.getpid())))
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
@@ -69,9 +77,12 @@ class KernelMemory:
     def _watch(self) -> None:
         me = str(os.getpid())
         while not self._stop.wait(self.interval):
+            beside = (sum(_resident_mib(p) for p in _tree(self.shared)) if self.shared
+                      else 0.0)
             for pid in _children(me):
-                self._sampled = max(self._sampled, _high_water_mib(pid),
-                                    sum(_resident_mib(p) for p in _tree(pid)))
+                if pid != self.shared and pid not in self._earlier:
+                    self._sampled = max(self._sampled, _high_water_mib(pid),
+                                        sum(_resident_mib(p) for p in _tree(pid)) + beside)
 
 
 def _children(ppid: str) -> list[str]:
