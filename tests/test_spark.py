@@ -185,6 +185,29 @@ def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own():
     assert not Path(f"/proc/{pid}").exists() and SHARED_DRIVER not in os.environ
 
 
+def test_under_spark_submit_the_stages_share_its_driver(tmp_path):
+    """``spark-submit ... cli.py run``: the stages use spark-submit's driver, one after
+    the other (each used to start a context of its own there, and the second failed:
+    only one may run in a Java process)."""
+    import pyspark
+
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import json, subprocess, sys\n"
+        "from analysis.engine import shared_spark_driver\n"
+        "with shared_spark_driver('local[2]') as pid:\n"
+        f"    seen = [subprocess.run([sys.executable, '-c', {STAGE!r}, n], check=True,\n"
+        "        capture_output=True, text=True).stdout for n in ('first', 'second')]\n"
+        "print(json.dumps([pid] + [json.loads(s) for s in seen]))\n")
+    python = {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    done = subprocess.run([str(Path(pyspark.__file__).parent / "bin" / "spark-submit"),
+                           "--master", "local[1]", str(runner)], capture_output=True,
+                          text=True, env={**os.environ, **python}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pid, first, second = json.loads(done.stdout.strip().splitlines()[-1])
+    assert pid is None and first[0] == second[0] and second[1] == []
+
+
 def test_a_large_frame_reaches_spark_as_a_file_whatever_its_name(session):
     """Beyond FRAME_ROWS_IN_MEMORY rows a frame goes to a local Spark as a Parquet file;
     a name starting with "_" (the project's own frames) must not make it a file Spark
