@@ -168,13 +168,15 @@ df.createOrReplaceTempView("made_by_" + sys.argv[1])
 """
 
 
-def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own():
+def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own(tmp_path):
     """The stages of a run on Spark, each in a process of its own, use the one driver the
     run started (the same application), each with its own session: no view or cache of
-    the stage before, the local master's settings; the driver is gone after the run."""
+    the stage before, the local master's settings; the driver is gone after the run, and
+    what it printed is in its log, not on the run's terminal."""
     from analysis.engine import SHARED_DRIVER, shared_spark_driver
 
-    with shared_spark_driver("local[2]") as pid:
+    log = tmp_path / "driver.log"
+    with shared_spark_driver("local[2]", log=log) as pid:
         assert os.environ[SHARED_DRIVER] == "1" and Path(f"/proc/{pid}").exists()
         seen = [json.loads(subprocess.run([sys.executable, "-c", STAGE, name], check=True,
                                           capture_output=True, text=True).stdout)
@@ -183,6 +185,7 @@ def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own():
     assert seen[1][1] == [] and seen[1][3] is True    # nothing of the first stage's
     assert seen[0][2] == seen[1][2] == "4"
     assert not Path(f"/proc/{pid}").exists() and SHARED_DRIVER not in os.environ
+    assert "log4j" in log.read_text()         # (Spark's first words)
 
 
 def test_under_spark_submit_the_stages_share_its_driver(tmp_path):

@@ -319,12 +319,14 @@ SHARED_DRIVER = "CSL_SHARED_SPARK_DRIVER"
 @contextlib.contextmanager
 def shared_spark_driver(master: str | None = None,
                         conf: Mapping[str, object] | None = None,
-                        app_name: str = "customer-strategy-lab") -> Iterator[int | None]:
+                        app_name: str = "customer-strategy-lab",
+                        log: str | Path | None = None) -> Iterator[int | None]:
     """One Spark driver (a Java process) for all the kernels this process starts while
     the block runs: a run's stages, each a notebook in a kernel of its own, then use it
     (:func:`spark_session`) rather than each starting and warming up a Java process of
     its own. The driver has ``master`` and ``conf`` (beneath :data:`SPARK_DEFAULTS`) and
-    is stopped when the block ends. Yields the Java process's id (the run counts its
+    is stopped when the block ends; what it prints (Spark's and its Python workers'
+    messages) goes to the file ``log``, if given. Yields the Java process's id (the run counts its
     memory with each stage's), or None where this process already has a driver (under
     ``spark-submit``, whose ``--master`` and ``--conf`` then hold): the stages share that
     one.
@@ -343,7 +345,14 @@ def shared_spark_driver(master: str | None = None,
 
     settings = {**SPARK_DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()},
                 "spark.app.name": app_name, "spark.master": master or "local[*]"}
-    gateway = launch_gateway(SparkConf(loadDefaults=False).setAll(list(settings.items())))
+    out = None if log is None else open(log, "ab")     # (the driver keeps its own handle)
+    try:
+        gateway = launch_gateway(SparkConf(loadDefaults=False).setAll(list(settings.items())),
+                                 popen_kwargs=None if out is None
+                                 else {"stdout": out, "stderr": out})
+    finally:
+        if out is not None:
+            out.close()
     shared = {"PYSPARK_GATEWAY_PORT": str(gateway.gateway_parameters.port),
               "PYSPARK_GATEWAY_SECRET": gateway.gateway_parameters.auth_token,
               SHARED_DRIVER: "1"}
@@ -398,10 +407,14 @@ def _shared_driver_session(settings: Mapping[str, str]) -> Any:
     gateway = launch_gateway()          # (connects to the driver the variables name)
     jvm = gateway.jvm
     jconf = jvm.org.apache.spark.SparkConf()        # (the driver's, as spark-submit set it)
-    for key, value in settings.items():
+    other = {k: v for k, v in settings.items() if jconf.get(k, None) != v}
+    for key, value in other.items():
         jconf.set(key, value)
+    # (a context the driver already runs is used as it is; given settings, Spark would
+    # warn that they may not take effect)
     jsc = jvm.org.apache.spark.api.java.JavaSparkContext.fromSparkContext(
-        jvm.org.apache.spark.SparkContext.getOrCreate(jconf))
+        jvm.org.apache.spark.SparkContext.getOrCreate(jconf) if other
+        else jvm.org.apache.spark.SparkContext.getOrCreate())
     context = SparkContext(gateway=gateway, jsc=jsc)
     fresh = SparkSession._get_j_spark_session_class(jvm)(jsc.sc(), {})
     session = SparkSession(context, jsparkSession=fresh)

@@ -81,6 +81,8 @@ SNAPSHOT_NOTEBOOKS = ("01_data_quality.ipynb", "snapshot_02_churn_model.ipynb",
                       "snapshot_03_portfolio.ipynb", "snapshot_05_strategy.ipynb",
                       "snapshot_00_executive_report.ipynb")
 EXECUTIVE = "00_executive_report.ipynb"
+#: What a run's Spark driver prints (analysis.engine: spark), in the run's processed folder
+SPARK_LOG = "spark-driver.log"
 
 
 def notebooks_for(mode: str) -> tuple[str, ...]:
@@ -174,7 +176,8 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
     notebooks = notebooks_for(config.mode)
     log(f"run {run_id}: config {config_path}, {len(notebooks)} notebooks")
     # on Spark, the stages share one driver (a Java process), started and warmed up once
-    driver = (shared_spark_driver(config.spark.master, config.spark.conf)
+    driver = (shared_spark_driver(config.spark.master, config.spark.conf,
+                                  log=tmp_processed / SPARK_LOG)
               if config.analysis.engine == "spark" else contextlib.nullcontext())
     try:
         start = time.perf_counter()
@@ -182,7 +185,8 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
             if driver_pid is not None:
                 stage_seconds["spark_driver"] = round(time.perf_counter() - start, 2)
                 log(f"run {run_id}: the stages' Spark driver started in "
-                    f"{stage_seconds['spark_driver']:.1f} s")
+                    f"{stage_seconds['spark_driver']:.1f} s (its messages: {SPARK_LOG} in "
+                    f"the run's processed folder)")
             for i, name in enumerate(notebooks, start=1):
                 log(f"run {run_id}: stage {i}/{len(notebooks)} {name} ...")
                 if name == notebooks[-1]:
