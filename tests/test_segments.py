@@ -65,6 +65,21 @@ def test_value_tiers_by_cumulative_share():
     assert list(S.value_tiers(f).index) == list(range(6))  # input order kept
 
 
+def test_values_equal_but_for_their_last_bits_rank_by_id_and_keep_their_tiers():
+    """The same spend summed in another order (Spark, or DuckDB's threads) differs in its
+    last bits: that must not decide which of two such customers is high value."""
+    noisy = 0.1 + 0.2 - 0.3                        # 5.55e-17, a sum's rounding
+    tiers = []
+    for a, b in ((300.0 + noisy * 1e3, 300.0), (300.0, 300.0 + noisy * 1e3)):
+        f = frame(monetary_total=[400.0, a, b, 0.0])     # c1 and c2 tie; shares 0, .4, .7
+        tiers.append(S.value_tiers(f).set_index("customer_id"))
+        assert f["monetary_total"].iloc[1] != f["monetary_total"].iloc[2]
+    for t in tiers:
+        assert t["value_tier"].to_dict() == {"c0": "high", "c1": "high", "c2": "mid",
+                                             "c3": "low"}
+        assert t["value_rank"].to_dict() == {"c0": 1, "c1": 2, "c2": 3, "c3": 4}
+
+
 def test_pareto_curve_endpoints_and_shape():
     curve = S.pareto_curve(pd.Series([80.0, 10, 5, 5]), n_points=5)
     assert curve["value_share"].tolist() == pytest.approx([0, 0.8, 0.9, 0.95, 1.0])

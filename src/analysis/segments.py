@@ -156,7 +156,10 @@ def value_tiers(features: pd.DataFrame, *, value_col: str = "monetary_total",
     """
     high, mid = shares
     value = features[value_col].clip(lower=0).fillna(0.0)
-    order = np.lexsort((features["customer_id"].to_numpy(), -value.to_numpy()))
+    # customers whose values agree to 12 significant digits rank by id: a sum taken in
+    # another order (another engine, or DuckDB's threads) differs in its last bits, which
+    # must not decide who comes first, nor, at a boundary, who is high value
+    order = np.lexsort((features["customer_id"].to_numpy(), -_significant(value.to_numpy())))
     sorted_value = value.to_numpy()[order]
     total = sorted_value.sum()
     before = (np.cumsum(sorted_value) - sorted_value) / total if total > 0 else \
@@ -171,6 +174,13 @@ def value_tiers(features: pd.DataFrame, *, value_col: str = "monetary_total",
     })
     return out.set_index(np.asarray(features.index)[order]).loc[features.index].reset_index(
         drop=True)
+
+
+def _significant(x: np.ndarray, digits: int = 12) -> np.ndarray:
+    """``x`` rounded to ``digits`` significant digits (a double holds about 16)."""
+    x = np.asarray(x, dtype=float)
+    scale = 10.0 ** (digits - 1 - np.floor(np.log10(np.abs(np.where(x == 0, 1.0, x)))))
+    return np.round(x * scale) / scale
 
 
 def pareto_curve(values: pd.Series, *, n_points: int = 201) -> pd.DataFrame:
