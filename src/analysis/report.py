@@ -295,6 +295,33 @@ def library_versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- helpers
 
 
+def _kernel_manager() -> dict:
+    """How papermill starts a stage's kernel: over Unix sockets where the system has them
+    (and the runtime folder's path fits a socket's name), not TCP on localhost, which
+    ipykernel warns on every start is unencrypted."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    if os.name != "posix" or len(jupyter_runtime_dir()) > 80:    # (sockets: 107 bytes)
+        return {}
+
+    class SocketKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self) -> str:
+            return "ipc"
+
+        @default("ip")
+        def _default_ip(self) -> str:
+            # each kernel's sockets under a name of their own (jupyter_client's default,
+            # "kernel-ipc" in the working folder, is shared by kernels started together)
+            folder = Path(jupyter_runtime_dir())
+            folder.mkdir(parents=True, exist_ok=True)
+            return str(folder / f"csl-{uuid.uuid4().hex[:12]}")
+
+    return {"kernel_manager_class": SocketKernelManager}
+
+
 def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: Path,
              processed_root: Path, reports_root: Path) -> None:
     import papermill
@@ -303,7 +330,8 @@ def _execute(source: Path, output: Path, params: dict, run_id: str, tmp_report: 
     try:
         papermill.execute_notebook(str(source), str(output), parameters=params,
                                    kernel_name="python3", progress_bar=False,
-                                   log_output=False, cwd=str(source.parent))
+                                   log_output=False, cwd=str(source.parent),
+                                   **_kernel_manager())
     except PapermillExecutionError as exc:
         with contextlib.suppress(Exception):
             render_notebook(output, output.with_suffix(".html"), executive=False)
