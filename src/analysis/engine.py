@@ -256,6 +256,12 @@ SPARK_DEFAULTS = {
 }
 
 
+#: Set (to "1"), with pyspark's ``PYSPARK_GATEWAY_PORT`` and ``PYSPARK_GATEWAY_SECRET``,
+#: in the environment of a run's kernels while they share one Spark driver
+#: (:func:`shared_spark_driver`)
+SHARED_DRIVER = "CSL_SHARED_SPARK_DRIVER"
+
+
 def spark_session(master: str | None = None, conf: Mapping[str, object] | None = None,
                   app_name: str = "customer-strategy-lab") -> Any:
     """A Spark session for the project: the active one when there is one (a Databricks
@@ -310,12 +316,6 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     return session
 
 
-#: Set (to "1"), with pyspark's ``PYSPARK_GATEWAY_PORT`` and ``PYSPARK_GATEWAY_SECRET``,
-#: in the environment of a run's kernels while they share one Spark driver
-#: (:func:`shared_spark_driver`)
-SHARED_DRIVER = "CSL_SHARED_SPARK_DRIVER"
-
-
 @contextlib.contextmanager
 def shared_spark_driver(master: str | None = None,
                         conf: Mapping[str, object] | None = None,
@@ -326,10 +326,10 @@ def shared_spark_driver(master: str | None = None,
     (:func:`spark_session`) rather than each starting and warming up a Java process of
     its own. The driver has ``master`` and ``conf`` (beneath :data:`SPARK_DEFAULTS`) and
     is stopped when the block ends; what it prints (Spark's and its Python workers'
-    messages) goes to the file ``log``, if given. Yields the Java process's id (the run counts its
-    memory with each stage's), or None where this process already has a driver (under
-    ``spark-submit``, whose ``--master`` and ``--conf`` then hold): the stages share that
-    one.
+    messages) goes to the file ``log``, if given. Yields the Java process's id (the run
+    counts its memory with each stage's), or None where this process already has a
+    driver (under ``spark-submit``, whose ``--master`` and ``--conf`` then hold): the
+    stages share that one.
 
     Each stage gets a session of its own on the shared driver (its own views and
     settings, the caches of the stage before dropped), as it would in a Java process of
