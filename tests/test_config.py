@@ -310,3 +310,15 @@ def test_a_run_on_spark_without_java_stops_with_a_config_error_naming_the_key(
     with pytest.raises(ConfigError, match="engine"):
         load_config(write_config(tmp_path, {"transactions": {
             "path": str(small_demo / "transactions.parquet")}}, analysis={"engine": "polars"}))
+
+
+def test_a_snapshot_run_starts_no_spark_driver_whatever_the_engine():
+    """Only an order log is queried by an engine; a snapshot export (one row per
+    customer) runs as it does on DuckDB, without starting or needing Spark."""
+    from types import SimpleNamespace as NS
+
+    from analysis.report import _on_spark
+
+    assert _on_spark(NS(analysis=NS(engine="spark"), mode="transactions"))
+    assert not _on_spark(NS(analysis=NS(engine="spark"), mode="snapshot"))
+    assert not _on_spark(NS(analysis=NS(engine="duckdb"), mode="transactions"))

@@ -138,7 +138,7 @@ def run_pipeline(config_path: str | Path, *, run_id: str | None = None,
     run_id = run_id or default_run_id()
     check_run_id(run_id)
     config = load_config(config_path)
-    if config.analysis.engine == "spark":       # (before anything is written)
+    if _on_spark(config):                       # (before anything is written)
         require_spark(config_path)
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else _project_notebooks()
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
@@ -178,7 +178,7 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
     # on Spark, the stages share one driver (a Java process), started and warmed up once
     driver = (shared_spark_driver(config.spark.master, config.spark.conf,
                                   log=tmp_processed / SPARK_LOG)
-              if config.analysis.engine == "spark" else contextlib.nullcontext())
+              if _on_spark(config) else contextlib.nullcontext())
     try:
         start = time.perf_counter()
         with driver as driver_pid:
@@ -293,6 +293,12 @@ def library_versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _on_spark(config: Config) -> bool:
+    """Whether a run's stages query Spark: a transactions run with ``analysis.engine:
+    spark`` (a snapshot, one row per customer, is never queried by an engine)."""
+    return config.analysis.engine == "spark" and config.mode == "transactions"
 
 
 def _kernel_manager() -> dict:
