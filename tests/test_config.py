@@ -312,6 +312,28 @@ def test_a_run_on_spark_without_java_stops_with_a_config_error_naming_the_key(
             "path": str(small_demo / "transactions.parquet")}}, analysis={"engine": "polars"}))
 
 
+def test_a_spark_setting_java_refuses_stops_the_run_with_a_config_error(tmp_path, small_demo):
+    """The run's Spark driver starts before the first stage: a setting the Java process
+    refuses stops the run there, naming the config, the ``spark`` section and what Java
+    said, and no report is published."""
+    pytest.importorskip("pyspark")
+    from analysis.engine import require_spark
+    from analysis.report import run_pipeline
+
+    try:
+        require_spark()
+    except ConfigError:
+        pytest.skip("no Java runtime")
+    path = write_config(tmp_path, {"transactions": {
+        "path": str(small_demo / "transactions.parquet")}},
+        analysis={"engine": "spark"}, spark={"conf": {"spark.driver.memory": "lots"}})
+    with pytest.raises(ConfigError, match="Invalid maximum heap size") as stop:
+        run_pipeline(path, run_id="spark", log=lambda line: None)
+    assert stop.value.exit_code == 2 and "key 'spark'" in str(stop.value)
+    assert str(path) in str(stop.value)
+    assert not (tmp_path / "reports" / "latest").exists()
+
+
 def test_a_snapshot_run_starts_no_spark_driver_whatever_the_engine():
     """Only an order log is queried by an engine; a snapshot export (one row per
     customer) runs as it does on DuckDB, without starting or needing Spark."""

@@ -320,7 +320,8 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
 def shared_spark_driver(master: str | None = None,
                         conf: Mapping[str, object] | None = None,
                         app_name: str = "customer-strategy-lab",
-                        log: str | Path | None = None) -> Iterator[int | None]:
+                        log: str | Path | None = None,
+                        path: object = None) -> Iterator[int | None]:
     """One Spark driver (a Java process) for all the kernels this process starts while
     the block runs: a run's stages, each a notebook in a kernel of its own, then use it
     (:func:`spark_session`) rather than each starting and warming up a Java process of
@@ -334,6 +335,13 @@ def shared_spark_driver(master: str | None = None,
     Each stage gets a session of its own on the shared driver (its own views and
     settings, the caches of the stage before dropped), as it would in a Java process of
     its own.
+
+    Raises
+    ------
+    ConfigError
+        When the driver does not start (a setting Java refuses, such as a malformed
+        ``spark.driver.memory``): naming the config ``path``, the ``spark`` section and
+        the driver's last words.
     """
     if "PYSPARK_GATEWAY_PORT" in os.environ:
         with _environment({SHARED_DRIVER: "1"}):
@@ -350,6 +358,11 @@ def shared_spark_driver(master: str | None = None,
         gateway = launch_gateway(SparkConf(loadDefaults=False).setAll(list(settings.items())),
                                  popen_kwargs=None if out is None
                                  else {"stdout": out, "stderr": out})
+    except Exception as exc:
+        said = Path(log).read_text(errors="replace").strip().splitlines()[-3:] if log else []
+        raise ConfigError(f"the Spark driver did not start with these settings ({exc}"
+                          + "".join(f"; {line}" for line in said) + ")",
+                          path=path, key="spark") from None
     finally:
         if out is not None:
             out.close()

@@ -177,7 +177,7 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
     log(f"run {run_id}: config {config_path}, {len(notebooks)} notebooks")
     # on Spark, the stages share one driver (a Java process), started and warmed up once
     driver = (shared_spark_driver(config.spark.master, config.spark.conf,
-                                  log=tmp_processed / SPARK_LOG)
+                                  log=tmp_processed / SPARK_LOG, path=config_path)
               if _on_spark(config) else contextlib.nullcontext())
     try:
         start = time.perf_counter()
