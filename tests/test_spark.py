@@ -156,12 +156,13 @@ def test_a_sampled_snapshot_on_spark_keeps_its_share_and_the_same_draw(session, 
 
 #: A stage's kernel, standing in: a session, what it finds, a cached view it leaves behind.
 STAGE = """
-import json, sys
+import json, os, sys
 from analysis.engine import spark_session
 s = spark_session("local[2]")
 print(json.dumps([s.sparkContext.applicationId, sorted(t.name for t in s.catalog.listTables()),
                   s.conf.get("spark.sql.shuffle.partitions"),
-                  s._jsparkSession.sharedState().cacheManager().isEmpty()]))
+                  s._jsparkSession.sharedState().cacheManager().isEmpty(),
+                  s.sparkContext.pythonExec == sys.executable]))
 df = s.range(10).persist()
 df.count()
 df.createOrReplaceTempView("made_by_" + sys.argv[1])
@@ -178,10 +179,13 @@ def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own(tmp
     log = tmp_path / "driver.log"
     with shared_spark_driver("local[2]", log=log) as pid:
         assert os.environ[SHARED_DRIVER] == "1" and Path(f"/proc/{pid}").exists()
+        # (Spark's Python workers: this Python on a local master, unless the user said)
+        env = {k: v for k, v in os.environ.items() if k != "PYSPARK_PYTHON"}
         seen = [json.loads(subprocess.run([sys.executable, "-c", STAGE, name], check=True,
-                                          capture_output=True, text=True).stdout)
+                                          capture_output=True, text=True, env=env).stdout)
                 for name in ("first", "second")]
     assert seen[0][0] == seen[1][0]                   # one application, one driver
+    assert seen[0][4] is seen[1][4] is True
     assert seen[1][1] == [] and seen[1][3] is True    # nothing of the first stage's
     assert seen[0][2] == seen[1][2] == "4"
     assert not Path(f"/proc/{pid}").exists() and SHARED_DRIVER not in os.environ

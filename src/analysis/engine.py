@@ -294,7 +294,7 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
     shared = os.environ.get(SHARED_DRIVER) == "1" and "PYSPARK_GATEWAY_PORT" in os.environ
     local = (master or "").startswith("local") or (
         master is None and "PYSPARK_GATEWAY_PORT" not in os.environ)   # (not spark-submit)
-    if (local or shared) and not os.environ.get("PYSPARK_PYTHON"):
+    if local and not shared and not os.environ.get("PYSPARK_PYTHON"):
         os.environ["PYSPARK_PYTHON"] = sys.executable
     if shared:
         settings = {**SPARK_DEFAULTS, **conf, "spark.app.name": app_name}
@@ -428,6 +428,10 @@ def _shared_driver_session(settings: Mapping[str, str]) -> Any:
     jsc = jvm.org.apache.spark.api.java.JavaSparkContext.fromSparkContext(
         jvm.org.apache.spark.SparkContext.getOrCreate(jconf) if other
         else jvm.org.apache.spark.SparkContext.getOrCreate())
+    # (on a local master the Python workers run this Python, as in spark_session; a
+    # cluster's workers, under spark-submit, have their own)
+    if jsc.master().startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     context = SparkContext(gateway=gateway, jsc=jsc)
     fresh = SparkSession._get_j_spark_session_class(jvm)(jsc.sc(), {})
     session = SparkSession(context, jsparkSession=fresh)
