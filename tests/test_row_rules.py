@@ -89,3 +89,24 @@ def test_customer_ids_seen_before_are_set_aside_with_their_id(tmp_path):
         [2, "date_in_future", "signup_date=2031-01-01"],
         [4, "duplicate_customer", "customer_id='a' seen before"]]
     assert table.data["customer_id"].tolist() == ["a", "b"]
+
+
+def test_a_copy_matches_the_columns_the_contract_does_not_read_too(tmp_path):
+    """Two lines of one order with the same date, quantity and amount but different
+    products are two purchases, not a copy: the file's other columns (a product code, a
+    description) count, in every chunk; only a line equal in every column is a copy."""
+    text = ("order_id,customer_id,order_date,amount,quantity,stock_code,description\n"
+            "1,a,2024-01-01,2.5,3,85123A,HEART T-LIGHT HOLDER\n"
+            "1,a,2024-01-01,2.5,3,71053,WHITE LANTERN\n"          # another product
+            "1,a,2024-01-01,2.5,3,85123A,HEART T-LIGHT HOLDER\n"  # a copy of row 1
+            "1,a,2024-01-01,2.5,3,85123A,\n"                      # no description: not
+            "1,a,2024-01-01,2.5,3,85123A,\n")                     # ... but this one is
+    for chunk_rows in (250_000, 1):
+        table = load(tmp_path, text, chunk_rows=chunk_rows)
+        assert table.quarantine[["source_row", "rule"]].values.tolist() == [
+            [3, "duplicate_row"], [5, "duplicate_row"]]
+        assert table.n_processed == 3
+        assert table.data["amount"].sum() == 7.5
+    # the file's other columns are compared, not kept
+    assert list(table.data.columns) == ["customer_id", "order_date", "amount", "quantity",
+                                        "order_id", "status"]

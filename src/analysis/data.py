@@ -165,14 +165,14 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     """
     today = today or dt.date.today()
     parts, quarantines, notes = [], [], []
-    n_read, columns, given = 0, [], ()
+    n_read, columns, given, others = 0, [], (), []
     for raw in _read_chunks(spec, chunk_rows):
         columns = list(raw.columns)
         if raw.empty:
             continue
         raw.index = pd.RangeIndex(n_read, n_read + len(raw))    # file row - 1
         n_read += len(raw)
-        mapped, chunk_notes = _map_columns(raw, spec, table=table, pii=config.pii)
+        mapped, chunk_notes, unread = _map_columns(raw, spec, table=table, pii=config.pii)
         if config.mode == "snapshot" and table == "customers" and "churn" not in mapped:
             raise DataContractError(
                 file=spec.path, rule="required_column", column="churn",
@@ -185,12 +185,21 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
         bad = rules.notna()
         quarantines.append(_set_aside(raw, mapped, rules, bad, config=config))
         parts.append(parsed.loc[~bad.to_numpy()])
+        if table != "customers" and unread and _repeat_key(list(given), table=table,
+                                                           config=config):
+            # a copy is a copy of the whole line: the columns the contract does not read
+            # (a product code, a description) must match too, compared by a hash of
+            # their values (a customer table's copies are those of an id)
+            others.append(pd.util.hash_pandas_object(
+                raw.loc[~bad.to_numpy(), unread], index=False).to_numpy())
         del raw, mapped, parsed, rules
     if n_read == 0:
         raise DataContractError(file=spec.path, rule="no_rows",
                                 message="the file has a header but no data rows",
                                 examples=columns)
-    judged = _judge_rows(parts, table=table, config=config, today=today)
+    judged = _judge_rows(parts, table=table, config=config, today=today,
+                         others=others or None)
+    del others
     if len(judged):
         quarantines.extend(_set_aside_again(spec, judged, table=table, config=config,
                                             chunk_rows=chunk_rows))
@@ -240,7 +249,7 @@ def _set_aside_again(spec: TableSpec, judged: pd.Series, *, table: str, config: 
     wanted = np.sort(judged.index.to_numpy())
     out = []
     for raw in _rows_of_chunks(spec, chunk_rows, wanted):
-        mapped, _ = _map_columns(raw, spec, table=table, pii=config.pii)
+        mapped, _, _ = _map_columns(raw, spec, table=table, pii=config.pii)
         rules = pd.Series(judged.loc[raw.index].to_numpy(), index=raw.index, dtype="object")
         out.append(_set_aside(raw, mapped, rules, rules.notna(), config=config))
     return out
@@ -540,7 +549,10 @@ def _normalise_name(name: str) -> str:
 
 
 def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
-                 pii: Iterable[str]) -> tuple[pd.DataFrame, list[str]]:
+                 pii: Iterable[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The contract's columns of ``raw`` under their contract names (and, for a
+    customer table, its other columns but PII), the notes on how they were found, and
+    the columns of ``raw`` that were not kept."""
     required, optional = TABLE_CONTRACTS[table]
     notes: list[str] = []
     by_norm: dict[str, list[str]] = {}
@@ -577,7 +589,7 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
     keep = [c for c in raw.columns if c in rename or
             (table == "customers" and c not in dropped)]
     mapped = raw[keep].rename(columns=rename)
-    return mapped, notes
+    return mapped, notes, [c for c in raw.columns if c not in keep]
 
 
 # --------------------------------------------------------------------------- parsing
@@ -866,13 +878,15 @@ QUALIFY ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY file_row) > 1
 
 
 def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
-                today: dt.date) -> pd.Series:
+                today: dt.date, others: list[np.ndarray] | None = None) -> pd.Series:
     """The parsed rows (``parts``: the parsed rows of the whole file, chunk by chunk,
     indexed by file row - 1) set aside after parsing: those breaking a rule of
     :data:`ROW_RULES` and those repeating an earlier row (``duplicate_customer``: an id
     seen before, in a customer table; elsewhere ``duplicate_row``, an exact copy, where
     ``cleaning.dedupe`` removes them), judged by DuckDB over all rows at once. The parts
-    are handed to DuckDB as they are (Arrow, no copy of the file's values).
+    are handed to DuckDB as they are (Arrow, no copy of the file's values). ``others``:
+    per part, a hash of each row's values in the file's columns the contract does not
+    read; a copy must match there too.
 
     Returns
     -------
@@ -891,10 +905,16 @@ def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
     first_broken = ("CASE " + " ".join(f"WHEN {cond.format(**values)} THEN {i}"
                                        for i, (_, _, cond) in enumerate(rules)) + " END")
     key = _repeat_key(columns, table=table, config=config)
+    if others is not None:
+        if len(others) != len(parts):
+            raise ValueError("one hash of the other columns per part is needed")
+        key = [*key, _OTHER_COLUMNS] if key else key
     # a missing number is NULL here, as pandas' NaN is missing to the parse
-    parsed = pa.concat_tables([pa.Table.from_pandas(p.assign(file_row=p.index.to_numpy()),
-                                                    preserve_index=False) for p in parts],
-                              promote_options="default")
+    parsed = pa.concat_tables(
+        [pa.Table.from_pandas(p.assign(file_row=p.index.to_numpy(), **(
+            {_OTHER_COLUMNS: others[i]} if others is not None else {})),
+            preserve_index=False) for i, p in enumerate(parts)],
+        promote_options="default")
     con = duckdb.connect()
     try:
         con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
@@ -932,6 +952,10 @@ def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
     if not out:
         return pd.Series(dtype="object", index=pd.Index([], dtype="int64"))
     return pd.concat(out).sort_index()
+
+
+#: The column of :func:`_judge_rows` holding a hash of a row's other columns.
+_OTHER_COLUMNS = "_other_columns"
 
 
 def _repeat_key(columns: list[str], *, table: str, config: Config) -> list[str]:
