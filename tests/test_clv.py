@@ -165,6 +165,31 @@ def test_probability_of_no_purchase_matches_simulated_customers():
         (4.0 / 17.0) ** 0.5)
 
 
+def test_bgnbd_fits_customers_of_a_steady_rhythm_and_predicts_their_purchases():
+    """Customers who all buy at about the same rate and rarely drop out are the Poisson
+    limit of BG/NBD (r and alpha grow together without bound). The fit stops at the
+    bounds of :attr:`BetaGeoModel.LOG_BOUNDS`, where the predictions have settled: finite
+    for everyone, and the holdout's purchases as they happened (without the bounds, two
+    of these seeds gave NaN for every customer)."""
+    params = {"r": 1e6, "alpha": 2e6, "a": 1e3, "b": 5e4}     # 0.5 a week, 2 % dropout
+    calibration, holdout = 52.0, 13.0
+    for seed in (1, 2):
+        lives = simulate_bgnbd(2_000, params, weeks=calibration + holdout, seed=seed)
+        x = np.array([(t <= calibration).sum() for t in lives], dtype=float)
+        tx = np.array([t[t <= calibration].max() if (t <= calibration).any() else 0.0
+                       for t in lives])
+        t = np.full(len(x), calibration)
+        bought = np.array([((w > calibration) & (w <= calibration + holdout)).sum()
+                           for w in lives])
+        model = BetaGeoModel().fit(x, tx, t)
+        assert all(np.isfinite(v) for v in model.params_.values())
+        assert np.isfinite(model.loglik_) and model.loglik_ < 0
+        expected = model.expected_purchases(holdout, x, tx, t)
+        assert np.isfinite(expected).all()
+        assert np.isfinite(model.probability_no_purchase(holdout, x, tx, t)).all()
+        assert expected.mean() == pytest.approx(bought.mean(), rel=0.05)
+
+
 def test_median_time_to_next_purchase_is_where_the_chance_of_a_purchase_reaches_half():
     from analysis.clv import BetaGeoModel
 

@@ -180,6 +180,17 @@ class BetaGeoModel:
 
     penalizer: float = 0.0
 
+    #: Where the log-parameters are searched: r, a and b in [1e-4, 1e4], alpha in
+    #: [1e-4, 1e7] (weeks). Customers who buy at a steady rhythm and rarely drop out
+    #: push r and alpha (or a and b) towards infinity together, where the model becomes
+    #: a plain Poisson rate (or one dropout chance for all); beyond these bounds the
+    #: likelihood's terms cancel in floating point (a 1,200-customer log went to
+    #: r = 6e19 with a log-likelihood of exactly 0) and the expected purchases'
+    #: hypergeometric function returns NaN, while inside them the predictions have
+    #: settled to their limit.
+    LOG_BOUNDS = [(np.log(1e-4), np.log(1e4)), (np.log(1e-4), np.log(1e7)),
+                  (np.log(1e-4), np.log(1e4)), (np.log(1e-4), np.log(1e4))]
+
     def fit(self, frequency, recency, T) -> BetaGeoModel:
         x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))
         if len(x) < 10 or (x > 0).sum() < 2:
@@ -193,7 +204,8 @@ class BetaGeoModel:
 
         best = None
         for start in ([0.0, 0.0, 0.0, 0.0], [-1.0, 1.5, -0.2, 1.0]):
-            res = optimize.minimize(nll, np.array(start), method="L-BFGS-B")
+            res = optimize.minimize(nll, np.array(start), method="L-BFGS-B",
+                                    bounds=self.LOG_BOUNDS)
             if best is None or res.fun < best.fun:
                 best = res
         r, alpha, a, b = np.exp(best.x)
