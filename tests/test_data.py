@@ -122,6 +122,39 @@ def test_missing_required_column_names_it_and_the_columns_found(tmp_path):
     assert err.value.examples == ["customer_id", "order_date"]
 
 
+def test_a_line_export_with_unit_prices_gets_its_amount_from_quantity_and_price(tmp_path):
+    """A common export (an online retailer's invoice lines) has a quantity and a unit
+    price but no line total: mapped to ``quantity`` and ``unit_price``, each line's
+    amount is their product; a line whose price does not parse or is empty is set aside
+    under its own rule, and so are guest lines and returns of negative quantity."""
+    text = ("Invoice,StockCode,Description,Quantity,InvoiceDate,Price,Customer ID,Country\n"
+            "536365,85123A,HEART HOLDER,6,12/1/2010 8:26,2.55,17850.0,United Kingdom\n"
+            "536365,71053,WHITE LANTERN,6,12/1/2010 8:26,3.39,17850.0,United Kingdom\n"
+            "536366,22633,HAND WARMER,6,12/1/2010 8:28,1.85,,United Kingdom\n"
+            "C536379,D,Discount,-1,12/1/2010 9:41,27.50,14527.0,United Kingdom\n"
+            "536367,84879,BIRD ORNAMENT,32,12/1/2010 8:34,abc,13047.0,United Kingdom\n"
+            "536368,22960,JAM MAKING SET,4,12/1/2010 8:35,,13047.0,United Kingdom\n"
+            "536369,21756,BATH BUILDING,3,12/1/2010 8:35,5.95,13047.0,United Kingdom\n")
+    table = load_csv(tmp_path, text, name="retail.csv", table_options={
+        "date_format": "%m/%d/%Y %H:%M",
+        "columns": {"customer_id": "Customer ID", "order_id": "Invoice",
+                    "order_date": "InvoiceDate", "quantity": "Quantity",
+                    "unit_price": "Price"}})
+    assert rules_of(table) == {3: "missing_customer_id", 4: "negative_quantity",
+                               5: "unparseable_unit_price", 6: "missing_amount"}
+    assert table.data["amount"].tolist() == pytest.approx([6 * 2.55, 6 * 3.39, 3 * 5.95])
+    assert table.data["customer_id"].tolist() == ["17850.0", "17850.0", "13047.0"]
+    assert "unit_price" not in table.data.columns
+    assert "amount computed as quantity × unit_price (the file has no amount)" in table.notes
+    q = table.quarantine.set_index("source_row")
+    assert q.loc[5, "detail"] == "unit_price='abc' is not a number"
+    assert q.loc[6, "raw:Price"] != q.loc[6, "raw:Price"]              # empty: kept empty
+    # a unit price without a quantity is not an amount: the stop names both ways
+    with pytest.raises(DataContractError, match="or map quantity and unit_price") as err:
+        load_csv(tmp_path, "customer_id,order_date,unit_price\nx,2024-01-01,5\n")
+    assert err.value.rule == "required_column" and err.value.column == "amount"
+
+
 def test_wrong_separator_is_diagnosed(tmp_path):
     with pytest.raises(DataContractError, match="seems to use ';'"):
         load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")

@@ -63,7 +63,8 @@ DAYS_PER_MONTH = 365.25 / 12
 TABLE_CONTRACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "transactions": (
         ("customer_id", "order_date", "amount"),
-        ("order_id", "quantity", "category", "channel", "status", "margin", "cost"),
+        ("order_id", "quantity", "category", "channel", "status", "margin", "cost",
+         "unit_price"),
     ),
     # in snapshot mode the customers table also carries the churn label (required there),
     # tenure and revenue

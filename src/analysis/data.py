@@ -559,6 +559,7 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
     for col in raw.columns:
         by_norm.setdefault(_normalise_name(col), []).append(col)
     rename: dict[str, str] = {}
+    missing = []
     for contract_col in (*required, *optional):
         source = spec.columns.get(contract_col, contract_col)
         if source in raw.columns:
@@ -571,17 +572,25 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
                          f"(matched {source!r} ignoring case and spaces)")
             continue
         if contract_col in required:
-            hint = ""
-            if len(raw.columns) == 1 and re.search(r"[;,\t|]", raw.columns[0]):
-                sep = re.search(r"[;,\t|]", raw.columns[0]).group(0)
-                hint = (f"; the file seems to use {sep!r} as separator but the config "
-                        f"says {spec.sep!r}")
-            raise DataContractError(
-                file=spec.path, rule="required_column", column=source,
-                message=f"required column {source!r} (contract: {contract_col}) is "
-                        f"missing{hint}; columns found are listed as examples",
-                examples=list(raw.columns)[:5],
-            )
+            missing.append(contract_col)
+    if missing == ["amount"] and {"quantity", "unit_price"} <= set(rename.values()):
+        # an export of lines with a unit price and no line total (a common shape)
+        missing = []
+        notes.append("amount computed as quantity × unit_price (the file has no amount)")
+    if missing:                                   # the first one the file lacks
+        source = spec.columns.get(missing[0], missing[0])
+        hint = (" (or map quantity and unit_price: amount = quantity × unit price)"
+                if missing[0] == "amount" else "")
+        if len(raw.columns) == 1 and re.search(r"[;,\t|]", raw.columns[0]):
+            sep = re.search(r"[;,\t|]", raw.columns[0]).group(0)
+            hint = (f"; the file seems to use {sep!r} as separator but the config "
+                    f"says {spec.sep!r}")
+        raise DataContractError(
+            file=spec.path, rule="required_column", column=source,
+            message=f"required column {source!r} (contract: {missing[0]}) is "
+                    f"missing{hint}; columns found are listed as examples",
+            examples=list(raw.columns)[:5],
+        )
     pii_norm = {_normalise_name(p) for p in pii}
     dropped = [c for c in raw.columns if c not in rename and _normalise_name(c) in pii_norm]
     if dropped:
@@ -620,7 +629,7 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
         if required:
             rules = _flag(rules, missing, "missing_date", f"{col} is empty")
         out[col] = parsed
-    for col in ("amount", "quantity", "margin", "cost", "score", "tenure",
+    for col in ("amount", "quantity", "unit_price", "margin", "cost", "score", "tenure",
                 "recurring_revenue", "total_revenue"):
         if col not in df:
             continue
@@ -655,6 +664,11 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
             if col in df:
                 text = _by_value(_as_text(df[col]), lambda v: v.str.strip())
                 out[col] = text.where(text.notna() & (text != ""), "unknown")
+        if "amount" not in out:          # a line's total from its quantity and unit price
+            out["amount"] = out["quantity"] * out["unit_price"]
+            rules = _flag(rules, out["amount"].isna(), "missing_amount",
+                          "amount = quantity × unit_price: quantity or unit_price is empty")
+        out.pop("unit_price", None)
         if "margin" not in out and "cost" in out and "amount" in out:
             out["margin"] = out["amount"] - out["cost"]
         out.pop("cost", None)
