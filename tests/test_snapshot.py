@@ -33,8 +33,17 @@ def test_feature_types_of_a_messy_export():
         "country": "DE",
         "gender": rng.choice(["f", "m"], n),
         "age": rng.integers(18, 80, n),
+        "RowNumber": np.arange(1, n + 1),                       # a row counter ...
+        "account_no": rng.permutation(np.arange(70_001, 70_001 + n + 40))[:n].astype(str),
+        "score": rng.permutation(n) * 3,                # ... all different, not a count
     })
     types = SN.feature_types(frame, exclude=("Gender",)).set_index("column")
+    # a running number (a row number; a sequential account number, as text, with gaps)
+    # is an id, not a feature, whether the file stores it as numbers or as text
+    assert types.loc["RowNumber", "kind"] == types.loc["account_no", "kind"] == "excluded"
+    assert "running number" in types.loc["RowNumber", "reason"]
+    assert "running number" in types.loc["account_no", "reason"]
+    assert types.loc["score", "kind"] == "numeric"       # distinct, but spread 3x wider
     assert types.loc["charges", "kind"] == "numeric" and types.loc["charges", "n_blank"] == 10
     assert types.loc["plan", "kind"] == "categorical"
     assert types.loc["age", "kind"] == "numeric"
@@ -44,7 +53,7 @@ def test_feature_types_of_a_messy_export():
     assert types.loc["gender", "kind"] == "excluded"                  # protected
     assert types.loc["churn", "kind"] == types.loc["customer_id", "kind"] == "excluded"
     X = SN.snapshot_matrix(frame, types.reset_index())
-    assert list(X.columns) == ["charges", "plan", "age"]
+    assert list(X.columns) == ["charges", "plan", "age", "score"]
     assert X["charges"].isna().sum() == 10
     assert isinstance(X["plan"].dtype, pd.CategoricalDtype)
 

@@ -110,6 +110,10 @@ def feature_types(frame: pd.DataFrame, *, exclude: tuple[str, ...] = (),
             rows.append((col, "categorical", "two values", int(s.isna().sum()), 2))
             continue
         if pd.api.types.is_numeric_dtype(s):
+            if _running_number(s):
+                rows.append((col, "excluded", RUNNING_NUMBER, int(s.isna().sum()),
+                             int(s.nunique())))
+                continue
             kind = "numeric" if s.nunique() > 1 else "excluded"
             rows.append((col, kind, "numbers" if kind == "numeric" else "a single value",
                          int(s.isna().sum()), int(s.nunique())))
@@ -119,7 +123,9 @@ def feature_types(frame: pd.DataFrame, *, exclude: tuple[str, ...] = (),
         filled = int((~blank).sum())
         numbers = pd.to_numeric(text.where(~blank), errors="coerce")
         levels = int(text[~blank].nunique())
-        if filled and numbers.notna().sum() >= 0.98 * filled and levels > 2:
+        if filled and numbers.notna().sum() == filled and _running_number(numbers):
+            rows.append((col, "excluded", RUNNING_NUMBER, int(blank.sum()), levels))
+        elif filled and numbers.notna().sum() >= 0.98 * filled and levels > 2:
             rows.append((col, "numeric", "numbers stored as text",
                          int(blank.sum() + (numbers.isna() & ~blank).sum()), levels))
         elif levels <= 1:
@@ -133,6 +139,20 @@ def feature_types(frame: pd.DataFrame, *, exclude: tuple[str, ...] = (),
             rows.append((col, "excluded", f"free text: {levels} different values",
                          int(blank.sum()), levels))
     return pd.DataFrame(rows, columns=["column", "kind", "reason", "n_blank", "n_levels"])
+
+
+RUNNING_NUMBER = "id-like: a running number (whole numbers, each once, nearly without gaps)"
+
+
+def _running_number(values: pd.Series) -> bool:
+    """Whether ``values`` count rows rather than measure anything: at least 50 whole
+    numbers, each once, spanning at most one and a half times their count (a row number,
+    a sequential account number). Fifty measured whole numbers (an age, a credit score)
+    that are all different and that dense are not met by chance."""
+    v = pd.to_numeric(values, errors="coerce").dropna().to_numpy(dtype=float)
+    if len(v) < 50 or not np.isfinite(v).all() or not (v == np.round(v)).all():
+        return False
+    return len(np.unique(v)) == len(v) and v.max() - v.min() + 1 <= 1.5 * len(v)
 
 
 def snapshot_matrix(frame: pd.DataFrame, types: pd.DataFrame) -> pd.DataFrame:
