@@ -66,6 +66,24 @@ def _load(tmp_path, text, **snapshot):
     return load_dataset(cfg).tables["customers"]
 
 
+def test_an_export_without_an_id_column_names_customers_by_their_row(tmp_path):
+    """A snapshot export with no id column (many published churn files) names each
+    customer by their row in the file, as the quarantine counts rows; an order log
+    without customer ids still stops: its lines must be tied to their customer."""
+    (tmp_path / "c.csv").write_text("Left,plan\nYes,a\n,b\nNo,a\n")
+    cfg = load_config(write_config(tmp_path, {"customers": {
+        "path": "c.csv", "columns": {"churn": "Left"}}}, mode="snapshot"))
+    table = load_dataset(cfg).tables["customers"]
+    assert table.data["customer_id"].tolist() == ["1", "3"]
+    assert table.quarantine["source_row"].tolist() == [2]          # the blank label
+    assert any("named by its row in the file" in note for note in table.notes)
+    (tmp_path / "tx.csv").write_text("order_date,amount\n2024-01-01,5\n")
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    with pytest.raises(DataContractError) as err:
+        load_dataset(cfg)
+    assert err.value.rule == "required_column" and err.value.column == "customer_id"
+
+
 def test_churn_label_in_any_case_with_blanks_quarantined(tmp_path):
     table = _load(tmp_path, "ID,Left,plan\n1,Yes,a\n2, no ,b\n3,YES,a\n4,,b\n5,No,a\n",
                   churn_positive="yes")
@@ -274,3 +292,63 @@ def test_any_column_name_is_a_feature_and_reports_keep_the_original_names(tmp_pa
     meta = json.loads((tmp_path / "models" / "churn.meta.json").read_text())
     assert set(meta["features"]) == originals
     assert sorted(meta["model_feature_names"]) == ["Revenue (USD)", "Scorelt5", "a)b", "a)b_2"]
+
+
+def test_an_export_without_revenue_is_ranked_by_risk_and_never_valued(tmp_path):
+    """Many published churn exports have no revenue column. Their customers are then of
+    unknown value, not of value 0 nor all "high value": no tier, no money figure, no
+    profit; the customers at high churn risk get the low-cost retention contact, costed
+    but not valued; every money figure on the page reads "unknown", and the page says
+    why once per section that needs revenue."""
+    from analysis import data, narrative, strategy
+    from analysis.store import RunStore
+    from analysis.strategy import RETAIN_AUTOMATED
+
+    from .conftest import shipped_config, write_yaml
+
+    frame, _ = generate_snapshot_demo(600, seed=11)
+    frame.drop(columns=["MonthlyCharges", "TotalCharges"]).to_csv(tmp_path / "export.csv",
+                                                                  index=False)
+    raw = shipped_config("snapshot", tmp_path, tables={"customers": tmp_path / "export.csv"})
+    raw["tables"]["customers"]["columns"] = {
+        "customer_id": "customerID", "churn": "Churn", "tenure": "tenure"}
+    config_path = write_yaml(tmp_path / "snapshot.yaml", raw)
+    config = load_config(config_path)
+    folder = tmp_path / "run"
+    data.quality_step(config, folder)
+    SN.model_step(config, folder)
+    decisions = strategy.strategy_step(config, folder)
+    c = RunStore(folder).read_customers(["customer_id", "value_tier", "lifecycle_stage",
+                                         "churn_probability", "predicted_value",
+                                         "remaining_value", "action"])
+    assert (c["value_tier"] == "unknown").all()
+    current = c["lifecycle_stage"] != "lost"
+    assert c.loc[current, ["predicted_value", "remaining_value"]].isna().all().all()
+    high = current & (c["churn_probability"] >= config.strategy.high_risk)
+    assert high.sum() > 0
+    assert (c.loc[high, "action"] == RETAIN_AUTOMATED).all()
+    assert set(c.loc[~high, "action"]) <= {"Maintain", "No action - lapsed"}
+    r = decisions.retention
+    assert r["campaign_size"] == high.sum()
+    assert r["campaign_cost"] == high.sum() * (config.strategy.contact_cost
+                                               + config.strategy.offer_cost)
+    assert r["expected_incremental_profit"] is None and r["roi"] is None
+    acts = decisions.actions.set_index("action")
+    # those who left bring nothing and cost nothing; what the others bring is unknown
+    assert acts.loc["No action - lapsed", "total_profit"] == 0
+    assert acts.drop(index="No action - lapsed")[["ordinary_profit", "total_profit"]].isna(
+    ).all().all()
+    # the page: no money made up, no "nan", and the reason given
+    page = narrative.load_page(config_path, folder, run_id="t", report_dir=tmp_path / "rep")
+    assert not page.revenue_known
+    blocks = (narrative.bottom_line(page) + narrative.key_numbers(page)
+              + narrative._snapshot_portfolio(page) + narrative.churn(page)
+              + narrative.value(page) + narrative.actions(page) + narrative.phaseout(page))
+    text = " ".join(b for b in blocks if isinstance(b, str))
+    assert "nan" not in text.replace("nance", "") and "high-value" not in text
+    assert "what they bring is unknown" in text and "unknown" in narrative.money(
+        float("nan"), page)
+    assert text.count("The export has no revenue column") == 3     # key numbers, portfolio, value
+    assert f"a retention contact to {high.sum():,} customers at high churn risk" in text
+    assert "Following the plan, expected profit" not in text
+    assert "value tier high" not in text                  # policy rows needing a value left out

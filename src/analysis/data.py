@@ -172,7 +172,8 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
             continue
         raw.index = pd.RangeIndex(n_read, n_read + len(raw))    # file row - 1
         n_read += len(raw)
-        mapped, chunk_notes, unread = _map_columns(raw, spec, table=table, pii=config.pii)
+        mapped, chunk_notes, unread = _map_columns(raw, spec, table=table, pii=config.pii,
+                                                   row_ids=_row_ids(config, table))
         if config.mode == "snapshot" and table == "customers" and "churn" not in mapped:
             raise DataContractError(
                 file=spec.path, rule="required_column", column="churn",
@@ -249,7 +250,8 @@ def _set_aside_again(spec: TableSpec, judged: pd.Series, *, table: str, config: 
     wanted = np.sort(judged.index.to_numpy())
     out = []
     for raw in _rows_of_chunks(spec, chunk_rows, wanted):
-        mapped, _, _ = _map_columns(raw, spec, table=table, pii=config.pii)
+        mapped, _, _ = _map_columns(raw, spec, table=table, pii=config.pii,
+                                    row_ids=_row_ids(config, table))
         rules = pd.Series(judged.loc[raw.index].to_numpy(), index=raw.index, dtype="object")
         out.append(_set_aside(raw, mapped, rules, rules.notna(), config=config))
     return out
@@ -396,8 +398,10 @@ def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None =
     return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present])
 
 
-#: The optional inputs of an order log: name -> (table, column, or None for the whole
-#: table; the plain sentence a report shows where a section needs it and it is absent).
+#: The optional inputs of an order log, and a snapshot's revenue (an order log's amounts
+#: are its revenue: :func:`available_inputs` leaves it out there): name -> (table,
+#: column, or None for the whole table; the plain sentence a report shows where a section
+#: needs it and it is absent).
 OPTIONAL_INPUTS: dict[str, tuple[str, str | None, str]] = {
     "order_id": ("transactions", "order_id",
                  "The data has no order numbers, so a customer's lines on one day count as "
@@ -417,6 +421,11 @@ OPTIONAL_INPUTS: dict[str, tuple[str, str | None, str]] = {
     "margin": ("transactions", "margin",
                "The data has no margin or cost, so profit uses an assumed margin of "
                "{margin_rate:.0%} of revenue."),
+    "revenue": ("customers", "recurring_revenue",
+                "The export has no revenue column (recurring_revenue, or total_revenue with "
+                "tenure), so what a customer is worth is unknown: customers are not ranked "
+                "by value, a retention contact is costed but not valued, and no profit is "
+                "computed."),
     "customers": ("customers", None,
                   "There is no customer table, so sign-up dates and customer attributes "
                   "are unknown, and actions cannot be audited for fairness by group."),
@@ -434,14 +443,20 @@ OPTIONAL_INPUTS: dict[str, tuple[str, str | None, str]] = {
 def available_inputs(processed_dir: str | Path) -> dict[str, bool]:
     """Which of :data:`OPTIONAL_INPUTS` the run's input files supplied (from the
     ``columns_given`` of ``data_quality.json``: a ``status`` the load filled in does not
-    count). ``margin`` counts as supplied when the file gave ``cost``."""
+    count). ``margin`` counts as supplied when the file gave ``cost``, a snapshot's
+    ``revenue`` when it gave ``total_revenue`` and ``tenure``."""
     tables = json.loads((Path(processed_dir) / "data_quality.json").read_text())["tables"]
     columns = {t["table"]: set(t["columns_given"].split(", ")) for t in tables}
     for given in columns.values():
         if "cost" in given:
             given.add("margin")
-    return {name: table in columns and (column is None or column in columns[table])
-            for name, (table, column, _) in OPTIONAL_INPUTS.items()}
+        if "total_revenue" in given and "tenure" in given:    # revenue per month from them
+            given.add("recurring_revenue")
+    found = {name: table in columns and (column is None or column in columns[table])
+             for name, (table, column, _) in OPTIONAL_INPUTS.items()}
+    if "transactions" in columns:        # an order log's amounts are its revenue
+        del found["revenue"]
+    return found
 
 
 def quality_step(config: Config, processed_dir: str | Path) -> dict[str, pd.DataFrame]:
@@ -548,11 +563,21 @@ def _normalise_name(name: str) -> str:
     return re.sub(r"[\s_\-]+", "_", str(name).strip().casefold())
 
 
+def _row_ids(config: Config, table: str) -> bool:
+    """Whether the table's rows may be named by their row in the file when it has no
+    id column: a snapshot's customer table (many published churn exports have no id),
+    never an order log, whose lines must be tied to their customer."""
+    return config.mode == "snapshot" and table == "customers"
+
+
 def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
-                 pii: Iterable[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+                 pii: Iterable[str], row_ids: bool = False
+                 ) -> tuple[pd.DataFrame, list[str], list[str]]:
     """The contract's columns of ``raw`` under their contract names (and, for a
     customer table, its other columns but PII), the notes on how they were found, and
-    the columns of ``raw`` that were not kept."""
+    the columns of ``raw`` that were not kept. With ``row_ids``, a table with no id
+    column (and none named in the config) gets its rows' numbers in the file as ids
+    (``raw``'s index + 1, the quarantine's ``source_row``)."""
     required, optional = TABLE_CONTRACTS[table]
     notes: list[str] = []
     by_norm: dict[str, list[str]] = {}
@@ -573,6 +598,12 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
             continue
         if contract_col in required:
             missing.append(contract_col)
+    numbered = (row_ids and "customer_id" in missing
+                and "customer_id" not in spec.columns)
+    if numbered:
+        missing.remove("customer_id")
+        notes.append("the file has no customer id column: each customer is named by its "
+                     "row in the file (1 = the first row after the header)")
     if missing == ["amount"] and {"quantity", "unit_price"} <= set(rename.values()):
         # an export of lines with a unit price and no line total (a common shape)
         missing = []
@@ -598,6 +629,8 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
     keep = [c for c in raw.columns if c in rename or
             (table == "customers" and c not in dropped)]
     mapped = raw[keep].rename(columns=rename)
+    if numbered:
+        mapped.insert(0, "customer_id", (raw.index + 1).astype(str))
     return mapped, notes, [c for c in raw.columns if c not in keep]
 
 

@@ -48,16 +48,20 @@ def run_kpis(processed_dir: str | Path) -> dict:
     spend = c["spend_365d"].clip(lower=0).sort_values(ascending=False)
     top = spend.head(max(1, round(0.2 * len(spend)))).sum() / spend.sum() if spend.sum() else 0
     out = {"as_of": profile["as_of"], "customers": int(len(c)),
-           "active_customers": int(active.sum()), "revenue_12m": float(spend.sum()),
-           "top20_revenue_share": float(top),
-           "high_value_customers": int((c["value_tier"] == TIER_HIGH).sum())}
+           "active_customers": int(active.sum())}
+    # a snapshot without revenue has no revenue figure to compare: none is recorded
+    known = bool(c["spend_365d"].notna().any())
+    if known:
+        out.update(revenue_12m=float(spend.sum()), top20_revenue_share=float(top),
+                   high_value_customers=int((c["value_tier"] == TIER_HIGH).sum()))
     if "complaints_90d" in c:
         out["complaint_rate"] = float((c["complaints_90d"] > 0).mean())
     if "churn_probability" in c and c["churn_probability"].notna().any():
         risk = (c["churn_probability"] >= 0.5) & active
-        out.update(predicted_value=float(c["predicted_value"].sum()),
-                   at_risk_customers=int(risk.sum()),
-                   revenue_at_risk=float(c.loc[risk, "spend_365d"].clip(lower=0).sum()))
+        out["at_risk_customers"] = int(risk.sum())
+        if known:
+            out.update(predicted_value=float(c["predicted_value"].sum()),
+                       revenue_at_risk=float(c.loc[risk, "spend_365d"].clip(lower=0).sum()))
     models = folder / "models.json"
     if models.is_file():
         m = json.loads(models.read_text())
@@ -73,7 +77,9 @@ def run_kpis(processed_dir: str | Path) -> dict:
         out["phaseout_customers"] = int(c["phaseout_candidate"].fillna(False).sum())
     retention = folder / "strategy" / "retention.json"
     if retention.is_file():
-        out["campaign_profit"] = json.loads(retention.read_text())["max_expected_profit"]
+        profit = json.loads(retention.read_text())["max_expected_profit"]
+        if profit is not None:
+            out["campaign_profit"] = profit
     return out
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from IPython.display import HTML, display
 from matplotlib.figure import Figure
@@ -130,6 +131,12 @@ class Page:
         return bool(self.customers["churn_probability"].notna().any())
 
     @property
+    def revenue_known(self) -> bool:
+        """False for a snapshot without any revenue: then what customers bring, and every
+        profit, is unknown (an order log always knows its revenue)."""
+        return not self.snapshot or bool(self.customers["revenue_month"].notna().any())
+
+    @property
     def at_risk(self) -> pd.Series:
         """Active customers with a churn probability of ``high_risk`` or more."""
         return (self.customers["churn_probability"] >= self.config.strategy.high_risk) \
@@ -177,7 +184,9 @@ def show(blocks: list[Block]) -> None:
 
 def money(value: float, page: Page, *, decimals: int = 0) -> str:
     """A money figure with the config's currency (``report.currency``), if any:
-    ``"EUR 12,345"``, or ``"12,345"`` without one."""
+    ``"EUR 12,345"``, or ``"12,345"`` without one; ``"unknown"`` for a missing one."""
+    if value != value:
+        return "unknown"
     text = f"{value:,.{decimals}f}"
     return f"{page.currency} {text}" if page.currency else text
 
@@ -216,16 +225,19 @@ def bottom_line_numbers(page: Page) -> dict:
     if page.previous_processed_dir is not None:
         changes = monitor.kpi_deltas(monitor.run_kpis(page.processed_dir),
                                      monitor.run_kpis(page.previous_processed_dir))
+    # without revenue (a snapshot that has none) every sum of money is unknown, not 0
+    total = (lambda v: float(v.sum())) if page.revenue_known else (lambda v: np.nan)
     return {"active": int(page.active.sum()), "at_risk": int(at_risk.sum()),
-            "revenue_at_risk": float(c.loc[at_risk, "spend_365d"].sum()),
-            "revenue_12m": float(c["spend_365d"].sum()),
+            "revenue_at_risk": total(c.loc[at_risk, "spend_365d"]),
+            "revenue_12m": total(c["spend_365d"]),
             "period_days": int(r.get("decision_period_days", 0)),
             "campaign": int(r["campaign_size"]), "campaign_high_risk":
                 int(r.get("campaign_high_risk", 0)),
             "campaign_cost": float(r["campaign_cost"]),
-            "incremental_profit": float(acts["incremental_profit"].sum()),
-            "roi": float(r["roi"]), "ordinary_profit": float(acts["ordinary_profit"].sum()),
-            "total_profit": float(acts["total_profit"].sum()),
+            "incremental_profit": total(acts["incremental_profit"]),
+            "roi": float(r["roi"]) if page.revenue_known else np.nan,
+            "ordinary_profit": total(acts["ordinary_profit"]),
+            "total_profit": total(acts["total_profit"]),
             "actions": acts["customers"].astype(int).to_dict(), "changes": changes,
             "campaign_range": campaign_range(page)}
 
@@ -262,9 +274,11 @@ def bottom_line(page: Page) -> list[Block]:
     if page.risk_known and page.snapshot:
         sentences.append(
             f"<b>{n['at_risk']:,} of {n['active']:,} current customers are likely to leave</b> "
-            f"within a {page.config.snapshot.churn_period_months:g}-month period; they bring "
-            f"{m(n['revenue_at_risk'])} a year in recurring revenue "
-            f"({_share(n['revenue_at_risk'], n['revenue_12m'])} of all).")
+            f"within a {page.config.snapshot.churn_period_months:g}-month period; "
+            + (f"they bring {m(n['revenue_at_risk'])} a year in recurring revenue "
+               f"({_share(n['revenue_at_risk'], n['revenue_12m'])} of all)."
+               if page.revenue_known else "what they bring is unknown: the export has no "
+               "revenue column."))
     elif page.risk_known:
         sentences.append(
             f"<b>{n['at_risk']:,} of {n['active']:,} active customers are likely to stop "
@@ -276,7 +290,12 @@ def bottom_line(page: Page) -> list[Block]:
                          f"{n['active']:,} customers are active.")
     others = [f"{k:,} {strategy_words(a)}" for a, k in n["actions"].items()
               if not a.startswith(strategy.RETAIN_PREFIX) and a in _LISTED and k]
-    if n["campaign"]:
+    if n["campaign"] and not page.revenue_known:
+        sentences.append(
+            f"<b>Recommended: a retention contact to {n['campaign']:,} customers at high "
+            f"churn risk</b>, costing {m(n['campaign_cost'])}; what it brings cannot be "
+            "valued without revenue" + (f"; also {_join(others)}." if others else "."))
+    elif n["campaign"]:
         sentences.append(
             f"<b>Recommended: a retention campaign to {n['campaign']:,} customers</b> "
             f"({n['campaign_high_risk']:,} of them at high churn risk), costing "
@@ -289,10 +308,11 @@ def bottom_line(page: Page) -> list[Block]:
     else:
         sentences.append("No retention contact is expected to pay for itself, so no campaign "
                          "is recommended" + (f"; {_join(others)}." if others else "."))
-    sentences.append(
-        f"Following the plan, expected profit over {period} is {m(n['total_profit'])}: "
-        f"{m(n['ordinary_profit'])} from ordinary business and {m(n['incremental_profit'])} "
-        "extra from the actions.")
+    if page.revenue_known:
+        sentences.append(
+            f"Following the plan, expected profit over {period} is {m(n['total_profit'])}: "
+            f"{m(n['ordinary_profit'])} from ordinary business and "
+            f"{m(n['incremental_profit'])} extra from the actions.")
     sentences.append(_change_sentence(n["changes"], page))
     return [heading("The bottom line", 2),
             '<div class="bottom-line"><p>' + " ".join(sentences) + "</p></div>"]
@@ -357,21 +377,27 @@ def key_numbers(page: Page) -> list[Block]:
     total = float(page.decisions.actions["total_profit"].sum())
     if page.snapshot:
         churned = c["churn"].fillna(False).astype(bool)
+        if not page.revenue_known:        # no money to sum: each figure says "unknown"
+            c = c.assign(revenue_month=np.nan, spend_365d=np.nan, predicted_value=np.nan,
+                         remaining_value=np.nan)
+            total = np.nan
         cards = [
             (f"{len(c):,}", "customers in the export"),
             (f"{page.active.sum():,}", "current customers"),
             (f"{churned.mean():.1%}", "left in the last period (the churn flag)"),
-            (m(c.loc[page.active, "revenue_month"].sum()),
+            (m(c.loc[page.active, "revenue_month"].sum(min_count=1)),
              "recurring revenue per month, current customers"),
-            (m(c["predicted_value"].sum()), f"expected revenue, next {h} days"),
+            (m(c["predicted_value"].sum(min_count=1)), f"expected revenue, next {h} days"),
             (f"{at_risk.sum():,}" if page.run else "not estimated",
              "current customers likely to leave (50 %+ per period)"),
-            (m(c.loc[at_risk, "spend_365d"].sum()) if page.run else "not estimated",
-             "yearly recurring revenue of those customers"),
-            (m(c["remaining_value"].sum()) if page.run else "not estimated",
+            (m(c.loc[at_risk, "spend_365d"].sum(min_count=1)) if page.run
+             else "not estimated", "yearly recurring revenue of those customers"),
+            (m(c["remaining_value"].sum(min_count=1)) if page.run else "not estimated",
              "expected remaining value of current customers (discounted)"),
             (m(total), f"expected profit with the recommended actions, next {period} days")]
         out = [heading("1. Key numbers"), kpi_cards(cards)]
+        if not page.revenue_known:
+            out.append(absent_note("revenue", page.config))
         if page.skipped:
             out.append(paragraph("There is too little data for a churn model in this run, so "
                                  "churn risk and remaining value are not estimated: {reason}.",
@@ -430,9 +456,11 @@ def changes(page: Page) -> list[Block]:
                                       "current": "This run", "change": "Change",
                                       "change_share": "Change (%)"}))
         old = RunStore(prev).read_customers(["customer_id", "value_tier", "segment"])
-        out += [paragraph("Value-tier migration: rows are the tier in the previous run, "
-                          "columns the tier now."),
-                html_table(monitor.migration_matrix(old, c, column="value_tier").reset_index())]
+        if page.revenue_known and old["value_tier"].ne(segments.TIER_UNKNOWN).any():
+            out += [paragraph("Value-tier migration: rows are the tier in the previous run, "
+                              "columns the tier now."),
+                    html_table(monitor.migration_matrix(old, c, column="value_tier")
+                               .reset_index())]
         if page.snapshot:
             return out
         segs = monitor.migration_matrix(old, c, column="segment")
@@ -640,7 +668,6 @@ def portfolio(page: Page) -> list[Block]:
 
 def _snapshot_portfolio(page: Page) -> list[Block]:
     profile, c = page.profile, page.customers
-    high = profile.tiers.set_index("value_tier").loc[segments.TIER_HIGH]
     cohorts = profile.cohorts
     worst = cohorts.loc[cohorts["churn_rate"].idxmax()]
     by = page.config.snapshot.survival_by
@@ -651,13 +678,11 @@ def _snapshot_portfolio(page: Page) -> list[Block]:
     return [
         heading("3. Portfolio: who brings the value"),
         paragraph("This data has one row per customer and no orders, so there are no "
-                  "purchase-based segments (RFM), rhythms or order cohorts: value tiers are by "
-                  "recurring revenue, segments are behaviour groups over the numeric columns, "
-                  "and cohorts are tenure bands."),
-        paragraph("{n:,} high-value customers ({cs:.0%} of all) bring {vs:.0%} of the recurring "
-                  "revenue.", n=int(high["n_customers"]), cs=high["customer_share"],
-                  vs=high["value_share"]),
-        plots.plot_pareto(profile.pareto, value_label="recurring revenue"),
+                  "purchase-based segments (RFM), rhythms or order cohorts: {tiers}segments "
+                  "are behaviour groups over the numeric columns, and cohorts are tenure bands.",
+                  tiers="value tiers are by recurring revenue, " if page.revenue_known else ""),
+        *(_revenue_shares(page) if page.revenue_known
+          else [absent_note("revenue", page.config)]),
         html_table(profile.clusters[["cluster_name", "description", "n_customers", "share"]],
                    formats={"share": ".0%", "n_customers": ","},
                    labels={"cluster_name": "Group", "description": "Description",
@@ -672,6 +697,15 @@ def _snapshot_portfolio(page: Page) -> list[Block]:
                               else f"{g}: more than half still with us"
                               for g, t in medians.items())),
         plots.plot_survival(km)]
+
+
+def _revenue_shares(page: Page) -> list[Block]:
+    """How a snapshot's recurring revenue is shared among its customers."""
+    high = page.profile.tiers.set_index("value_tier").loc[segments.TIER_HIGH]
+    return [paragraph("{n:,} high-value customers ({cs:.0%} of all) bring {vs:.0%} of the "
+                      "recurring revenue.", n=int(high["n_customers"]),
+                      cs=high["customer_share"], vs=high["value_share"]),
+            plots.plot_pareto(page.profile.pareto, value_label="recurring revenue")]
 
 
 def churn(page: Page) -> list[Block]:
@@ -709,20 +743,27 @@ def churn(page: Page) -> list[Block]:
                                           likely=("at_risk", "sum"),
                                           mean_churn_probability=("churn_probability", "mean"),
                                           revenue_at_risk=("revenue_at_risk", "sum"))
-                  .sort_values("revenue_at_risk", ascending=False).reset_index())
+                  .sort_values(["revenue_at_risk", "likely"] if page.revenue_known
+                               else "likely", ascending=False).reset_index())
+    if not page.revenue_known:
+        by_segment = by_segment.drop(columns="revenue_at_risk")
     out.append(html_table(by_segment, formats={
         "customers": ",", "likely": ",", "mean_churn_probability": ".0%",
         "revenue_at_risk": ",.0f"}, labels={
         "segment": "Segment", "customers": "Customers", "likely": leave,
         "mean_churn_probability": "Mean churn chance",
         "revenue_at_risk": _money_label("Revenue at risk (last 12 months)", page)}))
-    valuable = c[at_risk].sort_values(value_col, ascending=False).head(8)
+    if not page.revenue_known:       # none is known to be more valuable: the likeliest first
+        value_col = "churn_probability"
+    valuable = c[at_risk].sort_values([value_col, "customer_id"],
+                                      ascending=[False, True]).head(8)
     spend = "revenue_month" if page.snapshot else "spend_365d"
-    out += [paragraph("The most valuable customers likely to churn, with the reasons behind "
-                      "their risk (every one of them, with their action, is in the lists "
-                      "below):"),
-            html_table(valuable[["customer_id", "segment", spend, "churn_probability",
-                                 "reasons"]].merge(
+    out += [paragraph("The {who} likely to churn, with the reasons behind their risk (every "
+                      "one of them, with their action, is in the lists below):",
+                      who="most valuable customers" if page.revenue_known
+                      else "customers most"),
+            html_table(valuable[["customer_id", "segment"] + [spend] * page.revenue_known
+                                + ["churn_probability", "reasons"]].merge(
                 page.decisions.customers[["customer_id", "action"]], on="customer_id",
                 how="left"),
                 formats={spend: ",.0f", "churn_probability": ".0%"},
@@ -763,11 +804,18 @@ def value(page: Page) -> list[Block]:
         if page.run is None:
             return out + [paragraph("The remaining value needs a churn model, which this run "
                                     "does not have: {reason}.", reason=page.skipped)]
+        if not page.revenue_known:
+            return out + [absent_note("revenue", page.config), paragraph(
+                "Current customers are expected to stay {m:,.1f} months on average (of the "
+                "next {y:g} years), from their churn chance per period.",
+                m=c.loc[page.active, "remaining_months"].mean(),
+                y=page.config.snapshot.max_years)]
         p = page.config.snapshot
         by_tier = (c[page.active].groupby("value_tier").agg(
             customers=("customer_id", "size"), monthly=("revenue_month", "sum"),
             months=("remaining_months", "mean"), remaining=("remaining_value", "sum"))
-            .reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index())
+            .reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index()
+            .astype({"customers": int}))
         return out + [paragraph(
             "Each current customer's expected remaining value is their monthly recurring "
             "revenue times the months they are expected to stay: with a churn chance p per "
@@ -858,6 +906,17 @@ def actions(page: Page) -> list[Block]:
     learned = _learned_sentence(r.get("uplift_model"), page)
     if learned:
         how += learned
+    if not page.revenue_known:
+        return [heading("6. Recommended actions"), paragraph(
+            "Every customer gets exactly one action from the policy below. The retention "
+            "contact goes to the {n:,} current customers at high churn risk: it costs {cost}; "
+            "what it brings cannot be valued, and no profit is computed, because the export "
+            "has no revenue.", n=r["campaign_size"], cost=money(r["campaign_cost"], page)),
+            html_table(d.actions[["action", "customers", "action_cost"]],
+                       formats={"customers": ",", "action_cost": ",.0f"},
+                       labels={"action": "Action", "customers": "Customers",
+                               "action_cost": _money_label("Cost of the action", page)}),
+            *_segments_and_policy(page)]
     out: list[Block] = [heading("6. Recommended actions"), paragraph(
         "Every customer gets exactly one action from the policy below. The retention campaign is "
         "the {n:,} customers whose action is a retention contact ({hr:,} of them at high churn "
@@ -909,14 +968,30 @@ def actions(page: Page) -> list[Block]:
             "churn_treated": "Churned (contacted)", "churn_control": "Churned (not contacted)",
             "retention_rate": "Would-be churners kept", "ci_low": "95 % interval from",
             "ci_high": "to"}))
-    out += [paragraph("Who gets which action, by segment (customers):"),
+    return out + _segments_and_policy(page)
+
+
+def _segments_and_policy(page: Page) -> list[Block]:
+    """Who gets which action by segment, and the policy in words."""
+    return [paragraph("Who gets which action, by segment (customers):"),
             html_table(segment_by_action(page).reset_index(),
-                       formats={c: "," for c in acts["action"]}),
-            paragraph("The policy: rows are tried in order and the first that matches names the "
-                      "customer's action."),
-            html_table(strategy.policy_table(cfg.strategy.policy), labels={
+                       formats={c: "," for c in page.decisions.actions["action"]}),
+            *_policy(page)]
+
+
+def _policy(page: Page) -> list[Block]:
+    """The policy in words. Where revenue is known, without the row for customers of
+    unknown value (no one); where it is not, without the rows that need a value tier."""
+    policy = page.config.strategy.policy or strategy.DEFAULT_POLICY
+    unknown = [segments.TIER_UNKNOWN]
+    shown = [row for row in policy if "value_tier" not in row
+             or (row["value_tier"] == unknown) != page.revenue_known]
+    return [paragraph("The policy: rows are tried in order and the first that matches names the "
+                      "customer's action" + ("." if page.revenue_known else
+                                             " (the rows that need a customer's value are left "
+                                             "out: it is unknown).")),
+            html_table(strategy.policy_table(shown), labels={
                 "action": "Action", "conditions": "When", "why": "Why"})]
-    return out
 
 
 def hazard_effect_sentence(fit: dict) -> str:
@@ -997,6 +1072,10 @@ def phaseout(page: Page) -> list[Block]:
     g = d.guardrails
     single = int(g["customers_remaining"].iloc[0])
     out: list[Block] = [heading("7. Phase-out review")]
+    if not page.revenue_known:
+        return out + [paragraph("No customer is proposed for a phase-out review: whether a "
+                                "customer is unprofitable cannot be judged without revenue.")
+                      ] + _fairness(page)
     if page.snapshot:
         out.append(paragraph(
             "{n:,} customers are proposed for a phase-out review (a list for a person to decide "
@@ -1387,7 +1466,8 @@ def lists(page: Page) -> list[Block]:
     rules = alerts["rule"].value_counts()
     if (folder / "alerts.csv").is_file():
         items.append((f"Early warnings: {len(alerts):,} on {alerts['customer_id'].nunique():,} "
-                      f"customers ({', '.join(f'{k} {v:,}' for k, v in rules.items())})",
+                      "customers" + (f" ({', '.join(f'{k} {v:,}' for k, v in rules.items())})"
+                                     if len(rules) else ""),
                       f"{LISTS_DIR}/alerts.csv"))
     if not items:
         return []

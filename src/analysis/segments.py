@@ -44,6 +44,7 @@ __all__ = [
     "TIER_HIGH",
     "TIER_LOW",
     "TIER_MID",
+    "TIER_UNKNOWN",
     "VALUE_TIERS",
     "WIN_BACK_STAGES",
     "assign_lifecycle",
@@ -96,6 +97,9 @@ WIN_BACK_STAGES = (STAGE_LAPSED, STAGE_LOST)
 #: Value tiers, highest first.
 VALUE_TIERS = ("high", "mid", "low")
 TIER_HIGH, TIER_MID, TIER_LOW = VALUE_TIERS
+#: The tier of every customer when the data says nothing of what customers bring (a
+#: subscription export without a revenue column): not ranked, never "high".
+TIER_UNKNOWN = "unknown"
 
 #: The stages of customers still *active* at a cutoff (bought within their own rhythm's
 #: lapse window): the population churn risk, its accuracy and retention targeting are

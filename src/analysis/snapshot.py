@@ -46,6 +46,7 @@ from analysis.segments import (
     STAGE_ACTIVE,
     STAGE_LOST,
     STAGE_NEW,
+    TIER_UNKNOWN,
     CustomerProfile,
     cluster_customers,
     lifecycle_counts,
@@ -470,16 +471,24 @@ def profile_snapshot(customers: pd.DataFrame, *, config: Config, as_of,
                 else pd.Series(np.nan, c.index))
     if revenue.isna().all() and "total_revenue" in c:
         revenue = c["total_revenue"] / tenure_m.where(tenure_m > 0) / p.revenue_periods_per_month
-    c["revenue_month"] = (revenue * p.revenue_periods_per_month).fillna(0.0).clip(lower=0)
+    # without any revenue, what customers bring is unknown, not zero: no money column is
+    # filled in, and nobody is ranked by value
+    known = bool(revenue.notna().any())
+    c["revenue_month"] = ((revenue * p.revenue_periods_per_month).fillna(0.0).clip(lower=0)
+                          if known else np.nan)
     c["tenure_months"] = tenure_m
     c["tenure_days"] = tenure_m * DAYS_PER_MONTH
     c["spend_365d"] = c["revenue_month"] * 12
     c["monetary_total"] = (c["total_revenue"] if "total_revenue" in c
                            else c["revenue_month"] * tenure_m).fillna(
         c["revenue_month"] * tenure_m.fillna(0))
-    tiers = value_tiers(c.assign(monetary_total=c["revenue_month"]),
-                        shares=config.analysis.tier_shares)
-    c = c.merge(tiers[["customer_id", "value_rank", "value_tier"]], on="customer_id")
+    if known:
+        tiers = value_tiers(c.assign(monetary_total=c["revenue_month"]),
+                            shares=config.analysis.tier_shares)
+        c = c.merge(tiers[["customer_id", "value_rank", "value_tier"]], on="customer_id")
+    else:
+        c["monetary_total"] = np.nan
+        c["value_rank"], c["value_tier"] = np.nan, TIER_UNKNOWN
     churned = c["churn"].fillna(False).astype(bool)
     c["lifecycle_stage"] = np.where(churned, STAGE_LOST,
                                     np.where(tenure_m < p.new_months, STAGE_NEW, STAGE_ACTIVE))

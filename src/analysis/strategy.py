@@ -39,6 +39,7 @@ from analysis.segments import (
     TIER_HIGH,
     TIER_LOW,
     TIER_MID,
+    TIER_UNKNOWN,
     WIN_BACK_STAGES,
 )
 from analysis.store import RunStore
@@ -146,6 +147,10 @@ DEFAULT_POLICY: list[dict] = [
     {"action": RETAIN_PERSONAL, "value_tier": [TIER_HIGH], "churn_risk": ["high"],
      "lifecycle_stage": list(ACTIVE_STAGES),
      "why": "high value, high risk of churning"},
+    {"action": RETAIN_AUTOMATED, "value_tier": [TIER_UNKNOWN], "churn_risk": ["high"],
+     "lifecycle_stage": list(ACTIVE_STAGES),
+     "why": "high risk of churning, value unknown (the data has no revenue): the low-cost "
+            "contact, not valued against what it may save"},
     {"action": RETAIN_AUTOMATED, "retention_profitable": [True],
      "why": "a retention contact is expected to pay for itself (churn risk x effect x "
             "value if retained > contact and offer cost)"},
@@ -154,7 +159,7 @@ DEFAULT_POLICY: list[dict] = [
     {"action": GROW, "value_tier": [TIER_LOW, TIER_MID], "potential": [True],
      "why": "predicted value well above current value, or rising and broad interest"},
     {"action": NO_ACTION_LAPSED, "lifecycle_stage": list(WIN_BACK_STAGES),
-     "why": "already gone, and not valuable enough to win back"},
+     "why": "already gone, and not known to be valuable enough to win back"},
     {"action": SERVE_LOW_COST, "value_tier": [TIER_LOW], "profitable": [False],
      "why": "low value, no potential, unprofitable at the current cost to serve: move to "
             "self-service and automated channels (not refusal of service)"},
@@ -1314,7 +1319,10 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     """
     c = customers.reset_index(drop=True)
     years = horizon_days / 365.0
-    revenue = c["predicted_value"].clip(lower=0).fillna(0.0)
+    revenue = c["predicted_value"].clip(lower=0)
+    if "revenue_month" not in c or c["revenue_month"].notna().any():
+        # (else the revenue is unknown: every money figure stays so)
+        revenue = revenue.fillna(0.0)
     active = c["lifecycle_stage"].isin([STAGE_NEW, STAGE_ACTIVE])
     cost = np.where(active, params.cost_per_account_year * years, 0.0)   # gone: no cost
     econ = pd.DataFrame({"customer_id": c["customer_id"], "margin_rate_used": params.margin_rate,
@@ -1423,7 +1431,10 @@ def decision_table(out: pd.DataFrame, *, horizon_days: int, period_days: int,
     """
     contact = out["action"].str.startswith(RETAIN_PREFIX).to_numpy()
     cost = params.contact_cost + params.offer_cost
-    gain = out["retention_gain"].fillna(-cost).to_numpy()
+    # a contact of unknown risk adds nothing but costs its cost; one of unknown value (a
+    # snapshot without revenue) adds an unknown amount
+    gain = out["retention_gain"].where(out["retention_gain"].notna()
+                                       | out["value_if_retained"].isna(), -cost).to_numpy()
     ordinary = out["expected_profit"].to_numpy() * period_days / horizon_days
     incremental = np.where(contact, gain, 0.0)
     return out.assign(in_campaign=contact, action_cost=np.where(contact, cost, 0.0),
@@ -1443,20 +1454,27 @@ def campaign_summary(out: pd.DataFrame, retention: dict, *, targeted: int) -> di
     in_campaign = out["in_campaign"].to_numpy()
     size = int(in_campaign.sum())
     cost = float(out.loc[in_campaign, "action_cost"].sum())
-    margin = float(out.loc[in_campaign, "expected_uplift"].sum())
+    # (a sum with an unknown part, where revenue is unknown, is unknown: None in the JSON)
+    margin = float(out.loc[in_campaign, "expected_uplift"].sum(skipna=False))
     rate = out.loc[in_campaign, "margin_rate_used"].replace(0, np.nan)
-    profit = float(out.loc[in_campaign, "incremental_profit"].sum())
+    profit = float(out.loc[in_campaign, "incremental_profit"].sum(skipna=False))
     r.update(campaign_size=size, campaign_cost=cost, expected_margin_saved=margin,
              expected_revenue_saved=float((out.loc[in_campaign, "expected_uplift"] / rate)
-                                          .fillna(0.0).sum()),
+                                          .where(rate.notna(), 0.0).sum(skipna=False)),
              expected_incremental_profit=profit, max_expected_profit=profit,
              roi=(margin - cost) / cost if cost else 0.0,
              targeted_by_profit=targeted,
              campaign_high_risk=int((out.loc[in_campaign, "churn_risk"] == RISK_BANDS[0]).sum()),
              decision_period_days=int(out["decision_period_days"].iloc[0]) if len(out) else 0,
-             ordinary_profit=float(out["ordinary_profit"].sum()),
-             total_profit=float(out["total_profit"].sum()))
-    return r
+             ordinary_profit=float(out["ordinary_profit"].sum(skipna=False)),
+             total_profit=float(out["total_profit"].sum(skipna=False)))
+    return {k: None if isinstance(v, float) and v != v else v for k, v in r.items()}
+
+
+def _known_sum(values: pd.Series) -> float:
+    """The sum, unknown (NaN) when a part is: money of customers whose revenue is unknown
+    (a snapshot without revenue) is not counted as 0."""
+    return values.sum(skipna=False)
 
 
 def action_summary(out: pd.DataFrame, customers: pd.DataFrame) -> pd.DataFrame:
@@ -1466,9 +1484,9 @@ def action_summary(out: pd.DataFrame, customers: pd.DataFrame) -> pd.DataFrame:
     spend = customers.set_index("customer_id")["spend_365d"]
     return (out.assign(spend_365d=out["customer_id"].map(spend))
             .groupby("action")
-            .agg(customers=("customer_id", "size"), revenue_12m=("spend_365d", "sum"),
+            .agg(customers=("customer_id", "size"), revenue_12m=("spend_365d", _known_sum),
                  action_cost=("action_cost", "sum"),
-                 ordinary_profit=("ordinary_profit", "sum"),
-                 incremental_profit=("incremental_profit", "sum"),
-                 total_profit=("total_profit", "sum"))
+                 ordinary_profit=("ordinary_profit", _known_sum),
+                 incremental_profit=("incremental_profit", _known_sum),
+                 total_profit=("total_profit", _known_sum))
             .sort_values("customers", ascending=False).reset_index())
