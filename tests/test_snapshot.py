@@ -299,7 +299,8 @@ def test_an_export_without_revenue_is_ranked_by_risk_and_never_valued(tmp_path):
     unknown value, not of value 0 nor all "high value": no tier, no money figure, no
     profit; the customers at high churn risk get the low-cost retention contact, costed
     but not valued; every money figure on the page reads "unknown", and the page says
-    why once per section that needs revenue."""
+    why once per section that needs revenue (the key numbers leave their money cards
+    out)."""
     from analysis import data, narrative, strategy
     from analysis.store import RunStore
     from analysis.strategy import RETAIN_AUTOMATED
@@ -351,4 +352,5 @@ def test_an_export_without_revenue_is_ranked_by_risk_and_never_valued(tmp_path):
     assert text.count("The export has no revenue column") == 3     # key numbers, portfolio, value
     assert f"a retention contact to {high.sum():,} customers at high churn risk" in text
     assert "Following the plan, expected profit" not in text
+    assert "recurring revenue per month" not in text and "current customers" in text
     assert "value tier high" not in text                  # policy rows needing a value left out

@@ -395,6 +395,8 @@ def key_numbers(page: Page) -> list[Block]:
             (m(c["remaining_value"].sum(min_count=1)) if page.run else "not estimated",
              "expected remaining value of current customers (discounted)"),
             (m(total), f"expected profit with the recommended actions, next {period} days")]
+        if not page.revenue_known:       # the money cards would each read "unknown"
+            cards = [card for card in cards if card[0] != money(np.nan, page)]
         out = [heading("1. Key numbers"), kpi_cards(cards)]
         if not page.revenue_known:
             out.append(absent_note("revenue", page.config))
