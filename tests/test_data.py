@@ -155,6 +155,30 @@ def test_a_line_export_with_unit_prices_gets_its_amount_from_quantity_and_price(
     assert err.value.rule == "required_column" and err.value.column == "amount"
 
 
+def test_times_with_offsets_from_utc_count_on_the_day_of_their_own_clock(tmp_path):
+    """Exports from systems that write ISO times with an offset ("Z", "+02:00", mixed
+    from row to row, as a shop in several countries writes them) load rather than stop
+    with pandas' "Mixed timezones" error; each time counts on its own clock's day, in
+    every chunk, as a typed column with a zone does."""
+    text = ("customer_id,order_date,amount\n"
+            "a,2024-01-01T23:30:00-05:00,5\n"      # 04:30 the next day in UTC
+            "a,2024-01-02T10:00:00Z,5\n"
+            "b,2024-01-03 08:00:00+0200,5\n"
+            "b,2024-01-04,5\n"
+            "c,2024-01-05T25:00:00+01:00,5\n")     # no such hour
+    for chunk in ({}, {"chunk_rows": 3}):
+        if chunk:
+            from analysis.data import load_table
+            cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+            table = load_table(cfg.tables["transactions"], table="transactions", config=cfg,
+                               today=TODAY, **chunk)
+        else:
+            table = load_csv(tmp_path, text)
+        assert table.data["order_date"].dt.strftime("%Y-%m-%d").tolist() == [
+            "2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]
+        assert rules_of(table) == {5: "unparseable_date"}
+
+
 def test_wrong_separator_is_diagnosed(tmp_path):
     with pytest.raises(DataContractError, match="seems to use ';'"):
         load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")

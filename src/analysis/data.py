@@ -786,7 +786,15 @@ def _as_text(s: pd.Series) -> pd.Series:
     return s.astype("str").where(s.notna(), pd.NA)
 
 
+#: A time of day's offset from UTC (``Z``, ``+02:00``, ``-0500``), after the time.
+_UTC_OFFSET = re.compile(r"(\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|UTC|[+-]\d{2}(?::?\d{2})?)$")
+
+
 def _parse_dates(s: pd.Series, fmt: str | None) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Dates of the text or typed column ``s`` (``fmt``: a strftime format, default ISO
+    8601), normalised to the day; a time with an offset from UTC counts on the day of
+    its own clock (``2024-01-01T23:30-05:00`` is 1 January), whether every row has the same
+    offset or not. Returns the dates, the unparseable rows and the missing ones."""
     if pd.api.types.is_datetime64_any_dtype(s):
         parsed = s.dt.tz_localize(None) if getattr(s.dt, "tz", None) else s
         parsed = parsed.astype("datetime64[ns]").dt.normalize()
@@ -796,8 +804,15 @@ def _parse_dates(s: pd.Series, fmt: str | None) -> tuple[pd.Series, pd.Series, p
     missing = text.isna() | (text == "")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        parsed = pd.to_datetime(text.where(~missing), format=fmt or "ISO8601",
-                                errors="coerce")
+        try:
+            parsed = pd.to_datetime(text.where(~missing), format=fmt or "ISO8601",
+                                    errors="coerce")
+        except ValueError:      # times with offsets that differ from row to row
+            parsed = pd.to_datetime(text.where(~missing).str.replace(
+                _UTC_OFFSET, r"\1", regex=True), format=fmt or "ISO8601", errors="coerce")
+    if getattr(parsed.dt, "tz", None) is not None:
+        # the day on the clock where it happened, as for a typed column with a zone
+        parsed = parsed.dt.tz_localize(None)
     parsed = parsed.astype("datetime64[ns]").dt.normalize()
     unparseable = parsed.isna() & ~missing
     return parsed, unparseable, missing
