@@ -87,3 +87,43 @@ def test_monthly_trend_counts_buyers_revenue_and_churn_by_hand():
     # the top 20 % of 3 buyers is 1 customer: a, with 150 of 250
     assert last["top20_revenue_share"] == pytest.approx(150 / 250)
     assert trend.iloc[0]["as_of"] < last["as_of"]
+
+
+def test_the_previous_run_is_of_the_same_config_even_when_another_ran_since(tmp_path):
+    """Two configs that share output folders (two shops' exports side by side, each with
+    the default folders) never compare with each other: the baseline of a run is the last
+    successful run of a config of the same name and mode, found in the history when
+    reports/latest points at the other config's; its history shows its own runs only."""
+    import json
+    import os
+
+    from analysis.publish import previous_run
+
+    processed, reports = tmp_path / "processed", tmp_path / "reports"
+    reports.mkdir()
+
+    def finished(run_id, name, mode="transactions"):
+        folder = processed / run_id
+        folder.mkdir(parents=True)
+        pd.DataFrame({"customer_id": ["a"]}).to_parquet(folder / "customers.parquet")
+        (folder / "metrics.json").write_text(json.dumps({"mode": mode,
+                                                          "config": {"name": name}}))
+        M.append_history(processed / "history.parquet", {"run_id": run_id, "config": name,
+                                                         "as_of": "2025-01-01"})
+        if (reports / "latest").is_symlink():
+            (reports / "latest").unlink()
+        os.symlink(run_id, reports / "latest")
+
+    finished("shop-a-1", "shop-a")
+    finished("shop-b-1", "shop-b")
+    assert previous_run(reports, processed, "new", "transactions", "shop-b") == \
+        processed / "shop-b-1"
+    assert previous_run(reports, processed, "new", "transactions", "shop-a") == \
+        processed / "shop-a-1"                              # not shop b's, the latest
+    assert previous_run(reports, processed, "new", "transactions", "shop-c") is None
+    finished("shop-a-2", "shop-a", mode="snapshot")           # another mode is no baseline
+    assert previous_run(reports, processed, "new", "transactions", "shop-a") == \
+        processed / "shop-a-1"
+    history = M.read_history(processed / "history.parquet", config="shop-a")
+    assert history["run_id"].tolist() == ["shop-a-1", "shop-a-2"]
+    assert len(M.read_history(processed / "history.parquet")) == 3

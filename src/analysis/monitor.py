@@ -93,10 +93,15 @@ def append_history(history_path: str | Path, row: dict) -> pd.DataFrame:
     return history
 
 
-def read_history(history_path: str | Path) -> pd.DataFrame:
-    """The run history (empty frame when there is none yet)."""
+def read_history(history_path: str | Path, *, config: str | None = None) -> pd.DataFrame:
+    """The run history (empty frame when there is none yet); given ``config``, only the
+    runs of the config of that name (configs sharing output folders share the file; rows
+    written before the history named configs are kept)."""
     path = Path(history_path)
-    return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["run_id"])
+    history = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["run_id"])
+    if config is not None and "config" in history:
+        history = history[history["config"].isna() | (history["config"] == config)]
+    return history.reset_index(drop=True)
 
 
 def kpi_deltas(current: dict, previous: dict) -> pd.DataFrame:

@@ -488,7 +488,8 @@ def changes(page: Page) -> list[Block]:
     if page.snapshot:
         return out
     out += _trend(page) + _movement(page)
-    history = monitor.read_history(page.processed_dir.parent / "history.parquet")
+    history = monitor.read_history(page.processed_dir.parent / "history.parquet",
+                                   config=page.config.name)
     if len(history) >= 2:
         out.append(plots.plot_history(history))
     out += _turned_out(page, history)

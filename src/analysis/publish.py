@@ -171,21 +171,35 @@ def publish_lock(root: Path) -> Iterator[None]:
 
 
 def previous_run(reports_root: Path, processed_root: Path, run_id: str,
-                  mode: str = "transactions") -> Path | None:
-    """The processed folder of the last successful run (what reports/latest points at),
-    when it was a run of the same mode (a snapshot run is no baseline for an order-log
-    run sharing the output folders, nor the reverse)."""
+                  mode: str = "transactions", name: str | None = None) -> Path | None:
+    """The processed folder of the last successful run of the same mode and, given
+    ``name``, of the config of that name: what reports/latest points at, or else the
+    newest such run in the history. Another dataset whose config shares the output
+    folders is no baseline (a snapshot run for an order-log run, nor a shop's run for
+    another shop's)."""
+    candidates = []
     latest = reports_root / "latest"
-    if not latest.is_symlink():
-        return None
-    previous = os.readlink(latest)
-    folder = processed_root / previous
-    if previous == run_id or not (folder / "customers.parquet").is_file():
-        return None
-    metrics = folder / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("mode", mode) != mode:
-        return None
-    return folder
+    if latest.is_symlink():
+        candidates.append(os.readlink(latest))
+    history = processed_root / "history.parquet"
+    if name is not None and history.is_file():
+        import pandas as pd
+
+        runs = pd.read_parquet(history)
+        if "config" in runs:
+            candidates += runs.loc[runs["config"] == name, "run_id"].astype(str)[::-1].tolist()
+    for previous in candidates:
+        folder = processed_root / previous
+        if previous == run_id or not (folder / "customers.parquet").is_file():
+            continue
+        metrics = folder / "metrics.json"
+        if metrics.is_file():
+            m = json.loads(metrics.read_text())
+            if m.get("mode", mode) != mode or (
+                    name is not None and m.get("config", {}).get("name", name) != name):
+                continue
+        return folder
+    return None
 
 
 def check_run_id(run_id: str) -> None:

@@ -159,7 +159,7 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
                        tmp_report: Path, log: Callable[[str], None]) -> RunResult:
     """Run the notebooks into the run's temporary folders, then move them into place."""
     processed_root, reports_root = config.output.processed_dir, config.output.reports_dir
-    previous = previous_run(reports_root, processed_root, run_id, config.mode)
+    previous = previous_run(reports_root, processed_root, run_id, config.mode, config.name)
     params = {
         "config_path": str(Path(config_path).resolve()),
         "run_id": run_id,
@@ -230,8 +230,9 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
         report_dir = swap_into_place(tmp_report, reports_root / run_id)
         point_latest(reports_root, run_id)
         append_history(processed_root / "history.parquet",
-                       {"run_id": run_id, "finished_at": dt.datetime.now(dt.UTC).isoformat(
-                           timespec="seconds"), **run_kpis(processed_dir)})
+                       {"run_id": run_id, "config": config.name,
+                        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                        **run_kpis(processed_dir)})
     log(f"run {run_id}: done in {sum(stage_seconds.values()):.1f} s; report "
         f"{report_dir / 'index.html'}")
     return RunResult(run_id=run_id, processed_dir=processed_dir, report_dir=report_dir,
