@@ -143,7 +143,7 @@ def test_a_line_export_with_unit_prices_gets_its_amount_from_quantity_and_price(
     assert rules_of(table) == {3: "missing_customer_id", 4: "negative_quantity",
                                5: "unparseable_unit_price", 6: "missing_amount"}
     assert table.data["amount"].tolist() == pytest.approx([6 * 2.55, 6 * 3.39, 3 * 5.95])
-    assert table.data["customer_id"].tolist() == ["17850.0", "17850.0", "13047.0"]
+    assert table.data["customer_id"].tolist() == ["17850", "17850", "13047"]  # not 17850.0
     assert "unit_price" not in table.data.columns
     assert "amount computed as quantity × unit_price (the file has no amount)" in table.notes
     q = table.quarantine.set_index("source_row")
@@ -177,6 +177,27 @@ def test_times_with_offsets_from_utc_count_on_the_day_of_their_own_clock(tmp_pat
         assert table.data["order_date"].dt.strftime("%Y-%m-%d").tolist() == [
             "2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]
         assert rules_of(table) == {5: "unparseable_date"}
+
+
+def test_ids_written_as_floats_match_and_tables_that_match_nobody_are_counted(tmp_path):
+    """An integer id written as a float ("17850.0", a spreadsheet's export of a column with
+    blanks) is the integer's id, as in a typed file; the summary counts, per table beside
+    the order log, how many of its customers have an order there, so that ids written
+    differently in two files ("C-7" and "7") are caught rather than matching nobody."""
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n17850.0,2024-01-01,5\n"
+                                     "13047,2024-01-02,5\n,2024-01-03,5\n")
+    pd.DataFrame({"customer_id": [17850.0, 13047.0, 99.0],
+                  "region": ["N", "S", "E"]}).to_parquet(tmp_path / "c.parquet")
+    (tmp_path / "i.csv").write_text("customer_id,date,type\nC-17850,2024-01-01,complaint\n"
+                                    "C-13047,2024-01-01,ticket\n")
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv", "customers": "c.parquet",
+                                              "interactions": "i.csv"}))
+    dataset = load_dataset(cfg, today=TODAY)
+    assert dataset["transactions"]["customer_id"].tolist() == ["17850", "13047"]
+    tables = quality_summary(dataset)["tables"].set_index("table")
+    assert tables.loc["customers", "customers_in_order_log"] == 2        # of 3
+    assert tables.loc["interactions", "customers_in_order_log"] == 0     # of 2
+    assert pd.isna(tables.loc["transactions", "customers_in_order_log"])
 
 
 def test_wrong_separator_is_diagnosed(tmp_path):

@@ -76,3 +76,30 @@ def test_the_hazard_effect_in_plain_words():
     assert "over the next 365 days" in words and "could be nil" not in words
     unsure = N.hazard_effect_sentence({**fit, "ci_low": -0.1, "n_campaigns": 1})
     assert "the past randomized campaign," in unsure and "it could be nil" in unsure
+
+
+def test_a_table_whose_ids_match_few_orders_is_called_out(tmp_path):
+    """Section 9 warns when most customers of a table beside the order log have no order
+    in it (ids written differently in two files), and only then."""
+    from analysis.config import load_config
+    from analysis.narrative import Page
+
+    from .conftest import write_config
+
+    config = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+
+    def section(matched):
+        quality = {"tables": [
+            {"table": "transactions", "rows_read": 10, "rows_processed": 10,
+             "rows_quarantined": 0, "customers": 5, "customers_in_order_log": None},
+            {"table": "customers", "rows_read": 40, "rows_processed": 40,
+             "rows_quarantined": 0, "customers": 40, "customers_in_order_log": matched}]}
+        p = Page(config=config, run_id="r", processed_dir=None, report_dir=None,
+                 previous_processed_dir=None, processed_href="", quality=quality,
+                 profile=SimpleNamespace(as_of=pd.Timestamp("2025-01-01").date()),
+                 customers=None, decisions=None, horizon=90, skipped=None, fallback=None,
+                 inputs={})
+        return " ".join(b for b in N.data_and_assumptions(p) if isinstance(b, str))
+
+    assert "Only 3 of the 40 customers in the customers table have an order" in section(3)
+    assert "have an order in the order log" not in section(20)        # half: no warning

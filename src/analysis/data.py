@@ -307,7 +307,9 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     -------
     dict of DataFrame
         ``tables``: table, file, rows_read, rows_processed, rows_quarantined,
-        customers, date_min, date_max.
+        customers, date_min, date_max, columns_given, customers_in_order_log (of the
+        customers of a table beside an order log, those who have a line in it: ids
+        written differently in two files, "00123" and "123", match nobody).
         ``quarantine``: table, rule, rows, examples (a few source rows).
         ``missing``: table, column, n_missing, share_missing (processed rows).
         ``transactions``: measure, value — statuses, refunds, zero amounts, outliers.
@@ -315,6 +317,8 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
         ``monthly``: month, orders, customers, revenue (completed lines).
     """
     rows, quarantine, missing, notes = [], [], [], []
+    log = dataset.get("transactions")
+    buyers = pd.unique(log["customer_id"]) if log is not None else None
     for name, table in dataset.tables.items():
         data = table.data
         date_col = {"transactions": "order_date", "customers": "signup_date",
@@ -327,6 +331,9 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
             "date_min": None if dates.isna().all() else dates.min().date().isoformat(),
             "date_max": None if dates.isna().all() else dates.max().date().isoformat(),
             "columns_given": ", ".join(table.given or data.columns),
+            "customers_in_order_log": (None if buyers is None or name == "transactions" else
+                                       int(pd.Series(pd.unique(data["customer_id"]))
+                                           .isin(buyers).sum())),
         })
         if table.n_quarantined:
             for rule, group in table.quarantine.groupby("rule", sort=True):
@@ -643,6 +650,12 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
     rules = pd.Series(pd.NA, index=df.index, dtype="object")
     out = {}
     ids = _as_text(df["customer_id"]).str.strip()
+    # an integer id written as a float ("17850.0": a spreadsheet's or pandas' export of a
+    # column with blanks) is that integer's id, as a float column of a typed file is, so
+    # that tables exported each their own way still name the same customer alike
+    dotted = ids.str.endswith(".0").fillna(False).astype(bool)
+    if dotted.any():
+        ids = ids.where(~dotted, ids[dotted].str.replace(_FLOAT_ID, r"\1", regex=True))
     rules = _flag(rules, ids.isna() | (ids == ""), "missing_customer_id",
                   "customer_id is empty")
     out["customer_id"] = ids
@@ -785,6 +798,9 @@ def _as_text(s: pd.Series) -> pd.Series:
             return s.astype("Int64").astype("str").where(s.notna(), pd.NA).astype("str")
     return s.astype("str").where(s.notna(), pd.NA)
 
+
+#: An integer written as a float: ``17850.0``.
+_FLOAT_ID = re.compile(r"^(\d+)\.0+$")
 
 #: A time of day's offset from UTC (``Z``, ``+02:00``, ``-0500``), after the time.
 _UTC_OFFSET = re.compile(r"(\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?)\s*(?:Z|UTC|[+-]\d{2}(?::?\d{2})?)$")

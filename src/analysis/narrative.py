@@ -1376,6 +1376,13 @@ def data_and_assumptions(page: Page) -> list[Block]:
                              "a reason (see the quarantine files).", table=t["table"],
                              read=t["rows_read"], ok=t["rows_processed"],
                              bad=t["rows_quarantined"]))
+        matched = t.get("customers_in_order_log")
+        if matched is not None and t["customers"] and matched < 0.5 * t["customers"]:
+            out.append(paragraph(
+                "<b>Only {m:,} of the {n:,} customers in the {table} table have an order in "
+                "the order log.</b> When the two files write customer ids differently "
+                "(leading zeros, a prefix, spaces), that table's rows concern no customer "
+                "here: check the ids.", m=matched, n=t["customers"], table=t["table"]))
     if page.snapshot:
         missing = [m for m in page.quality.get("missing", []) if m["n_missing"] > 0]
         if missing:
