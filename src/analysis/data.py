@@ -318,7 +318,8 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     """
     rows, quarantine, missing, notes = [], [], [], []
     log = dataset.get("transactions")
-    buyers = pd.unique(log["customer_id"]) if log is not None else None
+    # (an index lookup: Series.isin of Arrow strings took 4.4 s for a million ids)
+    buyers = pd.Index(pd.unique(log["customer_id"])) if log is not None else None
     for name, table in dataset.tables.items():
         data = table.data
         date_col = {"transactions": "order_date", "customers": "signup_date",
@@ -332,8 +333,8 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
             "date_max": None if dates.isna().all() else dates.max().date().isoformat(),
             "columns_given": ", ".join(table.given or data.columns),
             "customers_in_order_log": (None if buyers is None or name == "transactions" else
-                                       int(pd.Series(pd.unique(data["customer_id"]))
-                                           .isin(buyers).sum())),
+                                       int((buyers.get_indexer(pd.unique(
+                                           data["customer_id"].dropna())) >= 0).sum())),
         })
         if table.n_quarantined:
             for rule, group in table.quarantine.groupby("rule", sort=True):
