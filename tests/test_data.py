@@ -200,6 +200,23 @@ def test_ids_written_as_floats_match_and_tables_that_match_nobody_are_counted(tm
     assert pd.isna(tables.loc["transactions", "customers_in_order_log"])
 
 
+def test_a_campaign_table_names_its_groups_as_campaign_tools_do(tmp_path):
+    """A past campaign's groups are read from the words campaign tools and analysts
+    write ("Test"/"Control", "treatment", "hold-out", "mailed"), besides true/false; a
+    word that is neither is set aside with its value."""
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\na,2024-01-01,5\n")
+    (tmp_path / "camp.csv").write_text(
+        "customer_id,campaign_date,treated\n" + "".join(
+            f"c{i},2024-01-01,{w}\n" for i, w in enumerate(
+                ["Test", "Control", "treatment", "Hold-Out", "mailed", "not contacted",
+                 "yes", "0", "maybe"])))
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv", "campaign": "camp.csv"}))
+    campaign = load_dataset(cfg, today=TODAY).tables["campaign"]
+    assert campaign.data["treated"].tolist() == [True, False, True, False, True, False, True,
+                                                 False]
+    assert rules_of(campaign) == {9: "unparseable_treated"}
+
+
 def test_wrong_separator_is_diagnosed(tmp_path):
     with pytest.raises(DataContractError, match="seems to use ';'"):
         load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")

@@ -70,6 +70,12 @@ INTERACTION_TYPES = {"complaint": "complaint", "complaints": "complaint",
 _MAX_UNPARSEABLE_SHARE = 0.5
 #: Rows read, parsed and validated at a time (bounds the memory a load needs).
 CHUNK_ROWS = 250_000
+#: How a campaign table marks the contacted customers and the control group, besides
+#: true/false (any case; the words campaign tools and analysts write).
+TREATED_WORDS = {"treated", "treatment", "contacted", "test", "target", "targeted", "mailed",
+                 "sent", "exposed"}
+CONTROL_WORDS = {"control", "holdout", "hold-out", "hold out", "not contacted", "untreated",
+                 "not treated", "no contact", "unexposed"}
 _TRUE = {"true", "yes", "y", "1", "t", "resolved", "closed"}
 _FALSE = {"false", "no", "n", "0", "f", "open", "unresolved", "pending"}
 
@@ -732,8 +738,8 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
     elif table == "campaign":
         text = _as_text(df["treated"]).str.strip().str.casefold()
         treated = pd.Series(pd.NA, index=df.index, dtype="boolean")
-        treated[text.isin(_TRUE | {"treated", "contacted"})] = True
-        treated[text.isin(_FALSE | {"control", "holdout"})] = False
+        treated[text.isin(_TRUE | TREATED_WORDS)] = True
+        treated[text.isin(_FALSE | CONTROL_WORDS)] = False
         rules = _flag(rules, treated.isna(), "unparseable_treated",
                       _describe(df["treated"], "treated={v!r} is not true/false"))
         out["treated"] = treated
