@@ -217,6 +217,26 @@ def test_a_campaign_table_names_its_groups_as_campaign_tools_do(tmp_path):
     assert rules_of(campaign) == {9: "unparseable_treated"}
 
 
+def test_interaction_labels_of_service_tools_are_understood_and_the_rest_counted(tmp_path):
+    """Service tools label contacts in longer words ("Complaint - Billing", "Support
+    ticket", "NPS survey response"): each counts as the type it names; labels the
+    features do not use ("Chat") are kept, and the summary says how many there are."""
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\na,2024-01-01,5\n")
+    (tmp_path / "i.csv").write_text(
+        "customer_id,date,type\n" + "".join(
+            f"a,2024-01-0{i + 1},{w}\n" for i, w in enumerate(
+                ["Complaint - Billing", "Support ticket", "NPS survey response", "complaints",
+                 "Chat", "chat", "Email"])))
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv", "interactions": "i.csv"}))
+    dataset = load_dataset(cfg, today=TODAY)
+    assert dataset["interactions"]["type"].tolist() == [
+        "complaint", "ticket", "survey", "complaint", "chat", "chat", "email"]
+    notes = quality_summary(dataset)["notes"]
+    assert notes["note"].tolist() == [
+        "3 interactions of types the features do not use (complaints, tickets and surveys "
+        "are): 'chat' 2, 'email' 1"]
+
+
 def test_wrong_separator_is_diagnosed(tmp_path):
     with pytest.raises(DataContractError, match="seems to use ';'"):
         load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")

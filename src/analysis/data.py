@@ -65,6 +65,22 @@ INTERACTION_TYPES = {"complaint": "complaint", "complaints": "complaint",
                      "ticket": "ticket", "support": "ticket", "survey": "survey",
                      "nps": "survey", "csat": "survey"}
 
+#: Words that name an interaction type inside a longer label ("Complaint - billing",
+#: "Support ticket", "NPS survey response"), tried in this order.
+INTERACTION_WORDS = (("complain", "complaint"), ("survey", "survey"), ("nps", "survey"),
+                     ("csat", "survey"), ("ticket", "ticket"), ("support", "ticket"))
+
+
+def _interaction_type(label: str) -> str:
+    """The type the features use (complaint, ticket, survey) of an interaction's label
+    (cleaned, casefolded): an exact name, else the first word of
+    :data:`INTERACTION_WORDS` it contains, else the label as given (a type the features
+    do not use; the data-quality summary counts them)."""
+    if label in INTERACTION_TYPES:
+        return INTERACTION_TYPES[label]
+    return next((kind for word, kind in INTERACTION_WORDS if word in label), label)
+
+
 # A column whose values fail to parse for more than this share is a mapping problem
 # (wrong date format, wrong decimal separator), not a few bad rows: the run stops.
 _MAX_UNPARSEABLE_SHARE = 0.5
@@ -354,6 +370,15 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
             missing.append({"table": name, "column": col, "n_missing": n_missing,
                             "share_missing": n_missing / max(len(data), 1)})
         notes.extend({"table": name, "note": n} for n in table.notes)
+        if name == "interactions" and len(data):
+            other = data.loc[~data["type"].isin(set(INTERACTION_TYPES.values())), "type"]
+            if len(other):
+                counts = other.value_counts()
+                notes.append({"table": name, "note": (
+                    f"{len(other):,} interactions of types the features do not use "
+                    "(complaints, tickets and surveys are): " + ", ".join(
+                        f"{k!r} {v:,}" for k, v in counts.head(5).items())
+                    + (f" and {len(counts) - 5:,} more types" if len(counts) > 5 else ""))})
     return {
         "tables": pd.DataFrame(rows),
         "quarantine": pd.DataFrame(quarantine, columns=["table", "rule", "rows", "examples"]),
@@ -727,7 +752,7 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
         out.pop("cost", None)
     elif table == "interactions":
         kind = _by_value(_as_text(df["type"]), lambda v: v.str.strip().str.casefold())
-        out["type"] = kind.replace(INTERACTION_TYPES)
+        out["type"] = _by_value(kind, lambda v: v.map(_interaction_type))
         rules = _flag(rules, kind.isna() | (kind == ""), "missing_type", "type is empty")
         if "resolved" in df:
             text = _as_text(df["resolved"]).str.strip().str.casefold()
