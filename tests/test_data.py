@@ -237,6 +237,22 @@ def test_interaction_labels_of_service_tools_are_understood_and_the_rest_counted
         "are): 'chat' 2, 'email' 1"]
 
 
+def test_accounting_and_erp_negatives_are_refunds(tmp_path):
+    """Accounting exports write a negative amount in parentheses, ERP exports with a
+    trailing minus (German decimals too); both are negative amounts (refunds), and only
+    a value that is neither is set aside."""
+    text = ("customer_id;order_date;amount\n"
+            "a;2024-01-01;1.234,50\n"
+            "a;2024-01-02;(1.234,50)\n"
+            "a;2024-01-03;12,50-\n"
+            "a;2024-01-04;€ (3,20)\n"
+            "a;2024-01-05;1-2\n")
+    table = load_csv(tmp_path, text, table_options={"sep": ";", "decimal": ",",
+                                                    "thousands": "."})
+    assert table.data["amount"].tolist() == [1234.5, -1234.5, -12.5, -3.2]
+    assert rules_of(table) == {5: "unparseable_amount"}
+
+
 def test_wrong_separator_is_diagnosed(tmp_path):
     with pytest.raises(DataContractError, match="seems to use ';'"):
         load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")

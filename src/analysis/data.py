@@ -869,6 +869,10 @@ def _parse_dates(s: pd.Series, fmt: str | None) -> tuple[pd.Series, pd.Series, p
 _CURRENCY = re.compile(r"[\s$€£¥₹]|(?i:usd|eur|gbp|chf)")
 
 
+#: A negative amount as accounting and ERP exports write it: ``(12.50)`` or ``12.50-``.
+_ACCOUNTING_NEGATIVE = re.compile(r"^\(([^()-]+)\)$|^([^()-]+)-$")
+
+
 def _parse_numbers(s: pd.Series, *, decimal: str, thousands: str | None) -> tuple[pd.Series, pd.Series]:
     if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
         return s.astype("float64"), pd.Series(False, index=s.index)
@@ -881,6 +885,15 @@ def _parse_numbers(s: pd.Series, *, decimal: str, thousands: str | None) -> tupl
         cleaned = cleaned.str.replace(decimal, ".", regex=False)
     values = pd.to_numeric(cleaned.where(~missing), errors="coerce").astype("float64")
     unparseable = values.isna() & ~missing
+    if unparseable.any():
+        # accounting negatives: "(12.50)", and the trailing minus of ERP exports "12.50-"
+        signed = cleaned[unparseable].str.extract(_ACCOUNTING_NEGATIVE)
+        magnitude = pd.to_numeric(signed[0].fillna(signed[1]), errors="coerce")
+        found = magnitude.notna().to_numpy()
+        if found.any():
+            values = values.copy()
+            values.loc[magnitude.index[found]] = -magnitude[found].abs().to_numpy()
+            unparseable = values.isna() & ~missing
     return values, unparseable
 
 
