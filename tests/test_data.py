@@ -253,6 +253,28 @@ def test_accounting_and_erp_negatives_are_refunds(tmp_path):
     assert rules_of(table) == {5: "unparseable_amount"}
 
 
+def test_a_small_last_chunk_of_bad_rows_does_not_stop_a_good_file(tmp_path):
+    """Whether a column is "mostly not parseable" (a wrong date format or decimal mark:
+    the run stops) is judged on the file read so far, not chunk by chunk: a file whose
+    last chunk happens to hold only a bad row sets that row aside; a file that is mostly
+    bad still stops, at the first chunk that shows it."""
+    from analysis.data import load_table
+
+    good = "".join(f"a,2024-01-{d:02d},5\n" for d in range(1, 11))
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n" + good
+                                     + "a,2024-13-01,abc\n")
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    table = load_table(cfg.tables["transactions"], table="transactions", config=cfg,
+                       today=TODAY, chunk_rows=2)
+    assert table.n_processed == 10 and rules_of(table) == {11: "unparseable_date"}
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n"
+                                     + "a,01/02/2024,5\n" * 3 + good)
+    with pytest.raises(DataContractError, match="2 of 2 dates do not match") as err:
+        load_table(cfg.tables["transactions"], table="transactions", config=cfg,
+                   today=TODAY, chunk_rows=2)
+    assert err.value.rule == "date_format"
+
+
 def test_wrong_separator_is_diagnosed(tmp_path):
     with pytest.raises(DataContractError, match="seems to use ';'"):
         load_csv(tmp_path, "customer_id;order_date;amount\nx;2024-01-01;5\n")

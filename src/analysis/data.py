@@ -188,6 +188,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
     today = today or dt.date.today()
     parts, quarantines, notes = [], [], []
     n_read, columns, given, others = 0, [], (), []
+    tally: dict[str, list[int]] = {}      # unparseable and read rows per column, so far
     for raw in _read_chunks(spec, chunk_rows):
         columns = list(raw.columns)
         if raw.empty:
@@ -204,7 +205,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
                 examples=columns)
         notes = notes or chunk_notes
         given = tuple(mapped.columns)
-        parsed, rules = _parse(mapped, spec, table=table, config=config)
+        parsed, rules = _parse(mapped, spec, table=table, config=config, tally=tally)
         bad = rules.notna()
         quarantines.append(_set_aside(raw, mapped, rules, bad, config=config))
         parts.append(parsed.loc[~bad.to_numpy()])
@@ -677,8 +678,12 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
 
 
 def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
-           config: Config | None = None) -> tuple[pd.DataFrame, pd.Series]:
-    """Turn text columns into typed ones; return the typed frame and per-row rule hits."""
+           config: Config | None = None, tally: dict[str, list[int]] | None = None
+           ) -> tuple[pd.DataFrame, pd.Series]:
+    """Turn text columns into typed ones; return the typed frame and per-row rule hits.
+    ``tally``: the unparseable and read rows of each column in the chunks before this
+    one (updated), so that a column stops the run when most of the file read so far does
+    not parse, not when a small chunk happens to be mostly bad."""
     rules = pd.Series(pd.NA, index=df.index, dtype="object")
     out = {}
     ids = _as_text(df["customer_id"]).str.strip()
@@ -697,7 +702,7 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
         if col not in df:
             continue
         parsed, unparseable, missing = _parse_dates(df[col], spec.date_format)
-        _stop_if_mostly_bad(unparseable, df[col], spec, col, "date_format",
+        _stop_if_mostly_bad(unparseable, df[col], spec, col, "date_format", tally,
                             f"dates do not match the date format "
                             f"{spec.date_format or 'ISO 8601 (YYYY-MM-DD)'}; set "
                             f"'date_format' in the config")
@@ -713,7 +718,7 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
             continue
         values, unparseable = _parse_numbers(df[col], decimal=spec.decimal,
                                              thousands=spec.thousands)
-        _stop_if_mostly_bad(unparseable, df[col], spec, col, "number_format",
+        _stop_if_mostly_bad(unparseable, df[col], spec, col, "number_format", tally,
                             "values are not numbers; check 'decimal' and 'thousands' "
                             "in the config")
         rules = _flag(rules, unparseable, f"unparseable_{col}",
@@ -898,11 +903,16 @@ def _parse_numbers(s: pd.Series, *, decimal: str, thousands: str | None) -> tupl
 
 
 def _stop_if_mostly_bad(bad: pd.Series, raw: pd.Series, spec: TableSpec, column: str,
-                        rule: str, message: str) -> None:
-    n_bad = int(bad.sum())
-    if n_bad and n_bad > _MAX_UNPARSEABLE_SHARE * len(bad):
+                        rule: str, tally: dict[str, list[int]] | None, message: str) -> None:
+    """Stop when more than half of the column's rows read so far (``tally``: the
+    chunks before; None: this one alone) do not parse."""
+    counts = (tally if tally is not None else {}).setdefault(column, [0, 0])
+    counts[0] += int(bad.sum())
+    counts[1] += len(bad)
+    n_bad, n_rows = counts
+    if bad.any() and n_bad > _MAX_UNPARSEABLE_SHARE * n_rows:
         raise DataContractError(file=spec.path, rule=rule, column=column, n_rows=n_bad,
-                                message=f"{n_bad:,} of {len(bad):,} {message}",
+                                message=f"{n_bad:,} of {n_rows:,} {message}",
                                 examples=raw[bad].astype("object").head(5).tolist())
 
 
