@@ -188,8 +188,8 @@ class BetaGeoModel:
     #: r = 6e19 with a log-likelihood of exactly 0) and the expected purchases'
     #: hypergeometric function returns NaN, while inside them the predictions have
     #: settled to their limit.
-    LOG_BOUNDS = [(np.log(1e-4), np.log(1e4)), (np.log(1e-4), np.log(1e7)),
-                  (np.log(1e-4), np.log(1e4)), (np.log(1e-4), np.log(1e4))]
+    LOG_BOUNDS = ((np.log(1e-4), np.log(1e4)), (np.log(1e-4), np.log(1e7)),
+                  (np.log(1e-4), np.log(1e4)), (np.log(1e-4), np.log(1e4)))
 
     def fit(self, frequency, recency, T) -> BetaGeoModel:
         x, tx, t = (np.asarray(v, dtype=float) for v in (frequency, recency, T))

@@ -882,6 +882,17 @@ def actions(page: Page) -> list[Block]:
     they are, the segment x action view, and the policy in words."""
     d, r, cfg = page.decisions, page.decisions.retention, page.config
     period = r.get("decision_period_days", page.horizon)
+    if not page.revenue_known:
+        return [heading("6. Recommended actions"), paragraph(
+            "Every customer gets exactly one action from the policy below. The retention "
+            "contact goes to the {n:,} current customers at high churn risk: it costs {cost}; "
+            "what it brings cannot be valued, and no profit is computed, because the export "
+            "has no revenue.", n=r["campaign_size"], cost=money(r["campaign_cost"], page)),
+            html_table(d.actions[["action", "customers", "action_cost"]],
+                       formats={"customers": ",", "action_cost": ",.0f"},
+                       labels={"action": "Action", "customers": "Customers",
+                               "action_cost": _money_label("Cost of the action", page)}),
+            *_segments_and_policy(page)]
     if r.get("method") in ("measured", "learned") and r.get("hazard_effect"):
         how = paragraph(hazard_effect_sentence(r["hazard_effect"]))
     elif r.get("method") in ("measured", "learned") and len(d.margin_uplift):
@@ -909,17 +920,6 @@ def actions(page: Page) -> list[Block]:
     learned = _learned_sentence(r.get("uplift_model"), page)
     if learned:
         how += learned
-    if not page.revenue_known:
-        return [heading("6. Recommended actions"), paragraph(
-            "Every customer gets exactly one action from the policy below. The retention "
-            "contact goes to the {n:,} current customers at high churn risk: it costs {cost}; "
-            "what it brings cannot be valued, and no profit is computed, because the export "
-            "has no revenue.", n=r["campaign_size"], cost=money(r["campaign_cost"], page)),
-            html_table(d.actions[["action", "customers", "action_cost"]],
-                       formats={"customers": ",", "action_cost": ",.0f"},
-                       labels={"action": "Action", "customers": "Customers",
-                               "action_cost": _money_label("Cost of the action", page)}),
-            *_segments_and_policy(page)]
     out: list[Block] = [heading("6. Recommended actions"), paragraph(
         "Every customer gets exactly one action from the policy below. The retention campaign is "
         "the {n:,} customers whose action is a retention contact ({hr:,} of them at high churn "

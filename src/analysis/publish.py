@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pandas as pd
+
 from analysis.errors import PipelineError
 
 __all__ = [
@@ -183,8 +185,6 @@ def previous_run(reports_root: Path, processed_root: Path, run_id: str,
         candidates.append(os.readlink(latest))
     history = processed_root / "history.parquet"
     if name is not None and history.is_file():
-        import pandas as pd
-
         runs = pd.read_parquet(history)
         if "config" in runs:
             candidates += runs.loc[runs["config"] == name, "run_id"].astype(str)[::-1].tolist()
