@@ -103,3 +103,26 @@ def test_a_table_whose_ids_match_few_orders_is_called_out(tmp_path):
 
     assert "Only 3 of the 40 customers in the customers table have an order" in section(3)
     assert "have an order in the order log" not in section(20)        # half: no warning
+
+
+@pytest.mark.parametrize("profit", [-2_097.0, 5_000.0])
+def test_a_campaign_that_loses_money_is_not_called_a_recommendation(monkeypatch, profit):
+    """The policy may contact customers whatever a contact is worth (personal outreach of
+    the valuable at risk); when the campaign is then expected to lose money, the bottom
+    line says so rather than "Recommended", and names the loss."""
+    numbers = {"active": 100, "at_risk": 40, "revenue_at_risk": 1_000.0,
+               "revenue_12m": 5_000.0, "period_days": 365, "campaign": 30,
+               "campaign_high_risk": 25, "campaign_cost": 300.0,
+               "incremental_profit": profit, "roi": profit / 300.0,
+               "ordinary_profit": 9_000.0, "total_profit": 9_000.0 + profit,
+               "actions": {}, "changes": None, "campaign_range": None}
+    monkeypatch.setattr(N, "bottom_line_numbers", lambda page: numbers)
+    p = SimpleNamespace(risk_known=True, snapshot=False, revenue_known=True, horizon=90,
+                        currency="", config=SimpleNamespace(report=SimpleNamespace(currency="")))
+    text = N.bottom_line(p)[1]
+    if profit < 0:
+        assert "Recommended" not in text
+        assert "expected to <b>lose 2,097</b> over the next 365 days" in text
+        assert "ROI -699%" in text
+    else:
+        assert "<b>Recommended: a retention campaign to 30 customers</b>" in text

@@ -295,6 +295,21 @@ def bottom_line(page: Page) -> list[Block]:
             f"<b>Recommended: a retention contact to {n['campaign']:,} customers at high "
             f"churn risk</b>, costing {m(n['campaign_cost'])}; what it brings cannot be "
             "valued without revenue" + (f"; also {_join(others)}." if others else "."))
+    elif n["campaign"] and n["incremental_profit"] < 0:
+        # a policy row that contacts customers whatever a contact is worth (personal
+        # outreach of the valuable at risk) can make the campaign lose money: not a
+        # recommendation, a cost the policy chooses, said as such
+        sentences.append(
+            f"<b>The policy contacts {n['campaign']:,} customers to retain them</b> "
+            f"({n['campaign_high_risk']:,} of them at high churn risk), costing "
+            f"{m(n['campaign_cost'])}; on this run's evidence the contacts are expected to "
+            f"<b>lose {m(-n['incremental_profit'])}</b> over {period} after their cost "
+            f"(ROI {n['roi']:.0%})"
+            + (_range_words(n["campaign_range"], m) if n["campaign_range"] else
+               " — an assumed effect: the data has no past campaign with a control group "
+               "to measure what a contact does")
+            + ", so the policy rows that contact customers whatever it pays (section 6) "
+            "are worth a second look" + (f"; also {_join(others)}." if others else "."))
     elif n["campaign"]:
         sentences.append(
             f"<b>Recommended: a retention campaign to {n['campaign']:,} customers</b> "
