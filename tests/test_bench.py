@@ -1,6 +1,9 @@
 import json
 
-from analysis.bench import bench_features, render_results
+import pandas as pd
+
+from analysis.bench import BENCH_CUTOFF, bench_features, render_results
+from analysis.features import LINE_INPUTS, build_features, connect
 
 
 def test_feature_benchmark_on_a_small_world(tmp_path):
@@ -17,8 +20,13 @@ def test_feature_benchmark_on_a_small_world(tmp_path):
     assert list(written) == ["lines", "customers", "cutoff", "features", "repeats",
                              "seconds_project", "seconds_pandas", "seconds_scan_bound",
                              "all_seconds", "identical", "speedup_vs_pandas",
-                             "ratio_to_scan_bound", "memory_limit", "peak_rss_mb", "machine"]
-    assert set(written["all_seconds"]) == {"project", "pandas", "scan_bound"}
+                             "ratio_to_scan_bound", "floor_columns",
+                             "seconds_scan_bound_4_columns", "ratio_to_scan_bound_4_columns",
+                             "memory_limit", "peak_rss_mb", "machine"]
+    assert set(written["all_seconds"]) == {"project", "pandas", "scan_bound",
+                                           "scan_bound_4_columns"}
+    # the floor reads every column the features read (the demo has all eight)
+    assert written["floor_columns"] == list(LINE_INPUTS)
     assert set(written["machine"]) == {"cpus", "python", "duckdb", "pandas", "self_rss_mb"}
 
 
@@ -33,10 +41,29 @@ def test_results_page_is_rendered_from_the_json_files(tmp_path):
         "stage_seconds": {"01_data_quality.ipynb": 1.5, "render": 0.5},
         "profile": {"customers": 1234}}))
     page = render_results(tmp_path)
-    assert ("| 2,003,706 | 98,442 | 33 | none | 3 | 1.70 | 4.50 | 0.14 | 2.6x | 11.9x | 508 | yes |"
+    assert ("| 2,003,706 | 98,442 | 33 | none | 3 | 1.70 | 4.50 | 4 | 0.14 | 2.6x | 11.9x | 508 | yes |"
             in page)
     assert "1,234 customers" in page and "**2.0**" in page
     assert "--lines 2000000" in page
+    # a result that measured both floors shows the four-column one in brackets
+    (tmp_path / "features-2m.json").write_text(json.dumps({
+        **json.loads((tmp_path / "features-2m.json").read_text()),
+        "floor_columns": list(LINE_INPUTS), "seconds_scan_bound": 0.28,
+        "ratio_to_scan_bound": 6.1, "seconds_scan_bound_4_columns": 0.14,
+        "ratio_to_scan_bound_4_columns": 11.9}))
+    assert ("| 1.70 | 4.50 | 8 | 0.28 (0.14) | 2.6x | 6.1x (11.9x) | 508 | yes |"
+            in render_results(tmp_path))
+
+
+def test_the_features_read_no_column_of_the_order_log_but_the_floors(small_demo):
+    """The floor reads what the features read: the features of a log cut down to
+    :data:`LINE_INPUTS` are those of the whole log."""
+    tx = pd.read_parquet(small_demo / "transactions.parquet")
+    assert set(tx.columns) - set(LINE_INPUTS), "the demo log has other columns too"
+    whole = build_features(connect({"transactions": tx}), cutoff=BENCH_CUTOFF)
+    cut = build_features(connect({"transactions": tx[list(LINE_INPUTS)]}), cutoff=BENCH_CUTOFF)
+    assert len(whole) > 100
+    pd.testing.assert_frame_equal(whole, cut)
 
 
 def test_strategy_results_of_several_seeds_are_one_table_with_their_mean(tmp_path):
