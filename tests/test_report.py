@@ -5,13 +5,14 @@ import json
 import os
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from analysis import cli, data, narrative, strategy
 from analysis.errors import DataContractError, PipelineError
-from analysis.models import read_model_run
+from analysis.models import read_model_run, score_customers
 from analysis.report import NOTEBOOKS, html_table, paragraph, run_pipeline
 from analysis.store import RunStore
 
@@ -545,6 +546,17 @@ def test_the_demo_config_on_spark_answers_as_on_duckdb(good_run, small_demo, tmp
         assert (auc[1] - auc[0]).abs().max() <= 0.01, table
     mae = [r.value_metrics.set_index("method")["mae"] for r in runs]
     assert ((mae[1] - mae[0]).abs() / mae[0]).max() <= 0.02
+    # Spark's executors scored and explained every customer (models.score_on_spark), as
+    # the driver's models.score_customers does with the same models and features
+    assert runs[1].sizes["reasons"] == runs[1].sizes["score"] == len(profiles[1])
+    here = score_customers(runs[1], profiles[1]).set_index("customer_id")
+    there = runs[1].scores.set_index("customer_id").loc[here.index]
+    np.testing.assert_allclose(there["churn_probability"], here["churn_probability"],
+                               rtol=1e-12)
+    assert there["churn_reasons"].tolist() == here["churn_reasons"].tolist()
+    assert there["churn_reasons"].notna().all()
+    if runs[1].value_chosen == "model":
+        assert there["value_reasons"].tolist() == here["value_reasons"].tolist()
     customers = [pd.read_parquet(r.processed_dir / "customers.parquet") for r in (duck, spark)]
     assert customers[1]["customer_id"].tolist() == customers[0]["customer_id"].tolist()
     assert (customers[1]["action"] == customers[0]["action"]).mean() >= 0.99

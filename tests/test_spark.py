@@ -274,3 +274,58 @@ def test_the_boosters_trained_by_xgboost_spark_are_those_trained_here(session):
         assert (here.trained_with_, there.trained_with_) == ("xgboost", "xgboost.spark (1 worker)")
         assert there.best_iteration_ == here.best_iteration_ > 5
         np.testing.assert_allclose(there._margin(X), here._margin(X), rtol=1e-6, atol=1e-6)
+
+
+def test_the_executors_score_and_explain_each_customer_as_the_driver_does(session):
+    """:func:`score_on_spark` runs :func:`score_customers` on each partition, the models
+    shipped as their JSON: every customer comes back once, in the frame's order, with
+    the driver's probability, value and reasons, for each churn method; value reasons
+    only where the value model scores."""
+    import numpy as np
+
+    from analysis.models import (ChurnModel, LogisticChurn, ModelRun, ValueModel,
+                                 score_customers, score_on_spark)
+
+    rng = np.random.default_rng(1)
+    n = 15_000      # more than SparkEngine.FRAME_ROWS_IN_MEMORY: reaches Spark as a file
+    features = pd.DataFrame({
+        "customer_id": [f"C{i:05d}" for i in rng.permutation(n)],
+        "recency_days": rng.integers(0, 400, n), "frequency": rng.integers(1, 30, n),
+        "monetary_total": rng.gamma(2.0, 50.0, n),
+        "top_channel": rng.choice(["web", "store", None], n)})
+    churned = (features["recency_days"] / 200 - features["frequency"] / 15
+               + rng.normal(size=n) > 0).astype(int).to_numpy()
+    spend = features["monetary_total"].to_numpy() * (1 - churned)
+    columns = ["recency_days", "frequency", "monetary_total", "top_channel"]
+    from analysis.models import categories_of, prepare_matrix
+
+    X = prepare_matrix(features, columns, categories_of(features, columns))
+    fit, stop = slice(0, 12_000), slice(12_000, n)
+    churn = ChurnModel(seed=2, n_estimators=60).fit(X.iloc[fit], churned[fit],
+                                                    X.iloc[stop], churned[stop])
+    value = ValueModel(seed=2, n_estimators=60).fit(X.iloc[fit], spend[fit],
+                                                    X.iloc[stop], spend[stop])
+    logistic = LogisticChurn().fit(X.iloc[fit], churned[fit])
+    for churn_chosen, value_chosen in (("model", "model"), ("blend", "rfm"),
+                                       ("logistic", "model")):
+        run = ModelRun(horizon_days=90, cutoffs={}, churn=churn, value=value, clv_params={},
+                       sizes={}, logistic=logistic, churn_chosen=churn_chosen,
+                       value_chosen=value_chosen)
+        here = score_customers(run, features)
+        there = score_on_spark(run, features, session)
+        assert there["customer_id"].tolist() == features["customer_id"].tolist()
+        np.testing.assert_allclose(there["churn_probability"], here["churn_probability"],
+                                   rtol=1e-12)
+        np.testing.assert_allclose(there["value_model"], here["value_model"], rtol=1e-12)
+        assert there["churn_reasons"].tolist() == here["churn_reasons"].tolist()
+        assert there["churn_reasons"].str.len().gt(0).mean() > 0.5
+        if value_chosen == "model":
+            assert there["value_reasons"].tolist() == here["value_reasons"].tolist()
+            assert there["value_reasons"].notna().all()
+        else:
+            assert there["value_reasons"].isna().all()
+    # without reasons, the scores alone
+    bare = score_on_spark(run, features, session, reasons=False)
+    assert bare[["churn_reasons", "value_reasons"]].isna().all().all()
+    np.testing.assert_allclose(bare["churn_probability"], here["churn_probability"],
+                               rtol=1e-12)

@@ -178,9 +178,9 @@ class AnalysisParams(_Params):
     device : ``cuda`` trains the models and computes SHAP values on an NVIDIA GPU (needs
         the CUDA build of XGBoost: ``make gpu``); ``cpu`` is the tested default.
     engine : where the set-based work runs: ``duckdb`` (default; this machine) or
-        ``spark`` (Apache Spark, section ``spark``; needs ``make spark``). Spark runs the
-        point-in-time features (``python -m analysis features``); a whole ``run`` on
-        Spark is not built yet and stops with a config error (docs/spark.md).
+        ``spark`` (Apache Spark, section ``spark``; needs ``make spark``): the
+        point-in-time features, training (``xgboost.spark``), and scoring and reasons on
+        the executors; what runs where: docs/spark.md.
     reasons_for : which customers get their own reasons in words (exact SHAP values):
         ``all``; ``listed``: those a person reads about (why they may leave: every
         customer on a retention, win-back or phase-out review list, with an early
@@ -189,7 +189,9 @@ class AnalysisParams(_Params):
         fixed random sample of ``reasons_sample`` customers, from which the global
         drivers come; anyone else's on demand
         (:func:`analysis.models.explain_customers`). ``auto``: ``all``
-        on a GPU or for at most :data:`REASONS_FOR_ALL_MAX` customers, else ``listed``.
+        on a GPU, on Spark (its executors explain the customers) or for at most
+        :data:`REASONS_FOR_ALL_MAX` customers, else ``listed``. On Spark the global
+        drivers always come from a sample of ``reasons_sample`` customers.
     """
 
     as_of: dt.date | None = None
@@ -213,7 +215,8 @@ class AnalysisParams(_Params):
         """How many customers the models step explains (a sample's size), or None for
         every customer: :attr:`reasons_for` resolved for a base of ``n_customers``."""
         every = self.reasons_for == "all" or (self.reasons_for == "auto" and (
-            self.device == "cuda" or n_customers <= REASONS_FOR_ALL_MAX))
+            self.device == "cuda" or self.engine == "spark"
+            or n_customers <= REASONS_FOR_ALL_MAX))
         return None if every else self.reasons_sample
 
     @field_validator("horizon_days", mode="before")

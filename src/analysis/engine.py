@@ -164,6 +164,10 @@ class SparkEngine:
     def frame(self, query: str) -> pd.DataFrame:
         return _frame_of(self.sql(query))
 
+    def collect(self, df: Any) -> pd.DataFrame:
+        """The Spark DataFrame ``df`` on the driver, through Arrow."""
+        return _frame_of(df)
+
     def views(self) -> set[str]:
         return {t.name for t in self.session.catalog.listTables() if t.isTemporary}
 

@@ -76,6 +76,9 @@ __all__ = [
     "lifetime_outlook",
     "describe_training",
     "explain_customers",
+    "score_customers",
+    "customers_with_reasons",
+    "score_on_spark",
     "ChurnModel",
     "blend_probability",
     "candidate_contributions",
@@ -330,6 +333,13 @@ class _Booster:
         folder.mkdir(parents=True, exist_ok=True)
         model_path = folder / f"{name}.json"
         self.booster_.save_model(str(model_path))
+        meta_path = folder / f"{name}.meta.json"
+        meta_path.write_text(json.dumps({**self._metadata(), **metadata}, indent=2,
+                                        default=_json_default))
+        return {"model": model_path, "metadata": meta_path}
+
+    def _metadata(self) -> dict:
+        """Everything but the booster, as :meth:`save` writes it."""
         meta = {"best_iteration": self.best_iteration_, "params": {
             k: getattr(self, k) for k in ("max_depth", "learning_rate", "n_estimators",
                                           "min_child_weight", "subsample",
@@ -340,10 +350,31 @@ class _Booster:
                 # the names inside the booster's JSON, where a column's has characters
                 # XGBoost refuses (model_feature_names)
                 "model_feature_names": list(model_feature_names(self.features_).values()),
-                "categories": self.categories_, **metadata}
-        meta_path = folder / f"{name}.meta.json"
-        meta_path.write_text(json.dumps(meta, indent=2, default=_json_default))
-        return {"model": model_path, "metadata": meta_path}
+                "categories": self.categories_}
+        if hasattr(self, "calibration_"):
+            meta["calibration"] = self.calibration_
+        return meta
+
+    @classmethod
+    def restore(cls, meta: dict, booster: str | Path | bytes) -> _Booster:
+        """The model of :meth:`save`'s metadata ``meta`` and its booster: the JSON
+        file's path, or the JSON itself (bytes, :meth:`to_payload`)."""
+        model = cls(**meta["params"])
+        model.booster_ = xgb.Booster()
+        model.booster_.load_model(bytearray(booster) if isinstance(booster, bytes)
+                                  else str(booster))
+        model.best_iteration_ = meta["best_iteration"]
+        model.features_, model.categories_ = meta["features"], meta["categories"]
+        if "calibration" in meta:
+            model.calibration_ = meta["calibration"]
+        return model
+
+    def to_payload(self) -> dict:
+        """The fitted model as plain values, its booster as its JSON (bytes): how it
+        reaches Spark's executors (:func:`score_on_spark`), rebuilt there by
+        :meth:`restore`."""
+        self._check()
+        return {"meta": self._metadata(), "booster": bytes(self.booster_.save_raw("json"))}
 
 
 @dataclass
@@ -1099,7 +1130,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      max_baseline_rows: int = 100_000, max_valid_rows: int = 400_000,
                      lifecycle: dict | None = None,
                      reasons_sample: int | None = None,
-                     score_features: pd.DataFrame | None = None) -> ModelRun:
+                     score_features: pd.DataFrame | None = None,
+                     drivers_sample: int = 20_000) -> ModelRun:
     """Train on rolling-origin snapshots, choose the scoring methods on the validation
     cutoff, judge every method out of time, score at ``as_of``.
 
@@ -1144,6 +1176,13 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     missing for the strategy step to fill in for the customers a person reads about
     (:func:`explain_customers`). Explanations, not training, bound the time of a large
     run.
+
+    **On Spark** (``con`` a Spark engine) the boosters train there (``xgboost.spark``)
+    and the executors score every customer (:func:`score_on_spark`); with
+    ``reasons_sample`` None they also give every customer reasons, while the SHAP tables
+    and the global drivers come from a fixed random sample of ``drivers_sample``
+    customers on the driver (``sizes``: ``explained`` customers in the SHAP tables,
+    ``reasons`` customers with reasons).
 
     At ``as_of`` the chosen methods give ``churn_probability`` and ``predicted_value``
     (BG/NBD + Gamma-Gamma refitted on all history before ``as_of`` when chosen). Churn
@@ -1266,20 +1305,45 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     drift = feature_drift(X.pop("train"), score_X)
     churn_chosen, value_chosen = chosen_method(churn_choice), chosen_method(value_choice)
     n_score = len(score_features)
-    rows = (np.arange(n_score) if reasons_sample is None or n_score <= reasons_sample
-            else np.sort(np.random.default_rng(seed).choice(n_score, reasons_sample,
+    # on Spark, the executors score every customer and, unless only a sample is to be
+    # explained, give each their reasons; the SHAP tables and global drivers come from a
+    # sample of ``drivers_sample`` on the driver
+    on_executors = spark is not None
+    sample = drivers_sample if on_executors and reasons_sample is None else reasons_sample
+    rows = (np.arange(n_score) if sample is None or n_score <= sample
+            else np.sort(np.random.default_rng(seed).choice(n_score, sample,
                                                             replace=False)))
     explained_X, explained = score_X.iloc[rows], score_features.iloc[rows]
     churn_shap = candidate_contributions(churn_chosen, churn, logistic, explained_X)
     value_shap = value.contributions(explained_X)
+    if on_executors:
+        scored = score_on_spark(
+            ModelRun(horizon_days=horizon_days, cutoffs={}, churn=churn, value=value,
+                     clv_params={}, sizes={}, logistic=logistic, churn_chosen=churn_chosen,
+                     value_chosen=value_chosen),
+            score_features, spark, reasons=reasons_sample is None)
+        churn_probability = scored["churn_probability"].to_numpy()
+        model_value = scored["value_model"].to_numpy()
+    else:
+        churn_probability = candidate_probabilities(churn, logistic, score_X)[churn_chosen]
+        model_value = value.predict(score_X) if value_chosen == "model" else None
+    if on_executors and reasons_sample is None:
+        churn_reasons = scored["churn_reasons"].to_numpy(dtype=object)
+        model_reasons = scored["value_reasons"].to_numpy(dtype=object)
+        n_reasons = n_score
+    else:
+        churn_reasons = np.full(n_score, None, dtype=object)
+        churn_reasons[rows] = reason_codes(churn_shap, explained).to_numpy()
+        model_reasons = np.full(n_score, None, dtype=object)
+        if value_chosen == "model":
+            model_reasons[rows] = reason_codes(value_shap, explained).to_numpy()
+        n_reasons = len(rows)
     predicted_value, value_reasons = _score_value(
-        value_chosen, con, model=value, X=score_X, features=score_features, train=train,
-        as_of=as_of, horizon_days=horizon_days, shap=value_shap, rows=rows)
-    churn_reasons = np.full(n_score, None, dtype=object)
-    churn_reasons[rows] = reason_codes(churn_shap, explained).to_numpy()
+        value_chosen, con, model=(model_value, model_reasons), features=score_features,
+        train=train, as_of=as_of, horizon_days=horizon_days)
     scores = pd.DataFrame({
         "customer_id": score_features["customer_id"].to_numpy(),
-        "churn_probability": candidate_probabilities(churn, logistic, score_X)[churn_chosen],
+        "churn_probability": churn_probability,
         "predicted_value": predicted_value,
         "churn_reasons": churn_reasons,
         "value_reasons": value_reasons,
@@ -1305,7 +1369,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                "valid_tune": n_tune, "valid_choose": n_valid - n_tune,
                "valid_choose_active": int(churn_choice["n"].iloc[0]),
                "eval": n_test, "eval_active": int(churn_active["n"].iloc[0]),
-               "score": n_score, "features": len(columns), "explained": len(rows)},
+               "score": n_score, "features": len(columns), "explained": len(rows),
+               "reasons": n_reasons},
     )
 
 
@@ -1379,17 +1444,14 @@ def candidate_contributions(method: str, churn: ChurnModel, logistic: LogisticCh
     return (churn.contributions(X) + logistic.contributions(X)) / 2
 
 
-def _score_value(method: str, con, *, model: ValueModel, X: pd.DataFrame,
+def _score_value(method: str, con, *, model: tuple[np.ndarray | None, np.ndarray],
                  features: pd.DataFrame, train: pd.DataFrame, as_of: dt.date,
-                 horizon_days: int, shap: pd.DataFrame, rows: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method; the
-    XGBoost model's reasons come from ``shap``, the SHAP values of the customers at
-    positions ``rows`` (missing for the others)."""
+                 horizon_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method;
+    ``model``: the XGBoost model's predictions and reasons in words (missing for the
+    customers not explained), when it is the one that scores."""
     if method == "model":
-        reasons = np.full(len(X), None, dtype=object)
-        reasons[rows] = reason_codes(shap, features.iloc[rows]).to_numpy()
-        return model.predict(X), reasons
+        return model
     if method == "last_period":
         spend = features["spend_last_horizon"].clip(lower=0).to_numpy(dtype=float)
         return spend, np.array([f"spent {v:,.0f} in the last {horizon_days} days; "
@@ -1427,7 +1489,6 @@ def write_model_run(run: ModelRun, out_dir: str | Path, *, fingerprint: str,
                                  ("value", run.value, run.value_metrics)):
         extra = {"metrics": metrics.set_index("method").to_dict(orient="index")}
         if name == "churn":
-            extra["calibration"] = run.churn.calibration_
             if run.churn_metrics_active is not None:
                 extra["metrics_active"] = run.churn_metrics_active.set_index(
                     "method").to_dict(orient="index")
@@ -1478,14 +1539,7 @@ def read_model_run(out_dir: str | Path, tables: tuple[str, ...] | None = None) -
     loaded = {}
     for name, cls in (("churn", ChurnModel), ("value", ValueModel)):
         meta = json.loads((folder / f"{name}.meta.json").read_text())
-        model = cls(**meta["params"])
-        model.booster_ = xgb.Booster()
-        model.booster_.load_model(str(folder / f"{name}.json"))
-        model.best_iteration_ = meta["best_iteration"]
-        model.features_, model.categories_ = meta["features"], meta["categories"]
-        if name == "churn":
-            model.calibration_ = meta["calibration"]
-        loaded[name] = model
+        loaded[name] = cls.restore(meta, folder / f"{name}.json")
     unknown = set(tables or ()) - set(MODEL_TABLES)
     if unknown:
         raise ValueError(f"unknown model tables {sorted(unknown)}; known: {MODEL_TABLES}")
@@ -1705,7 +1759,7 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
                                exclude=config.protected + config.pii, seed=config.seed,
                                device=a.device, lifecycle=lifecycle_thresholds(a),
                                reasons_sample=a.reasons_sample_for(store.n_customers()),
-                               score_features=profiled)
+                               score_features=profiled, drivers_sample=a.reasons_sample)
     except InsufficientDataError as exc:
         write_skipped_models(processed_dir, reason=str(exc), horizon_days=horizon,
                              as_of=scoring_date,
@@ -1739,6 +1793,102 @@ def explain_customers(run: ModelRun, features: pd.DataFrame, *, churn: bool = Tr
         Xv = prepare_matrix(features, run.value.features_, run.value.categories_)
         out["value_reasons"] = reason_codes(run.value.contributions(Xv), features).to_numpy()
     return out
+
+
+def score_customers(run: ModelRun, features: pd.DataFrame, *, reasons: bool = True
+                    ) -> pd.DataFrame:
+    """The customers of ``features`` (their features at the scoring date) scored by the
+    run's models, as the models step scores them: ``churn_probability`` by the chosen
+    churn method, ``value_model`` (the XGBoost value model's prediction, whichever
+    value method scores) and, with ``reasons``, the reasons in words of
+    :func:`explain_customers` (``churn_reasons``; ``value_reasons`` when the value model
+    scores, else missing). Row by row: any split of the customers gives the same rows.
+    """
+    X = prepare_matrix(features, run.churn.features_, run.churn.categories_)
+    out = pd.DataFrame({
+        "customer_id": features["customer_id"].to_numpy(),
+        "churn_probability": candidate_probabilities(run.churn, run.logistic,
+                                                     X)[run.churn_chosen],
+        "value_model": run.value.predict(
+            prepare_matrix(features, run.value.features_, run.value.categories_)),
+        "churn_reasons": None, "value_reasons": None})
+    if reasons:
+        explained = explain_customers(run, features)
+        out["churn_reasons"] = explained["churn_reasons"].to_numpy()
+        if "value_reasons" in explained:
+            out["value_reasons"] = explained["value_reasons"].to_numpy()
+    return out
+
+
+#: The columns :func:`score_on_spark` returns, in Spark's schema.
+SCORE_SCHEMA = ("customer_id string, churn_probability double, value_model double, "
+                "churn_reasons string, value_reasons string")
+
+
+def score_on_spark(run: ModelRun, features: pd.DataFrame | Any, spark: Any, *,
+                   reasons: bool = True) -> pd.DataFrame:
+    """:func:`score_customers` on Spark's executors, each partition of the customers
+    scored and explained where it lies; only the scores come back to the driver.
+
+    ``features``: a Spark DataFrame of the customers' features at the scoring date, or
+    a frame (handed to Spark, as a file on a local master). The models reach the
+    executors as plain values (the boosters' JSON, the logistic regression's
+    coefficients: :meth:`_Booster.to_payload`), each task's XGBoost on one thread (Spark
+    gives a task one core). Exact TreeSHAP costs about a millisecond a customer on one
+    core: this is what lets a run on a cluster give every customer reasons.
+
+    Returns
+    -------
+    DataFrame
+        :data:`SCORE_SCHEMA`'s columns, one row per customer, in ``features``' order
+        when it is a frame (sorted by id otherwise).
+    """
+    engine = SparkEngine(spark)
+    source = features
+    if isinstance(features, pd.DataFrame):
+        engine.register("_score_features", features)
+        source = spark.table("_score_features")
+    payload = {"churn": run.churn.to_payload(), "value": run.value.to_payload(),
+               "logistic": run.logistic.to_dict() if run.logistic is not None else None,
+               "churn_chosen": run.churn_chosen, "value_chosen": run.value_chosen}
+
+    def score(batches):
+        models = _run_of_payload(payload)
+        for frame in batches:
+            yield score_customers(models, frame, reasons=reasons)
+
+    try:
+        scored = engine.collect(source.mapInPandas(score, SCORE_SCHEMA))
+    finally:
+        if source is not features:
+            engine.unregister("_score_features")
+    if isinstance(features, pd.DataFrame):
+        order = pd.Index(scored["customer_id"]).get_indexer(
+            features["customer_id"].astype(str))
+        if (order < 0).any() or len(scored) != len(features):
+            raise RuntimeError("Spark's executors did not score every customer once")
+        return scored.iloc[order].reset_index(drop=True)
+    return scored.sort_values("customer_id", ignore_index=True)
+
+
+def _run_of_payload(payload: dict) -> ModelRun:
+    """The models of :func:`score_on_spark`'s payload, as a (model-only) run, each
+    booster on one thread."""
+    churn = ChurnModel.restore(payload["churn"]["meta"], payload["churn"]["booster"])
+    value = ValueModel.restore(payload["value"]["meta"], payload["value"]["booster"])
+    for model in (churn, value):
+        model.booster_.set_param({"nthread": 1})
+    logistic = (LogisticChurn.from_dict(payload["logistic"])
+                if payload["logistic"] is not None else None)
+    return ModelRun(horizon_days=0, cutoffs={}, churn=churn, value=value, clv_params={},
+                    sizes={}, logistic=logistic, churn_chosen=payload["churn_chosen"],
+                    value_chosen=payload["value_chosen"])
+
+
+def customers_with_reasons(sizes: dict) -> int:
+    """How many customers the models step gave reasons in words, from a run's ``sizes``
+    (runs written before ``reasons`` was recorded: the ``explained`` sample's size)."""
+    return int(sizes.get("reasons", sizes.get("explained", sizes.get("score", 0))))
 
 
 def describe_training(run: ModelRun) -> str:

@@ -1505,7 +1505,7 @@ def lists(page: Page) -> list[Block]:
 def _whose_reasons(page: Page) -> list[Block]:
     """Which customers carry their own reasons in words, when not all of them do."""
     sizes = getattr(page.run, "sizes", None) or {}
-    if sizes.get("explained", sizes.get("score", 0)) >= sizes.get("score", 0):
+    if models.customers_with_reasons(sizes) >= sizes.get("score", 0):
         return []
     n = int(page.customers["reasons"].notna().sum()) if "reasons" in page.customers else 0
     return [paragraph(

@@ -29,7 +29,8 @@ from analysis.features import (
     resolve_as_of,
     snapshots_by_cutoff,
 )
-from analysis.models import explain_customers, prepare_matrix, read_model_run, skipped_reason
+from analysis.models import (customers_with_reasons, explain_customers, prepare_matrix,
+                             read_model_run, skipped_reason)
 from analysis.segments import (
     ACTIVE_STAGES,
     STAGE_ACTIVE,
@@ -1017,7 +1018,7 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                            value_model=run.value if run else None,
                            churn_model=run.churn if run else None,
                            exclude_attributes=exclude, features=features)
-        if run is not None and run.sizes.get("explained", run.sizes["score"]) < run.sizes["score"]:
+        if run is not None and customers_with_reasons(run.sizes) < run.sizes["score"]:
             decisions.customers = _explain_listed(
                 con, decisions.customers, store, run, features=features, exclude=exclude)
     write_strategy(decisions, processed_dir)
