@@ -329,3 +329,31 @@ def test_the_executors_score_and_explain_each_customer_as_the_driver_does(sessio
     assert bare[["churn_reasons", "value_reasons"]].isna().all().all()
     np.testing.assert_allclose(bare["churn_probability"], here["churn_probability"],
                                rtol=1e-12)
+
+
+def test_the_executors_write_the_feature_table_duckdb_builds(session, small_demo, tmp_path):
+    """:func:`features.write_features` on Spark: the executors build and write the
+    table (the driver never collects it), one file on a local master, rows in id
+    order, typed as DuckDB's table is; with the customers and interactions tables."""
+    spark, duck = F.connect_spark(small_demo, session=session), F.connect(small_demo)
+    cutoff = F.data_end(duck) - dt.timedelta(days=120)
+    n = {name: F.write_features(con, tmp_path / f"{name}.parquet", cutoff=cutoff,
+                                horizon_days=90, exclude_attributes=("gender",))
+         for name, con in (("duck", duck), ("spark", spark))}
+    assert (tmp_path / "spark.parquet").is_file()        # and no folder left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["duck.parquet", "spark.parquet"]
+    written = {name: pd.read_parquet(tmp_path / f"{name}.parquet") for name in n}
+    assert n["spark"] == n["duck"] == len(written["duck"]) > 1_000
+    assert "gender" not in written["spark"] and "days_since_signup" in written["spark"]
+    assert written["spark"]["customer_id"].is_monotonic_increasing
+    _same(written["duck"], written["spark"])
+    # and the table build_features gives on the driver
+    _same(F.build_features(duck, cutoff=cutoff, horizon_days=90,
+                           exclude_attributes=("gender",)), written["spark"])
+    # to a URL (a cluster's way, e.g. dbfs:/ or s3://): a folder of part files, the rows
+    # in id order across them
+    folder = tmp_path / "on-a-cluster"
+    assert F.write_features(spark, f"file://{folder}", cutoff=cutoff, horizon_days=90,
+                            exclude_attributes=("gender",)) == n["duck"]
+    assert len(list(folder.glob("part-*.parquet"))) > 1
+    _same(written["duck"], pd.read_parquet(folder))

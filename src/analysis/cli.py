@@ -247,7 +247,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _features(args: argparse.Namespace) -> int:
     from analysis.config import load_config
     from analysis.data import load_dataset
-    from analysis.features import build_features, connect, connect_spark, resolve_horizon_days
+    from analysis.features import connect, connect_spark, resolve_horizon_days, write_features
 
     config = load_config(args.config)
     dataset = load_dataset(config)
@@ -257,12 +257,11 @@ def _features(args: argparse.Namespace) -> int:
            if engine == "spark" else connect(tables))
     horizon = args.horizon_days or resolve_horizon_days(
         con, horizon_days=config.analysis.horizon_days, cutoff=args.cutoff)
-    frame = build_features(con, cutoff=args.cutoff, horizon_days=horizon,
-                           exclude_attributes=config.protected + config.pii)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(args.out, index=False)
-    print(f"{len(frame):,} customers x {frame.shape[1]} columns at cutoff {args.cutoff}, "
-          f"horizon {horizon} days, on {engine}: {args.out}")
+    # (on Spark the executors write the table: the driver never holds it)
+    n = write_features(con, args.out, cutoff=args.cutoff, horizon_days=horizon,
+                       exclude_attributes=config.protected + config.pii)
+    print(f"{n:,} customers at cutoff {args.cutoff}, horizon {horizon} days, "
+          f"on {engine}: {args.out}")
     return 0
 
 

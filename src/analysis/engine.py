@@ -171,6 +171,39 @@ class SparkEngine:
     def views(self) -> set[str]:
         return {t.name for t in self.session.catalog.listTables() if t.isTemporary}
 
+    def write_parquet(self, df: Any, path: str | Path, *, order_by: str) -> int:
+        """``df`` written as Parquet by the executors, its rows in ``order_by``'s order;
+        returns its number of rows. On a local master, to a local path, one file
+        ``path`` (written beside it, then moved into place); elsewhere (a cluster, or a
+        URL such as ``dbfs:/...`` or ``s3://...``) a folder ``path`` of part files,
+        sorted across them, as a cluster writes (replacing what was there)."""
+        import re
+        import uuid
+
+        if (not self.session.sparkContext.master.startswith("local")
+                or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", str(path))):
+            # (a file per core of the cluster, ranges of ``order_by``)
+            df.repartitionByRange(self.session.sparkContext.defaultParallelism,
+                                  f"`{order_by}`").sortWithinPartitions(
+                f"`{order_by}`").write.mode("overwrite").parquet(str(path))
+            return self.session.read.parquet(str(path)).count()
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
+        try:
+            df.repartition(1).sortWithinPartitions(f"`{order_by}`").write.parquet(
+                str(folder))
+            parts = sorted(folder.glob("part-*.parquet"))
+            if len(parts) != 1:
+                raise RuntimeError(f"Spark wrote {len(parts)} files for one partition "
+                                   f"in {folder}")
+            os.replace(parts[0], path)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return pq.ParquetFile(path).metadata.num_rows
+
     def has(self, name: str) -> bool:
         """Whether the table or view ``name`` exists (one lookup, where listing every
         view of the catalog takes over a second)."""

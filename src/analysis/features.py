@@ -38,9 +38,10 @@ taken in ranges of customer ids (:data:`LINES_PER_PASS` lines each), one after t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ __all__ = [
     "CORE_COLUMNS",
     "LABEL_COLUMNS",
     "build_features",
+    "write_features",
     "build_snapshots",
     "connect",
     "connect_run",
@@ -577,6 +579,36 @@ def build_features(con: Connection, *, cutoff: dt.date,
     return frames[cutoff]
 
 
+def write_features(con: Connection, out: str | Path, *, cutoff: dt.date,
+                   horizon_days: int | None = None, labels: bool = True,
+                   exclude_attributes: tuple[str, ...] = ()) -> int:
+    """The table of :func:`build_features` (same arguments) written as Parquet to
+    ``out``; returns its number of customers.
+
+    On Spark the executors build and write it, and the driver never holds it: one file
+    ``out`` on a local master; on a cluster a folder ``out`` of part files, the rows in
+    id order across them (``out`` then a path the cluster writes: HDFS, S3, DBFS...).
+    The columns are typed as :func:`build_features` types them.
+    """
+    eng = as_engine(con)
+    cutoff = _as_date(cutoff)
+    if not isinstance(eng, SparkEngine):
+        frame = build_features(eng, cutoff=cutoff, horizon_days=horizon_days, labels=labels,
+                               exclude_attributes=exclude_attributes)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(out, index=False)
+        return len(frame)
+    written = 0
+    with contextlib.closing(_feature_passes(
+            eng, cutoffs=[cutoff], horizon_days=horizon_days, labels=labels,
+            exclude_attributes=exclude_attributes, sample_share=None,
+            customers=None)) as passes:
+        for joined, drop in passes:      # (Spark takes every customer in one pass)
+            written += eng.write_parquet(_spark_tidy(eng.sql(joined), drop), out,
+                                         order_by="customer_id")
+    return written
+
+
 def build_snapshots(con: Connection, *, cutoffs: list[dt.date],
                     horizon_days: int, exclude_attributes: tuple[str, ...] = (),
                     sample_share: float | Mapping[dt.date, float | None] | None = None
@@ -632,6 +664,40 @@ def snapshots_by_cutoff(con: Connection, *, cutoffs: list[dt.date],
     """
     eng = as_engine(con)
     cutoffs = sorted({_as_date(c) for c in cutoffs})
+    pieces: dict[dt.date, list[pd.DataFrame]] = {c: [] for c in cutoffs}
+    with contextlib.closing(_feature_passes(
+            eng, cutoffs=cutoffs, horizon_days=horizon_days, labels=labels,
+            exclude_attributes=exclude_attributes, sample_share=sample_share,
+            customers=customers)) as passes:
+        for joined, drop in passes:
+            frame = _tidy(eng.frame(joined).drop(columns=drop, errors="ignore"))
+            days = frame.pop("cutoff").to_numpy()
+            bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(
+                days.dtype), side="left").tolist() + [len(frame)]
+            for k, c in enumerate(cutoffs):    # rows in cutoff order, then customer id
+                pieces[c].append(frame if len(cutoffs) == 1
+                                 else frame.iloc[bounds[k]:bounds[k + 1]])
+            del frame
+    out = {}
+    for c in cutoffs:       # ranges come in id order; one cutoff's pieces joined at a time
+        # (an empty piece, typed by DuckDB without rows to go by, is left out)
+        found = pieces.pop(c)
+        found = [f for f in found if len(f)] or found[:1]
+        out[c] = (found[0] if len(found) == 1 else pd.concat(found)).reset_index(drop=True)
+        del found
+    return out
+
+
+def _feature_passes(eng: DuckDBEngine | SparkEngine, *, cutoffs: list[dt.date],
+                    horizon_days: int | None, labels: bool,
+                    exclude_attributes: tuple[str, ...],
+                    sample_share: float | Mapping[dt.date, float | None] | None,
+                    customers: Mapping[dt.date, Iterable] | None
+                    ) -> Iterator[tuple[str, list[str]]]:
+    """The passes of :func:`snapshots_by_cutoff` (its arguments; ``cutoffs`` sorted):
+    for each range of customers, the query of their features at every cutoff (rows in
+    cutoff, then id order, with a ``cutoff`` column), to be read while the pass's tables
+    exist, and the columns to drop from it (derived from a column the log lacks)."""
     if not cutoffs:
         raise ValueError("snapshots need at least one cutoff")
     if not isinstance(sample_share, Mapping):
@@ -669,7 +735,6 @@ def snapshots_by_cutoff(con: Connection, *, cutoffs: list[dt.date],
         only = " AND customer_id IN (SELECT customer_id FROM chosen_customers)"
         n_lines = n_lines * min(1.0, named["customer_id"].nunique() / max(n_customers, 1))
     ranges = [r + only for r in _customer_ranges(eng, max(1.0, weight) * n_lines)]
-    pieces: dict[dt.date, list[pd.DataFrame]] = {c: [] for c in cutoffs}
     eng.register("_cutoffs_df", pd.DataFrame({
         "cutoff": pd.to_datetime(cutoffs), "k": range(len(cutoffs)),
         "keep_below": pd.array(keep_below, dtype="Int64")}))
@@ -700,30 +765,14 @@ def snapshots_by_cutoff(con: Connection, *, cutoffs: list[dt.date],
                     for name, query in concerns:
                         eng.table(name, query)
                     tables.drop()
-                    frame = eng.frame(joined)
+                    yield joined, drop
                 finally:
                     tables.drop()
                     eng.drop(*(name for name, _ in concerns))
-                frame = _tidy(frame.drop(columns=[c for c in drop if c in frame]))
-                days = frame.pop("cutoff").to_numpy()
-                bounds = np.searchsorted(days, np.array(cutoffs, dtype="datetime64[D]").astype(
-                    days.dtype), side="left").tolist() + [len(frame)]
-                for k, c in enumerate(cutoffs):    # rows in cutoff order, then customer id
-                    pieces[c].append(frame if len(cutoffs) == 1
-                                     else frame.iloc[bounds[k]:bounds[k + 1]])
-                del frame
         finally:
             eng.drop("daily", "cutoffs", "chosen_customers")
             eng.unregister("_cutoffs_df")
             eng.unregister("_chosen_df")
-    out = {}
-    for c in cutoffs:       # ranges come in id order; one cutoff's pieces joined at a time
-        # (an empty piece, typed by DuckDB without rows to go by, is left out)
-        found = pieces.pop(c)
-        found = [f for f in found if len(f)] or found[:1]
-        out[c] = (found[0] if len(found) == 1 else pd.concat(found)).reset_index(drop=True)
-        del found
-    return out
 
 
 #: Work per pass of :func:`snapshots_by_cutoff`, in lines times snapshots (a sampled
@@ -982,19 +1031,43 @@ _RAW = {"transactions": "tx_raw", "customers": "customers_raw",
         "interactions": "interactions_raw"}
 
 
+#: The features that are whole numbers (int64); every other number is a float64.
+_INT_FEATURES = ("recency_days", "frequency", "n_orders", "cutoff_month", "tenure_days",
+                 "churned", "declined", "future_orders", "n_categories", "n_channels",
+                 "n_complaints", "complaints_90d", "n_unresolved_complaints", "n_tickets",
+                 *(f"orders_{w}d" for w in WINDOWS_DAYS))
+
+
 def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    ints = ["recency_days", "frequency", "n_orders", "cutoff_month", "tenure_days", "churned", "declined",
-            "future_orders", "n_categories", "n_channels", "n_complaints", "complaints_90d",
-            "n_unresolved_complaints", "n_tickets"] + [f"orders_{w}d" for w in WINDOWS_DAYS]
+    """The frame of a pass, typed: :data:`_INT_FEATURES` as int64, other numbers (and
+    flags) as float64."""
     # (only the columns whose type changes are converted: a copy of every column of a
     # million customers' features took 2 s)
     casts = {}
     for col in frame.columns:
-        target = ("int64" if col in ints else "float64"
+        target = ("int64" if col in _INT_FEATURES else "float64"
                   if pd.api.types.is_numeric_dtype(frame[col]) else None)
         if target is not None and frame[col].dtype != target:
             casts[col] = target
     return frame.astype(casts) if casts else frame
+
+
+def _spark_tidy(df: Any, drop: list[str]) -> Any:
+    """:func:`_tidy` of a pass's Spark DataFrame, without its ``cutoff`` and ``drop``
+    columns."""
+    from pyspark.sql import functions as fn
+    from pyspark.sql import types as T
+
+    df = df.drop("cutoff", *(c for c in drop if c in df.columns))
+    columns = []
+    for field in df.schema.fields:
+        column = fn.col(f"`{field.name}`")
+        if field.name in _INT_FEATURES:
+            column = column.cast("bigint")
+        elif isinstance(field.dataType, T.NumericType | T.BooleanType):
+            column = column.cast("double")
+        columns.append(column.alias(field.name))
+    return df.select(*columns)
 
 
 def _as_date(value: dt.date | str | pd.Timestamp) -> dt.date:
