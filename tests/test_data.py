@@ -8,10 +8,12 @@ import pandas as pd
 import pytest
 
 from analysis.config import load_config
+from analysis import data
 from analysis.data import (
     load_dataset,
     neutralise_csv_cells,
     quality_summary,
+    write_csv,
     write_processed,
 )
 from analysis.errors import DataContractError
@@ -563,3 +565,33 @@ def test_quarantine_csv_neutralises_formulas_in_raw_values(tmp_path):
     # the quarantine in memory keeps the raw values
     q = dataset.tables["transactions"].quarantine
     assert q["raw:customer_id"].tolist()[-1] == "\rx"
+
+
+def test_write_csv_writes_the_bytes_pandas_writes(tmp_path):
+    """The CSVs people read are written by DuckDB (several times faster than pandas'
+    ``to_csv`` on a million customers), byte for byte as ``to_csv`` writes them: text
+    quoted only where needed, empty text and missing values as nothing, flags as
+    True/False, float32 and float64 at their own shortest digits, times as pandas writes
+    them, CRLF line ends; a frame of a kind it does not know goes through pandas."""
+    frame = pd.DataFrame({
+        "text": ["x", "", None, 'q"uote', "c,omma", "cr\rx", "nl\nx", " sp ", "=1"],
+        "num": [1.5, np.nan, -0.0, 1e-7, 1e16, 123456789012.0, 0.1, np.inf, -2.0],
+        "single": np.array([27.6171875, 0.1, np.nan, 1e-8, 3, -1.25, 7e20, 0, 2 / 3],
+                           dtype="float32"),
+        "flag": [True, False] * 4 + [True],
+        "level": pd.Categorical(["u", None, "v", "u", "v", "u", "v", "u", "-u"]),
+        "count": pd.array([1, None, 3, 4, 5, 6, 7, 8, 9], dtype="Int64"),
+        "whole": np.arange(9, dtype="int64") - 4,
+        "day": pd.to_datetime(["2026-01-02"] * 8 + [None]),
+        "when": pd.to_datetime(["2026-01-02 03:04:05"] * 8 + ["2026-01-02 00:00:00"]),
+        "with,comma": ["a"] * 9})
+    assert data._csv_ready(neutralise_csv_cells(frame)) is not None    # DuckDB writes it
+    written = write_csv(tmp_path / "fast.csv", frame).read_bytes()
+    expected = neutralise_csv_cells(frame).to_csv(index=False, lineterminator="\r\n")
+    assert written == expected.encode()
+    assert written.count(b"\r\n") == 10 and b"'=1" in written and b"'-u" in written
+    # a column of lists: pandas writes it, as before
+    odd = frame.assign(text=[[1]] * 9)
+    assert data._csv_ready(odd) is None
+    assert write_csv(tmp_path / "odd.csv", odd).read_bytes() == neutralise_csv_cells(
+        odd).to_csv(index=False, lineterminator="\r\n").encode()
