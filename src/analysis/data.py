@@ -1276,7 +1276,9 @@ def _copy_csv(frame: pd.DataFrame, path: str | Path) -> None:
     only where needed, lines ending in CRLF, rows in the frame's order."""
     import duckdb
 
-    con = duckdb.connect()
+    # one thread: with two, DuckDB buffered about 1.1 GB more for a million customers'
+    # table, in the same time (9.4 s against 10.4 s)
+    con = duckdb.connect(config={"threads": 1})
     try:
         con.register("_csv_frame", frame)
         con.execute(f"COPY _csv_frame TO '{str(path).replace(chr(39), chr(39) * 2)}' "
