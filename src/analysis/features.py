@@ -91,12 +91,12 @@ WINDOWS_DAYS = (30, 90, 180, 365)
 # counts for a cutoff when it is dated before it, which is what "history" means line by
 # line.
 
-# Lines as the queries see them: the contract's columns plus an order key.
 #: The columns of the order log the features read (those of them the file has; the
 #: others take the defaults of :func:`_lines_sql`).
 LINE_INPUTS = ("customer_id", "order_date", "amount", "status", "order_id", "category",
                "channel", "margin")
 
+# Lines as the queries see them: the contract's columns plus an order key.
 _LINES = """
 SELECT customer_id,
        CAST(order_date AS DATE) AS order_date,

@@ -1844,8 +1844,9 @@ def score_on_spark(run: ModelRun, features: pd.DataFrame | Any, spark: Any, *,
         when it is a frame (sorted by id otherwise).
     """
     engine = SparkEngine(spark)
+    handed = isinstance(features, pd.DataFrame)
     source = features
-    if isinstance(features, pd.DataFrame):
+    if handed:
         engine.register("_score_features", features)
         source = spark.table("_score_features")
     payload = {"churn": run.churn.to_payload(), "value": run.value.to_payload(),
@@ -1865,9 +1866,9 @@ def score_on_spark(run: ModelRun, features: pd.DataFrame | Any, spark: Any, *,
     try:
         scored = engine.collect(source.mapInPandas(score, SCORE_SCHEMA))
     finally:
-        if source is not features:
+        if handed:
             engine.unregister("_score_features")
-    if isinstance(features, pd.DataFrame):
+    if handed:
         order = pd.Index(scored["customer_id"]).get_indexer(
             features["customer_id"].astype(str))
         if (order < 0).any() or len(scored) != len(features):
