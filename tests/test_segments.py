@@ -188,3 +188,14 @@ def test_behaviour_group_names_use_only_words_that_set_a_group_apart():
     big = pd.Series({"frequency": 8.0, "monetary_mean_order": 90.0, "recency_days": 200.0,
                      "tenure_days": 520.0})
     assert _describe_cluster(big, overall)[0] == "Frequent, high-basket, lapsing"
+
+
+def test_a_segment_of_unknown_value_has_no_value_share():
+    """An export without revenue: each segment's share of the value is unknown (NaN),
+    not 0 % (the analyst notebooks showed 0.0 for every segment); known values that are
+    all zero still share 0."""
+    df = frame(segment=["A", "A", "B"], monetary_total=[np.nan] * 3)
+    out = S.segment_profile(df, by="segment", min_customers=1)
+    assert out["value_share"].isna().all() and out["mean_value"].isna().all()
+    zero = S.segment_profile(df.assign(monetary_total=0.0), by="segment", min_customers=1)
+    assert (zero["value_share"] == 0.0).all()

@@ -354,3 +354,15 @@ def test_an_export_without_revenue_is_ranked_by_risk_and_never_valued(tmp_path):
     assert "Following the plan, expected profit" not in text
     assert "recurring revenue per month" not in text and "current customers" in text
     assert "value tier high" not in text                  # policy rows needing a value left out
+
+
+def test_tenure_cohorts_of_an_export_without_revenue_have_unknown_revenue():
+    """Revenue per tenure band is unknown (NaN) when no customer's revenue is known, not
+    0; with revenue known, an empty band brings 0."""
+    customers = pd.DataFrame({"customer_id": ["a", "b", "c"], "tenure_months": [2, 8, 30],
+                              "churn": [True, False, False], "revenue_month": np.nan})
+    unknown = SN.tenure_cohorts(customers)
+    assert unknown["monthly_revenue"].isna().all()
+    assert unknown["customers"].tolist() == [1, 1, 0, 1, 0]
+    known = SN.tenure_cohorts(customers.assign(revenue_month=[10.0, 20.0, 5.0]))
+    assert known["monthly_revenue"].tolist() == [10.0, 20.0, 0.0, 5.0, 0.0]

@@ -392,7 +392,10 @@ def segment_profile(customers: pd.DataFrame, *, by: str,
         **orders,
     )
     agg["customer_share"] = agg["n_customers"] / len(df)
-    agg["value_share"] = agg["value"] / total_value if total_value > 0 else 0.0
+    # a value nobody's is known of (an export without revenue) has no share, not 0 %
+    known = df[value_col].notna().any()
+    agg["value_share"] = (agg["value"] / total_value if total_value > 0
+                          else 0.0 if known else np.nan)
     if "margin_total" in df:
         total_margin = df["margin_total"].clip(lower=0).sum()
         agg["margin_share"] = (df.groupby(by, observed=True)["margin_total"]

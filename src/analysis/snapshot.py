@@ -438,6 +438,8 @@ def tenure_cohorts(customers: pd.DataFrame, *, edges=(0, 6, 12, 24, 48, np.inf)
            .groupby("tenure_band", observed=False)
            .agg(customers=("customer_id", "size"), churned=("churned", "sum"),
                 monthly_revenue=("revenue_month", "sum")).reset_index())
+    if customers["revenue_month"].isna().all():      # an export without revenue: unknown,
+        out["monthly_revenue"] = np.nan              # not 0
     out["churn_rate"] = out["churned"] / out["customers"].where(out["customers"] > 0)
     out["tenure_band"] = out["tenure_band"].astype(str)
     return out[["tenure_band", "customers", "churned", "churn_rate", "monthly_revenue"]]
