@@ -35,7 +35,8 @@ seconds_spark = time.perf_counter() - start
 equal = (there["customer_id"].tolist() == here["customer_id"].tolist()
          and np.allclose(there["churn_probability"], here["churn_probability"], rtol=1e-12)
          and there["churn_reasons"].tolist() == here["churn_reasons"].tolist()
-         and there["value_reasons"].fillna("").tolist() == here["value_reasons"].fillna("").tolist())
+         and there["value_reasons"].fillna("").tolist()
+         == here["value_reasons"].fillna("").tolist())
 print(json.dumps({
     "customers": len(features), "churn_method": run.churn_chosen,
     "value_method": run.value_chosen, "master": master,

@@ -276,7 +276,7 @@ def test_the_boosters_trained_by_xgboost_spark_are_those_trained_here(session):
         np.testing.assert_allclose(there._margin(X), here._margin(X), rtol=1e-6, atol=1e-6)
 
 
-def test_the_executors_score_and_explain_each_customer_as_the_driver_does(session):
+def test_the_executors_score_and_explain_each_customer_as_the_driver_does(session, tmp_path):
     """:func:`score_on_spark` runs :func:`score_customers` on each partition, the models
     shipped as their JSON: every customer comes back once, in the frame's order, with
     the driver's probability, value and reasons, for each churn method; value reasons
@@ -329,6 +329,17 @@ def test_the_executors_score_and_explain_each_customer_as_the_driver_does(sessio
     assert bare[["churn_reasons", "value_reasons"]].isna().all().all()
     np.testing.assert_allclose(bare["churn_probability"], here["churn_probability"],
                                rtol=1e-12)
+    # a table the executors read where it lies, returned in the order asked for
+    features.to_parquet(tmp_path / "features.parquet")
+    lying = score_on_spark(run, session.read.parquet(str(tmp_path / "features.parquet")),
+                           session, ids=features["customer_id"])
+    assert lying["customer_id"].tolist() == features["customer_id"].tolist()
+    np.testing.assert_allclose(lying["churn_probability"], here["churn_probability"],
+                               rtol=1e-12)
+    assert lying["churn_reasons"].tolist() == here["churn_reasons"].tolist()
+    with pytest.raises(RuntimeError, match="every customer once"):
+        score_on_spark(run, session.read.parquet(str(tmp_path / "features.parquet")),
+                       session, reasons=False, ids=features["customer_id"].iloc[1:])
 
 
 def test_the_executors_write_the_feature_table_duckdb_builds(session, small_demo, tmp_path):
