@@ -593,5 +593,10 @@ def test_write_csv_writes_the_bytes_pandas_writes(tmp_path):
     # a column of lists: pandas writes it, as before
     odd = frame.assign(text=[[1]] * 9)
     assert data._csv_ready(odd) is None
+    # one column with a missing cell: DuckDB would write a blank line, which readers skip
+    one = frame[["num"]]
+    assert data._csv_ready(one) is None
+    assert write_csv(tmp_path / "one.csv", one).read_bytes() == one.to_csv(
+        index=False, lineterminator="\r\n").encode()
     assert write_csv(tmp_path / "odd.csv", odd).read_bytes() == neutralise_csv_cells(
         odd).to_csv(index=False, lineterminator="\r\n").encode()
