@@ -324,7 +324,9 @@ def pseudonymize(ids: pd.Series, *, key: str) -> pd.Series:
 
 
 def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
-    """The data-quality summary of a loaded dataset, as frames.
+    """The data-quality summary of a loaded dataset, as frames: :func:`summarise` by
+    DuckDB over the cleaned tables (handed over as they are, on one thread so that
+    its sums are the same in every run, within 1 GB).
 
     Returns
     -------
@@ -339,25 +341,56 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
         ``notes``: table, note.
         ``monthly``: month, orders, customers, revenue (completed lines).
     """
+    import duckdb
+
+    from analysis.engine import DuckDBEngine
+
+    con = duckdb.connect()
+    try:
+        con.execute("SET threads = 1")
+        con.execute("SET memory_limit = '1GB'")
+        con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
+        engine = DuckDBEngine(con)
+        for name, table in dataset.tables.items():
+            engine.register(_clean_view(name), table.data)
+        return summarise(engine, dataset.tables)
+    finally:
+        con.close()
+
+
+def _clean_view(table: str) -> str:
+    """The view :func:`summarise` reads a cleaned table from."""
+    return f"clean_{table}"
+
+
+def summarise(engine, tables: dict[str, CleanTable]) -> dict[str, pd.DataFrame]:
+    """:func:`quality_summary` of ``tables`` (their counts, notes and quarantines), whose
+    cleaned rows ``engine`` (DuckDB or Spark: :mod:`analysis.engine`) holds as the views
+    ``clean_<table>``: only the summary's figures come back from the engine."""
     rows, quarantine, missing, notes = [], [], [], []
-    log = dataset.get("transactions")
-    # (an index lookup: Series.isin of Arrow strings took 4.4 s for a million ids)
-    buyers = pd.Index(pd.unique(log["customer_id"])) if log is not None else None
-    for name, table in dataset.tables.items():
-        data = table.data
+    has_log = "transactions" in tables
+    for name, table in tables.items():
+        view = _clean_view(name)
+        columns = engine.columns(view)
         date_col = {"transactions": "order_date", "customers": "signup_date",
                     "interactions": "date", "campaign": "campaign_date"}[name]
-        dates = data[date_col] if date_col in data else pd.Series(dtype="datetime64[ns]")
+        dates = f"{date_col}" if date_col in columns else "CAST(NULL AS TIMESTAMP)"
+        in_log = ("NULL" if not has_log or name == "transactions" else
+                  "COUNT(DISTINCT customer_id) FILTER (WHERE customer_id IN "
+                  f"(SELECT customer_id FROM {_clean_view('transactions')}))")
+        n_missing = ", ".join(f"COUNT(*) - COUNT({_ident(c)})" for c in columns)
+        counted = engine.rows(
+            f"SELECT COUNT(DISTINCT customer_id), MIN({dates}), MAX({dates}), {in_log}, "
+            f"{n_missing} FROM {view}")[0]
+        n_customers, first, last, in_order_log, *absent = counted
         rows.append({
             "table": name, "file": str(table.file), "rows_read": table.n_read,
             "rows_processed": table.n_processed, "rows_quarantined": table.n_quarantined,
-            "customers": int(data["customer_id"].nunique()),
-            "date_min": None if dates.isna().all() else dates.min().date().isoformat(),
-            "date_max": None if dates.isna().all() else dates.max().date().isoformat(),
-            "columns_given": ", ".join(table.given or data.columns),
-            "customers_in_order_log": (None if buyers is None or name == "transactions" else
-                                       int((buyers.get_indexer(pd.unique(
-                                           data["customer_id"].dropna())) >= 0).sum())),
+            "customers": int(n_customers),
+            "date_min": None if first is None else first.date().isoformat(),
+            "date_max": None if last is None else last.date().isoformat(),
+            "columns_given": ", ".join(table.given or columns),
+            "customers_in_order_log": None if in_order_log is None else int(in_order_log),
         })
         if table.n_quarantined:
             for rule, group in table.quarantine.groupby("rule", sort=True):
@@ -366,27 +399,29 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
                                        f"row {r}: {d}" for r, d in
                                        zip(group["source_row"].head(3),
                                            group["detail"].head(3), strict=True))})
-        for col in data.columns:
-            n_missing = int(data[col].isna().sum())
-            missing.append({"table": name, "column": col, "n_missing": n_missing,
-                            "share_missing": n_missing / max(len(data), 1)})
+        for col, n in zip(columns, absent, strict=True):
+            missing.append({"table": name, "column": col, "n_missing": int(n),
+                            "share_missing": int(n) / max(table.n_processed, 1)})
         notes.extend({"table": name, "note": n} for n in table.notes)
-        if name == "interactions" and len(data):
-            other = data.loc[~data["type"].isin(set(INTERACTION_TYPES.values())), "type"]
-            if len(other):
-                counts = other.value_counts()
+        if name == "interactions" and table.n_processed:
+            known = ", ".join(f"'{t}'" for t in sorted(set(INTERACTION_TYPES.values())))
+            counts = engine.rows(
+                f"SELECT type, COUNT(*) AS n FROM {view} WHERE type NOT IN ({known}) "
+                "GROUP BY type ORDER BY n DESC, type")
+            if counts:
                 notes.append({"table": name, "note": (
-                    f"{len(other):,} interactions of types the features do not use "
-                    "(complaints, tickets and surveys are): " + ", ".join(
-                        f"{k!r} {v:,}" for k, v in counts.head(5).items())
+                    f"{sum(n for _, n in counts):,} interactions of types the features do "
+                    "not use (complaints, tickets and surveys are): " + ", ".join(
+                        f"{k!r} {v:,}" for k, v in counts[:5])
                     + (f" and {len(counts) - 5:,} more types" if len(counts) > 5 else ""))})
+    log = tables.get("transactions")
     return {
         "tables": pd.DataFrame(rows),
         "quarantine": pd.DataFrame(quarantine, columns=["table", "rule", "rows", "examples"]),
         "missing": pd.DataFrame(missing),
-        "transactions": _transaction_measures(dataset.get("transactions")),
+        "transactions": _transaction_measures(engine, log),
         "notes": pd.DataFrame(notes, columns=["table", "note"]),
-        "monthly": _monthly(dataset.get("transactions")),
+        "monthly": _monthly(engine, log),
     }
 
 
@@ -678,12 +713,14 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
 
 
 def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
-           config: Config | None = None, tally: dict[str, list[int]] | None = None
-           ) -> tuple[pd.DataFrame, pd.Series]:
+           config: Config | None = None, tally: dict[str, list[int]] | None = None,
+           marks: dict[str, pd.Series] | None = None) -> tuple[pd.DataFrame, pd.Series]:
     """Turn text columns into typed ones; return the typed frame and per-row rule hits.
     ``tally``: the unparseable and read rows of each column in the chunks before this
     one (updated), so that a column stops the run when most of the file read so far does
-    not parse, not when a small chunk happens to be mostly bad."""
+    not parse, not when a small chunk happens to be mostly bad. ``marks``: instead,
+    record each checked column's unparseable rows there (by column), and stop for
+    none: the caller judges the whole file (:func:`_stop_if_mostly_bad_on_spark`)."""
     rules = pd.Series(pd.NA, index=df.index, dtype="object")
     out = {}
     ids = _as_text(df["customer_id"]).str.strip()
@@ -696,31 +733,29 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
     rules = _flag(rules, ids.isna() | (ids == ""), "missing_customer_id",
                   "customer_id is empty")
     out["customer_id"] = ids
-    date_cols = {"transactions": ["order_date"], "customers": ["signup_date"],
-                 "interactions": ["date"], "campaign": ["campaign_date"]}[table]
-    for col in date_cols:
+    for col in DATE_COLUMNS[table]:
         if col not in df:
             continue
         parsed, unparseable, missing = _parse_dates(df[col], spec.date_format)
-        _stop_if_mostly_bad(unparseable, df[col], spec, col, "date_format", tally,
-                            f"dates do not match the date format "
-                            f"{spec.date_format or 'ISO 8601 (YYYY-MM-DD)'}; set "
-                            f"'date_format' in the config")
+        if marks is None:
+            _stop_if_mostly_bad(unparseable, df[col], spec, col, tally)
+        else:
+            marks[col] = unparseable
         required = col in TABLE_CONTRACTS[table][0]
         rules = _flag(rules, unparseable, "unparseable_date",
                       _describe(df[col], col + "={v!r} is not a date"))
         if required:
             rules = _flag(rules, missing, "missing_date", f"{col} is empty")
         out[col] = parsed
-    for col in ("amount", "quantity", "unit_price", "margin", "cost", "score", "tenure",
-                "recurring_revenue", "total_revenue"):
+    for col in NUMBER_COLUMNS:
         if col not in df:
             continue
         values, unparseable = _parse_numbers(df[col], decimal=spec.decimal,
                                              thousands=spec.thousands)
-        _stop_if_mostly_bad(unparseable, df[col], spec, col, "number_format", tally,
-                            "values are not numbers; check 'decimal' and 'thousands' "
-                            "in the config")
+        if marks is None:
+            _stop_if_mostly_bad(unparseable, df[col], spec, col, tally)
+        else:
+            marks[col] = unparseable
         rules = _flag(rules, unparseable, f"unparseable_{col}",
                       _describe(df[col], col + "={v!r} is not a number"))
         if col == "amount":
@@ -902,8 +937,16 @@ def _parse_numbers(s: pd.Series, *, decimal: str, thousands: str | None) -> tupl
     return values, unparseable
 
 
+#: The columns whose values are parsed as dates, per table (the others parsed as numbers
+#: are :data:`NUMBER_COLUMNS`).
+DATE_COLUMNS = {"transactions": ["order_date"], "customers": ["signup_date"],
+                "interactions": ["date"], "campaign": ["campaign_date"]}
+NUMBER_COLUMNS = ("amount", "quantity", "unit_price", "margin", "cost", "score", "tenure",
+                  "recurring_revenue", "total_revenue")
+
+
 def _stop_if_mostly_bad(bad: pd.Series, raw: pd.Series, spec: TableSpec, column: str,
-                        rule: str, tally: dict[str, list[int]] | None, message: str) -> None:
+                        tally: dict[str, list[int]] | None) -> None:
     """Stop when more than half of the column's rows read so far (``tally``: the
     chunks before; None: this one alone) do not parse."""
     counts = (tally if tally is not None else {}).setdefault(column, [0, 0])
@@ -911,9 +954,23 @@ def _stop_if_mostly_bad(bad: pd.Series, raw: pd.Series, spec: TableSpec, column:
     counts[1] += len(bad)
     n_bad, n_rows = counts
     if bad.any() and n_bad > _MAX_UNPARSEABLE_SHARE * n_rows:
-        raise DataContractError(file=spec.path, rule=rule, column=column, n_rows=n_bad,
-                                message=f"{n_bad:,} of {n_rows:,} {message}",
-                                examples=raw[bad].astype("object").head(5).tolist())
+        raise _mostly_bad(spec, column, n_bad, n_rows,
+                          raw[bad].astype("object").head(5).tolist())
+
+
+def _mostly_bad(spec: TableSpec, column: str, n_bad: int, n_rows: int,
+                examples: list) -> DataContractError:
+    """The stop of a column most of whose rows read so far do not parse."""
+    if column in {c for cols in DATE_COLUMNS.values() for c in cols}:
+        rule = "date_format"
+        message = (f"dates do not match the date format "
+                   f"{spec.date_format or 'ISO 8601 (YYYY-MM-DD)'}; set 'date_format' in "
+                   f"the config")
+    else:
+        rule = "number_format"
+        message = "values are not numbers; check 'decimal' and 'thousands' in the config"
+    return DataContractError(file=spec.path, rule=rule, column=column, n_rows=n_bad,
+                             message=f"{n_bad:,} of {n_rows:,} {message}", examples=examples)
 
 
 def _flag(rules: pd.Series, mask: pd.Series, rule: str, detail: object) -> pd.Series:
@@ -1029,19 +1086,11 @@ def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
     import duckdb
     import pyarrow as pa
 
-    columns = list(parts[0].columns)
-    rules = [r for r in ROW_RULES[table] if r[1] in columns]
-    c = config.cleaning
-    values = {"today": f"TIMESTAMP '{pd.Timestamp(today)}'",
-              "min_date": f"TIMESTAMP '{pd.Timestamp(c.min_date)}'",
-              "max_abs_amount": f"CAST('{float(c.max_abs_amount)!r}' AS DOUBLE)"}
-    first_broken = ("CASE " + " ".join(f"WHEN {cond.format(**values)} THEN {i}"
-                                       for i, (_, _, cond) in enumerate(rules)) + " END")
-    key = _repeat_key(columns, table=table, config=config)
-    if others is not None:
-        if len(others) != len(parts):
-            raise ValueError("one hash of the other columns per part is needed")
-        key = [*key, _OTHER_COLUMNS] if key else key
+    rules, broken_sql, repeated_sql = _judging_sql(
+        list(parts[0].columns), table=table, config=config, today=today,
+        others=others is not None)
+    if others is not None and len(others) != len(parts):
+        raise ValueError("one hash of the other columns per part is needed")
     # a missing number is NULL here, as pandas' NaN is missing to the parse
     parsed = pa.concat_tables(
         [pa.Table.from_pandas(p.assign(file_row=p.index.to_numpy(), **(
@@ -1057,20 +1106,49 @@ def _judge_rows(parts: list[pd.DataFrame], *, table: str, config: Config,
             spill = str(spill_directory()).replace("'", "''")
             con.execute(f"SET temp_directory = '{spill}'")
         con.register("parsed", parsed)
-        broken = con.execute(BROKEN_RULES.format(first_broken=first_broken)).fetchnumpy()
-        repeated = np.empty(0, dtype=np.int64)
-        if key:
-            cols = ", ".join(_ident(col) for col in key)
-            repeated = con.execute(REPEATED_ROWS.format(
-                first_broken=first_broken, key=cols)).fetchnumpy()["file_row"]
+        broken = con.execute(broken_sql).fetchnumpy()
+        repeated = (con.execute(repeated_sql).fetchnumpy()["file_row"] if repeated_sql
+                    else np.empty(0, dtype=np.int64))
     finally:
         con.close()
     del parsed
     flagged = np.concatenate([broken["file_row"], repeated])
     judged = pd.concat([p.loc[p.index.intersection(flagged)] for p in parts])
+    return _judged_text(rules, broken["file_row"], broken["broken"], repeated, judged,
+                        table=table)
+
+
+def _judging_sql(columns: list[str], *, table: str, config: Config, today: dt.date,
+                 others: bool) -> tuple[list[tuple[str, str, str]], str, str | None]:
+    """The row rules that apply to a table of ``columns`` and the two queries that judge
+    its parsed rows (the view ``parsed``, with ``file_row``, and with
+    :data:`_OTHER_COLUMNS` when ``others``): :data:`BROKEN_RULES` and
+    :data:`REPEATED_ROWS` (None where no copies are removed), in DuckDB's dialect."""
+    rules = [r for r in ROW_RULES[table] if r[1] in columns]
+    c = config.cleaning
+    values = {"today": f"TIMESTAMP '{pd.Timestamp(today)}'",
+              "min_date": f"TIMESTAMP '{pd.Timestamp(c.min_date)}'",
+              "max_abs_amount": f"CAST('{float(c.max_abs_amount)!r}' AS DOUBLE)"}
+    first_broken = ("CASE " + " ".join(f"WHEN {cond.format(**values)} THEN {i}"
+                                       for i, (_, _, cond) in enumerate(rules)) + " END")
+    key = _repeat_key(columns, table=table, config=config)
+    if others:
+        key = [*key, _OTHER_COLUMNS] if key else key
+    repeated = (REPEATED_ROWS.format(first_broken=first_broken,
+                                     key=", ".join(_ident(col) for col in key))
+                if key else None)
+    return rules, BROKEN_RULES.format(first_broken=first_broken), repeated
+
+
+def _judged_text(rules: list[tuple[str, str, str]], broken_rows: np.ndarray,
+                 broken: np.ndarray, repeated: np.ndarray, judged: pd.DataFrame, *,
+                 table: str) -> pd.Series:
+    """``rule<TAB>detail`` of each row set aside by the queries of :func:`_judging_sql`
+    (``broken_rows`` breaking rule number ``broken``; ``repeated``), from their parsed
+    values (``judged``, indexed by file row - 1), in file order."""
     out = []
     for i, (rule, column, _) in enumerate(rules):
-        rows = broken["file_row"][broken["broken"] == i]
+        rows = broken_rows[broken == i]
         if len(rows):
             out.append(pd.Series([f"{rule}\t{column}={_case_text(v)}"
                                   for v in judged.loc[rows, column].astype("object")],
@@ -1129,45 +1207,50 @@ def _quarantine_frame(raw: pd.DataFrame, mapped: pd.DataFrame, rules: pd.Series,
     return pd.concat([q, original], axis=1)
 
 
-def _transaction_measures(tx: pd.DataFrame | None) -> pd.DataFrame:
-    if tx is None or tx.empty:
+def _transaction_measures(engine, log: CleanTable | None) -> pd.DataFrame:
+    """Lines, revenue, refunds, zero amounts, outliers (above Q3 + 3 IQR, the quartiles
+    interpolated as numpy's) and statuses of the cleaned order log (``clean_transactions``
+    on ``engine``). The revenue is summed as a decimal (to a millionth), so that it
+    is the same in any order of summing, on any engine."""
+    if log is None or not log.n_processed:
         return pd.DataFrame(columns=["measure", "value"])
-    amount = tx["amount"]
-    q1, q3 = np.nanpercentile(amount, [25, 75])
+    view = _clean_view("transactions")
+    lines, revenue, refunds, zeros, largest, q1, q3 = engine.rows(
+        "SELECT COUNT(*), CAST(SUM(CAST(amount AS DECIMAL(38, 6))) FILTER (WHERE "
+        "status = 'completed') AS DOUBLE), "
+        "COUNT(*) FILTER (WHERE amount < 0), COUNT(*) FILTER (WHERE amount = 0), "
+        "MAX(amount), QUANTILE_CONT(amount, 0.25), QUANTILE_CONT(amount, 0.75) "
+        f"FROM {view}")[0]
     upper = q3 + 3 * (q3 - q1)
+    outliers = engine.rows(f"SELECT COUNT(*) FROM {view} WHERE amount > "
+                           f"CAST('{upper!r}' AS DOUBLE)")[0][0]
     rows = [
-        ("order lines", len(tx)),
-        ("revenue (completed)", float(amount[tx["status"] == "completed"].sum())),
-        ("refund lines (negative amount)", int((amount < 0).sum())),
-        ("zero-amount lines", int((amount == 0).sum())),
-        (f"outlier lines (amount above {upper:,.2f} = Q3 + 3 IQR)", int((amount > upper).sum())),
-        ("largest amount", float(amount.max())),
+        ("order lines", int(lines)),
+        ("revenue (completed)", float(revenue or 0.0)),
+        ("refund lines (negative amount)", int(refunds)),
+        ("zero-amount lines", int(zeros)),
+        (f"outlier lines (amount above {upper:,.2f} = Q3 + 3 IQR)", int(outliers)),
+        ("largest amount", float(largest)),
     ]
-    for status, n in tx["status"].value_counts().sort_index().items():
+    for status, n in engine.rows(f"SELECT status, COUNT(*) FROM {view} GROUP BY status "
+                                 "ORDER BY status"):
         rows.append((f"status {status}", int(n)))
     return pd.DataFrame(rows, columns=["measure", "value"]).astype({"value": "object"})
 
 
-def _monthly(tx: pd.DataFrame | None) -> pd.DataFrame:
-    """Orders, customers and revenue of completed lines per month, counted by DuckDB
-    over the frame (no copy of the table, and at most 1 GB for the distinct counts)."""
-    if tx is None or tx.empty:
+def _monthly(engine, log: CleanTable | None) -> pd.DataFrame:
+    """Orders, customers and revenue of completed lines per month, counted over the
+    cleaned order log (``clean_transactions`` on ``engine``)."""
+    if log is None or not log.n_processed:
         return pd.DataFrame(columns=["month", "orders", "customers", "revenue"])
-    import duckdb
-
-    key = "order_id" if "order_id" in tx else "customer_id || '|' || CAST(order_date AS DATE)"
-    con = duckdb.connect()
-    try:
-        con.execute("SET memory_limit = '1GB'")
-        con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
-        con.register("tx", tx)
-        out = con.execute(
-            "SELECT strftime(date_trunc('month', order_date), '%Y-%m-%d') AS month, "
-            f"COUNT(DISTINCT {key}) AS orders, COUNT(DISTINCT customer_id) AS customers, "
-            "SUM(amount) AS revenue FROM tx WHERE status = 'completed' "
-            "GROUP BY 1 ORDER BY 1").df()
-    finally:
-        con.close()
+    columns = engine.columns(_clean_view("transactions"))
+    key = ("order_id" if "order_id" in columns
+           else "customer_id || '|' || CAST(CAST(order_date AS DATE) AS VARCHAR)")
+    out = engine.frame(
+        "SELECT strftime(date_trunc('month', order_date), '%Y-%m-%d') AS month, "
+        f"COUNT(DISTINCT {key}) AS orders, COUNT(DISTINCT customer_id) AS customers, "
+        f"SUM(amount) AS revenue FROM {_clean_view('transactions')} "
+        "WHERE status = 'completed' GROUP BY 1 ORDER BY 1")
     return out.astype({"orders": "int64", "customers": "int64", "revenue": "float64"})
 
 
