@@ -368,3 +368,166 @@ def test_the_executors_write_the_feature_table_duckdb_builds(session, small_demo
                             exclude_attributes=("gender",)) == n["duck"]
     assert len(list(folder.glob("part-*.parquet"))) > 1
     _same(written["duck"], pd.read_parquet(folder))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _quality_on_both(folder: Path, tables: dict, **extra) -> dict[str, object]:
+    """The data-quality step of a config over ``tables`` run with ``engine: duckdb``
+    and with ``engine: spark``: per engine, its stop (rule and message) or its folder."""
+    from analysis import data as D
+    from analysis.config import load_config
+    from analysis.errors import DataContractError
+    from .conftest import write_config
+
+    outcome: dict[str, object] = {}
+    for engine in ("duckdb", "spark"):
+        config = load_config(write_config(folder, tables, **extra,
+                                          analysis={"engine": engine}))
+        try:
+            D.quality_step(config, folder / engine)
+            outcome[engine] = folder / engine
+        except DataContractError as exc:
+            outcome[engine] = (exc.rule, str(exc))
+    return outcome
+
+
+def _same_outputs(duck: Path, spark: Path) -> None:
+    """The same cleaned rows (values and order, the same Parquet types but for times in
+    microseconds and text as strings, not large ones: Spark's files carry no pandas
+    types, e.g. for flags with gaps), the same quarantine files to the byte and the
+    same summary."""
+    import pyarrow.parquet as pq
+
+    def values(path: Path) -> pd.DataFrame:
+        frame = pd.read_parquet(path)
+        return frame.astype(object).where(frame.notna(), None)
+
+    for path in sorted((duck / "clean").glob("*.parquet")):
+        kinds = [[str(f.type).replace("[ns]", "[us]").replace("large_", "")
+                  for f in pq.read_schema(p)] for p in (path, spark / "clean" / path.name)]
+        assert kinds[0] == kinds[1], path.stem
+        pd.testing.assert_frame_equal(values(spark / "clean" / path.name), values(path))
+        assert (spark / "quarantine" / f"{path.stem}.csv").read_bytes() == \
+            (duck / "quarantine" / f"{path.stem}.csv").read_bytes(), path.stem
+    summaries = [json.loads((d / "data_quality.json").read_text()) for d in (duck, spark)]
+    for summary in summaries:
+        for table in summary["tables"]:
+            table.pop("file")
+    assert summaries[0] == summaries[1]
+
+
+def test_every_bad_input_is_loaded_on_spark_as_on_the_driver(session, tmp_path):
+    """The bad-input suite (but its 1M-row file) through the data step on Spark's
+    executors: the same stops with the same messages, or the same cleaned rows,
+    quarantine files and summary."""
+    from .test_bad_inputs import CASES
+
+    cases = [c for c in CASES if "1M" not in c.name]
+    outcomes = set()
+    for i, case in enumerate(cases):
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        (folder / "tx.csv").write_bytes(case.content)
+        both = _quality_on_both(folder, {"transactions": {"path": "tx.csv",
+                                                          **case.options}})
+        if case.exit:
+            assert both["spark"] == both["duckdb"], case.name
+            assert str(folder / "tx.csv") in both["spark"][1]
+        else:
+            _same_outputs(both["duckdb"], both["spark"])
+        outcomes.add(case.exit)
+    assert outcomes == {0, 3}
+
+
+def test_a_dataset_of_every_table_is_loaded_on_spark_as_on_the_driver(session, tmp_path,
+                                                                      monkeypatch):
+    """Every kind of table and value the load judges, on Spark: an order log in Parquet
+    (times in nanoseconds, ids as floats, columns the contract does not read that make
+    two lines differ, copies, rule breaks), customers with a PII column and an id seen
+    twice, interactions of unknown types, a campaign, ids pseudonymized."""
+    lines = pd.DataFrame({
+        "order_id": ["1", "2", "2", "3", "4", "5", "6", "7", "7"],
+        "customer_id": [17.0, 18.0, 18.0, 17.0, None, 19.0, 18.0, 17.0, 17.0],
+        "order_date": pd.to_datetime(["2024-01-05 10:30", "2024-02-01 00:00", "2024-02-01 00:00",
+                                      "2031-01-01 00:00", "2024-03-01 00:00", "2024-03-02 00:00",
+                                      "1960-01-01 00:00", "2024-04-01 00:00", "2024-04-01 00:00"]),
+        "amount": [10.0, 5.5, 5.5, 3.0, 4.0, float("inf"), 2.0, 8.0, 8.0],
+        "sku": ["a", "b", "c", "d", "e", "f", "g", "h", "h"],
+    })
+    lines.to_parquet(tmp_path / "tx.parquet")
+    (tmp_path / "c.csv").write_text("customer_id,signup_date,region,email\n"
+                                    "17,2023-05-01,North,a@x.org\n17,2023-06-01,South,"
+                                    '"=cmd|x,y"\n18,2023-07-01,,c@x.org\n19,not a date,E,\n')
+    (tmp_path / "i.csv").write_text("customer_id,date,type,score,resolved\n"
+                                    "17,2024-01-02,Complaint,,no\n18,2024-01-03,NPS,4,\n"
+                                    "18,2024-01-04,,3,\n19,2024-01-05,chat,2,yes\n"
+                                    "19,2024-01-06,chat,1,yes\n")
+    (tmp_path / "m.csv").write_text("customer_id,campaign_date,treated\n17,2024-01-01,yes\n"
+                                    "18,2024-01-01,control\n19,2024-01-01,maybe\n")
+    monkeypatch.setenv("CSL_PSEUDONYM_KEY", "k1")
+    both = _quality_on_both(tmp_path, {"transactions": "tx.parquet", "customers": "c.csv",
+                                       "interactions": "i.csv", "campaign": "m.csv"},
+                            pii=["email"],
+                            output={"processed_dir": "p", "reports_dir": "r",
+                                    "pseudonymize_ids": True})
+    _same_outputs(both["duckdb"], both["spark"])
+    quality = json.loads((both["spark"] / "data_quality.json").read_text())
+    rules = {(q["table"], q["rule"]): q["rows"] for q in quality["quarantine"]}
+    assert rules == {("transactions", "duplicate_row"): 1,
+                     ("transactions", "date_in_future"): 1,
+                     ("transactions", "missing_customer_id"): 1,
+                     ("transactions", "non_finite_amount"): 1,
+                     ("transactions", "date_too_old"): 1,
+                     ("customers", "duplicate_customer"): 1,
+                     ("customers", "unparseable_date"): 1,
+                     ("interactions", "missing_type"): 1,
+                     ("campaign", "unparseable_treated"): 1}
+    clean = pd.read_parquet(both["spark"] / "clean" / "transactions.parquet")
+    assert clean["order_id"].tolist() == ["1", "2", "2", "7"]     # "2": two products
+    assert clean["customer_id"].str.match(r"^P[0-9a-f]{16}$").all()
+
+
+def test_on_spark_a_column_stops_the_load_as_the_file_read_so_far_says(session, tmp_path):
+    """The stop for a column that mostly does not parse is judged chunk by chunk in file
+    order, as on the driver: a good file with a bad last chunk loads; a file bad from the
+    start stops at its first chunk, with its examples; undecodable text beyond the rows
+    read first stops, naming its row."""
+    from analysis.config import load_config
+    from analysis.data import load_table, load_table_on_spark
+    from analysis.engine import SparkEngine
+    from analysis.errors import DataContractError
+    from .conftest import write_config
+
+    engine = SparkEngine(session)
+    cfg = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    spec, today = cfg.tables["transactions"], dt.date(2026, 1, 15)
+    good = "".join(f"a,2024-01-{d:02d},5\n" for d in range(1, 11))
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n" + good
+                                     + "a,2024-13-01,abc\n")
+    table = load_table_on_spark(spec, table="transactions", config=cfg, engine=engine,
+                                today=today, chunk_rows=2)
+    assert table.n_processed == 10 and table.quarantine["source_row"].tolist() == [11]
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n"
+                                     + "a,01/02/2024,5\n" * 3 + good)
+    stops = []
+    for load in (load_table, load_table_on_spark):
+        with pytest.raises(DataContractError, match="2 of 2 dates do not match") as err:
+            load(spec, table="transactions", config=cfg, today=today, chunk_rows=2,
+                 **({"engine": engine} if load is load_table_on_spark else {}))
+        stops.append((err.value.rule, err.value.column, err.value.examples))
+    assert stops[0] == stops[1] == ("date_format", "order_date", ["01/02/2024"] * 2)
+    (tmp_path / "tx.csv").write_bytes(b"customer_id,order_date,amount\n"
+                                      + good.encode() * 3000 + b"b\xe9,2024-01-01,5\n")
+    with pytest.raises(DataContractError, match="row 30,001 holds bytes") as err:
+        load_table_on_spark(spec, table="transactions", config=cfg, engine=engine,
+                            today=today)
+    assert err.value.rule == "encoding"
+    (tmp_path / "tx.csv").write_text("customer_id,order_date,amount\n" + good * 3000
+                                     + "b,2024-01-01,5,6\n")
+    for load in (load_table, load_table_on_spark):      # a line of too many fields
+        with pytest.raises(DataContractError, match="cannot be read as csv") as err:
+            load(spec, table="transactions", config=cfg, today=today,
+                 **({"engine": engine} if load is load_table_on_spark else {}))
+        assert err.value.rule == "parse_file"

@@ -245,16 +245,24 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
+    from analysis import data
     from analysis.config import load_config
-    from analysis.data import load_dataset
     from analysis.features import connect, connect_spark, resolve_horizon_days, write_features
 
     config = load_config(args.config)
-    dataset = load_dataset(config)
-    tables = {name: dataset.get(name) for name in dataset.tables}
     engine = args.engine or config.analysis.engine
-    con = (connect_spark(tables, master=config.spark.master, conf=config.spark.conf)
-           if engine == "spark" else connect(tables))
+    if engine == "spark":
+        # loaded and validated by the executors, as in a run's data-quality step
+        from analysis.engine import SparkEngine, spark_session
+
+        spark = SparkEngine(spark_session(config.spark.master, config.spark.conf))
+        tables = {name: (t.data.drop(data.FILE_ROW) if isinstance(t, data.SparkCleanTable)
+                         else t.data)
+                  for name, t in data.load_dataset_on_spark(config, spark).items()}
+        con = connect_spark(tables, session=spark.session)
+    else:
+        dataset = data.load_dataset(config)
+        con = connect({name: dataset.get(name) for name in dataset.tables})
     horizon = args.horizon_days or resolve_horizon_days(
         con, horizon_days=config.analysis.horizon_days, cutoff=args.cutoff)
     # (on Spark the executors write the table: the driver never holds it)

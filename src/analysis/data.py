@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -425,13 +426,15 @@ def summarise(engine, tables: dict[str, CleanTable]) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_processed(dataset: Dataset, out_dir: str | Path, *,
-                    summary: dict[str, pd.DataFrame] | None = None) -> dict[str, Path]:
+def write_processed(dataset: Dataset | dict[str, CleanTable | SparkCleanTable],
+                    out_dir: str | Path, *, summary: dict[str, pd.DataFrame] | None = None,
+                    engine=None) -> dict[str, Path]:
     """Write cleaned tables (``clean/<table>.parquet``), quarantine files
     (``quarantine/<table>.csv``, with :func:`write_csv`: text a spreadsheet would run as
     a formula is neutralised) and the quality summary (``data_quality.json``):
     ``summary``, the :func:`quality_summary` of ``dataset`` when the caller has it
-    (computed here otherwise).
+    (computed here otherwise). ``dataset``: the tables of :func:`load_dataset`, or of
+    :func:`load_dataset_on_spark`, whose cleaned rows ``engine`` (Spark) writes.
 
     Every file is written to a temporary name and moved into place, so a reader never
     sees a half-written file.
@@ -445,15 +448,20 @@ def write_processed(dataset: Dataset, out_dir: str | Path, *,
     out_dir = Path(out_dir)
     (out_dir / "quarantine").mkdir(parents=True, exist_ok=True)
     (out_dir / "clean").mkdir(parents=True, exist_ok=True)
+    tables = dataset.tables if isinstance(dataset, Dataset) else dataset
     written: dict[str, Path] = {}
-    for name, table in dataset.tables.items():
+    for name, table in tables.items():
         path = out_dir / "clean" / f"{name}.parquet"
-        write_atomically(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
+        if isinstance(table, SparkCleanTable):       # (the executors write it)
+            engine.write_parquet(table.data, path, order_by=FILE_ROW, drop_order=True)
+        else:
+            write_atomically(path, lambda tmp, d=table.data: d.to_parquet(tmp, index=False))
         written[name] = path
         qpath = out_dir / "quarantine" / f"{name}.csv"
         write_csv(qpath, table.quarantine)
         written[f"quarantine_{name}"] = qpath
-    summary = quality_summary(dataset) if summary is None else summary
+    if summary is None:
+        summary = quality_summary(dataset if isinstance(dataset, Dataset) else Dataset(tables))
     qpath = out_dir / "data_quality.json"
     payload = {k: json.loads(v.to_json(orient="records")) for k, v in summary.items()}
     write_atomically(qpath, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
@@ -536,9 +544,29 @@ def available_inputs(processed_dir: str | Path) -> dict[str, bool]:
 
 def quality_step(config: Config, processed_dir: str | Path) -> dict[str, pd.DataFrame]:
     """The data-quality step (both modes): load, validate and clean every input the
-    config names (:func:`load_dataset`), write the cleaned tables, the quarantine files
-    and ``data_quality.json`` into the run folder (:func:`write_processed`), and return
-    the summary (:func:`quality_summary`)."""
+    config names (:func:`load_dataset`; with ``analysis.engine: spark``, an order log's
+    run on Spark's executors, :func:`load_dataset_on_spark`), write the cleaned tables,
+    the quarantine files and ``data_quality.json`` into the run folder
+    (:func:`write_processed`), and return the summary (:func:`quality_summary`)."""
+    if config.analysis.engine == "spark" and config.mode == "transactions":
+        from analysis.engine import SparkEngine, spark_session
+
+        engine = SparkEngine(spark_session(config.spark.master, config.spark.conf))
+        tables = load_dataset_on_spark(config, engine)
+        try:
+            for name, table in tables.items():
+                if isinstance(table, SparkCleanTable):
+                    table.data.drop(FILE_ROW).createOrReplaceTempView(_clean_view(name))
+                else:
+                    engine.register(_clean_view(name), table.data)
+            summary = summarise(engine, tables)
+            write_processed(tables, processed_dir, summary=summary, engine=engine)
+        finally:
+            engine.drop(*(_clean_view(name) for name in tables))
+            for table in tables.values():
+                if isinstance(table, SparkCleanTable):
+                    table.data.unpersist()
+        return summary
     dataset = load_dataset(config)
     summary = quality_summary(dataset)          # once: write_processed records it too
     write_processed(dataset, processed_dir, summary=summary)
@@ -1240,7 +1268,8 @@ def _transaction_measures(engine, log: CleanTable | None) -> pd.DataFrame:
 
 def _monthly(engine, log: CleanTable | None) -> pd.DataFrame:
     """Orders, customers and revenue of completed lines per month, counted over the
-    cleaned order log (``clean_transactions`` on ``engine``)."""
+    cleaned order log (``clean_transactions`` on ``engine``; the revenue summed as a
+    decimal, as :func:`_transaction_measures` sums it)."""
     if log is None or not log.n_processed:
         return pd.DataFrame(columns=["month", "orders", "customers", "revenue"])
     columns = engine.columns(_clean_view("transactions"))
@@ -1249,7 +1278,8 @@ def _monthly(engine, log: CleanTable | None) -> pd.DataFrame:
     out = engine.frame(
         "SELECT strftime(date_trunc('month', order_date), '%Y-%m-%d') AS month, "
         f"COUNT(DISTINCT {key}) AS orders, COUNT(DISTINCT customer_id) AS customers, "
-        f"SUM(amount) AS revenue FROM {_clean_view('transactions')} "
+        f"CAST(SUM(CAST(amount AS DECIMAL(38, 6))) AS DOUBLE) AS revenue "
+        f"FROM {_clean_view('transactions')} "
         "WHERE status = 'completed' GROUP BY 1 ORDER BY 1")
     return out.astype({"orders": "int64", "customers": "int64", "revenue": "float64"})
 
@@ -1387,3 +1417,339 @@ def write_atomically(path: str | Path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------- on Spark
+#
+# With ``analysis.engine: spark`` a run's input is loaded and validated by Spark's
+# executors, by the functions above: each partition of the file's rows is mapped and
+# parsed by :func:`_map_columns` and :func:`_parse` (``mapInPandas``); the stop for a
+# column most of whose rows do not parse is judged from per-chunk counts, chunk by chunk
+# as :func:`load_table` reads; the row rules and the copies are :func:`_judging_sql`'s
+# queries, transpiled; the cleaned rows are written by the executors. Only the quarantine
+# (its rows, with their original values), the counts and the summary's figures come to
+# the driver.
+
+#: The column holding a row's place in its file (0-based), on Spark.
+FILE_ROW = "file_row"
+_RULE = "_rule"              # rule<TAB>detail of a row set aside while parsing
+_UNPARSEABLE = "_unparseable"    # bit i: the i-th checked column did not parse
+_UNDECODABLE = "_undecodable"    # the row holds text the file's encoding could not decode
+_INTERNAL = {_RULE, _UNPARSEABLE, _UNDECODABLE, _OTHER_COLUMNS}
+#: rows of the file read on the driver first: its columns, its mapping onto the contract
+_HEAD_ROWS = 1_000
+
+
+@dataclass(frozen=True)
+class SparkCleanTable:
+    """One input table loaded and cleaned on Spark (:func:`load_table_on_spark`): as a
+    :class:`CleanTable`, but ``data`` is a Spark DataFrame, cached on the executors,
+    with :data:`FILE_ROW` beside the contract's columns."""
+
+    name: str
+    file: Path
+    data: Any
+    quarantine: pd.DataFrame
+    n_read: int
+    n_processed: int
+    notes: tuple[str, ...] = ()
+    given: tuple[str, ...] = ()
+
+    @property
+    def n_quarantined(self) -> int:
+        return len(self.quarantine)
+
+
+def load_dataset_on_spark(config: Config, engine, *, today: dt.date | None = None
+                          ) -> dict[str, SparkCleanTable | CleanTable]:
+    """:func:`load_dataset` on Spark (``engine``: an :class:`analysis.engine.SparkEngine`):
+    each table by :func:`load_table_on_spark`."""
+    today = today or dt.date.today()
+    return {name: load_table_on_spark(spec, table=name, config=config, engine=engine,
+                                      today=today)
+            for name, spec in config.tables.items()}
+
+
+def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine,
+                        today: dt.date, chunk_rows: int = CHUNK_ROWS
+                        ) -> SparkCleanTable | CleanTable:
+    """:func:`load_table` by Spark's executors: the same cleaned rows, quarantine (rows,
+    rules, details, original values), counts, notes and stops.
+
+    The file's first rows are read on the driver first, as :func:`load_table` reads
+    them: a missing, empty or undecodable file, a missing column or a file of a header
+    alone stops there. A file Spark does not read as pandas does (Excel, a separator of
+    whitespace, an encoding other than UTF-8 or a single-byte one, a Parquet file with
+    times in a zone, or one whose columns Spark names otherwise) is loaded on the driver
+    by :func:`load_table` (a :class:`CleanTable`).
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as fn
+
+    reader = _read_chunks(spec, _HEAD_ROWS)
+    try:
+        head = next(reader)
+    finally:
+        reader.close()
+    head.columns = [str(c) for c in head.columns]
+    raw = None if head.empty else _spark_raw(spec, engine, list(head.columns))
+    if raw is None:
+        return load_table(spec, table=table, config=config, today=today,
+                          chunk_rows=chunk_rows)
+    mapped, notes, unread = _map_columns(head, spec, table=table, pii=config.pii)
+    given = tuple(mapped.columns)
+    others = (table != "customers" and bool(unread)       # (as load_table hashes them)
+              and bool(_repeat_key(list(given), table=table, config=config)))
+    parse = _partition_parser(spec, table=table, config=config, others=others,
+                              undecodable=_decodes_with_replacement(spec))
+    schema = _parsed_schema(parse(iter([head.assign(**{FILE_ROW: np.arange(len(head))})])))
+    parsed = raw.mapInPandas(parse, schema).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        checked = [c for c in (*DATE_COLUMNS[table], *NUMBER_COLUMNS) if c in given]
+        _stop_on_spark(parsed, raw, spec, table=table, config=config, checked=checked,
+                       chunk_rows=chunk_rows)
+        parsed.where(fn.col(_RULE).isNull()).drop(_RULE, _UNPARSEABLE, _UNDECODABLE) \
+            .createOrReplaceTempView("parsed")
+        keep = [c for c in schema.fieldNames() if c not in _INTERNAL]
+        rules, broken_sql, repeated_sql = _judging_sql(
+            [c for c in keep if c != FILE_ROW], table=table, config=config, today=today,
+            others=others)
+        broken = engine.frame(broken_sql)
+        repeated = (engine.frame(repeated_sql)[FILE_ROW].to_numpy(dtype="int64")
+                    if repeated_sql else np.empty(0, dtype="int64"))
+        flagged = np.concatenate([broken[FILE_ROW].to_numpy(dtype="int64"), repeated])
+        judged = _rows_of(parsed, flagged)
+        later = _judged_text(rules, broken[FILE_ROW].to_numpy(dtype="int64"),
+                             broken["broken"].to_numpy(), repeated, judged, table=table)
+        early = engine.collect(parsed.where(fn.col(_RULE).isNotNull())
+                               .select(FILE_ROW, _RULE))
+        marked = pd.concat([pd.Series(early[_RULE].to_numpy(dtype="object"),
+                                      index=early[FILE_ROW].to_numpy(dtype="int64"),
+                                      dtype="object"), later]).sort_index()
+        quarantine = _quarantine_on_spark(raw, marked, spec, table=table, config=config)
+        set_aside = _places(engine.session, marked.index.to_numpy(dtype="int64"))
+        clean = parsed.where(fn.col(_RULE).isNull()).join(
+            fn.broadcast(set_aside), on=FILE_ROW, how="left_anti").select(*keep)
+        if config.output.pseudonymize_ids:
+            clean = _pseudonymized(clean, key=os.environ[config.output.pseudonym_key_env])
+            notes.append("customer ids are pseudonymized (output.pseudonymize_ids)")
+        clean = clean.persist(StorageLevel.MEMORY_AND_DISK)
+        n_read = raw.count()
+        n_processed = clean.count()
+    finally:
+        engine.session.catalog.dropTempView("parsed")
+        parsed.unpersist()
+        raw.unpersist()
+    return SparkCleanTable(name=table, file=spec.path, data=clean, quarantine=quarantine,
+                           n_read=n_read, n_processed=n_processed, notes=tuple(notes),
+                           given=given)
+
+
+def _decodes_with_replacement(spec: TableSpec) -> bool:
+    """Whether Spark reads the file's text with a replacement character for bytes its
+    encoding cannot decode (where pandas stops): a CSV file in UTF-8."""
+    return (spec.resolved_format == "csv"
+            and spec.encoding.lower().replace("_", "-") in {"utf-8", "utf8", "utf-8-sig"})
+
+
+#: The encodings Spark's CSV reader reads line by line as pandas does (UTF-8 and the
+#: single-byte ones Spark knows), by the names Spark gives them.
+_SPARK_CSV_ENCODINGS = {"utf-8": "UTF-8", "utf8": "UTF-8", "utf-8-sig": "UTF-8",
+                        "latin-1": "ISO-8859-1", "latin1": "ISO-8859-1",
+                        "iso-8859-1": "ISO-8859-1", "ascii": "US-ASCII",
+                        "us-ascii": "US-ASCII"}
+
+
+def _spark_raw(spec: TableSpec, engine, columns: list[str]):
+    """The file's rows as Spark reads them, under ``columns`` (the names pandas gives),
+    with :data:`FILE_ROW`, cached; None where Spark cannot read the file as pandas does
+    (see :func:`load_table_on_spark`)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as fn
+
+    session = engine.session
+    path = str(spec.path)
+    fmt = spec.resolved_format
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pq.read_schema(path)
+        if any(pa.types.is_timestamp(f.type) and f.type.tz for f in schema):
+            return None
+        nanos = [f.name for f in schema if pa.types.is_timestamp(f.type)
+                 and f.type.unit == "ns"]
+        if nanos:               # (Spark reads no nanoseconds: as analysis.engine does)
+            session.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+        df = session.read.parquet(path)
+        if list(df.columns) != columns:
+            return None
+        df = df.select(*[(fn.expr(f"timestamp_micros(`{c}` DIV 1000)") if c in nanos
+                          else df[f"`{c}`"]).alias(c) for c in df.columns],
+                       df["_metadata"]["row_index"].alias(FILE_ROW))
+        return df.persist(StorageLevel.MEMORY_AND_DISK)
+    encoding = spec.encoding.lower().replace("_", "-")
+    if fmt != "csv" or spec.sep.lower() in {"whitespace", r"\s+", " "} \
+            or encoding not in _SPARK_CSV_ENCODINGS:
+        return None
+    with open(spec.path, "rb") as fh:
+        if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):      # UTF-16, as _read_csv reads it
+            return None
+    df = session.read.csv(
+        path, sep=spec.sep, header=spec.header, inferSchema=False, mode="FAILFAST",
+        encoding=_SPARK_CSV_ENCODINGS[encoding], quote='"',
+        escape='"', ignoreLeadingWhiteSpace=True, ignoreTrailingWhiteSpace=False,
+        nullValue="", multiLine=False, enforceSchema=False)
+    names = list(spec.names) if spec.names else list(df.columns)
+    if len(names) != len(df.columns) or names != columns:
+        return None
+    df = df.select(*[df[f"`{c}`"].alias(n) for c, n in zip(df.columns, names, strict=True)],
+                   df["_metadata"]["file_block_start"].alias("_block"),
+                   fn.monotonically_increasing_id().alias("_id"))
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        blocks = engine.collect(df.groupBy("_block").agg(
+            fn.count(fn.lit(1)).alias("n"), fn.min("_id").alias("first")).orderBy("_block"))
+    except Exception as exc:          # (Spark's own error, e.g. a line of too many fields)
+        df.unpersist()
+        raise _unreadable(spec, exc) from None
+    # a row's place in the file: the rows of the blocks before it, and its own place in
+    # its block (the ids of one block's rows are consecutive: one task reads it)
+    blocks["offset"] = blocks["n"].cumsum() - blocks["n"]
+    places = session.createDataFrame(blocks[["_block", "offset", "first"]])
+    numbered = df.join(fn.broadcast(places), on="_block").select(
+        *[df[f"`{c}`"] for c in names],
+        (fn.col("offset") + fn.col("_id") - fn.col("first")).alias(FILE_ROW))
+    numbered = numbered.persist(StorageLevel.MEMORY_AND_DISK)
+    numbered.count()
+    df.unpersist()
+    return numbered
+
+
+def _unreadable(spec: TableSpec, exc: Exception) -> DataContractError:
+    """The stop for a file Spark's reader rejects, with the line it names."""
+    text = str(exc)
+    found = re.search(r"(Malformed[^\n]*|[^\n]*(?:tokens|columns)[^\n]*)", text)
+    return DataContractError(file=spec.path, rule="parse_file",
+                             message=f"cannot be read as {spec.resolved_format}: "
+                                     f"{(found.group(1) if found else text)[:300]}")
+
+
+def _partition_parser(spec: TableSpec, *, table: str, config: Config, others: bool,
+                      undecodable: bool):
+    """The function each partition of the file's rows is parsed by (``mapInPandas``):
+    :func:`_map_columns` and :func:`_parse` on each batch, giving the parsed columns,
+    :data:`FILE_ROW`, the rule a row breaks while parsing, which checked columns did not
+    parse, whether the row holds undecodable text and, with ``others``, a hash of the
+    columns the contract does not read."""
+    checked = [c for c in (*DATE_COLUMNS[table], *NUMBER_COLUMNS)]
+
+    def parse(batches):
+        for raw in batches:
+            rows = raw.pop(FILE_ROW).to_numpy(dtype="int64")
+            raw.index = pd.Index(rows)
+            mapped, _, unread = _map_columns(raw, spec, table=table, pii=config.pii)
+            marks: dict[str, pd.Series] = {}
+            parsed, rules = _parse(mapped, spec, table=table, config=config, marks=marks)
+            bits = np.zeros(len(raw), dtype="int64")
+            for i, col in enumerate(c for c in checked if c in marks):
+                bits |= marks[col].to_numpy(dtype=bool).astype("int64") << i
+            extra = {FILE_ROW: rows, _RULE: rules.astype("object").to_numpy(),
+                     _UNPARSEABLE: bits,
+                     _UNDECODABLE: (raw.apply(lambda s: s.astype("str").str.contains(
+                         "\ufffd", regex=False).fillna(False)).any(axis=1).to_numpy()
+                         if undecodable and raw.shape[1] else np.zeros(len(raw), bool))}
+            if others:
+                extra[_OTHER_COLUMNS] = pd.util.hash_pandas_object(
+                    raw[unread], index=False).to_numpy().view("int64")
+            yield parsed.reset_index(drop=True).assign(**extra)
+
+    return parse
+
+
+def _parsed_schema(frames) -> Any:
+    """The Spark schema of :func:`_partition_parser`'s frames (of the file's first rows):
+    times without a zone, as the data's are."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from analysis.engine import _arrow_of
+
+    return from_arrow_schema(_arrow_of(next(frames)).schema, prefer_timestamp_ntz=True)
+
+
+def _stop_on_spark(parsed, raw, spec: TableSpec, *, table: str, config: Config,
+                   checked: list[str], chunk_rows: int) -> None:
+    """The stops :func:`load_table` makes while it reads, made from counts per chunk of
+    ``chunk_rows`` rows in file order (chunk by chunk, column by column, as it reads): a
+    chunk holding undecodable text, and a ``checked`` column more than half of whose
+    rows read so far do not parse."""
+    from pyspark.sql import functions as fn
+
+    bit = [(fn.col(_UNPARSEABLE).bitwiseAND(1 << i) != 0) for i in range(len(checked))]
+    counted = parsed.groupBy(fn.expr(f"{FILE_ROW} DIV {int(chunk_rows)}").alias("chunk")) \
+        .agg(fn.count(fn.lit(1)).alias("n"),
+             fn.min(fn.when(fn.col(_UNDECODABLE), fn.col(FILE_ROW))).alias("undecodable"),
+             *[fn.sum(b.cast("long")).alias(f"bad{i}") for i, b in enumerate(bit)]) \
+        .orderBy("chunk").toPandas()
+    n_rows, n_bad = 0, [0] * len(checked)
+    for chunk in counted.itertuples(index=False):
+        if pd.notna(chunk.undecodable):
+            raise DataContractError(
+                file=spec.path, rule="encoding",
+                message=f"cannot be decoded as {spec.encoding} (row "
+                        f"{int(chunk.undecodable) + 1:,} holds bytes that are not "
+                        f"{spec.encoding}); set 'encoding' in the config (e.g. latin-1, "
+                        "utf-16)")
+        n_rows += int(chunk.n)
+        for i, column in enumerate(checked):
+            bad = int(getattr(chunk, f"bad{i}"))
+            n_bad[i] += bad
+            if bad and n_bad[i] > _MAX_UNPARSEABLE_SHARE * n_rows:
+                first = parsed.where(bit[i] & (fn.expr(f"{FILE_ROW} DIV {int(chunk_rows)}")
+                                               == int(chunk.chunk))) \
+                    .select(FILE_ROW).orderBy(FILE_ROW).limit(5).toPandas()
+                rows = _rows_of(raw, first[FILE_ROW].to_numpy(dtype="int64"))
+                mapped, _, _ = _map_columns(rows, spec, table=table, pii=config.pii)
+                raise _mostly_bad(spec, column, n_bad[i], n_rows,
+                                  mapped[column].astype("object").tolist())
+
+
+def _rows_of(df, rows: np.ndarray) -> pd.DataFrame:
+    """The rows of the Spark DataFrame ``df`` at the places ``rows`` of the file, on the
+    driver, in file order, indexed by their place (:data:`FILE_ROW` dropped)."""
+    from pyspark.sql import functions as fn
+
+    from analysis.engine import _frame_of
+
+    wanted = _places(df.sparkSession, rows)
+    found = _frame_of(df.join(fn.broadcast(wanted), on=FILE_ROW, how="left_semi"))
+    found = found.sort_values(FILE_ROW, kind="stable")
+    found.index = pd.Index(found.pop(FILE_ROW).to_numpy(dtype="int64"))
+    return found
+
+
+def _quarantine_on_spark(raw, marked: pd.Series, spec: TableSpec, *, table: str,
+                         config: Config) -> pd.DataFrame:
+    """The quarantine of the rows ``marked`` (``rule<TAB>detail`` by place in the file),
+    with their original values, as :func:`_set_aside` makes it."""
+    rows = _rows_of(raw, marked.index.to_numpy(dtype="int64"))
+    mapped, _, _ = _map_columns(rows, spec, table=table, pii=config.pii)
+    rules = pd.Series(marked.loc[rows.index].to_numpy(), index=rows.index, dtype="object")
+    return _set_aside(rows, mapped, rules, rules.notna(), config=config)
+
+
+def _pseudonymized(clean, *, key: str):
+    """The Spark DataFrame ``clean`` with its ids pseudonymized (:func:`pseudonymize`),
+    by the executors."""
+    def each(batches):
+        for frame in batches:
+            yield frame.assign(customer_id=pseudonymize(frame["customer_id"], key=key))
+
+    return clean.mapInPandas(each, clean.schema)
+
+
+def _places(session, rows: np.ndarray):
+    """The places ``rows`` in a file as a Spark DataFrame of one column,
+    :data:`FILE_ROW` (none or many)."""
+    return session.createDataFrame(pd.DataFrame({FILE_ROW: np.asarray(rows, dtype="int64")}),
+                                   schema=f"{FILE_ROW} long")

@@ -171,9 +171,10 @@ class SparkEngine:
     def views(self) -> set[str]:
         return {t.name for t in self.session.catalog.listTables() if t.isTemporary}
 
-    def write_parquet(self, df: Any, path: str | Path, *, order_by: str) -> int:
-        """``df`` written as Parquet by the executors, its rows in ``order_by``'s order;
-        returns its number of rows. On a local master, to a local path, one file
+    def write_parquet(self, df: Any, path: str | Path, *, order_by: str,
+                      drop_order: bool = False) -> int:
+        """``df`` written as Parquet by the executors, its rows in ``order_by``'s order
+        (that column left out with ``drop_order``); returns its number of rows. On a local master, to a local path, one file
         ``path`` (written beside it, then moved into place); elsewhere (a cluster, or a
         URL such as ``dbfs:/...`` or ``s3://...``) a folder ``path`` of part files,
         sorted across them, as a cluster writes (replacing what was there)."""
@@ -183,9 +184,10 @@ class SparkEngine:
         if (not self.session.sparkContext.master.startswith("local")
                 or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", str(path))):
             # (a file per core of the cluster, ranges of ``order_by``)
-            df.repartitionByRange(self.session.sparkContext.defaultParallelism,
-                                  f"`{order_by}`").sortWithinPartitions(
-                f"`{order_by}`").write.mode("overwrite").parquet(str(path))
+            df = df.repartitionByRange(self.session.sparkContext.defaultParallelism,
+                                       f"`{order_by}`").sortWithinPartitions(f"`{order_by}`")
+            (df.drop(order_by) if drop_order else df).write.mode("overwrite").parquet(
+                str(path))
             return self.session.read.parquet(str(path)).count()
         import pyarrow.parquet as pq
 
@@ -193,8 +195,8 @@ class SparkEngine:
         path.parent.mkdir(parents=True, exist_ok=True)
         folder = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
         try:
-            df.repartition(1).sortWithinPartitions(f"`{order_by}`").write.parquet(
-                str(folder))
+            df = df.repartition(1).sortWithinPartitions(f"`{order_by}`")
+            (df.drop(order_by) if drop_order else df).write.parquet(str(folder))
             parts = sorted(folder.glob("part-*.parquet"))
             if len(parts) != 1:
                 raise RuntimeError(f"Spark wrote {len(parts)} files for one partition "
@@ -521,6 +523,7 @@ def to_spark(query: str) -> str:
     - ``AVG(x)``: ``AVG(CAST(x AS DOUBLE))``; DuckDB's average is a double whatever
       ``x`` is, Spark's average of a decimal (``AVG(CASE ... THEN 1.0 ...)``) a decimal
       rounded to a few places;
+    - ``isinf(x)``: ``(ABS(x) = CAST('Infinity' AS DOUBLE))``;
     - ``WITH x AS [NOT] MATERIALIZED (...)``, a hint to DuckDB's planner: a plain
       ``WITH x AS (...)`` (Spark decides itself what to compute once).
     """
@@ -542,6 +545,11 @@ def to_spark(query: str) -> str:
         if isinstance(node, exp.PercentileCont) and node.expression is not None:
             return exp.Anonymous(this="PERCENTILE", expressions=[node.this.copy(),
                                                                  node.expression.copy()])
+        if isinstance(node, exp.IsInf):
+            return exp.Paren(this=exp.EQ(
+                this=exp.Abs(this=node.this.copy()),
+                expression=exp.Cast(this=exp.Literal.string("Infinity"),
+                                    to=exp.DataType.build("DOUBLE"))))
         if isinstance(node, exp.Anonymous) and node.name.upper() == "ROW":
             return exp.Anonymous(this="STRUCT", expressions=[e.copy() for e in node.expressions])
         if isinstance(node, exp.Avg) and not (isinstance(node.this, exp.Cast)

@@ -473,7 +473,8 @@ def connect_spark(source: str | Path | Mapping[str, pd.DataFrame] | None, *,
     Parameters
     ----------
     source : as in :func:`connect` (a folder of Parquet tables, which Spark reads, or
-        frames, which are handed to Spark), or None to use the temporary views
+        frames, which are handed to Spark, or Spark's DataFrames), or None to use the
+        temporary views
         ``tx_raw`` (and optionally ``customers_raw``, ``interactions_raw``) already on
         the session: e.g. a Delta or catalog table, ``spark.table("sales.orders")
         .createOrReplaceTempView("tx_raw")``, with the contract's column names.
@@ -487,8 +488,10 @@ def connect_spark(source: str | Path | Mapping[str, pd.DataFrame] | None, *,
     for view, table in ({} if source is None else _raw_tables(source)).items():
         if isinstance(table, Path):
             engine.read_parquet(view, table)
-        else:
+        elif isinstance(table, pd.DataFrame):
             engine.register(view, table)
+        else:                     # a Spark DataFrame (data.load_dataset_on_spark's)
+            table.createOrReplaceTempView(view)
     engine.view("lines", _lines_sql(engine))
     return engine
 
