@@ -326,8 +326,7 @@ def pseudonymize(ids: pd.Series, *, key: str) -> pd.Series:
 
 def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     """The data-quality summary of a loaded dataset, as frames: :func:`summarise` by
-    DuckDB over the cleaned tables (handed over as they are, on one thread so that
-    its sums are the same in every run, within 1 GB).
+    DuckDB over the cleaned tables (handed over as they are, within 1 GB).
 
     Returns
     -------
@@ -348,7 +347,6 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
 
     con = duckdb.connect()
     try:
-        con.execute("SET threads = 1")
         con.execute("SET memory_limit = '1GB'")
         con.execute("SET allocator_flush_threshold = '32MB'")   # give memory back after
         engine = DuckDBEngine(con)
