@@ -131,19 +131,25 @@ def test_every_yaml_example_in_the_readme_is_a_valid_config(tmp_path):
 
 
 def test_the_spark_guides_config_example_is_valid(tmp_path):
-    """docs/spark.md's YAML is a config fragment users copy: with a table added, it
-    parses, and names the engine, master and settings it shows."""
+    """docs/spark.md's YAML are config fragments users copy: the settings (with a table
+    added) parse, and name the engine, master and settings they show; the tables of a
+    catalog parse as a table and a file."""
     import re
 
     from analysis.config import parse_config
 
     blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "spark.md").read_text(), re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2
     raw = {**yaml.safe_load(blocks[0]), "tables": {"transactions": "tx.csv"}}
     config = parse_config(raw, base_dir=tmp_path)
     assert config.analysis.engine == "spark" and config.spark.master == "local[*]"
     assert config.spark.conf == {"spark.driver.memory": "8g",
                                  "spark.sql.shuffle.partitions": "400"}
+    config = parse_config(yaml.safe_load(blocks[1]), base_dir=tmp_path)
+    tables = config.tables
+    assert tables["transactions"].source == "sales.orders"
+    assert tables["transactions"].resolved_format == "table"
+    assert tables["customers"].source == Path("/dbfs/mnt/exports/customers.parquet")
 
 
 # --------------------------------------------------------------------------- every key checked

@@ -531,3 +531,45 @@ def test_on_spark_a_column_stops_the_load_as_the_file_read_so_far_says(session, 
             load(spec, table="transactions", config=cfg, today=today,
                  **({"engine": engine} if load is load_table_on_spark else {}))
         assert err.value.rule == "parse_file"
+
+
+def test_a_table_of_the_spark_catalog_is_loaded_as_its_file_is(session, small_demo, tmp_path):
+    """``tables: {transactions: {table: <name>}}``: a table or view of the Spark catalog
+    (a Delta table on Databricks) is loaded and validated by the executors as the same
+    rows in a Parquet file are on the driver; a missing table stops naming it; a table
+    without the Spark engine is a config error naming the key."""
+    from analysis import data as D
+    from analysis.config import load_config
+    from analysis.engine import SparkEngine
+    from analysis.errors import ConfigError, DataContractError
+    from .conftest import write_config
+
+    lines = pd.read_parquet(small_demo / "transactions.parquet")
+    lines = pd.concat([lines, lines.iloc[:3]], ignore_index=True)   # three copies
+    lines.loc[5, "amount"] = float("inf")
+    lines.to_parquet(tmp_path / "tx.parquet")
+    spark = SparkEngine(session)
+    spark.read_parquet("_orders_file", tmp_path / "tx.parquet")
+    session.table("_orders_file").coalesce(1).createOrReplaceTempView("shop_orders")
+    customers = {"path": str(small_demo / "customers.parquet")}
+    outputs = []
+    for engine, source in (("duckdb", {"path": "tx.parquet"}),
+                           ("spark", {"table": "shop_orders"})):
+        config = load_config(write_config(tmp_path, {"transactions": source,
+                                                     "customers": customers},
+                                          analysis={"engine": engine}))
+        D.quality_step(config, tmp_path / engine)
+        outputs.append(tmp_path / engine)
+    _same_outputs(*outputs)
+    quality = json.loads((outputs[1] / "data_quality.json").read_text())
+    assert quality["tables"][0]["file"] == "shop_orders"
+    assert {q["rule"]: q["rows"] for q in quality["quarantine"]} == {
+        "duplicate_row": 3, "non_finite_amount": 1}
+    config = load_config(write_config(tmp_path, {"transactions": {"table": "no_such"}},
+                                      analysis={"engine": "spark"}))
+    with pytest.raises(DataContractError, match="no_such: no table or view") as err:
+        D.quality_step(config, tmp_path / "none")
+    assert err.value.rule == "table_exists"
+    with pytest.raises(ConfigError, match="needs 'analysis: {engine: spark}'") as err:
+        load_config(write_config(tmp_path, {"transactions": {"table": "shop_orders"}}))
+    assert err.value.key == "tables.transactions.table"

@@ -97,9 +97,13 @@ class TableSpec(_Params):
     ``columns`` maps contract names to the file's column names; contract columns
     not listed are looked up under their own name. ``attributes`` (customers table)
     lists extra descriptive columns to keep; by default every unmapped column is kept.
+    ``table``, instead of ``path``: a table or view of the Spark session's catalog
+    (e.g. a Delta table on Databricks, ``sales.orders``), read by Spark
+    (``analysis.engine: spark``).
     """
 
-    path: Path
+    path: Path | None = None
+    table: str | None = None
     format: FileFormat = "auto"
     sep: str = ","
     header: bool = True
@@ -124,8 +128,22 @@ class TableSpec(_Params):
     def _no_columns(cls, value: Any) -> Any:
         return {} if value is None else value
 
+    @model_validator(mode="after")
+    def _one_source(self) -> TableSpec:
+        if (self.path is None) == (self.table is None):
+            raise _problem("needs a 'path' (a file) or a 'table' (a table of the Spark "
+                           "session's catalog), one of them")
+        return self
+
+    @property
+    def source(self) -> str | Path:
+        """Where the rows are: the file, or the catalog table's name."""
+        return self.path if self.table is None else self.table
+
     @property
     def resolved_format(self) -> str:
+        if self.table is not None:
+            return "table"
         if self.format != "auto":
             return self.format
         suffix = self.path.suffix.lower()
@@ -554,6 +572,11 @@ class Config(_Params):
         if required not in self.tables:
             raise _problem(f"mode '{self.mode}' needs a '{required}' table", field="tables")
         for name, spec in self.tables.items():
+            if spec.table is not None and (self.analysis.engine != "spark"
+                                           or self.mode != "transactions"):
+                raise _problem("a table of the Spark catalog is read by Spark: it needs "
+                               "'analysis: {engine: spark}' and mode 'transactions'",
+                               field=f"tables.{name}.table")
             contract = sum(TABLE_CONTRACTS[name], ())
             unknown = set(spec.columns) - set(contract)
             if unknown:

@@ -104,7 +104,7 @@ class CleanTable:
     Attributes
     ----------
     name : contract table name (``transactions``, ``customers``, ``interactions``).
-    file : the source file.
+    file : the source file (or catalog table, on Spark).
     data : processed rows, contract column names, typed.
     quarantine : set-aside rows: ``source_row`` (1-based data row in the file),
         ``rule``, ``detail`` and the row's original values.
@@ -115,7 +115,7 @@ class CleanTable:
     """
 
     name: str
-    file: Path
+    file: Path | str
     data: pd.DataFrame
     quarantine: pd.DataFrame
     n_read: int
@@ -200,7 +200,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
                                                    row_ids=_row_ids(config, table))
         if config.mode == "snapshot" and table == "customers" and "churn" not in mapped:
             raise DataContractError(
-                file=spec.path, rule="required_column", column="churn",
+                file=spec.source, rule="required_column", column="churn",
                 message="snapshot mode needs a churn label column: map it with "
                         "'columns: {churn: <your column>}' and set snapshot.churn_positive",
                 examples=columns)
@@ -219,7 +219,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
                 raw.loc[~bad.to_numpy(), unread], index=False).to_numpy())
         del raw, mapped, parsed, rules
     if n_read == 0:
-        raise DataContractError(file=spec.path, rule="no_rows",
+        raise DataContractError(file=spec.source, rule="no_rows",
                                 message="the file has a header but no data rows",
                                 examples=columns)
     judged = _judge_rows(parts, table=table, config=config, today=today,
@@ -242,7 +242,7 @@ def load_table(spec: TableSpec, *, table: str, config: Config,
         [q for q in quarantines if len(q)] or quarantines[:1], ignore_index=True)
     if len(judged):       # rows set aside after parsing join those set aside while parsing
         quarantine = quarantine.sort_values("source_row", kind="stable", ignore_index=True)
-    return CleanTable(name=table, file=spec.path, data=data.reset_index(drop=True),
+    return CleanTable(name=table, file=spec.source, data=data.reset_index(drop=True),
                       quarantine=quarantine, n_read=n_read, notes=tuple(notes),
                       given=given)
 
@@ -374,14 +374,14 @@ def summarise(engine, tables: dict[str, CleanTable]) -> dict[str, pd.DataFrame]:
         date_col = {"transactions": "order_date", "customers": "signup_date",
                     "interactions": "date", "campaign": "campaign_date"}[name]
         dates = f"{date_col}" if date_col in columns else "CAST(NULL AS TIMESTAMP)"
-        in_log = ("NULL" if not has_log or name == "transactions" else
-                  "COUNT(DISTINCT customer_id) FILTER (WHERE customer_id IN "
-                  f"(SELECT customer_id FROM {_clean_view('transactions')}))")
         n_missing = ", ".join(f"COUNT(*) - COUNT({_ident(c)})" for c in columns)
         counted = engine.rows(
-            f"SELECT COUNT(DISTINCT customer_id), MIN({dates}), MAX({dates}), {in_log}, "
+            f"SELECT COUNT(DISTINCT customer_id), MIN({dates}), MAX({dates}), "
             f"{n_missing} FROM {view}")[0]
-        n_customers, first, last, in_order_log, *absent = counted
+        n_customers, first, last, *absent = counted
+        in_order_log = (None if not has_log or name == "transactions" else engine.rows(
+            f"SELECT COUNT(DISTINCT t.customer_id) FROM {view} t SEMI JOIN "
+            f"{_clean_view('transactions')} o ON t.customer_id = o.customer_id")[0][0])
         rows.append({
             "table": name, "file": str(table.file), "rows_read": table.n_read,
             "rows_processed": table.n_processed, "rows_quarantined": table.n_quarantined,
@@ -583,6 +583,10 @@ def absent_input_sentence(name: str, **values: object) -> str:
 def _read_chunks(spec: TableSpec, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The file's rows, ``chunk_rows`` at a time (at least one frame, maybe empty, so
     the columns are known); read errors become :class:`DataContractError`."""
+    if spec.table is not None:
+        raise DataContractError(file=spec.table, rule="table_needs_spark",
+                                message="a table of the Spark catalog is read by Spark: "
+                                        "run with analysis.engine spark")
     path = spec.path
     if not path.is_file():
         raise DataContractError(file=path, rule="file_exists",
@@ -718,7 +722,7 @@ def _map_columns(raw: pd.DataFrame, spec: TableSpec, *, table: str,
             hint = (f"; the file seems to use {sep!r} as separator but the config "
                     f"says {spec.sep!r}")
         raise DataContractError(
-            file=spec.path, rule="required_column", column=source,
+            file=spec.source, rule="required_column", column=source,
             message=f"required column {source!r} (contract: {missing[0]}) is "
                     f"missing{hint}; columns found are listed as examples",
             examples=list(raw.columns)[:5],
@@ -862,12 +866,12 @@ def _parse_churn(s: pd.Series, positive: str, spec: TableSpec,
     values = sorted(set(text[~missing]))
     if len(values) > 2:
         raise DataContractError(
-            file=spec.path, rule="churn_label", column="churn",
+            file=spec.source, rule="churn_label", column="churn",
             message=f"the churn label must have two values; found {len(values)}",
             examples=values[:5])
     if len(values) == 2 and not positives & set(values):
         raise DataContractError(
-            file=spec.path, rule="churn_label", column="churn",
+            file=spec.source, rule="churn_label", column="churn",
             message=f"snapshot.churn_positive is {positive!r}, which is not one of the "
                     f"labels found; set it to the value that means 'left'",
             examples=values)
@@ -995,7 +999,7 @@ def _mostly_bad(spec: TableSpec, column: str, n_bad: int, n_rows: int,
     else:
         rule = "number_format"
         message = "values are not numbers; check 'decimal' and 'thousands' in the config"
-    return DataContractError(file=spec.path, rule=rule, column=column, n_rows=n_bad,
+    return DataContractError(file=spec.source, rule=rule, column=column, n_rows=n_bad,
                              message=f"{n_bad:,} of {n_rows:,} {message}", examples=examples)
 
 
@@ -1445,7 +1449,7 @@ class SparkCleanTable:
     with :data:`FILE_ROW` beside the contract's columns."""
 
     name: str
-    file: Path
+    file: Path | str
     data: Any
     quarantine: pd.DataFrame
     n_read: int
@@ -1484,11 +1488,14 @@ def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine,
     from pyspark import StorageLevel
     from pyspark.sql import functions as fn
 
-    reader = _read_chunks(spec, _HEAD_ROWS)
-    try:
-        head = next(reader)
-    finally:
-        reader.close()
+    if spec.table is not None:
+        head = _table_head(spec, engine)
+    else:
+        reader = _read_chunks(spec, _HEAD_ROWS)
+        try:
+            head = next(reader)
+        finally:
+            reader.close()
     head.columns = [str(c) for c in head.columns]
     raw = None if head.empty else _spark_raw(spec, engine, list(head.columns))
     if raw is None:
@@ -1538,7 +1545,7 @@ def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine,
         engine.session.catalog.dropTempView("parsed")
         parsed.unpersist()
         raw.unpersist()
-    return SparkCleanTable(name=table, file=spec.path, data=clean, quarantine=quarantine,
+    return SparkCleanTable(name=table, file=spec.source, data=clean, quarantine=quarantine,
                            n_read=n_read, n_processed=n_processed, notes=tuple(notes),
                            given=given)
 
@@ -1566,8 +1573,11 @@ def _spark_raw(spec: TableSpec, engine, columns: list[str]):
     from pyspark.sql import functions as fn
 
     session = engine.session
-    path = str(spec.path)
     fmt = spec.resolved_format
+    if fmt == "table":        # (its rows numbered in the order Spark reads them)
+        df = session.table(spec.table)
+        return _numbered(engine, df, list(df.columns), fn.spark_partition_id())
+    path = str(spec.path)
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -1602,19 +1612,34 @@ def _spark_raw(spec: TableSpec, engine, columns: list[str]):
     if len(names) != len(df.columns) or names != columns:
         return None
     df = df.select(*[df[f"`{c}`"].alias(n) for c, n in zip(df.columns, names, strict=True)],
-                   df["_metadata"]["file_block_start"].alias("_block"),
+                   df["_metadata"]["file_block_start"].alias("_start"))
+    return _numbered(engine, df, names, fn.col("_start"), spec=spec)
+
+
+def _numbered(engine, df, names: list[str], block, *, spec: TableSpec | None = None):
+    """``df`` (its columns ``names``) with :data:`FILE_ROW`, each row's place: the rows of
+    the blocks before its own (``block``: where each row's block starts in the file, or
+    the partition that reads it) and its place in its block (one task reads a block, so
+    its rows' ids are consecutive); cached. A read error of the file (``spec``) stops."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as fn
+
+    df = df.select(*[df[f"`{c}`"] for c in names], block.alias("_block"),
                    fn.monotonically_increasing_id().alias("_id"))
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        blocks = engine.collect(df.groupBy("_block").agg(
-            fn.count(fn.lit(1)).alias("n"), fn.min("_id").alias("first")).orderBy("_block"))
+        blocks = df.groupBy("_block").agg(fn.count(fn.lit(1)).alias("n"),
+                                          fn.min("_id").alias("first")) \
+            .orderBy("_block").toPandas()
     except Exception as exc:          # (Spark's own error, e.g. a line of too many fields)
         df.unpersist()
+        if spec is None:
+            raise
         raise _unreadable(spec, exc) from None
-    # a row's place in the file: the rows of the blocks before it, and its own place in
-    # its block (the ids of one block's rows are consecutive: one task reads it)
     blocks["offset"] = blocks["n"].cumsum() - blocks["n"]
-    places = session.createDataFrame(blocks[["_block", "offset", "first"]])
+    places = engine.session.createDataFrame(
+        blocks[["_block", "offset", "first"]].astype("int64"),
+        schema="_block long, offset long, first long")
     numbered = df.join(fn.broadcast(places), on="_block").select(
         *[df[f"`{c}`"] for c in names],
         (fn.col("offset") + fn.col("_id") - fn.col("first")).alias(FILE_ROW))
@@ -1624,11 +1649,27 @@ def _spark_raw(spec: TableSpec, engine, columns: list[str]):
     return numbered
 
 
+def _table_head(spec: TableSpec, engine) -> pd.DataFrame:
+    """The first rows of a catalog table, as the executors get them; the stops for a
+    table that is not there or has no rows."""
+    try:
+        df = engine.session.table(spec.table)
+    except Exception:              # (Spark's AnalysisException: no such table or view)
+        raise DataContractError(file=spec.table, rule="table_exists",
+                                message="no table or view of that name in the Spark "
+                                        "session's catalog") from None
+    head = df.limit(_HEAD_ROWS).toPandas()
+    if head.empty:
+        raise DataContractError(file=spec.table, rule="no_rows",
+                                message="the table has no rows", examples=list(df.columns))
+    return head
+
+
 def _unreadable(spec: TableSpec, exc: Exception) -> DataContractError:
     """The stop for a file Spark's reader rejects, with the line it names."""
     text = str(exc)
     found = re.search(r"(Malformed[^\n]*|[^\n]*(?:tokens|columns)[^\n]*)", text)
-    return DataContractError(file=spec.path, rule="parse_file",
+    return DataContractError(file=spec.source, rule="parse_file",
                              message=f"cannot be read as {spec.resolved_format}: "
                                      f"{(found.group(1) if found else text)[:300]}")
 
@@ -1693,7 +1734,7 @@ def _stop_on_spark(parsed, raw, spec: TableSpec, *, table: str, config: Config,
     for chunk in counted.itertuples(index=False):
         if pd.notna(chunk.undecodable):
             raise DataContractError(
-                file=spec.path, rule="encoding",
+                file=spec.source, rule="encoding",
                 message=f"cannot be decoded as {spec.encoding} (row "
                         f"{int(chunk.undecodable) + 1:,} holds bytes that are not "
                         f"{spec.encoding}); set 'encoding' in the config (e.g. latin-1, "
@@ -1717,10 +1758,10 @@ def _rows_of(df, rows: np.ndarray) -> pd.DataFrame:
     driver, in file order, indexed by their place (:data:`FILE_ROW` dropped)."""
     from pyspark.sql import functions as fn
 
-    from analysis.engine import _frame_of
-
     wanted = _places(df.sparkSession, rows)
-    found = _frame_of(df.join(fn.broadcast(wanted), on=FILE_ROW, how="left_semi"))
+    # (converted as the partitions are: an integer column with gaps as floats, as
+    # pyarrow gives it to the driver's load)
+    found = df.join(fn.broadcast(wanted), on=FILE_ROW, how="left_semi").toPandas()
     found = found.sort_values(FILE_ROW, kind="stable")
     found.index = pd.Index(found.pop(FILE_ROW).to_numpy(dtype="int64"))
     return found
