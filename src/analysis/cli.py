@@ -214,14 +214,12 @@ def _validate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from analysis.config import load_config
-    from analysis.data import load_dataset, quality_summary, write_processed
+    from analysis.data import quality_step
     from analysis.report import default_run_id
 
     config = load_config(args.config)
-    dataset = load_dataset(config)
     out = args.out or config.output.processed_dir / f"validate-{default_run_id()}"
-    summary = quality_summary(dataset)
-    written = write_processed(dataset, out, summary=summary)
+    summary = quality_step(config, out)         # (a run's data step: on Spark with spark)
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.max_colwidth", 80):
         for row in summary["tables"].itertuples():
@@ -238,9 +236,8 @@ def _validate(args: argparse.Namespace) -> int:
             print("\nnotes:")
             print(summary["notes"].to_string(index=False))
     print(f"\nprocessed tables and quarantine files: {out}")
-    for name, path in written.items():
-        if name.startswith("quarantine_"):
-            print(f"  {name}: {path}")
+    for name in config.tables:
+        print(f"  quarantine_{name}: {Path(out) / 'quarantine' / f'{name}.csv'}")
     return 0
 
 
