@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.config import TABLE_CONTRACTS, Config, TableSpec
+from analysis.engine import DuckDBEngine, SparkEngine, _arrow_of, spark_session
 from analysis.errors import DataContractError
 from analysis.memory import rss_bytes, spill_directory
 
@@ -343,8 +344,6 @@ def quality_summary(dataset: Dataset) -> dict[str, pd.DataFrame]:
     """
     import duckdb
 
-    from analysis.engine import DuckDBEngine
-
     con = duckdb.connect()
     try:
         con.execute("SET memory_limit = '1GB'")
@@ -362,7 +361,8 @@ def _clean_view(table: str) -> str:
     return f"clean_{table}"
 
 
-def summarise(engine, tables: dict[str, CleanTable]) -> dict[str, pd.DataFrame]:
+def summarise(engine: DuckDBEngine | SparkEngine,
+              tables: dict[str, CleanTable | SparkCleanTable]) -> dict[str, pd.DataFrame]:
     """:func:`quality_summary` of ``tables`` (their counts, notes and quarantines), whose
     cleaned rows ``engine`` (DuckDB or Spark: :mod:`analysis.engine`) holds as the views
     ``clean_<table>``: only the summary's figures come back from the engine."""
@@ -426,7 +426,7 @@ def summarise(engine, tables: dict[str, CleanTable]) -> dict[str, pd.DataFrame]:
 
 def write_processed(dataset: Dataset | dict[str, CleanTable | SparkCleanTable],
                     out_dir: str | Path, *, summary: dict[str, pd.DataFrame] | None = None,
-                    engine=None) -> dict[str, Path]:
+                    engine: SparkEngine | None = None) -> dict[str, Path]:
     """Write cleaned tables (``clean/<table>.parquet``), quarantine files
     (``quarantine/<table>.csv``, with :func:`write_csv`: text a spreadsheet would run as
     a formula is neutralised) and the quality summary (``data_quality.json``):
@@ -547,8 +547,6 @@ def quality_step(config: Config, processed_dir: str | Path) -> dict[str, pd.Data
     the quarantine files and ``data_quality.json`` into the run folder
     (:func:`write_processed`), and return the summary (:func:`quality_summary`)."""
     if config.analysis.engine == "spark" and config.mode == "transactions":
-        from analysis.engine import SparkEngine, spark_session
-
         engine = SparkEngine(spark_session(config.spark.master, config.spark.conf))
         tables = load_dataset_on_spark(config, engine)
         try:
@@ -1237,7 +1235,8 @@ def _quarantine_frame(raw: pd.DataFrame, mapped: pd.DataFrame, rules: pd.Series,
     return pd.concat([q, original], axis=1)
 
 
-def _transaction_measures(engine, log: CleanTable | None) -> pd.DataFrame:
+def _transaction_measures(engine: DuckDBEngine | SparkEngine,
+                          log: CleanTable | SparkCleanTable | None) -> pd.DataFrame:
     """Lines, revenue, refunds, zero amounts, outliers (above Q3 + 3 IQR, the quartiles
     interpolated as numpy's) and statuses of the cleaned order log (``clean_transactions``
     on ``engine``). The revenue is summed as a decimal (to a millionth), so that it
@@ -1268,7 +1267,8 @@ def _transaction_measures(engine, log: CleanTable | None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["measure", "value"]).astype({"value": "object"})
 
 
-def _monthly(engine, log: CleanTable | None) -> pd.DataFrame:
+def _monthly(engine: DuckDBEngine | SparkEngine,
+             log: CleanTable | SparkCleanTable | None) -> pd.DataFrame:
     """Orders, customers and revenue of completed lines per month, counted over the
     cleaned order log (``clean_transactions`` on ``engine``; the revenue summed as a
     decimal, as :func:`_transaction_measures` sums it)."""
@@ -1462,7 +1462,8 @@ class SparkCleanTable:
         return len(self.quarantine)
 
 
-def load_dataset_on_spark(config: Config, engine, *, today: dt.date | None = None
+def load_dataset_on_spark(config: Config, engine: SparkEngine, *,
+                          today: dt.date | None = None
                           ) -> dict[str, SparkCleanTable | CleanTable]:
     """:func:`load_dataset` on Spark (``engine``: an :class:`analysis.engine.SparkEngine`):
     each table by :func:`load_table_on_spark`."""
@@ -1472,7 +1473,7 @@ def load_dataset_on_spark(config: Config, engine, *, today: dt.date | None = Non
             for name, spec in config.tables.items()}
 
 
-def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine,
+def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine: SparkEngine,
                         today: dt.date, chunk_rows: int = CHUNK_ROWS
                         ) -> SparkCleanTable | CleanTable:
     """:func:`load_table` by Spark's executors: the same cleaned rows, quarantine (rows,
@@ -1565,7 +1566,7 @@ _SPARK_CSV_ENCODINGS = {"utf-8": "UTF-8", "utf8": "UTF-8", "utf-8-sig": "UTF-8",
                         "us-ascii": "US-ASCII"}
 
 
-def _spark_raw(spec: TableSpec, engine, columns: list[str]):
+def _spark_raw(spec: TableSpec, engine: SparkEngine, columns: list[str]):
     """The file's rows as Spark reads them, under ``columns`` (the names pandas gives),
     with :data:`FILE_ROW`, cached; None where Spark cannot read the file as pandas does
     (see :func:`load_table_on_spark`)."""
@@ -1616,7 +1617,8 @@ def _spark_raw(spec: TableSpec, engine, columns: list[str]):
     return _numbered(engine, df, names, fn.col("_start"), spec=spec)
 
 
-def _numbered(engine, df, names: list[str], block, *, spec: TableSpec | None = None):
+def _numbered(engine: SparkEngine, df, names: list[str], block, *,
+              spec: TableSpec | None = None):
     """``df`` (its columns ``names``) with :data:`FILE_ROW`, each row's place: the rows of
     the blocks before its own (``block``: where each row's block starts in the file, or
     the partition that reads it) and its place in its block (one task reads a block, so
@@ -1649,7 +1651,7 @@ def _numbered(engine, df, names: list[str], block, *, spec: TableSpec | None = N
     return numbered
 
 
-def _table_head(spec: TableSpec, engine) -> pd.DataFrame:
+def _table_head(spec: TableSpec, engine: SparkEngine) -> pd.DataFrame:
     """The first rows of a catalog table, as the executors get them; the stops for a
     table that is not there or has no rows."""
     try:
@@ -1710,8 +1712,6 @@ def _parsed_schema(frames) -> Any:
     """The Spark schema of :func:`_partition_parser`'s frames (of the file's first rows):
     times without a zone, as the data's are."""
     from pyspark.sql.pandas.types import from_arrow_schema
-
-    from analysis.engine import _arrow_of
 
     return from_arrow_schema(_arrow_of(next(frames)).schema, prefer_timestamp_ntz=True)
 

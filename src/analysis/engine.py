@@ -174,10 +174,11 @@ class SparkEngine:
     def write_parquet(self, df: Any, path: str | Path, *, order_by: str,
                       drop_order: bool = False) -> int:
         """``df`` written as Parquet by the executors, its rows in ``order_by``'s order
-        (that column left out with ``drop_order``); returns its number of rows. On a local master, to a local path, one file
-        ``path`` (written beside it, then moved into place); elsewhere (a cluster, or a
-        URL such as ``dbfs:/...`` or ``s3://...``) a folder ``path`` of part files,
-        sorted across them, as a cluster writes (replacing what was there)."""
+        (that column left out with ``drop_order``); returns its number of rows. On a
+        local master, to a local path, one file ``path`` (written beside it, then moved
+        into place); elsewhere (a cluster, or a URL such as ``dbfs:/...`` or
+        ``s3://...``) a folder ``path`` of part files, sorted across them, as a cluster
+        writes (replacing what was there)."""
         import re
         import uuid
 
