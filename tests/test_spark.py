@@ -169,13 +169,16 @@ df.createOrReplaceTempView("made_by_" + sys.argv[1])
 """
 
 
-def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own(tmp_path):
+def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own(
+        tmp_path, monkeypatch):
     """The stages of a run on Spark, each in a process of its own, use the one driver the
     run started (the same application), each with its own session: no view or cache of
     the stage before, the local master's settings; the driver is gone after the run, and
-    what it printed is in its log, not on the run's terminal."""
+    what it printed is in its log, not on the run's terminal. Listing the catalog leaves
+    no ``spark-warehouse`` folder where the run was started."""
     from analysis.engine import SHARED_DRIVER, shared_spark_driver
 
+    monkeypatch.chdir(tmp_path)
     log = tmp_path / "driver.log"
     with shared_spark_driver("local[2]", log=log) as pid:
         assert os.environ[SHARED_DRIVER] == "1" and Path(f"/proc/{pid}").exists()
@@ -190,6 +193,7 @@ def test_a_runs_stages_share_one_spark_driver_each_with_a_session_of_its_own(tmp
     assert seen[0][2] == seen[1][2] == "4"
     assert not Path(f"/proc/{pid}").exists() and SHARED_DRIVER not in os.environ
     assert "log4j" in log.read_text()         # (Spark's first words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["driver.log"]
 
 
 def test_under_spark_submit_the_stages_share_its_driver(tmp_path):

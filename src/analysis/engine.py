@@ -23,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -336,6 +337,8 @@ def spark_session(master: str | None = None, conf: Mapping[str, object] | None =
         master is None and "PYSPARK_GATEWAY_PORT" not in os.environ)   # (not spark-submit)
     if local and not shared and not os.environ.get("PYSPARK_PYTHON"):
         os.environ["PYSPARK_PYTHON"] = sys.executable
+    if local:
+        conf = {**_local_warehouse(conf), **conf}
     if shared:
         settings = {**SPARK_DEFAULTS, **conf, "spark.app.name": app_name}
         session = _shared_driver_session({**settings, "spark.master": master}
@@ -391,7 +394,9 @@ def shared_spark_driver(master: str | None = None,
     from pyspark import SparkConf
     from pyspark.java_gateway import launch_gateway
 
-    settings = {**SPARK_DEFAULTS, **{k: str(v) for k, v in (conf or {}).items()},
+    conf = {k: str(v) for k, v in (conf or {}).items()}
+    settings = {**SPARK_DEFAULTS, **(_local_warehouse(conf) if (master or "local")
+                                     .startswith("local") else {}), **conf,
                 "spark.app.name": app_name, "spark.master": master or "local[*]"}
     out = None if log is None else open(log, "ab")     # (the driver keeps its own handle)
     try:
@@ -425,6 +430,17 @@ def shared_spark_driver(master: str | None = None,
         except Exception:
             gateway.proc.kill()
             gateway.proc.wait()
+
+
+def _local_warehouse(conf: Mapping[str, str]) -> dict[str, str]:
+    """Spark's warehouse (where ``saveAsTable`` writes, and the folder Spark makes as soon
+    as its catalog is listed) for a session on a local master: in the temporary
+    directory, not a ``spark-warehouse`` folder in the working directory of every run,
+    unless ``conf`` names one."""
+    if "spark.sql.warehouse.dir" in conf:
+        return {}
+    return {"spark.sql.warehouse.dir": str(Path(tempfile.gettempdir())
+                                           / "csl-spark-warehouse")}
 
 
 @contextlib.contextmanager
