@@ -1482,9 +1482,10 @@ def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine: 
     The file's first rows are read on the driver first, as :func:`load_table` reads
     them: a missing, empty or undecodable file, a missing column or a file of a header
     alone stops there. A file Spark does not read as pandas does (Excel, a separator of
-    whitespace, an encoding other than UTF-8 or a single-byte one, a Parquet file with
+    whitespace, an encoding other than UTF-8, Latin-1 or ASCII, a Parquet file with
     times in a zone, or one whose columns Spark names otherwise) is loaded on the driver
-    by :func:`load_table` (a :class:`CleanTable`).
+    by :func:`load_table` (a :class:`CleanTable`). A table of the Spark catalog
+    (``spec.table``) is read by Spark, its rows numbered in the order Spark reads them.
     """
     from pyspark import StorageLevel
     from pyspark.sql import functions as fn
