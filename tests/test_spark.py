@@ -535,6 +535,8 @@ def test_on_spark_a_column_stops_the_load_as_the_file_read_so_far_says(session, 
             load(spec, table="transactions", config=cfg, today=today,
                  **({"engine": engine} if load is load_table_on_spark else {}))
         assert err.value.rule == "parse_file"
+    assert "the header's 3 fields" in str(err.value)     # Spark's: the line, in words
+    assert err.value.examples == ["b,2024-01-01,5,6"]
 
 
 def test_a_table_of_the_spark_catalog_is_loaded_as_its_file_is(session, small_demo, tmp_path):

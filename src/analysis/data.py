@@ -371,9 +371,8 @@ def summarise(engine: DuckDBEngine | SparkEngine,
     for name, table in tables.items():
         view = _clean_view(name)
         columns = engine.columns(view)
-        date_col = {"transactions": "order_date", "customers": "signup_date",
-                    "interactions": "date", "campaign": "campaign_date"}[name]
-        dates = f"{date_col}" if date_col in columns else "CAST(NULL AS TIMESTAMP)"
+        date_col = DATE_COLUMNS[name][0]
+        dates = date_col if date_col in columns else "CAST(NULL AS TIMESTAMP)"
         n_missing = ", ".join(f"COUNT(*) - COUNT({_ident(c)})" for c in columns)
         counted = engine.rows(
             f"SELECT COUNT(DISTINCT customer_id), MIN({dates}), MAX({dates}), "
@@ -748,7 +747,7 @@ def _parse(df: pd.DataFrame, spec: TableSpec, *, table: str,
     one (updated), so that a column stops the run when most of the file read so far does
     not parse, not when a small chunk happens to be mostly bad. ``marks``: instead,
     record each checked column's unparseable rows there (by column), and stop for
-    none: the caller judges the whole file (:func:`_stop_if_mostly_bad_on_spark`)."""
+    none: the caller judges the whole file (:func:`_stop_on_spark`)."""
     rules = pd.Series(pd.NA, index=df.index, dtype="object")
     out = {}
     ids = _as_text(df["customer_id"]).str.strip()
@@ -1466,11 +1465,20 @@ def load_dataset_on_spark(config: Config, engine: SparkEngine, *,
                           today: dt.date | None = None
                           ) -> dict[str, SparkCleanTable | CleanTable]:
     """:func:`load_dataset` on Spark (``engine``: an :class:`analysis.engine.SparkEngine`):
-    each table by :func:`load_table_on_spark`."""
+    each table by :func:`load_table_on_spark` (a table that stops the load lets go of
+    the cleaned rows of those before it)."""
     today = today or dt.date.today()
-    return {name: load_table_on_spark(spec, table=name, config=config, engine=engine,
-                                      today=today)
-            for name, spec in config.tables.items()}
+    tables: dict[str, SparkCleanTable | CleanTable] = {}
+    try:
+        for name, spec in config.tables.items():
+            tables[name] = load_table_on_spark(spec, table=name, config=config,
+                                               engine=engine, today=today)
+    except BaseException:
+        for table in tables.values():
+            if isinstance(table, SparkCleanTable):
+                table.data.unpersist()
+        raise
+    return tables
 
 
 def load_table_on_spark(spec: TableSpec, *, table: str, config: Config, engine: SparkEngine,
@@ -1632,15 +1640,23 @@ def _numbered(engine: SparkEngine, df, names: list[str], block, *,
     df = df.select(*[df[f"`{c}`"] for c in names], block.alias("_block"),
                    fn.monotonically_increasing_id().alias("_id"))
     df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    context = df.sparkSession.sparkContext
+    # (the first read of the file: a line Spark cannot read stops below, in words;
+    # meanwhile Spark would print its stack traces to the terminal)
+    context.setLogLevel("OFF")
     try:
-        blocks = df.groupBy("_block").agg(fn.count(fn.lit(1)).alias("n"),
-                                          fn.min("_id").alias("first")) \
-            .orderBy("_block").toPandas()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            blocks = df.groupBy("_block").agg(fn.count(fn.lit(1)).alias("n"),
+                                              fn.min("_id").alias("first")) \
+                .orderBy("_block").toPandas()
     except Exception as exc:          # (Spark's own error, e.g. a line of too many fields)
         df.unpersist()
         if spec is None:
             raise
-        raise _unreadable(spec, exc) from None
+        raise _unreadable(spec, exc, fields=len(names)) from None
+    finally:
+        context.setLogLevel("ERROR")          # (as analysis.engine.spark_session sets it)
     blocks["offset"] = blocks["n"].cumsum() - blocks["n"]
     places = engine.session.createDataFrame(
         blocks[["_block", "offset", "first"]].astype("int64"),
@@ -1657,9 +1673,11 @@ def _numbered(engine: SparkEngine, df, names: list[str], block, *,
 def _table_head(spec: TableSpec, engine: SparkEngine) -> pd.DataFrame:
     """The first rows of a catalog table, as the executors get them; the stops for a
     table that is not there or has no rows."""
+    from pyspark.errors import AnalysisException
+
     try:
         df = engine.session.table(spec.table)
-    except Exception:              # (Spark's AnalysisException: no such table or view)
+    except AnalysisException:              # (no such table or view)
         raise DataContractError(file=spec.table, rule="table_exists",
                                 message="no table or view of that name in the Spark "
                                         "session's catalog") from None
@@ -1670,13 +1688,22 @@ def _table_head(spec: TableSpec, engine: SparkEngine) -> pd.DataFrame:
     return head
 
 
-def _unreadable(spec: TableSpec, exc: Exception) -> DataContractError:
-    """The stop for a file Spark's reader rejects, with the line it names."""
+def _unreadable(spec: TableSpec, exc: Exception, *, fields: int) -> DataContractError:
+    """The stop for a file Spark's reader rejects (in its ``FAILFAST`` mode), with the
+    line it names: in a file of ``fields`` columns, a line of more or fewer fields, or
+    with a quote left open."""
     text = str(exc)
-    found = re.search(r"(Malformed[^\n]*|[^\n]*(?:tokens|columns)[^\n]*)", text)
-    return DataContractError(file=spec.source, rule="parse_file",
-                             message=f"cannot be read as {spec.resolved_format}: "
-                                     f"{(found.group(1) if found else text)[:300]}")
+    line = re.search(r"Malformed CSV record: (.*?)(?: SQLSTATE|\n|$)", text)
+    if line is None:
+        found = re.search(r"(Malformed[^\n]*|[^\n]*(?:tokens|columns)[^\n]*)", text)
+        return DataContractError(file=spec.source, rule="parse_file",
+                                 message=f"cannot be read as {spec.resolved_format}: "
+                                         f"{(found.group(1) if found else text)[:300]}")
+    return DataContractError(
+        file=spec.source, rule="parse_file",
+        message=f"cannot be read as {spec.resolved_format}: a line does not split into "
+                f"the header's {fields} fields (a field too many or too few, or a quote "
+                f"left open); check 'sep' in the config", examples=[line.group(1)[:200]])
 
 
 def _partition_parser(spec: TableSpec, *, table: str, config: Config, others: bool,
