@@ -534,6 +534,17 @@ def test_the_demo_config_on_spark_answers_as_on_duckdb(good_run, small_demo, tmp
     profiles = [RunStore(r.processed_dir).read_profile_table() for r in (duck, spark)]
     pd.testing.assert_frame_equal(profiles[1], profiles[0], check_exact=False, rtol=1e-9,
                                   atol=1e-9)
+    # which the executors segmented and wrote (segments.profile_customers on Spark), with
+    # the same summaries
+    for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto"):
+        pd.testing.assert_frame_equal(
+            *(pd.read_parquet(r.processed_dir / "segments" / f"{name}.parquet")
+              for r in (spark, duck)), check_exact=False, rtol=1e-9, atol=1e-12, obj=name)
+    summaries = [json.loads((r.processed_dir / "profile.json").read_text())
+                 for r in (duck, spark)]
+    silhouettes = [s.pop("silhouette") for s in summaries]   # (standardised by Spark's sums)
+    assert summaries[1] == summaries[0] and silhouettes[1] == pytest.approx(silhouettes[0],
+                                                                           rel=1e-9)
     runs = [read_model_run(r.processed_dir) for r in (duck, spark)]
     trained = [json.loads((r.processed_dir / "models" / f"{m}.meta.json").read_text())
                ["trained_with"] for r in (duck, spark) for m in ("churn", "value")]

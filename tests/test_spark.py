@@ -10,6 +10,7 @@ DuckDB's own do between runs (README, "Reproducible"); counts, dates and text ex
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -579,3 +580,76 @@ def test_a_table_of_the_spark_catalog_is_loaded_as_its_file_is(session, small_de
     with pytest.raises(ConfigError, match="needs 'analysis: {engine: spark}'") as err:
         load_config(write_config(tmp_path, {"transactions": {"table": "shop_orders"}}))
     assert err.value.key == "tables.transactions.table"
+
+
+def test_running_sums_add_up_in_sorted_order_across_the_ranges(session):
+    """SparkEngine.running_sums, which the profile's ranks, value tiers and sample draw
+    stand on: over a table sorted into several ranges, each row's running total is that
+    of a cumulative sum over the sorted table (whole numbers exactly, doubles to their
+    last bits), ties broken by the rest of the order."""
+    import numpy as np
+    from pyspark.sql import functions as fn
+
+    from analysis.engine import SparkEngine
+
+    rng = np.random.default_rng(7)
+    rows = pd.DataFrame({"id": [f"c{i:05d}" for i in range(5_000)],
+                         "key": rng.integers(0, 40, 5_000).astype(float),
+                         "amount": rng.gamma(2.0, 50.0, 5_000)})
+    engine = SparkEngine(session)
+    with _ranges(session, 5):
+        df = session.createDataFrame(rows).repartition(7)
+        assert df.orderBy("key").rdd.getNumPartitions() == 5
+        out = engine.collect(engine.running_sums(
+            df, [fn.col("key").desc(), fn.col("id")],
+            {"place": fn.lit(1), "spent": fn.col("amount")}))
+    expected = rows.sort_values(["key", "id"], ascending=[False, True], ignore_index=True)
+    out = out.set_index("id").loc[expected["id"]]
+    assert out["place"].tolist() == list(range(1, 5_001))
+    np.testing.assert_allclose(out["spent"], expected["amount"].cumsum(), rtol=1e-12)
+
+
+def test_the_executors_profile_the_customers_as_the_driver_does(session, tmp_path):
+    """The profile step on Spark (segments.profile_customers with a Spark engine): the
+    executors build, segment and write the customer table, and the driver gets the
+    summaries. On CDNOW, the same table as on DuckDB (RFM scores and segments, value
+    ranks and tiers, lifecycle stages, clusters: exactly; floats to 1e-9) and the same
+    segments, tiers, lifecycle, clusters, cohorts and Pareto curve."""
+    from analysis import data as D
+    from analysis import segments as S
+    from analysis.config import load_config
+
+    require_cdnow()
+    config = load_config(ROOT / "configs" / "cdnow.yaml")
+    D.quality_step(config, tmp_path)
+    duck = F.connect(tmp_path / "clean")
+    spark = F.connect_spark(tmp_path / "clean", session=session)
+    as_of = dt.date(1998, 1, 1)
+    kwargs = {"as_of": as_of, "params": config.analysis, "seed": 5, "horizon_days": 120}
+    here = S.profile_customers(duck, **kwargs)
+    with _ranges(session, 3):        # (a sort in several ranges, as on a cluster)
+        there = S.profile_customers(spark, table=tmp_path / "customers.parquet", **kwargs)
+    assert there.customers is None and there.n_customers == len(here.customers) == 23_570
+    _same(here.customers, pd.read_parquet(tmp_path / "customers.parquet"))
+    for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto"):
+        _same(getattr(here, name), getattr(there, name))
+    assert here.customers["segment"].nunique() == len(there.segments) >= 8
+
+
+@contextlib.contextmanager
+def _ranges(session, n: int):
+    """Sorts and shuffles into ``n`` partitions while the block runs, as on a cluster
+    (Spark would merge a small table's into one)."""
+    keys = {"spark.sql.adaptive.coalescePartitions.enabled": "false",
+            "spark.sql.shuffle.partitions": str(n)}
+    before = {k: session.conf.get(k, None) for k in keys}
+    for k, v in keys.items():
+        session.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                session.conf.unset(k)
+            else:
+                session.conf.set(k, v)

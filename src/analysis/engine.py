@@ -208,6 +208,49 @@ class SparkEngine:
             shutil.rmtree(folder, ignore_errors=True)
         return pq.ParquetFile(path).metadata.num_rows
 
+    def running_sums(self, df: Any, order: list[Any], sums: Mapping[str, Any]) -> Any:
+        """``df`` with a running total of each of ``sums`` (name -> a column expression),
+        taken in ``order`` (Spark columns, a total order, e.g. ending with an id): the
+        total of the rows up to and including each row, as a cumulative sum over the
+        sorted table gives it. Each sorted range is summed where it lies and shifted by
+        the totals of the ranges before it (a handful of numbers on the driver), so no
+        single task holds the table, as a window over all rows would; whole numbers are
+        exact, and sums of doubles differ from a sequential sum only in their last bits
+        (the ranges' totals are added in another order). Materialised
+        (:meth:`materialise`)."""
+        from pyspark.sql import Window
+        from pyspark.sql import functions as fn
+
+        values = {name: f"_value_{i}" for i, name in enumerate(sums)}
+        # (materialised: each row's range is then fixed for the two reads below)
+        parts = self.materialise(
+            df.select("*", *[expr.alias(values[name]) for name, expr in sums.items()])
+            .orderBy(*order).withColumn("_range", fn.spark_partition_id()))
+        totals = self.collect(parts.groupBy("_range").agg(
+            *[fn.sum(v).alias(v) for v in values.values()])).sort_values("_range")
+        before = totals[["_range"]].astype("int64")
+        for v in values.values():
+            kind = "int64" if totals[v].dtype.kind in "iu" else "float64"
+            before[f"_before{v}"] = (pd.Series(totals[v].to_numpy(), dtype=kind).cumsum()
+                                     .shift(1, fill_value=0).astype(kind).to_numpy())
+        window = (Window.partitionBy("_range").orderBy(*order)
+                  .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+        return self.materialise(
+            parts.join(fn.broadcast(self.session.createDataFrame(before)), on="_range")
+            .select(*[fn.col(f"`{c}`") for c in df.columns],
+                    *[(fn.col(f"_before{v}") + fn.sum(v).over(window)).alias(name)
+                      for name, v in values.items()]))
+
+    def materialise(self, df: Any) -> Any:
+        """``df`` computed once and kept on the executors (memory, then disk), its plan
+        cut there: a chain of steps that each read the table twice (a join of the table
+        with its own aggregates) would otherwise grow a plan that doubles with each step
+        (the profile's plan took the driver's 2 GB to print). A local checkpoint: an
+        executor lost loses it, and the step stops."""
+        from pyspark import StorageLevel
+
+        return df.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+
     def has(self, name: str) -> bool:
         """Whether the table or view ``name`` exists (one lookup, where listing every
         view of the catalog takes over a second)."""

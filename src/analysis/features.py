@@ -60,6 +60,7 @@ __all__ = [
     "CORE_COLUMNS",
     "LABEL_COLUMNS",
     "build_features",
+    "features_on_spark",
     "write_features",
     "build_snapshots",
     "connect",
@@ -610,6 +611,32 @@ def write_features(con: Connection, out: str | Path, *, cutoff: dt.date,
             written += eng.write_parquet(_spark_tidy(eng.sql(joined), drop), out,
                                          order_by="customer_id")
     return written
+
+
+@contextlib.contextmanager
+def features_on_spark(con: Connection, *, cutoff: dt.date,
+                      horizon_days: int | None = None, labels: bool = True,
+                      exclude_attributes: tuple[str, ...] = ()) -> Iterator[Any]:
+    """The table of :func:`build_features` (same arguments) as a Spark DataFrame, kept
+    on the executors (:meth:`analysis.engine.SparkEngine.materialise`) while the block
+    runs (its working tables already gone), typed as
+    :func:`build_features` types it; its rows in no order. The driver never holds it:
+    e.g. the profile step segments it where it lies (:mod:`analysis.segments`)."""
+    eng = as_engine(con)
+    if not isinstance(eng, SparkEngine):
+        raise TypeError("features_on_spark needs a Spark engine (analysis.engine: spark)")
+    table = None
+    try:
+        with contextlib.closing(_feature_passes(
+                eng, cutoffs=[_as_date(cutoff)], horizon_days=horizon_days, labels=labels,
+                exclude_attributes=exclude_attributes, sample_share=None,
+                customers=None)) as passes:
+            for joined, drop in passes:  # (Spark takes every customer in one pass)
+                table = eng.materialise(_spark_tidy(eng.sql(joined), drop))
+        yield table
+    finally:
+        if table is not None:
+            table.unpersist()
 
 
 def build_snapshots(con: Connection, *, cutoffs: list[dt.date],

@@ -185,6 +185,10 @@ class RunStore:
                 return int(recorded["horizon_days"])
         return None
 
+    def profile_columns(self) -> list[str]:
+        """The profile step's table's columns (from its schema)."""
+        return list(pq.read_schema(self.profile_table).names)
+
     def read_profile_table(self) -> pd.DataFrame:
         """The profile step's table as it wrote it (features at the scoring date and the
         segments)."""
