@@ -113,3 +113,22 @@ def test_customer_csv_neutralises_formulas_and_parquet_keeps_them(tmp_path):
     pd.testing.assert_frame_equal(back, customers)                 # Parquet: values as given
 
 
+
+
+def test_a_profile_table_written_as_part_files_is_read_as_one(tmp_path):
+    """On a cluster Spark's executors write the profile's table as a folder of part
+    files (with Spark's _SUCCESS marker): the store reads it as the one table."""
+    folder = tmp_path / "segments" / "customers.parquet"
+    folder.mkdir(parents=True)
+    pd.DataFrame({"customer_id": ["c1", "c2"], "segment": ["Loyal", "New"]}).to_parquet(
+        folder / "part-00000.parquet", index=False)
+    pd.DataFrame({"customer_id": ["c3"], "segment": ["Lost"]}).to_parquet(
+        folder / "part-00001.parquet", index=False)
+    (folder / "_SUCCESS").write_text("")
+    store = RunStore(tmp_path)
+    store.write_scores(pd.DataFrame({"customer_id": ["c3", "c1", "c2"],
+                                     "churn_probability": [0.3, 0.1, 0.2]}))
+    assert store.n_customers() == 3 and store.profile_columns() == ["customer_id", "segment"]
+    out = store.read_customers(["segment", "churn_probability"])
+    assert out.to_dict("list") == {"segment": ["Loyal", "New", "Lost"],
+                                   "churn_probability": [0.1, 0.2, 0.3]}

@@ -474,7 +474,7 @@ def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None =
         return pd.read_parquet(path)
     import pyarrow.parquet as pq
 
-    present = set(pq.read_schema(path).names)
+    present = set(pq.ParquetDataset(path).schema.names)   # (a file, or a folder of parts)
     return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present])
 
 

@@ -217,7 +217,7 @@ class SparkEngine:
         single task holds the table, as a window over all rows would; whole numbers are
         exact, and sums of doubles differ from a sequential sum only in their last bits
         (the ranges' totals are added in another order). Materialised
-        (:meth:`materialise`)."""
+        (:meth:`materialise`): :meth:`release` it when done."""
         from pyspark.sql import Window
         from pyspark.sql import functions as fn
 
@@ -235,21 +235,41 @@ class SparkEngine:
                                      .shift(1, fill_value=0).astype(kind).to_numpy())
         window = (Window.partitionBy("_range").orderBy(*order)
                   .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-        return self.materialise(
-            parts.join(fn.broadcast(self.session.createDataFrame(before)), on="_range")
-            .select(*[fn.col(f"`{c}`") for c in df.columns],
-                    *[(fn.col(f"_before{v}") + fn.sum(v).over(window)).alias(name)
-                      for name, v in values.items()]))
+        try:
+            return self.materialise(
+                parts.join(fn.broadcast(self.session.createDataFrame(before)), on="_range")
+                .select(*[fn.col(f"`{c}`") for c in df.columns],
+                        *[(fn.col(f"_before{v}") + fn.sum(v).over(window)).alias(name)
+                          for name, v in values.items()]))
+        finally:
+            self.release(parts)
 
     def materialise(self, df: Any) -> Any:
         """``df`` computed once and kept on the executors (memory, then disk), its plan
         cut there: a chain of steps that each read the table twice (a join of the table
         with its own aggregates) would otherwise grow a plan that doubles with each step
         (the profile's plan took the driver's 2 GB to print). A local checkpoint: an
-        executor lost loses it, and the step stops."""
+        executor lost loses it, and the step stops. Free it with :meth:`release` when
+        done (``unpersist`` does not)."""
         from pyspark import StorageLevel
 
         return df.localCheckpoint(eager=True, storageLevel=StorageLevel.MEMORY_AND_DISK)
+
+    def release(self, *dfs: Any) -> None:
+        """Free what :meth:`materialise` kept of each of ``dfs`` on the executors (a
+        run's stages share one driver: what one stage leaves, the next must work
+        around). A frame that is not such a checkpoint is left as it is."""
+        from py4j.protocol import Py4JError
+
+        for df in dfs:
+            if df is None:
+                continue
+            try:
+                plan = df._jdf.queryExecution().logical()
+                if plan.getClass().getSimpleName() == "LogicalRDD":
+                    plan.rdd().unpersist(False)
+            except Py4JError:         # (Spark's internals moved: left to Spark's cleaner)
+                pass
 
     def has(self, name: str) -> bool:
         """Whether the table or view ``name`` exists (one lookup, where listing every

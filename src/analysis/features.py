@@ -619,7 +619,7 @@ def features_on_spark(con: Connection, *, cutoff: dt.date,
                       exclude_attributes: tuple[str, ...] = ()) -> Iterator[Any]:
     """The table of :func:`build_features` (same arguments) as a Spark DataFrame, kept
     on the executors (:meth:`analysis.engine.SparkEngine.materialise`) while the block
-    runs (its working tables already gone), typed as
+    runs (its working tables already gone), and freed after it, typed as
     :func:`build_features` types it; its rows in no order. The driver never holds it:
     e.g. the profile step segments it where it lies (:mod:`analysis.segments`)."""
     eng = as_engine(con)
@@ -635,8 +635,7 @@ def features_on_spark(con: Connection, *, cutoff: dt.date,
                 table = eng.materialise(_spark_tidy(eng.sql(joined), drop))
         yield table
     finally:
-        if table is not None:
-            table.unpersist()
+        eng.release(table)
 
 
 def build_snapshots(con: Connection, *, cutoffs: list[dt.date],

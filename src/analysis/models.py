@@ -1761,7 +1761,7 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
         con, horizon_days=a.horizon_days, cutoff=scoring_date, step_days=a.cutoff_step_days)
     # the profile step built the features at the scoring date with this horizon: read
     # them rather than building them again
-    profiled = (store.read_profile_table() if store.profile_table.is_file()
+    profiled = (store.read_profile_table() if store.profile_table.exists()
                 and store.horizon_days() == horizon else None)
     try:
         run = fit_and_evaluate(con, as_of=scoring_date, horizon_days=horizon,

@@ -623,7 +623,7 @@ def profile_customers(con: Connection, *, as_of: dt.date,
             n = feats.count()
             _check_enough(n, as_of, params)
             return _profile_on_spark(eng, feats, n, as_of=as_of, params=params, seed=seed,
-                                     horizon_days=horizon_days, table=Path(table))
+                                     horizon_days=horizon_days, table=table)
     feats = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
                            exclude_attributes=exclude_attributes)
     _check_enough(len(feats), as_of, params)
@@ -660,7 +660,7 @@ def _check_enough(n: int, as_of: dt.date, params: AnalysisParams) -> None:
 
 def _profile_on_spark(eng: SparkEngine, feats: Any, n: int, *, as_of: dt.date,
                       params: AnalysisParams, seed: int, horizon_days: int | None,
-                      table: Path) -> CustomerProfile:
+                      table: str | Path) -> CustomerProfile:
     """:func:`profile_customers` of the ``n`` customers of ``feats`` (a Spark DataFrame
     of their features) on Spark's executors, with this module's functions, and the
     customer table written there (``table``).
@@ -677,90 +677,101 @@ def _profile_on_spark(eng: SparkEngine, feats: Any, n: int, *, as_of: dt.date,
     """
     from pyspark.sql import functions as fn
 
-    # RFM: each score's rank, the lowest of its ties, from counts per (rounded) value
-    significant = _significant_udf()
-    keys = {"r_score": -fn.col("recency_days"), "f_score": fn.col("frequency"),
-            "m_score": fn.col("monetary_total")}
-    rows = feats.select("*", *[significant(expr.cast("double")).alias(f"_key_{score}")
-                               for score, expr in keys.items()])
-    for score in keys:
-        key = f"_key_{score}"
-        counts = (rows.where(fn.col(key).isNotNull() & ~fn.isnan(key))
-                  .groupBy(key).agg(fn.count(fn.lit(1)).alias("_n")))
-        running = eng.running_sums(counts, [fn.col(key).asc()],
-                                   {"_upto": fn.col("_n")})
-        rank = fn.col("_upto") - fn.col("_n") + 1
-        quintile = fn.least(fn.greatest(fn.ceil(rank / fn.lit(n) * 5), fn.lit(1)),
-                            fn.lit(5)).cast("bigint")
-        rows = rows.join(running.select(key, quintile.alias(score)), on=key,
-                         how="left").drop(key)
-    rows = eng.materialise(rows)
-    # the rest of a customer's segments, row by row, with the population's rhythm
-    gaps = feats.where(fn.col("gap_median_days").isNotNull())
-    rhythm = gaps.agg(fn.percentile("gap_median_days", 0.5)).first()[0]
-    cols = [c for c in CLUSTER_FEATURES if c in feats.columns]
-    thresholds = lifecycle_thresholds(params)
+    kept: list[Any] = []       # (what the executors keep: freed at the end)
+    try:
+        # RFM: each score's rank, the lowest of its ties, from counts per (rounded) value
+        significant = _significant_udf()
+        keys = {"r_score": -fn.col("recency_days"), "f_score": fn.col("frequency"),
+                "m_score": fn.col("monetary_total")}
+        missing = feats.where("recency_days IS NULL OR frequency IS NULL OR "
+                              "monetary_total IS NULL OR isnan(monetary_total)").count()
+        if missing:       # (as pandas' scores stop: build_features gives none)
+            raise ValueError(f"{missing:,} customer(s) without a recency, frequency or "
+                             "spend: no RFM score")
+        rows = feats.select("*", *[significant(expr.cast("double")).alias(f"_key_{score}")
+                                   for score, expr in keys.items()])
+        for score in keys:
+            key = f"_key_{score}"
+            counts = rows.groupBy(key).agg(fn.count(fn.lit(1)).alias("_n"))
+            running = eng.running_sums(counts, [fn.col(key).asc()],
+                                       {"_upto": fn.col("_n")})
+            kept.append(running)
+            rank = fn.col("_upto") - fn.col("_n") + 1
+            quintile = fn.least(fn.greatest(fn.ceil(rank / fn.lit(n) * 5), fn.lit(1)),
+                                fn.lit(5)).cast("bigint")
+            rows = rows.join(running.select(key, quintile.alias(score)), on=key,
+                             how="left").drop(key)
+        rows = eng.materialise(rows)
+        kept.append(rows)
+        # the rest of a customer's segments, row by row, with the population's rhythm
+        gaps = feats.where(fn.col("gap_median_days").isNotNull())
+        rhythm = gaps.agg(fn.percentile("gap_median_days", 0.5)).first()[0]
+        cols = [c for c in CLUSTER_FEATURES if c in feats.columns]
+        thresholds = lifecycle_thresholds(params)
 
-    def segment(batches):
-        for frame in batches:
-            named = _rfm_named(frame["r_score"], frame["f_score"], frame["m_score"])
-            life = assign_lifecycle(
-                frame, **thresholds,
-                population_rhythm=90.0 if rhythm is None else float(rhythm))
-            value = frame["monetary_total"].clip(lower=0).fillna(0.0).to_numpy()
-            out = frame.assign(
-                fm_score=named["fm_score"], rfm_score=named["rfm_score"],
-                segment=named["rfm_segment"], rhythm_days=life["rhythm_days"].to_numpy(),
-                recency_vs_rhythm=life["recency_vs_rhythm"].to_numpy(),
-                lifecycle_stage=life["lifecycle_stage"].to_numpy(),
-                _value=value, _value_key=_significant(value))
-            inputs = _cluster_input(frame[cols])
-            yield out.assign(**{f"_x{i}": inputs[:, i] for i in range(len(cols))})
+        def segment(batches):
+            for frame in batches:
+                named = _rfm_named(frame["r_score"], frame["f_score"], frame["m_score"])
+                life = assign_lifecycle(
+                    frame, **thresholds,
+                    population_rhythm=90.0 if rhythm is None else float(rhythm))
+                value = frame["monetary_total"].clip(lower=0).fillna(0.0).to_numpy()
+                out = frame.assign(
+                    fm_score=named["fm_score"], rfm_score=named["rfm_score"],
+                    segment=named["rfm_segment"], rhythm_days=life["rhythm_days"].to_numpy(),
+                    recency_vs_rhythm=life["recency_vs_rhythm"].to_numpy(),
+                    lifecycle_stage=life["lifecycle_stage"].to_numpy(),
+                    _value=value, _value_key=_significant(value))
+                inputs = _cluster_input(frame[cols])
+                yield out.assign(**{f"_x{i}": inputs[:, i] for i in range(len(cols))})
 
-    added = ("fm_score bigint, rfm_score string, segment string, rhythm_days double, "
-             "recency_vs_rhythm double, lifecycle_stage string, _value double, "
-             "_value_key double, " + ", ".join(f"_x{i} double" for i in range(len(cols))))
-    rows = rows.mapInPandas(segment, _schema_with(rows, added))
-    # value tiers: the share of value of the customers ranked above each
-    rows = eng.running_sums(rows, [fn.col("_value_key").desc(), fn.col("customer_id")],
-                            {"_upto": fn.col("_value"), "value_rank": fn.lit(1)})
-    total = rows.agg(fn.sum("_value")).first()[0] or 0.0
-    high, mid = params.tier_shares
-    before = ((fn.col("_upto") - fn.col("_value")) / fn.lit(total) if total > 0
-              else fn.lit(0.0))
-    rows = rows.withColumn("value_tier", fn.when(before < high, TIER_HIGH)
-                           .when(before < high + mid, TIER_MID).otherwise(TIER_LOW))
-    x, idx = _pareto_points(n)
-    reached = dict(eng.collect(rows.where(fn.col("value_rank").isin(
-        sorted({int(i) for i in idx if i > 0}))).select("value_rank", "_upto"))
-        .itertuples(index=False, name=None))
-    pareto = pd.DataFrame({"customer_share": x, "value_share": [
-        reached[i] / total if i > 0 and total > 0 else 0.0 for i in idx]})
-    # clusters: fitted on the driver's sample, each customer given its nearest
-    customers, clusters = _clusters_on_spark(
-        eng, rows, n, cols=cols, seed=seed, max_k=params.max_clusters)
-    first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name"]
-    rest = [c for c in feats.columns if c not in first] + [
-        "r_score", "f_score", "m_score", "fm_score", "rfm_score", "value_rank",
-        "rhythm_days", "recency_vs_rhythm", "cluster"]
-    customers = customers.select(*[fn.col(f"`{c}`") for c in first + rest])
-    eng.write_parquet(customers, table, order_by="customer_id")
-    written = eng.session.read.parquet(str(table))
-    return CustomerProfile(
-        as_of=as_of, customers=None, horizon_days=horizon_days,
-        segments=_segments_on_spark(eng, written, n, params=params),
-        tiers=_tier_table(eng.collect(written.groupBy("value_tier").agg(
-            fn.count(fn.lit(1)).alias("n_customers"),
-            fn.coalesce(fn.sum(fn.greatest("monetary_total", fn.lit(0.0))),
-                        fn.lit(0.0)).alias("value"),
-            fn.min("monetary_total").alias("min_value"))).set_index("value_tier"), n=n),
-        lifecycle=_lifecycle_table(eng.collect(written.groupBy("lifecycle_stage").count())
-                                   .set_index("lifecycle_stage")["count"], n=n),
-        clusters=clusters, cohorts=cohort_matrix(eng, cutoff=as_of), pareto=pareto)
+        added = ("fm_score bigint, rfm_score string, segment string, rhythm_days double, "
+                 "recency_vs_rhythm double, lifecycle_stage string, _value double, "
+                 "_value_key double, " + ", ".join(f"_x{i} double" for i in range(len(cols))))
+        rows = rows.mapInPandas(segment, _schema_with(rows, added))
+        # value tiers: the share of value of the customers ranked above each
+        rows = eng.running_sums(rows, [fn.col("_value_key").desc(), fn.col("customer_id")],
+                                {"_upto": fn.col("_value"), "value_rank": fn.lit(1)})
+        kept.append(rows)
+        total = rows.agg(fn.sum("_value")).first()[0] or 0.0
+        high, mid = params.tier_shares
+        before = ((fn.col("_upto") - fn.col("_value")) / fn.lit(total) if total > 0
+                  else fn.lit(0.0))
+        rows = rows.withColumn("value_tier", fn.when(before < high, TIER_HIGH)
+                               .when(before < high + mid, TIER_MID).otherwise(TIER_LOW))
+        x, idx = _pareto_points(n)
+        reached = dict(eng.collect(rows.where(fn.col("value_rank").isin(
+            sorted({int(i) for i in idx if i > 0}))).select("value_rank", "_upto"))
+            .itertuples(index=False, name=None))
+        pareto = pd.DataFrame({"customer_share": x, "value_share": [
+            reached[i] / total if i > 0 and total > 0 else 0.0 for i in idx]})
+        # clusters: fitted on the driver's sample, each customer given its nearest
+        customers, clusters = _clusters_on_spark(
+            eng, rows, n, cols=cols, seed=seed, max_k=params.max_clusters, kept=kept)
+        first = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name"]
+        rest = [c for c in feats.columns if c not in first] + [
+            "r_score", "f_score", "m_score", "fm_score", "rfm_score", "value_rank",
+            "rhythm_days", "recency_vs_rhythm", "cluster"]
+        customers = customers.select(*[fn.col(f"`{c}`") for c in first + rest])
+        eng.write_parquet(customers, table, order_by="customer_id")
+        written = eng.session.read.parquet(str(table))
+        return CustomerProfile(
+            as_of=as_of, customers=None, horizon_days=horizon_days,
+            segments=_segments_on_spark(eng, written, n, params=params),
+            tiers=_tier_table(eng.collect(written.groupBy("value_tier").agg(
+                fn.count(fn.lit(1)).alias("n_customers"),
+                fn.coalesce(fn.sum(fn.greatest("monetary_total", fn.lit(0.0))),
+                            fn.lit(0.0)).alias("value"),
+                fn.min("monetary_total").alias("min_value"))).set_index("value_tier"), n=n),
+            lifecycle=_lifecycle_table(eng.collect(written.groupBy("lifecycle_stage").count())
+                                       .set_index("lifecycle_stage")["count"], n=n),
+            clusters=clusters, cohorts=cohort_matrix(eng, cutoff=as_of), pareto=pareto)
+    finally:
+        eng.release(*kept)
 
 
 def _clusters_on_spark(eng: SparkEngine, rows: Any, n: int, *, cols: list[str], seed: int,
-                       max_k: int, sample_size: int = 20_000
+                       max_k: int, kept: list[Any], sample_size: int = 20_000
                        ) -> tuple[Any, pd.DataFrame]:
     """:func:`cluster_customers` for the customers of ``rows`` (with their clustering
     inputs ``_x0``...): standardised by everyone's means and spreads, fitted on the
@@ -778,6 +789,7 @@ def _clusters_on_spark(eng: SparkEngine, rows: Any, n: int, *, cols: list[str], 
     drawn = _cluster_sample(n, sample_size, seed)
     placed = eng.running_sums(rows.select("customer_id", *inputs), [fn.col("customer_id")],
                               {"_place": fn.lit(1)})
+    kept.append(placed)
     wanted = eng.session.createDataFrame(pd.DataFrame({"_place": drawn + 1}),
                                          schema="_place long")
     sample = eng.collect(placed.join(fn.broadcast(wanted), on="_place")).set_index(
@@ -792,6 +804,7 @@ def _clusters_on_spark(eng: SparkEngine, rows: Any, n: int, *, cols: list[str], 
 
     assigned = eng.materialise(
         rows.mapInPandas(nearest, _schema_with(rows, "_cluster bigint")).drop(*inputs))
+    kept.append(assigned)
     sizes = eng.collect(assigned.groupBy("_cluster").count()).set_index("_cluster")["count"]
     relabel = _by_size(sizes.reindex(range(k), fill_value=0).to_numpy())
     numbers = eng.session.createDataFrame(pd.DataFrame({
@@ -804,9 +817,8 @@ def _clusters_on_spark(eng: SparkEngine, rows: Any, n: int, *, cols: list[str], 
     counts = pd.Series(sizes.to_numpy(), index=relabel[sizes.index.to_numpy()])
     short, summary = _cluster_table(medians.astype(float), overall, counts, n=n, k=k,
                                     scores=scores, describe=_describe_cluster)
-    names = eng.session.createDataFrame(pd.DataFrame({
-        "cluster": np.arange(k, dtype="int64"),
-        "cluster_name": [short[c] for c in range(k)]}))
+    names = eng.session.createDataFrame(pd.DataFrame({   # (a cluster left empty has none)
+        "cluster": np.array(list(short), dtype="int64"), "cluster_name": list(short.values())}))
     return numbered.drop("_cluster").join(fn.broadcast(names), on="cluster"), summary
 
 
@@ -834,8 +846,10 @@ def _segments_on_spark(eng: SparkEngine, customers: Any, n: int, *,
         if col in columns:
             counts = eng.collect(customers.where(fn.col(col).isNotNull())
                                  .groupBy("segment", col).count())
+            # (a segment without any: "", as pandas' empty counts give)
             agg[name] = pd.Series({seg: _top_shares(part.set_index(col)["count"])
-                                   for seg, part in counts.groupby("segment")})
+                                   for seg, part in counts.groupby("segment")},
+                                  dtype=object).reindex(agg.index, fill_value="")
     totals = customers.agg(fn.coalesce(fn.sum(positive), fn.lit(0.0)),
                            fn.count(value_col),
                            *([fn.coalesce(fn.sum(fn.greatest("margin_total", fn.lit(0.0))),

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
+import pyarrow.dataset as ds
 
 from analysis.data import read_columns, write_atomically, write_csv
 
@@ -84,9 +84,10 @@ class RunStore:
     def _parts(self) -> list[Path]:
         """The per-step tables written so far, in step order; the export alone for a
         run written before the store existed."""
+        # (a table may be a folder of part files: Spark's executors write one on a cluster)
         parts = [p for p in (self.profile_table, self.scores_table, self.decisions_table)
-                 if p.is_file()]
-        if not self.profile_table.is_file():
+                 if p.exists()]
+        if not self.profile_table.exists():
             return [self.export] if self.export.is_file() else []
         return parts
 
@@ -116,7 +117,7 @@ class RunStore:
         step that wrote it."""
         owner: dict[str, tuple[Path, str]] = {}
         for part in self._parts():
-            for stored in pq.read_schema(part).names:
+            for stored in _schema(part).names:
                 shown = _RENAMED.get(stored, stored) if part == self.scores_table else stored
                 owner.pop(shown, None)        # the later step's column, at its place
                 owner[shown] = (part, stored)
@@ -167,7 +168,7 @@ class RunStore:
     def n_customers(self) -> int:
         """How many customers the profile step profiled (from the table's metadata)."""
         parts = self._parts()
-        return pq.ParquetFile(parts[0]).metadata.num_rows if parts else 0
+        return ds.dataset(parts[0], format="parquet").count_rows() if parts else 0
 
     def scoring_date(self) -> dt.date | None:
         """The scoring date the profile step resolved and recorded (``profile.json``);
@@ -187,12 +188,17 @@ class RunStore:
 
     def profile_columns(self) -> list[str]:
         """The profile step's table's columns (from its schema)."""
-        return list(pq.read_schema(self.profile_table).names)
+        return list(_schema(self.profile_table).names)
 
     def read_profile_table(self) -> pd.DataFrame:
         """The profile step's table as it wrote it (features at the scoring date and the
         segments)."""
         return pd.read_parquet(self.profile_table)
+
+
+def _schema(path: Path):
+    """The schema of a Parquet file, or of a folder of part files."""
+    return ds.dataset(path, format="parquet").schema
 
 
 def _ordered(columns: list[str]) -> list[str]:
