@@ -653,3 +653,23 @@ def _ranges(session, n: int):
                 session.conf.unset(k)
             else:
                 session.conf.set(k, v)
+
+
+def test_on_databricks_a_path_under_dbfs_is_the_same_folder_for_spark(session):
+    """pandas and the driver name a DBFS file /dbfs/x, Spark dbfs:/x: where Spark's
+    default filesystem is DBFS, the engine gives Spark the second name, so that a run
+    folder under /dbfs/ is one folder for both; elsewhere paths are left as they are."""
+    from analysis.engine import SparkEngine
+
+    engine = SparkEngine(session)
+    conf = session.sparkContext._jsc.hadoopConfiguration()
+    before = conf.get("fs.defaultFS")
+    assert engine.spark_path("/dbfs/mnt/runs/r1/clean") == "/dbfs/mnt/runs/r1/clean"
+    conf.set("fs.defaultFS", "dbfs:///")
+    try:
+        assert engine.spark_path("/dbfs/mnt/runs/r1/clean") == "dbfs:/mnt/runs/r1/clean"
+        assert engine.spark_path(Path("/dbfs/mnt/x.parquet")) == "dbfs:/mnt/x.parquet"
+        assert engine.spark_path("/data/runs/x.parquet") == "/data/runs/x.parquet"
+        assert engine.spark_path("s3://bucket/x") == "s3://bucket/x"
+    finally:
+        conf.set("fs.defaultFS", before)

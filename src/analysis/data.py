@@ -1599,7 +1599,7 @@ def _spark_raw(spec: TableSpec, engine: SparkEngine, columns: list[str]):
                  and f.type.unit == "ns"]
         if nanos:               # (Spark reads no nanoseconds: as analysis.engine does)
             session.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
-        df = session.read.parquet(path)
+        df = session.read.parquet(engine.spark_path(path))
         if list(df.columns) != columns:
             return None
         df = df.select(*[(fn.expr(f"timestamp_micros(`{c}` DIV 1000)") if c in nanos
@@ -1616,7 +1616,7 @@ def _spark_raw(spec: TableSpec, engine: SparkEngine, columns: list[str]):
         if fh.read(2) in (b"\xff\xfe", b"\xfe\xff"):      # UTF-16, as _read_csv reads it
             return None
     df = session.read.csv(
-        path, sep=spec.sep, header=spec.header, inferSchema=False, mode="FAILFAST",
+        engine.spark_path(path), sep=spec.sep, header=spec.header, inferSchema=False, mode="FAILFAST",
         encoding=_SPARK_CSV_ENCODINGS[encoding], quote='"',
         escape='"', ignoreLeadingWhiteSpace=True, ignoreTrailingWhiteSpace=False,
         nullValue="", multiLine=False, enforceSchema=False)

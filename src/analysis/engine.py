@@ -189,8 +189,8 @@ class SparkEngine:
             df = df.repartitionByRange(self.session.sparkContext.defaultParallelism,
                                        f"`{order_by}`").sortWithinPartitions(f"`{order_by}`")
             (df.drop(order_by) if drop_order else df).write.mode("overwrite").parquet(
-                str(path))
-            return self.session.read.parquet(str(path)).count()
+                self.spark_path(path))
+            return self.session.read.parquet(self.spark_path(path)).count()
         import pyarrow.parquet as pq
 
         path = Path(path)
@@ -271,6 +271,23 @@ class SparkEngine:
             except Py4JError:         # (Spark's internals moved: left to Spark's cleaner)
                 pass
 
+    def spark_path(self, path: str | Path) -> str:
+        """How Spark names a path of this machine: as it is, but where Spark's default
+        filesystem is Databricks' DBFS, a path under its mount ``/dbfs/`` (the name
+        pandas and the driver use) is ``dbfs:/...`` (the name Spark uses for the same
+        file): a run folder under ``/dbfs/`` is then one folder for both."""
+        text = str(path)
+        if not text.startswith("/dbfs/"):
+            return text
+        from py4j.protocol import Py4JError
+
+        try:
+            default = self.session.sparkContext._jsc.hadoopConfiguration().get(
+                "fs.defaultFS") or ""
+        except (AttributeError, NotImplementedError, Py4JError):   # (Spark Connect)
+            return text
+        return "dbfs:" + text[len("/dbfs"):] if default.startswith("dbfs:") else text
+
     def has(self, name: str) -> bool:
         """Whether the table or view ``name`` exists (one lookup, where listing every
         view of the catalog takes over a second)."""
@@ -327,7 +344,7 @@ class SparkEngine:
         nanos = _nanosecond_columns(path)
         if nanos:
             self.session.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
-        df = self.session.read.parquet(str(path))
+        df = self.session.read.parquet(self.spark_path(path))
         if nanos:
             from pyspark.sql import functions as fn
 

@@ -754,7 +754,7 @@ def _profile_on_spark(eng: SparkEngine, feats: Any, n: int, *, as_of: dt.date,
             "rhythm_days", "recency_vs_rhythm", "cluster"]
         customers = customers.select(*[fn.col(f"`{c}`") for c in first + rest])
         eng.write_parquet(customers, table, order_by="customer_id")
-        written = eng.session.read.parquet(str(table))
+        written = eng.session.read.parquet(eng.spark_path(table))
         return CustomerProfile(
             as_of=as_of, customers=None, horizon_days=horizon_days,
             segments=_segments_on_spark(eng, written, n, params=params),
