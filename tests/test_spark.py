@@ -673,3 +673,35 @@ def test_on_databricks_a_path_under_dbfs_is_the_same_folder_for_spark(session):
         assert engine.spark_path("s3://bucket/x") == "s3://bucket/x"
     finally:
         conf.set("fs.defaultFS", before)
+
+
+def test_a_log_without_categories_is_profiled_on_spark_as_on_the_driver(session, tmp_path):
+    """A small order log (all customers in K-means' sample) whose category is always
+    missing and which has no channel or margin: the same summaries on both engines (the
+    segments' main categories "" on both, where Spark had none), and the same table."""
+    import numpy as np
+
+    from analysis import segments as S
+    from analysis.config import AnalysisParams
+
+    rng = np.random.default_rng(1)
+    n = 3_000
+    tx = pd.DataFrame({
+        "customer_id": [f"c{i % 600:04d}" for i in range(n)],
+        "order_id": [f"o{i}" for i in range(n)],
+        "order_date": pd.Timestamp("2025-01-01")
+        + pd.to_timedelta(rng.integers(0, 360, n), unit="D"),
+        "amount": rng.gamma(2.0, 30.0, n).round(2), "status": "completed",
+        "category": pd.Series([None] * n, dtype=object)})
+    params = AnalysisParams(min_customers=100)
+    kwargs = {"as_of": dt.date(2026, 1, 1), "params": params, "seed": 1, "horizon_days": 60}
+    here = S.profile_customers(F.connect({"transactions": tx}), **kwargs)
+    there = S.profile_customers(F.connect_spark({"transactions": tx}, session=session),
+                                table=tmp_path / "customers.parquet", **kwargs)
+    assert (here.segments["top_categories"].dropna() == "").all()
+    for name in ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto"):
+        _same(getattr(here, name), getattr(there, name))
+    written = pd.read_parquet(tmp_path / "customers.parquet")
+    # (a column with no value at all: objects in pandas, text in Spark's file)
+    _same(here.customers.drop(columns="top_category"), written.drop(columns="top_category"))
+    assert written["top_category"].isna().all() and here.customers["top_category"].isna().all()
