@@ -688,20 +688,23 @@ def _profile_on_spark(eng: SparkEngine, feats: Any, n: int, *, as_of: dt.date,
         if missing:       # (as pandas' scores stop: build_features gives none)
             raise ValueError(f"{missing:,} customer(s) without a recency, frequency or "
                              "spend: no RFM score")
-        rows = feats.select("*", *[significant(expr.cast("double")).alias(f"_key_{score}")
-                                   for score, expr in keys.items()])
+        # (on a narrow table of the ids and the three values, joined to the customers once)
+        scores = eng.materialise(feats.select(
+            "customer_id", *[significant(expr.cast("double")).alias(f"_key_{score}")
+                             for score, expr in keys.items()]))
+        kept.append(scores)
         for score in keys:
             key = f"_key_{score}"
-            counts = rows.groupBy(key).agg(fn.count(fn.lit(1)).alias("_n"))
+            counts = scores.groupBy(key).agg(fn.count(fn.lit(1)).alias("_n"))
             running = eng.running_sums(counts, [fn.col(key).asc()],
                                        {"_upto": fn.col("_n")})
             kept.append(running)
             rank = fn.col("_upto") - fn.col("_n") + 1
             quintile = fn.least(fn.greatest(fn.ceil(rank / fn.lit(n) * 5), fn.lit(1)),
                                 fn.lit(5)).cast("bigint")
-            rows = rows.join(running.select(key, quintile.alias(score)), on=key,
-                             how="left").drop(key)
-        rows = eng.materialise(rows)
+            scores = scores.join(running.select(key, quintile.alias(score)), on=key,
+                                 how="left").drop(key)
+        rows = eng.materialise(feats.join(scores, on="customer_id"))
         kept.append(rows)
         # the rest of a customer's segments, row by row, with the population's rhythm
         gaps = feats.where(fn.col("gap_median_days").isNotNull())
