@@ -669,8 +669,8 @@ def _profile_on_spark(eng: SparkEngine, feats: Any, n: int, *, as_of: dt.date,
     each score's quintile bounds as ranks (counts per value, summed in order by
     :meth:`analysis.engine.SparkEngine.running_sums`), the population's purchase rhythm
     (its median), the value tiers' running shares, the clustering features' means and
-    spreads and a sample of ``sample_size`` customers drawn as the driver draws it (the
-    K-means fit). Each partition is then segmented row by row (``mapInPandas``: the
+    spreads and the 20,000 customers the driver's own draw picks for the K-means fit
+    (:func:`_cluster_sample`). Each partition is then segmented row by row (``mapInPandas``: the
     RFM names, :func:`assign_lifecycle`, the clusters' nearest centres), and the
     summaries are sums, medians and counts per group. The same table and summaries as on
     one machine, but for sums of doubles taken in another order (their last bits).
@@ -788,7 +788,8 @@ def _clusters_on_spark(eng: SparkEngine, rows: Any, n: int, *, cols: list[str], 
     moments = rows.agg(*[fn.avg(c) for c in inputs], *[fn.var_pop(c) for c in inputs]).first()
     mean = np.array(moments[: len(cols)], dtype=float)
     spread = np.sqrt(np.array(moments[len(cols):], dtype=float))
-    spread = np.where(spread < 10 * np.finfo(float).eps, 1.0, spread)   # (as sklearn does)
+    # (a constant input is left unscaled, as StandardScaler leaves one)
+    spread = np.where(spread < 10 * np.finfo(float).eps, 1.0, spread)
     drawn = _cluster_sample(n, sample_size, seed)
     placed = eng.running_sums(rows.select("customer_id", *inputs), [fn.col("customer_id")],
                               {"_place": fn.lit(1)})
