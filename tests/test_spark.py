@@ -705,3 +705,82 @@ def test_a_log_without_categories_is_profiled_on_spark_as_on_the_driver(session,
     # (a column with no value at all: objects in pandas, text in Spark's file)
     _same(here.customers.drop(columns="top_category"), written.drop(columns="top_category"))
     assert written["top_category"].isna().all() and here.customers["top_category"].isna().all()
+
+
+def test_the_executors_write_the_scores_table_the_driver_computes(session, tmp_path):
+    """The models step on Spark with the profile step's table (models.scores_on_spark):
+    the customers at the scoring date stay on the executors, which score them, value
+    them by each value method, give them their lifetime outlook from BG/NBD + Gamma-Gamma
+    fitted on the driver's customers (by place) and write the table; on CDNOW it is the
+    table the driver computes for the same models (models._scores_here), reasons in
+    words for everyone or for the customers asked for only. The executors' drift counts
+    give the driver's PSI (models.drift_on_spark)."""
+    import numpy as np
+
+    from analysis import data as D
+    from analysis import models as M
+    from analysis.config import load_config
+    from analysis.engine import SparkEngine
+    from analysis.monitor import drift_bins, feature_drift
+
+    require_cdnow()
+    config = load_config(ROOT / "configs" / "cdnow.yaml")
+    D.quality_step(config, tmp_path)
+    duck = F.connect(tmp_path / "clean")
+    eng = SparkEngine(session)
+    F.connect_spark(tmp_path / "clean", session=session)
+    as_of, horizon = dt.date(1998, 1, 1), 120
+    features = F.build_features(duck, cutoff=as_of, horizon_days=horizon, labels=False)
+    features.to_parquet(tmp_path / "features.parquet", index=False)
+    table = session.read.parquet(str(tmp_path / "features.parquet"))
+    # models of a made-up label (what is compared is how they score, not how well)
+    rng = np.random.default_rng(4)
+    columns = M.feature_columns(features)
+    cats = M.categories_of(features, columns)
+    X = M.prepare_matrix(features, columns, cats)
+    churned = (features["recency_days"] / 90 - features["frequency"] / 4
+               + rng.normal(size=len(features)) > 0).astype(int).to_numpy()
+    spend = features["monetary_total"].to_numpy() * (1 - churned) / 4
+    fit, stop = slice(0, 18_000), slice(18_000, None)
+    churn = M.ChurnModel(seed=2, n_estimators=40).fit(X.iloc[fit], churned[fit],
+                                                      X.iloc[stop], churned[stop])
+    value = M.ValueModel(seed=2, n_estimators=40).fit(X.iloc[fit], spend[fit],
+                                                      X.iloc[stop], spend[stop])
+    logistic = M.LogisticChurn().fit(X.iloc[fit], churned[fit])
+    rfm = M.RfmLookup.fit(features.assign(future_spend=spend), target="future_spend")
+    asked = features["customer_id"].sample(500, random_state=1)
+    for churn_chosen, value_chosen, explain in (
+            ("model", "model", None), ("blend", "bgnbd_gg", asked),
+            ("logistic", "rfm", None), ("model", "last_period", asked)):
+        models = M.ModelRun(horizon_days=horizon, cutoffs={}, churn=churn, value=value,
+                            clv_params={}, sizes={}, logistic=logistic,
+                            churn_chosen=churn_chosen, value_chosen=value_chosen)
+        scored = M.score_customers(models, features)
+        reasons = [np.array(scored[c], dtype=object) for c in ("churn_reasons",
+                                                                 "value_reasons")]
+        if explain is not None:
+            for r in reasons:
+                r[~features["customer_id"].isin(explain).to_numpy()] = None
+        here = M._scores_here(models, duck, features, as_of=as_of, horizon_days=horizon,
+                              rfm=rfm, churn_probability=scored["churn_probability"],
+                              model_value=scored["value_model"], reasons=tuple(reasons))
+        out = tmp_path / f"scores-{value_chosen}.parquet"
+        with _ranges(session, 3):
+            written = M.scores_on_spark(models, eng, table, as_of=as_of,
+                                        horizon_days=horizon, rfm=rfm, explain=explain,
+                                        out=out)
+        assert written == len(features) == 23_570
+        _same(here, pd.read_parquet(out))
+        assert here["expected_next_order"].notna().any() and here["predicted_clv"].gt(0).any()
+        assert here["churn_reasons"].notna().sum() == (len(here) if explain is None else 500)
+    # written as part files (as on a cluster), split into ranges of ids before the scoring
+    M.scores_on_spark(models, eng, table, as_of=as_of, horizon_days=horizon, rfm=rfm,
+                      explain=explain, out=f"file://{tmp_path}/parts")
+    assert len(list((tmp_path / "parts").glob("part-*.parquet"))) > 1
+    _same(here, pd.read_parquet(tmp_path / "parts"))
+    # the drift's counts
+    train_X = X.sample(5_000, random_state=3)
+    bins = drift_bins(train_X, X)
+    counted = M.drift_on_spark(eng, table, bins, columns=columns, categories=cats)
+    _same(feature_drift(train_X, X), feature_drift(train_X, X, counts=counted))
+    assert len(counted) >= 10

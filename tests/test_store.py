@@ -58,6 +58,26 @@ def test_tables_in_the_profiles_order_are_lined_up_as_a_join_would(tmp_path):
     pd.testing.assert_frame_equal(out, joined[out.columns], check_dtype=False)
 
 
+def test_the_largest_are_read_with_their_columns_largest_first(tmp_path):
+    # (the scores in another order than the profile's, one customer without one, two
+    # customers tied: the first in the profile's order comes first)
+    store = RunStore(tmp_path)
+    store.write_profile_table(pd.DataFrame({
+        "customer_id": ["c5", "c4", "c3", "c2", "c1"], "segment": list("abcde")}))
+    store.write_scores(pd.DataFrame({
+        "customer_id": ["c1", "c2", "c3", "c5"], "churn_probability": [0.5, 0.9, 0.2, 0.9],
+        "churn_reasons": ["r1", "r2", "r3", "r5"]}))
+    top = store.largest("churn_probability", 3, ["customer_id", "segment", "reasons",
+                                                 "churn_probability"])
+    assert top.to_dict("list") == {"customer_id": ["c5", "c2", "c1"],
+                                   "segment": ["a", "d", "e"], "reasons": ["r5", "r2", "r1"],
+                                   "churn_probability": [0.9, 0.9, 0.5]}
+    assert store.largest("churn_probability", 1, ["reasons"])["reasons"].tolist() == ["r5"]
+    # the rows asked for, by id, in the profile's order
+    some = store.read_customers(["customer_id", "segment"], ids=["c1", "c4"])
+    assert some.to_dict("list") == {"customer_id": ["c4", "c1"], "segment": ["b", "e"]}
+
+
 def test_no_step_rewrites_an_earlier_steps_table(tmp_path):
     store = _three_steps(tmp_path)
     before = store.profile_table.read_bytes()

@@ -21,8 +21,9 @@ from scipy import optimize, special
 from analysis.config import DAYS_PER_MONTH
 from analysis.engine import as_engine
 
-__all__ = ["BGNBD_FIT_CUSTOMERS", "BetaGeoModel", "GammaGammaModel", "expected_alive_time",
-           "fit_bgnbd", "fit_gamma_gamma", "fit_positions", "rfm_summaries", "rfm_summary"]
+__all__ = ["BGNBD_FIT_CUSTOMERS", "RFM_SUMMARY_COLUMNS", "BetaGeoModel", "GammaGammaModel",
+           "expected_alive_time", "fit_bgnbd", "fit_gamma_gamma", "fit_positions",
+           "rfm_summaries", "rfm_summary", "summary_of_rows"]
 
 
 def rfm_summary(transactions, *, calibration_end: dt.date,
@@ -139,6 +140,10 @@ SELECT customer_id, COUNT(*) - 1 AS frequency,
        MIN(order_date) AS first_purchase
 FROM days GROUP BY customer_id ORDER BY customer_id"""
 
+#: :data:`RFM_SUMMARY`'s columns.
+RFM_SUMMARY_COLUMNS = ("customer_id", "frequency", "recency_days", "t_days", "total",
+                       "first_value", "first_purchase")
+
 
 def _last_day(calibration_end: dt.date) -> str:
     return (pd.Timestamp(calibration_end) - pd.Timedelta(days=1)).date().isoformat()
@@ -152,6 +157,13 @@ def _rfm_summary_sql(con, *, calibration_end: dt.date, time_unit_days: float,
     days = days or PURCHASE_DAYS.format(end=calibration_end.isoformat(), since=since)
     out = as_engine(con).frame(RFM_SUMMARY.format(days=days,
                                                   last_day=_last_day(calibration_end)))
+    return summary_of_rows(out, time_unit_days=time_unit_days)
+
+
+def summary_of_rows(out: pd.DataFrame, *, time_unit_days: float = 7.0) -> pd.DataFrame:
+    """:func:`rfm_summary` of :data:`RFM_SUMMARY`'s rows (counted in days), in their
+    order: the same customers summarised by the same arithmetic wherever the rows were
+    computed (the driver, or a partition on Spark's executors)."""
     n = out["frequency"].astype("int64")
     return pd.DataFrame({
         "frequency": n.to_numpy(),

@@ -466,16 +466,18 @@ def write_processed(dataset: Dataset | dict[str, CleanTable | SparkCleanTable],
     return written
 
 
-def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None = None
-                 ) -> pd.DataFrame:
+def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None = None,
+                 *, filters: list[tuple] | None = None) -> pd.DataFrame:
     """A Parquet file's ``columns`` (those of them it has; all when None): memory on
-    large bases, where a reader needs a few of many columns."""
+    large bases, where a reader needs a few of many columns. ``filters``: only the rows
+    that pass them (pyarrow's ``(column, op, value)`` triples), in the file's order."""
     if columns is None:
-        return pd.read_parquet(path)
+        return pd.read_parquet(path, filters=filters)
     import pyarrow.parquet as pq
 
     present = set(pq.ParquetDataset(path).schema.names)   # (a file, or a folder of parts)
-    return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present])
+    return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present],
+                           filters=filters)
 
 
 #: The optional inputs of an order log, and a snapshot's revenue (an order log's amounts

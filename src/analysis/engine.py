@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from analysis.errors import ConfigError
@@ -172,22 +173,33 @@ class SparkEngine:
     def views(self) -> set[str]:
         return {t.name for t in self.session.catalog.listTables() if t.isTemporary}
 
+    def writes_parts(self, path: str | Path) -> bool:
+        """Whether :meth:`write_parquet` writes ``path`` as a folder of part files (on a
+        cluster, or to a URL such as ``dbfs:/...`` or ``s3://...``)."""
+        import re
+
+        return (not self.session.sparkContext.master.startswith("local")
+                or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", str(path)) is not None)
+
     def write_parquet(self, df: Any, path: str | Path, *, order_by: str,
-                      drop_order: bool = False) -> int:
+                      drop_order: bool = False, ranged: bool = False) -> int:
         """``df`` written as Parquet by the executors, its rows in ``order_by``'s order
         (that column left out with ``drop_order``); returns its number of rows. On a
         local master, to a local path, one file ``path`` (written beside it, then moved
-        into place); elsewhere (a cluster, or a URL such as ``dbfs:/...`` or
-        ``s3://...``) a folder ``path`` of part files, sorted across them, as a cluster
-        writes (replacing what was there)."""
-        import re
+        into place); elsewhere (:meth:`writes_parts`) a folder ``path`` of part files,
+        sorted across them, as a cluster writes (replacing what was there). ``ranged``:
+        ``df``'s partitions are already ranges of ``order_by`` (``repartitionByRange``),
+        which the part files then keep: Spark samples a table to split it into ranges,
+        and a table that costs much to compute (scored customers) is better split before
+        that work than after it, which would do the work twice."""
         import uuid
 
-        if (not self.session.sparkContext.master.startswith("local")
-                or re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", str(path))):
-            # (a file per core of the cluster, ranges of ``order_by``)
-            df = df.repartitionByRange(self.session.sparkContext.defaultParallelism,
-                                       f"`{order_by}`").sortWithinPartitions(f"`{order_by}`")
+        if self.writes_parts(path):
+            # (a file per range of ``order_by``: per core of the cluster, unless given)
+            if not ranged:
+                df = df.repartitionByRange(self.session.sparkContext.defaultParallelism,
+                                           f"`{order_by}`")
+            df = df.sortWithinPartitions(f"`{order_by}`")
             (df.drop(order_by) if drop_order else df).write.mode("overwrite").parquet(
                 self.spark_path(path))
             return self.session.read.parquet(self.spark_path(path)).count()
@@ -243,6 +255,32 @@ class SparkEngine:
                           for name, v in values.items()]))
         finally:
             self.release(parts)
+
+    def rows_at(self, df: Any, order: str, positions: np.ndarray,
+                columns: list[str] | None = None) -> pd.DataFrame:
+        """The rows of ``df`` at ``positions`` (from 0) in ``order``'s order (a column
+        with a value for every row, no two alike: an id), in the order of ``positions``,
+        with ``columns`` (all by default): a sample the driver drew by place, as it would
+        take it from a frame sorted by ``order`` with ``iloc``, fetched from a table
+        that stays on the executors (only those rows come back)."""
+        from pyspark.sql import functions as fn
+
+        columns = list(df.columns) if columns is None else list(columns)
+        # (only the ids are sorted and placed; the rows are then fetched by id)
+        placed = self.running_sums(df.select(fn.col(f"`{order}`")), [fn.col(f"`{order}`")],
+                                   {"_place": fn.lit(1)})
+        try:
+            wanted = self.session.createDataFrame(
+                pd.DataFrame({"_place": np.asarray(positions, dtype="int64") + 1}),
+                schema="_place long")
+            ids = placed.join(fn.broadcast(wanted), on="_place")
+            found = self.collect(df.select(*[fn.col(f"`{c}`") for c in
+                                             dict.fromkeys([order, *columns])])
+                                 .join(fn.broadcast(ids), on=order))
+        finally:
+            self.release(placed)
+        return found.set_index("_place").loc[np.asarray(positions) + 1, columns].reset_index(
+            drop=True)
 
     def materialise(self, df: Any) -> Any:
         """``df`` computed once and kept on the executors (memory, then disk), its plan

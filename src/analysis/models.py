@@ -21,6 +21,7 @@ regression as JSON; nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -42,9 +43,13 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from analysis.clv import (
     BGNBD_FIT_CUSTOMERS,
+    RFM_SUMMARY_COLUMNS,
     fit_bgnbd,
     fit_gamma_gamma,
+    fit_positions,
+    rfm_summaries,
     rfm_summary,
+    summary_of_rows,
 )
 from analysis.engine import SparkEngine, as_engine
 from analysis.errors import InsufficientDataError
@@ -59,7 +64,7 @@ from analysis.features import (
     resolve_horizon_days,
     snapshots_by_cutoff,
 )
-from analysis.monitor import feature_drift
+from analysis.monitor import drift_bins, drift_counts, feature_drift
 from analysis.segments import (
     ACTIVE_STAGES,
     assign_lifecycle,
@@ -79,6 +84,14 @@ __all__ = [
     "score_customers",
     "customers_with_reasons",
     "score_on_spark",
+    "scores_on_spark",
+    "scores_table",
+    "drift_on_spark",
+    "fit_lifetime",
+    "outlook_of",
+    "value_of",
+    "RfmLookup",
+    "SCORES_SCHEMA",
     "ChurnModel",
     "blend_probability",
     "candidate_contributions",
@@ -567,21 +580,41 @@ def _signed_log(values):
     return np.sign(values) * np.log1p(np.abs(values))
 
 
-def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.ndarray:
+@dataclass(frozen=True)
+class RfmLookup:
     """Baseline: the mean ``target`` of training customers in the same RFM cell.
 
     Cells are recency, frequency and monetary quintiles, each cut at the training
-    snapshot's quintile edges; an unseen cell falls back to the overall mean.
+    snapshot's quintile edges; an unseen cell falls back to the overall mean. A few
+    hundred numbers: the lookup reaches Spark's executors as it is.
     """
-    cols = ("recency_days", "frequency", "monetary_total")
-    edges = {c: np.unique(np.quantile(train[c], [0.2, 0.4, 0.6, 0.8])) for c in cols}
 
-    def cell(frame):
-        return pd.Series(list(zip(*(np.searchsorted(edges[c], frame[c], side="right")
-                                    for c in cols), strict=True)), index=frame.index)
+    edges: dict
+    means: dict
+    overall: float
 
-    table = train[target].groupby(cell(train)).mean()
-    return cell(score).map(table).fillna(train[target].mean()).to_numpy(dtype=float)
+    COLUMNS = ("recency_days", "frequency", "monetary_total")
+
+    @classmethod
+    def fit(cls, train: pd.DataFrame, *, target: str) -> RfmLookup:
+        edges = {c: np.unique(np.quantile(train[c], [0.2, 0.4, 0.6, 0.8]))
+                 for c in cls.COLUMNS}
+        lookup = cls(edges, {}, float(train[target].mean()))
+        return cls(edges, train[target].groupby(lookup._cells(train)).mean().to_dict(),
+                   lookup.overall)
+
+    def _cells(self, frame: pd.DataFrame) -> pd.Series:
+        return pd.Series(list(zip(*(np.searchsorted(self.edges[c], frame[c], side="right")
+                                    for c in self.COLUMNS), strict=True)), index=frame.index)
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """The lookup's value for each customer of ``frame``."""
+        return self._cells(frame).map(self.means).fillna(self.overall).to_numpy(dtype=float)
+
+
+def rfm_lookup(train: pd.DataFrame, score: pd.DataFrame, *, target: str) -> np.ndarray:
+    """:class:`RfmLookup` fitted on ``train``, for the customers of ``score``."""
+    return RfmLookup.fit(train, target=target).predict(score)
 
 
 def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
@@ -639,24 +672,42 @@ def lifetime_outlook(lines, *, as_of: dt.date, customers: pd.Series,
     months, discounted :data:`CLV_MONTHLY_DISCOUNT` a month). Both are NaN/NaT for
     everyone when the models cannot be fitted (too few repeat customers).
     """
-    ids = pd.Series(customers).astype(str).reset_index(drop=True)
-    empty = pd.DataFrame({"customer_id": ids, "expected_next_order": pd.NaT,
-                          "predicted_clv": np.nan})
     if summary is None:
         summary = rfm_summary(lines, calibration_end=as_of)
+    ids = pd.Series(customers).astype(str).reset_index(drop=True)
+    return outlook_of(fit_lifetime(summary, max_customers=max_customers),
+                      summary.reindex(ids), as_of=as_of)
+
+
+def fit_lifetime(summary: pd.DataFrame, *, max_customers: int | None = BGNBD_FIT_CUSTOMERS
+                 ) -> tuple | None:
+    """BG/NBD and Gamma-Gamma fitted on an :func:`analysis.clv.rfm_summary` (at most
+    ``max_customers`` of its rows, evenly spaced); None when they cannot be fitted."""
     try:
-        bg = fit_bgnbd(summary, max_customers=max_customers)
-        gg = fit_gamma_gamma(summary, max_customers=max_customers)
+        return (fit_bgnbd(summary, max_customers=max_customers),
+                fit_gamma_gamma(summary, max_customers=max_customers))
     except ValueError:
-        return empty
-    s = summary.reindex(ids)
+        return None
+
+
+def outlook_of(lifetime: tuple | None, s: pd.DataFrame, *, as_of: dt.date) -> pd.DataFrame:
+    """:func:`lifetime_outlook`'s columns for the customers of ``s`` (their rows of the
+    summary the models were fitted on, indexed by id; NaN for a customer without one)
+    from :func:`fit_lifetime`'s models: customer by customer, so any split of the
+    customers gives the same rows."""
+    out = pd.DataFrame({"customer_id": s.index.astype(str), "expected_next_order": pd.NaT,
+                        "predicted_clv": np.nan})
+    if lifetime is None:
+        return out
+    bg, gg = lifetime
     weeks = bg.median_time_to_next_purchase(s["frequency"], s["recency"], s["T"])
     weeks = np.where(weeks <= 104, weeks, np.nan)
     next_order = pd.Timestamp(as_of) + pd.to_timedelta(np.ceil(weeks * 7), unit="D")
     clv = gg.customer_lifetime_value(bg, s["frequency"], s["recency"], s["T"],
                                      s["monetary_value"], months=CLV_MONTHS,
                                      monthly_discount_rate=CLV_MONTHLY_DISCOUNT)
-    return empty.assign(expected_next_order=next_order, predicted_clv=np.asarray(clv))
+    return out.assign(expected_next_order=np.asarray(next_order),
+                      predicted_clv=np.asarray(clv, dtype=float))
 
 
 # --------------------------------------------------------------------------- calibration
@@ -1060,8 +1111,10 @@ class ModelRun:
     churn_metrics_active : ``churn_metrics`` over the customers active at the
         evaluation cutoff (:func:`churn_metrics_table`), the population churn risk is
         about; None in runs written before it.
-    scores : at the scoring date, from the chosen methods: ``customer_id``,
-        ``churn_probability``, ``predicted_value``, ``churn_reasons``, ``value_reasons``.
+    scores : at the scoring date, from the chosen methods (:data:`SCORES_SCHEMA`):
+        ``customer_id``, ``churn_probability``, ``predicted_value``, ``churn_reasons``,
+        ``value_reasons``, ``expected_next_order``, ``predicted_clv``; None when Spark's
+        executors wrote them (:func:`scores_on_spark`; read them from the run store).
     churn_shap : SHAP values of the chosen churn method at the scoring date (+ ``bias``),
         in log-odds (see :func:`fit_and_evaluate`).
     value_shap : SHAP values of the XGBoost value model at the scoring date (+ ``bias``).
@@ -1132,7 +1185,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      reasons_sample: int | None = None,
                      score_features: pd.DataFrame | None = None,
                      score_table: str | Path | None = None,
-                     drivers_sample: int = 20_000) -> ModelRun:
+                     drivers_sample: int = 20_000,
+                     scores_to: str | Path | None = None) -> ModelRun:
     """Train on rolling-origin snapshots, choose the scoring methods on the validation
     cutoff, judge every method out of time, score at ``as_of``.
 
@@ -1168,8 +1222,9 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     ``score_features``: the customers' features at ``as_of`` when the caller has them
     (the profile step's table: :func:`analysis.features.build_features` with this
     horizon, no labels, the same exclusions, one row per customer sorted by id), else
-    they are built here. ``score_table``: the Parquet file they were read from, which
-    Spark's executors then read where it lies to score the customers.
+    they are built here. ``score_table``: the Parquet file the profile step wrote them
+    to; on Spark, with ``score_features`` None, the executors read it where it lies and
+    the driver holds only the customers it explains (see **On Spark**).
 
     **Whose reasons.** With ``reasons_sample`` None every scored customer gets reason
     codes. With a number, and more customers than that, the exact SHAP values (and the
@@ -1180,11 +1235,15 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     run.
 
     **On Spark** (``con`` a Spark engine) the boosters train there (``xgboost.spark``)
-    and the executors score every customer (:func:`score_on_spark`); with
-    ``reasons_sample`` None they also give every customer reasons, while the SHAP tables
-    and the global drivers come from a fixed random sample of ``drivers_sample``
-    customers on the driver (``sizes``: ``explained`` customers in the SHAP tables,
-    ``reasons`` customers with reasons).
+    and the executors score every customer; with ``reasons_sample`` None they also give
+    every customer reasons, while the SHAP tables and the global drivers come from a
+    fixed random sample of ``drivers_sample`` customers on the driver (``sizes``:
+    ``explained`` customers in the SHAP tables, ``reasons`` customers with reasons).
+    With the profile step's table (``score_table``, no ``score_features``) the
+    customers at ``as_of`` never reach the driver: it fetches the sample it explains by
+    place, the executors count the drift (:func:`drift_on_spark`) and compute the whole
+    scores table (:func:`scores_on_spark`), which they write to ``scores_to`` (the
+    run's ``scores`` is then None; without ``scores_to`` it is collected).
 
     At ``as_of`` the chosen methods give ``churn_probability`` and ``predicted_value``
     (BG/NBD + Gamma-Gamma refitted on all history before ``as_of`` when chosen). Churn
@@ -1222,15 +1281,18 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     # memory: each snapshot is its own frame (no stacked copy to split), and once the
     # model matrices exist only the columns the evaluation needs are kept
     # (the scoring date's too, unless the caller has them: the profile step's table)
+    # on Spark, the customers at the scoring date stay where the profile step wrote them
+    spark = eng.session if isinstance(eng, SparkEngine) else None
+    lying = spark is not None and score_features is None and score_table is not None
     frames = snapshots_by_cutoff(
         con, cutoffs=[*train_cuts, valid_cut, eval_cut,
-                      *([as_of] if score_features is None else [])],
+                      *([as_of] if score_features is None and not lying else [])],
         horizon_days=horizon_days, exclude_attributes=exclude,
         sample_share={**dict.fromkeys(train_cuts, 1.1 * share if share < 0.9 else None),
                       valid_cut: valid_share if valid_share < 0.9 else None})
     valid = frames.pop(valid_cut).assign(cutoff=pd.Timestamp(valid_cut))
     test = frames.pop(eval_cut).assign(cutoff=pd.Timestamp(eval_cut))
-    if score_features is None:
+    if score_features is None and not lying:
         score_features = frames.pop(as_of)       # as build_features(labels=False) has it
         score_features = score_features.drop(
             columns=[c for c in LABEL_COLUMNS if c in score_features])
@@ -1258,12 +1320,12 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         lifecycle_stage=assign_lifecycle(test, **(lifecycle or {}))["lifecycle_stage"].to_numpy())
 
     # on Spark, the boosters train there (xgboost.spark), with the same parameters
-    spark = eng.session if isinstance(eng, SparkEngine) else None
     churn, logistic, churn_choice = fit_churn_candidates(
         X["train"], train["churned"], X["valid"], valid["churned"], seed=seed, device=device,
         spark=spark,
         max_logistic_rows=max_baseline_rows,
         population=valid["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy())
+    rfm_value = RfmLookup.fit(train, target="future_spend")
     tune, choose = split_validation(valid["churned"], seed=seed)     # the same halves
     value = ValueModel(seed=seed, device=device, spark=spark).fit(
         X["train"], train["future_spend"], X["valid"].iloc[tune],
@@ -1275,7 +1337,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         "model": value.predict(x_held),
         "bgnbd_gg": bg_held["expected_spend"].fillna(0.0).to_numpy(),
         "last_period": held["spend_last_horizon"].clip(lower=0).to_numpy(),
-        "rfm": rfm_lookup(train, held, target="future_spend")})
+        "rfm": rfm_value.predict(held)})
     n_valid, n_tune = len(valid), len(tune)
     del X["valid"], valid, held, x_held, bg_held
     bg, clv_params = bgnbd_baseline(con, cutoff=eval_cut, horizon_days=horizon_days,
@@ -1292,7 +1354,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
         "churn_bgnbd": -bg["expected_purchases"].to_numpy(),
         "value_model": value.predict(X["test"]),
         "value_last_period": test["spend_last_horizon"].clip(lower=0),
-        "value_rfm": rfm_lookup(train, test, target="future_spend"),
+        "value_rfm": rfm_value.predict(test),
         "value_bgnbd_gg": bg["expected_spend"].to_numpy(),
     })
     n_train, n_test = len(train), len(test)
@@ -1303,62 +1365,75 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                                                      evaluation[f"value_{method}"])}
                   for method in ("model", "last_period", "rfm", "bgnbd_gg")]
 
-    score_X = prepare_matrix(score_features, columns, cats)
-    drift = feature_drift(X.pop("train"), score_X)
     churn_chosen, value_chosen = chosen_method(churn_choice), chosen_method(value_choice)
-    n_score = len(score_features)
-    # on Spark, the executors score every customer and, unless only a sample is to be
-    # explained, give each their reasons; the SHAP tables and global drivers come from a
-    # sample of ``drivers_sample`` on the driver
-    on_executors = spark is not None
-    sample = drivers_sample if on_executors and reasons_sample is None else reasons_sample
-    rows = (np.arange(n_score) if sample is None or n_score <= sample
-            else np.sort(np.random.default_rng(seed).choice(n_score, sample,
-                                                            replace=False)))
-    explained_X, explained = score_X.iloc[rows], score_features.iloc[rows]
-    churn_shap = candidate_contributions(churn_chosen, churn, logistic, explained_X)
-    value_shap = value.contributions(explained_X)
-    if on_executors:
-        # the customers to score, where they lie when the profile step wrote them
-        if score_table is not None:
+    models = ModelRun(horizon_days=horizon_days, cutoffs={}, churn=churn, value=value,
+                      clv_params={}, sizes={}, logistic=logistic,
+                      churn_chosen=churn_chosen, value_chosen=value_chosen)
+    try:
+        if lying:
+            # the customers to score, where they lie: the profile step wrote them
             eng.read_parquet("_score_table", score_table)
-        try:
-            scored = score_on_spark(
-                ModelRun(horizon_days=horizon_days, cutoffs={}, churn=churn, value=value,
-                         clv_params={}, sizes={}, logistic=logistic,
-                         churn_chosen=churn_chosen, value_chosen=value_chosen),
-                score_features if score_table is None else spark.table("_score_table"),
-                spark, reasons=reasons_sample is None, ids=score_features["customer_id"])
-        finally:
-            if score_table is not None:
-                eng.unregister("_score_table")
-        churn_probability = scored["churn_probability"].to_numpy()
-        model_value = scored["value_model"].to_numpy()
-    else:
-        churn_probability = candidate_probabilities(churn, logistic, score_X)[churn_chosen]
-        model_value = value.predict(score_X) if value_chosen == "model" else None
-    if on_executors and reasons_sample is None:
-        churn_reasons = scored["churn_reasons"].to_numpy(dtype=object)
-        model_reasons = scored["value_reasons"].to_numpy(dtype=object)
-        n_reasons = n_score
-    else:
-        churn_reasons = np.full(n_score, None, dtype=object)
-        churn_reasons[rows] = reason_codes(churn_shap, explained).to_numpy()
-        model_reasons = np.full(n_score, None, dtype=object)
-        if value_chosen == "model":
-            model_reasons[rows] = reason_codes(value_shap, explained).to_numpy()
-        n_reasons = len(rows)
-    predicted_value, value_reasons = _score_value(
-        value_chosen, con, model=(model_value, model_reasons), features=score_features,
-        train=train, as_of=as_of, horizon_days=horizon_days)
-    scores = pd.DataFrame({
-        "customer_id": score_features["customer_id"].to_numpy(),
-        "churn_probability": churn_probability,
-        "predicted_value": predicted_value,
-        "churn_reasons": churn_reasons,
-        "value_reasons": value_reasons,
-    }).merge(lifetime_outlook(con, as_of=as_of, customers=score_features["customer_id"]),
-             on="customer_id", how="left")
+            table = spark.table("_score_table")
+            n_score = table.count()
+        else:
+            n_score = len(score_features)
+        # on Spark, the executors score every customer and, unless only a sample is to
+        # be explained, give each their reasons; the SHAP tables and global drivers come
+        # from a sample of ``drivers_sample`` on the driver
+        sample = (drivers_sample if spark is not None and reasons_sample is None
+                  else reasons_sample)
+        rows = (np.arange(n_score) if sample is None or n_score <= sample
+                else np.sort(np.random.default_rng(seed).choice(n_score, sample,
+                                                                replace=False)))
+        n_reasons = n_score if spark is not None and reasons_sample is None else len(rows)
+        explained = (eng.rows_at(table, "customer_id", rows) if lying
+                     else score_features.iloc[rows])
+        explained_X = prepare_matrix(explained, columns, cats)
+        churn_shap = candidate_contributions(churn_chosen, churn, logistic, explained_X)
+        value_shap = value.contributions(explained_X)
+        if lying:
+            bins = drift_bins(X.pop("train"), explained_X)
+            drift = feature_drift(None, None, bins=bins, counts=drift_on_spark(
+                eng, table, bins, columns=columns, categories=cats))
+            scores = scores_on_spark(
+                models, eng, table, as_of=as_of, horizon_days=horizon_days, rfm=rfm_value,
+                explain=None if n_reasons == n_score else explained["customer_id"],
+                out=scores_to)
+            if scores_to is not None:
+                if scores != n_score:
+                    raise RuntimeError(f"Spark's executors wrote {scores:,} scores for "
+                                       f"{n_score:,} customers")
+                scores = None            # (the executors wrote them)
+        elif spark is not None:
+            score_X = prepare_matrix(score_features, columns, cats)
+            drift = feature_drift(X.pop("train"), score_X)
+            scored = score_on_spark(models, score_features, spark,
+                                    reasons=reasons_sample is None,
+                                    ids=score_features["customer_id"])
+            explain_here = reasons_sample is not None
+            scores = _scores_here(
+                models, con, score_features, as_of=as_of, horizon_days=horizon_days,
+                rfm=rfm_value, churn_probability=scored["churn_probability"].to_numpy(),
+                model_value=scored["value_model"].to_numpy(),
+                reasons=_sample_reasons(models, churn_shap, value_shap, explained, rows,
+                                        n_score) if explain_here else
+                (scored["churn_reasons"].to_numpy(dtype=object),
+                 scored["value_reasons"].to_numpy(dtype=object)))
+        else:
+            score_X = prepare_matrix(score_features, columns, cats)
+            drift = feature_drift(X.pop("train"), score_X)
+            scores = _scores_here(
+                models, con, score_features, as_of=as_of, horizon_days=horizon_days,
+                rfm=rfm_value,
+                churn_probability=candidate_probabilities(churn, logistic,
+                                                          score_X)[churn_chosen],
+                model_value=value.predict(score_X) if value_chosen == "model" else None,
+                reasons=_sample_reasons(models, churn_shap, value_shap, explained, rows,
+                                        n_score))
+            del score_X
+    finally:
+        if lying:
+            eng.unregister("_score_table")
     churn_drivers = global_drivers(churn_shap, explained_X)
     value_drivers = global_drivers(value_shap, explained_X)
     score_X = explained_X.reset_index(drop=True)
@@ -1382,6 +1457,67 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                "score": n_score, "features": len(columns), "explained": len(rows),
                "reasons": n_reasons},
     )
+
+
+def _sample_reasons(models: ModelRun, churn_shap: pd.DataFrame, value_shap: pd.DataFrame,
+                    explained: pd.DataFrame, rows: np.ndarray, n: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The reasons in words of the ``n`` customers scored: those of the explained
+    customers (at ``rows``) from their SHAP values, the value model's only when it
+    scores; missing for the others."""
+    churn_reasons = np.full(n, None, dtype=object)
+    churn_reasons[rows] = reason_codes(churn_shap, explained).to_numpy()
+    model_reasons = np.full(n, None, dtype=object)
+    if models.value_chosen == "model":
+        model_reasons[rows] = reason_codes(value_shap, explained).to_numpy()
+    return churn_reasons, model_reasons
+
+
+def _scores_here(models: ModelRun, con, features: pd.DataFrame, *, as_of: dt.date,
+                 horizon_days: int, rfm: RfmLookup, churn_probability: np.ndarray,
+                 model_value: np.ndarray | None, reasons: tuple[np.ndarray, np.ndarray]
+                 ) -> pd.DataFrame:
+    """The scores table (:data:`SCORES_SCHEMA`) of the customers of ``features``, on the
+    driver: their churn probability, the value model's prediction (when it scores) and
+    the reasons in words already computed; the chosen value method and the lifetime
+    outlook from BG/NBD + Gamma-Gamma fitted on the summary at ``as_of``
+    (:func:`scores_table`)."""
+    summary = rfm_summary(con, calibration_end=as_of)
+    lifetime = fit_lifetime(summary)
+    return scores_table(models, features, summary.reindex(
+        features["customer_id"].astype(str).to_numpy()), churn_probability=churn_probability,
+        model_value=model_value, reasons=reasons, as_of=as_of, horizon_days=horizon_days,
+        rfm=rfm, lifetime=lifetime)
+
+
+#: The models step's scores table, in Spark's schema (``models/scores.parquet``).
+SCORES_SCHEMA = ("customer_id string, churn_probability double, predicted_value double, "
+                 "churn_reasons string, value_reasons string, "
+                 "expected_next_order timestamp_ntz, predicted_clv double")
+
+
+def scores_table(models: ModelRun, features: pd.DataFrame, summary: pd.DataFrame, *,
+                 churn_probability: np.ndarray, model_value: np.ndarray | None,
+                 reasons: tuple[np.ndarray, np.ndarray], as_of: dt.date, horizon_days: int,
+                 rfm: RfmLookup, lifetime: tuple | None) -> pd.DataFrame:
+    """The scores of the customers of ``features`` (:data:`SCORES_SCHEMA`'s columns),
+    customer by customer, so that any split of the customers gives the same rows:
+    ``predicted_value`` and ``value_reasons`` by the chosen value method
+    (:func:`value_of`; ``summary``: the customers' rows of the summary at ``as_of``, in
+    their order), and the lifetime outlook (:func:`outlook_of`)."""
+    churn_reasons, model_reasons = reasons
+    predicted_value, value_reasons = value_of(
+        models.value_chosen, model=(model_value, model_reasons), features=features, rfm=rfm,
+        lifetime=lifetime, summary=summary, horizon_days=horizon_days)
+    outlook = outlook_of(lifetime, summary, as_of=as_of)
+    return pd.DataFrame({
+        "customer_id": features["customer_id"].astype(str).to_numpy(),
+        "churn_probability": np.asarray(churn_probability, dtype=float),
+        "predicted_value": np.asarray(predicted_value, dtype=float),
+        "churn_reasons": np.asarray(churn_reasons, dtype=object),
+        "value_reasons": np.asarray(value_reasons, dtype=object),
+        "expected_next_order": outlook["expected_next_order"].to_numpy(),
+        "predicted_clv": outlook["predicted_clv"].to_numpy()})
 
 
 def split_validation(churned, *, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
@@ -1454,12 +1590,23 @@ def candidate_contributions(method: str, churn: ChurnModel, logistic: LogisticCh
     return (churn.contributions(X) + logistic.contributions(X)) / 2
 
 
-def _score_value(method: str, con, *, model: tuple[np.ndarray | None, np.ndarray],
-                 features: pd.DataFrame, train: pd.DataFrame, as_of: dt.date,
-                 horizon_days: int) -> tuple[np.ndarray, np.ndarray]:
-    """``predicted_value`` and ``value_reasons`` at ``as_of`` from the chosen method;
-    ``model``: the XGBoost model's predictions and reasons in words (missing for the
-    customers not explained), when it is the one that scores."""
+def value_of(method: str, *, model: tuple[np.ndarray | None, np.ndarray],
+             features: pd.DataFrame, rfm: RfmLookup, lifetime: tuple | None,
+             summary: pd.DataFrame | None, horizon_days: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``predicted_value`` and ``value_reasons`` at the scoring date from the chosen
+    method, customer by customer (any split of the customers gives the same rows):
+    ``model``, the XGBoost model's predictions and reasons in words (missing for the
+    customers not explained), when it is the one that scores; ``rfm``, the lookup fitted
+    on the training customers; ``lifetime`` (:func:`fit_lifetime`) and ``summary`` (the
+    customers' rows of the summary at the scoring date, NaN for a customer without one)
+    for BG/NBD + Gamma-Gamma.
+
+    Raises
+    ------
+    ValueError
+        For BG/NBD + Gamma-Gamma when they could not be fitted at the scoring date.
+    """
     if method == "model":
         return model
     if method == "last_period":
@@ -1467,13 +1614,20 @@ def _score_value(method: str, con, *, model: tuple[np.ndarray | None, np.ndarray
         return spend, np.array([f"spent {v:,.0f} in the last {horizon_days} days; "
                                 "expected to repeat" for v in spend], dtype=object)
     if method == "rfm":
-        return (rfm_lookup(train, features, target="future_spend"),
+        return (rfm.predict(features),
                 np.full(len(features), "what past customers with similar recency, "
                         "frequency and spend went on to spend", dtype=object))
-    bg, _ = bgnbd_baseline(con, cutoff=as_of, horizon_days=horizon_days,
-                           customers=features["customer_id"])
-    purchases = bg["expected_purchases"].fillna(0.0).to_numpy()
-    spend = bg["expected_spend"].fillna(0.0).to_numpy()
+    if lifetime is None:
+        raise ValueError("BG/NBD + Gamma-Gamma cannot be fitted at the scoring date (too "
+                         "few repeat customers)")
+    bg, gg = lifetime
+    s = summary
+    purchases = np.asarray(bg.expected_purchases(horizon_days / 7, s["frequency"],
+                                                 s["recency"], s["T"]), dtype=float)
+    spend = purchases * np.asarray(gg.expected_spend(s["frequency"], s["monetary_value"]),
+                                   dtype=float)
+    # (a customer without a purchase before the scoring date: none expected)
+    purchases, spend = (np.where(np.isnan(v), 0.0, v) for v in (purchases, spend))
     each = np.divide(spend, purchases, out=np.zeros_like(spend), where=purchases > 0)
     return spend, np.array([f"{n:.1f} purchase days expected in the next {horizon_days} "
                             f"days, {v:,.0f} each" for n, v in zip(purchases, each,
@@ -1761,17 +1915,20 @@ def churn_step(config, processed_dir: str | Path, *, as_of: str | None = None,
         con, horizon_days=a.horizon_days, cutoff=scoring_date, step_days=a.cutoff_step_days)
     # the profile step built the features at the scoring date with this horizon: read
     # them rather than building them again
-    profiled = (store.read_profile_table() if store.profile_table.exists()
-                and store.horizon_days() == horizon else None)
+    # (on Spark, where it lies: the executors score the customers and write the scores)
+    profiled = store.profile_table.exists() and store.horizon_days() == horizon
+    on_spark = isinstance(as_engine(con), SparkEngine)
     try:
         run = fit_and_evaluate(con, as_of=scoring_date, horizon_days=horizon,
                                n_cutoffs=a.n_cutoffs, step_days=a.cutoff_step_days,
                                exclude=config.protected + config.pii, seed=config.seed,
                                device=a.device, lifecycle=lifecycle_thresholds(a),
                                reasons_sample=a.reasons_sample_for(store.n_customers()),
-                               score_features=profiled,
-                               score_table=store.profile_table if profiled is not None
-                               else None, drivers_sample=a.reasons_sample)
+                               score_features=store.read_profile_table()
+                               if profiled and not on_spark else None,
+                               score_table=store.profile_table if profiled else None,
+                               drivers_sample=a.reasons_sample,
+                               scores_to=store.scores_table if on_spark else None)
     except InsufficientDataError as exc:
         write_skipped_models(processed_dir, reason=str(exc), horizon_days=horizon,
                              as_of=scoring_date,
@@ -1891,6 +2048,112 @@ def score_on_spark(run: ModelRun, features: pd.DataFrame | Any, spark: Any, *,
     if (order < 0).any() or len(scored) != len(ids):
         raise RuntimeError("Spark's executors did not score every customer once")
     return scored.iloc[order].reset_index(drop=True)
+
+
+def scores_on_spark(models: ModelRun, eng: SparkEngine, features: Any, *, as_of: dt.date,
+                    horizon_days: int, rfm: RfmLookup, explain: pd.Series | None = None,
+                    out: str | Path | None = None) -> pd.DataFrame | int:
+    """The models step's scores table (:data:`SCORES_SCHEMA`), computed and written by
+    Spark's executors: the customers of ``features`` (a Spark DataFrame of their
+    features at ``as_of``, e.g. the profile step's table where it lies) each scored,
+    valued by the chosen value method and given their lifetime outlook where they lie
+    (:func:`scores_table`, with :func:`score_customers`' probabilities and reasons), as
+    the driver does for a frame (:func:`_scores_here`). Only a few numbers reach the
+    driver: the BG/NBD + Gamma-Gamma fit's customers (at most
+    :data:`analysis.clv.BGNBD_FIT_CUSTOMERS`, the same as the driver's, by place in id
+    order), which the executors then use to give every customer their own outlook.
+
+    ``explain``: the customers to give reasons in words (all when None). ``out``: where
+    the executors write the table, one row per customer in id order (the number of
+    customers written is returned); else it is collected, in id order.
+    """
+    from pyspark.sql import functions as fn
+
+    spark = eng.session
+    payload = {"churn": models.churn.to_payload(), "value": models.value.to_payload(),
+               "logistic": models.logistic.to_dict() if models.logistic is not None else None,
+               "churn_chosen": models.churn_chosen, "value_chosen": models.value_chosen}
+    wanted = None if explain is None else frozenset(pd.Series(explain).astype(str))
+    held = [c for c in RFM_SUMMARY_COLUMNS if c != "customer_id"]
+    with contextlib.closing(rfm_summaries(eng, calibration_ends=[as_of],
+                                          in_engine=True)) as summaries:
+        _, name = next(summaries)
+        summary = spark.table(name)
+        n = summary.count()
+        lifetime = fit_lifetime(summary_of_rows(eng.rows_at(
+            summary, "customer_id", fit_positions(n), list(RFM_SUMMARY_COLUMNS))),
+            max_customers=None) if n else None
+        joined = features.join(summary.select(
+            "customer_id", *[fn.col(c).alias(f"_s_{c}") for c in held]),
+            on="customer_id", how="left")
+        # (dealt out evenly, two parts per core, as score_on_spark does; in ranges of ids
+        # when the table is written as part files, so that it is not split after the
+        # scoring, which would score it twice: SparkEngine.write_parquet)
+        parts = 2 * spark.sparkContext.defaultParallelism
+        ranged = out is not None and eng.writes_parts(out)
+        joined = (joined.repartitionByRange(parts, "customer_id") if ranged
+                  else joined.repartition(parts))
+
+        def score(batches):
+            run = _run_of_payload(payload)
+            for frame in batches:
+                part = frame.drop(columns=[f"_s_{c}" for c in held])
+                ids = part["customer_id"].astype(str)
+                base = score_customers(run, part, reasons=wanted is None)
+                churn_reasons = np.array(base["churn_reasons"], dtype=object)
+                model_reasons = np.array(base["value_reasons"], dtype=object)
+                if wanted is not None:
+                    pick = ids.isin(wanted).to_numpy()
+                    if pick.any():
+                        told = explain_customers(run, part[pick])
+                        churn_reasons[pick] = told["churn_reasons"].to_numpy()
+                        if "value_reasons" in told:
+                            model_reasons[pick] = told["value_reasons"].to_numpy()
+                have = frame["_s_frequency"].notna().to_numpy()
+                rows = frame.loc[have, ["customer_id", *[f"_s_{c}" for c in held]]]
+                s = summary_of_rows(rows.set_axis(list(RFM_SUMMARY_COLUMNS), axis=1))
+                yield scores_table(
+                    run, part, s.reindex(ids.to_numpy()),
+                    churn_probability=base["churn_probability"].to_numpy(),
+                    model_value=base["value_model"].to_numpy(),
+                    reasons=(churn_reasons, model_reasons), as_of=as_of,
+                    horizon_days=horizon_days, rfm=rfm, lifetime=lifetime)
+
+        scored = joined.mapInPandas(score, SCORES_SCHEMA)
+        if out is not None:
+            return eng.write_parquet(scored, out, order_by="customer_id", ranged=ranged)
+        return eng.collect(scored).sort_values("customer_id", ignore_index=True)
+
+
+def drift_on_spark(eng: SparkEngine, features: Any, bins: dict, *, columns: list[str],
+                   categories: dict) -> dict[str, np.ndarray | None]:
+    """:func:`analysis.monitor.drift_counts` of the customers of ``features`` (a Spark
+    DataFrame), in the training ``bins`` of their model matrix (``columns``,
+    ``categories``: :func:`prepare_matrix`): each partition counted where it lies, the
+    counts summed on the driver, as :func:`analysis.monitor.feature_drift` takes them."""
+    from pyspark.sql import functions as fn
+
+    def count(batches):
+        for frame in batches:
+            counts = drift_counts(bins, prepare_matrix(frame, columns, categories))
+            yield pd.DataFrame([(col, i, int(v)) for col, c in counts.items() if c is not None
+                                for i, v in enumerate(c)],
+                               columns=["feature", "bin", "n"]).astype({"bin": "int64",
+                                                                         "n": "int64"})
+
+    totals = eng.collect(features.mapInPandas(count, "feature string, bin long, n long")
+                         .groupBy("feature", "bin").agg(fn.sum("n").alias("n")))
+    out: dict[str, np.ndarray | None] = {}
+    for col, b in bins.items():
+        if b is None:
+            out[col] = None
+            continue
+        width = len(b[0]) - 1 if len(b[0]) >= 3 else 1
+        mine = totals[totals["feature"] == col]
+        counts = np.zeros(width, dtype="int64")
+        counts[mine["bin"].to_numpy(dtype=int)] = mine["n"].to_numpy(dtype="int64")
+        out[col] = counts
+    return out
 
 
 def _run_of_payload(payload: dict) -> ModelRun:

@@ -21,9 +21,9 @@ from analysis.engine import as_engine
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH
 from analysis.store import RunStore
 
-__all__ = ["append_history", "feature_drift", "kpi_deltas", "migration_matrix", "monthly_trend",
-           "new_alerts",
-           "population_stability", "read_history", "realized_outcomes", "run_kpis"]
+__all__ = ["append_history", "drift_bins", "drift_counts", "feature_drift", "kpi_deltas",
+           "migration_matrix", "monthly_trend", "new_alerts", "population_stability",
+           "read_history", "realized_outcomes", "run_kpis", "stability_bins", "stability_index"]
 
 
 def run_kpis(processed_dir: str | Path) -> dict:
@@ -149,23 +149,46 @@ def population_stability(expected, actual, *, bins: int = 10) -> float:
 
     Below 0.1: stable; 0.1-0.25: some drift; above 0.25: a large shift.
     """
+    edges = stability_bins(expected, bins=bins)
+    return stability_index(edges, None if edges is None else _bin_counts(edges, actual))
+
+
+def stability_bins(expected, *, bins: int = 10) -> tuple[np.ndarray, np.ndarray] | None:
+    """The quantile bins of ``expected`` that :func:`population_stability` counts in
+    (the outer edges open) and ``expected``'s share in each; None when it has no value.
+    One bin (fewer than three distinct edges) means no shift can be seen."""
     e = pd.Series(expected, dtype=float).dropna().to_numpy()
-    a = pd.Series(actual, dtype=float).dropna().to_numpy()
-    if len(e) == 0 or len(a) == 0:
-        return float("nan")
+    if len(e) == 0:
+        return None
     edges = np.unique(np.quantile(e, np.linspace(0, 1, bins + 1)))
     if len(edges) < 3:
-        return 0.0
+        return edges, np.ones(1)
     edges[0], edges[-1] = -np.inf, np.inf
-    pe = np.histogram(e, edges)[0] / len(e)
-    pa = np.histogram(a, edges)[0] / len(a)
+    return edges, np.histogram(e, edges)[0] / len(e)
+
+
+def stability_index(bins: tuple[np.ndarray, np.ndarray] | None, counts) -> float:
+    """The PSI from :func:`stability_bins` and the actual values' count in each bin
+    (None, or no count, when the actual values have none: NaN)."""
+    if bins is None or counts is None or np.sum(counts) == 0:
+        return float("nan")
+    edges, pe = bins
+    if len(edges) < 3:
+        return 0.0
+    pa = np.asarray(counts, dtype=float) / np.sum(counts)
     pe, pa = np.clip(pe, 1e-4, None), np.clip(pa, 1e-4, None)
     return float(np.sum((pa - pe) * np.log(pa / pe)))
 
 
-def feature_drift(train: pd.DataFrame, score: pd.DataFrame, *, top: int | None = None
-                  ) -> pd.DataFrame:
+def feature_drift(train: pd.DataFrame | None, score: pd.DataFrame | None, *,
+                  top: int | None = None, bins: dict | None = None,
+                  counts: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """PSI of every numeric feature between the training snapshots and the scoring date.
+
+    ``bins`` and ``counts``: instead of ``train`` and ``score``, the training bins of
+    each numeric feature (:func:`drift_bins`) and the scoring date's count of values in
+    each (:func:`drift_counts`, summed over the parts of a table too large to hold, as
+    Spark's executors count them).
 
     Returns
     -------
@@ -173,16 +196,40 @@ def feature_drift(train: pd.DataFrame, score: pd.DataFrame, *, top: int | None =
         ``feature``, ``psi``, ``level`` (stable < 0.1 <= some drift < 0.25 <= large
         shift), largest first.
     """
+    if bins is None:
+        bins = drift_bins(train, score, columns=None if counts is None else list(counts))
+    if counts is None:
+        counts = drift_counts(bins, score)
     rows = []
-    for col in score.columns:
-        if col in train and pd.api.types.is_numeric_dtype(score[col]):
-            value = population_stability(train[col], score[col])
-            if value == value:
-                rows.append({"feature": col, "psi": value})
+    for col, b in bins.items():
+        value = stability_index(b, counts[col])
+        if value == value:
+            rows.append({"feature": col, "psi": value})
     out = pd.DataFrame(rows, columns=["feature", "psi"]).sort_values("psi", ascending=False)
     out["level"] = np.select([out["psi"] >= 0.25, out["psi"] >= 0.1],
                              ["large shift", "some drift"], default="stable")
     return (out.head(top) if top else out).reset_index(drop=True)
+
+
+def drift_bins(train: pd.DataFrame, score: pd.DataFrame | None, *,
+               columns: list[str] | None = None) -> dict:
+    """The training bins (:func:`stability_bins`) of each numeric column of ``score``
+    that training has, in ``score``'s order (of ``columns`` when given; ``score`` is
+    then not read)."""
+    names = columns if columns is not None else [
+        c for c in score.columns if c in train and pd.api.types.is_numeric_dtype(score[c])]
+    return {c: stability_bins(train[c]) for c in names}
+
+
+def drift_counts(bins: dict, score: pd.DataFrame) -> dict[str, np.ndarray | None]:
+    """Each column's count of ``score``'s values in its training bins (None where the
+    bins are)."""
+    return {col: None if b is None else _bin_counts(b, score[col]) for col, b in bins.items()}
+
+
+def _bin_counts(bins: tuple[np.ndarray, np.ndarray], values) -> np.ndarray:
+    a = pd.Series(values, dtype=float).dropna().to_numpy()
+    return np.histogram(a, bins[0])[0] if len(bins[0]) >= 3 else np.array([len(a)])
 
 
 def realized_outcomes(previous_customers: pd.DataFrame, actual: pd.DataFrame) -> dict:

@@ -791,13 +791,7 @@ def _clusters_on_spark(eng: SparkEngine, rows: Any, n: int, *, cols: list[str], 
     # (a constant input is left unscaled, as StandardScaler leaves one)
     spread = np.where(spread < 10 * np.finfo(float).eps, 1.0, spread)
     drawn = _cluster_sample(n, sample_size, seed)
-    placed = eng.running_sums(rows.select("customer_id", *inputs), [fn.col("customer_id")],
-                              {"_place": fn.lit(1)})
-    kept.append(placed)
-    wanted = eng.session.createDataFrame(pd.DataFrame({"_place": drawn + 1}),
-                                         schema="_place long")
-    sample = eng.collect(placed.join(fn.broadcast(wanted), on="_place")).set_index(
-        "_place").loc[drawn + 1, inputs].to_numpy(dtype=float)
+    sample = eng.rows_at(rows, "customer_id", drawn, inputs).to_numpy(dtype=float)
     km, k, scores = _fit_clusters((sample - mean) / spread, n=n, k=None, max_k=max_k,
                                   seed=seed)
 

@@ -123,11 +123,12 @@ class RunStore:
                 owner[shown] = (part, stored)
         return owner
 
-    def read_customers(self, columns: list[str] | tuple[str, ...] | None = None
-                       ) -> pd.DataFrame:
-        """Every profiled customer with the ``columns`` asked for (those the run has; all
-        when None), joined from the steps' tables on ``customer_id``, in the profile's
-        order, :data:`CUSTOMER_COLUMNS_FIRST` first when all are read.
+    def read_customers(self, columns: list[str] | tuple[str, ...] | None = None, *,
+                       ids: list[str] | pd.Series | None = None) -> pd.DataFrame:
+        """Every profiled customer (of ``ids`` only, when given) with the ``columns``
+        asked for (those the run has; all when None), joined from the steps' tables on
+        ``customer_id``, in the profile's order, :data:`CUSTOMER_COLUMNS_FIRST` first
+        when all are read.
 
         Raises
         ------
@@ -141,12 +142,14 @@ class RunStore:
         wanted = (list(owner) if columns is None
                   else [c for c in dict.fromkeys(columns) if c in owner])
         out = None
+        filters = None if ids is None else [("customer_id", "in", [str(i) for i in ids])]
         for part in parts:
             names = {owner[c][1]: c for c in wanted
                      if owner[c][0] == part and c != "customer_id"}
             if out is not None and not names:
                 continue
-            frame = read_columns(part, ["customer_id", *names]).rename(columns=names)
+            frame = read_columns(part, ["customer_id", *names],
+                                 filters=filters).rename(columns=names)
             if out is None:
                 out = frame
             elif frame["customer_id"].equals(out["customer_id"]):
@@ -156,6 +159,20 @@ class RunStore:
             else:
                 out = out.merge(frame, on="customer_id", how="left", validate="many_to_one")
         return out[_ordered(wanted) if columns is None else wanted]
+
+    def largest(self, column: str, n: int, columns: list[str] | tuple[str, ...] | None = None
+                ) -> pd.DataFrame:
+        """The ``n`` customers with the largest ``column`` (the first in the profile's
+        order among equals), largest first, with ``columns`` (all when None): only
+        ``column`` is read for everyone, the rest for those ``n`` (a page's list of a
+        large base)."""
+        ranked = self.read_customers(["customer_id", column]).nlargest(n, column,
+                                                                       keep="first")
+        columns = self.customer_columns() if columns is None else list(columns)
+        rows = self.read_customers(list(dict.fromkeys(["customer_id", *columns])),
+                                   ids=ranked["customer_id"]).set_index("customer_id",
+                                                                        drop=False)
+        return rows.loc[ranked["customer_id"].to_numpy(), columns].reset_index(drop=True)
 
     def export_customers(self) -> dict[str, Path]:
         """Write the joined customer table as ``customers.parquet`` and ``customers.csv``
