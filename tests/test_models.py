@@ -371,7 +371,7 @@ def demo_run(tmp_path_factory):
     return world, frames, con, run
 
 
-def test_a_large_validation_snapshot_is_sampled_and_the_evaluation_never_is(demo_run):
+def test_a_large_validation_snapshot_is_sampled_and_the_evaluation_beyond_its_cap(demo_run):
     world, _, con, run = demo_run
     capped = M.fit_and_evaluate(con, as_of=world.as_of, horizon_days=90, n_cutoffs=14,
                                 step_days=30, exclude=("gender", "age_band"), seed=1,
@@ -379,9 +379,26 @@ def test_a_large_validation_snapshot_is_sampled_and_the_evaluation_never_is(demo
     # about 1,000 of the customers known at the evaluation cutoff (fewer are known at
     # the earlier validation cutoff), drawn before the features were built
     assert 700 <= capped.sizes["valid"] <= 1_050 < run.sizes["valid"]
-    assert capped.sizes["eval"] == run.sizes["eval"]
+    # below its cap (two million by default), the evaluation is every customer
+    assert capped.sizes["eval"] == run.sizes["eval"] and run.sizes["eval_share"] == 1.0
     pd.testing.assert_series_equal(capped.evaluation["customer_id"],
                                    run.evaluation["customer_id"])
+    assert M.evaluation_sample(run) == "" and "random" not in M.describe_training(run)
+    # beyond it, a sample drawn by id, which every sentence counting its customers states
+    known = con.execute(f"SELECT COUNT(DISTINCT customer_id) FROM lines WHERE order_date < "
+                        f"DATE '{run.cutoffs['eval']}'").fetchone()[0]
+    sampled = M.fit_and_evaluate(con, as_of=world.as_of, horizon_days=90, n_cutoffs=14,
+                                 step_days=30, exclude=("gender", "age_band"), seed=1,
+                                 max_eval_rows=known // 2)
+    share = sampled.sizes["eval_share"]
+    assert share == pytest.approx(0.5, abs=0.01)
+    assert 0.4 * run.sizes["eval"] <= sampled.sizes["eval"] == len(sampled.evaluation) \
+        <= 0.6 * run.sizes["eval"]
+    assert set(sampled.evaluation["customer_id"]) < set(run.evaluation["customer_id"])
+    assert f"a random {share:.1%} of the customers, drawn by id" in M.describe_training(
+        sampled)
+    assert sampled.churn_metrics.set_index("method").loc["model", "n"] == len(
+        sampled.evaluation)
 
 
 def oracle_churn_probability(frame: pd.DataFrame, *, cutoff: dt.date, horizon: int,

@@ -126,3 +126,25 @@ def test_a_campaign_that_loses_money_is_not_called_a_recommendation(monkeypatch,
         assert "ROI -699%" in text
     else:
         assert "<b>Recommended: a retention campaign to 30 customers</b>" in text
+
+
+def test_lifecycle_movement_of_a_sampled_evaluation_counts_the_sampled_customers_only():
+    # the evaluation cutoff's stages are known for c1..c3 (every customer then) or for
+    # c1 and c3 only (a random half, drawn by id); c4 is new since then
+    now = pd.DataFrame({"customer_id": ["c1", "c2", "c3", "c4"],
+                        "lifecycle_stage": ["active", "lapsed", "lost", "new"]})
+    every = pd.DataFrame({"customer_id": ["c1", "c2", "c3"],
+                          "lifecycle_stage": ["active", "active", "lapsed"]})
+    pages = [SimpleNamespace(customers=now, horizon=90, run=SimpleNamespace(
+        evaluation=evaluation, sizes=sizes, cutoffs={"eval": "2025-01-01"}))
+        for evaluation, sizes in ((every, {"eval_share": 1.0}),
+                                  (every.iloc[[0, 2]], {"eval_share": 0.5}))]
+    whole, sampled = (N.lifecycle_movement(p) for p in pages)
+    assert int(whole.to_numpy().sum()) == 4
+    assert "new since then (or not scored)" in whole.index
+    assert int(sampled.to_numpy().sum()) == 2
+    assert "new since then (or not scored)" not in sampled.index
+    text = " ".join(str(b) for b in N._movement(pages[1]))
+    assert "of the 1 customers active then (a random 50.0% of the customers, drawn by id)" \
+        in text
+    assert "a random" not in " ".join(str(b) for b in N._movement(pages[0]))

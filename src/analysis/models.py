@@ -80,6 +80,7 @@ __all__ = [
     "churn_step",
     "lifetime_outlook",
     "describe_training",
+    "evaluation_sample",
     "explain_customers",
     "score_customers",
     "customers_with_reasons",
@@ -637,12 +638,21 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
     params : the fitted parameters of both models.
 
     ``summary`` is :func:`analysis.clv.rfm_summary` at ``cutoff`` when the caller has it.
+    On Spark (``lines`` a Spark engine, no ``summary``) the summary stays on the
+    executors, and the driver receives the fit's customers and those of ``customers``
+    only (:func:`_summary_on_spark`).
     """
-    if summary is None:
-        summary = rfm_summary(lines, calibration_end=cutoff)
-    bg = fit_bgnbd(summary, max_customers=max_customers)
-    gg = fit_gamma_gamma(summary, max_customers=max_customers)
-    s = summary.reindex(customers)
+    if summary is None and not isinstance(lines, pd.DataFrame) \
+            and isinstance(as_engine(lines), SparkEngine):
+        fit, s = _summary_on_spark(as_engine(lines), cutoff=cutoff, customers=customers,
+                                   max_customers=max_customers)
+        bg, gg = fit_bgnbd(fit), fit_gamma_gamma(fit)
+    else:
+        if summary is None:
+            summary = rfm_summary(lines, calibration_end=cutoff)
+        bg = fit_bgnbd(summary, max_customers=max_customers)
+        gg = fit_gamma_gamma(summary, max_customers=max_customers)
+        s = summary.reindex(customers)
     weeks = horizon_days / 7
     purchases = bg.expected_purchases(weeks, s["frequency"], s["recency"], s["T"])
     spend = gg.expected_spend(s["frequency"], s["monetary_value"])
@@ -653,6 +663,30 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
                           "expected_spend": purchases * spend}, index=customers.index)
     return frame, {"bgnbd": bg.params_, "bgnbd_loglik": bg.loglik_,
                    "gamma_gamma": gg.params_}
+
+
+def _summary_on_spark(eng: SparkEngine, *, cutoff: dt.date, customers: pd.Series,
+                      max_customers: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The RFM summary at ``cutoff`` (:func:`analysis.clv.rfm_summary`) computed and kept
+    on Spark's executors; the driver receives the rows a fit uses (at most
+    ``max_customers``, by place in id order: the driver's own, :func:`analysis.clv.
+    fit_positions`) and the rows of ``customers`` (in their order; NaN for a customer
+    without one)."""
+    ids = pd.Series(customers).astype(str)
+    with contextlib.closing(rfm_summaries(eng, calibration_ends=[cutoff],
+                                          in_engine=True)) as summaries:
+        _, name = next(summaries)
+        summary = eng.session.table(name)
+        n = summary.count()
+        fit = summary_of_rows(eng.rows_at(summary, "customer_id", fit_positions(
+            n, n if max_customers is None else max_customers), list(RFM_SUMMARY_COLUMNS)))
+        eng.register("_summary_customers", pd.DataFrame({"customer_id": ids.unique()}))
+        try:
+            wanted = eng.collect(summary.join(eng.session.table("_summary_customers"),
+                                              on="customer_id"))
+        finally:
+            eng.unregister("_summary_customers")
+    return fit, summary_of_rows(wanted[list(RFM_SUMMARY_COLUMNS)]).reindex(ids.to_numpy())
 
 
 #: The period of the predicted lifetime value in the customer table (months) and its
@@ -1181,6 +1215,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                      exclude: tuple[str, ...] = (), seed: int = 42, device: str = "cpu",
                      min_customers: int = 200, max_train_rows: int = 300_000,
                      max_baseline_rows: int = 100_000, max_valid_rows: int = 400_000,
+                     max_eval_rows: int = 2_000_000,
                      lifecycle: dict | None = None,
                      reasons_sample: int | None = None,
                      score_features: pd.DataFrame | None = None,
@@ -1196,7 +1231,12 @@ def fit_and_evaluate(con, *, as_of: dt.date,
     the logistic regression is fitted on at most ``max_baseline_rows`` of them, and the
     validation snapshot keeps about ``max_valid_rows`` customers (drawn by a hash of the
     id, before its features are built): on large customer bases more rows add time, not
-    accuracy. The evaluation snapshot always keeps every customer.
+    accuracy. The evaluation snapshot keeps every customer up to about
+    ``max_eval_rows`` of them, beyond which it is a sample drawn the same way (of about
+    that many: an AUC on two million customers is known to about 0.0005), so that the
+    driver need not hold tens of millions; ``sizes["eval_share"]`` is the share drawn
+    (1.0: everyone), which every sentence about the evaluation's customers states
+    (:func:`evaluation_sample`).
 
     **Which method scores the customers** is chosen, not assumed. The validation
     snapshot's customers are split in two halves (random, stratified by churn, fixed
@@ -1277,6 +1317,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                        f"< DATE '{eval_cut.isoformat()}'")[0][0]
     share = max_train_rows / max(n_known * len(train_cuts), 1)
     valid_share = max_valid_rows / max(n_known, 1)
+    eval_share = max_eval_rows / max(n_known, 1)
     # every snapshot, and the features at the scoring date, from one pass over the log;
     # memory: each snapshot is its own frame (no stacked copy to split), and once the
     # model matrices exist only the columns the evaluation needs are kept
@@ -1289,7 +1330,8 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                       *([as_of] if score_features is None and not lying else [])],
         horizon_days=horizon_days, exclude_attributes=exclude,
         sample_share={**dict.fromkeys(train_cuts, 1.1 * share if share < 0.9 else None),
-                      valid_cut: valid_share if valid_share < 0.9 else None})
+                      valid_cut: valid_share if valid_share < 0.9 else None,
+                      eval_cut: eval_share if eval_share < 0.9 else None})
     valid = frames.pop(valid_cut).assign(cutoff=pd.Timestamp(valid_cut))
     test = frames.pop(eval_cut).assign(cutoff=pd.Timestamp(eval_cut))
     if score_features is None and not lying:
@@ -1454,6 +1496,7 @@ def fit_and_evaluate(con, *, as_of: dt.date,
                "valid_tune": n_tune, "valid_choose": n_valid - n_tune,
                "valid_choose_active": int(churn_choice["n"].iloc[0]),
                "eval": n_test, "eval_active": int(churn_active["n"].iloc[0]),
+               "eval_share": round(eval_share, 6) if eval_share < 0.9 else 1.0,
                "score": n_score, "features": len(columns), "explained": len(rows),
                "reasons": n_reasons},
     )
@@ -2176,6 +2219,17 @@ def customers_with_reasons(sizes: dict) -> int:
     return int(sizes.get("reasons", sizes.get("explained", sizes.get("score", 0))))
 
 
+def evaluation_sample(run: ModelRun, lead: str = " (", end: str = ")") -> str:
+    """How the evaluation's customers were drawn, for a sentence that counts them: empty
+    when they are every customer of the evaluation cutoff, else e.g. ``" (a random 9.5 %
+    of the customers, drawn by id)"``, with ``lead`` and ``end`` around it (see
+    :func:`fit_and_evaluate`'s ``max_eval_rows``)."""
+    share = float((getattr(run, "sizes", None) or {}).get("eval_share", 1.0))
+    if share >= 1.0:
+        return ""
+    return f"{lead}a random {share:.1%} of the customers, drawn by id{end}"
+
+
 def describe_training(run: ModelRun) -> str:
     """How the run's models were trained, stopped, chosen, judged and scored, in one
     sentence (plain text: its values are dates, counts and a method name)."""
@@ -2184,5 +2238,6 @@ def describe_training(run: ModelRun) -> str:
             f"({s['train']:,} customer snapshots), stopped early and calibrated "
             f"({run.churn.calibration_['method']}) on {s['valid_tune']:,} customers at "
             f"{c['valid']}, the scoring method chosen on the other {s['valid_choose']:,} "
-            f"customers there, judged on {c['eval']} ({s['eval']:,} customers), scored at "
+            f"customers there, judged on {c['eval']} ({s['eval']:,} customers"
+            f"{evaluation_sample(run, ', ', '')}), scored at "
             f"{c['score']}.")

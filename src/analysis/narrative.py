@@ -571,12 +571,16 @@ def _trend(page: Page) -> list[Block]:
 def lifecycle_movement(page: Page) -> pd.DataFrame | None:
     """Customers by lifecycle stage at the evaluation cutoff (rows, one horizon ago) and
     now (columns); customers new since then in the row ``new since then (or not scored)``. None
-    without a trained model (the evaluation cutoff's stages come from it)."""
+    without a trained model (the evaluation cutoff's stages come from it). When the
+    evaluation is a sample of the customers (:func:`analysis.models.evaluation_sample`),
+    the sampled customers only, and no row of new ones (who is new cannot be told)."""
     if page.run is None or "lifecycle_stage" not in page.run.evaluation:
         return None
     then = page.run.evaluation[["customer_id", "lifecycle_stage"]]
     now = page.customers[["customer_id", "lifecycle_stage"]]
-    joined = now.merge(then, on="customer_id", how="left", suffixes=("", "_then"))
+    joined = now.merge(then, on="customer_id",
+                       how="inner" if models.evaluation_sample(page.run) else "left",
+                       suffixes=("", "_then"))
     joined["lifecycle_stage_then"] = joined["lifecycle_stage_then"].fillna(
         "new since then (or not scored)")
     order = [*segments.LIFECYCLE_STAGES, "new since then (or not scored)"]
@@ -597,9 +601,10 @@ def _movement(page: Page) -> list[Block]:
     lapsed = int(was[[c for c in table.columns if c not in active]].to_numpy().sum())
     return [paragraph(
         "Movement between lifecycle stages since {cut} ({h} days ago): of the {n:,} customers "
-        "active then, {lapsed:,} have since lapsed or been lost. Rows are the stage then, "
-        "columns the stage now (customers):", cut=cut, h=page.horizon,
-        n=int(was.to_numpy().sum()), lapsed=lapsed),
+        "active then{sample}, {lapsed:,} have since lapsed or been lost. Rows are the stage "
+        "then, columns the stage now (customers):", cut=cut, h=page.horizon,
+        n=int(was.to_numpy().sum()), lapsed=lapsed,
+        sample=models.evaluation_sample(page.run)),
         html_table(table.reset_index(), formats={c: "," for c in table.columns})]
 
 
@@ -1226,6 +1231,7 @@ def _order_log_trust(page: Page) -> list[Block]:
     tested = models.active_rows(run.evaluation)
     ev = run.cutoffs["eval"]
     population = (f"the {len(tested):,} customers still active on {ev}"
+                  f"{models.evaluation_sample(run)}"
                   if len(tested) < len(run.evaluation) else None)
     out: list[Block] = [paragraph(
         "The models were tested on customers as they were on {ev}, using only what was known "
@@ -1276,8 +1282,9 @@ def _order_log_trust(page: Page) -> list[Block]:
             if len(shifted) else ""))
     out.append(paragraph(
         "Enough data for this: the models learned from {n_train:,} customer snapshots and were "
-        "tested on {n_eval:,} customers; {n_active:,} of them were still active, and {pos:,} of "
-        "those churned.", n_train=run.sizes["train"], n_eval=len(run.evaluation),
+        "tested on {n_eval:,} customers{sample}; {n_active:,} of them were still active, and "
+        "{pos:,} of those churned.", n_train=run.sizes["train"], n_eval=len(run.evaluation),
+        sample=models.evaluation_sample(run),
         n_active=len(tested), pos=int(tested["churned"].sum())))
     return out
 
@@ -1341,9 +1348,10 @@ def _win_back_accuracy(page: Page) -> list[Block]:
     chance = 1 - gone[f"churn_{run.churn_chosen}"]
     return [paragraph(
         "The win-back population is judged on its own: of the {n:,} customers already lapsed "
-        "or lost on {ev}, {r:.1%} ordered again within {h} days, against {p:.1%} expected; "
-        "the chance of ordering again told who would with an AUC of {auc:.3f}.",
-        n=len(gone), ev=run.cutoffs["eval"], r=back.mean(), p=chance.mean(), h=page.horizon,
+        "or lost on {ev}{sample}, {r:.1%} ordered again within {h} days, against {p:.1%} "
+        "expected; the chance of ordering again told who would with an AUC of {auc:.3f}.",
+        n=len(gone), ev=run.cutoffs["eval"], sample=models.evaluation_sample(run),
+        r=back.mean(), p=chance.mean(), h=page.horizon,
         auc=roc_auc_score(back, chance))]
 
 
