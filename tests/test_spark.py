@@ -281,6 +281,33 @@ def test_the_boosters_trained_by_xgboost_spark_are_those_trained_here(session):
         np.testing.assert_allclose(there._margin(X), here._margin(X), rtol=1e-6, atol=1e-6)
 
 
+def test_the_boosters_train_on_spark_whatever_the_size_of_arrows_batches(session):
+    """xgboost.spark fails on an Arrow batch without training or without validation rows;
+    the rows reach it validation rows last, and a batch ends at 64 MB by default (the
+    million-customer benchmark's training failed so): while it fits, a partition is one
+    batch, whatever its size, and the session's settings are put back after."""
+    import numpy as np
+
+    from analysis.models import ChurnModel
+
+    rng = np.random.default_rng(0)
+    n = 60_000
+    X = pd.DataFrame({"recency": rng.normal(size=n), "spend": rng.gamma(2.0, size=n)})
+    y = (X["recency"] + rng.normal(size=n) > 0.5).astype(int).to_numpy()
+    key = "spark.sql.execution.arrow.maxBytesPerBatch"
+    before = session.conf.get(key)
+    session.conf.set(key, "200000")          # (batches of about 200 kB, as 64 MB at scale)
+    try:
+        there = ChurnModel(seed=3, spark=session).fit(X.iloc[:30_000], y[:30_000],
+                                                      X.iloc[30_000:], y[30_000:])
+        assert session.conf.get(key) == "200000"
+    finally:
+        session.conf.set(key, before)
+    here = ChurnModel(seed=3).fit(X.iloc[:30_000], y[:30_000], X.iloc[30_000:], y[30_000:])
+    assert there.best_iteration_ == here.best_iteration_
+    np.testing.assert_allclose(there._margin(X), here._margin(X), rtol=1e-6, atol=1e-6)
+
+
 def test_the_executors_score_and_explain_each_customer_as_the_driver_does(session, tmp_path):
     """:func:`score_on_spark` runs :func:`score_customers` on each partition, the models
     shipped as their JSON: every customer comes back once, in the frame's order, with

@@ -302,14 +302,19 @@ class _Booster:
         engine = SparkEngine(self.spark)
         engine.register("_training_rows", rows)
         # each partition reaches XGBoost as one batch: xgboost.spark (3.2) fails on an
-        # Arrow batch (10,000 rows by default) that holds no validation rows
-        batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
-        before = self.spark.conf.get(batch)
-        self.spark.conf.set(batch, "0")
+        # Arrow batch that holds no validation rows, or no training rows (a batch ends at
+        # 10,000 rows or 64 MB by default: the million-customer benchmark's training and
+        # validation rows, validation rows last, failed in a batch of validation rows)
+        caps = {"spark.sql.execution.arrow.maxRecordsPerBatch": "0",
+                "spark.sql.execution.arrow.maxBytesPerBatch": str(2**31 - 2)}
+        before = {key: self.spark.conf.get(key) for key in caps}
+        for key, value in caps.items():
+            self.spark.conf.set(key, value)
         try:
             booster = estimator.fit(self.spark.table("_training_rows")).get_booster()
         finally:
-            self.spark.conf.set(batch, before)
+            for key, value in before.items():
+                self.spark.conf.set(key, value)
             engine.unregister("_training_rows")
         self.best_iteration_ = int(booster.best_iteration)
         self.trained_with_ = f"xgboost.spark ({workers} worker{'s' * (workers > 1)})"
