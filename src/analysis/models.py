@@ -673,18 +673,12 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
 def _summary_on_spark(eng: SparkEngine, *, cutoff: dt.date, customers: pd.Series,
                       max_customers: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The RFM summary at ``cutoff`` (:func:`analysis.clv.rfm_summary`) computed and kept
-    on Spark's executors; the driver receives the rows a fit uses (at most
-    ``max_customers``, by place in id order: the driver's own, :func:`analysis.clv.
-    fit_positions`) and the rows of ``customers`` (in their order; NaN for a customer
-    without one)."""
+    on Spark's executors (:func:`_summary_kept_on_spark`); the driver receives the rows
+    a fit uses and the rows of ``customers`` (in their order; NaN for a customer without
+    one)."""
     ids = pd.Series(customers).astype(str)
-    with contextlib.closing(rfm_summaries(eng, calibration_ends=[cutoff],
-                                          in_engine=True)) as summaries:
-        _, name = next(summaries)
-        summary = eng.session.table(name)
-        n = summary.count()
-        fit = summary_of_rows(eng.rows_at(summary, "customer_id", fit_positions(
-            n, n if max_customers is None else max_customers), list(RFM_SUMMARY_COLUMNS)))
+    with _summary_kept_on_spark(eng, cutoff=cutoff, max_customers=max_customers) as (
+            summary, fit):
         eng.register("_summary_customers", pd.DataFrame({"customer_id": ids.unique()}))
         try:
             wanted = eng.collect(summary.join(eng.session.table("_summary_customers"),
@@ -692,6 +686,23 @@ def _summary_on_spark(eng: SparkEngine, *, cutoff: dt.date, customers: pd.Series
         finally:
             eng.unregister("_summary_customers")
     return fit, summary_of_rows(wanted[list(RFM_SUMMARY_COLUMNS)]).reindex(ids.to_numpy())
+
+
+@contextlib.contextmanager
+def _summary_kept_on_spark(eng: SparkEngine, *, cutoff: dt.date,
+                           max_customers: int | None = BGNBD_FIT_CUSTOMERS):
+    """Within the block: the RFM summary at ``cutoff`` as a Spark DataFrame kept on the
+    executors (:data:`analysis.clv.RFM_SUMMARY`'s rows, in days), and, on the driver,
+    the summary of the rows a fit uses (at most ``max_customers``, by place in id order:
+    the rows :func:`analysis.clv.fit_positions` gives the driver). The summary's table is
+    dropped when the block ends."""
+    with contextlib.closing(rfm_summaries(eng, calibration_ends=[cutoff],
+                                          in_engine=True)) as summaries:
+        _, name = next(summaries)
+        summary = eng.session.table(name)
+        n = summary.count()
+        yield summary, summary_of_rows(eng.rows_at(summary, "customer_id", fit_positions(
+            n, n if max_customers is None else max_customers), list(RFM_SUMMARY_COLUMNS)))
 
 
 #: The period of the predicted lifetime value in the customer table (months) and its
@@ -2069,9 +2080,7 @@ def score_on_spark(run: ModelRun, features: pd.DataFrame | Any, spark: Any, *,
     if handed:
         engine.register("_score_features", features)
         source = spark.table("_score_features")
-    payload = {"churn": run.churn.to_payload(), "value": run.value.to_payload(),
-               "logistic": run.logistic.to_dict() if run.logistic is not None else None,
-               "churn_chosen": run.churn_chosen, "value_chosen": run.value_chosen}
+    payload = _payload_of(run)
 
     # the customers dealt out evenly, two parts per core: a file's own partitions split
     # it by bytes, unevenly (100,000 customers took 31.5 s on a local[2] master, one
@@ -2118,19 +2127,11 @@ def scores_on_spark(models: ModelRun, eng: SparkEngine, features: Any, *, as_of:
     from pyspark.sql import functions as fn
 
     spark = eng.session
-    payload = {"churn": models.churn.to_payload(), "value": models.value.to_payload(),
-               "logistic": models.logistic.to_dict() if models.logistic is not None else None,
-               "churn_chosen": models.churn_chosen, "value_chosen": models.value_chosen}
+    payload = _payload_of(models)
     wanted = None if explain is None else frozenset(pd.Series(explain).astype(str))
     held = [c for c in RFM_SUMMARY_COLUMNS if c != "customer_id"]
-    with contextlib.closing(rfm_summaries(eng, calibration_ends=[as_of],
-                                          in_engine=True)) as summaries:
-        _, name = next(summaries)
-        summary = spark.table(name)
-        n = summary.count()
-        lifetime = fit_lifetime(summary_of_rows(eng.rows_at(
-            summary, "customer_id", fit_positions(n), list(RFM_SUMMARY_COLUMNS))),
-            max_customers=None) if n else None
+    with _summary_kept_on_spark(eng, cutoff=as_of) as (summary, fit):
+        lifetime = fit_lifetime(fit, max_customers=None)
         joined = features.join(summary.select(
             "customer_id", *[fn.col(c).alias(f"_s_{c}") for c in held]),
             on="customer_id", how="left")
@@ -2202,6 +2203,14 @@ def drift_on_spark(eng: SparkEngine, features: Any, bins: dict, *, columns: list
         counts[mine["bin"].to_numpy(dtype=int)] = mine["n"].to_numpy(dtype="int64")
         out[col] = counts
     return out
+
+
+def _payload_of(run: ModelRun) -> dict:
+    """The run's models as plain values, for Spark's executors (:func:`_run_of_payload`
+    rebuilds them there)."""
+    return {"churn": run.churn.to_payload(), "value": run.value.to_payload(),
+            "logistic": run.logistic.to_dict() if run.logistic is not None else None,
+            "churn_chosen": run.churn_chosen, "value_chosen": run.value_chosen}
 
 
 def _run_of_payload(payload: dict) -> ModelRun:
