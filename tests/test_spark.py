@@ -734,6 +734,21 @@ def test_a_log_without_categories_is_profiled_on_spark_as_on_the_driver(session,
     assert written["top_category"].isna().all() and here.customers["top_category"].isna().all()
 
 
+def _cdnow_on_both(session, tmp_path: Path):
+    """CDNOW loaded and cleaned into ``tmp_path``, its views on DuckDB and on Spark:
+    (the config, DuckDB's connection, the Spark engine)."""
+    from analysis import data as D
+    from analysis.config import load_config
+    from analysis.engine import SparkEngine
+
+    require_cdnow()
+    config = load_config(ROOT / "configs" / "cdnow.yaml")
+    D.quality_step(config, tmp_path)
+    duck = F.connect(tmp_path / "clean")
+    F.connect_spark(tmp_path / "clean", session=session)
+    return config, duck, SparkEngine(session)
+
+
 def test_the_executors_write_the_scores_table_the_driver_computes(session, tmp_path):
     """The models step on Spark with the profile step's table (models.scores_on_spark):
     the customers at the scoring date stay on the executors, which score them, value
@@ -744,18 +759,10 @@ def test_the_executors_write_the_scores_table_the_driver_computes(session, tmp_p
     give the driver's PSI (models.drift_on_spark)."""
     import numpy as np
 
-    from analysis import data as D
     from analysis import models as M
-    from analysis.config import load_config
-    from analysis.engine import SparkEngine
     from analysis.monitor import drift_bins, feature_drift
 
-    require_cdnow()
-    config = load_config(ROOT / "configs" / "cdnow.yaml")
-    D.quality_step(config, tmp_path)
-    duck = F.connect(tmp_path / "clean")
-    eng = SparkEngine(session)
-    F.connect_spark(tmp_path / "clean", session=session)
+    config, duck, eng = _cdnow_on_both(session, tmp_path)
     as_of, horizon = dt.date(1998, 1, 1), 120
     features = F.build_features(duck, cutoff=as_of, horizon_days=horizon, labels=False)
     features.to_parquet(tmp_path / "features.parquet", index=False)
@@ -842,3 +849,87 @@ def test_bgnbd_on_spark_fits_and_scores_as_on_the_driver(session, tmp_path):
     for model in ("bgnbd", "gamma_gamma"):
         for name, value in here_params[model].items():
             assert np.isclose(there_params[model][name], value, rtol=1e-9), (model, name)
+
+
+def test_the_executors_decide_as_the_driver_does(session, tmp_path):
+    """The strategy step on Spark without campaign data (strategy.decide_on_spark): the
+    customers stay on the executors, which decide them row by row and write the decision
+    table; the driver gets the campaign's depth from the gains' running totals (ties by
+    id), the sums, counts and alerts. On CDNOW's profile, with scores of every kind
+    (unknown risks among them), protected attributes (a group too small to judge, missing
+    values) and a previous run (rising risks), and the sort in 3 ranges as on a cluster:
+    the same decisions, actions, retention summary, guardrails, alerts, fairness audit,
+    campaign and profit curve (at the depths Spark keeps) as strategy.decide."""
+    import numpy as np
+
+    from analysis import segments as S
+    from analysis import strategy as T
+    from analysis.store import RunStore
+
+    config, duck, eng = _cdnow_on_both(session, tmp_path)
+    as_of, horizon = dt.date(1998, 1, 1), 120
+    profile = S.profile_customers(duck, as_of=as_of, params=config.analysis, seed=5,
+                                  horizon_days=horizon)
+    rng = np.random.default_rng(3)
+    c = profile.customers
+    n = len(c)
+    churn = pd.Series(rng.uniform(0, 1, n)).mask(rng.uniform(size=n) < 0.02)
+    scores = pd.DataFrame({"customer_id": c["customer_id"], "churn_probability": churn,
+                           "predicted_value": c["spend_365d"].clip(lower=0)
+                           * rng.uniform(0.1, 3.0, n) + rng.uniform(0, 5, n)})
+    runs = {}
+    for name, shift in (("now", 0.0), ("before", 0.3)):
+        store = RunStore(tmp_path / name)
+        store.write_profile_table(c)
+        store.write_scores(scores.assign(churn_probability=(
+            scores["churn_probability"] - np.where(np.arange(n) % 3 == 0, shift, 0.0))
+            .clip(0, 1)))
+        runs[name] = store
+    attributes = pd.DataFrame({
+        "customer_id": c["customer_id"],
+        "gender": pd.Series(rng.choice(["f", "m"], n)).mask(rng.uniform(size=n) < 0.05),
+        "band": np.where(np.arange(n) < 10, "tiny", rng.choice(["a", "b", "c"], n))})
+    attributes.to_parquet(tmp_path / "attributes.parquet", index=False)
+    # (cheap orders lose money at this cost per order: a phase-out list to check)
+    params = config.strategy.model_copy(update={"cost_per_order": 8.0})
+    protected = ("gender", "band")
+    store, previous = runs["now"], runs["before"]
+    here = T.decide(duck, store.read_customers(T.DECISION_COLUMNS), as_of=as_of,
+                    horizon_days=horizon, params=params, attributes=attributes,
+                    protected=protected,
+                    previous=previous.read_customers(["customer_id", "churn_probability"]))
+    with _ranges(session, 3):
+        there, ids = T.decide_on_spark(eng, store, as_of=as_of, horizon_days=horizon,
+                                       params=params, attributes=tmp_path / "attributes.parquet",
+                                       protected=protected, previous=previous)
+    assert there.customers is None
+    def texts(frame: pd.DataFrame) -> pd.DataFrame:
+        # (texts as objects: pandas keeps some as its own strings, Spark's as objects)
+        return frame.astype({k: object for k, kind in frame.dtypes.items()
+                             if kind == object or isinstance(kind, pd.StringDtype)})
+
+    _same(texts(here.customers), texts(pd.read_parquet(store.decisions_table)))
+    for name in ("actions", "guardrails", "alerts", "fairness"):
+        _same(texts(getattr(here, name)), texts(getattr(there, name)))
+    assert list(there.retention) == list(here.retention)
+    for key, value in here.retention.items():
+        assert (np.isclose(there.retention[key], value, rtol=1e-9)
+                if isinstance(value, float) else there.retention[key] == value), key
+    assert sorted(ids) == sorted(here.customers.loc[here.customers["in_campaign"],
+                                                    "customer_id"])
+    curve = here.profit_curve.set_index("depth")["cumulative_profit"]
+    assert len(there.profit_curve) <= 2 * T.CURVE_POINTS + 1
+    shown = there.profit_curve["depth"] <= 3 * here.retention["targeted_by_profit"]
+    assert shown.sum() >= min(T.CURVE_POINTS, 3 * here.retention["targeted_by_profit"])
+    assert there.profit_curve["depth"].iloc[[0, -1]].tolist() == [1, n]
+    assert np.allclose(there.profit_curve["cumulative_profit"],
+                       curve.loc[there.profit_curve["depth"]], rtol=1e-9)
+    # what the comparison covers: a campaign, a phase-out list, every alert rule that
+    # data can fire, a group too small to judge and missing values among the groups
+    r = here.retention
+    assert 0 < r["targeted_by_profit"] < r["eligible_customers"] < n
+    assert r["targeted_by_profit"] in set(there.profit_curve["depth"])
+    assert here.customers["phaseout_candidate"].sum() > 0
+    assert {"overdue", "high churn risk", "churn risk rising"} <= set(here.alerts["rule"])
+    assert {"missing", "tiny"} <= set(here.fairness["group"])
+    assert (~here.fairness["judged"]).any() and here.fairness["judged"].any()

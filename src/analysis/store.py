@@ -135,19 +135,10 @@ class RunStore:
         FileNotFoundError
             When the profile step has not run.
         """
-        parts = self._parts()
-        if not parts:
-            raise FileNotFoundError(f"{self.profile_table}: the profile step has not run")
-        owner = self._owners()
-        wanted = (list(owner) if columns is None
-                  else [c for c in dict.fromkeys(columns) if c in owner])
+        wanted = self.wanted(columns)
         out = None
         filters = None if ids is None else [("customer_id", "in", [str(i) for i in ids])]
-        for part in parts:
-            names = {owner[c][1]: c for c in wanted
-                     if owner[c][0] == part and c != "customer_id"}
-            if out is not None and not names:
-                continue
+        for part, names in self.sources(wanted):
             frame = read_columns(part, ["customer_id", *names],
                                  filters=filters).rename(columns=names)
             if out is None:
@@ -159,6 +150,41 @@ class RunStore:
             else:
                 out = out.merge(frame, on="customer_id", how="left", validate="many_to_one")
         return out[_ordered(wanted) if columns is None else wanted]
+
+    def wanted(self, columns: list[str] | tuple[str, ...] | None = None) -> list[str]:
+        """Those of ``columns`` the run has (all its columns when None), in the order
+        :meth:`read_customers` returns them."""
+        owner = self._owners()
+        if columns is None:
+            return _ordered(list(owner))
+        return [c for c in dict.fromkeys(columns) if c in owner]
+
+    def sources(self, columns: list[str] | tuple[str, ...] | None = None
+                ) -> list[tuple[Path, dict[str, str]]]:
+        """Where the joined table's ``columns`` (all when None) are read from: each step's
+        table that holds some of them, in step order (the profile's first, whose
+        ``customer_id`` every read starts from), with the columns read there (their
+        stored name -> the name read): how :meth:`read_customers` reads them, and how
+        another engine can (a Spark run's strategy step joins them where they lie).
+
+        Raises
+        ------
+        FileNotFoundError
+            When the profile step has not run.
+        """
+        parts = self._parts()
+        if not parts:
+            raise FileNotFoundError(f"{self.profile_table}: the profile step has not run")
+        owner = self._owners()
+        wanted = self.wanted(columns)
+        found = []
+        for part in parts:
+            names = {owner[c][1]: c for c in wanted
+                     if owner[c][0] == part and c != "customer_id"}
+            if found and not names:
+                continue
+            found.append((part, names))
+        return found
 
     def largest(self, column: str, n: int, columns: list[str] | tuple[str, ...] | None = None
                 ) -> pd.DataFrame:

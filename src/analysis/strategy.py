@@ -21,7 +21,7 @@ from scipy import stats
 from analysis.clv import fit_bgnbd, rfm_summary
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
-from analysis.engine import as_engine
+from analysis.engine import SparkEngine, as_engine
 from analysis.features import (
     Connection,
     build_features,
@@ -215,6 +215,19 @@ def customer_economics(customers: pd.DataFrame, *, horizon_days: int,
                          "expected_profit": margin - cost})
 
 
+def growth_potential(customers: pd.DataFrame, *, horizon_days: int,
+                     params: StrategyParams) -> pd.Series:
+    """Whether each customer of an order log has growth potential: a predicted value
+    over the horizon of at least ``growth_ratio`` times their run rate (last 12 months'
+    spend over the horizon), or a rising 180-day trend, broad interest (three or more
+    categories) and a predicted value above the run rate."""
+    c = customers
+    run_rate = c["spend_365d"].clip(lower=0) * horizon_days / 365
+    broad = c["n_categories"] >= 3 if "n_categories" in c else False
+    return (c["predicted_value"] >= params.growth_ratio * np.maximum(run_rate, 1.0)) | (
+        (c["trend_180d"] > 0.3) & broad & (c["predicted_value"] > run_rate))
+
+
 def period_profits(con: Connection, *, as_of: dt.date, horizon_days: int,
                    periods: int, params: StrategyParams) -> pd.DataFrame:
     """Realised profit of each customer in each of the ``periods`` horizon-length
@@ -226,6 +239,13 @@ def period_profits(con: Connection, *, as_of: dt.date, horizon_days: int,
     DataFrame
         ``customer_id`` and ``profit_p1`` (most recent period) .. ``profit_pK``.
     """
+    return as_engine(con).frame(_period_profits_sql(as_of=as_of, horizon_days=horizon_days,
+                                                    periods=periods, params=params))
+
+
+def _period_profits_sql(*, as_of: dt.date, horizon_days: int, periods: int,
+                        params: StrategyParams) -> str:
+    """The query of :func:`period_profits`."""
     case = _channel_cost_sql("MIN(channel)", params)
     cols = []
     for k in range(1, periods + 1):
@@ -243,7 +263,7 @@ def period_profits(con: Connection, *, as_of: dt.date, horizon_days: int,
         GROUP BY customer_id, order_key
     )
     SELECT customer_id, {", ".join(cols)} FROM orders GROUP BY customer_id"""
-    return as_engine(con).frame(sql)
+    return sql
 
 
 def order_profits(con: Connection, *, as_of: dt.date,
@@ -258,8 +278,13 @@ def order_profits(con: Connection, *, as_of: dt.date,
         ``customer_id``, ``n_orders_profit`` (completed orders), ``order_profit_mean``
         and ``order_profit_se`` (its standard error; NaN with one order).
     """
+    return as_engine(con).frame(_order_profits_sql(as_of=as_of, params=params))
+
+
+def _order_profits_sql(*, as_of: dt.date, params: StrategyParams) -> str:
+    """The query of :func:`order_profits`."""
     case = _channel_cost_sql("MIN(channel)", params)
-    return as_engine(con).frame(f"""
+    return f"""
     WITH orders AS (
         SELECT customer_id, order_key,
                SUM(COALESCE(margin, amount * {float(params.margin_rate)})) - {case}
@@ -270,7 +295,7 @@ def order_profits(con: Connection, *, as_of: dt.date,
     )
     SELECT customer_id, COUNT(*) AS n_orders_profit, AVG(order_profit) AS order_profit_mean,
            STDDEV_SAMP(order_profit) / SQRT(COUNT(*)) AS order_profit_se
-    FROM orders GROUP BY customer_id""")
+    FROM orders GROUP BY customer_id"""
 
 
 def _channel_cost_sql(column: str, params: StrategyParams) -> str:
@@ -409,6 +434,54 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
     summary : ``method``, ``campaign_size``, ``campaign_cost``, ``expected_revenue_saved``,
         ``expected_margin_saved``, ``max_expected_profit``, ``roi``.
     """
+    gains = contact_gains(customers, economics, params=params, retention_rate=retention_rate,
+                          uplift_rate=uplift_rate, window_days=window_days,
+                          horizon_days=horizon_days, eligible=eligible,
+                          uplift_per_customer=uplift_per_customer, method=method)
+    value, gain, saved_revenue = gains["value"], gains["gain"], gains["saved_revenue"]
+    cost = params.contact_cost + params.offer_cost
+    order = np.argsort(-gain, kind="stable")
+    cum = np.cumsum(np.where(np.isfinite(gain[order]), gain[order], 0.0))
+    depth = best_depth(cum[:int(np.isfinite(gain).sum())])
+    rank = np.empty(len(gain), dtype=int)
+    rank[order] = np.arange(1, len(gain) + 1)
+    cumulative = np.empty(len(gain))
+    cumulative[order] = cum
+    frame = pd.DataFrame({"customer_id": customers["customer_id"].to_numpy(),
+                          "value_if_retained": value,
+                          "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
+                          "rank": rank, "cumulative_profit": cumulative,
+                          "targeted": rank <= depth})
+    chosen = frame["targeted"].to_numpy()
+    revenue_saved = float(saved_revenue[chosen].sum())
+    margin_saved = float((gain + cost)[chosen].sum())
+    total_cost = depth * cost
+    summary = {"method": gains["method"], "campaign_size": depth, "campaign_cost": total_cost,
+               "expected_revenue_saved": revenue_saved,
+               "expected_margin_saved": margin_saved,
+               "max_expected_profit": float(cum[depth - 1]) if depth else 0.0,
+               "roi": (margin_saved - total_cost) / total_cost if total_cost else 0.0}
+    return frame, summary
+
+
+def best_depth(cumulative: np.ndarray) -> int:
+    """The most profitable depth of a campaign: the first place (from 1) where the
+    running total of the gains, best first, over the customers who can be targeted
+    (``cumulative``), is largest; 0 when it is never above zero (no contact pays)."""
+    return int(np.argmax(cumulative) + 1) if len(cumulative) and cumulative.max() > 0 else 0
+
+
+def contact_gains(customers: pd.DataFrame, economics: pd.DataFrame, *,
+                  params: StrategyParams, retention_rate: pd.Series | float | None = None,
+                  uplift_rate: float | None = None, window_days: int = 365,
+                  horizon_days: int = 90, eligible: pd.Series | None = None,
+                  uplift_per_customer: pd.Series | np.ndarray | None = None,
+                  method: str | None = None) -> dict:
+    """Each customer's expected gain of a retention contact, row by row (the valuations
+    of :func:`retention_targeting`, which ranks them): ``value`` (the value if
+    retained), ``gain`` (-inf where the customer cannot be targeted or the risk is
+    unknown), ``saved_revenue`` (the revenue a contact is expected to keep) and
+    ``method``."""
     rate_used = economics["margin_rate_used"].to_numpy()
     if uplift_per_customer is not None:
         revenue = (customers["predicted_value"].clip(lower=0) * window_days / horizon_days
@@ -437,30 +510,8 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
     gain = np.where(np.isnan(gain), -np.inf, gain)    # unknown risk: never targeted
     if eligible is not None:
         gain = np.where(np.asarray(eligible, dtype=bool), gain, -np.inf)
-    order = np.argsort(-gain, kind="stable")
-    cum = np.cumsum(np.where(np.isfinite(gain[order]), gain[order], 0.0))
-    n_eligible = int(np.isfinite(gain).sum())
-    depth = int(np.argmax(cum[:n_eligible]) + 1) if n_eligible and cum[:n_eligible].max() > 0 \
-        else 0
-    rank = np.empty(len(gain), dtype=int)
-    rank[order] = np.arange(1, len(gain) + 1)
-    cumulative = np.empty(len(gain))
-    cumulative[order] = cum
-    frame = pd.DataFrame({"customer_id": customers["customer_id"].to_numpy(),
-                          "value_if_retained": value,
-                          "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
-                          "rank": rank, "cumulative_profit": cumulative,
-                          "targeted": rank <= depth})
-    chosen = frame["targeted"].to_numpy()
-    revenue_saved = float((saved_share * revenue)[chosen].sum())
-    margin_saved = float((gain + cost)[chosen].sum())
-    total_cost = depth * cost
-    summary = {"method": method, "campaign_size": depth, "campaign_cost": total_cost,
-               "expected_revenue_saved": revenue_saved,
-               "expected_margin_saved": margin_saved,
-               "max_expected_profit": float(cum[depth - 1]) if depth else 0.0,
-               "roi": (margin_saved - total_cost) / total_cost if total_cost else 0.0}
-    return frame, summary
+    return {"value": value, "gain": gain, "saved_revenue": saved_share * revenue,
+            "method": method}
 
 
 # --------------------------------------------------------------------------- phase-out
@@ -517,12 +568,19 @@ def phaseout_review(customers: pd.DataFrame, economics: pd.DataFrame,
     candidate = (all_periods & material & order_loss.to_numpy() & low_potential & tenure_ok
                  & no_complaint)
     mean = h["order_profit_mean"] if "order_profit_mean" in h else pd.Series(np.nan, c.index)
+
+    def cents(v: float) -> float:
+        # (a sum taken in another order, by another engine, differs in its last bits,
+        # which must not move a cent: rounded to a millionth before it is printed)
+        return round(float(v), 6)
+
     reasons = [
-        (f"expected profit {p:,.2f} over the horizon; unprofitable in each of the last "
-         f"{params.phaseout_periods} periods ({', '.join(f'{v:,.2f}' for v in row)}); "
-         + (f"{m:,.2f} per order on average, at best {u:,.2f} "
+        (f"expected profit {cents(p):,.2f} over the horizon; unprofitable in each of the "
+         f"last {params.phaseout_periods} periods "
+         f"({', '.join(f'{cents(v):,.2f}' for v in row)}); "
+         + (f"{cents(m):,.2f} per order on average, at best {cents(u):,.2f} "
             f"({params.phaseout_confidence:.0%} interval); " if np.isfinite(u) else "")
-         + f"predicted value {pv:,.2f}; tenure {t:.0f} days; no complaint in "
+         + f"predicted value {cents(pv):,.2f}; tenure {t:.0f} days; no complaint in "
          f"{params.phaseout_complaint_days} days") if cand else ""
         for cand, p, row, m, u, pv, t in zip(candidate, e["expected_profit"], h[k].to_numpy(),
                                              mean, upper, c["predicted_value"], tenure,
@@ -543,22 +601,43 @@ def guardrail_effects(review: pd.DataFrame) -> pd.DataFrame:
     DataFrame
         ``step``, ``customers_remaining``, ``kept_off``.
     """
-    steps = [("unprofitable in the forecast (a single snapshot)", "unprofitable_now"),
-             ("... and over time (each previous period, or the lifetime average)",
-              "unprofitable_all_periods"),
-             ("... and a forecast loss above the minimum", "material_loss"),
-             ("... and orders that lose money beyond chance (at least two, the upper end "
-              "of the interval of their profit per order below zero)", "order_loss_sure"),
-             ("... and low potential", "low_potential"),
-             ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
-             ("... and no recent complaint", "no_recent_complaint")]
-    mask = pd.Series(True, index=review.index)
+    steps, passed = guardrails_passed(review)
+    return _guardrail_rows(steps, np.bincount(passed, minlength=len(steps) + 1))
+
+
+#: The phase-out guardrails in the order they are applied: (what it keeps, the
+#: :func:`phaseout_review` column of the customers it keeps).
+GUARDRAIL_STEPS = (
+    ("unprofitable in the forecast (a single snapshot)", "unprofitable_now"),
+    ("... and over time (each previous period, or the lifetime average)",
+     "unprofitable_all_periods"),
+    ("... and a forecast loss above the minimum", "material_loss"),
+    ("... and orders that lose money beyond chance (at least two, the upper end "
+     "of the interval of their profit per order below zero)", "order_loss_sure"),
+    ("... and low potential", "low_potential"),
+    ("... and tenure below the threshold unless the loss is large", "tenure_ok"),
+    ("... and no recent complaint", "no_recent_complaint"))
+
+
+def guardrails_passed(review: pd.DataFrame) -> tuple[list[str], np.ndarray]:
+    """The guardrail steps ``review`` has (their labels, in order) and, per customer, how
+    many of them in a row they pass from the first: a customer is still on the list after
+    step k when they passed at least k."""
+    steps = [(label, col) for label, col in GUARDRAIL_STEPS if col in review]
+    passed = np.zeros(len(review), dtype=np.int64)
+    still = np.ones(len(review), dtype=bool)
+    for _, col in steps:
+        still &= review[col].astype(bool).to_numpy()
+        passed += still
+    return [label for label, _ in steps], passed
+
+
+def _guardrail_rows(steps: list[str], counts: np.ndarray) -> pd.DataFrame:
+    """:func:`guardrail_effects` from the number of customers who passed exactly k steps
+    (``counts[k]``, k = 0 .. len(steps))."""
     rows, previous = [], None
-    for label, col in steps:
-        if col not in review:
-            continue
-        mask = mask & review[col].astype(bool)
-        n = int(mask.sum())
+    for k, label in enumerate(steps, start=1):
+        n = int(np.asarray(counts)[k:].sum())
         rows.append({"step": label, "customers_remaining": n,
                      "kept_off": 0 if previous is None else previous - n})
         previous = n
@@ -706,35 +785,43 @@ def fairness_audit(actions: pd.DataFrame, attributes: pd.DataFrame, *,
         ``share_of_action``, ``rate``, ``rate_others``, ``ratio``, ``judged``,
         ``p_value``, ``p_adjusted`` (Holm), ``flag``.
     """
-    min_group = params.fairness_min_group if min_group is None else min_group
     df = actions[["customer_id", "action"]].merge(attributes, on="customer_id", how="left")
-    action_code, action_names = pd.factorize(df["action"], sort=True)
+    counts = {attr: df.groupby(["action", attr], dropna=False, observed=True).size()
+              .rename("n").reset_index().rename(columns={attr: "group"})
+              for attr in protected if attr in df}
+    return _fairness_of_counts(counts, n=len(df), params=params, min_group=min_group)
+
+
+def _fairness_of_counts(counts: dict[str, pd.DataFrame], *, n: int, params: StrategyParams,
+                        min_group: int | None = None) -> pd.DataFrame:
+    """:func:`fairness_audit` from the customers per (action, group) of each protected
+    attribute (``counts``: attribute -> ``action``, ``group`` (None or NaN where the
+    attribute is missing), ``n``) of ``n`` customers, however they were counted."""
+    min_group = params.fairness_min_group if min_group is None else min_group
     rows = []
-    for attr in protected:
-        if attr not in df:
-            continue
-        # customers per (action, group), counted once
-        group_code, groups = pd.factorize(df[attr].astype("object").fillna("missing"),
+    for attr, long in counts.items():
+        action_code, action_names = pd.factorize(long["action"], sort=True)
+        group_code, groups = pd.factorize(long["group"].astype("object").fillna("missing"),
                                           sort=True)
-        counts = np.zeros((len(action_names), len(groups)), dtype=np.int64)
-        np.add.at(counts, (action_code, group_code), 1)
+        table = np.zeros((len(action_names), len(groups)), dtype=np.int64)
+        np.add.at(table, (action_code, group_code), long["n"].to_numpy(dtype=np.int64))
         for i, action in enumerate(action_names):
-            n_action = int(counts[i].sum())
+            n_action = int(table[i].sum())
             for j, group in enumerate(groups):
-                n_g = int(counts[:, j].sum())
-                if n_g == len(df):
+                n_g = int(table[:, j].sum())
+                if n_g == n:
                     continue
                 judged = n_g >= min_group
-                a = int(counts[i, j])
+                a = int(table[i, j])
                 b = n_action - a
-                rate, rate_others = a / n_g, b / (len(df) - n_g)
+                rate, rate_others = a / n_g, b / (n - n_g)
                 ratio = rate / rate_others if rate_others > 0 else np.inf if rate > 0 else 1.0
-                table = np.array([[a, n_g - a], [b, len(df) - n_g - b]])
+                two = np.array([[a, n_g - a], [b, n - n_g - b]])
                 p = (np.nan if not judged else
-                     stats.chi2_contingency(table)[1] if (a + b) > 0 and (len(df) - a - b) > 0
+                     stats.chi2_contingency(two)[1] if (a + b) > 0 and (n - a - b) > 0
                      else 1.0)
                 rows.append({"attribute": attr, "group": group, "action": action,
-                             "n_group": n_g, "share_of_customers": n_g / len(df),
+                             "n_group": n_g, "share_of_customers": n_g / n,
                              "share_of_action": a / max(n_action, 1),
                              "rate": rate, "rate_others": rate_others, "ratio": ratio,
                              "judged": judged, "p_value": p})
@@ -806,7 +893,8 @@ def holm(p_values: np.ndarray) -> np.ndarray:
 class StrategyRun:
     """Everything the strategy step decides (frames, plus the retention summary)."""
 
-    customers: pd.DataFrame      # customer_id, economics, action, retention, phase-out
+    customers: pd.DataFrame | None  # customer_id, economics, action, retention, phase-out
+    #                                 (None where Spark's executors wrote them to the store)
     actions: pd.DataFrame        # summary per action
     retention: dict              # campaign size, cost, saved, ROI, max profit
     profit_curve: pd.DataFrame   # depth, cumulative_profit
@@ -853,10 +941,7 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
     """
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
-    run_rate = c["spend_365d"].clip(lower=0) * horizon_days / 365
-    broad = c["n_categories"] >= 3 if "n_categories" in c else False
-    potential = (c["predicted_value"] >= params.growth_ratio * np.maximum(run_rate, 1.0)) | (
-        (c["trend_180d"] > 0.3) & broad & (c["predicted_value"] > run_rate))
+    potential = growth_potential(c, horizon_days=horizon_days, params=params)
     c = c.assign(potential=potential)
 
     effect, uplift = pd.DataFrame(), pd.DataFrame()
@@ -957,13 +1042,7 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
                              periods=params.phaseout_periods, params=params).merge(
         order_profits(con, as_of=as_of, params=params), on="customer_id", how="outer")
     review = phaseout_review(c, econ, history, params=params)
-    decisions = pd.DataFrame({
-        "customer_id": c["customer_id"], "value_tier": c["value_tier"],
-        "churn_risk": churn_risk_band(c["churn_probability"], high_risk=params.high_risk),
-        "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
-        "profitable": econ["expected_profit"] >= 0,
-        "retention_profitable": targeting["targeted"],
-        "phaseout_candidate": review["phaseout_candidate"]})
+    decisions = _policy_inputs(c, econ, targeting, review, params=params)
     run = _assemble(c, econ, targeting, retention, review, decisions, params=params,
                     horizon_days=horizon_days, attributes=attributes, protected=protected,
                     previous=previous, effect=effect, uplift=uplift)
@@ -979,6 +1058,238 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
     return run
 
 
+#: The columns of the decision table (:func:`decision_table`), as Spark's executors write
+#: it (:func:`decide_on_spark`).
+DECISIONS_SCHEMA = (
+    "customer_id string, margin_rate_used double, expected_revenue double, "
+    "expected_orders double, expected_margin double, cost_to_serve double, "
+    "expected_profit double, value_if_retained double, retention_gain double, "
+    "targeted boolean, phaseout_candidate boolean, phaseout_reasons string, action string, "
+    "action_reason string, potential boolean, churn_risk string, alerts string, "
+    "in_campaign boolean, action_cost double, expected_uplift double, "
+    "ordinary_profit double, incremental_profit double, total_profit double, "
+    "decision_period_days long")
+#: The alert rules of :func:`early_warnings`, in the order it lists them.
+ALERT_RULES = ("overdue", "spend drop", "new complaint", "low satisfaction",
+               "high churn risk", "churn risk rising")
+#: The profit curve kept from Spark: this many evenly spaced depths over everyone, as
+#: many over the depths the report draws, and the chosen depth (a curve of one point per
+#: customer of tens of millions is drawn no better than of a thousand).
+CURVE_POINTS = 1001
+
+
+def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizon_days: int,
+                    params: StrategyParams, attributes: str | Path | None = None,
+                    protected: tuple[str, ...] = (), previous: RunStore | None = None
+                    ) -> tuple[StrategyRun, list[str]]:
+    """:func:`decide` for a run without campaign data on Spark, the customers kept on the
+    executors: the run store's customers (:data:`DECISION_COLUMNS`, joined where the
+    steps wrote them, :meth:`RunStore.sources`) are decided row by row with the
+    functions :func:`decide` uses (:func:`customer_economics`, :func:`growth_potential`,
+    :func:`contact_gains`, :func:`phaseout_review`, :func:`_decision_rows`), and the
+    executors write the decision table. What needs everyone reaches the driver as a
+    few numbers: the campaign's depth from the gains' running totals, best first (ties
+    by id, as on one machine: :meth:`SparkEngine.running_sums`), at most
+    :data:`CURVE_POINTS` points of the profit curve, the sums of the campaign and of
+    each action, the customers per guardrail passed and per (action, protected group).
+    The alerts come to the driver (a list a page shows), and the ids of the campaign.
+
+    ``attributes``: the cleaned customers' table (the protected attributes); ``previous``:
+    the previous run's store (its churn probabilities, for the rising-risk warning).
+    Returns the run (``customers`` None: the decisions are in the store) and the
+    campaign's ids."""
+    from pyspark.sql import functions as fn
+
+    spark = eng.session
+    window = int(params.retention_value_months * DAYS_PER_MONTH)
+    cost = params.contact_cost + params.offer_cost
+
+    def read(path: str | Path, names: dict[str, str]):
+        return spark.read.parquet(eng.spark_path(path)).select(
+            "customer_id", *[fn.col(f"`{k}`").alias(v) for k, v in names.items()])
+
+    customers = None
+    for path, names in store.sources(DECISION_COLUMNS):
+        part = read(path, names)
+        customers = part if customers is None else customers.join(part, "customer_id", "left")
+    columns = store.wanted(DECISION_COLUMNS)
+    customers = customers.select(*[fn.col(f"`{c}`") for c in columns])
+    eligible = customers.where(fn.col("lifecycle_stage").isin(list(ACTIVE_STAGES))).count()
+    held = None
+    if previous is not None:
+        held = next((read(path, {k: "_previous_churn"}) for path, names in
+                     previous.sources(["customer_id", "churn_probability"])
+                     for k, v in names.items() if v == "churn_probability"), None)
+    with_previous = customers if held is None else customers.join(held, "customer_id", "left")
+    has_previous = held is not None      # (the functions the executors run hold no frame)
+
+    def previous_of(part: pd.DataFrame) -> pd.DataFrame | None:
+        if not has_previous:
+            return None
+        return part.loc[part["_previous_churn"].notna(), ["customer_id", "_previous_churn"]
+                        ].rename(columns={"_previous_churn": "churn_probability"})
+
+    def gains(batches):
+        for part in batches:
+            c = part.reset_index(drop=True)
+            econ = customer_economics(c, horizon_days=horizon_days, params=params)
+            g = contact_gains(c, econ, params=params, retention_rate=params.retention_rate,
+                              horizon_days=horizon_days,
+                              eligible=c["lifecycle_stage"].isin(ACTIVE_STAGES))
+            yield pd.DataFrame({"customer_id": c["customer_id"], "_value": g["value"],
+                                "_gain": g["gain"]})
+
+    # the campaign's depth: the gains' running totals, best first, ties by id
+    ranked = eng.running_sums(
+        customers.mapInPandas(gains, "customer_id string, _value double, _gain double"),
+        [fn.desc("_gain"), fn.asc("customer_id")],
+        {"_cum": fn.when(fn.col("_gain") > float("-inf"), fn.col("_gain")).otherwise(0.0),
+         "_place": fn.lit(1).cast("long")})
+    decided = None
+    try:
+        finite = ranked.where(fn.col("_gain") > float("-inf"))
+        best = finite.agg(fn.max("_cum")).first()[0]
+        depth = (int(finite.where(fn.col("_cum") == best).agg(fn.min("_place")).first()[0])
+                 if best is not None and best > 0 else 0)
+        n = int(ranked.count())
+        # (evenly spaced over everyone, and over the depths the report's chart shows,
+        # up to three times the chosen depth: plots.plot_profit_curve)
+        shown = min(n, max(3 * depth, 50))
+        places = np.unique(np.r_[np.linspace(1, n, min(n, CURVE_POINTS)).round(),
+                                 np.linspace(1, shown, min(shown, CURVE_POINTS)).round(),
+                                 [depth] if depth else []].astype("int64"))
+        curve = eng.collect(ranked.join(fn.broadcast(spark.createDataFrame(
+            pd.DataFrame({"_place": places}))), "_place").select(
+            fn.col("_place").alias("depth"), fn.col("_cum").alias("cumulative_profit"))
+        ).sort_values("depth", ignore_index=True)
+
+        history = eng.sql(_period_profits_sql(
+            as_of=as_of, horizon_days=horizon_days, periods=params.phaseout_periods,
+            params=params)).join(eng.sql(_order_profits_sql(as_of=as_of, params=params)),
+                                 "customer_id", "full")
+        kept = history.columns[1:]
+        table = (with_previous
+                 .join(ranked.select("customer_id", "_value", "_gain",
+                                     (fn.col("_place") <= depth).alias("_targeted")),
+                       "customer_id", "left")
+                 .join(history, "customer_id", "left"))
+
+        def decide_rows(batches):
+            for part in batches:
+                part = part.reset_index(drop=True)
+                c = part[columns]
+                econ = customer_economics(c, horizon_days=horizon_days, params=params)
+                c = c.assign(potential=growth_potential(c, horizon_days=horizon_days,
+                                                        params=params))
+                gain = part["_gain"].to_numpy(dtype=float)
+                targeting = pd.DataFrame({
+                    "customer_id": c["customer_id"], "value_if_retained": part["_value"],
+                    "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
+                    "targeted": part["_targeted"].fillna(False).astype(bool)})
+                review = phaseout_review(c, econ, part[["customer_id", *kept]],
+                                         params=params)
+                out, _ = _decision_rows(
+                    c, econ, targeting, review,
+                    _policy_inputs(c, econ, targeting, review, params=params),
+                    params=params, horizon_days=horizon_days, period_days=window,
+                    previous=previous_of(part))
+                yield out.assign(_passed=guardrails_passed(review)[1],
+                                 _spend=c["spend_365d"].to_numpy(dtype=float))
+
+        decided = eng.materialise(table.mapInPandas(
+            decide_rows, DECISIONS_SCHEMA + ", _passed long, _spend double"))
+        summary = _summaries_on_spark(eng, decided, params=params, window=window)
+        fairness = pd.DataFrame()
+        if attributes is not None and protected:
+            attrs = spark.read.parquet(eng.spark_path(attributes))
+            present = [a for a in protected if a in attrs.columns]
+            if present:
+                joined = decided.select("customer_id", "action").join(
+                    attrs.select("customer_id", *present), "customer_id", "left")
+                counts = {a: eng.collect(joined.groupBy("action", a).count()).rename(
+                    columns={a: "group", "count": "n"}) for a in present}
+                fairness = _fairness_of_counts(counts, n=int(joined.count()), params=params)
+
+        def warn(batches):
+            for part in batches:
+                # (texts as objects: pandas' own strings, concatenated, are chunked
+                # arrays, which Spark's Arrow batches do not take)
+                yield early_warnings(part[columns], params=params,
+                                     previous=previous_of(part)).astype(object)
+
+        alerts = eng.collect(with_previous.mapInPandas(
+            warn, "customer_id string, rule string, detail string"))
+        alerts = (alerts.assign(_r=alerts["rule"].map(ALERT_RULES.index))
+                  .sort_values(["_r", "customer_id"], kind="stable", ignore_index=True)
+                  .drop(columns="_r"))
+        eng.write_parquet(decided.drop("_passed", "_spend"), store.decisions_table,
+                          order_by="customer_id")
+        campaign_ids = eng.collect(decided.where("in_campaign").select("customer_id"))[
+            "customer_id"].tolist()
+    finally:
+        eng.release(ranked, decided)
+    retention = {"method": "assumed", "campaign_size": depth, "campaign_cost": depth * cost,
+                 "expected_revenue_saved": 0.0, "expected_margin_saved": 0.0,
+                 "max_expected_profit": 0.0, "roi": 0.0,
+                 "retention_rate_used": float(params.retention_rate),
+                 "uplift_rate_used": None, "value_window_days": window,
+                 "eligible_customers": int(eligible), "effect_campaigns": []}
+    run = StrategyRun(customers=None, actions=summary["actions"],
+                      retention=_campaign_summary_of(summary["campaign"], retention,
+                                                     targeted=depth),
+                      profit_curve=curve, retention_effect=pd.DataFrame(),
+                      margin_uplift=pd.DataFrame(),
+                      guardrails=_guardrail_rows([label for label, _ in GUARDRAIL_STEPS],
+                                                 summary["passed"]),
+                      alerts=alerts, fairness=fairness)
+    return run, campaign_ids
+
+
+def _summaries_on_spark(eng: SparkEngine, decided, *, params: StrategyParams,
+                        window: int) -> dict:
+    """What :func:`campaign_summary`, :func:`action_summary` and
+    :func:`guardrail_effects` need of the decision table ``decided`` (a Spark DataFrame
+    with ``_passed`` and ``_spend``), summed by the executors; a sum with an unknown
+    (null) part is unknown, as :func:`_known_sum` has it."""
+    from pyspark.sql import functions as fn
+
+    def known(column):
+        column = fn.col(column) if isinstance(column, str) else column
+        return fn.when(fn.count(fn.when(column.isNull() | fn.isnan(column), 1)) > 0,
+                       fn.lit(float("nan"))).otherwise(fn.sum(column))
+
+    inside = fn.col("in_campaign")
+    rate = fn.col("margin_rate_used")
+    row = decided.agg(
+        fn.sum(inside.cast("long")).alias("size"),
+        fn.sum(fn.when(inside, fn.col("action_cost")).otherwise(0.0)).alias("cost"),
+        known(fn.when(inside, fn.col("expected_uplift")).otherwise(0.0)).alias("margin"),
+        known(fn.when(inside & ~(rate.isNull() | fn.isnan(rate) | (rate == 0)),
+                      fn.col("expected_uplift") / rate).otherwise(0.0)).alias("revenue"),
+        known(fn.when(inside, fn.col("incremental_profit")).otherwise(0.0)).alias("profit"),
+        fn.sum((inside & (fn.col("churn_risk") == RISK_BANDS[0])).cast("long")
+               ).alias("high_risk"),
+        known("ordinary_profit").alias("ordinary_profit"),
+        known("total_profit").alias("total_profit"),
+        fn.count(fn.lit(1)).alias("n")).first().asDict()
+    n = int(row.pop("n"))
+    sums = {k: (int(v or 0) if k in ("size", "high_risk") else float(v if v is not None
+                                                                      else 0.0))
+            for k, v in row.items()}
+    sums["period_days"] = window if n else 0
+    per_action = eng.collect(decided.groupBy("action").agg(
+        fn.count(fn.lit(1)).alias("customers"), known("_spend").alias("revenue_12m"),
+        fn.sum("action_cost").alias("action_cost"),
+        known("ordinary_profit").alias("ordinary_profit"),
+        known("incremental_profit").alias("incremental_profit"),
+        known("total_profit").alias("total_profit"))).set_index("action")
+    passed = eng.collect(decided.groupBy("_passed").count())
+    counts = np.zeros(len(GUARDRAIL_STEPS) + 1, dtype=np.int64)
+    counts[passed["_passed"].to_numpy(dtype=int)] = passed["count"].to_numpy()
+    return {"campaign": sums, "actions": _largest_actions_first(per_action),
+            "passed": counts}
+
+
 def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None,
                   previous_processed_dir: str | Path = "") -> StrategyRun:
     """The strategy step, for either mode: read what the earlier steps wrote (the scored
@@ -989,8 +1300,28 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
     processed_dir = Path(processed_dir)
     store = RunStore(processed_dir)
     clean = processed_dir / "clean"
+    if config.mode != "snapshot":
+        con = connect_run(processed_dir, config)
+        run = None if skipped_reason(processed_dir) else read_model_run(processed_dir,
+                                                                         tables=())
+        eng = as_engine(con)
+        if (isinstance(eng, SparkEngine) and not (clean / "campaign.parquet").exists()
+                and run is not None
+                and customers_with_reasons(run.sizes) >= run.sizes["score"]):
+            # the customers stay on the executors (a run with campaigns, or whose
+            # listed customers still need reasons, is decided on the driver, below)
+            decisions, campaign_ids = decide_on_spark(
+                eng, store, as_of=store.scoring_date()
+                or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
+                horizon_days=store.horizon_days(), params=config.strategy,
+                attributes=(clean / "customers.parquet"
+                            if (clean / "customers.parquet").exists() else None),
+                protected=config.protected,
+                previous=RunStore(previous_processed_dir) if previous_processed_dir else None)
+            write_strategy(decisions, processed_dir, campaign_ids=campaign_ids)
+            return decisions
     attributes = (read_columns(clean / "customers.parquet", ["customer_id", *config.protected])
-                  if (clean / "customers.parquet").is_file() else None)
+                  if (clean / "customers.parquet").exists() else None)
     previous = (RunStore(previous_processed_dir).read_customers(
         ["customer_id", "churn_probability"]) if previous_processed_dir else None)
     if config.mode == "snapshot":
@@ -998,11 +1329,8 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                                     params=config.strategy, attributes=attributes,
                                     protected=config.protected, previous=previous)
     else:
-        con = connect_run(processed_dir, config)
-        run = None if skipped_reason(processed_dir) else read_model_run(processed_dir,
-                                                                         tables=())
         campaign = (pd.read_parquet(clean / "campaign.parquet")
-                    if (clean / "campaign.parquet").is_file() else None)
+                    if (clean / "campaign.parquet").exists() else None)
         exclude = config.protected + config.pii
         # the profile step's features are the scoring features when it used the run's
         # horizon (it always does now; a run from before it may not)
@@ -1258,10 +1586,13 @@ def _campaign_margins(reachable: pd.DataFrame, campaign: pd.DataFrame, value_mod
                          "run_rate_margin": r["spend_365d"].clip(lower=0) * rate})
 
 
-def write_strategy(run: StrategyRun, out_dir) -> dict:
+def write_strategy(run: StrategyRun, out_dir, *, campaign_ids: list[str] | None = None
+                   ) -> dict:
     """Strategy tables under ``strategy/`` (``customers.parquet`` among them: the
-    decisions per customer, the run store's decisions table) and the retention campaign
-    as people use it (``campaign.csv``)."""
+    decisions per customer, the run store's decisions table, unless ``run.customers`` is
+    None: Spark's executors wrote it, :func:`decide_on_spark`) and the retention campaign
+    as people use it (``campaign.csv``; its customers read from the store, those of
+    ``campaign_ids`` when given)."""
     out_dir = Path(out_dir)
     folder = out_dir / "strategy"
     folder.mkdir(parents=True, exist_ok=True)
@@ -1272,10 +1603,12 @@ def write_strategy(run: StrategyRun, out_dir) -> dict:
         path = folder / f"{name}.parquet"
         frame.to_parquet(path, index=False)
         written[name] = path
-    written["customers"] = RunStore(out_dir).write_decisions(run.customers)
+    store = RunStore(out_dir)
+    written["customers"] = (store.decisions_table if run.customers is None
+                            else store.write_decisions(run.customers))
     (folder / "retention.json").write_text(json.dumps(run.retention, indent=2))
     written["campaign"] = write_csv(folder / "campaign.csv", campaign_list(
-        RunStore(out_dir).read_customers(CAMPAIGN_COLUMNS)))
+        store.read_customers(CAMPAIGN_COLUMNS, ids=campaign_ids)))
     return written
 
 
@@ -1292,6 +1625,15 @@ def campaign_list(customers: pd.DataFrame) -> pd.DataFrame:
     columns = [c for c in CAMPAIGN_COLUMNS if c in rows]
     return (rows[columns].sort_values("incremental_profit", ascending=False, kind="stable")
             .reset_index(drop=True))
+
+
+def phaseout_list(out_dir) -> pd.DataFrame:
+    """The customers on the phase-out list of a run (``out_dir``), from its decision
+    table (only their rows are read): ``customer_id``, ``expected_profit``,
+    ``phaseout_reasons``."""
+    return read_columns(RunStore(out_dir).decisions_table,
+                        ["customer_id", "expected_profit", "phaseout_reasons"],
+                        filters=[("phaseout_candidate", "==", True)])
 
 
 def read_strategy(out_dir) -> StrategyRun:
@@ -1351,13 +1693,7 @@ def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: Strat
     review = phaseout_review(c, econ, history,
                              params=params)
     review["phaseout_candidate"] &= active.to_numpy()
-    decisions = pd.DataFrame({
-        "customer_id": c["customer_id"], "value_tier": c["value_tier"],
-        "churn_risk": churn_risk_band(risk, high_risk=params.high_risk),
-        "lifecycle_stage": c["lifecycle_stage"], "potential": potential,
-        "profitable": econ["expected_profit"] >= 0,
-        "retention_profitable": targeting["targeted"],
-        "phaseout_candidate": review["phaseout_candidate"]})
+    decisions = _policy_inputs(c, econ, targeting, review, params=params)
     return _assemble(c, econ, targeting, retention, review, decisions, params=params,
                      horizon_days=horizon_days, attributes=attributes, protected=protected,
                      previous=previous)
@@ -1370,6 +1706,44 @@ def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, rete
               uplift: pd.DataFrame | None = None) -> StrategyRun:
     """The shared end of both strategy steps: actions from the policy, the decision table,
     warnings, the summary per action, the profit curve and the fairness audit."""
+    out, alerts = _decision_rows(c, econ, targeting, review, decisions, params=params,
+                                 horizon_days=horizon_days,
+                                 period_days=int(retention["value_window_days"]),
+                                 previous=previous)
+    retention = campaign_summary(out, retention, targeted=int(targeting["targeted"].sum()))
+    curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
+        columns={"rank": "depth"})
+    fairness = (fairness_audit(out, attributes, protected=protected, params=params)
+                if attributes is not None and protected else pd.DataFrame())
+    return StrategyRun(customers=out, actions=action_summary(out, c),
+                       retention=retention, profit_curve=curve,
+                       retention_effect=effect if effect is not None else pd.DataFrame(),
+                       margin_uplift=uplift if uplift is not None else pd.DataFrame(),
+                       guardrails=guardrail_effects(review), alerts=alerts,
+                       fairness=fairness)
+
+
+def _policy_inputs(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame,
+                   review: pd.DataFrame, *, params: StrategyParams) -> pd.DataFrame:
+    """The columns the action policy reads (:func:`assign_actions`), per customer of
+    ``c`` (with its ``potential``)."""
+    return pd.DataFrame({
+        "customer_id": c["customer_id"], "value_tier": c["value_tier"],
+        "churn_risk": churn_risk_band(c["churn_probability"], high_risk=params.high_risk),
+        "lifecycle_stage": c["lifecycle_stage"], "potential": c["potential"],
+        "profitable": econ["expected_profit"] >= 0,
+        "retention_profitable": targeting["targeted"],
+        "phaseout_candidate": review["phaseout_candidate"]})
+
+
+def _decision_rows(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame,
+                   review: pd.DataFrame, decisions: pd.DataFrame, *, params: StrategyParams,
+                   horizon_days: int, period_days: int, previous: pd.DataFrame | None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The decision table of the customers of ``c`` (:func:`decision_table`: the action
+    from the policy, its economics, the campaign and phase-out verdicts, the alerts' rules)
+    and their alerts (:func:`early_warnings`): row by row, so a part of the customers
+    gives its part of both."""
     actions = assign_actions(decisions, policy=params.policy)
     alerts = early_warnings(c, params=params, previous=previous)
     out = (c[["customer_id"]].merge(econ, on="customer_id")
@@ -1382,19 +1756,8 @@ def _assemble(c: pd.DataFrame, econ: pd.DataFrame, targeting: pd.DataFrame, rete
                    churn_risk=decisions["churn_risk"].to_numpy(),
                    alerts=lambda d: d["customer_id"].map(_rules_by_customer(alerts))
                    .fillna("")))
-    out = decision_table(out, horizon_days=horizon_days,
-                         period_days=int(retention["value_window_days"]), params=params)
-    retention = campaign_summary(out, retention, targeted=int(targeting["targeted"].sum()))
-    curve = targeting.sort_values("rank")[["rank", "cumulative_profit"]].rename(
-        columns={"rank": "depth"})
-    fairness = (fairness_audit(actions, attributes, protected=protected, params=params)
-                if attributes is not None and protected else pd.DataFrame())
-    return StrategyRun(customers=out, actions=action_summary(out, c),
-                       retention=retention, profit_curve=curve,
-                       retention_effect=effect if effect is not None else pd.DataFrame(),
-                       margin_uplift=uplift if uplift is not None else pd.DataFrame(),
-                       guardrails=guardrail_effects(review), alerts=alerts,
-                       fairness=fairness)
+    return decision_table(out, horizon_days=horizon_days, period_days=period_days,
+                          params=params), alerts
 
 
 def _rules_by_customer(alerts: pd.DataFrame) -> pd.Series:
@@ -1451,24 +1814,38 @@ def campaign_summary(out: pd.DataFrame, retention: dict, *, targeted: int) -> di
     action is a retention contact: those targeted, less those another action took first
     (phase-out review), plus those a policy row contacts regardless (personal outreach).
     """
-    r = dict(retention)
     in_campaign = out["in_campaign"].to_numpy()
-    size = int(in_campaign.sum())
-    cost = float(out.loc[in_campaign, "action_cost"].sum())
     # (a sum with an unknown part, where revenue is unknown, is unknown: None in the JSON)
-    margin = float(out.loc[in_campaign, "expected_uplift"].sum(skipna=False))
     rate = out.loc[in_campaign, "margin_rate_used"].replace(0, np.nan)
-    profit = float(out.loc[in_campaign, "incremental_profit"].sum(skipna=False))
-    r.update(campaign_size=size, campaign_cost=cost, expected_margin_saved=margin,
-             expected_revenue_saved=float((out.loc[in_campaign, "expected_uplift"] / rate)
-                                          .where(rate.notna(), 0.0).sum(skipna=False)),
+    sums = {"size": int(in_campaign.sum()),
+            "cost": float(out.loc[in_campaign, "action_cost"].sum()),
+            "margin": float(out.loc[in_campaign, "expected_uplift"].sum(skipna=False)),
+            "revenue": float((out.loc[in_campaign, "expected_uplift"] / rate)
+                             .where(rate.notna(), 0.0).sum(skipna=False)),
+            "profit": float(out.loc[in_campaign, "incremental_profit"].sum(skipna=False)),
+            "high_risk": int((out.loc[in_campaign, "churn_risk"] == RISK_BANDS[0]).sum()),
+            "period_days": int(out["decision_period_days"].iloc[0]) if len(out) else 0,
+            "ordinary_profit": float(out["ordinary_profit"].sum(skipna=False)),
+            "total_profit": float(out["total_profit"].sum(skipna=False))}
+    return _campaign_summary_of(sums, retention, targeted=targeted)
+
+
+def _campaign_summary_of(sums: dict, retention: dict, *, targeted: int) -> dict:
+    """:func:`campaign_summary` from the decision table's sums (``size``, ``cost``,
+    ``margin``, ``revenue``, ``profit``, ``high_risk`` over the campaign's rows;
+    ``period_days``; ``ordinary_profit`` and ``total_profit`` over everyone), however
+    they were summed."""
+    r = dict(retention)
+    margin, cost, profit = sums["margin"], sums["cost"], sums["profit"]
+    r.update(campaign_size=sums["size"], campaign_cost=cost, expected_margin_saved=margin,
+             expected_revenue_saved=sums["revenue"],
              expected_incremental_profit=profit, max_expected_profit=profit,
              roi=(margin - cost) / cost if cost else 0.0,
              targeted_by_profit=targeted,
-             campaign_high_risk=int((out.loc[in_campaign, "churn_risk"] == RISK_BANDS[0]).sum()),
-             decision_period_days=int(out["decision_period_days"].iloc[0]) if len(out) else 0,
-             ordinary_profit=float(out["ordinary_profit"].sum(skipna=False)),
-             total_profit=float(out["total_profit"].sum(skipna=False)))
+             campaign_high_risk=sums["high_risk"],
+             decision_period_days=sums["period_days"],
+             ordinary_profit=sums["ordinary_profit"],
+             total_profit=sums["total_profit"])
     return {k: None if isinstance(v, float) and v != v else v for k, v in r.items()}
 
 
@@ -1490,4 +1867,9 @@ def action_summary(out: pd.DataFrame, customers: pd.DataFrame) -> pd.DataFrame:
                  ordinary_profit=("ordinary_profit", _known_sum),
                  incremental_profit=("incremental_profit", _known_sum),
                  total_profit=("total_profit", _known_sum))
-            .sort_values("customers", ascending=False).reset_index())
+            .pipe(_largest_actions_first))
+
+
+def _largest_actions_first(per_action: pd.DataFrame) -> pd.DataFrame:
+    """:func:`action_summary`'s rows (indexed by action), most customers first."""
+    return per_action.sort_index().sort_values("customers", ascending=False).reset_index()
