@@ -434,10 +434,17 @@ def retention_targeting(customers: pd.DataFrame, economics: pd.DataFrame, *,
     summary : ``method``, ``campaign_size``, ``campaign_cost``, ``expected_revenue_saved``,
         ``expected_margin_saved``, ``max_expected_profit``, ``roi``.
     """
-    gains = contact_gains(customers, economics, params=params, retention_rate=retention_rate,
-                          uplift_rate=uplift_rate, window_days=window_days,
-                          horizon_days=horizon_days, eligible=eligible,
-                          uplift_per_customer=uplift_per_customer, method=method)
+    return _rank_gains(customers, contact_gains(
+        customers, economics, params=params, retention_rate=retention_rate,
+        uplift_rate=uplift_rate, window_days=window_days, horizon_days=horizon_days,
+        eligible=eligible, uplift_per_customer=uplift_per_customer, method=method),
+        params=params)
+
+
+def _rank_gains(customers: pd.DataFrame, gains: dict, *, params: StrategyParams
+                ) -> tuple[pd.DataFrame, dict]:
+    """:func:`retention_targeting`'s ranking of the customers by their gains
+    (:func:`contact_gains`) and the most profitable depth."""
     value, gain, saved_revenue = gains["value"], gains["gain"], gains["saved_revenue"]
     cost = params.contact_cost + params.offer_cost
     order = np.argsort(-gain, kind="stable")
@@ -941,103 +948,36 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
     """
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
-    potential = growth_potential(c, horizon_days=horizon_days, params=params)
-    c = c.assign(potential=potential)
-
-    effect, uplift = pd.DataFrame(), pd.DataFrame()
-    rate: pd.Series | float = params.retention_rate
-    uplift_rate, window, dates = None, 365, []
-    all_campaigns = campaign
-    if campaign is not None and len(campaign):
-        # outcome: a window fully observed after the campaigns measured (as long as the
-        # data allows, up to a year: a retention contact pays off over months, not
-        # weeks), among the customers active within one horizon before each campaign
-        # (those it could keep); several campaigns are pooled (measurement_window)
-        window, dates = measurement_window(campaign, as_of=as_of, horizon_days=horizon_days)
-        on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date
-        campaign = campaign[on_dates.isin(dates)].assign(campaign_date=on_dates)
-        # each campaign's contacts and controls who may be active at its date, in one
-        # pass over the log (only they are measured: the effect compares them)
-        at_dates = snapshots_by_cutoff(
-            con, cutoffs=dates, horizon_days=window,
-            customers=recent_campaign_customers(con, campaign, dates=dates,
-                                                horizon_days=horizon_days))
-        parts = []
-        for when, at_campaign in at_dates.items():
-            parts.append(at_campaign[at_campaign["recency_days"] <= horizon_days].merge(
-                c[["customer_id", "value_tier"]], on="customer_id", how="left").assign(
-                campaign_date=when))
-        del at_dates
-        reachable = pd.concat(parts, ignore_index=True)
-        effect = estimate_retention_effect(
-            campaign, reachable[["customer_id", "campaign_date", "churned", "value_tier"]],
-            by="value_tier")
-        if len(effect) and "all" in set(effect["group"]):
-            rate = max(float(effect.set_index("group").loc["all", "retention_rate"]), 0.0)
-        if value_model is not None:
-            uplift = estimate_margin_uplift(
-                _campaign_margins(reachable, campaign, value_model, window=window,
-                                  horizon_days=horizon_days, params=params),
-                by="value_tier", covariates=("run_rate_margin",))
-            if len(uplift) and "all" in set(uplift["group"]):
-                # the overall estimate is used; per-tier ones are reported (they are noisy)
-                uplift_rate = max(float(uplift.set_index("group").loc["all", "uplift_rate"]),
-                                  0.0)
-    # every customer still active can be contacted; the expected profit decides who is
+    c = c.assign(potential=growth_potential(c, horizon_days=horizon_days, params=params))
     active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
-    contact = (_hazard_contact_value(con, c, econ, all_campaigns, as_of=as_of,
-                                     horizon_days=horizon_days, params=params)
-               if all_campaigns is not None and len(all_campaigns) else None)
-    if contact is not None:
-        # each contact valued by the measured hazard effect over the stated value window
-        window = contact["window_days"]
-        targeting, retention = retention_targeting(
-            c, econ, params=params, window_days=window, horizon_days=horizon_days,
-            eligible=active, uplift_per_customer=contact["value"], method="measured")
-        base_value, to_window = contact["value"], contact["to_window"]
-    else:
-        targeting, retention = retention_targeting(
-            c, econ, params=params, retention_rate=rate, uplift_rate=uplift_rate,
-            window_days=window, horizon_days=horizon_days, eligible=active)
-        base_value, to_window = None, None
-        if uplift_rate is not None:
-            base_value = targeting["value_if_retained"].to_numpy() * uplift_rate
-    if base_value is not None and value_model is not None \
-            and all_campaigns["campaign_date"].nunique() >= 2:
-        depth_share = retention["campaign_size"] / max(int(active.sum()), 1)
-        learned, summary = _learned_uplift(
-            con, c, all_campaigns, as_of=as_of, horizon_days=horizon_days, window=window,
-            base_value=base_value, to_window=to_window, contact=contact,
-            pooled=uplift.set_index("group").loc["all"] if uplift_rate is not None else None,
-            uplift_rate=uplift_rate, params=params,
-            exclude=protected if exclude_attributes is None else exclude_attributes,
-            value_model=value_model, churn_model=churn_model, depth_share=depth_share,
-            now=features)
-        winner = (summary.get("evaluation") or {}).get("winner")
-        if winner not in (None, "model"):
-            # judged out of time, the learned ranking lost to a simpler one: it is not
-            # used, and the run says so
-            learned = None
-            n_held = len((summary.get("evaluation") or {}).get("held_out_campaigns") or [1])
-            summary.update(used=False, why=(
-                f"on the {'latest campaign' if n_held == 1 else f'{n_held} latest campaigns'}"
-                ", which it never saw, it ranked customers no better than "
-                f"{'one effect for everyone' if winner == 'pooled' else 'churn risk'}; "
-                "each contact is valued by the effect measured for everyone"))
-        if learned is not None:
-            targeting, retention = retention_targeting(
-                c, econ, params=params, uplift_rate=uplift_rate, window_days=window,
-                horizon_days=horizon_days, eligible=active, uplift_per_customer=learned)
-        retention["uplift_model"] = summary
-    if contact is not None:
-        retention["hazard_effect"] = contact["fit"]
-    retention["retention_rate_used"] = float(rate) if np.isscalar(rate) else None
-    retention["uplift_rate_used"] = uplift_rate
-    retention["value_window_days"] = window if (uplift_rate is not None
-                                                or contact is not None) else \
-        int(params.retention_value_months * DAYS_PER_MONTH)
-    retention["eligible_customers"] = int(active.sum())
-    retention["effect_campaigns"] = [d.isoformat() for d in dates]
+    valuation = _value_contacts(
+        con, campaign, tiers=c[["customer_id", "value_tier"]], as_of=as_of,
+        horizon_days=horizon_days, params=params, value_model=value_model,
+        bg_fit=lambda: _bgnbd_here(con, as_of=as_of))
+    hazard = valuation.hazard
+    rfm = (hazard["summary"].reindex(c["customer_id"].astype(str))
+           if hazard is not None else None)
+    rows = _contact_rows(c, econ, valuation, params=params, horizon_days=horizon_days, rfm=rfm)
+    targeting, retention = _rank_gains(c, rows, params=params)
+    if valuation.learns:
+        # each contact valued by the customer's own uplift, learned on the campaigns
+        if hazard is not None:
+            valuation.to_window = _to_window(rows["over_horizon"][active.to_numpy()].sum(),
+                                             rows["over_window"][active.to_numpy()].sum())
+        exclude = protected if exclude_attributes is None else exclude_attributes
+        valuation.learn(con, as_of=as_of, horizon_days=horizon_days, params=params,
+                        exclude=exclude, value_model=value_model, churn_model=churn_model,
+                        depth_share=retention["campaign_size"] / max(int(active.sum()), 1))
+        if valuation.learner is not None:
+            if features is None:
+                features = build_features(con, cutoff=as_of, horizon_days=horizon_days,
+                                          labels=False, exclude_attributes=exclude)
+            extra = valuation.learner.heterogeneity(features).set_axis(
+                features["customer_id"].to_numpy())
+            rows = _contact_rows(c, econ, valuation, params=params, horizon_days=horizon_days,
+                                 rfm=rfm, heterogeneity=c["customer_id"].map(extra))
+            targeting, retention = _rank_gains(c, rows, params=params)
+    retention.update(valuation.retention_keys(eligible=int(active.sum()), params=params))
     history = period_profits(con, as_of=as_of, horizon_days=horizon_days,
                              periods=params.phaseout_periods, params=params).merge(
         order_profits(con, as_of=as_of, params=params), on="customer_id", how="outer")
@@ -1045,16 +985,13 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
     decisions = _policy_inputs(c, econ, targeting, review, params=params)
     run = _assemble(c, econ, targeting, retention, review, decisions, params=params,
                     horizon_days=horizon_days, attributes=attributes, protected=protected,
-                    previous=previous, effect=effect, uplift=uplift)
-    if contact is not None:
-        # the campaign's extra margin at both ends of the effect's 95 % interval (not a
-        # straight line in the effect: a lowered hazard stretches the remaining lifetime)
+                    previous=previous, effect=valuation.effect, uplift=valuation.uplift)
+    if hazard is not None:
         inside = run.customers["in_campaign"].to_numpy()
-        now = float(run.customers.loc[inside, "expected_uplift"].sum())
-        base = contact["value"][inside].sum()
-        run.retention["expected_margin_saved_range"] = [
-            now - base + float(contact["value_at"](e)[inside].sum())
-            for e in (max(contact["fit"]["ci_low"], 0.0), contact["fit"]["ci_high"])]
+        run.retention["expected_margin_saved_range"] = _saved_range(
+            float(run.customers.loc[inside, "expected_uplift"].sum()),
+            float(rows["base"][inside].sum()),
+            [float(v[inside].sum()) for v in rows["at_bounds"]])
     return run
 
 
@@ -1409,22 +1346,144 @@ def _explain_listed(con: Connection, decided: pd.DataFrame, store: RunStore,
         out.reset_index(), on="customer_id", how="left")
 
 
-def _hazard_contact_value(con: Connection, c: pd.DataFrame,
-                          econ: pd.DataFrame, campaign: pd.DataFrame, *, as_of: dt.date,
-                          horizon_days: int, params: StrategyParams) -> dict | None:
-    """Each customer's expected extra margin of a contact, from the hazard effect measured
-    on the campaigns (:func:`analysis.uplift.estimate_hazard_effect`, every campaign whose
-    first horizon has closed, each over as long a window as the data has, up to the value
-    window) and each customer's dropout hazard now (BG/NBD fitted at ``as_of``, on at most
-    :data:`analysis.clv.BGNBD_FIT_CUSTOMERS` customers), over the
-    value window of ``retention_value_months`` (:func:`analysis.uplift.contact_value`).
+@dataclass
+class _Valuation:
+    """How each customer's retention contact is valued, decided on the driver from the
+    campaigns (campaign-sized work) or from the assumptions: what :func:`_contact_rows`
+    needs to value any customers, all at once or a part at a time."""
+
+    rate: float                         # P(retained | contacted): measured or assumed
+    uplift_rate: float | None = None    # the measured margin uplift rate (all customers)
+    window: int = 365                   # the window a contact's value is measured over
+    hazard: dict | None = None          # the measured hazard effect (_hazard_fit)
+    effect: pd.DataFrame = field(default_factory=pd.DataFrame)
+    uplift: pd.DataFrame = field(default_factory=pd.DataFrame)
+    dates: list = field(default_factory=list)
+    campaigns: pd.DataFrame | None = None
+    learns: bool = False                # a learner is to be fitted on the campaigns
+    to_window: float | None = None      # a contact's one-horizon value to the window's
+    learner: object = None              # the learned uplift (UpliftResult) when used
+    learner_summary: dict | None = None
+
+    def learn(self, con: Connection, *, as_of: dt.date, horizon_days: int,
+              params: StrategyParams, exclude: tuple[str, ...], value_model, churn_model,
+              depth_share: float) -> None:
+        """Fit and judge the uplift learner (:func:`_fit_learned_uplift`); keep it only
+        when it won out of time."""
+        pooled = (self.uplift.set_index("group").loc["all"] if self.uplift_rate is not None
+                  else None)
+        result, summary, to_window = _fit_learned_uplift(
+            con, self.campaigns, as_of=as_of, horizon_days=horizon_days,
+            contact=self.hazard, pooled=pooled, uplift_rate=self.uplift_rate, params=params,
+            exclude=exclude, value_model=value_model, churn_model=churn_model,
+            depth_share=depth_share, to_window=self.to_window)
+        winner = (summary.get("evaluation") or {}).get("winner")
+        if winner not in (None, "model"):
+            # judged out of time, the learned ranking lost to a simpler one: it is not
+            # used, and the run says so
+            result = None
+            n_held = len((summary.get("evaluation") or {}).get("held_out_campaigns") or [1])
+            summary.update(used=False, why=(
+                f"on the {'latest campaign' if n_held == 1 else f'{n_held} latest campaigns'}"
+                ", which it never saw, it ranked customers no better than "
+                f"{'one effect for everyone' if winner == 'pooled' else 'churn risk'}; "
+                "each contact is valued by the effect measured for everyone"))
+        self.learner, self.learner_summary = result, summary
+        if result is not None:
+            self.to_window = to_window
+
+    def retention_keys(self, *, eligible: int, params: StrategyParams) -> dict:
+        """What the retention summary says of the valuation, in its order."""
+        keys = {}
+        if self.learns:
+            keys["uplift_model"] = self.learner_summary
+        if self.hazard is not None:
+            keys["hazard_effect"] = self.hazard["fit"]
+        keys.update(
+            retention_rate_used=float(self.rate), uplift_rate_used=self.uplift_rate,
+            value_window_days=self.window if (self.uplift_rate is not None
+                                              or self.hazard is not None)
+            else int(params.retention_value_months * DAYS_PER_MONTH),
+            eligible_customers=eligible,
+            effect_campaigns=[d.isoformat() for d in self.dates])
+        return keys
+
+
+def _value_contacts(con: Connection, campaign: pd.DataFrame | None, *,
+                    tiers: pd.DataFrame, as_of: dt.date, horizon_days: int,
+                    params: StrategyParams, value_model, bg_fit) -> _Valuation:
+    """How contacts are valued (:class:`_Valuation`): with a campaign, the effects
+    measured on it (the relative drop in churn per value tier, the margin uplift per
+    contact with ``value_model``) and the hazard effect (:func:`_hazard_fit`, BG/NBD
+    from ``bg_fit``); else the assumed retention rate. ``tiers``: the value tier of (at
+    least) the campaign's customers."""
+    v = _Valuation(rate=params.retention_rate, campaigns=campaign)
+    if campaign is None or not len(campaign):
+        return v
+    # outcome: a window fully observed after the campaigns measured (as long as the
+    # data allows, up to a year: a retention contact pays off over months, not
+    # weeks), among the customers active within one horizon before each campaign
+    # (those it could keep); several campaigns are pooled (measurement_window)
+    window, dates = measurement_window(campaign, as_of=as_of, horizon_days=horizon_days)
+    v.window, v.dates = window, dates
+    on_dates = pd.to_datetime(campaign["campaign_date"]).dt.date
+    measured = campaign[on_dates.isin(dates)].assign(campaign_date=on_dates)
+    # each campaign's contacts and controls who may be active at its date, in one
+    # pass over the log (only they are measured: the effect compares them)
+    at_dates = snapshots_by_cutoff(
+        con, cutoffs=dates, horizon_days=window,
+        customers=recent_campaign_customers(con, measured, dates=dates,
+                                            horizon_days=horizon_days))
+    parts = []
+    for when, at_campaign in at_dates.items():
+        parts.append(at_campaign[at_campaign["recency_days"] <= horizon_days].merge(
+            tiers[["customer_id", "value_tier"]], on="customer_id", how="left").assign(
+            campaign_date=when))
+    del at_dates
+    reachable = pd.concat(parts, ignore_index=True)
+    v.effect = estimate_retention_effect(
+        measured, reachable[["customer_id", "campaign_date", "churned", "value_tier"]],
+        by="value_tier")
+    if len(v.effect) and "all" in set(v.effect["group"]):
+        v.rate = max(float(v.effect.set_index("group").loc["all", "retention_rate"]), 0.0)
+    if value_model is not None:
+        v.uplift = estimate_margin_uplift(
+            _campaign_margins(reachable, measured, value_model, window=window,
+                              horizon_days=horizon_days, params=params),
+            by="value_tier", covariates=("run_rate_margin",))
+        if len(v.uplift) and "all" in set(v.uplift["group"]):
+            # the overall estimate is used; per-tier ones are reported (they are noisy)
+            v.uplift_rate = max(float(v.uplift.set_index("group").loc["all", "uplift_rate"]),
+                                0.0)
+    v.hazard = _hazard_fit(con, campaign, as_of=as_of, horizon_days=horizon_days,
+                           params=params, bg_fit=bg_fit)
+    if v.hazard is not None:
+        v.window = v.hazard["window_days"]
+    v.learns = ((v.hazard is not None or v.uplift_rate is not None)
+                and value_model is not None and campaign["campaign_date"].nunique() >= 2)
+    return v
+
+
+def _bgnbd_here(con: Connection, *, as_of: dt.date) -> tuple:
+    """BG/NBD at ``as_of`` (on at most :data:`analysis.uplift.BGNBD_FIT_CUSTOMERS`
+    customers) and every customer's RFM summary, on the driver."""
+    summary = rfm_summary(con, calibration_end=as_of)
+    return fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS), summary
+
+
+def _hazard_fit(con: Connection, campaign: pd.DataFrame, *, as_of: dt.date,
+                horizon_days: int, params: StrategyParams, bg_fit) -> dict | None:
+    """The hazard effect measured on the campaigns (:func:`analysis.uplift.
+    estimate_hazard_effect`, every campaign whose first horizon has closed, each over as
+    long a window as the data has, up to the value window of ``retention_value_months``)
+    and BG/NBD at ``as_of`` (``bg_fit()``: the model and, on the driver, every customer's
+    RFM summary), which give each customer's contact its value (:func:`_contact_rows`).
 
     Returns None when BG/NBD cannot be fitted or the campaigns have too few rows; else
-    ``value`` (per customer of ``c``, at the measured effect, 0 below zero), ``value_at``
-    (the same at another effect), ``to_window`` (the active customers' extra margin of a
-    contact over the window over that over one horizon), ``hazard_rows``
-    (:func:`analysis.uplift.hazard_effect_rows`), ``window_days`` and
-    ``fit`` (the estimate, :func:`estimate_hazard_effect`, with the BG/NBD parameters).
+    ``bg``, ``summary``, ``effect`` (the estimate, at least 0), ``rows``
+    (:func:`analysis.uplift.hazard_effect_rows`), ``window_days`` and ``fit`` (the
+    estimate, :func:`estimate_hazard_effect`, rounded for the run's JSON, with the
+    BG/NBD parameters).
     """
     window = int(params.retention_value_months * DAYS_PER_MONTH)
     rows = hazard_effect_rows(con, campaign, as_of=as_of, horizon_days=horizon_days,
@@ -1432,62 +1491,109 @@ def _hazard_contact_value(con: Connection, c: pd.DataFrame,
     fit = estimate_hazard_effect(rows) if len(rows) else None
     if fit is None:
         return None
-    summary = rfm_summary(con, calibration_end=as_of)
     try:
-        bg = fit_bgnbd(summary, max_customers=BGNBD_FIT_CUSTOMERS)
+        bg, summary = bg_fit()
     except ValueError:
         return None
-    s = summary.reindex(c["customer_id"].astype(str))
-    _, hazard = bg.rates_if_alive(s["frequency"], s["recency"], s["T"])
-    hazard = np.asarray(hazard, dtype=float) / 7.0
-    expected_margin = econ["expected_margin"].to_numpy(dtype=float)
-
-    def value_at(effect: float, *, over: int = window) -> np.ndarray:
-        return contact_value(expected_margin, hazard, effect=max(effect, 0.0),
-                             horizon_days=horizon_days, window_days=over)
-
     effect = max(fit["effect"], 0.0)
-    # the extra margin of a contact over the window against that over one horizon, for
-    # the customers who can be contacted (carries the learner's one-horizon departures)
-    active = c["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy()
-    over_horizon = value_at(max(effect, 1e-3), over=horizon_days)[active].sum()
-    to_window = (value_at(max(effect, 1e-3))[active].sum() / over_horizon
-                 if over_horizon > 0 else 0.0)
     fit = {**{k: (round(v, 6) if isinstance(v, float) else v) for k, v in fit.items()},
            "value_window_days": window,
            "hazard_params": {k: round(v, 6) for k, v in bg.params_.items()}}
-    return {"value": value_at(effect), "value_at": value_at, "to_window": float(to_window),
-            "hazard_rows": rows, "window_days": window, "fit": fit}
+    return {"bg": bg, "summary": summary, "effect": effect, "rows": rows,
+            "window_days": window, "fit": fit}
 
 
-def _learned_uplift(con: Connection, c: pd.DataFrame, campaign: pd.DataFrame,
-                    *, as_of: dt.date, horizon_days: int, window: int, base_value: np.ndarray,
-                    to_window: float | None, contact: dict | None,
-                    pooled: pd.Series | None, uplift_rate: float | None,
-                    params: StrategyParams, exclude: tuple[str, ...], value_model,
-                    churn_model, depth_share: float, now: pd.DataFrame | None = None
-                    ) -> tuple[np.ndarray | None, dict]:
-    """Each customer's incremental margin of a contact over the value window, learned from
-    the campaigns (:func:`analysis.uplift.learn_uplift`, one horizon of outcome), and the
-    out-of-time judgement of its ranking on the latest campaigns.
+def _contact_rows(c: pd.DataFrame, econ: pd.DataFrame, v: _Valuation, *,
+                  params: StrategyParams, horizon_days: int, rfm: pd.DataFrame | None = None,
+                  heterogeneity: pd.Series | None = None) -> dict:
+    """Each customer's gain of a contact (:func:`contact_gains`), row by row, as the
+    valuation ``v`` has it: with the measured hazard effect, each customer's expected
+    extra margin over the value window from their own dropout hazard now (BG/NBD on
+    their RFM summary, ``rfm``, aligned with ``c``: :func:`analysis.uplift.contact_value`);
+    else the measured margin uplift rate, or the assumed retention rate. With
+    ``heterogeneity`` (the learner's departure from the pooled effect over one horizon,
+    aligned with ``c``), that value plus the departure carried to the value window.
 
-    Each customer's value is the run's own valuation without the learner (``base_value``:
-    the measured hazard effect's :func:`analysis.uplift.contact_value`, or the pooled
-    margin uplift rate x expected margin) plus the learner's shrunk departure from the
-    pooled effect (:meth:`analysis.uplift.UpliftResult.heterogeneity`), which is over one
-    horizon: it is carried to the value window by one number, the ratio of the contacts'
-    extra margin over the window to that over one horizon (``to_window``: of the measured
-    hazard effect, or without one, the pooled uplift over the measurement window over the
+    Adds ``base`` (the value without the learner, or None), and with the hazard effect
+    ``at_bounds`` (the value at both ends of the effect's interval) and ``over_horizon``
+    / ``over_window`` (the value over one horizon and over the window, whose sums over the
+    active customers give :attr:`_Valuation.to_window`)."""
+    active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
+    hz = v.hazard
+    if hz is not None:
+        _, hazard = hz["bg"].rates_if_alive(rfm["frequency"], rfm["recency"], rfm["T"])
+        hazard = np.asarray(hazard, dtype=float) / 7.0
+        margin = econ["expected_margin"].to_numpy(dtype=float)
+
+        def value_at(effect: float, *, over: int = v.window) -> np.ndarray:
+            return contact_value(margin, hazard, effect=max(effect, 0.0),
+                                 horizon_days=horizon_days, window_days=over)
+
+        base = value_at(hz["effect"])
+        extra = {"base": base,
+                 "at_bounds": [value_at(max(hz["fit"]["ci_low"], 0.0)),
+                               value_at(hz["fit"]["ci_high"])],
+                 "over_horizon": value_at(max(hz["effect"], 1e-3), over=horizon_days),
+                 "over_window": value_at(max(hz["effect"], 1e-3))}
+        gains = contact_gains(c, econ, params=params, window_days=v.window,
+                              horizon_days=horizon_days, eligible=active,
+                              uplift_per_customer=base, method="measured")
+    else:
+        gains = contact_gains(c, econ, params=params, retention_rate=v.rate,
+                              uplift_rate=v.uplift_rate, window_days=v.window,
+                              horizon_days=horizon_days, eligible=active)
+        base = gains["value"] * v.uplift_rate if v.uplift_rate is not None else None
+        extra = {"base": base}
+    if heterogeneity is not None:
+        learned = np.asarray(base, dtype=float) + pd.Series(heterogeneity).fillna(
+            0.0).to_numpy(dtype=float) * v.to_window
+        gains = contact_gains(c, econ, params=params, uplift_rate=v.uplift_rate,
+                              window_days=v.window, horizon_days=horizon_days,
+                              eligible=active, uplift_per_customer=learned)
+    return {**gains, **extra}
+
+
+def _to_window(over_horizon: float, over_window: float) -> float:
+    """The active customers' extra margin of a contact over the value window over that
+    over one horizon (carries the learner's one-horizon departures to the window)."""
+    return float(over_window / over_horizon) if over_horizon > 0 else 0.0
+
+
+def _saved_range(now: float, base: float, at_bounds: list[float]) -> list[float]:
+    """The campaign's extra margin at both ends of the hazard effect's 95 % interval
+    (not a straight line in the effect: a lowered hazard stretches the remaining
+    lifetime): ``now`` (the campaign's expected uplift) with the measured effect's part
+    (``base``) replaced by that at each end."""
+    return [now - base + s for s in at_bounds]
+
+
+def _fit_learned_uplift(con: Connection, campaign: pd.DataFrame, *, as_of: dt.date,
+                        horizon_days: int, contact: dict | None, pooled: pd.Series | None,
+                        uplift_rate: float | None, params: StrategyParams,
+                        exclude: tuple[str, ...], value_model, churn_model,
+                        depth_share: float, to_window: float | None
+                        ) -> tuple[object, dict, float | None]:
+    """The uplift learner fitted on the campaigns (:func:`analysis.uplift.learn_uplift`,
+    one horizon of outcome) and the out-of-time judgement of its ranking on the latest
+    campaigns, on the driver; each customer's value is then (:func:`_contact_rows`) the
+    run's own valuation without the learner (the measured hazard effect's
+    :func:`analysis.uplift.contact_value`, ``contact``, or the pooled margin uplift rate x
+    expected margin) plus the learner's shrunk departure from the pooled effect
+    (:meth:`analysis.uplift.UpliftResult.heterogeneity`), which is over one horizon: it is
+    carried to the value window by one number, the ratio of the contacts' extra margin
+    over the window to that over one horizon (``to_window``: of the measured hazard
+    effect, or without one, the pooled uplift over the measurement window over the
     learner's pooled uplift over one horizon). With no identified heterogeneity the
-    value is ``base_value`` exactly; customers the learner cannot score keep it. In the
+    value is the valuation's exactly; customers the learner cannot score keep it. In the
     judgement the pooled ranking is the same valuation at each held-out campaign over one
-    horizon, and the learned one that plus the departure. Returns ``(None, summary)``
-    when the learner cannot be used or a simpler ranking beat it (then it is not refitted
-    on every campaign).
+    horizon, and the learned one that plus the departure.
+
+    Returns ``(result, summary, to_window)``; the result is None when the learner cannot
+    be used or a simpler ranking beat it (then it is not refitted on every campaign).
     """
     hazard_then = None
     if contact is not None:
-        rows = contact["hazard_rows"]
+        rows = contact["rows"]
         hazard_then = pd.Series(rows["hazard"].to_numpy(), index=pd.MultiIndex.from_arrays(
             [rows["customer_id"].astype(str), pd.to_datetime(rows["campaign_date"])]))
 
@@ -1516,27 +1622,21 @@ def _learned_uplift(con: Connection, c: pd.DataFrame, campaign: pd.DataFrame,
                           baselines=baselines, refit_beaten=False)
     if result is None:
         return None, {"used": False, "why": "fewer than two campaigns with a closed "
-                      f"{horizon_days}-day outcome window and both arms"}
+                      f"{horizon_days}-day outcome window and both arms"}, to_window
     summary = {"used": False, "campaigns": [d.isoformat() for d in result.dates],
                "fit": result.model.summary(), "evaluation": result.evaluation,
                "winner": (result.evaluation or {}).get("winner")}
     if summary["winner"] not in (None, "model"):
         # beaten out of time: not used (the caller says why), so not applied to anyone
-        return None, summary
+        return None, summary, to_window
     if to_window is None:
         per_horizon = result.model.mean_pooled_uplift_
         if not (pooled is not None and per_horizon > 0 and float(pooled["uplift"]) > 0):
             summary["why"] = "no positive pooled effect to scale the learned uplift by"
-            return None, summary
+            return None, summary, to_window
         to_window = float(pooled["uplift"]) / per_horizon
-    if now is None:
-        now = build_features(con, cutoff=as_of, horizon_days=horizon_days, labels=False,
-                             exclude_attributes=exclude)
-    extra = result.heterogeneity(now).set_axis(now["customer_id"].to_numpy())
-    differences = c["customer_id"].map(extra).fillna(0.0).to_numpy(dtype=float)
-    learned = np.asarray(base_value, dtype=float) + differences * to_window
     summary.update(used=True, scale_to_value_window=round(float(to_window), 4))
-    return learned, summary
+    return result, summary, to_window
 
 
 #: Outcome windows a campaign effect is measured over, longest first (days); the
