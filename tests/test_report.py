@@ -578,6 +578,99 @@ def test_the_demo_config_on_spark_answers_as_on_duckdb(good_run, small_demo, tmp
     assert "Customer strategy report: demo-spark" in page and "Traceback" not in page
 
 
+def test_the_executors_decide_the_demo_as_the_driver_does(good_run, tmp_path, monkeypatch):
+    """The strategy step on Spark with the demo's campaigns (strategy.decide_on_spark):
+    the hazard effect and the margin uplift measured on the driver, each customer's
+    contact valued from their own hazard (BG/NBD fitted on the driver's customers, the
+    RFM summaries kept on the executors) and from the learner's departure (applied to
+    the profile's features where they lie), then ranked, decided and written by the
+    executors: the same decisions, retention summary (the effect's range among it),
+    actions, guardrails, alerts, fairness audit and campaign as strategy.decide on the
+    same engine's measurements, in 3 ranges as on a cluster. The demo's learner loses
+    out of time on its latest campaigns and is then not applied, so here it is made to
+    win, to check the values it gives."""
+    import shutil
+
+    from analysis.config import load_config
+    from analysis.engine import spark_session
+    from analysis.features import connect_spark
+
+    require_spark()
+    folder, config_path, duck, _ = good_run
+    config = load_config(config_path)
+    run_dir = tmp_path / "run"
+    shutil.copytree(duck.processed_dir, run_dir)
+    store = RunStore(run_dir)
+    models = read_model_run(run_dir, tables=())
+    real = strategy.learn_uplift
+
+    def winning(*args, **kwargs):
+        # (and keeps half its departure from the pooled effect, which the demo's shrinks
+        # to nothing: the customers' values then differ by what the learner says of them)
+        result = real(*args, **kwargs)
+        if result is not None and result.evaluation is not None:
+            result.evaluation["winner"] = "model"
+            result.model.weight_ = 0.5
+        return result
+
+    monkeypatch.setattr(strategy, "learn_uplift", winning)
+    session = spark_session("local[2]", app_name="tests")
+    ranges = {"spark.sql.adaptive.coalescePartitions.enabled": "false",
+              "spark.sql.shuffle.partitions": "3"}
+    before = {k: session.conf.get(k, None) for k in ranges}
+    try:
+        eng = connect_spark(run_dir / "clean", session=session)
+        kwargs = {"as_of": store.scoring_date(), "horizon_days": store.horizon_days(),
+                  "params": config.strategy, "protected": config.protected,
+                  "campaign": pd.read_parquet(run_dir / "clean" / "campaign.parquet"),
+                  "value_model": models.value, "churn_model": models.churn,
+                  "exclude_attributes": config.protected + config.pii}
+        attributes = run_dir / "clean" / "customers.parquet"
+        here = strategy.decide(eng, store.read_customers(strategy.DECISION_COLUMNS),
+                               attributes=pd.read_parquet(attributes, columns=[
+                                   "customer_id", *config.protected]),
+                               features=store.read_profile_table(), **kwargs)
+        for k, v in ranges.items():
+            session.conf.set(k, v)
+        there, ids = strategy.decide_on_spark(eng, store, attributes=attributes, **kwargs)
+    finally:
+        for k, v in before.items():
+            session.conf.unset(k) if v is None else session.conf.set(k, v)
+        session.stop()
+
+    def texts(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.astype({k: object for k, kind in frame.dtypes.items()
+                             if kind == object or isinstance(kind, pd.StringDtype)})
+
+    def same(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
+        pd.testing.assert_frame_equal(texts(a), texts(b), check_exact=False, rtol=1e-9,
+                                      atol=1e-9, obj=name)
+
+    same(here.customers, pd.read_parquet(store.decisions_table), "decisions")
+    for name in ("actions", "guardrails", "alerts", "fairness", "retention_effect",
+                 "margin_uplift"):
+        same(getattr(here, name), getattr(there, name), name)
+
+    def close(a, b) -> bool:
+        if isinstance(a, float):
+            return isinstance(b, float) and bool(np.isclose(a, b, rtol=1e-9, atol=1e-9))
+        if isinstance(a, list):
+            return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b, strict=True))
+        if isinstance(a, dict):
+            return list(a) == list(b) and all(close(a[k], b[k]) for k in a)
+        return a == b
+
+    assert close(here.retention, there.retention), (here.retention, there.retention)
+    assert sorted(ids) == sorted(here.customers.loc[here.customers["in_campaign"],
+                                                    "customer_id"])
+    # what the comparison covers: every valuation the demo's data allows
+    r = here.retention
+    assert r["method"] == "learned" and r["uplift_model"]["used"]
+    assert r["hazard_effect"]["effect"] > 0 and r["uplift_rate_used"] is not None
+    assert len(r["expected_margin_saved_range"]) == 2 and r["campaign_size"] > 0
+    assert len(here.fairness) and len(here.retention_effect) and len(here.margin_uplift)
+
+
 @pytest.mark.e2e
 def test_the_cdnow_config_runs_on_the_real_log(tmp_path):
     require_cdnow()

@@ -86,6 +86,7 @@ __all__ = [
     "customers_with_reasons",
     "score_on_spark",
     "scores_on_spark",
+    "summary_kept_on_spark",
     "scores_table",
     "drift_on_spark",
     "fit_lifetime",
@@ -673,11 +674,11 @@ def bgnbd_baseline(lines, *, cutoff: dt.date, horizon_days: int,
 def _summary_on_spark(eng: SparkEngine, *, cutoff: dt.date, customers: pd.Series,
                       max_customers: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The RFM summary at ``cutoff`` (:func:`analysis.clv.rfm_summary`) computed and kept
-    on Spark's executors (:func:`_summary_kept_on_spark`); the driver receives the rows
+    on Spark's executors (:func:`summary_kept_on_spark`); the driver receives the rows
     a fit uses and the rows of ``customers`` (in their order; NaN for a customer without
     one)."""
     ids = pd.Series(customers).astype(str)
-    with _summary_kept_on_spark(eng, cutoff=cutoff, max_customers=max_customers) as (
+    with summary_kept_on_spark(eng, cutoff=cutoff, max_customers=max_customers) as (
             summary, fit):
         eng.register("_summary_customers", pd.DataFrame({"customer_id": ids.unique()}))
         try:
@@ -689,7 +690,7 @@ def _summary_on_spark(eng: SparkEngine, *, cutoff: dt.date, customers: pd.Series
 
 
 @contextlib.contextmanager
-def _summary_kept_on_spark(eng: SparkEngine, *, cutoff: dt.date,
+def summary_kept_on_spark(eng: SparkEngine, *, cutoff: dt.date,
                            max_customers: int | None = BGNBD_FIT_CUSTOMERS):
     """Within the block: the RFM summary at ``cutoff`` as a Spark DataFrame kept on the
     executors (:data:`analysis.clv.RFM_SUMMARY`'s rows, in days), and, on the driver,
@@ -2130,7 +2131,7 @@ def scores_on_spark(models: ModelRun, eng: SparkEngine, features: Any, *, as_of:
     payload = _payload_of(models)
     wanted = None if explain is None else frozenset(pd.Series(explain).astype(str))
     held = [c for c in RFM_SUMMARY_COLUMNS if c != "customer_id"]
-    with _summary_kept_on_spark(eng, cutoff=as_of) as (summary, fit):
+    with summary_kept_on_spark(eng, cutoff=as_of) as (summary, fit):
         lifetime = fit_lifetime(fit, max_customers=None)
         joined = features.join(summary.select(
             "customer_id", *[fn.col(c).alias(f"_s_{c}") for c in held]),

@@ -9,6 +9,8 @@ report can print both. Protected attributes never enter a decision; they are onl
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.clv import fit_bgnbd, rfm_summary
+from analysis.clv import RFM_SUMMARY_COLUMNS, fit_bgnbd, rfm_summary, summary_of_rows
 from analysis.config import DAYS_PER_MONTH, StrategyParams
 from analysis.data import read_columns, write_csv
 from analysis.engine import SparkEngine, as_engine
@@ -30,7 +32,7 @@ from analysis.features import (
     snapshots_by_cutoff,
 )
 from analysis.models import (customers_with_reasons, explain_customers, prepare_matrix,
-                             read_model_run, skipped_reason)
+                             read_model_run, skipped_reason, summary_kept_on_spark)
 from analysis.segments import (
     ACTIVE_STAGES,
     STAGE_ACTIVE,
@@ -80,7 +82,17 @@ __all__ = [
     "describe_condition",
     "churn_risk_band",
     "decide",
+    "decide_on_spark",
     "decide_snapshot",
+    "DECISIONS_SCHEMA",
+    "ALERT_RULES",
+    "CURVE_POINTS",
+    "GUARDRAIL_STEPS",
+    "best_depth",
+    "contact_gains",
+    "growth_potential",
+    "guardrails_passed",
+    "phaseout_list",
     "guardrail_effects",
     "measurement_window",
     "policy_table",
@@ -1016,20 +1028,29 @@ CURVE_POINTS = 1001
 
 
 def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizon_days: int,
-                    params: StrategyParams, attributes: str | Path | None = None,
-                    protected: tuple[str, ...] = (), previous: RunStore | None = None
+                    params: StrategyParams, campaign: pd.DataFrame | None = None,
+                    attributes: str | Path | None = None, protected: tuple[str, ...] = (),
+                    previous: RunStore | None = None, value_model=None, churn_model=None,
+                    exclude_attributes: tuple[str, ...] | None = None
                     ) -> tuple[StrategyRun, list[str]]:
-    """:func:`decide` for a run without campaign data on Spark, the customers kept on the
-    executors: the run store's customers (:data:`DECISION_COLUMNS`, joined where the
-    steps wrote them, :meth:`RunStore.sources`) are decided row by row with the
-    functions :func:`decide` uses (:func:`customer_economics`, :func:`growth_potential`,
-    :func:`contact_gains`, :func:`phaseout_review`, :func:`_decision_rows`), and the
-    executors write the decision table. What needs everyone reaches the driver as a
-    few numbers: the campaign's depth from the gains' running totals, best first (ties
-    by id, as on one machine: :meth:`SparkEngine.running_sums`), at most
-    :data:`CURVE_POINTS` points of the profit curve, the sums of the campaign and of
-    each action, the customers per guardrail passed and per (action, protected group).
-    The alerts come to the driver (a list a page shows), and the ids of the campaign.
+    """:func:`decide` on Spark, the customers kept on the executors: the run store's
+    customers (:data:`DECISION_COLUMNS`, joined where the steps wrote them,
+    :meth:`RunStore.sources`) are valued and decided row by row with the functions
+    :func:`decide` uses (:func:`customer_economics`, :func:`growth_potential`,
+    :func:`_contact_rows`, :func:`phaseout_review`, :func:`_decision_rows`), and the
+    executors write the decision table.
+
+    What needs everyone reaches the driver as a few numbers: the campaign's depth from
+    the gains' running totals, best first (ties by id, as on one machine:
+    :meth:`SparkEngine.running_sums`), at most about 2,000 points of the profit curve
+    (:data:`CURVE_POINTS`), the sums of the campaign and of each action, the customers per
+    guardrail passed and per (action, protected group). The alerts come to the driver
+    (a list a page shows), and the ids of the campaign. With ``campaign``, what is
+    measured on it is measured on the driver as :func:`decide` does (its customers only:
+    their value tiers, their snapshots at the campaign dates, the learner's rows), with
+    BG/NBD fitted on the driver's customers by place (every customer's RFM summary stays
+    on the executors, :func:`analysis.models.summary_kept_on_spark`) and the learner
+    applied to each customer's features in the profile step's table where it lies.
 
     ``attributes``: the cleaned customers' table (the protected attributes); ``previous``:
     the previous run's store (its churn probabilities, for the rising-risk warning).
@@ -1038,7 +1059,6 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
     from pyspark.sql import functions as fn
 
     spark = eng.session
-    window = int(params.retention_value_months * DAYS_PER_MONTH)
     cost = params.contact_cost + params.offer_cost
 
     def read(path: str | Path, names: dict[str, str]):
@@ -1051,7 +1071,8 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
         customers = part if customers is None else customers.join(part, "customer_id", "left")
     columns = store.wanted(DECISION_COLUMNS)
     customers = customers.select(*[fn.col(f"`{c}`") for c in columns])
-    eligible = customers.where(fn.col("lifecycle_stage").isin(list(ACTIVE_STAGES))).count()
+    eligible = int(customers.where(fn.col("lifecycle_stage").isin(list(ACTIVE_STAGES)))
+                   .count())
     held = None
     if previous is not None:
         held = next((read(path, {k: "_previous_churn"}) for path, names in
@@ -1066,128 +1087,253 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
         return part.loc[part["_previous_churn"].notna(), ["customer_id", "_previous_churn"]
                         ].rename(columns={"_previous_churn": "churn_probability"})
 
-    def gains(batches):
-        for part in batches:
-            c = part.reset_index(drop=True)
-            econ = customer_economics(c, horizon_days=horizon_days, params=params)
-            g = contact_gains(c, econ, params=params, retention_rate=params.retention_rate,
-                              horizon_days=horizon_days,
-                              eligible=c["lifecycle_stage"].isin(ACTIVE_STAGES))
-            yield pd.DataFrame({"customer_id": c["customer_id"], "_value": g["value"],
-                                "_gain": g["gain"]})
+    kept, summaries = [], []      # what stays on the executors until the step ends
+    with contextlib.ExitStack() as stack:
+        def bg_fit():
+            # (every customer's RFM summary stays on the executors; BG/NBD is fitted on
+            # the driver's customers, by place, as on one machine)
+            summary, fit = stack.enter_context(summary_kept_on_spark(eng, cutoff=as_of))
+            summaries.append(summary)
+            return fit_bgnbd(fit), None
 
-    # the campaign's depth: the gains' running totals, best first, ties by id
-    ranked = eng.running_sums(
-        customers.mapInPandas(gains, "customer_id string, _value double, _gain double"),
-        [fn.desc("_gain"), fn.asc("customer_id")],
-        {"_cum": fn.when(fn.col("_gain") > float("-inf"), fn.col("_gain")).otherwise(0.0),
-         "_place": fn.lit(1).cast("long")})
-    decided = None
-    try:
-        finite = ranked.where(fn.col("_gain") > float("-inf"))
-        best = finite.agg(fn.max("_cum")).first()[0]
-        depth = (int(finite.where(fn.col("_cum") == best).agg(fn.min("_place")).first()[0])
-                 if best is not None and best > 0 else 0)
-        n = int(ranked.count())
-        # (evenly spaced over everyone, and over the depths the report's chart shows,
-        # up to three times the chosen depth: plots.plot_profit_curve)
-        shown = min(n, max(3 * depth, 50))
-        places = np.unique(np.r_[np.linspace(1, n, min(n, CURVE_POINTS)).round(),
-                                 np.linspace(1, shown, min(shown, CURVE_POINTS)).round(),
-                                 [depth] if depth else []].astype("int64"))
-        curve = eng.collect(ranked.join(fn.broadcast(spark.createDataFrame(
-            pd.DataFrame({"_place": places}))), "_place").select(
-            fn.col("_place").alias("depth"), fn.col("_cum").alias("cumulative_profit"))
-        ).sort_values("depth", ignore_index=True)
+        ids = (None if campaign is None or not len(campaign)
+               else campaign["customer_id"].astype(str).drop_duplicates())
+        valuation = _value_contacts(
+            eng, campaign, tiers=(store.read_customers(["customer_id", "value_tier"], ids=ids)
+                                  if ids is not None else None),
+            as_of=as_of, horizon_days=horizon_days, params=params, value_model=value_model,
+            bg_fit=bg_fit)
+        valued = customers
+        if valuation.hazard is not None:
+            valued = valued.join(summaries[0].select(
+                "customer_id", *[fn.col(c).alias(f"_s_{c}") for c in RFM_SUMMARY_COLUMNS
+                                 if c != "customer_id"]), "customer_id", "left")
+        try:
+            ranked = _ranked_gains(eng, valued, valuation.for_rows(), params=params,
+                                   horizon_days=horizon_days, columns=columns)
+            kept.append(ranked)
+            depth = _best_depth_on_spark(ranked)
+            first = ranked
+            if valuation.learns:
+                if valuation.hazard is not None:
+                    sums = ranked.agg(fn.sum("_oh"), fn.sum("_ow")).first()
+                    valuation.to_window = _to_window(sums[0] or 0.0, sums[1] or 0.0)
+                exclude = protected if exclude_attributes is None else exclude_attributes
+                valuation.learn(eng, as_of=as_of, horizon_days=horizon_days, params=params,
+                                exclude=exclude, value_model=value_model,
+                                churn_model=churn_model,
+                                depth_share=depth / max(eligible, 1))
+                if valuation.learner is not None:
+                    # each customer's learned uplift, from their features at the scoring
+                    # date (the profile step's table, where it lies)
+                    needed = list(valuation.learner.columns)
+                    features = spark.read.parquet(eng.spark_path(store.profile_table))
+                    valued = valued.join(features.select(
+                        "customer_id", *[fn.col(f"`{c}`").alias(f"_f_{c}") for c in needed
+                                         if c in features.columns]), "customer_id", "left")
+                    ranked = _ranked_gains(eng, valued, valuation.for_rows(), params=params,
+                                           horizon_days=horizon_days, columns=columns,
+                                           learned=needed)
+                    kept.append(ranked)
+                    depth = _best_depth_on_spark(ranked)
+            curve = _curve_on_spark(eng, ranked, depth)
+            decided = _decided_on_spark(
+                eng, with_previous, ranked, first if valuation.hazard is not None else None,
+                as_of=as_of, horizon_days=horizon_days, params=params, depth=depth,
+                columns=columns, period_days=int(valuation.retention_keys(
+                    eligible=eligible, params=params)["value_window_days"]),
+                has_previous=has_previous)
+            kept.append(decided)
+            summary = _summaries_on_spark(eng, decided, hazard=valuation.hazard is not None)
+            fairness = pd.DataFrame()
+            if attributes is not None and protected:
+                attrs = spark.read.parquet(eng.spark_path(attributes))
+                present = [a for a in protected if a in attrs.columns]
+                if present:
+                    joined = decided.select("customer_id", "action").join(
+                        attrs.select("customer_id", *present), "customer_id", "left")
+                    counts = {a: eng.collect(joined.groupBy("action", a).count()).rename(
+                        columns={a: "group", "count": "n"}) for a in present}
+                    fairness = _fairness_of_counts(counts, n=int(joined.count()),
+                                                   params=params)
 
-        history = eng.sql(_period_profits_sql(
-            as_of=as_of, horizon_days=horizon_days, periods=params.phaseout_periods,
-            params=params)).join(eng.sql(_order_profits_sql(as_of=as_of, params=params)),
-                                 "customer_id", "full")
-        kept = history.columns[1:]
-        table = (with_previous
-                 .join(ranked.select("customer_id", "_value", "_gain",
-                                     (fn.col("_place") <= depth).alias("_targeted")),
-                       "customer_id", "left")
-                 .join(history, "customer_id", "left"))
+            def warn(batches):
+                for part in batches:
+                    # (texts as objects: pandas' own strings, concatenated, are chunked
+                    # arrays, which Spark's Arrow batches do not take)
+                    yield early_warnings(part[columns], params=params,
+                                         previous=previous_of(part)).astype(object)
 
-        def decide_rows(batches):
-            for part in batches:
-                part = part.reset_index(drop=True)
-                c = part[columns]
-                econ = customer_economics(c, horizon_days=horizon_days, params=params)
-                c = c.assign(potential=growth_potential(c, horizon_days=horizon_days,
-                                                        params=params))
-                gain = part["_gain"].to_numpy(dtype=float)
-                targeting = pd.DataFrame({
-                    "customer_id": c["customer_id"], "value_if_retained": part["_value"],
-                    "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
-                    "targeted": part["_targeted"].fillna(False).astype(bool)})
-                review = phaseout_review(c, econ, part[["customer_id", *kept]],
-                                         params=params)
-                out, _ = _decision_rows(
-                    c, econ, targeting, review,
-                    _policy_inputs(c, econ, targeting, review, params=params),
-                    params=params, horizon_days=horizon_days, period_days=window,
-                    previous=previous_of(part))
-                yield out.assign(_passed=guardrails_passed(review)[1],
-                                 _spend=c["spend_365d"].to_numpy(dtype=float))
-
-        decided = eng.materialise(table.mapInPandas(
-            decide_rows, DECISIONS_SCHEMA + ", _passed long, _spend double"))
-        summary = _summaries_on_spark(eng, decided, params=params, window=window)
-        fairness = pd.DataFrame()
-        if attributes is not None and protected:
-            attrs = spark.read.parquet(eng.spark_path(attributes))
-            present = [a for a in protected if a in attrs.columns]
-            if present:
-                joined = decided.select("customer_id", "action").join(
-                    attrs.select("customer_id", *present), "customer_id", "left")
-                counts = {a: eng.collect(joined.groupBy("action", a).count()).rename(
-                    columns={a: "group", "count": "n"}) for a in present}
-                fairness = _fairness_of_counts(counts, n=int(joined.count()), params=params)
-
-        def warn(batches):
-            for part in batches:
-                # (texts as objects: pandas' own strings, concatenated, are chunked
-                # arrays, which Spark's Arrow batches do not take)
-                yield early_warnings(part[columns], params=params,
-                                     previous=previous_of(part)).astype(object)
-
-        alerts = eng.collect(with_previous.mapInPandas(
-            warn, "customer_id string, rule string, detail string"))
-        alerts = (alerts.assign(_r=alerts["rule"].map(ALERT_RULES.index))
-                  .sort_values(["_r", "customer_id"], kind="stable", ignore_index=True)
-                  .drop(columns="_r"))
-        eng.write_parquet(decided.drop("_passed", "_spend"), store.decisions_table,
-                          order_by="customer_id")
-        campaign_ids = eng.collect(decided.where("in_campaign").select("customer_id"))[
-            "customer_id"].tolist()
-    finally:
-        eng.release(ranked, decided)
-    retention = {"method": "assumed", "campaign_size": depth, "campaign_cost": depth * cost,
-                 "expected_revenue_saved": 0.0, "expected_margin_saved": 0.0,
-                 "max_expected_profit": 0.0, "roi": 0.0,
-                 "retention_rate_used": float(params.retention_rate),
-                 "uplift_rate_used": None, "value_window_days": window,
-                 "eligible_customers": int(eligible), "effect_campaigns": []}
-    run = StrategyRun(customers=None, actions=summary["actions"],
-                      retention=_campaign_summary_of(summary["campaign"], retention,
-                                                     targeted=depth),
-                      profit_curve=curve, retention_effect=pd.DataFrame(),
-                      margin_uplift=pd.DataFrame(),
+            alerts = eng.collect(with_previous.mapInPandas(
+                warn, "customer_id string, rule string, detail string"))
+            alerts = (alerts.assign(_r=alerts["rule"].map(ALERT_RULES.index))
+                      .sort_values(["_r", "customer_id"], kind="stable", ignore_index=True)
+                      .drop(columns="_r"))
+            eng.write_parquet(decided.select(*[f for f in decided.columns
+                                               if not f.startswith("_")]),
+                              store.decisions_table, order_by="customer_id")
+            campaign_ids = eng.collect(decided.where("in_campaign").select("customer_id"))[
+                "customer_id"].tolist()
+        finally:
+            eng.release(*kept)
+    retention = {"method": valuation.method(), "campaign_size": depth,
+                 "campaign_cost": depth * cost, "expected_revenue_saved": 0.0,
+                 "expected_margin_saved": 0.0, "max_expected_profit": 0.0, "roi": 0.0,
+                 **valuation.retention_keys(eligible=eligible, params=params)}
+    retention = _campaign_summary_of(summary["campaign"], retention, targeted=depth)
+    if valuation.hazard is not None:
+        retention["expected_margin_saved_range"] = _saved_range(
+            summary["now"], summary["base"], summary["at_bounds"])
+    run = StrategyRun(customers=None, actions=summary["actions"], retention=retention,
+                      profit_curve=curve, retention_effect=valuation.effect,
+                      margin_uplift=valuation.uplift,
                       guardrails=_guardrail_rows([label for label, _ in GUARDRAIL_STEPS],
                                                  summary["passed"]),
                       alerts=alerts, fairness=fairness)
     return run, campaign_ids
 
 
-def _summaries_on_spark(eng: SparkEngine, decided, *, params: StrategyParams,
-                        window: int) -> dict:
+def _ranked_gains(eng: SparkEngine, valued, v: _Valuation, *, params: StrategyParams,
+                  horizon_days: int, columns: list[str], learned: list[str] | None = None):
+    """Each customer of ``valued`` (a Spark DataFrame of the decision columns, with the RFM
+    summary as ``_s_*`` under a hazard effect, and the learner's features as ``_f_*``
+    when ``learned`` names them) valued by :func:`_contact_rows` where they lie, ranked
+    by gain, best first (ties by id), with the gains' running total ``_cum`` and place
+    ``_place`` (:meth:`SparkEngine.running_sums`; materialised: release it). Also
+    ``_value`` and ``_gain``, and under a hazard effect ``_base``, ``_lo``, ``_hi`` (the
+    value at the effect and at both ends of its interval) and ``_oh``, ``_ow`` (the value
+    over one horizon and over the window, 0 for customers who cannot be contacted)."""
+    from pyspark.sql import functions as fn
+
+    hazard = v.hazard is not None
+
+    def gains(batches):
+        for part in batches:
+            part = part.reset_index(drop=True)
+            c = part[columns]
+            econ = customer_economics(c, horizon_days=horizon_days, params=params)
+            rfm = None
+            if hazard:         # (each customer's RFM summary, as the driver computes it)
+                held = part[["customer_id", *[f"_s_{k}" for k in RFM_SUMMARY_COLUMNS[1:]]]]
+                held = held[held["_s_frequency"].notna()]
+                rfm = summary_of_rows(held.set_axis(list(RFM_SUMMARY_COLUMNS), axis=1)
+                                      ).reindex(c["customer_id"].astype(str).to_numpy())
+            extra = None
+            if learned is not None:
+                features = part[[f"_f_{k}" for k in learned if f"_f_{k}" in part]]
+                extra = v.learner.heterogeneity(features.set_axis(
+                    [k[3:] for k in features.columns], axis=1))
+            rows = _contact_rows(c, econ, v, params=params, horizon_days=horizon_days,
+                                 rfm=rfm, heterogeneity=extra)
+            out = {"customer_id": c["customer_id"], "_value": rows["value"],
+                   "_gain": rows["gain"]}
+            if hazard:
+                active = c["lifecycle_stage"].isin(ACTIVE_STAGES).to_numpy()
+                out.update(_base=rows["base"], _lo=rows["at_bounds"][0],
+                           _hi=rows["at_bounds"][1],
+                           _oh=np.where(active, rows["over_horizon"], 0.0),
+                           _ow=np.where(active, rows["over_window"], 0.0))
+            yield pd.DataFrame(out)
+
+    schema = "customer_id string, _value double, _gain double" + (
+        ", _base double, _lo double, _hi double, _oh double, _ow double" if hazard else "")
+    return eng.running_sums(
+        valued.mapInPandas(gains, schema), [fn.desc("_gain"), fn.asc("customer_id")],
+        {"_cum": fn.when(fn.col("_gain") > float("-inf"), fn.col("_gain")).otherwise(0.0),
+         "_place": fn.lit(1).cast("long")})
+
+
+def _best_depth_on_spark(ranked) -> int:
+    """:func:`best_depth` of the running totals of :func:`_ranked_gains`: the first place
+    where the total over the customers who can be targeted is largest, 0 when it never
+    is above zero."""
+    from pyspark.sql import functions as fn
+
+    finite = ranked.where(fn.col("_gain") > float("-inf"))
+    best = finite.agg(fn.max("_cum")).first()[0]
+    return (int(finite.where(fn.col("_cum") == best).agg(fn.min("_place")).first()[0])
+            if best is not None and best > 0 else 0)
+
+
+def _curve_on_spark(eng: SparkEngine, ranked, depth: int) -> pd.DataFrame:
+    """The profit curve (``depth``, ``cumulative_profit``) at evenly spaced depths over
+    everyone and over the depths the report's chart shows (up to three times the chosen
+    depth, :func:`analysis.plots.plot_profit_curve`), and at the chosen depth."""
+    from pyspark.sql import functions as fn
+
+    n = int(ranked.count())
+    shown = min(n, max(3 * depth, 50))
+    places = np.unique(np.r_[np.linspace(1, n, min(n, CURVE_POINTS)).round(),
+                             np.linspace(1, shown, min(shown, CURVE_POINTS)).round(),
+                             [depth] if depth else []].astype("int64"))
+    return eng.collect(ranked.join(fn.broadcast(eng.session.createDataFrame(
+        pd.DataFrame({"_place": places}))), "_place").select(
+        fn.col("_place").alias("depth"), fn.col("_cum").alias("cumulative_profit"))
+    ).sort_values("depth", ignore_index=True)
+
+
+def _decided_on_spark(eng: SparkEngine, customers, ranked, first, *, as_of: dt.date,
+                      horizon_days: int, params: StrategyParams, depth: int,
+                      columns: list[str], period_days: int, has_previous: bool):
+    """The decision table (:data:`DECISIONS_SCHEMA`) of ``customers`` (with
+    ``_previous_churn`` when ``has_previous``), decided where they lie: their gains and
+    places from ``ranked`` (targeted: placed within ``depth``), their profits per period
+    and per order (the SQL of :func:`period_profits` and :func:`order_profits`), the
+    phase-out review and :func:`_decision_rows`; with ``_passed`` (guardrails passed),
+    ``_spend`` (last year's revenue) and, with ``first`` (the ranking under the hazard
+    effect), ``_base``, ``_lo``, ``_hi``. Materialised: release it."""
+    from pyspark.sql import functions as fn
+
+    history = eng.sql(_period_profits_sql(
+        as_of=as_of, horizon_days=horizon_days, periods=params.phaseout_periods,
+        params=params)).join(eng.sql(_order_profits_sql(as_of=as_of, params=params)),
+                             "customer_id", "full")
+    kept = history.columns[1:]
+    table = (customers
+             .join(ranked.select("customer_id", "_value", "_gain",
+                                 (fn.col("_place") <= depth).alias("_targeted")),
+                   "customer_id", "left")
+             .join(history, "customer_id", "left"))
+    bounds = ["_base", "_lo", "_hi"] if first is not None else []
+    if bounds:
+        table = table.join(first.select("customer_id", *bounds), "customer_id", "left")
+
+    def decide_rows(batches):
+        for part in batches:
+            part = part.reset_index(drop=True)
+            c = part[columns]
+            econ = customer_economics(c, horizon_days=horizon_days, params=params)
+            c = c.assign(potential=growth_potential(c, horizon_days=horizon_days,
+                                                    params=params))
+            gain = part["_gain"].to_numpy(dtype=float)
+            targeting = pd.DataFrame({
+                "customer_id": c["customer_id"], "value_if_retained": part["_value"],
+                "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
+                "targeted": part["_targeted"].fillna(False).astype(bool)})
+            review = phaseout_review(c, econ, part[["customer_id", *kept]], params=params)
+            previous = (part.loc[part["_previous_churn"].notna(),
+                                 ["customer_id", "_previous_churn"]].rename(
+                columns={"_previous_churn": "churn_probability"}) if has_previous else None)
+            out, _ = _decision_rows(
+                c, econ, targeting, review,
+                _policy_inputs(c, econ, targeting, review, params=params),
+                params=params, horizon_days=horizon_days, period_days=period_days,
+                previous=previous)
+            yield out.assign(_passed=guardrails_passed(review)[1],
+                             _spend=c["spend_365d"].to_numpy(dtype=float),
+                             **{b: part[b].to_numpy(dtype=float) for b in bounds})
+
+    return eng.materialise(table.mapInPandas(
+        decide_rows, DECISIONS_SCHEMA + ", _passed long, _spend double"
+        + "".join(f", {b} double" for b in bounds)))
+
+
+def _summaries_on_spark(eng: SparkEngine, decided, *, hazard: bool) -> dict:
     """What :func:`campaign_summary`, :func:`action_summary` and
     :func:`guardrail_effects` need of the decision table ``decided`` (a Spark DataFrame
-    with ``_passed`` and ``_spend``), summed by the executors; a sum with an unknown
-    (null) part is unknown, as :func:`_known_sum` has it."""
+    with ``_passed`` and ``_spend``; under a hazard effect ``_base``, ``_lo``, ``_hi``,
+    whose sums over the campaign give :func:`_saved_range`), summed by the executors; a
+    sum with an unknown (null) part is unknown, as :func:`_known_sum` has it."""
     from pyspark.sql import functions as fn
 
     def known(column):
@@ -1208,12 +1354,14 @@ def _summaries_on_spark(eng: SparkEngine, decided, *, params: StrategyParams,
                ).alias("high_risk"),
         known("ordinary_profit").alias("ordinary_profit"),
         known("total_profit").alias("total_profit"),
-        fn.count(fn.lit(1)).alias("n")).first().asDict()
-    n = int(row.pop("n"))
-    sums = {k: (int(v or 0) if k in ("size", "high_risk") else float(v if v is not None
-                                                                      else 0.0))
-            for k, v in row.items()}
-    sums["period_days"] = window if n else 0
+        fn.max("decision_period_days").alias("period_days"),
+        fn.sum(fn.when(inside, fn.col("expected_uplift"))).alias("now"),
+        *[fn.sum(fn.when(inside, fn.col(b))).alias(b) for b in
+          (("_base", "_lo", "_hi") if hazard else ())]).first().asDict()
+    sums = {k: (int(v or 0) if k in ("size", "high_risk", "period_days")
+                else float(v if v is not None else 0.0)) for k, v in row.items()}
+    found = {"now": sums.pop("now"), "base": sums.pop("_base", 0.0),
+             "at_bounds": [sums.pop("_lo", 0.0), sums.pop("_hi", 0.0)]}
     per_action = eng.collect(decided.groupBy("action").agg(
         fn.count(fn.lit(1)).alias("customers"), known("_spend").alias("revenue_12m"),
         fn.sum("action_cost").alias("action_cost"),
@@ -1224,7 +1372,7 @@ def _summaries_on_spark(eng: SparkEngine, decided, *, params: StrategyParams,
     counts = np.zeros(len(GUARDRAIL_STEPS) + 1, dtype=np.int64)
     counts[passed["_passed"].to_numpy(dtype=int)] = passed["count"].to_numpy()
     return {"campaign": sums, "actions": _largest_actions_first(per_action),
-            "passed": counts}
+            "passed": counts, **found}
 
 
 def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None,
@@ -1233,7 +1381,10 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
     customers, the horizon; for an order log also the models and the scoring date; the
     campaign and the protected attributes from the cleaned inputs, when the data has
     them), decide (:func:`decide` for an order log, :func:`decide_snapshot` for a
-    snapshot), and write the decisions (:func:`write_strategy`)."""
+    snapshot; with ``analysis.engine: spark``, :func:`decide_on_spark`, whose executors
+    write the decisions, unless the models explained only a sample of the customers,
+    whose listed customers are then explained on the driver), and write the decisions
+    (:func:`write_strategy`)."""
     processed_dir = Path(processed_dir)
     store = RunStore(processed_dir)
     clean = processed_dir / "clean"
@@ -1242,19 +1393,25 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
         run = None if skipped_reason(processed_dir) else read_model_run(processed_dir,
                                                                          tables=())
         eng = as_engine(con)
-        if (isinstance(eng, SparkEngine) and not (clean / "campaign.parquet").exists()
-                and run is not None
-                and customers_with_reasons(run.sizes) >= run.sizes["score"]):
-            # the customers stay on the executors (a run with campaigns, or whose
-            # listed customers still need reasons, is decided on the driver, below)
+        campaign = (pd.read_parquet(clean / "campaign.parquet")
+                    if (clean / "campaign.parquet").exists() else None)
+        if (isinstance(eng, SparkEngine) and run is not None
+                and customers_with_reasons(run.sizes) >= run.sizes["score"]
+                and store.profile_table.exists()
+                and store.horizon_days() == run.horizon_days):
+            # the customers stay on the executors (a run whose listed customers still
+            # need reasons, or whose profile has no features at the run's horizon, is
+            # decided on the driver, below)
             decisions, campaign_ids = decide_on_spark(
                 eng, store, as_of=store.scoring_date()
                 or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
-                horizon_days=store.horizon_days(), params=config.strategy,
+                horizon_days=store.horizon_days(), params=config.strategy, campaign=campaign,
                 attributes=(clean / "customers.parquet"
                             if (clean / "customers.parquet").exists() else None),
                 protected=config.protected,
-                previous=RunStore(previous_processed_dir) if previous_processed_dir else None)
+                previous=RunStore(previous_processed_dir) if previous_processed_dir else None,
+                value_model=run.value, churn_model=run.churn,
+                exclude_attributes=config.protected + config.pii)
             write_strategy(decisions, processed_dir, campaign_ids=campaign_ids)
             return decisions
     attributes = (read_columns(clean / "customers.parquet", ["customer_id", *config.protected])
@@ -1266,8 +1423,6 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
                                     params=config.strategy, attributes=attributes,
                                     protected=config.protected, previous=previous)
     else:
-        campaign = (pd.read_parquet(clean / "campaign.parquet")
-                    if (clean / "campaign.parquet").exists() else None)
         exclude = config.protected + config.pii
         # the profile step's features are the scoring features when it used the run's
         # horizon (it always does now; a run from before it may not)
@@ -1391,6 +1546,23 @@ class _Valuation:
         self.learner, self.learner_summary = result, summary
         if result is not None:
             self.to_window = to_window
+
+    def method(self) -> str:
+        """How a contact is valued: ``learned`` (the learner used), ``measured`` (the
+        hazard effect or the margin uplift measured on the campaigns) or ``assumed``."""
+        if self.learner is not None:
+            return "learned"
+        return "measured" if self.hazard is not None or self.uplift_rate is not None \
+            else "assumed"
+
+    def for_rows(self) -> _Valuation:
+        """What :func:`_contact_rows` needs of the valuation, without the campaigns'
+        rows: what Spark sends to each of its tasks."""
+        return dataclasses.replace(
+            self, effect=pd.DataFrame(), uplift=pd.DataFrame(), campaigns=None,
+            hazard=None if self.hazard is None else {
+                k: self.hazard[k] for k in ("bg", "effect", "fit", "window_days")},
+            learner_summary=None)
 
     def retention_keys(self, *, eligible: int, params: StrategyParams) -> dict:
         """What the retention summary says of the valuation, in its order."""

@@ -713,7 +713,10 @@ def hazard_effect_rows(con: Connection, campaign: pd.DataFrame, *,
     summaries = rfm_summaries(eng, calibration_ends=full_window_dates(
         campaign, as_of=as_of, window_days=horizon_days), extra_days=int(window_days),
         in_engine=True)
-    weeks = "s.frequency, s.recency_days / 7.0 AS recency, s.t_days / 7.0 AS T"
+    # (in doubles: Spark divides by a decimal literal in decimals of 6 places, which
+    # moved the fit, the effect and the campaign's value in their sixth digit)
+    weeks = ("s.frequency, CAST(s.recency_days AS DOUBLE) / 7 AS recency, "
+             "CAST(s.t_days AS DOUBLE) / 7 AS T")
     try:
         for date, summary in summaries:
             window = min(int(window_days), (as_of - date).days)
