@@ -6,6 +6,7 @@ import pytest
 
 from analysis import features as F
 from analysis import strategy as S
+from analysis.store import RunStore
 from analysis.uplift import last_coefficient
 
 P = S.StrategyParams()
@@ -421,6 +422,38 @@ def test_the_campaign_file_is_the_retain_actions(tmp_path):
     assert list(campaign.columns) == list(S.CAMPAIGN_COLUMNS)
     assert campaign["incremental_profit"].is_monotonic_decreasing
     assert not campaign["reasons"].str.startswith("=").any()      # neutralised for spreadsheets
+
+
+def test_decisions_the_executors_wrote_as_part_files_are_read_as_one_table(tmp_path):
+    """On a cluster Spark's executors write the decision table as a folder of part files
+    (strategy.decide_on_spark; the run's customers are then None): the campaign file is
+    read from it for the ids given, and read_strategy and the phase-out list read it as
+    the one table."""
+    import dataclasses
+
+    run, _ = _decided_world()
+    out = run.customers.copy()
+    out.loc[out.index[-1], "phaseout_candidate"] = True      # (one on the list, to read)
+    store = RunStore(tmp_path)
+    store.write_profile_table(out[["customer_id"]].assign(churn_probability=0.5,
+                                                           reasons="why"))
+    folder = store.decisions_table
+    folder.mkdir(parents=True)
+    half = len(out) // 2
+    out.iloc[:half].to_parquet(folder / "part-00000.parquet", index=False)
+    out.iloc[half:].to_parquet(folder / "part-00001.parquet", index=False)
+    (folder / "_SUCCESS").write_text("")
+    retain = out.loc[out["action"].str.startswith(S.RETAIN_PREFIX), "customer_id"]
+    assert 0 < len(retain) < len(out)
+    S.write_strategy(dataclasses.replace(run, customers=None), tmp_path,
+                     campaign_ids=retain.tolist())
+    campaign = pd.read_csv(tmp_path / "strategy" / "campaign.csv", dtype={"customer_id": str})
+    assert sorted(campaign["customer_id"]) == sorted(retain)
+    back = S.read_strategy(tmp_path)
+    pd.testing.assert_frame_equal(back.customers, out, check_dtype=False)
+    listed = S.phaseout_list(tmp_path)
+    assert listed["customer_id"].tolist() == out.loc[out["phaseout_candidate"],
+                                                     "customer_id"].tolist() != []
 
 
 def test_the_policy_reads_as_sentences():

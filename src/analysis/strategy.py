@@ -1914,7 +1914,7 @@ def read_strategy(out_dir) -> StrategyRun:
     frames = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in ("actions", "profit_curve", "retention_effect", "margin_uplift",
                            "guardrails", "alerts", "fairness", "customers")
-              if (folder / f"{name}.parquet").is_file()}
+              if (folder / f"{name}.parquet").exists()}    # (or a folder of part files)
     return StrategyRun(retention=json.loads((folder / "retention.json").read_text()), **frames)
 
 
