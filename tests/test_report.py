@@ -585,15 +585,16 @@ def test_the_executors_decide_the_demo_as_the_driver_does(good_run, tmp_path, mo
     RFM summaries kept on the executors) and from the learner's departure (applied to
     the profile's features where they lie), then ranked, decided and written by the
     executors: the same decisions, retention summary (the effect's range among it),
-    actions, guardrails, alerts, fairness audit and campaign as strategy.decide on the
-    same engine's measurements, in 3 ranges as on a cluster. The demo's learner loses
+    actions, guardrails, alerts, fairness audit and campaign as strategy.decide on
+    DuckDB (whose measurements of the campaigns Spark's equal), in 3 ranges as on a
+    cluster. The demo's learner loses
     out of time on its latest campaigns and is then not applied, so here it is made to
     win, to check the values it gives."""
     import shutil
 
     from analysis.config import load_config
     from analysis.engine import spark_session
-    from analysis.features import connect_spark
+    from analysis.features import connect, connect_spark
 
     require_spark()
     folder, config_path, duck, _ = good_run
@@ -626,7 +627,9 @@ def test_the_executors_decide_the_demo_as_the_driver_does(good_run, tmp_path, mo
                   "value_model": models.value, "churn_model": models.churn,
                   "exclude_attributes": config.protected + config.pii}
         attributes = run_dir / "clean" / "customers.parquet"
-        here = strategy.decide(eng, store.read_customers(strategy.DECISION_COLUMNS),
+        # (the driver's decisions on DuckDB: both engines measure the campaigns alike)
+        here = strategy.decide(connect(run_dir / "clean"),
+                               store.read_customers(strategy.DECISION_COLUMNS),
                                attributes=pd.read_parquet(attributes, columns=[
                                    "customer_id", *config.protected]),
                                features=store.read_profile_table(), **kwargs)
