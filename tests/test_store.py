@@ -135,6 +135,21 @@ def test_customer_csv_neutralises_formulas_and_parquet_keeps_them(tmp_path):
 
 
 
+def test_no_ids_read_no_customers(tmp_path):
+    """A list of no customers (a run whose campaign is empty) reads an empty table with
+    the columns asked for, as a list of some does, not pyarrow's error."""
+    store = RunStore(tmp_path)
+    store.write_profile_table(pd.DataFrame({"customer_id": ["c1", "c2"],
+                                            "segment": ["Loyal", "New"]}))
+    store.write_scores(pd.DataFrame({"customer_id": ["c1", "c2"],
+                                     "churn_probability": [0.1, 0.2]}))
+    some = store.read_customers(["customer_id", "segment", "churn_probability"], ids=["c2"])
+    none = store.read_customers(["customer_id", "segment", "churn_probability"], ids=[])
+    assert some["segment"].tolist() == ["New"] and len(none) == 0
+    assert list(none.columns) == list(some.columns)
+    assert dict(none.dtypes) == dict(some.dtypes)
+
+
 def test_a_profile_table_written_as_part_files_is_read_as_one(tmp_path):
     """On a cluster Spark's executors write the profile's table as a folder of part
     files (with Spark's _SUCCESS marker): the store reads it as the one table."""

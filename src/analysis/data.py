@@ -471,13 +471,15 @@ def read_columns(path: str | Path, columns: list[str] | tuple[str, ...] | None =
     """A Parquet file's ``columns`` (those of them it has; all when None): memory on
     large bases, where a reader needs a few of many columns. ``filters``: only the rows
     that pass them (pyarrow's ``(column, op, value)`` triples), in the file's order."""
-    if columns is None:
-        return pd.read_parquet(path, filters=filters)
     import pyarrow.parquet as pq
 
-    present = set(pq.ParquetDataset(path).schema.names)   # (a file, or a folder of parts)
-    return pd.read_parquet(path, columns=[c for c in dict.fromkeys(columns) if c in present],
-                           filters=filters)
+    schema = pq.ParquetDataset(path).schema                 # (a file, or a folder of parts)
+    names = (list(schema.names) if columns is None
+             else [c for c in dict.fromkeys(columns) if c in set(schema.names)])
+    if any(op == "in" and not len(values) for _, op, values in filters or ()):
+        # (no row passes a test against an empty list, which pyarrow cannot type)
+        return schema.empty_table().select(names).to_pandas()
+    return pd.read_parquet(path, columns=None if columns is None else names, filters=filters)
 
 
 #: The optional inputs of an order log, and a snapshot's revenue (an order log's amounts
