@@ -632,7 +632,7 @@ def test_the_executors_decide_the_demo_as_the_driver_does(good_run, tmp_path, mo
                                store.read_customers(strategy.DECISION_COLUMNS),
                                attributes=pd.read_parquet(attributes, columns=[
                                    "customer_id", *config.protected]),
-                               features=store.read_profile_table(), **kwargs)
+                               features=store.read_profile_table, **kwargs)
         for k, v in ranges.items():
             session.conf.set(k, v)
         there, ids = strategy.decide_on_spark(eng, store, attributes=attributes, **kwargs)

@@ -233,10 +233,13 @@ class RunStore:
         """The profile step's table's columns (from its schema)."""
         return list(_schema(self.profile_table).names)
 
-    def read_profile_table(self) -> pd.DataFrame:
+    def read_profile_table(self, columns: list[str] | None = None, *,
+                           ids: list[str] | pd.Series | None = None) -> pd.DataFrame:
         """The profile step's table as it wrote it (features at the scoring date and the
-        segments)."""
-        return pd.read_parquet(self.profile_table)
+        segments): ``columns`` of it (those it has; all when None), of the customers of
+        ``ids`` only when given."""
+        filters = None if ids is None else [("customer_id", "in", [str(i) for i in ids])]
+        return read_columns(self.profile_table, columns, filters=filters)
 
 
 def _schema(path: Path):

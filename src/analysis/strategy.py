@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import json
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -908,6 +909,12 @@ def holm(p_values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the strategy step
 
 
+#: What reads the customers' features at the scoring date (the profile step's table):
+#: ``reader(columns, ids=None)``, the columns (all when None) of the customers of
+#: ``ids`` (all when None), as :meth:`analysis.store.RunStore.read_profile_table`.
+FeatureReader = Callable[..., pd.DataFrame]
+
+
 @dataclass
 class StrategyRun:
     """Everything the strategy step decides (frames, plus the retention summary)."""
@@ -929,7 +936,7 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
            attributes: pd.DataFrame | None = None, protected: tuple[str, ...] = (),
            previous: pd.DataFrame | None = None, value_model=None,
            churn_model=None, exclude_attributes: tuple[str, ...] | None = None,
-           features: pd.DataFrame | None = None) -> StrategyRun:
+           features: pd.DataFrame | FeatureReader | None = None) -> StrategyRun:
     """Economics, retention targeting, phase-out review, actions, warnings and audit.
 
     ``customers`` is the scored customer table (profile + ``churn_probability`` +
@@ -956,7 +963,8 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
     ``retention["uplift_model"]``. The learner never sees ``exclude_attributes`` (the
     protected attributes and PII; default ``protected``), and scores the customers on
     ``features``, their features at ``as_of`` with the run's horizon (the profile step's
-    table; built when not given).
+    table, or a :data:`FeatureReader` of it, which reads only the learner's columns and
+    only when the learner is used; built when not given).
     """
     c = customers.reset_index(drop=True)
     econ = customer_economics(c, horizon_days=horizon_days, params=params)
@@ -981,11 +989,13 @@ def decide(con: Connection, customers: pd.DataFrame, *, as_of: dt.date,
                         exclude=exclude, value_model=value_model, churn_model=churn_model,
                         depth_share=retention["campaign_size"] / max(int(active.sum()), 1))
         if valuation.learner is not None:
-            if features is None:
-                features = build_features(con, cutoff=as_of, horizon_days=horizon_days,
-                                          labels=False, exclude_attributes=exclude)
-            extra = valuation.learner.heterogeneity(features).set_axis(
-                features["customer_id"].to_numpy())
+            now = (features(["customer_id", *valuation.learner.columns])
+                   if callable(features) else features)
+            if now is None:
+                now = build_features(con, cutoff=as_of, horizon_days=horizon_days,
+                                     labels=False, exclude_attributes=exclude)
+            extra = valuation.learner.heterogeneity(now).set_axis(
+                now["customer_id"].to_numpy())
             rows = _contact_rows(c, econ, valuation, params=params, horizon_days=horizon_days,
                                  rfm=rfm, heterogeneity=c["customer_id"].map(extra))
             targeting, retention = _rank_gains(c, rows, params=params)
@@ -1425,10 +1435,11 @@ def strategy_step(config, processed_dir: str | Path, *, as_of: str | None = None
     else:
         exclude = config.protected + config.pii
         # the profile step's features are the scoring features when it used the run's
-        # horizon (it always does now; a run from before it may not)
-        features = (store.read_profile_table()
+        # horizon (it always does now; a run from before it may not): read when needed,
+        # the columns and customers needed (a large base's table has dozens of columns)
+        features = (store.read_profile_table
                     if run is not None and store.horizon_days() == run.horizon_days
-                    and store.profile_table.is_file() else None)
+                    and store.profile_table.exists() else None)
         decisions = decide(con, store.read_customers(DECISION_COLUMNS),
                            as_of=store.scoring_date()
                            or resolve_as_of(con, as_of=as_of or config.analysis.as_of),
@@ -1471,7 +1482,8 @@ def needs_value_reasons(customers: pd.DataFrame) -> pd.Series:
 
 
 def _explain_listed(con: Connection, decided: pd.DataFrame, store: RunStore,
-                    run, *, features: pd.DataFrame | None, exclude: tuple[str, ...]
+                    run, *, features: pd.DataFrame | FeatureReader | None,
+                    exclude: tuple[str, ...]
                     ) -> pd.DataFrame:
     """The decisions with ``reasons`` for every customer who :func:`needs_reasons` and
     ``value_reasons`` for every one who :func:`needs_value_reasons` (exact,
@@ -1493,7 +1505,8 @@ def _explain_listed(con: Connection, decided: pd.DataFrame, store: RunStore,
                                   exclude_attributes=exclude)
     out = both[["customer_id", "reasons", "value_reasons"]].set_index("customer_id")
     for ids, churn in ((churn_ids, True), (value_ids, False)):
-        rows = features[features["customer_id"].isin(ids)].reset_index(drop=True)
+        rows = (features(None, ids=sorted(ids)) if callable(features)
+                else features[features["customer_id"].isin(ids)]).reset_index(drop=True)
         found = explain_customers(run, rows, churn=churn, value=not churn).rename(
             columns={"churn_reasons": "reasons"})
         out.update(found.set_index("customer_id"))
