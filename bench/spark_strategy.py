@@ -63,7 +63,7 @@ def one(pdir: str, mode: str, master: str, out: str) -> dict:
         decided = S.decide(con, store.read_customers(S.DECISION_COLUMNS),
                            attributes=pd.read_parquet(clean / "customers.parquet", columns=[
                                "customer_id", *config.protected]),
-                           features=store.read_profile_table(), **kwargs)
+                           features=store.read_profile_table, **kwargs)
         S.write_strategy(decided, run_dir)
     seconds = time.perf_counter() - start
     if session is not None:
@@ -77,15 +77,17 @@ def one(pdir: str, mode: str, master: str, out: str) -> dict:
 
 
 def equal(a: pd.DataFrame, b: pd.DataFrame) -> bool:
-    """The same decision table: texts exactly, numbers to 1e-9."""
-    same = list(a.columns) == list(b.columns) and a["customer_id"].astype(str).equals(
-        b["customer_id"].astype(str))
+    """The same decision table: texts and flags exactly (a missing text is not an empty
+    one), numbers to 1e-9."""
+    def values(column: pd.Series) -> list:
+        return column.astype(object).where(column.notna(), None).tolist()
+
+    same = list(a.columns) == list(b.columns) and len(a) == len(b)
     for c in a.columns if same else ():
         if a[c].dtype.kind == "f":
             same &= bool(np.allclose(a[c], b[c], rtol=1e-9, atol=1e-9, equal_nan=True))
         else:
-            same &= bool(a[c].astype(object).fillna("").astype(str).equals(
-                b[c].astype(object).fillna("").astype(str)))
+            same &= values(a[c]) == values(b[c])
     return same
 
 

@@ -894,7 +894,9 @@ def test_the_executors_decide_as_the_driver_does(session, tmp_path):
     params = config.strategy.model_copy(update={"cost_per_order": 8.0})
     protected = ("gender", "band")
     store, previous = runs["now"], runs["before"]
-    here = T.decide(duck, store.read_customers(T.DECISION_COLUMNS), as_of=as_of,
+    # (the driver's decide on Spark's SQL: a run whose models explained a sample decides
+    # so on Spark)
+    here = T.decide(eng, store.read_customers(T.DECISION_COLUMNS), as_of=as_of,
                     horizon_days=horizon, params=params, attributes=attributes,
                     protected=protected,
                     previous=previous.read_customers(["customer_id", "churn_probability"]))

@@ -450,7 +450,10 @@ def test_decisions_the_executors_wrote_as_part_files_are_read_as_one_table(tmp_p
     campaign = pd.read_csv(tmp_path / "strategy" / "campaign.csv", dtype={"customer_id": str})
     assert sorted(campaign["customer_id"]) == sorted(retain)
     back = S.read_strategy(tmp_path)
+    # (texts come back as pandas' strings; numbers and flags keep their types)
     pd.testing.assert_frame_equal(back.customers, out, check_dtype=False)
+    kept = out.select_dtypes(["number", "bool"]).columns
+    assert len(kept) > 10 and (back.customers.dtypes[kept] == out.dtypes[kept]).all()
     listed = S.phaseout_list(tmp_path)
     assert listed["customer_id"].tolist() == out.loc[out["phaseout_candidate"],
                                                      "customer_id"].tolist() != []
