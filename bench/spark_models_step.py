@@ -15,13 +15,15 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from analysis.bench import in_own_process
+from analysis.memory import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +48,7 @@ def one(source: str, engine: str, n_cutoffs: int, master: str, folder: str) -> d
     result = M.churn_step(config, run)
     seconds = time.perf_counter() - start
     return {"engine": engine, "seconds": round(seconds, 1),
-            "python_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                     / 1024),
+            "python_peak_mib": round(peak_rss_mb(resource.RUSAGE_SELF)),
             "trained_with": result.churn.trained_with_, "sizes": result.sizes,
             "churn_chosen": result.churn_chosen, "value_chosen": result.value_chosen,
             "churn_auc_active": round(float(result.churn_metrics_active.set_index("method")
@@ -70,12 +71,8 @@ if __name__ == "__main__":
     tmp = tempfile.mkdtemp(dir=ROOT / "bench" / "out")
     try:
         for engine in ("duckdb", "spark"):
-            done = subprocess.run([sys.executable, __file__, "--one", source, engine,
-                                   str(n_cutoffs), master, str(Path(tmp) / engine)],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(done.stderr[-3000:])
-            result[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+            result[engine] = in_own_process(__file__, source, engine, n_cutoffs, master,
+                                            Path(tmp) / engine)
         import pandas as pd
 
         scores = [pd.read_parquet(Path(tmp) / e / "models" / "scores.parquet")

@@ -11,7 +11,6 @@ customers, equal or not); copy it to ``bench/results/`` with a note.
 """
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+
+from analysis.bench import in_own_process
+from analysis.memory import peak_rss_mb
 
 SUMMARIES = ("segments", "tiers", "lifecycle", "clusters", "cohorts", "pareto")
 
@@ -52,8 +54,7 @@ def profile(run: Path, engine: str, out: Path, master: str) -> dict:
     for name in SUMMARIES:
         getattr(made, name).to_parquet(out / f"{name}.parquet", index=False)
     return {"seconds": seconds,
-            "python_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                     / 1024),
+            "python_peak_mib": round(peak_rss_mb(resource.RUSAGE_SELF)),
             "customers": made.n_customers}
 
 
@@ -72,18 +73,16 @@ def agree(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return True
 
 
-if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[2] in ("duckdb", "spark"):
-    print(json.dumps(profile(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]),
-                             sys.argv[4])))
+if __name__ == "__main__" and sys.argv[1] == "--one":
+    print(json.dumps(profile(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]),
+                             sys.argv[5])))
 elif __name__ == "__main__":
     run = Path(sys.argv[1])
     master = sys.argv[2] if len(sys.argv) > 2 else "local[*]"
     out = Path(tempfile.mkdtemp(prefix="spark-profile-"))
     result = {"run": str(run), "master": master}
     for engine in ("duckdb", "spark"):
-        done = subprocess.run([sys.executable, __file__, str(run), engine, str(out / engine),
-                               master], capture_output=True, text=True, check=True)
-        result[engine] = json.loads(done.stdout.strip().splitlines()[-1])
+        result[engine] = in_own_process(__file__, run, engine, out / engine, master)
     equal = {}
     for name in ("customers", *SUMMARIES):
         # (read through Arrow: a Spark-written table's text as pandas' strings)

@@ -13,7 +13,6 @@ Prints one JSON object; copy it to ``bench/results/`` with a note.
 """
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from analysis.bench import in_own_process
+from analysis.memory import peak_rss_mb
 
 
 def one(pdir: str, mode: str, master: str, out: str) -> dict:
@@ -58,8 +60,7 @@ def one(pdir: str, mode: str, master: str, out: str) -> dict:
     seconds = time.perf_counter() - start
     session.stop()
     return {"seconds": round(seconds, 1),
-            "python_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                     / 1024),
+            "python_peak_mib": round(peak_rss_mb(resource.RUSAGE_SELF)),
             "value_method": run.value_chosen, "churn_method": run.churn_chosen}
 
 
@@ -72,10 +73,8 @@ if __name__ == "__main__":
     result: dict = {"run": pdir, "master": master}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("executors", "driver"):
-            out = str(Path(tmp) / f"{mode}.parquet")
-            done = subprocess.run([sys.executable, __file__, "--one", pdir, mode, master, out],
-                                  capture_output=True, text=True, check=True)
-            result[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            result[mode] = in_own_process(__file__, pdir, mode, master,
+                                          Path(tmp) / f"{mode}.parquet")
         a, b = (pd.read_parquet(Path(tmp) / f"{m}.parquet") for m in ("executors", "driver"))
         result["customers"] = len(a)
         b = b.astype({c: a[c].dtype for c in a.columns})

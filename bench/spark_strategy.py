@@ -13,7 +13,6 @@ Prints one JSON object; copy it to ``bench/results/`` with a note.
 """
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from analysis.bench import in_own_process
+from analysis.memory import peak_rss_mb
 
 MODES = ("executors", "spark-driver", "duckdb")
 
@@ -69,8 +71,7 @@ def one(pdir: str, mode: str, master: str, out: str) -> dict:
     if session is not None:
         session.stop()
     return {"seconds": round(seconds, 1),
-            "python_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                     / 1024),
+            "python_peak_mib": round(peak_rss_mb(resource.RUSAGE_SELF)),
             "method": decided.retention["method"],
             "campaign_size": decided.retention["campaign_size"],
             "expected_incremental_profit": decided.retention["expected_incremental_profit"]}
@@ -100,11 +101,7 @@ if __name__ == "__main__":
     result: dict = {"run": pdir, "master": master}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
-            done = subprocess.run([sys.executable, __file__, "--one", pdir, mode, master,
-                                   str(Path(tmp) / mode)], capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
-            result[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            result[mode] = in_own_process(__file__, pdir, mode, master, Path(tmp) / mode)
         tables = {m: pd.read_parquet(Path(tmp) / m / "strategy" / "customers.parquet")
                   for m in MODES}
         result["customers"] = len(tables["executors"])

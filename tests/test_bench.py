@@ -1,6 +1,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from analysis.bench import BENCH_CUTOFF, bench_features, render_results
 from analysis.features import LINE_INPUTS, build_features, connect
@@ -152,3 +153,25 @@ def test_stage_breakdown_is_rendered_side_by_side_with_nested_steps(tmp_path):
     start = rows.index("| fit_and_evaluate")
     assert set(rows[start + 1:start + 3]) == {"| &nbsp;&nbsp;&nbsp;&nbsp;build_snapshots",
                                               "| &nbsp;&nbsp;&nbsp;&nbsp;snapshots_by_cutoff"}
+
+
+def test_a_way_measured_in_its_own_process_gives_its_json_or_a_clear_stop(tmp_path):
+    """bench.in_own_process: ``python SCRIPT --one ARGS`` in a fresh process, its last
+    printed line read as JSON; a failure stops with the script's name and error."""
+    import os
+
+    from analysis.bench import in_own_process
+    from analysis.errors import AnalysisError
+
+    script = tmp_path / "way.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "print('noise first')\n"
+        "if sys.argv[2] == 'bad':\n"
+        "    raise SystemExit('the way broke')\n"
+        "print(json.dumps({'args': sys.argv[1:], 'pid': os.getpid()}))\n")
+    got = in_own_process(script, "good", 3, tmp_path / "out")
+    assert got["args"] == ["--one", "good", "3", str(tmp_path / "out")]
+    assert got["pid"] != os.getpid()
+    with pytest.raises(AnalysisError, match=r"way\.py --one bad failed:\n.*the way broke"):
+        in_own_process(script, "bad")

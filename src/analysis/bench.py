@@ -54,7 +54,7 @@ from analysis.segments import ACTIVE_STAGES
 from analysis.strategy import RETAIN_PREFIX
 
 __all__ = ["StepProfile", "bench_cdnow", "bench_features", "bench_stages", "bench_strategy",
-           "render_results"]
+           "render_results", "in_own_process"]
 
 LINES_PER_CUSTOMER = 17.4  # what the demo world produces on average (measured)
 BENCH_CUTOFF = dt.date(2025, 7, 1)
@@ -184,6 +184,18 @@ def _scan_bound(data_dir: Path, columns: tuple[str, ...] | None = None) -> np.nd
 #: the order id they group by, nor category, channel and margin): measured beside the
 #: floor for comparison with the earlier results.
 FOUR_COLUMN_FLOOR = ("customer_id", "order_date", "amount", "status")
+
+
+def in_own_process(script: str | Path, *args: object) -> dict:
+    """What a benchmark script measures of one way in a fresh Python process (so that its
+    peak memory is its own): ``python SCRIPT --one ARGS``, whose last line printed is a
+    JSON object; a clear stop with the tail of its error when it fails."""
+    done = subprocess.run([sys.executable, str(script), "--one", *map(str, args)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise AnalysisError(f"{Path(script).name} --one {' '.join(map(str, args))} failed:\n"
+                            f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _run_in_child(name: str, *, data_dir: Path, out: Path, memory_limit: str | None

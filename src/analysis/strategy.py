@@ -1091,12 +1091,6 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
     with_previous = customers if held is None else customers.join(held, "customer_id", "left")
     has_previous = held is not None      # (the functions the executors run hold no frame)
 
-    def previous_of(part: pd.DataFrame) -> pd.DataFrame | None:
-        if not has_previous:
-            return None
-        return part.loc[part["_previous_churn"].notna(), ["customer_id", "_previous_churn"]
-                        ].rename(columns={"_previous_churn": "churn_probability"})
-
     kept, summaries = [], []      # what stays on the executors until the step ends
     with contextlib.ExitStack() as stack:
         def bg_fit():
@@ -1172,7 +1166,8 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
                     # (texts as objects: pandas' own strings, concatenated, are chunked
                     # arrays, which Spark's Arrow batches do not take)
                     yield early_warnings(part[columns], params=params,
-                                         previous=previous_of(part)).astype(object)
+                                         previous=_previous_of(part, has_previous)
+                                         ).astype(object)
 
             alerts = eng.collect(with_previous.mapInPandas(
                 warn, "customer_id string, rule string, detail string"))
@@ -1201,6 +1196,16 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
                                                  summary["passed"]),
                       alerts=alerts, fairness=fairness)
     return run, campaign_ids
+
+
+def _previous_of(part: pd.DataFrame, has_previous: bool) -> pd.DataFrame | None:
+    """The previous run's churn probabilities of a part of the customers (joined as
+    ``_previous_churn``), as :func:`early_warnings` takes them; None without a previous
+    run."""
+    if not has_previous:
+        return None
+    return part.loc[part["_previous_churn"].notna(), ["customer_id", "_previous_churn"]
+                    ].rename(columns={"_previous_churn": "churn_probability"})
 
 
 def _ranked_gains(eng: SparkEngine, valued, v: _Valuation, *, params: StrategyParams,
@@ -1321,14 +1326,11 @@ def _decided_on_spark(eng: SparkEngine, customers, ranked, first, *, as_of: dt.d
                 "retention_gain": np.where(np.isfinite(gain), gain, np.nan),
                 "targeted": part["_targeted"].fillna(False).astype(bool)})
             review = phaseout_review(c, econ, part[["customer_id", *kept]], params=params)
-            previous = (part.loc[part["_previous_churn"].notna(),
-                                 ["customer_id", "_previous_churn"]].rename(
-                columns={"_previous_churn": "churn_probability"}) if has_previous else None)
             out, _ = _decision_rows(
                 c, econ, targeting, review,
                 _policy_inputs(c, econ, targeting, review, params=params),
                 params=params, horizon_days=horizon_days, period_days=period_days,
-                previous=previous)
+                previous=_previous_of(part, has_previous))
             yield out.assign(_passed=guardrails_passed(review)[1],
                              _spend=c["spend_365d"].to_numpy(dtype=float),
                              **{b: part[b].to_numpy(dtype=float) for b in bounds})
