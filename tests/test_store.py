@@ -167,3 +167,77 @@ def test_a_profile_table_written_as_part_files_is_read_as_one(tmp_path):
     out = store.read_customers(["segment", "churn_probability"])
     assert out.to_dict("list") == {"segment": ["Loyal", "New", "Lost"],
                                    "churn_probability": [0.1, 0.2, 0.3]}
+
+
+def _store_in_parts(folder, n=23):
+    """A run store whose later steps' tables are in other orders than the profile's, the
+    decisions in part files (as Spark's executors write them): categories and texts,
+    missing values, ties, a customer with no score, a text a spreadsheet would run."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    ids = [f"c{i:02d}" for i in rng.permutation(n)]
+    store = RunStore(folder)
+    store.write_profile_table(pd.DataFrame({
+        "customer_id": ids,
+        "segment": pd.Categorical(rng.choice(["Loyal", "New", "=Lost"], n)),
+        "spend_365d": rng.integers(0, 4, n).astype(float),
+        "active": rng.random(n) < 0.5}))
+    scored = [i for i in ids if i != ids[4]][::-1]
+    store.write_scores(pd.DataFrame({
+        "customer_id": scored, "churn_probability": rng.choice([0.1, 0.5, np.nan], len(scored)),
+        "churn_reasons": [f"why {i}" if k % 3 else None for k, i in enumerate(scored)]}))
+    decided = pd.DataFrame({
+        "customer_id": sorted(ids), "action": rng.choice(["Retain", "Grow", "Win back"], n),
+        "incremental_profit": rng.choice([0.0, 1.0, 2.5, np.nan], n)})
+    store.decisions_table.mkdir(parents=True)
+    for k, part in enumerate((decided.iloc[12:], decided.iloc[:12])):
+        part.to_parquet(store.decisions_table / f"part-{k:05d}.parquet", index=False)
+    return store
+
+
+def test_the_table_streamed_in_parts_is_the_table_read_whole(tmp_path):
+    """Streamed a few customers at a time, joined by DuckDB, the table is what
+    read_customers reads (the same rows in the same order, values and types); a list
+    filtered and sorted largest first, missing last, ties in the profile's order, is the
+    pandas sort of it."""
+    store = _store_in_parts(tmp_path)
+    whole = store.read_customers()
+    parts = list(store.stream(rows=5))
+    assert len(parts) == 5 and max(len(p) for p in parts) == 5
+    assert all(p.dtypes.equals(whole.dtypes) for p in parts)
+    pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+    some = ["customer_id", "incremental_profit", "reasons", "segment"]
+    for action in ("Retain", "Grow", "Nowhere"):
+        listed = pd.concat(store.stream(some, where=("action", action), rows=4,
+                                        largest_first=("incremental_profit", "churn_probability")),
+                           ignore_index=True)
+        expected = whole[whole["action"] == action].sort_values(
+            ["incremental_profit", "churn_probability"], ascending=False, kind="stable")
+        pd.testing.assert_frame_equal(listed, expected[some].reset_index(drop=True))
+    assert store.known("reasons") == whole["reasons"].notna().sum() > 0
+    assert store.known("no_such_column") == 0
+
+
+def test_the_export_streamed_is_the_export_written_whole(tmp_path, monkeypatch):
+    """customers.csv written a part at a time is, to the byte, write_csv of the whole
+    table (header once, formulas neutralised), and customers.parquet reads back as it."""
+    from analysis import data
+    from analysis import store as store_module
+
+    store = _store_in_parts(tmp_path)
+    whole = store.read_customers()
+    data.write_csv(tmp_path / "whole.csv", whole)
+    monkeypatch.setattr(store_module, "STREAM_ROWS", 4)       # (6 parts)
+    written = store.export_customers()
+    assert written["customers_csv"].read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert "'=Lost" in written["customers_csv"].read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(written["customers"]), whole)
+
+
+def test_a_later_step_holding_a_customer_twice_stops_the_stream(tmp_path):
+    store = _store_in_parts(tmp_path)
+    twice = pd.read_parquet(store.decisions_table).iloc[[0, 0]]
+    twice.to_parquet(store.decisions_table / "part-00009.parquet", index=False)
+    with pytest.raises(ValueError, match="1 customers have more than one row"):
+        list(store.stream())

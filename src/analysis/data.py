@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -51,6 +52,7 @@ __all__ = [
     "read_columns",
     "write_atomically",
     "write_csv",
+    "write_csv_frames",
     "write_processed",
 ]
 
@@ -1339,14 +1341,34 @@ def write_csv(path: str | Path, frame: pd.DataFrame, **to_csv) -> Path:
     is quoted; with bare newlines it would end the row). ``to_csv`` options go to
     :meth:`pandas.DataFrame.to_csv`.
 
-    Every CSV a run writes for people goes through here; Parquet files keep the values
-    as they are.
+    Every CSV a run writes for people goes through here (or :func:`write_csv_frames`);
+    Parquet files keep the values as they are.
     """
+    return write_csv_frames(path, [frame], **to_csv)
+
+
+def write_csv_frames(path: str | Path, frames: Iterable[pd.DataFrame], **to_csv) -> Path:
+    """:func:`write_csv` of a table that comes in parts (``frames``, with the same
+    columns; a large table streamed, :meth:`analysis.store.RunStore.stream`): the same
+    bytes as :func:`write_csv` of the parts put together, the header once, with only one
+    part in memory at a time. ``frames`` must hold at least one frame (an empty one for
+    a header alone)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as out:
+            for i, frame in enumerate(frames):
+                _append_csv(out, frame, header=i == 0, **to_csv)
+    return write_atomically(path, write)
+
+
+def _append_csv(out, frame: pd.DataFrame, *, header: bool, **to_csv) -> None:
+    """``frame``'s rows (after the header, when ``header``) appended to the open binary
+    file ``out``, as :func:`write_csv` writes them."""
     safe = neutralise_csv_cells(frame)
     if not to_csv and (table := _csv_ready(safe)) is not None:
-        return write_atomically(path, lambda tmp: _copy_csv(table, tmp))
+        _copy_csv(table, out, header=header)
+        return
     options = {"index": False, "lineterminator": "\r\n", **to_csv}
-    return write_atomically(path, lambda tmp: safe.to_csv(tmp, **options))
+    safe.to_csv(out, header=header, **options)
 
 
 def _csv_ready(frame: pd.DataFrame) -> pd.DataFrame | None:
@@ -1392,20 +1414,36 @@ def _csv_ready(frame: pd.DataFrame) -> pd.DataFrame | None:
     return out
 
 
-def _copy_csv(frame: pd.DataFrame, path: str | Path) -> None:
-    """``frame`` (from :func:`_csv_ready`) written as CSV by DuckDB: a header, quotes
-    only where needed, lines ending in CRLF, rows in the frame's order."""
+def _copy_csv(frame: pd.DataFrame, out, *, header: bool = True) -> None:
+    """``frame`` (from :func:`_csv_ready`) written as CSV by DuckDB and appended to the
+    open binary file ``out``: a header when ``header``, quotes only where needed, lines
+    ending in CRLF, rows in the frame's order."""
     import duckdb
 
+    fd, tmp = tempfile.mkstemp(dir=Path(out.name).parent, prefix=".csv-part.",
+                               suffix=".tmp")
+    os.close(fd)
     # one thread: with two, DuckDB buffered about 1.1 GB more for a million customers'
     # table, in the same time (9.4 s against 10.4 s)
     con = duckdb.connect(config={"threads": 1})
     try:
         con.register("_csv_frame", frame)
-        con.execute(f"COPY _csv_frame TO '{str(path).replace(chr(39), chr(39) * 2)}' "
-                    "(FORMAT csv, HEADER, NEW_LINE '\r\n')")
+        con.execute(f"COPY _csv_frame TO '{tmp.replace(chr(39), chr(39) * 2)}' "
+                    f"(FORMAT csv, HEADER {str(header).lower()}, NEW_LINE '\r\n')")
+        with open(tmp, "rb") as part:
+            shutil.copyfileobj(part, out, 1 << 20)
     finally:
         con.close()
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def write_atomically(path: str | Path, write) -> Path:
@@ -1416,6 +1454,8 @@ def write_atomically(path: str | Path, write) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        # (mkstemp's file is its owner's alone: give it a new file's permissions)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -77,11 +77,12 @@ LIST_COLUMNS = ("customer_id", "action", "action_reason", "reasons", "churn_prob
                 "lifecycle_stage", "value_tier", "segment", "top_channel", "predicted_value",
                 "expected_next_order", "predicted_clv", "incremental_profit")
 
-#: The customer columns the executive page reads (a large base's table has dozens more).
+#: The customer columns the executive page reads for every customer (a large base's table
+#: has dozens more; the texts, reasons in words, are read for the customers it lists).
 PAGE_COLUMNS = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name",
                 "frequency", "spend_90d", "spend_365d", "churn_probability", "predicted_value",
-                "reasons", "action", "expected_revenue", "cost_to_serve", "expected_profit",
-                "phaseout_candidate", "phaseout_reasons", "spend_last_horizon",
+                "action", "expected_revenue", "cost_to_serve", "expected_profit",
+                "phaseout_candidate", "spend_last_horizon",
                 # snapshot mode
                 "churn", "revenue_month", "remaining_value", "remaining_months",
                 "tenure_months", "expected_next_order", "predicted_clv"]
@@ -165,7 +166,7 @@ def load_page(config_path: str | Path, processed_dir: str | Path, *, run_id: str
         quality=json.loads((processed_dir / "data_quality.json").read_text()),
         profile=segments.read_profile(processed_dir, with_customers=False),
         customers=RunStore(processed_dir).read_customers(PAGE_COLUMNS),
-        decisions=strategy.read_strategy(processed_dir),
+        decisions=strategy.read_strategy(processed_dir, customers=False),
         horizon=RunStore(processed_dir).horizon_days(), skipped=skipped,
         fallback=models.label_free_fallback(processed_dir),
         inputs=data.available_inputs(processed_dir), run=run)
@@ -785,10 +786,9 @@ def churn(page: Page) -> list[Block]:
                       "one of them, with their action, is in the lists below):",
                       who="most valuable customers" if page.revenue_known
                       else "customers most"),
-            html_table(valuable[["customer_id", "segment"] + [spend] * page.revenue_known
-                                + ["churn_probability", "reasons"]].merge(
-                page.decisions.customers[["customer_id", "action"]], on="customer_id",
-                how="left"),
+            html_table(_with_texts(page, valuable, ["customer_id", "segment"]
+                                   + [spend] * page.revenue_known
+                                   + ["churn_probability", "reasons", "action"]),
                 formats={spend: ",.0f", "churn_probability": ".0%"},
                 labels={"customer_id": "Customer", "segment": "Segment",
                         spend: _money_label("Monthly revenue" if page.snapshot
@@ -1079,11 +1079,20 @@ def _learned_sentence(summary: dict | None, page: Page) -> str:
     return "".join(out)
 
 
+def _with_texts(page: Page, rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``columns`` of ``rows`` (a few customers a table shows), those the page does not
+    hold (texts: it reads none for everyone) read from the run store for them alone."""
+    texts = [c for c in columns if c not in rows]
+    if not texts:
+        return rows[columns]
+    read = RunStore(page.processed_dir).read_customers(["customer_id", *texts],
+                                                       ids=rows["customer_id"])
+    return rows.merge(read, on="customer_id", how="left")[columns]
+
+
 def segment_by_action(page: Page) -> pd.DataFrame:
     """Customers per segment (rows) and action (columns)."""
-    joined = page.customers[["customer_id", "segment"]].merge(
-        page.decisions.customers[["customer_id", "action"]], on="customer_id")
-    table = pd.crosstab(joined["segment"], joined["action"])
+    table = pd.crosstab(page.customers["segment"], page.customers["action"])
     table.columns.name = None
     return table.rename_axis("Segment")
 
@@ -1091,7 +1100,7 @@ def segment_by_action(page: Page) -> pd.DataFrame:
 def phaseout(page: Page) -> list[Block]:
     """Section 7: the phase-out review with its guardrails, and the fairness audit."""
     d, cfg = page.decisions, page.config
-    listed = d.customers[d.customers["phaseout_candidate"]]
+    listed = page.customers[page.customers["phaseout_candidate"].fillna(False).astype(bool)]
     g = d.guardrails
     single = int(g["customers_remaining"].iloc[0])
     out: list[Block] = [heading("7. Phase-out review")]
@@ -1122,8 +1131,9 @@ def phaseout(page: Page) -> list[Block]:
         "step": "Guardrail", "customers_remaining": "Customers still on the list",
         "kept_off": "Kept off by this step"}))
     if not page.snapshot:
-        out.append(html_table(listed[["customer_id", "expected_profit", "phaseout_reasons"]]
-                              .head(10), formats={"expected_profit": ",.2f"},
+        out.append(html_table(_with_texts(page, listed.head(10), [
+                                  "customer_id", "expected_profit", "phaseout_reasons"]),
+                              formats={"expected_profit": ",.2f"},
                               labels={"customer_id": "Customer",
                                       "expected_profit": _money_label("Expected profit", page),
                                       "phaseout_reasons": "Reasons"}))
@@ -1458,10 +1468,13 @@ def list_name(action: str) -> str:
     return f"{slug}.csv"
 
 
-def write_lists(processed_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+def write_lists(processed_dir: str | Path, out_dir: str | Path, *,
+                memory_limit: str | None = None) -> dict[str, int]:
     """One CSV per action (its customers, best expected extra profit first, then highest
     churn risk) and ``alerts.csv`` (every early warning with the rule that fired and the
-    customer's action), written for spreadsheets (:func:`analysis.data.write_csv`).
+    customer's action), written for spreadsheets (:func:`analysis.data.write_csv`). Each
+    list is streamed from the run store (:meth:`RunStore.stream`, DuckDB within
+    ``memory_limit``), so no list is held whole, whatever the number of customers.
 
     Returns
     -------
@@ -1469,20 +1482,26 @@ def write_lists(processed_dir: str | Path, out_dir: str | Path) -> dict[str, int
         File name -> rows.
     """
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
-    decided = strategy.read_strategy(processed_dir)
-    customers = RunStore(processed_dir).read_customers([
-        c for c in LIST_COLUMNS if c not in {"action", "action_reason", "incremental_profit"}])
-    table = customers.merge(decided.customers[["customer_id", "action", "action_reason",
-                                               "incremental_profit"]], on="customer_id")
-    columns = [c for c in LIST_COLUMNS if c in table]
+    store = RunStore(processed_dir)
+    columns = store.wanted(LIST_COLUMNS)
+    acts = pd.read_parquet(processed_dir / "strategy" / "actions.parquet",
+                           columns=["action", "customers"])
     written = {}
-    for action, rows in table.groupby("action", sort=True):
-        rows = rows.sort_values(["incremental_profit", "churn_probability"],
-                                ascending=False, kind="stable")[columns]
-        data.write_csv(out_dir / list_name(str(action)), rows)
-        written[list_name(str(action))] = len(rows)
-    alerts = decided.alerts.merge(table[["customer_id", "action"]], on="customer_id",
-                                  how="left")
+    for action in sorted(acts.loc[acts["customers"] > 0, "action"].astype(str)):
+        counted = []
+
+        def frames(action=action, counted=counted):
+            for frame in store.stream(columns, where=("action", action),
+                                      largest_first=("incremental_profit", "churn_probability"),
+                                      memory_limit=memory_limit):
+                counted.append(len(frame))
+                yield frame
+        data.write_csv_frames(out_dir / list_name(action), frames())
+        written[list_name(action)] = sum(counted)
+    alerts = pd.read_parquet(processed_dir / "strategy" / "alerts.parquet")
+    alerts = alerts.merge(store.read_customers(["customer_id", "action"],
+                                               ids=alerts["customer_id"].unique()),
+                          on="customer_id", how="left")
     data.write_csv(out_dir / "alerts.csv", alerts)
     written["alerts.csv"] = len(alerts)
     return written
@@ -1515,7 +1534,7 @@ def _whose_reasons(page: Page) -> list[Block]:
     sizes = getattr(page.run, "sizes", None) or {}
     if models.customers_with_reasons(sizes) >= sizes.get("score", 0):
         return []
-    n = int(page.customers["reasons"].notna().sum()) if "reasons" in page.customers else 0
+    n = RunStore(page.processed_dir).known("reasons")
     return [paragraph(
         "Reasons in words are given for {n:,} of the {total:,} customers: everyone a person "
         "reads about (the retention, win-back and phase-out review lists, early warnings, the "

@@ -192,9 +192,12 @@ def _build_and_publish(config: Config, config_path: str | Path, *, run_id: str,
                 if name == notebooks[-1]:
                     # every step has written its table: the customer table people read, once
                     start = time.perf_counter()
-                    RunStore(tmp_processed).export_customers()
+                    # (streamed by DuckDB within its share of the stage's memory, so
+                    # that no number of customers is held whole, on either engine)
+                    limit = config.analysis.duckdb_memory_limit
+                    RunStore(tmp_processed).export_customers(memory_limit=limit)
                     # the lists travel with the report, and the executive page links them
-                    write_lists(tmp_processed, tmp_report / LISTS_DIR)
+                    write_lists(tmp_processed, tmp_report / LISTS_DIR, memory_limit=limit)
                     # (timed as a step of its own: a million customers' files took 55 s,
                     # which no stage's time counted)
                     stage_seconds["export"] = round(time.perf_counter() - start, 2)

@@ -27,19 +27,33 @@ import datetime as dt
 import json
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 
-from analysis.data import read_columns, write_atomically, write_csv
+from analysis.data import read_columns, write_atomically, write_csv_frames
+from analysis.memory import spill_directory
 
 __all__ = [
     "CUSTOMER_COLUMNS_FIRST",
+    "ORDER_COLUMNS",
+    "STREAM_ROWS",
     "RunStore",
+    "duck_connection",
 ]
 
 #: Columns shown first in the run's customer table (the DESIGN's contract first).
 CUSTOMER_COLUMNS_FIRST = ("customer_id", "segment", "value_tier", "lifecycle_stage",
                           "churn_probability", "predicted_value", "action", "reasons")
+
+#: Customers per frame when a run's table is streamed (:meth:`RunStore.stream`): a
+#: wide table's 200,000 rows take a few hundred MB in pandas.
+STREAM_ROWS = 200_000
+
+#: The columns of :meth:`RunStore.joined_sql` that give the profile's order.
+ORDER_COLUMNS = ("_csl_file", "_csl_row")
 
 #: Columns a table stores under another name than the joined table shows.
 _RENAMED = {"churn_reasons": "reasons"}
@@ -186,6 +200,15 @@ class RunStore:
             found.append((part, names))
         return found
 
+    def known(self, column: str) -> int:
+        """How many customers have a ``column`` (it is not missing), counted in the table
+        it is read from without reading it (0 when the run has no such column)."""
+        owner = self._owners().get(column)
+        if owner is None:
+            return 0
+        part, stored = owner
+        return ds.dataset(part, format="parquet").count_rows(filter=ds.field(stored).is_valid())
+
     def largest(self, column: str, n: int, columns: list[str] | tuple[str, ...] | None = None
                 ) -> pd.DataFrame:
         """The ``n`` customers with the largest ``column`` (the first in the profile's
@@ -200,13 +223,146 @@ class RunStore:
                                                                         drop=False)
         return rows.loc[ranked["customer_id"].to_numpy(), columns].reset_index(drop=True)
 
-    def export_customers(self) -> dict[str, Path]:
+    def stream(self, columns: list[str] | tuple[str, ...] | None = None, *,
+               where: tuple[str, object] | None = None, largest_first: tuple[str, ...] = (),
+               rows: int | None = None, memory_limit: str | None = None
+               ) -> Iterator[pd.DataFrame]:
+        """The joined table, as :meth:`read_customers` reads it (the same columns, values
+        and types), in frames of at most ``rows`` customers, for a table too large to
+        hold: DuckDB joins the steps' Parquet files out of core (within ``memory_limit``,
+        spilling to disk beyond; :func:`analysis.memory.spill_directory`), whatever
+        engine wrote them.
+
+        ``where``: only the customers whose (column, value) is that value. Rows come in
+        the profile's order, or by ``largest_first`` (each column largest first, missing
+        last, then the profile's order); ``rows``: :data:`STREAM_ROWS` when None. At
+        least one frame comes, empty when no customer does. Raises as
+        :meth:`joined_sql` does.
+        """
+        wanted = self.wanted(columns)
+        if columns is None:
+            wanted = _ordered(wanted)
+        types = self._types(wanted)
+        categories = self._categories(types)
+        keys = [c for c in (*largest_first, *([where[0]] if where else [])) if c not in wanted]
+        order = [f"{_sql_name(c)} DESC NULLS LAST" for c in largest_first]
+        query = (f"SELECT * FROM ({self.joined_sql([*wanted, *keys])})"
+                 + (f" WHERE {_sql_name(where[0])} IS NOT DISTINCT FROM $value" if where else "")
+                 + f" ORDER BY {', '.join([*order, *ORDER_COLUMNS])}")
+        con = duck_connection(memory_limit)
+        try:
+            reader = con.sql(query, params={"value": where[1]} if where else None
+                             ).to_arrow_reader(rows or STREAM_ROWS)
+            sent = False
+            for batch in reader:
+                if batch.num_rows or not sent:
+                    sent = True
+                    yield _typed(batch, types, categories)
+            if not sent:
+                yield _typed(pa.RecordBatch.from_arrays(
+                    [pa.array([], f.type.value_type if pa.types.is_dictionary(f.type)
+                              else f.type) for f in types], names=types.names),
+                    types, categories)
+        finally:
+            con.close()
+
+    def joined_sql(self, columns: list[str] | tuple[str, ...] | None = None) -> str:
+        """DuckDB's query of the joined table's ``columns`` (those the run has; all when
+        None) over the steps' Parquet files (a file, or a folder of part files, as either
+        engine wrote it), with the profile's order as :data:`ORDER_COLUMNS` (unsorted: a
+        reader sorts by them where the order matters).
+
+        Raises
+        ------
+        FileNotFoundError
+            When the profile step has not run.
+        ValueError
+            When a later step's table holds a customer twice (so that the join would
+            give a customer two rows).
+        """
+        sources = self.sources(columns)
+        if len(sources) > 1:
+            self._check_one_row_each(sources)
+        selected, joins, first = [], [], []
+        for i, (part, names) in enumerate(sources):
+            files = ds.dataset(part, format="parquet").files
+            if i == 0:
+                first = files
+                joins.append(f"read_parquet({_sql_text_list(files)}, filename = true, "
+                             "file_row_number = true) AS t0")
+                selected.append('t0."customer_id" AS "customer_id"')
+            else:
+                joins.append(f"LEFT JOIN read_parquet({_sql_text_list(files)}) AS t{i} "
+                             f'ON t{i}."customer_id" = t0."customer_id"')
+            selected += [f"t{i}.{_sql_name(stored)} AS {_sql_name(shown)}"
+                         for stored, shown in names.items()]
+        # (the file's place among the profile's files, and the row's in its file)
+        selected += [f"list_position({_sql_text_list(first)}, t0.filename) AS {ORDER_COLUMNS[0]}",
+                     f"t0.file_row_number AS {ORDER_COLUMNS[1]}"]
+        return f"SELECT {', '.join(selected)} FROM {' '.join(joins)}"
+
+    def _types(self, columns: list[str]) -> pa.Schema:
+        """The joined ``columns``' types as the steps' tables store them, with the pandas
+        metadata of :meth:`read_customers`' frame (categories, texts, nullable integers),
+        so that a table converted to pandas has its types."""
+        owner = self._owners()
+        fields = [_schema(owner[c][0]).field(owner[c][1]).with_name(c) for c in columns]
+        frame = pa.Schema.from_pandas(self.read_customers(columns, ids=[]),
+                                      preserve_index=False)
+        return pa.schema(fields, metadata=frame.metadata)
+
+    def _categories(self, types: pa.Schema) -> dict[str, pa.Array]:
+        """Each column of categories (a dictionary) among ``types`` -> its categories, in
+        their order, as a read of the whole table gives them (only the column's codes
+        are read: a byte or two per customer)."""
+        owner, out = self._owners(), {}
+        for field in types:
+            if pa.types.is_dictionary(field.type):
+                part, stored = owner[field.name]
+                column = ds.dataset(part, format="parquet").to_table(columns=[stored])[0]
+                column = column.unify_dictionaries()
+                out[field.name] = (column.chunk(0).dictionary if column.num_chunks
+                                   else pa.array([], field.type.value_type))
+        return out
+
+    def _check_one_row_each(self, sources) -> None:
+        """Raise when a later step's table holds a customer twice."""
+        con = duck_connection()
+        try:
+            for part, _ in sources[1:]:
+                files = _sql_text_list(ds.dataset(part, format="parquet").files)
+                (twice, example), = con.execute(
+                    f"SELECT count(*), min(customer_id) FROM (SELECT customer_id FROM "
+                    f"read_parquet({files}) GROUP BY customer_id HAVING count(*) > 1)"
+                ).fetchall()
+                if twice:
+                    raise ValueError(f"{part}: {twice:,} customers have more than one row "
+                                     f"(for example {example!r}); each step writes one row "
+                                     "per customer")
+        finally:
+            con.close()
+
+    def export_customers(self, *, memory_limit: str | None = None) -> dict[str, Path]:
         """Write the joined customer table as ``customers.parquet`` and ``customers.csv``
-        (atomically), once, when every step has run; in the CSV, text a spreadsheet would
-        run as a formula is neutralised (:func:`analysis.data.write_csv`)."""
-        table = self.read_customers()
-        return {"customers": _write_parquet(self.export, table),
-                "customers_csv": write_csv(self.export_csv, table)}
+        (atomically), once, when every step has run, streamed (:meth:`stream`: a part at
+        a time, whatever the number of customers); in the CSV, text a spreadsheet would
+        run as a formula is neutralised (:func:`analysis.data.write_csv_frames`)."""
+        import pyarrow.parquet as pq
+
+        columns = self.customer_columns()
+        types = self._types(columns)
+
+        def both(parquet_tmp: str) -> None:
+            with pq.ParquetWriter(parquet_tmp, types) as parquet:
+                def frames():
+                    for frame in self.stream(columns, memory_limit=memory_limit):
+                        parquet.write_table(pa.Table.from_pandas(frame, schema=types,
+                                                                 preserve_index=False))
+                        yield frame
+                write_csv_frames(self.export_csv, frames())
+
+        return {"customers": write_atomically(self.export, both),
+                "customers_csv": self.export_csv}
 
     def n_customers(self) -> int:
         """How many customers the profile step profiled (from the table's metadata)."""
@@ -240,6 +396,43 @@ class RunStore:
         ``ids`` only when given."""
         filters = None if ids is None else [("customer_id", "in", [str(i) for i in ids])]
         return read_columns(self.profile_table, columns, filters=filters)
+
+
+def duck_connection(memory_limit: str | None = None):
+    """A DuckDB connection for reading a run store out of core: within ``memory_limit``
+    (DuckDB's own default when None), spilling to :func:`analysis.memory.spill_directory`."""
+    import duckdb
+
+    spill = spill_directory()
+    spill.mkdir(parents=True, exist_ok=True)
+    return duckdb.connect(config={"temp_directory": str(spill),
+                                  **({"memory_limit": memory_limit} if memory_limit else {})})
+
+
+def _typed(batch: pa.RecordBatch, types: pa.Schema, categories: dict[str, pa.Array]
+           ) -> pd.DataFrame:
+    """A batch DuckDB read, as :meth:`RunStore.read_customers` gives its columns (their
+    ``types``; a column of categories with the table's ``categories``, all of them in
+    their order)."""
+    import pyarrow.compute as pc
+
+    columns = []
+    for field in types:
+        column = batch.column(field.name)
+        if field.name in categories:
+            values = categories[field.name]
+            column = pa.DictionaryArray.from_arrays(
+                pc.index_in(column, value_set=values).cast(field.type.index_type), values)
+        columns.append(column.cast(field.type))
+    return pa.Table.from_arrays(columns, schema=types).to_pandas()
+
+
+def _sql_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_text_list(texts: list[str]) -> str:
+    return "[" + ", ".join("'" + t.replace("'", "''") + "'" for t in texts) + "]"
 
 
 def _schema(path: Path):

@@ -1923,14 +1923,18 @@ def phaseout_list(out_dir) -> pd.DataFrame:
                         filters=[("phaseout_candidate", "==", True)])
 
 
-def read_strategy(out_dir) -> StrategyRun:
-    """Read back what :func:`write_strategy` wrote."""
+def read_strategy(out_dir, *, customers: bool = True) -> StrategyRun:
+    """Read back what :func:`write_strategy` wrote: the decision table too when
+    ``customers`` (a row per customer; else ``customers`` is None, and a reader of a
+    large base reads the columns it needs from the run store)."""
     folder = Path(out_dir) / "strategy"
     frames = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in ("actions", "profit_curve", "retention_effect", "margin_uplift",
-                           "guardrails", "alerts", "fairness", "customers")
+                           "guardrails", "alerts", "fairness",
+                           *(["customers"] if customers else []))
               if (folder / f"{name}.parquet").exists()}    # (or a folder of part files)
-    return StrategyRun(retention=json.loads((folder / "retention.json").read_text()), **frames)
+    return StrategyRun(retention=json.loads((folder / "retention.json").read_text()),
+                       **{"customers": None, **frames})
 
 
 def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: StrategyParams,
