@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from analysis import monitor as M
+from analysis.store import CustomerView
 
 
 def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
@@ -35,7 +36,7 @@ def test_kpi_deltas_migration_and_new_alerts():
                                           "change_share": 0.1}]
     before = pd.DataFrame({"customer_id": ["a", "b", "c"], "tier": ["high", "low", "low"]})
     now = pd.DataFrame({"customer_id": ["a", "b", "d"], "tier": ["mid", "low", "high"]})
-    m = M.migration_matrix(before, now, column="tier")
+    m = M.migration_matrix(CustomerView.of(now), before, column="tier")
     assert m.loc["high", "mid"] == 1 and m.loc["low", "(gone)"] == 1
     assert m.loc["(new)", "high"] == 1
     old = pd.DataFrame({"customer_id": ["a"], "rule": ["overdue"]})

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis import narrative as N
+from analysis.store import CustomerView
 
 
 def page(currency="", **retention):
@@ -135,7 +136,7 @@ def test_lifecycle_movement_of_a_sampled_evaluation_counts_the_sampled_customers
                         "lifecycle_stage": ["active", "lapsed", "lost", "new"]})
     every = pd.DataFrame({"customer_id": ["c1", "c2", "c3"],
                           "lifecycle_stage": ["active", "active", "lapsed"]})
-    pages = [SimpleNamespace(customers=now, horizon=90, run=SimpleNamespace(
+    pages = [SimpleNamespace(customers=CustomerView.of(now), horizon=90, run=SimpleNamespace(
         evaluation=evaluation, sizes=sizes, cutoffs={"eval": "2025-01-01"}))
         for evaluation, sizes in ((every, {"eval_share": 1.0}),
                                   (every.iloc[[0, 2]], {"eval_share": 0.5}))]
@@ -148,3 +149,63 @@ def test_lifecycle_movement_of_a_sampled_evaluation_counts_the_sampled_customers
     assert "of the 1 customers active then (a random 50.0% of the customers, drawn by id)" \
         in text
     assert "a random" not in " ".join(str(b) for b in N._movement(pages[0]))
+
+
+def test_the_page_counts_the_customers_where_they_lie_as_pandas_counts_them(tmp_path):
+    """The page's figures are queried where the customer table lies (DuckDB over the run
+    store; here a table in memory): they equal pandas' on the same customers, with
+    missing values, ties, a missing segment and risks exactly at the threshold."""
+    import numpy as np
+
+    from analysis import segments
+    from analysis.config import load_config
+    from analysis.narrative import Page
+
+    from .conftest import write_config
+
+    rng = np.random.default_rng(11)
+    n = 400
+    frame = pd.DataFrame({
+        "customer_id": [f"c{i:03d}" for i in rng.permutation(n)],
+        "segment": pd.array(rng.choice(["Loyal", "New", "Lost", ""], n)).astype(object),
+        "value_tier": rng.choice(["high", "mid", "low"], n),
+        "lifecycle_stage": rng.choice(list(segments.LIFECYCLE_STAGES), n),
+        "churn_probability": rng.choice([0.2, 0.5, 0.7, np.nan], n),
+        "spend_365d": rng.choice([0.5, 1.5, 2.0, 10.25, np.nan], n),
+        "predicted_value": rng.choice([0.0, 1.0, 2.0, 3.0, 4.0, np.nan], n),
+        "action": rng.choice(["Retain", "Grow", "Maintain"], n)})
+    frame.loc[frame["segment"] == "", "segment"] = None
+    config = load_config(write_config(tmp_path, {"transactions": "tx.csv"}))
+    p = Page(config=config, run_id="r", processed_dir=None, report_dir=None,
+             previous_processed_dir=None, processed_href="", quality={},
+             profile=SimpleNamespace(as_of=pd.Timestamp("2025-01-01").date()),
+             customers=CustomerView.of(frame), decisions=None, horizon=90, skipped=None,
+             fallback=None, inputs={})
+    active = frame["lifecycle_stage"].isin(segments.ACTIVE_STAGES)
+    at_risk = (frame["churn_probability"] >= config.strategy.high_risk) & active
+    assert 0 < at_risk.sum() < active.sum() < n
+    counts = p.counts
+    assert {k: counts[k] for k in ("customers", "active", "at_risk", "risk_scored")} == {
+        "customers": n, "active": int(active.sum()), "at_risk": int(at_risk.sum()),
+        "risk_scored": int(frame["churn_probability"].notna().sum())}
+    assert counts["spend"] == pytest.approx(frame["spend_365d"].sum(), rel=1e-12)
+    assert counts["spend_at_risk"] == pytest.approx(frame.loc[at_risk, "spend_365d"].sum(),
+                                                    rel=1e-12)
+    assert counts["predicted"] == pytest.approx(frame["predicted_value"].sum(), rel=1e-12)
+    crosstab = pd.crosstab(frame["segment"], frame["action"])
+    crosstab.columns.name = None
+    pd.testing.assert_frame_equal(N.segment_by_action(p), crosstab.rename_axis("Segment"))
+    # the growth sentence: the typical mid-value prediction (the median of an even count
+    # is halfway between the middle two) and the low-value customers at or above it
+    mid = frame.loc[frame["value_tier"] == "mid", "predicted_value"]
+    threshold = mid.median()
+    growth = ((frame["value_tier"] == "low") & (frame["predicted_value"] >= threshold)).sum()
+    text = " ".join(b for b in N.value(p) if isinstance(b, str))
+    assert (f"{growth:,} low-value customers are predicted to spend at least as much as the "
+            f"typical mid-value customer ({threshold:,.0f})") in text
+    # the most valuable at risk, ties by id
+    top = frame[at_risk].sort_values(["spend_365d", "customer_id"],
+                                     ascending=[False, True]).head(8)["customer_id"]
+    html = " ".join(b for b in N.churn(p) if isinstance(b, str))
+    places = [html.index(f">{i}<") for i in top]
+    assert places == sorted(places)

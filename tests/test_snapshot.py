@@ -250,6 +250,11 @@ def test_a_messy_telecom_export_gives_the_full_report_without_code(telco_run):
         assert heading in page, heading
     assert "no purchase-based segments (RFM)" in page
     assert "cross-validation" in page and "Month-to-month" in page
+    # survival curves by the column the config names (survival_by: Contract), one per group
+    import re
+
+    assert re.search(r"Survival over tenure[^<]*, by Contract\. [^<]*Month-to-month: "
+                     r"(half gone after \d+ months|more than half still with us)", page)
     # the page names the method that scores, and models.json holds every method's figures
     import json
 

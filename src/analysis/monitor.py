@@ -19,7 +19,7 @@ from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
 from analysis.engine import as_engine
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH
-from analysis.store import RunStore
+from analysis.store import CustomerView, RunStore, sql_name
 
 __all__ = ["append_history", "drift_bins", "drift_counts", "feature_drift", "kpi_deltas",
            "migration_matrix", "monthly_trend", "new_alerts", "population_stability",
@@ -122,16 +122,24 @@ def kpi_deltas(current: dict, previous: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def migration_matrix(previous: pd.DataFrame, current: pd.DataFrame, *, column: str
-                     ) -> pd.DataFrame:
-    """Customers by their ``column`` in the previous run (rows) and now (columns);
-    customers new since then come from "(new)", those gone go to "(gone)"."""
-    merged = previous[["customer_id", column]].merge(
-        current[["customer_id", column]], on="customer_id", how="outer",
-        suffixes=("_previous", "_current"))
-    before = merged[f"{column}_previous"].astype("object").fillna("(new)")
-    after = merged[f"{column}_current"].astype("object").fillna("(gone)")
-    return pd.crosstab(before.rename(f"{column} before"), after.rename(f"{column} now"))
+def migration_matrix(current: CustomerView, previous: RunStore | pd.DataFrame, *,
+                     column: str) -> pd.DataFrame:
+    """Customers by their ``column`` in the ``previous`` run (rows) and now (columns);
+    customers new since then come from "(new)", those gone go to "(gone)". Counted where
+    the tables lie: the run's customer view joined with the previous run's store (or a
+    table of ``customer_id`` and ``column``)."""
+    if isinstance(previous, RunStore):
+        before = previous.joined_sql([column])
+    else:
+        current.register("_previous", previous[["customer_id", column]])
+        before = "SELECT * FROM _previous"
+    name = sql_name(column)
+    table = current.crosstab(
+        f"SELECT coalesce(p.{name}::VARCHAR, '(new)') AS before, "
+        f"coalesce(c.{name}::VARCHAR, '(gone)') AS now, count(*) AS n "
+        f"FROM (SELECT customer_id, {name} FROM customers) AS c "
+        f"FULL OUTER JOIN ({before}) AS p ON p.customer_id = c.customer_id GROUP BY ALL")
+    return table.rename_axis(index=f"{column} before", columns=f"{column} now")
 
 
 def new_alerts(previous: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:

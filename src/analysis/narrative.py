@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ from analysis import (
 )
 from analysis.config import Config, load_config
 from analysis.markup import absent_note, heading, html_table, kpi_cards, link_list, paragraph
-from analysis.store import RunStore
+from analysis.store import ORDER_COLUMNS, CustomerView, RunStore, sql_text
 
 __all__ = [
     "LISTS_DIR",
@@ -77,12 +78,13 @@ LIST_COLUMNS = ("customer_id", "action", "action_reason", "reasons", "churn_prob
                 "lifecycle_stage", "value_tier", "segment", "top_channel", "predicted_value",
                 "expected_next_order", "predicted_clv", "incremental_profit")
 
-#: The customer columns the executive page reads for every customer (a large base's table
-#: has dozens more; the texts, reasons in words, are read for the customers it lists).
+#: The customer columns the executive page queries (a large base's table has dozens more),
+#: where they lie (:class:`analysis.store.CustomerView`): it receives the aggregates and
+#: the few customers its tables show, texts (reasons in words) only for those.
 PAGE_COLUMNS = ["customer_id", "segment", "value_tier", "lifecycle_stage", "cluster_name",
                 "frequency", "spend_90d", "spend_365d", "churn_probability", "predicted_value",
-                "action", "expected_revenue", "cost_to_serve", "expected_profit",
-                "phaseout_candidate", "spend_last_horizon",
+                "reasons", "action", "expected_revenue", "cost_to_serve", "expected_profit",
+                "phaseout_candidate", "phaseout_reasons", "spend_last_horizon",
                 # snapshot mode
                 "churn", "revenue_month", "remaining_value", "remaining_months",
                 "tenure_months", "expected_next_order", "predicted_clv"]
@@ -102,7 +104,7 @@ class Page:
     processed_href: str
     quality: dict
     profile: Any                      # segments.CustomerProfile
-    customers: pd.DataFrame
+    customers: Any                    # store.CustomerView: queried where the table lies
     decisions: strategy.StrategyRun
     horizon: int
     skipped: str | None
@@ -120,28 +122,47 @@ class Page:
         return self.config.report.currency
 
     @property
-    def active(self) -> pd.Series:
+    def active(self) -> str:
         """Customers still buying: new or active (the population churn risk is about,
-        with 'at risk' in order-log mode: past their rhythm but not yet lapsed)."""
+        with 'at risk' in order-log mode: past their rhythm but not yet lapsed), as a
+        condition on the customer table (SQL)."""
         stages = ((segments.STAGE_NEW, segments.STAGE_ACTIVE) if self.snapshot
                   else segments.ACTIVE_STAGES)
-        return self.customers["lifecycle_stage"].isin(stages)
+        return f"lifecycle_stage IN ({', '.join(sql_text(s) for s in stages)})"
+
+    @property
+    def at_risk(self) -> str:
+        """Active customers with a churn probability of ``high_risk`` or more (SQL)."""
+        return (f"(churn_probability >= {float(self.config.strategy.high_risk)!r} "
+                f"AND {self.active})")
+
+    @cached_property
+    def counts(self) -> dict:
+        """What the page counts and sums over every customer, in one pass: ``customers``,
+        ``active``, ``at_risk``, ``risk_scored`` (customers with a churn probability),
+        ``spend`` and ``spend_at_risk`` (last-12-month revenue, of all and of those at
+        risk), ``predicted`` (predicted revenue) and, for a snapshot, ``revenue_scored``."""
+        sums = {"spend": "spend_365d", "predicted": "predicted_value"}
+        row = self.customers.frame(
+            f"SELECT count(*) AS customers, count_if({self.active}) AS active, "
+            f"count_if({self.at_risk}) AS at_risk, "
+            "count(churn_probability) AS risk_scored, "
+            + "".join(f"coalesce(fsum({c}), 0) AS {k}, " for k, c in sums.items())
+            + f"coalesce(fsum(spend_365d) FILTER (WHERE {self.at_risk}), 0) AS spend_at_risk, "
+            + ("count(revenue_month)" if self.snapshot else "NULL") + " AS revenue_scored "
+            "FROM customers").iloc[0]
+        return {k: (int(v) if k in ("customers", "active", "at_risk", "risk_scored")
+                    else v) for k, v in row.items()}
 
     @property
     def risk_known(self) -> bool:
-        return bool(self.customers["churn_probability"].notna().any())
+        return self.counts["risk_scored"] > 0
 
     @property
     def revenue_known(self) -> bool:
         """False for a snapshot without any revenue: then what customers bring, and every
         profit, is unknown (an order log always knows its revenue)."""
-        return not self.snapshot or bool(self.customers["revenue_month"].notna().any())
-
-    @property
-    def at_risk(self) -> pd.Series:
-        """Active customers with a churn probability of ``high_risk`` or more."""
-        return (self.customers["churn_probability"] >= self.config.strategy.high_risk) \
-            & self.active
+        return not self.snapshot or self.counts["revenue_scored"] > 0
 
 
 def load_page(config_path: str | Path, processed_dir: str | Path, *, run_id: str,
@@ -165,7 +186,8 @@ def load_page(config_path: str | Path, processed_dir: str | Path, *, run_id: str
         processed_href=processed_href,
         quality=json.loads((processed_dir / "data_quality.json").read_text()),
         profile=segments.read_profile(processed_dir, with_customers=False),
-        customers=RunStore(processed_dir).read_customers(PAGE_COLUMNS),
+        customers=CustomerView(RunStore(processed_dir), PAGE_COLUMNS,
+                               memory_limit=config.analysis.duckdb_memory_limit),
         decisions=strategy.read_strategy(processed_dir, customers=False),
         horizon=RunStore(processed_dir).horizon_days(), skipped=skipped,
         fallback=models.label_free_fallback(processed_dir),
@@ -219,18 +241,16 @@ def bottom_line_numbers(page: Page) -> dict:
         ``roi``, ``ordinary_profit``, ``total_profit``, ``actions`` (customers per action),
         ``changes`` (KPI deltas against the previous run, or None).
     """
-    c, r = page.customers, page.decisions.retention
+    r, n = page.decisions.retention, page.counts
     acts = page.decisions.actions.set_index("action")
-    at_risk = page.at_risk
     changes = None
     if page.previous_processed_dir is not None:
         changes = monitor.kpi_deltas(monitor.run_kpis(page.processed_dir),
                                      monitor.run_kpis(page.previous_processed_dir))
     # without revenue (a snapshot that has none) every sum of money is unknown, not 0
-    total = (lambda v: float(v.sum())) if page.revenue_known else (lambda v: np.nan)
-    return {"active": int(page.active.sum()), "at_risk": int(at_risk.sum()),
-            "revenue_at_risk": total(c.loc[at_risk, "spend_365d"]),
-            "revenue_12m": total(c["spend_365d"]),
+    total = (lambda v: float(np.sum(v))) if page.revenue_known else (lambda v: np.nan)
+    return {"active": n["active"], "at_risk": n["at_risk"],
+            "revenue_at_risk": total(n["spend_at_risk"]), "revenue_12m": total(n["spend"]),
             "period_days": int(r.get("decision_period_days", 0)),
             "campaign": int(r["campaign_size"]), "campaign_high_risk":
                 int(r.get("campaign_high_risk", 0)),
@@ -386,29 +406,34 @@ def _share(part: float, whole: float) -> str:
 
 def key_numbers(page: Page) -> list[Block]:
     """Section 1: the key numbers as cards."""
-    c, h, r = page.customers, page.horizon, page.decisions.retention
+    h, r, n = page.horizon, page.decisions.retention, page.counts
     m = lambda v: money(v, page)    # noqa: E731
-    at_risk, known = page.at_risk, page.risk_known
+    known = page.risk_known
     period = r.get("decision_period_days", h)
     total = float(page.decisions.actions["total_profit"].sum())
     if page.snapshot:
-        churned = c["churn"].fillna(False).astype(bool)
+        # (sums of nothing known are unknown: NULL, read as NaN)
+        s = page.customers.frame(
+            "SELECT favg(CASE WHEN churn::BOOLEAN THEN 1.0 ELSE 0.0 END) AS churned, "
+            f"fsum(revenue_month) FILTER (WHERE {page.active}) AS revenue_month, "
+            "fsum(predicted_value) AS predicted_value, "
+            f"fsum(spend_365d) FILTER (WHERE {page.at_risk}) AS spend_at_risk, "
+            "fsum(remaining_value) AS remaining_value FROM customers").iloc[0]
         if not page.revenue_known:        # no money to sum: each figure says "unknown"
-            c = c.assign(revenue_month=np.nan, spend_365d=np.nan, predicted_value=np.nan,
-                         remaining_value=np.nan)
+            s = s.copy()
+            s[["revenue_month", "predicted_value", "spend_at_risk", "remaining_value"]] = np.nan
             total = np.nan
         cards = [
-            (f"{len(c):,}", "customers in the export"),
-            (f"{page.active.sum():,}", "current customers"),
-            (f"{churned.mean():.1%}", "left in the last period (the churn flag)"),
-            (m(c.loc[page.active, "revenue_month"].sum(min_count=1)),
-             "recurring revenue per month, current customers"),
-            (m(c["predicted_value"].sum(min_count=1)), f"expected revenue, next {h} days"),
-            (f"{at_risk.sum():,}" if page.run else "not estimated",
+            (f"{n['customers']:,}", "customers in the export"),
+            (f"{n['active']:,}", "current customers"),
+            (f"{s['churned']:.1%}", "left in the last period (the churn flag)"),
+            (m(s["revenue_month"]), "recurring revenue per month, current customers"),
+            (m(s["predicted_value"]), f"expected revenue, next {h} days"),
+            (f"{n['at_risk']:,}" if page.run else "not estimated",
              "current customers likely to leave (50 %+ per period)"),
-            (m(c.loc[at_risk, "spend_365d"].sum(min_count=1)) if page.run
+            (m(s["spend_at_risk"]) if page.run
              else "not estimated", "yearly recurring revenue of those customers"),
-            (m(c["remaining_value"].sum(min_count=1)) if page.run else "not estimated",
+            (m(s["remaining_value"]) if page.run else "not estimated",
              "expected remaining value of current customers (discounted)"),
             (m(total), f"expected profit with the recommended actions, next {period} days")]
         if not page.revenue_known:       # the money cards would each read "unknown"
@@ -424,15 +449,15 @@ def key_numbers(page: Page) -> list[Block]:
     top20 = page.profile.pareto.loc[
         page.profile.pareto["customer_share"].sub(0.2).abs().idxmin(), "value_share"]
     cards = [
-        (f"{len(c):,}", "customers with a purchase"),
-        (f"{page.active.sum():,}", "active customers (new, active or past their rhythm)"),
-        (m(c["spend_365d"].sum()), "revenue, last 12 months"),
-        (m(c["predicted_value"].sum()), f"predicted revenue, next {h} days"
+        (f"{n['customers']:,}", "customers with a purchase"),
+        (f"{n['active']:,}", "active customers (new, active or past their rhythm)"),
+        (m(n["spend"]), "revenue, last 12 months"),
+        (m(n["predicted"]), f"predicted revenue, next {h} days"
          + ("" if known else " (recent spending rate)")),
-        (f"{at_risk.sum():,}" if known else "not estimated",
+        (f"{n['at_risk']:,}" if known else "not estimated",
          f"active customers likely to churn ({page.config.strategy.high_risk:.0%}+ chance of "
          f"no order in {h} days)"),
-        (m(c.loc[at_risk, "spend_365d"].sum()) if known else "not estimated",
+        (m(n["spend_at_risk"]) if known else "not estimated",
          "last-12-month revenue of those customers"),
         (f"{top20:.0%}", "of all revenue to date from the top 20 % of customers"),
         (m(total), f"expected profit with the recommended actions, next {period} days"),
@@ -462,7 +487,7 @@ def key_numbers(page: Page) -> list[Block]:
 def changes(page: Page) -> list[Block]:
     """Section 2: what changed since the last run, and how an earlier run turned out."""
     out: list[Block] = [heading("2. What changed since the last run")]
-    c, prev = page.customers, page.previous_processed_dir
+    prev = page.previous_processed_dir
     if prev is not None:
         before, now = monitor.run_kpis(prev), monitor.run_kpis(page.processed_dir)
         if not page.snapshot:
@@ -473,15 +498,18 @@ def changes(page: Page) -> list[Block]:
                               labels={"kpi": "Measure", "previous": "Previous run",
                                       "current": "This run", "change": "Change",
                                       "change_share": "Change (%)"}))
-        old = RunStore(prev).read_customers(["customer_id", "value_tier", "segment"])
-        if page.revenue_known and old["value_tier"].ne(segments.TIER_UNKNOWN).any():
+        old = RunStore(prev)
+        tiered = page.customers.frame(
+            f"SELECT count_if(value_tier IS DISTINCT FROM {sql_text(segments.TIER_UNKNOWN)}) "
+            f"AS n FROM ({old.joined_sql(['value_tier'])})").iloc[0, 0]
+        if page.revenue_known and tiered:
             out += [paragraph("Value-tier migration: rows are the tier in the previous run, "
                               "columns the tier now."),
-                    html_table(monitor.migration_matrix(old, c, column="value_tier")
-                               .reset_index())]
+                    html_table(monitor.migration_matrix(page.customers, old,
+                                                       column="value_tier").reset_index())]
         if page.snapshot:
             return out
-        segs = monitor.migration_matrix(old, c, column="segment")
+        segs = monitor.migration_matrix(page.customers, old, column="segment")
         moved = int(segs.to_numpy().sum()
                     - sum(segs.loc[s, s] for s in segs.index if s in segs.columns))
         out += [paragraph("{m:,} customers changed RFM segment (or arrived or left) since the "
@@ -577,15 +605,15 @@ def lifecycle_movement(page: Page) -> pd.DataFrame | None:
     the sampled customers only, and no row of new ones (who is new cannot be told)."""
     if page.run is None or "lifecycle_stage" not in page.run.evaluation:
         return None
-    then = page.run.evaluation[["customer_id", "lifecycle_stage"]]
-    now = page.customers[["customer_id", "lifecycle_stage"]]
-    joined = now.merge(then, on="customer_id",
-                       how="inner" if models.evaluation_sample(page.run) else "left",
-                       suffixes=("", "_then"))
-    joined["lifecycle_stage_then"] = joined["lifecycle_stage_then"].fillna(
-        "new since then (or not scored)")
-    order = [*segments.LIFECYCLE_STAGES, "new since then (or not scored)"]
-    table = pd.crosstab(joined["lifecycle_stage_then"], joined["lifecycle_stage"])
+    new = "new since then (or not scored)"
+    page.customers.register("_then", page.run.evaluation[["customer_id", "lifecycle_stage"]])
+    table = page.customers.crosstab(
+        f"SELECT coalesce(t.lifecycle_stage, {sql_text(new)}) AS then, "
+        "c.lifecycle_stage AS now, count(*) AS n FROM customers AS c "
+        + ("INNER" if models.evaluation_sample(page.run) else "LEFT")
+        + " JOIN _then AS t ON t.customer_id = c.customer_id "
+        "WHERE c.lifecycle_stage IS NOT NULL GROUP BY ALL")
+    order = [*segments.LIFECYCLE_STAGES, new]
     table = table.reindex(index=[s for s in order if s in table.index],
                           columns=[s for s in order if s in table.columns])
     table.columns.name = None
@@ -691,11 +719,15 @@ def portfolio(page: Page) -> list[Block]:
 
 
 def _snapshot_portfolio(page: Page) -> list[Block]:
-    profile, c = page.profile, page.customers
+    profile = page.profile
     cohorts = profile.cohorts
     worst = cohorts.loc[cohorts["churn_rate"].idxmax()]
     by = page.config.snapshot.survival_by
-    by = by if by and by in c else None
+    # (a snapshot is one row per customer, loaded whole by every stage: its survival
+    # curves read their columns for everyone)
+    store = RunStore(page.processed_dir)
+    by = by if by and by != "customer_id" and store.wanted([by]) else None
+    c = store.read_customers(["churn", "tenure_months", *([by] if by else [])])
     churned = c["churn"].fillna(False).astype(bool)
     km = snapshot.kaplan_meier(c["tenure_months"], churned, by=c[by] if by else None)
     medians = km.groupby("group", sort=False)["median_tenure"].first()
@@ -734,7 +766,7 @@ def _revenue_shares(page: Page) -> list[Block]:
 
 def churn(page: Page) -> list[Block]:
     """Section 4: who is at risk and why."""
-    c, at_risk = page.customers, page.at_risk
+    n = page.counts
     out: list[Block] = [heading("4. Churn: who is at risk and why")]
     if not page.risk_known or (page.snapshot and page.run is None):
         return out + [paragraph("Churn risk is not estimated in this run: {reason}.",
@@ -743,14 +775,14 @@ def churn(page: Page) -> list[Block]:
         drivers = explain.global_drivers(page.run.churn_shap, page.run.score_features)
         out.append(paragraph(
             "{n:,} current customers ({share:.0%}) are more likely than not to leave within a "
-            "period. The main drivers are: {d}.", n=int(at_risk.sum()),
-            share=at_risk.sum() / max(page.active.sum(), 1), d=_drivers(drivers)))
+            "period. The main drivers are: {d}.", n=n["at_risk"],
+            share=n["at_risk"] / max(n["active"], 1), d=_drivers(drivers)))
         out.append(plots.plot_drivers(drivers, top=10, **_DRIVER_WORDS))
-        base, leave, value_col = c[page.active], "Likely to leave", "remaining_value"
+        base, leave, value_col = page.active, "Likely to leave", "remaining_value"
     else:
         out.append(paragraph(
             "{n:,} active customers ({share:.0%} of all) are likely to churn in the next {h} "
-            "days.", n=int(at_risk.sum()), share=at_risk.mean(), h=page.horizon))
+            "days.", n=n["at_risk"], share=n["at_risk"] / n["customers"], h=page.horizon))
         if page.run is not None:
             out += [paragraph("What moves churn risk most: {d}.",
                               d=_drivers(page.run.churn_drivers)),
@@ -760,13 +792,13 @@ def churn(page: Page) -> list[Block]:
             out.append(paragraph(
                 "Without a trained model the risk follows each customer's own purchase "
                 "rhythm: how long since the last purchase, against how often they used to buy."))
-        base, leave, value_col = c, "Likely to churn", "spend_365d"
-    by_segment = (base.assign(revenue_at_risk=c["spend_365d"].where(at_risk, 0.0),
-                              at_risk=at_risk)
-                  .groupby("segment").agg(customers=("customer_id", "size"),
-                                          likely=("at_risk", "sum"),
-                                          mean_churn_probability=("churn_probability", "mean"),
-                                          revenue_at_risk=("revenue_at_risk", "sum"))
+        base, leave, value_col = "TRUE", "Likely to churn", "spend_365d"
+    by_segment = (page.customers.frame(
+        f"SELECT segment, count(*) AS customers, count_if({page.at_risk})::BIGINT AS likely, "
+        "favg(churn_probability) AS mean_churn_probability, "
+        f"coalesce(fsum(spend_365d) FILTER (WHERE {page.at_risk}), 0) AS revenue_at_risk "
+        f"FROM customers WHERE ({base}) AND segment IS NOT NULL GROUP BY segment "
+        "ORDER BY segment").set_index("segment")
                   .sort_values(["revenue_at_risk", "likely"] if page.revenue_known
                                else "likely", ascending=False).reset_index())
     if not page.revenue_known:
@@ -779,16 +811,17 @@ def churn(page: Page) -> list[Block]:
         "revenue_at_risk": _money_label("Revenue at risk (last 12 months)", page)}))
     if not page.revenue_known:       # none is known to be more valuable: the likeliest first
         value_col = "churn_probability"
-    valuable = c[at_risk].sort_values([value_col, "customer_id"],
-                                      ascending=[False, True]).head(8)
     spend = "revenue_month" if page.snapshot else "spend_365d"
+    shown = [c for c in ["customer_id", "segment"] + [spend] * page.revenue_known
+             + ["churn_probability", "reasons", "action"] if c in page.customers]
+    valuable = page.customers.frame(
+        f"SELECT {', '.join(shown)} FROM customers WHERE {page.at_risk} "
+        f"ORDER BY {value_col} DESC NULLS LAST, customer_id LIMIT 8")
     out += [paragraph("The {who} likely to churn, with the reasons behind their risk (every "
                       "one of them, with their action, is in the lists below):",
                       who="most valuable customers" if page.revenue_known
                       else "customers most"),
-            html_table(_with_texts(page, valuable, ["customer_id", "segment"]
-                                   + [spend] * page.revenue_known
-                                   + ["churn_probability", "reasons", "action"]),
+            html_table(valuable,
                 formats={spend: ",.0f", "churn_probability": ".0%"},
                 labels={"customer_id": "Customer", "segment": "Segment",
                         spend: _money_label("Monthly revenue" if page.snapshot
@@ -821,7 +854,7 @@ def _money_label(label: str, page: Page) -> str:
 
 def value(page: Page) -> list[Block]:
     """Section 5: what customers will bring."""
-    c, h = page.customers, page.horizon
+    h = page.horizon
     out: list[Block] = [heading("5. Value: what customers will bring")]
     if page.snapshot:
         if page.run is None:
@@ -831,13 +864,16 @@ def value(page: Page) -> list[Block]:
             return out + [absent_note("revenue", page.config), paragraph(
                 "Current customers are expected to stay {m:,.1f} months on average (of the "
                 "next {y:g} years), from their churn chance per period.",
-                m=c.loc[page.active, "remaining_months"].mean(),
+                m=page.customers.frame(f"SELECT favg(remaining_months) FROM customers "
+                                       f"WHERE {page.active}").iloc[0, 0],
                 y=page.config.snapshot.max_years)]
         p = page.config.snapshot
-        by_tier = (c[page.active].groupby("value_tier").agg(
-            customers=("customer_id", "size"), monthly=("revenue_month", "sum"),
-            months=("remaining_months", "mean"), remaining=("remaining_value", "sum"))
-            .reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index()
+        by_tier = (page.customers.frame(
+            "SELECT value_tier, count(*) AS customers, "
+            "coalesce(fsum(revenue_month), 0) AS monthly, favg(remaining_months) AS months, "
+            "coalesce(fsum(remaining_value), 0) AS remaining FROM customers "
+            f"WHERE {page.active} AND value_tier IS NOT NULL GROUP BY value_tier")
+            .set_index("value_tier").reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index()
             .astype({"customers": int}))
         return out + [paragraph(
             "Each current customer's expected remaining value is their monthly recurring "
@@ -854,18 +890,24 @@ def value(page: Page) -> list[Block]:
                                "monthly": _money_label("Monthly revenue", page),
                                "months": "Expected months still to come (mean)",
                                "remaining": _money_label("Expected remaining value", page)})]
-    by_tier = (c.groupby("value_tier").agg(customers=("customer_id", "size"),
-                                           predicted=("predicted_value", "sum"))
-               .reindex(list(segments.VALUE_TIERS)).dropna(how="all").reset_index())
+    by_tier = (page.customers.frame(
+        "SELECT value_tier, count(*) AS customers, coalesce(fsum(predicted_value), 0) "
+        "AS predicted FROM customers WHERE value_tier IS NOT NULL GROUP BY value_tier")
+        .set_index("value_tier").reindex(list(segments.VALUE_TIERS)).dropna(how="all")
+        .reset_index())
     who = ("the model expects" if page.run else "the purchase-rhythm model expects"
            if page.fallback else "the recent rate of spending suggests")
-    low = c["value_tier"].eq(segments.TIER_LOW)
-    threshold = c.loc[c["value_tier"].eq(segments.TIER_MID), "predicted_value"].median()
-    growth = low & (c["predicted_value"] >= threshold)
+    # (the typical mid-value customer's prediction: the median, halfway between the two
+    # middle ones of an even count, as pandas has it)
+    threshold, growth = page.customers.frame(
+        "WITH t AS (SELECT median(predicted_value) FILTER (WHERE value_tier = "
+        f"{sql_text(segments.TIER_MID)}) AS m FROM customers) "
+        f"SELECT any_value(t.m), count_if(c.value_tier = {sql_text(segments.TIER_LOW)} "
+        "AND c.predicted_value >= t.m) FROM customers AS c, t").iloc[0]
     return out + [
         paragraph("Over the next {h} days {who} {total} of revenue from today's customers; "
                   "{hs:.0%} of it from the high-value tier.", h=h, who=who,
-                  total=money(c["predicted_value"].sum(), page),
+                  total=money(page.counts["predicted"], page),
                   hs=by_tier.set_index("value_tier").loc[segments.TIER_HIGH, "predicted"]
                   / by_tier["predicted"].sum()),
         html_table(by_tier, formats={"customers": ",", "predicted": ",.0f"},
@@ -874,17 +916,23 @@ def value(page: Page) -> list[Block]:
                                                      page)}),
         paragraph("{n:,} low-value customers are predicted to spend at least as much as the "
                   "typical mid-value customer ({t}) over the next {h} days.",
-                  n=int(growth.sum()), t=money(threshold, page), h=h)] + _outlook(page)
+                  n=int(growth), t=money(float(threshold) if threshold is not None
+                                         and threshold == threshold else np.nan, page),
+                  h=h)] + _outlook(page)
 
 
 def _outlook(page: Page) -> list[Block]:
     """The per-customer next-order date and lifetime value, where the run has them."""
-    c = page.customers
-    if "predicted_clv" not in c or not c["predicted_clv"].notna().any():
+    if "predicted_clv" not in page.customers:
         return []
-    dated = c["expected_next_order"].notna()
-    soon = dated & (c["expected_next_order"] <= pd.Timestamp(page.profile.as_of)
-                    + pd.Timedelta(days=page.horizon))
+    until = pd.Timestamp(page.profile.as_of) + pd.Timedelta(days=page.horizon)
+    o = page.customers.frame(
+        "SELECT count(predicted_clv) AS valued, coalesce(fsum(predicted_clv), 0) AS total, "
+        "count(expected_next_order) AS dated, count(*) - count(expected_next_order) AS never, "
+        "count_if(expected_next_order <= $until) AS soon FROM customers",
+        {"until": until.to_pydatetime()}).iloc[0]
+    if not o["valued"]:
+        return []
     return [paragraph(
         "Each customer's expected date of next order and lifetime value are in the lists and "
         "the customer table, from a model of each customer's purchase rhythm and basket "
@@ -893,8 +941,8 @@ def _outlook(page: Page) -> list[Block]:
         "not ordered again. {soon:,} customers are expected to order within the next {h} days; "
         "{never:,} are not expected to order again within two years.",
         m=models.CLV_MONTHS, d=models.CLV_MONTHLY_DISCOUNT,
-        total=money(c["predicted_clv"].sum(), page), soon=int(soon.sum()), h=page.horizon,
-        never=int((~dated).sum()))]
+        total=money(float(o["total"]), page), soon=int(o["soon"]), h=page.horizon,
+        never=int(o["never"]))]
 
 
 def actions(page: Page) -> list[Block]:
@@ -1079,20 +1127,11 @@ def _learned_sentence(summary: dict | None, page: Page) -> str:
     return "".join(out)
 
 
-def _with_texts(page: Page, rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """``columns`` of ``rows`` (a few customers a table shows), those the page does not
-    hold (texts: it reads none for everyone) read from the run store for them alone."""
-    texts = [c for c in columns if c not in rows]
-    if not texts:
-        return rows[columns]
-    read = RunStore(page.processed_dir).read_customers(["customer_id", *texts],
-                                                       ids=rows["customer_id"])
-    return rows.merge(read, on="customer_id", how="left")[columns]
-
-
 def segment_by_action(page: Page) -> pd.DataFrame:
     """Customers per segment (rows) and action (columns)."""
-    table = pd.crosstab(page.customers["segment"], page.customers["action"])
+    table = page.customers.crosstab(
+        "SELECT segment, action, count(*) AS n FROM customers "
+        "WHERE segment IS NOT NULL AND action IS NOT NULL GROUP BY ALL")
     table.columns.name = None
     return table.rename_axis("Segment")
 
@@ -1100,7 +1139,10 @@ def segment_by_action(page: Page) -> pd.DataFrame:
 def phaseout(page: Page) -> list[Block]:
     """Section 7: the phase-out review with its guardrails, and the fairness audit."""
     d, cfg = page.decisions, page.config
-    listed = page.customers[page.customers["phaseout_candidate"].fillna(False).astype(bool)]
+    listed = page.customers.frame(
+        "SELECT count(*) AS n, coalesce(fsum(expected_revenue), 0) AS revenue, "
+        "coalesce(fsum(expected_profit), 0) AS profit FROM customers "
+        "WHERE phaseout_candidate").iloc[0]
     g = d.guardrails
     single = int(g["customers_remaining"].iloc[0])
     out: list[Block] = [heading("7. Phase-out review")]
@@ -1114,7 +1156,7 @@ def phaseout(page: Page) -> list[Block]:
             "on, never an automatic termination). Without an order history, 'unprofitable over "
             "time' means that the customer's lifetime average margin is below the monthly cost "
             "to serve. On a single snapshot {single:,} customers look unprofitable.",
-            n=len(listed), single=single))
+            n=int(listed["n"]), single=single))
     else:
         out.append(paragraph(
             "{n:,} customers are proposed for a phase-out review: a list with reasons for a "
@@ -1122,17 +1164,19 @@ def phaseout(page: Page) -> list[Block]:
             "revenue over the next {h} days and cost {cost} more to serve than they bring in "
             "margin. On a single snapshot {single:,} customers look unprofitable; requiring it "
             "over {k} periods, low potential, tenure and no recent complaint keeps {kept:,} of "
-            "them off the list.", n=len(listed), rev=money(listed["expected_revenue"].sum(), page),
-            h=page.horizon, cost=money(-listed["expected_profit"].sum() + 0.0, page),
-            single=single, k=cfg.strategy.phaseout_periods, kept=single - len(listed)))
+            "them off the list.", n=int(listed["n"]), rev=money(float(listed["revenue"]), page),
+            h=page.horizon, cost=money(-float(listed["profit"]) + 0.0, page),
+            single=single, k=cfg.strategy.phaseout_periods, kept=single - int(listed["n"])))
         if not page.inputs["interactions"]:
             out.append(absent_note("interactions", cfg))
     out.append(html_table(g, formats={"customers_remaining": ",", "kept_off": ","}, labels={
         "step": "Guardrail", "customers_remaining": "Customers still on the list",
         "kept_off": "Kept off by this step"}))
     if not page.snapshot:
-        out.append(html_table(_with_texts(page, listed.head(10), [
-                                  "customer_id", "expected_profit", "phaseout_reasons"]),
+        first = page.customers.frame(
+            "SELECT customer_id, expected_profit, phaseout_reasons FROM customers "
+            f"WHERE phaseout_candidate ORDER BY {', '.join(ORDER_COLUMNS)} LIMIT 10")
+        out.append(html_table(first,
                               formats={"expected_profit": ",.2f"},
                               labels={"customer_id": "Customer",
                                       "expected_profit": _money_label("Expected profit", page),

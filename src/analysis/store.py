@@ -38,10 +38,13 @@ from analysis.memory import spill_directory
 
 __all__ = [
     "CUSTOMER_COLUMNS_FIRST",
+    "CustomerView",
     "ORDER_COLUMNS",
     "STREAM_ROWS",
     "RunStore",
     "duck_connection",
+    "sql_name",
+    "sql_text",
 ]
 
 #: Columns shown first in the run's customer table (the DESIGN's contract first).
@@ -245,9 +248,9 @@ class RunStore:
         types = self._types(wanted)
         categories = self._categories(types)
         keys = [c for c in (*largest_first, *([where[0]] if where else [])) if c not in wanted]
-        order = [f"{_sql_name(c)} DESC NULLS LAST" for c in largest_first]
+        order = [f"{sql_name(c)} DESC NULLS LAST" for c in largest_first]
         query = (f"SELECT * FROM ({self.joined_sql([*wanted, *keys])})"
-                 + (f" WHERE {_sql_name(where[0])} IS NOT DISTINCT FROM $value" if where else "")
+                 + (f" WHERE {sql_name(where[0])} IS NOT DISTINCT FROM $value" if where else "")
                  + f" ORDER BY {', '.join([*order, *ORDER_COLUMNS])}")
         con = duck_connection(memory_limit)
         try:
@@ -294,7 +297,7 @@ class RunStore:
             else:
                 joins.append(f"LEFT JOIN read_parquet({_sql_text_list(files)}) AS t{i} "
                              f'ON t{i}."customer_id" = t0."customer_id"')
-            selected += [f"t{i}.{_sql_name(stored)} AS {_sql_name(shown)}"
+            selected += [f"t{i}.{sql_name(stored)} AS {sql_name(shown)}"
                          for stored, shown in names.items()]
         # (the file's place among the profile's files, and the row's in its file)
         selected += [f"list_position({_sql_text_list(first)}, t0.filename) AS {ORDER_COLUMNS[0]}",
@@ -398,6 +401,58 @@ class RunStore:
         return read_columns(self.profile_table, columns, filters=filters)
 
 
+class CustomerView:
+    """A run's customer table as a DuckDB view, ``customers``, over the steps' Parquet
+    files (:meth:`RunStore.joined_sql`: its ``columns``, and the profile's order as
+    :data:`ORDER_COLUMNS`), queried where it lies, out of core: a reader receives the
+    aggregates and the few rows it asks for, never the table, whatever the number of
+    customers and whichever engine wrote it."""
+
+    def __init__(self, store: RunStore, columns: list[str] | tuple[str, ...] | None = None,
+                 *, memory_limit: str | None = None):
+        self.store = store
+        self.columns = store.wanted(columns)
+        self._con = duck_connection(memory_limit)
+        self._con.execute(f"CREATE TEMP VIEW customers AS {store.joined_sql(self.columns)}")
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> CustomerView:
+        """The view of a customer table already in memory (a small one: a test's)."""
+        view = cls.__new__(cls)
+        view.store, view.columns = None, list(frame.columns)
+        view._con = duck_connection()
+        view._con.register("_customers", frame)
+        view._con.execute(f"CREATE TEMP VIEW customers AS SELECT *, 1 AS {ORDER_COLUMNS[0]}, "
+                          f"row_number() OVER () AS {ORDER_COLUMNS[1]} FROM _customers")
+        return view
+
+    def __contains__(self, column: str) -> bool:
+        return column in self.columns
+
+    def frame(self, query: str, params: dict | None = None) -> pd.DataFrame:
+        """The result of ``query`` (SQL over ``customers``, with ``$name`` parameters)."""
+        return self._con.execute(query, params).df()
+
+    def crosstab(self, query: str, params: dict | None = None) -> pd.DataFrame:
+        """``query``'s counts (three columns: a row label, a column label, a count) as a
+        table, as :func:`pandas.crosstab` of the customers gives it: labels sorted, 0
+        where none, the first two columns' names as the axes' names."""
+        counts = self.frame(query, params)
+        rows, columns, n = counts.columns
+        return (counts.pivot(index=rows, columns=columns, values=n).fillna(0).astype("int64")
+                .sort_index().sort_index(axis=1))
+
+    def register(self, name: str, frame: pd.DataFrame) -> None:
+        """Make ``frame`` a table ``name`` that queries can join (a sample the driver
+        already holds)."""
+        self._con.register(name, frame)
+
+
+def sql_text(text: str) -> str:
+    """``text`` as a SQL string literal."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
 def duck_connection(memory_limit: str | None = None):
     """A DuckDB connection for reading a run store out of core: within ``memory_limit``
     (DuckDB's own default when None), spilling to :func:`analysis.memory.spill_directory`."""
@@ -427,12 +482,13 @@ def _typed(batch: pa.RecordBatch, types: pa.Schema, categories: dict[str, pa.Arr
     return pa.Table.from_arrays(columns, schema=types).to_pandas()
 
 
-def _sql_name(name: str) -> str:
+def sql_name(name: str) -> str:
+    """``name`` as a SQL identifier (quoted)."""
     return '"' + name.replace('"', '""') + '"'
 
 
 def _sql_text_list(texts: list[str]) -> str:
-    return "[" + ", ".join("'" + t.replace("'", "''") + "'" for t in texts) + "]"
+    return "[" + ", ".join(sql_text(t) for t in texts) + "]"
 
 
 def _schema(path: Path):
