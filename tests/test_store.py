@@ -241,3 +241,18 @@ def test_a_later_step_holding_a_customer_twice_stops_the_stream(tmp_path):
     twice.to_parquet(store.decisions_table / "part-00009.parquet", index=False)
     with pytest.raises(ValueError, match="1 customers have more than one row"):
         list(store.stream())
+
+
+def test_the_first_and_the_largest_are_found_where_the_table_lies(tmp_path):
+    """head and largest read a few customers (DuckDB's top rows), as pandas would pick
+    them from the whole table: the profile's order; largest first, ties in the profile's
+    order, none without a value."""
+    store = _store_in_parts(tmp_path)
+    whole = store.read_customers()
+    some = ["customer_id", "segment", "reasons"]
+    pd.testing.assert_frame_equal(store.head(7, some), whole[some].head(7))
+    top = store.largest("incremental_profit", 9, some)
+    expected = whole.nlargest(9, "incremental_profit", keep="first")[some]
+    pd.testing.assert_frame_equal(top, expected.reset_index(drop=True))
+    assert len(store.largest("incremental_profit", 1_000, some)) == \
+        whole["incremental_profit"].notna().sum()

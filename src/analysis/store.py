@@ -215,21 +215,23 @@ class RunStore:
     def largest(self, column: str, n: int, columns: list[str] | tuple[str, ...] | None = None
                 ) -> pd.DataFrame:
         """The ``n`` customers with the largest ``column`` (the first in the profile's
-        order among equals), largest first, with ``columns`` (all when None): only
-        ``column`` is read for everyone, the rest for those ``n`` (a page's list of a
-        large base)."""
-        ranked = self.read_customers(["customer_id", column]).nlargest(n, column,
-                                                                       keep="first")
+        order among equals; none without one), largest first, with ``columns`` (all when
+        None): a page's list of a large base, found where the table lies (:meth:`stream`)."""
         columns = self.customer_columns() if columns is None else list(columns)
-        rows = self.read_customers(list(dict.fromkeys(["customer_id", *columns])),
-                                   ids=ranked["customer_id"]).set_index("customer_id",
-                                                                        drop=False)
-        return rows.loc[ranked["customer_id"].to_numpy(), columns].reset_index(drop=True)
+        rows = pd.concat(self.stream([*dict.fromkeys([*columns, column])],
+                                     largest_first=(column,), limit=n), ignore_index=True)
+        return rows[rows[column].notna()][columns].reset_index(drop=True)
+
+    def head(self, n: int, columns: list[str] | tuple[str, ...] | None = None
+             ) -> pd.DataFrame:
+        """The first ``n`` customers in the profile's order, with ``columns`` (all when
+        None), read where the table lies (:meth:`stream`)."""
+        return pd.concat(self.stream(columns, limit=n), ignore_index=True)
 
     def stream(self, columns: list[str] | tuple[str, ...] | None = None, *,
                where: tuple[str, object] | None = None, largest_first: tuple[str, ...] = (),
-               rows: int | None = None, memory_limit: str | None = None
-               ) -> Iterator[pd.DataFrame]:
+               limit: int | None = None, rows: int | None = None,
+               memory_limit: str | None = None) -> Iterator[pd.DataFrame]:
         """The joined table, as :meth:`read_customers` reads it (the same columns, values
         and types), in frames of at most ``rows`` customers, for a table too large to
         hold: DuckDB joins the steps' Parquet files out of core (within ``memory_limit``,
@@ -238,8 +240,9 @@ class RunStore:
 
         ``where``: only the customers whose (column, value) is that value. Rows come in
         the profile's order, or by ``largest_first`` (each column largest first, missing
-        last, then the profile's order); ``rows``: :data:`STREAM_ROWS` when None. At
-        least one frame comes, empty when no customer does. Raises as
+        last, then the profile's order), the first ``limit`` only when given; ``rows``:
+        :data:`STREAM_ROWS` when None. At least one frame comes, empty when no customer
+        does. Raises as
         :meth:`joined_sql` does.
         """
         wanted = self.wanted(columns)
@@ -251,7 +254,8 @@ class RunStore:
         order = [f"{sql_name(c)} DESC NULLS LAST" for c in largest_first]
         query = (f"SELECT * FROM ({self.joined_sql([*wanted, *keys])})"
                  + (f" WHERE {sql_name(where[0])} IS NOT DISTINCT FROM $value" if where else "")
-                 + f" ORDER BY {', '.join([*order, *ORDER_COLUMNS])}")
+                 + f" ORDER BY {', '.join([*order, *ORDER_COLUMNS])}"
+                 + (f" LIMIT {int(limit)}" if limit is not None else ""))
         con = duck_connection(memory_limit)
         try:
             reader = con.sql(query, params={"value": where[1]} if where else None
