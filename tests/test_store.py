@@ -169,10 +169,12 @@ def test_a_profile_table_written_as_part_files_is_read_as_one(tmp_path):
                                    "churn_probability": [0.1, 0.2, 0.3]}
 
 
-def _store_in_parts(folder, n=23):
-    """A run store whose later steps' tables are in other orders than the profile's, the
-    decisions in part files (as Spark's executors write them): categories and texts,
-    missing values, ties, a customer with no score, a text a spreadsheet would run."""
+def _store_in_parts(folder, n=23, *, lined_up=False):
+    """A run store whose later steps' tables are in other orders than the profile's (in
+    its order when ``lined_up``, as the steps write them), the decisions in part files
+    (as Spark's executors write them): categories and texts, missing values, ties, a
+    customer with no score (every customer scored when lined up), a text a spreadsheet
+    would run."""
     import numpy as np
 
     rng = np.random.default_rng(3)
@@ -183,49 +185,61 @@ def _store_in_parts(folder, n=23):
         "segment": pd.Categorical(rng.choice(["Loyal", "New", "=Lost"], n)),
         "spend_365d": rng.integers(0, 4, n).astype(float),
         "active": rng.random(n) < 0.5}))
-    scored = [i for i in ids if i != ids[4]][::-1]
+    scored = ids if lined_up else [i for i in ids if i != ids[4]][::-1]
     store.write_scores(pd.DataFrame({
         "customer_id": scored, "churn_probability": rng.choice([0.1, 0.5, np.nan], len(scored)),
         "churn_reasons": [f"why {i}" if k % 3 else None for k, i in enumerate(scored)]}))
     decided = pd.DataFrame({
-        "customer_id": sorted(ids), "action": rng.choice(["Retain", "Grow", "Win back"], n),
+        "customer_id": ids if lined_up else sorted(ids),
+        "action": rng.choice(["Retain", "Grow", "Win back"], n),
         "incremental_profit": rng.choice([0.0, 1.0, 2.5, np.nan], n)})
     store.decisions_table.mkdir(parents=True)
-    for k, part in enumerate((decided.iloc[12:], decided.iloc[:12])):
+    for k, part in enumerate((decided.iloc[:9], decided.iloc[9:]) if lined_up
+                             else (decided.iloc[12:], decided.iloc[:12])):
         part.to_parquet(store.decisions_table / f"part-{k:05d}.parquet", index=False)
     return store
 
 
-def test_the_table_streamed_in_parts_is_the_table_read_whole(tmp_path):
-    """Streamed a few customers at a time, joined by DuckDB, the table is what
+@pytest.mark.parametrize("lined_up", [False, True])
+def test_the_table_streamed_in_parts_is_the_table_read_whole(tmp_path, monkeypatch, lined_up):
+    """Streamed a few customers at a time (joined by DuckDB; read side by side where the
+    steps' tables hold the customers in the profile's order), the table is what
     read_customers reads (the same rows in the same order, values and types); a list
     filtered and sorted largest first, missing last, ties in the profile's order, is the
     pandas sort of it."""
-    store = _store_in_parts(tmp_path)
+    from analysis import store as store_module
+
+    store = _store_in_parts(tmp_path, lined_up=lined_up)
+    joins = []
+    real = store_module.duck_connection
+    monkeypatch.setattr(store_module, "duck_connection",
+                        lambda *a, **k: joins.append(1) or real(*a, **k))
     whole = store.read_customers()
     parts = list(store.stream(rows=5))
     assert len(parts) == 5 and max(len(p) for p in parts) == 5
     assert all(p.dtypes.equals(whole.dtypes) for p in parts)
     pd.testing.assert_frame_equal(pd.concat(parts, ignore_index=True), whole)
+    assert bool(joins) != lined_up           # (DuckDB joined the tables unless lined up)
     some = ["customer_id", "incremental_profit", "reasons", "segment"]
-    for action in ("Retain", "Grow", "Nowhere"):
-        listed = pd.concat(store.stream(some, where=("action", action), rows=4,
-                                        largest_first=("incremental_profit", "churn_probability")),
-                           ignore_index=True)
-        expected = whole[whole["action"] == action].sort_values(
-            ["incremental_profit", "churn_probability"], ascending=False, kind="stable")
-        pd.testing.assert_frame_equal(listed, expected[some].reset_index(drop=True))
+    listed = pd.concat(store.stream(some, grouped_by="action", rows=4,
+                                    largest_first=("incremental_profit", "churn_probability")),
+                       ignore_index=True)
+    expected = pd.concat(whole[whole["action"] == action].sort_values(
+        ["incremental_profit", "churn_probability"], ascending=False, kind="stable")
+        for action in sorted(whole["action"].unique()))
+    pd.testing.assert_frame_equal(listed, expected[some].reset_index(drop=True))
     assert store.known("reasons") == whole["reasons"].notna().sum() > 0
     assert store.known("no_such_column") == 0
 
 
-def test_the_export_streamed_is_the_export_written_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("lined_up", [False, True])
+def test_the_export_streamed_is_the_export_written_whole(tmp_path, monkeypatch, lined_up):
     """customers.csv written a part at a time is, to the byte, write_csv of the whole
     table (header once, formulas neutralised), and customers.parquet reads back as it."""
     from analysis import data
     from analysis import store as store_module
 
-    store = _store_in_parts(tmp_path)
+    store = _store_in_parts(tmp_path, lined_up=lined_up)
     whole = store.read_customers()
     data.write_csv(tmp_path / "whole.csv", whole)
     monkeypatch.setattr(store_module, "STREAM_ROWS", 4)       # (6 parts)

@@ -18,6 +18,7 @@ Terms:
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -1518,7 +1519,8 @@ def write_lists(processed_dir: str | Path, out_dir: str | Path, *,
     churn risk) and ``alerts.csv`` (every early warning with the rule that fired and the
     customer's action), written for spreadsheets (:func:`analysis.data.write_csv`). Each
     list is streamed from the run store (:meth:`RunStore.stream`, DuckDB within
-    ``memory_limit``), so no list is held whole, whatever the number of customers.
+    ``memory_limit``, in one pass), so no list is held whole, whatever the number of
+    customers.
 
     Returns
     -------
@@ -1528,19 +1530,17 @@ def write_lists(processed_dir: str | Path, out_dir: str | Path, *,
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
     store = RunStore(processed_dir)
     columns = store.wanted(LIST_COLUMNS)
-    acts = pd.read_parquet(processed_dir / "strategy" / "actions.parquet",
-                           columns=["action", "customers"])
+    # (one pass: the customers sorted by action, then as each list has them, a part at a
+    # time; each action's parts go to its file)
+    parts = ((str(action), part)
+             for frame in store.stream(columns, grouped_by="action", memory_limit=memory_limit,
+                                       largest_first=("incremental_profit", "churn_probability"))
+             for action, part in frame.groupby("action", sort=False))
     written = {}
-    for action in sorted(acts.loc[acts["customers"] > 0, "action"].astype(str)):
+    for action, group in itertools.groupby(parts, key=lambda pair: pair[0]):
         counted = []
-
-        def frames(action=action, counted=counted):
-            for frame in store.stream(columns, where=("action", action),
-                                      largest_first=("incremental_profit", "churn_probability"),
-                                      memory_limit=memory_limit):
-                counted.append(len(frame))
-                yield frame
-        data.write_csv_frames(out_dir / list_name(action), frames())
+        data.write_csv_frames(out_dir / list_name(action),
+                              (counted.append(len(part)) or part for _, part in group))
         written[list_name(action)] = sum(counted)
     alerts = pd.read_parquet(processed_dir / "strategy" / "alerts.parquet")
     alerts = alerts.merge(store.read_customers(["customer_id", "action"],
