@@ -47,9 +47,15 @@ def test_kpi_deltas_migration_and_new_alerts():
 def test_run_kpis_quote_the_methods_that_scored(tmp_path):
     import json
 
-    pd.DataFrame({"lifecycle_stage": ["active", "lost"], "spend_365d": [10.0, 0.0],
-                  "value_tier": ["high", "low"], "churn_probability": [0.6, 0.2],
-                  "predicted_value": [5.0, 0.0]}).to_parquet(tmp_path / "customers.parquet")
+    # (a run written before the run store: its export alone; a spend unknown, a refund)
+    pd.DataFrame({"customer_id": list("abcde"),
+                  "lifecycle_stage": ["active", "lost", "active", "at risk", "new"],
+                  "spend_365d": [10.0, 0.0, np.nan, -3.0, 4.0],
+                  "value_tier": ["high", "low", "high", "mid", "low"],
+                  "churn_probability": [0.6, 0.2, 0.5, np.nan, 0.9],
+                  "predicted_value": [5.0, 0.0, np.nan, 1.0, 2.0],
+                  "phaseout_candidate": [False, True, None, False, True]}).to_parquet(
+        tmp_path / "customers.parquet")
     (tmp_path / "profile.json").write_text(json.dumps({"as_of": "2026-01-01"}))
     models = {"churn": {"model": {"roc_auc": 0.80}, "blend": {"roc_auc": 0.85},
                         "chosen": "blend", "selection": {}},
@@ -58,6 +64,16 @@ def test_run_kpis_quote_the_methods_that_scored(tmp_path):
     (tmp_path / "models.json").write_text(json.dumps(models))
     kpis = M.run_kpis(tmp_path)
     assert kpis["churn_auc"] == 0.85 and kpis["value_mae"] == 4.0
+    # counted where the table lies: spends below 0 count as 0, unknown ones not at all;
+    # at risk: 50 %+ among the active (new, active, past their rhythm)
+    assert {k: kpis[k] for k in ("customers", "active_customers", "revenue_12m",
+                                 "top20_revenue_share", "high_value_customers",
+                                 "at_risk_customers", "predicted_value", "revenue_at_risk",
+                                 "phaseout_customers")} \
+        == {"customers": 5, "active_customers": 4, "revenue_12m": 14.0,
+            "top20_revenue_share": pytest.approx(10 / 14), "high_value_customers": 2,
+            "at_risk_customers": 3, "predicted_value": 8.0, "revenue_at_risk": 14.0,
+            "phaseout_customers": 2}
     # a run written before the choice existed was scored by XGBoost
     for kind in ("churn", "value"):
         del models[kind]["chosen"]

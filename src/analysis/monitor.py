@@ -19,7 +19,7 @@ from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
 from analysis.engine import as_engine
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH
-from analysis.store import CustomerView, RunStore, sql_name
+from analysis.store import CustomerView, RunStore, sql_name, sql_text
 
 __all__ = ["append_history", "drift_bins", "drift_counts", "feature_drift", "kpi_deltas",
            "migration_matrix", "monthly_trend", "new_alerts", "population_stability",
@@ -41,27 +41,44 @@ def run_kpis(processed_dir: str | Path) -> dict:
         ``phaseout_customers``, ``campaign_profit`` (those that exist).
     """
     folder = Path(processed_dir)
-    c = RunStore(folder).read_customers(["lifecycle_stage", "spend_365d", "value_tier", "complaints_90d",
-                                "churn_probability", "predicted_value", "phaseout_candidate"])
+    # (counted where the customer table lies: DuckDB over the run store)
+    c = CustomerView(RunStore(folder), ["lifecycle_stage", "spend_365d", "value_tier",
+                                        "complaints_90d", "churn_probability",
+                                        "predicted_value", "phaseout_candidate"])
     profile = json.loads((folder / "profile.json").read_text())
-    active = c["lifecycle_stage"].isin(ACTIVE_STAGES)
-    spend = c["spend_365d"].clip(lower=0).sort_values(ascending=False)
-    top = spend.head(max(1, round(0.2 * len(spend)))).sum() / spend.sum() if spend.sum() else 0
-    out = {"as_of": profile["as_of"], "customers": int(len(c)),
-           "active_customers": int(active.sum())}
+    active = f"lifecycle_stage IN ({', '.join(sql_text(s) for s in ACTIVE_STAGES)})"
+    risk = f"churn_probability >= 0.5 AND {active}"
+    n = c.frame(
+        f"SELECT count(*) AS customers, count_if({active}) AS active, "
+        "count(spend_365d) AS spend_known, fsum(greatest(spend_365d, 0)) AS spend, "
+        f"count_if(value_tier = {sql_text(TIER_HIGH)}) AS high, "
+        + ("favg(CASE WHEN complaints_90d > 0 THEN 1.0 ELSE 0.0 END) AS complaints, "
+           if "complaints_90d" in c else "")
+        + ("count(churn_probability) AS risk_known, "
+           f"count_if({risk}) AS at_risk, coalesce(fsum(predicted_value), 0) AS predicted, "
+           f"coalesce(fsum(greatest(spend_365d, 0)) FILTER (WHERE {risk}), 0) "
+           "AS spend_at_risk, "
+           if "churn_probability" in c else "")
+        + "NULL AS _ FROM customers").iloc[0]
+    # the top 20 % of customers by their spend (a spend of 0 where none is known)
+    top = c.frame(f"SELECT coalesce(fsum(s), 0) FROM (SELECT greatest(spend_365d, 0) AS s FROM customers "
+                  f"ORDER BY s DESC NULLS LAST LIMIT {max(1, round(0.2 * n['customers']))})"
+                  ).iloc[0, 0]
+    spend = float(n["spend"]) if n["spend_known"] else 0.0
+    out = {"as_of": profile["as_of"], "customers": int(n["customers"]),
+           "active_customers": int(n["active"])}
     # a snapshot without revenue has no revenue figure to compare: none is recorded
-    known = bool(c["spend_365d"].notna().any())
+    known = bool(n["spend_known"])
     if known:
-        out.update(revenue_12m=float(spend.sum()), top20_revenue_share=float(top),
-                   high_value_customers=int((c["value_tier"] == TIER_HIGH).sum()))
+        out.update(revenue_12m=spend, top20_revenue_share=float(top) / spend if spend else 0,
+                   high_value_customers=int(n["high"]))
     if "complaints_90d" in c:
-        out["complaint_rate"] = float((c["complaints_90d"] > 0).mean())
-    if "churn_probability" in c and c["churn_probability"].notna().any():
-        risk = (c["churn_probability"] >= 0.5) & active
-        out["at_risk_customers"] = int(risk.sum())
+        out["complaint_rate"] = float(n["complaints"])
+    if "churn_probability" in c and n["risk_known"]:
+        out["at_risk_customers"] = int(n["at_risk"])
         if known:
-            out.update(predicted_value=float(c["predicted_value"].sum()),
-                       revenue_at_risk=float(c.loc[risk, "spend_365d"].clip(lower=0).sum()))
+            out.update(predicted_value=float(n["predicted"]),
+                       revenue_at_risk=float(n["spend_at_risk"]))
     models = folder / "models.json"
     if models.is_file():
         m = json.loads(models.read_text())
@@ -74,7 +91,8 @@ def run_kpis(processed_dir: str | Path) -> dict:
         if "value" in m:
             out["value_mae"] = m["value"][m["value"].get("chosen", "model")]["mae"]
     if "phaseout_candidate" in c:
-        out["phaseout_customers"] = int(c["phaseout_candidate"].fillna(False).sum())
+        out["phaseout_customers"] = int(c.frame(
+            "SELECT count_if(phaseout_candidate) FROM customers").iloc[0, 0])
     retention = folder / "strategy" / "retention.json"
     if retention.is_file():
         profit = json.loads(retention.read_text())["max_expected_profit"]
