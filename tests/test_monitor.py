@@ -17,16 +17,45 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
     assert drift["level"].tolist() == ["large shift", "stable"]
 
 
-def test_realized_outcomes_of_an_earlier_run():
-    previous = pd.DataFrame({"customer_id": list("abcd"),
-                             "churn_probability": [0.9, 0.8, 0.2, 0.1],
-                             "predicted_value": [0.0, 10.0, 50.0, 40.0]})
-    actual = pd.DataFrame({"customer_id": list("abcd"), "churned": [1, 1, 0, 0],
-                           "future_spend": [0.0, 0.0, 60.0, 40.0]})
-    out = M.realized_outcomes(previous, actual)
-    assert out["churn_auc"] == 1.0 and out["observed_churn_rate"] == 0.5
-    assert out["value_mae"] == pytest.approx((0 + 10 + 10 + 0) / 4)
-    assert out["actual_total"] == 100.0
+def test_realized_outcomes_of_an_earlier_run(tmp_path):
+    """Counted where the tables lie (an earlier run's store, the labels' Parquet file):
+    the AUC is scikit-learn's, ties among the probabilities counted half; customers
+    without a probability, or not in both, do not count."""
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    from analysis.store import RunStore
+
+    rng = np.random.default_rng(4)
+    n = 3_000
+    ids = [f"c{i:04d}" for i in range(n)]
+    store = RunStore(tmp_path / "run")
+    store.write_profile_table(pd.DataFrame({"customer_id": ids}))
+    churn = rng.choice(np.linspace(0.05, 0.95, 19), n)          # many ties
+    churn[:7] = np.nan
+    value = rng.gamma(2.0, 20.0, n)
+    value[7:20] = np.nan
+    store.write_scores(pd.DataFrame({"customer_id": ids, "churn_probability": churn,
+                                     "predicted_value": value}))
+    churned = (rng.random(n) < churn).astype(int)
+    actual = pd.DataFrame({"customer_id": ids, "churned": churned,
+                           "future_spend": rng.gamma(2.0, 20.0, n)}).iloc[50:]
+    actual.to_parquet(tmp_path / "actual.parquet", index=False)
+    out = M.realized_outcomes(store, tmp_path / "actual.parquet")
+    kept = pd.DataFrame({"customer_id": ids, "p": churn, "v": value}).merge(
+        actual, on="customer_id").dropna(subset=["p"])
+    y = kept["churned"].to_numpy()
+    assert out["customers"] == len(kept) == n - 50
+    assert out["churn_auc"] == pytest.approx(roc_auc_score(y, kept["p"]), abs=1e-12)
+    assert out["brier"] == pytest.approx(brier_score_loss(y, kept["p"]), rel=1e-12)
+    assert out["observed_churn_rate"] == pytest.approx(y.mean(), rel=1e-12)
+    assert out["predicted_churn_rate"] == pytest.approx(kept["p"].mean(), rel=1e-12)
+    assert out["value_mae"] == pytest.approx(
+        (kept["future_spend"] - kept["v"]).abs().mean(), rel=1e-12)
+    assert out["predicted_total"] == pytest.approx(kept["v"].sum(), rel=1e-12)
+    assert out["actual_total"] == pytest.approx(kept["future_spend"].sum(), rel=1e-12)
+    # one class only: no AUC
+    actual.assign(churned=0).to_parquet(tmp_path / "none.parquet", index=False)
+    assert np.isnan(M.realized_outcomes(store, tmp_path / "none.parquet")["churn_auc"])
 
 
 def test_kpi_deltas_migration_and_new_alerts():

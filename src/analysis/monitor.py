@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 
 from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
@@ -258,33 +259,55 @@ def _bin_counts(bins: tuple[np.ndarray, np.ndarray], values) -> np.ndarray:
     return np.histogram(a, bins[0])[0] if len(bins[0]) >= 3 else np.array([len(a)])
 
 
-def realized_outcomes(previous_customers: pd.DataFrame, actual: pd.DataFrame) -> dict:
-    """How an earlier run's predictions turned out, once its horizon has passed.
+def realized_outcomes(previous: RunStore, actual: str | Path, *,
+                      memory_limit: str | None = None) -> dict:
+    """How an earlier run's predictions turned out, once its horizon has passed, counted
+    where the tables lie (DuckDB over Parquet, out of core, whichever engine wrote them).
 
-    ``previous_customers`` holds that run's ``customer_id``, ``churn_probability`` and
-    ``predicted_value``; ``actual`` the labels observed since (``churned``,
-    ``future_spend`` from :func:`analysis.features.build_features` at that run's date).
+    ``previous`` is that run's store (its customers' ``churn_probability`` and
+    ``predicted_value``); ``actual`` a table of the labels observed since (``churned``,
+    ``future_spend``: :func:`analysis.features.write_features` at that run's date with
+    its horizon). The customers in both with a churn probability and a label count.
 
     Returns
     -------
     dict
-        ``customers``, ``churn_auc``, ``brier``, ``predicted_churn_rate``,
-        ``observed_churn_rate``, ``value_mae``, ``predicted_total``, ``actual_total``.
+        ``customers``, ``churn_auc`` (the Mann-Whitney statistic, ties counted half: as
+        scikit-learn's ``roc_auc_score``; NaN with one class only), ``brier``,
+        ``predicted_churn_rate``, ``observed_churn_rate``, ``value_mae``,
+        ``predicted_total``, ``actual_total``.
     """
-    from sklearn.metrics import brier_score_loss, roc_auc_score
+    from analysis.store import duck_connection
 
-    d = previous_customers[["customer_id", "churn_probability", "predicted_value"]].merge(
-        actual[["customer_id", "churned", "future_spend"]], on="customer_id")
-    y = d["churned"].to_numpy()
-    out = {"customers": int(len(d)),
-           "predicted_churn_rate": float(d["churn_probability"].mean()),
-           "observed_churn_rate": float(y.mean()),
-           "brier": float(brier_score_loss(y, d["churn_probability"])),
-           "value_mae": float((d["future_spend"] - d["predicted_value"]).abs().mean()),
-           "predicted_total": float(d["predicted_value"].sum()),
-           "actual_total": float(d["future_spend"].sum())}
-    out["churn_auc"] = float(roc_auc_score(y, d["churn_probability"])) if len(set(y)) == 2 \
-        else float("nan")
+    files = "[" + ", ".join(sql_text(f) for f in
+                            ds.dataset(actual, format="parquet").files) + "]"
+    con = duck_connection(memory_limit)
+    try:
+        con.execute(
+            "CREATE TEMP VIEW d AS SELECT p.churn_probability AS p, "
+            "p.predicted_value AS v, a.churned::DOUBLE AS y, a.future_spend AS s "
+            f"FROM ({previous.joined_sql(['churn_probability', 'predicted_value'])}) AS p "
+            f"JOIN read_parquet({files}) AS a ON a.customer_id = p.customer_id "
+            "WHERE p.churn_probability IS NOT NULL AND a.churned IS NOT NULL")
+        out = con.execute(
+            "SELECT count(*) AS customers, favg(p) AS predicted_churn_rate, "
+            "favg(y) AS observed_churn_rate, favg((p - y) * (p - y)) AS brier, "
+            "favg(abs(s - v)) AS value_mae, coalesce(fsum(v), 0) AS predicted_total, "
+            "coalesce(fsum(s), 0) AS actual_total, count_if(y = 1) AS n1 FROM d"
+        ).df().iloc[0].to_dict()
+        n1 = int(out.pop("n1"))
+        n0 = int(out["customers"]) - n1
+        # each churner's rank among all (ties: their mean rank), against the ranks they
+        # would have if every churner came first
+        ranks = con.execute(
+            "SELECT fsum(r) FROM (SELECT y, rank() OVER (ORDER BY p) "
+            "+ (count(*) OVER (PARTITION BY p) - 1) / 2.0 AS r FROM d) WHERE y = 1"
+        ).fetchone()[0]
+    finally:
+        con.close()
+    out = {k: (int(v) if k == "customers" else float(v)) for k, v in out.items()}
+    out["churn_auc"] = ((float(ranks) - n1 * (n1 + 1) / 2) / (n1 * n0) if n1 and n0
+                        else float("nan"))
     return out
 
 

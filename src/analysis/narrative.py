@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -646,17 +647,20 @@ def _turned_out(page: Page, history: pd.DataFrame) -> list[Block]:
     done = history[pd.to_datetime(history["as_of"]) + pd.Timedelta(days=h)
                    <= pd.Timestamp(page.profile.as_of)]
     done = done[[(root / r / "customers.parquet").is_file() for r in done["run_id"]]]
-    done = done[[RunStore(root / r).read_customers(["churn_probability"])["churn_probability"]
-                 .notna().any() for r in done["run_id"]]] if len(done) else done
+    done = done[[RunStore(root / r).known("churn_probability") > 0
+                 for r in done["run_id"]]] if len(done) else done
     if not len(done):
         return []
     earlier = done.sort_values("as_of").iloc[-1]
     con = features.connect_run(page.processed_dir, page.config)
-    actual = features.build_features(con, cutoff=pd.Timestamp(earlier["as_of"]).date(),
-                                     horizon_days=h)
-    past = RunStore(root / earlier["run_id"]).read_customers(
-        ["customer_id", "churn_probability", "predicted_value"])
-    real = monitor.realized_outcomes(past, actual)
+    # the labels since that run's date, written where the engine works (Spark's
+    # executors: a folder the run's driver reads) and compared where they lie
+    with tempfile.TemporaryDirectory(dir=page.processed_dir, prefix=".outcomes-") as tmp:
+        actual = Path(tmp) / "actual.parquet"
+        features.write_features(con, actual, cutoff=pd.Timestamp(earlier["as_of"]).date(),
+                                horizon_days=h)
+        real = monitor.realized_outcomes(RunStore(root / earlier["run_id"]), actual,
+                                         memory_limit=page.config.analysis.duckdb_memory_limit)
     return [paragraph(
         "How the run of {d} turned out, now that its {h} days have passed: it expected {pc:.0%} "
         "of its {n:,} customers to churn and {oc:.0%} did (AUC {auc:.3f}, Brier {b:.3f}); it "
