@@ -20,7 +20,7 @@ from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
 from analysis.engine import as_engine
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH
-from analysis.store import CustomerView, RunStore, sql_name, sql_text
+from analysis.store import CustomerView, RunStore, duck_connection, sql_name, sql_text
 
 __all__ = ["append_history", "drift_bins", "drift_counts", "feature_drift", "kpi_deltas",
            "migration_matrix", "monthly_trend", "new_alerts", "population_stability",
@@ -277,8 +277,6 @@ def realized_outcomes(previous: RunStore, actual: str | Path, *,
         ``predicted_churn_rate``, ``observed_churn_rate``, ``value_mae``,
         ``predicted_total``, ``actual_total``.
     """
-    from analysis.store import duck_connection
-
     files = "[" + ", ".join(sql_text(f) for f in
                             ds.dataset(actual, format="parquet").files) + "]"
     con = duck_connection(memory_limit)
