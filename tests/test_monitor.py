@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from analysis import monitor as M
-from analysis.store import CustomerView
+from analysis.store import CustomerView, RunStore
 
 
 def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
@@ -58,7 +58,7 @@ def test_realized_outcomes_of_an_earlier_run(tmp_path):
     assert np.isnan(M.realized_outcomes(store, tmp_path / "none.parquet")["churn_auc"])
 
 
-def test_kpi_deltas_migration_and_new_alerts():
+def test_kpi_deltas_migration_and_new_alerts(tmp_path):
     deltas = M.kpi_deltas({"customers": 110, "as_of": "x"}, {"customers": 100})
     assert deltas.to_dict("records") == [{"kpi": "customers", "previous": 100,
                                           "current": 110, "change": 10,
@@ -68,9 +68,24 @@ def test_kpi_deltas_migration_and_new_alerts():
     m = M.migration_matrix(CustomerView.of(now), before, column="tier")
     assert m.loc["high", "mid"] == 1 and m.loc["low", "(gone)"] == 1
     assert m.loc["(new)", "high"] == 1
-    old = pd.DataFrame({"customer_id": ["a"], "rule": ["overdue"]})
-    new = pd.DataFrame({"customer_id": ["a", "a"], "rule": ["overdue", "spend drop"]})
-    assert M.new_alerts(old, new)["rule"].tolist() == ["spend drop"]
+    # the warnings raised now and not before, counted per rule where they lie (the
+    # current run's as part files), most first, ties in the rules' order
+    runs = {}
+    for name, rows in {"old": [("a", "overdue"), ("b", "spend drop")],
+                       "new": [("a", "overdue"), ("c", "overdue"), ("a", "spend drop"),
+                               ("b", "spend drop"), ("d", "new complaint"),
+                               ("e", "new complaint")]}.items():
+        runs[name] = RunStore(tmp_path / name)
+        table = pd.DataFrame(rows, columns=["customer_id", "rule"]).assign(detail="x")
+        runs[name].alerts_table.mkdir(parents=True)
+        for k, part in enumerate((table.iloc[:3], table.iloc[3:])):
+            part.to_parquet(runs[name].alerts_table / f"part-{k}.parquet", index=False)
+    fresh = M.new_alerts(runs["old"].folder, runs["new"].folder)
+    assert list(zip(fresh["rule"], fresh["alerts"])) == [
+        ("new complaint", 2), ("overdue", 1), ("spend drop", 1)]
+    every = M.new_alerts(None, runs["new"].folder)
+    assert list(zip(every["rule"], every["alerts"])) == [
+        ("overdue", 2), ("spend drop", 2), ("new complaint", 2)]
 
 
 def test_run_kpis_quote_the_methods_that_scored(tmp_path):

@@ -650,8 +650,8 @@ def test_the_executors_decide_the_demo_as_the_driver_does(good_run, tmp_path, mo
                                       atol=1e-9, obj=name)
 
     same(here.customers, pd.read_parquet(store.decisions_table), "decisions")
-    for name in ("actions", "guardrails", "alerts", "fairness", "retention_effect",
-                 "margin_uplift"):
+    same(here.alerts, pd.read_parquet(store.alerts_table), "alerts")
+    for name in ("actions", "guardrails", "fairness", "retention_effect", "margin_uplift"):
         same(getattr(here, name), getattr(there, name), name)
 
     def close(a, b) -> bool:

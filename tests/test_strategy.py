@@ -445,8 +445,26 @@ def test_decisions_the_executors_wrote_as_part_files_are_read_as_one_table(tmp_p
     (folder / "_SUCCESS").write_text("")
     retain = out.loc[out["action"].str.startswith(S.RETAIN_PREFIX), "customer_id"]
     assert 0 < len(retain) < len(out)
-    S.write_strategy(dataclasses.replace(run, customers=None), tmp_path,
+    # the warnings too, in the rules' order, then by id
+    ids = sorted(out["customer_id"])
+    alerts = pd.DataFrame({"customer_id": [ids[0], ids[1], ids[2], ids[0], ids[3], ids[1]],
+                           "rule": ["overdue"] * 3 + ["spend drop"] * 2 + ["new complaint"],
+                           "detail": "x"})
+    store.alerts_table.mkdir(parents=True)
+    cut = 4
+    alerts.iloc[:cut].to_parquet(store.alerts_table / "part-00000.parquet", index=False)
+    alerts.iloc[cut:].to_parquet(store.alerts_table / "part-00001.parquet", index=False)
+    S.write_strategy(dataclasses.replace(run, customers=None, alerts=None), tmp_path,
                      campaign_ids=retain.tolist())
+    counted = S.alert_counts(tmp_path)
+    assert (counted["alerts"], counted["customers"]) == (len(alerts),
+                                                         alerts["customer_id"].nunique())
+    expected = alerts["rule"].value_counts()
+    assert counted["by_rule"].set_index("rule")["alerts"].to_dict() == expected.to_dict()
+    assert counted["by_rule"]["alerts"].is_monotonic_decreasing
+    pd.testing.assert_frame_equal(S.read_alerts(tmp_path, cut + 2),
+                                  alerts.head(cut + 2).reset_index(drop=True),
+                                  check_dtype=False)
     campaign = pd.read_csv(tmp_path / "strategy" / "campaign.csv", dtype={"customer_id": str})
     assert sorted(campaign["customer_id"]) == sorted(retain)
     back = S.read_strategy(tmp_path)

@@ -161,14 +161,28 @@ def migration_matrix(current: CustomerView, previous: RunStore | pd.DataFrame, *
     return table.rename_axis(index=f"{column} before", columns=f"{column} now")
 
 
-def new_alerts(previous: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
-    """Alerts (customer, rule) raised now that the previous run had not raised."""
-    if previous is None or previous.empty:
-        return current
-    seen = set(zip(previous["customer_id"], previous["rule"], strict=True))
-    keep = [(c, r) not in seen for c, r in zip(current["customer_id"], current["rule"],
-                                               strict=True)]
-    return current[keep].reset_index(drop=True)
+def new_alerts(previous: str | Path | None, current: str | Path) -> pd.DataFrame:
+    """Per rule, the early warnings (customer, rule) of the run in ``current`` (its
+    folder) that the run in ``previous`` had not raised (all of them when None, or when
+    it has no warnings), counted where they lie (DuckDB over the two tables): ``rule``,
+    ``alerts``; most first, ties in the current table's order (the rules')."""
+    def files(folder) -> str:
+        found = ds.dataset(RunStore(folder).alerts_table, format="parquet").files
+        return "[" + ", ".join(sql_text(f) for f in found) + "]"
+
+    before = (f"SELECT customer_id, rule FROM read_parquet({files(previous)})"
+              if previous is not None and RunStore(previous).alerts_table.exists()
+              else "SELECT NULL AS customer_id, NULL AS rule WHERE FALSE")
+    con = duck_connection()
+    try:
+        return con.execute(
+            f"SELECT rule, count(*) AS alerts FROM read_parquet({files(current)}, "
+            "filename = true, file_row_number = true) AS c "
+            f"WHERE NOT EXISTS (SELECT 1 FROM ({before}) AS p "
+            "WHERE p.customer_id = c.customer_id AND p.rule = c.rule) "
+            "GROUP BY rule ORDER BY alerts DESC, min(filename), min(file_row_number)").df()
+    finally:
+        con.close()
 
 
 def population_stability(expected, actual, *, bins: int = 10) -> float:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 from IPython.display import HTML, display
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
@@ -46,7 +47,14 @@ from analysis import (
 )
 from analysis.config import Config, load_config
 from analysis.markup import absent_note, heading, html_table, kpi_cards, link_list, paragraph
-from analysis.store import ORDER_COLUMNS, CustomerView, RunStore, sql_text
+from analysis.store import (
+    ORDER_COLUMNS,
+    STREAM_ROWS,
+    CustomerView,
+    RunStore,
+    duck_connection,
+    sql_text,
+)
 
 __all__ = [
     "LISTS_DIR",
@@ -516,12 +524,11 @@ def changes(page: Page) -> list[Block]:
                     - sum(segs.loc[s, s] for s in segs.index if s in segs.columns))
         out += [paragraph("{m:,} customers changed RFM segment (or arrived or left) since the "
                           "previous run.", m=moved), html_table(segs.reset_index())]
-        prev_alerts = prev / "strategy" / "alerts.parquet"
-        fresh = monitor.new_alerts(pd.read_parquet(prev_alerts) if prev_alerts.is_file()
-                                   else None, page.decisions.alerts)
+        fresh = monitor.new_alerts(prev, page.processed_dir)
         out.append(paragraph("{n:,} new early warnings since the previous run ({rules}).",
-                             n=len(fresh), rules=", ".join(
-                                 f"{k}: {v:,}" for k, v in fresh["rule"].value_counts().items())
+                             n=int(fresh["alerts"].sum()), rules=", ".join(
+                                 f"{k}: {v:,}" for k, v in zip(fresh["rule"], fresh["alerts"],
+                                                               strict=True))
                              or "none"))
     elif page.snapshot:
         out.append(paragraph("This is the first successful run with this configuration: there "
@@ -1546,13 +1553,33 @@ def write_lists(processed_dir: str | Path, out_dir: str | Path, *,
         data.write_csv_frames(out_dir / list_name(action),
                               (counted.append(len(part)) or part for _, part in group))
         written[list_name(action)] = sum(counted)
-    alerts = pd.read_parquet(processed_dir / "strategy" / "alerts.parquet")
-    alerts = alerts.merge(store.read_customers(["customer_id", "action"],
-                                               ids=alerts["customer_id"].unique()),
-                          on="customer_id", how="left")
-    data.write_csv(out_dir / "alerts.csv", alerts)
-    written["alerts.csv"] = len(alerts)
+    # every warning with its customer's action, in the warnings' order, a part at a time
+    files = ", ".join(sql_text(f) for f in ds.dataset(store.alerts_table,
+                                                      format="parquet").files)
+    con = duck_connection(memory_limit)
+    try:
+        reader = con.sql(
+            f"SELECT a.* EXCLUDE (filename, file_row_number), c.action "
+            f"FROM read_parquet([{files}], filename = true, file_row_number = true) AS a "
+            f"LEFT JOIN ({store.joined_sql(['action'])}) AS c ON c.customer_id = a.customer_id "
+            "ORDER BY a.filename, a.file_row_number").to_arrow_reader(STREAM_ROWS)
+        counted = []
+        data.write_csv_frames(out_dir / "alerts.csv", _at_least_one(
+            counted.append(batch.num_rows) or batch.to_pandas() for batch in reader))
+    finally:
+        con.close()
+    written["alerts.csv"] = sum(counted)
     return written
+
+
+def _at_least_one(frames):
+    """``frames``, or one empty frame when there is none (a CSV's header alone)."""
+    sent = False
+    for frame in frames:
+        sent = True
+        yield frame
+    if not sent:
+        yield pd.DataFrame(columns=["customer_id", "rule", "detail", "action"])
 
 
 def lists(page: Page) -> list[Block]:
@@ -1562,12 +1589,13 @@ def lists(page: Page) -> list[Block]:
     items = [(f"{action}: {n:,} customer{'s' if n != 1 else ''}",
               f"{LISTS_DIR}/{list_name(action)}")
              for action, n in acts.items() if (folder / list_name(action)).is_file()]
-    alerts = page.decisions.alerts
-    rules = alerts["rule"].value_counts()
     if (folder / "alerts.csv").is_file():
-        items.append((f"Early warnings: {len(alerts):,} on {alerts['customer_id'].nunique():,} "
-                      "customers" + (f" ({', '.join(f'{k} {v:,}' for k, v in rules.items())})"
-                                     if len(rules) else ""),
+        counted = strategy.alert_counts(page.processed_dir)
+        rules = counted["by_rule"]
+        said = ", ".join(f"{k} {v:,}" for k, v in zip(rules["rule"], rules["alerts"],
+                                                       strict=True))
+        items.append((f"Early warnings: {counted['alerts']:,} on {counted['customers']:,} "
+                      "customers" + (f" ({said})" if len(rules) else ""),
                       f"{LISTS_DIR}/alerts.csv"))
     if not items:
         return []

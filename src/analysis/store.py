@@ -90,6 +90,12 @@ class RunStore:
         return self.folder / "strategy" / "customers.parquet"
 
     @property
+    def alerts_table(self) -> Path:
+        """The strategy step's early warnings (a row per warning: customer, rule, detail;
+        in the rules' order, then by id)."""
+        return self.folder / "strategy" / "alerts.parquet"
+
+    @property
     def export(self) -> Path:
         """The joined customer table people read (``customers.parquet``)."""
         return self.folder / "customers.parquet"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 from scipy import stats
 
 from analysis.clv import RFM_SUMMARY_COLUMNS, fit_bgnbd, rfm_summary, summary_of_rows
@@ -46,7 +47,7 @@ from analysis.segments import (
     TIER_UNKNOWN,
     WIN_BACK_STAGES,
 )
-from analysis.store import RunStore
+from analysis.store import RunStore, duck_connection, sql_text
 from analysis.uplift import (
     BGNBD_FIT_CUSTOMERS,
     contact_value,
@@ -98,6 +99,8 @@ __all__ = [
     "measurement_window",
     "policy_table",
     "read_strategy",
+    "alert_counts",
+    "read_alerts",
     "write_strategy",
     "customer_economics",
     "early_warnings",
@@ -926,7 +929,7 @@ class StrategyRun:
     profit_curve: pd.DataFrame   # depth, cumulative_profit
     retention_effect: pd.DataFrame
     guardrails: pd.DataFrame
-    alerts: pd.DataFrame
+    alerts: pd.DataFrame | None    # (None where Spark's executors wrote them to the store)
     fairness: pd.DataFrame
     margin_uplift: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -1169,11 +1172,15 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
                                          previous=_previous_of(part, has_previous)
                                          ).astype(object)
 
-            alerts = eng.collect(with_previous.mapInPandas(
-                warn, "customer_id string, rule string, detail string"))
-            alerts = (alerts.assign(_r=alerts["rule"].map(ALERT_RULES.index))
-                      .sort_values(["_r", "customer_id"], kind="stable", ignore_index=True)
-                      .drop(columns="_r"))
+            # the warnings written by the executors, in the rules' order, then by id (as
+            # the driver's): their order key is the rule's place, two digits, then the id
+            rank = " ".join(f"WHEN '{r}' THEN {k}" for k, r in enumerate(ALERT_RULES))
+            warned = with_previous.mapInPandas(
+                warn, "customer_id string, rule string, detail string")
+            eng.write_parquet(
+                warned.withColumn("_order", fn.expr(
+                    f"concat(lpad(CAST(CASE rule {rank} END AS STRING), 2, '0'), customer_id)")),
+                store.alerts_table, order_by="_order", drop_order=True)
             eng.write_parquet(decided.select(*[f for f in decided.columns
                                                if not f.startswith("_")]),
                               store.decisions_table, order_by="customer_id")
@@ -1194,7 +1201,7 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
                       margin_uplift=valuation.uplift,
                       guardrails=_guardrail_rows([label for label, _ in GUARDRAIL_STEPS],
                                                  summary["passed"]),
-                      alerts=alerts, fairness=fairness)
+                      alerts=None, fairness=fairness)
     return run, campaign_ids
 
 
@@ -1888,7 +1895,8 @@ def write_strategy(run: StrategyRun, out_dir, *, campaign_ids: list[str] | None 
                  "alerts", "fairness"):
         frame = getattr(run, name)
         path = folder / f"{name}.parquet"
-        frame.to_parquet(path, index=False)
+        if frame is not None:        # (else the executors wrote it: the alerts on Spark)
+            frame.to_parquet(path, index=False)
         written[name] = path
     store = RunStore(out_dir)
     written["customers"] = (store.decisions_table if run.customers is None
@@ -1924,17 +1932,43 @@ def phaseout_list(out_dir) -> pd.DataFrame:
 
 
 def read_strategy(out_dir, *, customers: bool = True) -> StrategyRun:
-    """Read back what :func:`write_strategy` wrote: the decision table too when
-    ``customers`` (a row per customer; else ``customers`` is None, and a reader of a
-    large base reads the columns it needs from the run store)."""
+    """Read back what :func:`write_strategy` wrote: the decision table and the alerts too
+    when ``customers`` (a row per customer, a row per warning; else they are None, and a
+    reader of a large base reads what it needs from the run store, e.g.
+    :func:`alert_counts`)."""
     folder = Path(out_dir) / "strategy"
     frames = {name: pd.read_parquet(folder / f"{name}.parquet")
               for name in ("actions", "profit_curve", "retention_effect", "margin_uplift",
-                           "guardrails", "alerts", "fairness",
-                           *(["customers"] if customers else []))
+                           "guardrails", "fairness",
+                           *(["customers", "alerts"] if customers else []))
               if (folder / f"{name}.parquet").exists()}    # (or a folder of part files)
     return StrategyRun(retention=json.loads((folder / "retention.json").read_text()),
-                       **{"customers": None, **frames})
+                       **{"customers": None, "alerts": None, **frames})
+
+
+def alert_counts(out_dir) -> dict:
+    """A run's early warnings counted where they lie (DuckDB over the table): ``alerts``,
+    ``customers`` (with at least one) and ``by_rule`` (rule, alerts; most first, ties in
+    the rules' order)."""
+    files = ", ".join(sql_text(f) for f in
+                      ds.dataset(RunStore(out_dir).alerts_table, format="parquet").files)
+    con = duck_connection()
+    try:
+        con.execute(f"CREATE TEMP VIEW a AS SELECT *, filename AS _f, file_row_number AS _r "
+                    f"FROM read_parquet([{files}], filename = true, file_row_number = true)")
+        alerts, customers = con.execute(
+            "SELECT count(*), count(DISTINCT customer_id) FROM a").fetchone()
+        by_rule = con.execute(
+            "SELECT rule, count(*) AS alerts FROM a GROUP BY rule "
+            "ORDER BY alerts DESC, min(_f), min(_r)").df()
+    finally:
+        con.close()
+    return {"alerts": int(alerts), "customers": int(customers), "by_rule": by_rule}
+
+
+def read_alerts(out_dir, n: int) -> pd.DataFrame:
+    """A run's first ``n`` early warnings (only those are read)."""
+    return ds.dataset(RunStore(out_dir).alerts_table, format="parquet").head(n).to_pandas()
 
 
 def decide_snapshot(customers: pd.DataFrame, *, horizon_days: int, params: StrategyParams,
