@@ -43,28 +43,11 @@ def run_kpis(processed_dir: str | Path) -> dict:
     """
     folder = Path(processed_dir)
     # (counted where the customer table lies: DuckDB over the run store)
-    c = CustomerView(RunStore(folder), ["lifecycle_stage", "spend_365d", "value_tier",
-                                        "complaints_90d", "churn_probability",
-                                        "predicted_value", "phaseout_candidate"])
+    with CustomerView(RunStore(folder), ["lifecycle_stage", "spend_365d", "value_tier",
+                                         "complaints_90d", "churn_probability",
+                                         "predicted_value", "phaseout_candidate"]) as c:
+        n, top, phaseout = _kpi_counts(c)
     profile = json.loads((folder / "profile.json").read_text())
-    active = f"lifecycle_stage IN ({', '.join(sql_text(s) for s in ACTIVE_STAGES)})"
-    risk = f"churn_probability >= 0.5 AND {active}"
-    n = c.frame(
-        f"SELECT count(*) AS customers, count_if({active}) AS active, "
-        "count(spend_365d) AS spend_known, fsum(greatest(spend_365d, 0)) AS spend, "
-        f"count_if(value_tier = {sql_text(TIER_HIGH)}) AS high, "
-        + ("favg(CASE WHEN complaints_90d > 0 THEN 1.0 ELSE 0.0 END) AS complaints, "
-           if "complaints_90d" in c else "")
-        + ("count(churn_probability) AS risk_known, "
-           f"count_if({risk}) AS at_risk, coalesce(fsum(predicted_value), 0) AS predicted, "
-           f"coalesce(fsum(greatest(spend_365d, 0)) FILTER (WHERE {risk}), 0) "
-           "AS spend_at_risk, "
-           if "churn_probability" in c else "")
-        + "NULL AS _ FROM customers").iloc[0]
-    # the top 20 % of customers by their spend (a spend of 0 where none is known)
-    top = c.frame(f"SELECT coalesce(fsum(s), 0) FROM (SELECT greatest(spend_365d, 0) AS s FROM customers "
-                  f"ORDER BY s DESC NULLS LAST LIMIT {max(1, round(0.2 * n['customers']))})"
-                  ).iloc[0, 0]
     spend = float(n["spend"]) if n["spend_known"] else 0.0
     out = {"as_of": profile["as_of"], "customers": int(n["customers"]),
            "active_customers": int(n["active"])}
@@ -73,9 +56,9 @@ def run_kpis(processed_dir: str | Path) -> dict:
     if known:
         out.update(revenue_12m=spend, top20_revenue_share=float(top) / spend if spend else 0,
                    high_value_customers=int(n["high"]))
-    if "complaints_90d" in c:
+    if "complaints" in n:
         out["complaint_rate"] = float(n["complaints"])
-    if "churn_probability" in c and n["risk_known"]:
+    if "risk_known" in n and n["risk_known"]:
         out["at_risk_customers"] = int(n["at_risk"])
         if known:
             out.update(predicted_value=float(n["predicted"]),
@@ -91,9 +74,8 @@ def run_kpis(processed_dir: str | Path) -> dict:
             out["churn_auc"] = judged[m["churn"].get("chosen", "model")]["roc_auc"]
         if "value" in m:
             out["value_mae"] = m["value"][m["value"].get("chosen", "model")]["mae"]
-    if "phaseout_candidate" in c:
-        out["phaseout_customers"] = int(c.frame(
-            "SELECT count_if(phaseout_candidate) FROM customers").iloc[0, 0])
+    if phaseout is not None:
+        out["phaseout_customers"] = phaseout
     retention = folder / "strategy" / "retention.json"
     if retention.is_file():
         profit = json.loads(retention.read_text())["max_expected_profit"]
@@ -139,6 +121,31 @@ def kpi_deltas(current: dict, previous: dict) -> pd.DataFrame:
                          "change": now - before,
                          "change_share": (now - before) / abs(before) if before else np.nan})
     return pd.DataFrame(rows)
+
+
+def _kpi_counts(c: CustomerView) -> tuple[pd.Series, float, int | None]:
+    """:func:`run_kpis`' counts and sums over the customers, where they lie; the spend of
+    the top 20 % of customers by spend; the phase-out list's size (None without one)."""
+    active = f"lifecycle_stage IN ({', '.join(sql_text(s) for s in ACTIVE_STAGES)})"
+    risk = f"churn_probability >= 0.5 AND {active}"
+    n = c.frame(
+        f"SELECT count(*) AS customers, count_if({active}) AS active, "
+        "count(spend_365d) AS spend_known, fsum(greatest(spend_365d, 0)) AS spend, "
+        f"count_if(value_tier = {sql_text(TIER_HIGH)}) AS high, "
+        + ("favg(CASE WHEN complaints_90d > 0 THEN 1.0 ELSE 0.0 END) AS complaints, "
+           if "complaints_90d" in c else "")
+        + ("count(churn_probability) AS risk_known, "
+           f"count_if({risk}) AS at_risk, coalesce(fsum(predicted_value), 0) AS predicted, "
+           f"coalesce(fsum(greatest(spend_365d, 0)) FILTER (WHERE {risk}), 0) "
+           "AS spend_at_risk, "
+           if "churn_probability" in c else "")
+        + ("count_if(phaseout_candidate) AS phaseout, " if "phaseout_candidate" in c else "")
+        + "NULL AS _ FROM customers").iloc[0]
+    # (a spend of 0 where none is known)
+    top = c.frame("SELECT coalesce(fsum(s), 0) FROM (SELECT greatest(spend_365d, 0) AS s "
+                  "FROM customers ORDER BY s DESC NULLS LAST "
+                  f"LIMIT {max(1, round(0.2 * n['customers']))})").iloc[0, 0]
+    return n, float(top), int(n["phaseout"]) if "phaseout" in n else None
 
 
 def migration_matrix(current: CustomerView, previous: RunStore | pd.DataFrame, *,

@@ -470,6 +470,15 @@ class CustomerView:
         already holds)."""
         self._con.register(name, frame)
 
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> CustomerView:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def sql_text(text: str) -> str:
     """``text`` as a SQL string literal."""
