@@ -270,3 +270,14 @@ def test_the_first_and_the_largest_are_found_where_the_table_lies(tmp_path):
     pd.testing.assert_frame_equal(top, expected.reset_index(drop=True))
     assert len(store.largest("incremental_profit", 1_000, some)) == \
         whole["incremental_profit"].notna().sum()
+
+
+def test_a_column_named_filename_is_read_as_any_other(tmp_path):
+    """A table may hold a column named as DuckDB's file-name column (a snapshot keeps its
+    export's columns): it is read, and the order is the profile's."""
+    store = RunStore(tmp_path)
+    store.write_profile_table(pd.DataFrame({"customer_id": ["b", "a", "c"],
+                                            "filename": ["x.pdf", "y.pdf", "z.pdf"]}))
+    assert pd.concat(store.stream(rows=2, largest_first=("filename",))).to_dict("list") == {
+        "customer_id": ["c", "a", "b"], "filename": ["z.pdf", "y.pdf", "x.pdf"]}
+    assert store.head(2)["filename"].tolist() == ["x.pdf", "y.pdf"]

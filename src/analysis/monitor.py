@@ -187,7 +187,8 @@ def new_alerts(previous: str | Path | None, current: str | Path) -> pd.DataFrame
             "filename = true, file_row_number = true) AS c "
             f"WHERE NOT EXISTS (SELECT 1 FROM ({before}) AS p "
             "WHERE p.customer_id = c.customer_id AND p.rule = c.rule) "
-            "GROUP BY rule ORDER BY alerts DESC, min(filename), min(file_row_number)").df()
+            "GROUP BY rule "
+            "ORDER BY alerts DESC, min(struct_pack(f := filename, r := file_row_number))").df()
     finally:
         con.close()
 

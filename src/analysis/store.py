@@ -314,7 +314,9 @@ class RunStore:
             files = ds.dataset(part, format="parquet").files
             if i == 0:
                 first = files
-                joins.append(f"read_parquet({_sql_text_list(files)}, filename = true, "
+                # (the file's name under a name of the project's: a table may hold a
+                # column "filename")
+                joins.append(f"read_parquet({_sql_text_list(files)}, filename = '_csl_name', "
                              "file_row_number = true) AS t0")
                 selected.append('t0."customer_id" AS "customer_id"')
             else:
@@ -323,7 +325,8 @@ class RunStore:
             selected += [f"t{i}.{sql_name(stored)} AS {sql_name(shown)}"
                          for stored, shown in names.items()]
         # (the file's place among the profile's files, and the row's in its file)
-        selected += [f"list_position({_sql_text_list(first)}, t0.filename) AS {ORDER_COLUMNS[0]}",
+        selected += [f"list_position({_sql_text_list(first)}, t0._csl_name) "
+                     f"AS {ORDER_COLUMNS[0]}",
                      f"t0.file_row_number AS {ORDER_COLUMNS[1]}"]
         return f"SELECT {', '.join(selected)} FROM {' '.join(joins)}"
 
@@ -435,8 +438,9 @@ class CustomerView:
                  *, memory_limit: str | None = None):
         self.store = store
         self.columns = store.wanted(columns)
+        query = store.joined_sql(self.columns)        # (raises before a connection opens)
         self._con = duck_connection(memory_limit)
-        self._con.execute(f"CREATE TEMP VIEW customers AS {store.joined_sql(self.columns)}")
+        self._con.execute(f"CREATE TEMP VIEW customers AS {query}")
 
     @classmethod
     def of(cls, frame: pd.DataFrame) -> CustomerView:

@@ -1174,7 +1174,8 @@ def decide_on_spark(eng: SparkEngine, store: RunStore, *, as_of: dt.date, horizo
 
             # the warnings written by the executors, in the rules' order, then by id (as
             # the driver's): their order key is the rule's place, two digits, then the id
-            rank = " ".join(f"WHEN '{r}' THEN {k}" for k, r in enumerate(ALERT_RULES))
+            rank = (" ".join(f"WHEN '{r}' THEN {k}" for k, r in enumerate(ALERT_RULES))
+                    + f" ELSE {len(ALERT_RULES)}")         # (a rule of no list: last)
             warned = with_previous.mapInPandas(
                 warn, "customer_id string, rule string, detail string")
             eng.write_parquet(
@@ -1960,7 +1961,7 @@ def alert_counts(out_dir) -> dict:
             "SELECT count(*), count(DISTINCT customer_id) FROM a").fetchone()
         by_rule = con.execute(
             "SELECT rule, count(*) AS alerts FROM a GROUP BY rule "
-            "ORDER BY alerts DESC, min(_f), min(_r)").df()
+            "ORDER BY alerts DESC, min(struct_pack(f := _f, r := _r))").df()
     finally:
         con.close()
     return {"alerts": int(alerts), "customers": int(customers), "by_rule": by_rule}
