@@ -14,13 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 
 from analysis.config import DAYS_PER_MONTH
 from analysis.data import write_atomically
 from analysis.engine import as_engine
 from analysis.segments import ACTIVE_STAGES, TIER_HIGH
-from analysis.store import CustomerView, RunStore, duck_connection, sql_name, sql_text
+from analysis.store import (
+    SCAN_ORDER,
+    CustomerView,
+    RunStore,
+    duck_connection,
+    parquet_scan,
+    sql_name,
+    sql_text,
+)
 
 __all__ = ["append_history", "drift_bins", "drift_counts", "feature_drift", "kpi_deltas",
            "migration_matrix", "monthly_trend", "new_alerts", "population_stability",
@@ -173,22 +180,18 @@ def new_alerts(previous: str | Path | None, current: str | Path) -> pd.DataFrame
     folder) that the run in ``previous`` had not raised (all of them when None, or when
     it has no warnings), counted where they lie (DuckDB over the two tables): ``rule``,
     ``alerts``; most first, ties in the current table's order (the rules')."""
-    def files(folder) -> str:
-        found = ds.dataset(RunStore(folder).alerts_table, format="parquet").files
-        return "[" + ", ".join(sql_text(f) for f in found) + "]"
-
-    before = (f"SELECT customer_id, rule FROM read_parquet({files(previous)})"
+    before = (f"SELECT customer_id, rule FROM {parquet_scan(RunStore(previous).alerts_table)}"
               if previous is not None and RunStore(previous).alerts_table.exists()
               else "SELECT NULL AS customer_id, NULL AS rule WHERE FALSE")
     con = duck_connection()
     try:
         return con.execute(
-            f"SELECT rule, count(*) AS alerts FROM read_parquet({files(current)}, "
-            "filename = true, file_row_number = true) AS c "
+            "SELECT rule, count(*) AS alerts "
+            f"FROM {parquet_scan(RunStore(current).alerts_table, ordered=True)} AS c "
             f"WHERE NOT EXISTS (SELECT 1 FROM ({before}) AS p "
             "WHERE p.customer_id = c.customer_id AND p.rule = c.rule) "
             "GROUP BY rule "
-            "ORDER BY alerts DESC, min(struct_pack(f := filename, r := file_row_number))").df()
+            f"ORDER BY alerts DESC, min(({', '.join(SCAN_ORDER)}))").df()
     finally:
         con.close()
 
@@ -299,15 +302,13 @@ def realized_outcomes(previous: RunStore, actual: str | Path, *,
         ``predicted_churn_rate``, ``observed_churn_rate``, ``value_mae``,
         ``predicted_total``, ``actual_total``.
     """
-    files = "[" + ", ".join(sql_text(f) for f in
-                            ds.dataset(actual, format="parquet").files) + "]"
     con = duck_connection(memory_limit)
     try:
         con.execute(
             "CREATE TEMP VIEW d AS SELECT p.churn_probability AS p, "
             "p.predicted_value AS v, a.churned::DOUBLE AS y, a.future_spend AS s "
             f"FROM ({previous.joined_sql(['churn_probability', 'predicted_value'])}) AS p "
-            f"JOIN read_parquet({files}) AS a ON a.customer_id = p.customer_id "
+            f"JOIN {parquet_scan(actual)} AS a ON a.customer_id = p.customer_id "
             "WHERE p.churn_probability IS NOT NULL AND a.churned IS NOT NULL")
         out = con.execute(
             "SELECT count(*) AS customers, favg(p) AS predicted_churn_rate, "

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 from IPython.display import HTML, display
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_auc_score
@@ -49,10 +48,12 @@ from analysis.config import Config, load_config
 from analysis.markup import absent_note, heading, html_table, kpi_cards, link_list, paragraph
 from analysis.store import (
     ORDER_COLUMNS,
+    SCAN_ORDER,
     STREAM_ROWS,
     CustomerView,
     RunStore,
     duck_connection,
+    parquet_scan,
     sql_text,
 )
 
@@ -1554,15 +1555,13 @@ def write_lists(processed_dir: str | Path, out_dir: str | Path, *,
                               (counted.append(len(part)) or part for _, part in group))
         written[list_name(action)] = sum(counted)
     # every warning with its customer's action, in the warnings' order, a part at a time
-    files = ", ".join(sql_text(f) for f in ds.dataset(store.alerts_table,
-                                                      format="parquet").files)
     con = duck_connection(memory_limit)
     try:
         reader = con.sql(
-            f"SELECT a.* EXCLUDE (filename, file_row_number), c.action "
-            f"FROM read_parquet([{files}], filename = true, file_row_number = true) AS a "
+            f"SELECT a.* EXCLUDE ({', '.join(SCAN_ORDER)}), c.action "
+            f"FROM {parquet_scan(store.alerts_table, ordered=True)} AS a "
             f"LEFT JOIN ({store.joined_sql(['action'])}) AS c ON c.customer_id = a.customer_id "
-            "ORDER BY a.filename, a.file_row_number").to_arrow_reader(STREAM_ROWS)
+            f"ORDER BY {', '.join('a.' + c for c in SCAN_ORDER)}").to_arrow_reader(STREAM_ROWS)
         counted = []
         data.write_csv_frames(out_dir / "alerts.csv", _at_least_one(
             counted.append(batch.num_rows) or batch.to_pandas() for batch in reader))

@@ -42,7 +42,9 @@ __all__ = [
     "ORDER_COLUMNS",
     "STREAM_ROWS",
     "RunStore",
+    "SCAN_ORDER",
     "duck_connection",
+    "parquet_scan",
     "sql_name",
     "sql_text",
 ]
@@ -309,25 +311,17 @@ class RunStore:
         sources = self.sources(columns)
         if len(sources) > 1:
             self._check_one_row_each(sources)
-        selected, joins, first = [], [], []
+        selected, joins = [], []
         for i, (part, names) in enumerate(sources):
-            files = ds.dataset(part, format="parquet").files
             if i == 0:
-                first = files
-                # (the file's name under a name of the project's: a table may hold a
-                # column "filename")
-                joins.append(f"read_parquet({_sql_text_list(files)}, filename = '_csl_name', "
-                             "file_row_number = true) AS t0")
+                joins.append(f"{parquet_scan(part, ordered=True)} AS t0")
                 selected.append('t0."customer_id" AS "customer_id"')
             else:
-                joins.append(f"LEFT JOIN read_parquet({_sql_text_list(files)}) AS t{i} "
+                joins.append(f"LEFT JOIN {parquet_scan(part)} AS t{i} "
                              f'ON t{i}."customer_id" = t0."customer_id"')
             selected += [f"t{i}.{sql_name(stored)} AS {sql_name(shown)}"
                          for stored, shown in names.items()]
-        # (the file's place among the profile's files, and the row's in its file)
-        selected += [f"list_position({_sql_text_list(first)}, t0._csl_name) "
-                     f"AS {ORDER_COLUMNS[0]}",
-                     f"t0.file_row_number AS {ORDER_COLUMNS[1]}"]
+        selected += [f"t0.{c} AS {o}" for c, o in zip(SCAN_ORDER, ORDER_COLUMNS, strict=True)]
         return f"SELECT {', '.join(selected)} FROM {' '.join(joins)}"
 
     def _types(self, columns: list[str]) -> pa.Schema:
@@ -359,10 +353,9 @@ class RunStore:
         con = duck_connection()
         try:
             for part, _ in sources[1:]:
-                files = _sql_text_list(ds.dataset(part, format="parquet").files)
                 (twice, example), = con.execute(
                     f"SELECT count(*), min(customer_id) FROM (SELECT customer_id FROM "
-                    f"read_parquet({files}) GROUP BY customer_id HAVING count(*) > 1)"
+                    f"{parquet_scan(part)} GROUP BY customer_id HAVING count(*) > 1)"
                 ).fetchall()
                 if twice:
                     raise ValueError(f"{part}: {twice:,} customers have more than one row "
@@ -489,6 +482,21 @@ def sql_text(text: str) -> str:
     return "'" + str(text).replace("'", "''") + "'"
 
 
+#: The columns :func:`parquet_scan` adds for the rows' order: the file's path, the row's
+#: place in its file (a table's own column "filename" keeps its name).
+SCAN_ORDER = ("_csl_name", "file_row_number")
+
+
+def parquet_scan(path: str | Path, *, ordered: bool = False) -> str:
+    """DuckDB's scan of a table written as Parquet (a file, or a folder of part files:
+    those pyarrow reads, without Spark's ``_SUCCESS`` or checksums), with
+    :data:`SCAN_ORDER` when ``ordered``: sorted by them, the rows come in pyarrow's
+    order (its files sorted by path)."""
+    files = ", ".join(sql_text(f) for f in ds.dataset(path, format="parquet").files)
+    return (f"read_parquet([{files}]"
+            + (f", filename = '{SCAN_ORDER[0]}', file_row_number = true)" if ordered else ")"))
+
+
 def duck_connection(memory_limit: str | None = None):
     """A DuckDB connection for reading a run store out of core: within ``memory_limit``
     (DuckDB's own default when None), spilling to :func:`analysis.memory.spill_directory`."""
@@ -570,10 +578,6 @@ def _typed(batch: pa.RecordBatch | pa.Table, types: pa.Schema,
 def sql_name(name: str) -> str:
     """``name`` as a SQL identifier (quoted)."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def _sql_text_list(texts: list[str]) -> str:
-    return "[" + ", ".join(sql_text(t) for t in texts) + "]"
 
 
 def _schema(path: Path):

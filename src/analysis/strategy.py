@@ -47,7 +47,7 @@ from analysis.segments import (
     TIER_UNKNOWN,
     WIN_BACK_STAGES,
 )
-from analysis.store import RunStore, duck_connection, sql_text
+from analysis.store import SCAN_ORDER, RunStore, duck_connection, parquet_scan
 from analysis.uplift import (
     BGNBD_FIT_CUSTOMERS,
     contact_value,
@@ -1951,17 +1951,15 @@ def alert_counts(out_dir) -> dict:
     """A run's early warnings counted where they lie (DuckDB over the table): ``alerts``,
     ``customers`` (with at least one) and ``by_rule`` (rule, alerts; most first, ties in
     the rules' order)."""
-    files = ", ".join(sql_text(f) for f in
-                      ds.dataset(RunStore(out_dir).alerts_table, format="parquet").files)
     con = duck_connection()
     try:
-        con.execute(f"CREATE TEMP VIEW a AS SELECT *, filename AS _f, file_row_number AS _r "
-                    f"FROM read_parquet([{files}], filename = true, file_row_number = true)")
+        con.execute("CREATE TEMP VIEW a AS SELECT * "
+                    f"FROM {parquet_scan(RunStore(out_dir).alerts_table, ordered=True)}")
         alerts, customers = con.execute(
             "SELECT count(*), count(DISTINCT customer_id) FROM a").fetchone()
         by_rule = con.execute(
             "SELECT rule, count(*) AS alerts FROM a GROUP BY rule "
-            "ORDER BY alerts DESC, min(struct_pack(f := _f, r := _r))").df()
+            f"ORDER BY alerts DESC, min(({', '.join(SCAN_ORDER)}))").df()
     finally:
         con.close()
     return {"alerts": int(alerts), "customers": int(customers), "by_rule": by_rule}
